@@ -1,0 +1,1 @@
+"""Per-layer callbacks used around block forwards (e.g. on-device GGUF dequantization)."""

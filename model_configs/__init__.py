@@ -1,0 +1,25 @@
+"""Per-architecture data: block lists, offloadable embeddings, checkpoint keys, presets.
+
+Adding an architecture means adding a record here, not code in the engine.
+"""
+
+from .base import ArchConfig, BlockListLayout, ModelLayout, Preset, Variant
+from .presets import PRESETS, get_preset, preset_names
+from .registry import all_configs, detect, detect_from_keys, get_config, match, variant_of
+
+__all__ = [
+    "ArchConfig",
+    "BlockListLayout",
+    "ModelLayout",
+    "PRESETS",
+    "Preset",
+    "Variant",
+    "all_configs",
+    "detect",
+    "detect_from_keys",
+    "get_config",
+    "get_preset",
+    "match",
+    "preset_names",
+    "variant_of",
+]

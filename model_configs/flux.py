@@ -1,0 +1,45 @@
+"""Flux (12B): 19 double-stream then 38 single-stream blocks."""
+
+from .base import ArchConfig, BlockListLayout, ModelLayout, Variant
+
+VARIANTS = (Variant("flux-12b", "Flux 12B", num_blocks=19, hidden_size=3072),)
+
+COMFYUI = ArchConfig(
+    name="flux.comfyui",
+    family="flux",
+    layout_kind="comfyui",
+    class_names=("Flux",),
+    layout=ModelLayout(
+        name="flux",
+        block_lists=(
+            BlockListLayout("double_blocks", key_prefix="double_blocks.{index}."),
+            BlockListLayout("single_blocks", key_prefix="single_blocks.{index}."),
+        ),
+        txt_emb=("txt_in",),
+    ),
+    detect_keys=("double_blocks.0.img_attn.norm.key_norm.scale", "img_in.weight"),
+    hidden_param="img_attn.qkv.weight",
+    variants=VARIANTS,
+)
+
+DIFFUSERS = ArchConfig(
+    name="flux.diffusers",
+    family="flux",
+    layout_kind="diffusers",
+    class_names=("FluxTransformer2DModel",),
+    layout=ModelLayout(
+        name="flux",
+        block_lists=(
+            BlockListLayout("transformer_blocks", key_prefix="transformer_blocks.{index}."),
+            BlockListLayout(
+                "single_transformer_blocks", key_prefix="single_transformer_blocks.{index}."
+            ),
+        ),
+        txt_emb=("context_embedder",),
+    ),
+    detect_keys=("single_transformer_blocks.0.proj_mlp.weight", "x_embedder.weight"),
+    hidden_param="attn.to_q.weight",
+    variants=VARIANTS,
+)
+
+CONFIGS = (COMFYUI, DIFFUSERS)

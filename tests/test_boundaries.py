@@ -1,0 +1,71 @@
+"""The engine never imports ComfyUI, and the package never unpickles."""
+
+import ast
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGES = ("wan_blockswap", "model_configs", "callbacks")
+
+
+def test_engine_imports_without_comfyui():
+    code = (
+        "import sys, wan_blockswap, model_configs, callbacks\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in "
+        "('comfy', 'folder_paths', 'nodes', 'comfy_extras', 'server')]\n"
+        "assert not bad, bad\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ok" in result.stdout
+
+
+def _python_files():
+    for package in PACKAGES:
+        for folder, _, files in os.walk(os.path.join(ROOT, package)):
+            for name in files:
+                if name.endswith(".py"):
+                    yield os.path.join(folder, name)
+
+
+def test_no_comfy_import_in_engine_or_configs():
+    for path in _python_files():
+        if os.sep + "callbacks" + os.sep in path and path.endswith("comfy_adapter.py"):
+            continue
+        tree = ast.parse(open(path, encoding="utf-8").read())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module]
+            for name in names:
+                assert name.split(".")[0] not in ("comfy", "folder_paths", "nodes"), (path, name)
+
+
+def test_nothing_unpickles():
+    """No pickle, no torch.load without weights_only=True, anywhere in the package."""
+    for path in list(_python_files()) + [os.path.join(ROOT, "nodes.py")]:
+        if not os.path.exists(path):
+            continue
+        tree = ast.parse(open(path, encoding="utf-8").read())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                module = node.module if isinstance(node, ast.ImportFrom) else None
+                names = [a.name for a in node.names] + ([module] if module else [])
+                assert not any(
+                    n and n.split(".")[0] in ("pickle", "dill", "cloudpickle") for n in names
+                ), path
+            if isinstance(node, ast.Call):
+                func = node.func
+                name = getattr(func, "attr", getattr(func, "id", ""))
+                if name == "load" and getattr(getattr(func, "value", None), "id", "") == "torch":
+                    safe = any(
+                        k.arg == "weights_only" and getattr(k.value, "value", None) is True
+                        for k in node.keywords
+                    )
+                    assert safe, f"{path}:{node.lineno} torch.load without weights_only=True"

@@ -1,0 +1,269 @@
+"""The whole mechanism (packing, placeholders, slot ring, schedule learning, hooks, remove)
+on CPU, where copies are synchronous but every code path runs."""
+
+import gc
+
+import pytest
+import torch
+
+from toy_models import make_toy, toy_inputs, toy_layout
+from wan_blockswap import (
+    BlockSwapConfigError,
+    BlockSwapStateError,
+    SwapConfig,
+    apply_block_swap,
+    get_block_swap,
+    remove_block_swap,
+)
+
+
+def reference(model, seed):
+    with torch.no_grad():
+        return model(**toy_inputs(seed))
+
+
+def snapshot(model):
+    return {
+        name: (t.detach().clone(), t.device, type(t), t.requires_grad)
+        for name, t in list(model.named_parameters()) + list(model.named_buffers())
+    }
+
+
+CONFIGS = [
+    dict(blocks_to_swap=6, prefetch_blocks=0),
+    dict(blocks_to_swap=6, prefetch_blocks=1),
+    dict(blocks_to_swap=3, prefetch_blocks=2),
+    dict(blocks_to_swap=2, prefetch_blocks=4),  # ring larger than the swapped set
+    dict(resident_blocks=(1, 3, 5), prefetch_blocks=1),
+    dict(blocks_to_swap=6, offload_txt_emb=True, prefetch_blocks=1),
+    dict(blocks_to_swap=4, swap_unit="layer", prefetch_blocks=1),
+    dict(blocks_to_swap=6, swap_unit="layer", prefetch_blocks=0),
+    dict(blocks_to_swap=0),
+]
+
+
+@pytest.mark.parametrize(
+    "options", CONFIGS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items())
+)
+@pytest.mark.parametrize("vace", [0, 3])
+def test_output_equal_and_remove_restores(options, vace):
+    model = make_toy(vace_depth=vace)
+    before = snapshot(model)
+    expected = {seed: reference(model, seed) for seed in (1, 2, 3)}
+    swap = apply_block_swap(model, layout=toy_layout(model), device="cpu", **options)
+    with torch.no_grad():
+        for seed in (1, 2, 3, 1):
+            assert torch.equal(model(**toy_inputs(seed)), expected[seed])
+    assert swap.stats.forwards == 4
+    swap.remove()
+    after = snapshot(model)
+    assert before.keys() == after.keys()
+    for name, (value, device, kind, grad) in before.items():
+        assert torch.equal(after[name][0], value), name
+        assert after[name][1:] == (device, kind, grad), name
+    assert get_block_swap(model) is None
+
+
+def test_swapped_tensors_are_placeholders_between_forwards():
+    model = make_toy()
+    swap = apply_block_swap(model, layout=toy_layout(model), device="cpu", blocks_to_swap=2)
+    assert model.blocks[5].qkv.weight.numel() == 0
+    assert model.blocks[5].modulation.numel() == 0
+    assert model.blocks[5].scale.numel() == 0  # buffers travel with their block
+    assert model.blocks[0].qkv.weight.numel() > 0
+    # running a swapped block without its hook fails loudly rather than reading stale memory
+    with pytest.raises((RuntimeError, ValueError)):
+        with torch.no_grad():
+            model.blocks[5].forward(torch.randn(1, 3, 32), torch.randn(1, 2, 32))
+    swap.remove()
+
+
+def test_state_dict_sees_real_weights():
+    model = make_toy(vace_depth=2)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_block_swap(
+        model, layout=toy_layout(model), device="cpu", blocks_to_swap=4, offload_txt_emb=True
+    )
+    state = model.state_dict()
+    assert state.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(state[key], value), key
+    block_state = model.blocks[5].state_dict()
+    assert torch.equal(block_state["qkv.weight"], expected["blocks.5.qkv.weight"])
+
+
+def test_schedule_is_learned_and_prefetch_hits_after_first_forward():
+    model = make_toy(vace_depth=3)  # interleaved: declared order is wrong
+    swap = apply_block_swap(
+        model, layout=toy_layout(model), device="cpu", blocks_to_swap=6, prefetch_blocks=1
+    )
+    with torch.no_grad():
+        model(**toy_inputs(0))
+        first = swap.stats.misses
+        assert first > 0 and swap.stats.relearned == 1
+        for seed in range(3):
+            model(**toy_inputs(seed))
+    assert swap.stats.misses == first  # no more misses once the order is learned
+    # every forward copies each swapped unit exactly once (9 units > 2 slots)
+    copies = swap.stats.copies
+    with torch.no_grad():
+        model(**toy_inputs(5))
+    assert swap.stats.copies - copies == 9
+
+
+def test_small_swapped_set_stays_cached_in_slots():
+    model = make_toy()
+    swap = apply_block_swap(
+        model, layout=toy_layout(model), device="cpu", blocks_to_swap=2, prefetch_blocks=3
+    )
+    with torch.no_grad():
+        for seed in range(4):
+            model(**toy_inputs(seed))
+    assert swap.stats.copies == 2  # loaded once, reused from the slots afterwards
+
+
+def test_skipped_blocks_do_not_break_correctness():
+    model = make_toy()
+    expected = {seed: reference(model, seed) for seed in range(3)}
+    swap = apply_block_swap(model, layout=toy_layout(model), device="cpu", blocks_to_swap=6)
+    with torch.no_grad():
+        model(**toy_inputs(0))
+        # call blocks out of order and one twice, outside the model's forward
+        ctx = model.text_embedding(toy_inputs(0)["context"])
+        h = model.patch_embedding(toy_inputs(0)["x"])
+        for index in (3, 1, 1, 5):
+            h = model.blocks[index](h, ctx)
+        for seed in range(3):
+            assert torch.equal(model(**toy_inputs(seed)), expected[seed])
+    assert swap.stats.misses > 0
+
+
+def test_exception_inside_a_block_releases_and_next_run_is_correct():
+    model = make_toy()
+    expected = reference(model, 7)
+    swap = apply_block_swap(model, layout=toy_layout(model), device="cpu", blocks_to_swap=6)
+
+    class Interrupted(Exception):
+        pass
+
+    def boom(module, args):
+        raise Interrupted()
+
+    with torch.no_grad():
+        model(**toy_inputs(7))
+        handle = model.blocks[3].ffn.register_forward_pre_hook(boom)
+        with pytest.raises(Interrupted):
+            model(**toy_inputs(7))
+        handle.remove()
+        assert not swap.ring.in_use
+        assert torch.equal(model(**toy_inputs(7)), expected)
+
+
+def test_apply_twice_is_an_error_or_a_clean_replace():
+    model = make_toy()
+    expected = reference(model, 1)
+    apply_block_swap(model, layout=toy_layout(model), device="cpu", blocks_to_swap=2)
+    with pytest.raises(BlockSwapStateError, match="already has a block swap"):
+        apply_block_swap(model, layout=toy_layout(model), device="cpu", blocks_to_swap=3)
+    swap = apply_block_swap(
+        model, layout=toy_layout(model), device="cpu", blocks_to_swap=3, replace=True
+    )
+    hooks = sum(len(m._forward_pre_hooks) for m in model.modules())
+    assert hooks == 3 + 1  # one pre-hook per swapped block and one on the model
+    with torch.no_grad():
+        assert torch.equal(model(**toy_inputs(1)), expected)
+    assert remove_block_swap(model) and not remove_block_swap(model)
+    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()) == 0
+    swap.remove()  # idempotent
+
+
+def test_bad_options_leave_the_model_untouched():
+    model = make_toy()
+    before = snapshot(model)
+    with pytest.raises(BlockSwapConfigError, match=r"blocks_to_swap must be in 0\.\.6 .*6 blocks"):
+        apply_block_swap(model, layout=toy_layout(model), device="cpu", blocks_to_swap=7)
+    with pytest.raises(BlockSwapConfigError, match="either config or keyword"):
+        apply_block_swap(model, SwapConfig(), layout=toy_layout(model), blocks_to_swap=1)
+    with pytest.raises(BlockSwapConfigError, match="cuda"):
+        if not torch.cuda.is_available():
+            apply_block_swap(model, layout=toy_layout(model), device="cuda")
+        else:
+            raise BlockSwapConfigError("cuda available: nothing to test")
+    assert get_block_swap(model) is None
+    after = snapshot(model)
+    assert all(torch.equal(after[k][0], v[0]) for k, v in before.items())
+    assert sum(len(m._forward_pre_hooks) for m in model.modules()) == 0
+
+
+def test_failure_while_placing_rolls_back(monkeypatch):
+    from wan_blockswap import stored_unit
+
+    model = make_toy()
+    before = snapshot(model)
+    calls = {"n": 0}
+    original = stored_unit.StoredUnit.pack
+
+    def failing_pack(self, pin):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise MemoryError("simulated")
+        return original(self, pin)
+
+    monkeypatch.setattr(stored_unit.StoredUnit, "pack", failing_pack)
+    with pytest.raises(MemoryError):
+        apply_block_swap(model, layout=toy_layout(model), device="cpu", blocks_to_swap=5)
+    after = snapshot(model)
+    for name, (value, device, _, _) in before.items():
+        assert torch.equal(after[name][0], value) and after[name][1] == device, name
+    assert get_block_swap(model) is None
+    assert sum(len(m._forward_pre_hooks) for m in model.modules()) == 0
+
+
+def test_grad_mode_is_refused_with_a_clear_message():
+    model = make_toy()
+    apply_block_swap(model, layout=toy_layout(model), device="cpu", blocks_to_swap=2)
+    with pytest.raises(BlockSwapStateError, match="no_grad"):
+        model(**toy_inputs(0))
+    model.requires_grad_(False)
+    model(**toy_inputs(0))  # grad mode on but nothing requires grad: fine
+
+
+def test_inference_mode_and_mixed_dtypes():
+    model = make_toy()
+    model.blocks.to(torch.bfloat16)
+    for block in model.blocks:
+        block.norm.float()  # mixed dtypes inside one block, one packed buffer
+
+    def run(m, seed):
+        inputs = toy_inputs(seed)
+        ctx = m.text_embedding(inputs["context"]).to(torch.bfloat16)
+        h = m.patch_embedding(inputs["x"]).to(torch.bfloat16)
+        for block in m.blocks:
+            h = block(h, ctx)
+        return h
+
+    with torch.inference_mode():
+        expected = run(model, 3)
+    swap = apply_block_swap(model, layout=toy_layout(model), device="cpu", blocks_to_swap=6)
+    with torch.inference_mode():
+        assert torch.equal(run(model, 3), expected)
+        assert torch.equal(run(model, 3), expected)
+    swap.remove()
+
+
+def test_repeated_runs_keep_memory_flat():
+    model = make_toy(dim=64, ffn=256)
+    swap = apply_block_swap(model, layout=toy_layout(model), device="cpu", blocks_to_swap=6)
+    with torch.no_grad():
+        for seed in range(5):
+            model(**toy_inputs(seed, dim=64))
+    gc.collect()
+    objects = len(gc.get_objects())
+    tensors = sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
+    with torch.no_grad():
+        for seed in range(50):
+            model(**toy_inputs(seed, dim=64))
+    gc.collect()
+    assert sum(isinstance(o, torch.Tensor) for o in gc.get_objects()) <= tensors
+    assert len(gc.get_objects()) <= objects + 50
+    swap.remove()

@@ -1,0 +1,130 @@
+import pytest
+
+from wan_blockswap import (
+    BlockSizes,
+    BlockSwapConfigError,
+    InsufficientMemoryError,
+    ModelSizes,
+    SwapConfig,
+    plan_swap,
+)
+from wan_blockswap.plan import GIB
+
+MB = 2**20
+
+
+def wan14b_like(n=40, vace=0, block=700 * MB):
+    blocks = tuple(
+        BlockSizes(f"blocks.{i}", "blocks", "main", block, (150 * MB, 150 * MB, 100 * MB))
+        for i in range(n)
+    )
+    blocks += tuple(
+        BlockSizes(f"vace_blocks.{i}", "vace_blocks", "vace", block, (150 * MB,))
+        for i in range(vace)
+    )
+    return ModelSizes(blocks, other_bytes=400 * MB, txt_emb_bytes=100 * MB, img_emb_bytes=30 * MB)
+
+
+def test_blocks_to_swap_swaps_the_last_blocks():
+    plan = plan_swap(wan14b_like(), SwapConfig(blocks_to_swap=12))
+    assert plan.swapped == tuple(f"blocks.{i}" for i in range(28, 40))
+    assert len(plan.resident) == 28
+    assert plan.num_slots == 2 and plan.slot_bytes == 700 * MB
+    assert plan.resident_bytes == 400 * MB + 28 * 700 * MB
+    assert plan.swapped_bytes == 12 * 700 * MB
+    assert "blocks 0-27 on GPU, 28-39 in host memory" in plan.describe()
+
+
+def test_default_swaps_everything_and_nothing_swapped_needs_no_slots():
+    assert len(plan_swap(wan14b_like(), SwapConfig()).swapped) == 40
+    plan = plan_swap(wan14b_like(), SwapConfig(blocks_to_swap=0))
+    assert (
+        plan.swapped == ()
+        and plan.num_slots == 0
+        and plan.gpu_weight_bytes == 400 * MB + 40 * 700 * MB
+    )
+
+
+def test_embeddings_offload_moves_their_bytes():
+    plan = plan_swap(
+        wan14b_like(), SwapConfig(blocks_to_swap=0, offload_txt_emb=True, offload_img_emb=True)
+    )
+    assert plan.resident_bytes == 270 * MB + 40 * 700 * MB
+    assert plan.swapped_bytes == 130 * MB
+    assert plan.num_slots == 2 and plan.slot_bytes == 100 * MB
+
+
+def test_resident_blocks_explicit():
+    plan = plan_swap(wan14b_like(n=8), SwapConfig(resident_blocks=(0, 4)))
+    assert plan.resident == ("blocks.0", "blocks.4")
+    assert "0, 4 on GPU, 1-3, 5-7 in host memory" in plan.describe()
+
+
+def test_out_of_range_names_option_range_and_block_count():
+    with pytest.raises(
+        BlockSwapConfigError, match=r"blocks_to_swap must be in 0\.\.40 .*40 blocks.*41"
+    ):
+        plan_swap(wan14b_like(), SwapConfig(blocks_to_swap=41))
+    with pytest.raises(BlockSwapConfigError, match=r"resident_blocks .*0\.\.7"):
+        plan_swap(wan14b_like(n=8), SwapConfig(resident_blocks=(8,)))
+    with pytest.raises(BlockSwapConfigError, match=r"vace_blocks_to_swap must be in 0\.\.8"):
+        plan_swap(wan14b_like(vace=8), SwapConfig(vace_blocks_to_swap=9))
+
+
+def test_vace_automatic_follows_main_share_and_explicit_count():
+    plan = plan_swap(wan14b_like(vace=8), SwapConfig(blocks_to_swap=20))
+    assert sum(name.startswith("vace") for name in plan.swapped) == 4
+    plan = plan_swap(wan14b_like(vace=8), SwapConfig(blocks_to_swap=20, vace_blocks_to_swap=8))
+    assert sum(name.startswith("vace") for name in plan.swapped) == 8
+
+
+def test_vram_budget_keeps_as_many_blocks_as_fit():
+    sizes = wan14b_like()
+    for budget_gb in (3.0, 8.0, 12.0, 20.0):
+        plan = plan_swap(sizes, SwapConfig(vram_budget_gb=budget_gb))
+        assert plan.gpu_weight_bytes <= budget_gb * GIB
+        # one more resident block would not fit
+        more = plan.gpu_weight_bytes + 700 * MB
+        assert more > budget_gb * GIB or not plan.swapped
+        assert plan.swap_unit == "block"
+
+
+def test_vram_budget_falls_back_to_layers_then_errors():
+    sizes = wan14b_like()
+    # blocks need 400 MB + 2 x 700 MB slots; layers need the remainders (40 x 300 MB) + slots
+    plan = plan_swap(sizes, SwapConfig(vram_budget_gb=1.5, prefetch_blocks=0, swap_unit="auto"))
+    assert plan.swap_unit == "block"
+    small = ModelSizes(
+        tuple(
+            BlockSizes(f"blocks.{i}", "blocks", "main", 700 * MB, (300 * MB, 300 * MB))
+            for i in range(4)
+        ),
+        other_bytes=100 * MB,
+    )
+    plan = plan_swap(small, SwapConfig(vram_budget_gb=1.2, swap_unit="auto"))
+    assert plan.swap_unit == "layer" and plan.slot_bytes == 300 * MB
+    assert plan.gpu_weight_bytes <= 1.2 * GIB
+    with pytest.raises(InsufficientMemoryError, match=r"vram_budget_gb=0\.3 .*at least"):
+        plan_swap(small, SwapConfig(vram_budget_gb=0.3))
+    with pytest.raises(InsufficientMemoryError):
+        plan_swap(small, SwapConfig(vram_budget_gb=1.2, swap_unit="block"))
+
+
+def test_flux_like_two_main_lists_count_together():
+    blocks = tuple(BlockSizes(f"double.{i}", "double", "main", 300 * MB) for i in range(3))
+    blocks += tuple(BlockSizes(f"single.{i}", "single", "main", 100 * MB) for i in range(5))
+    plan = plan_swap(ModelSizes(blocks, other_bytes=0), SwapConfig(blocks_to_swap=6))
+    assert plan.swapped == ("double.2",) + tuple(f"single.{i}" for i in range(5))
+    assert plan.slot_bytes == 300 * MB
+    assert plan.describe().splitlines()[:2] == [
+        "double 0-1 on GPU, 2 in host memory",
+        "single 0-4 in host memory",
+    ]
+
+
+def test_txt_emb_role_blocks_follow_offload_txt_emb():
+    blocks = (BlockSizes("b.0", "b", "main", 10), BlockSizes("r.0", "r", "txt_emb", 5))
+    sizes = ModelSizes(blocks, other_bytes=1)
+    assert plan_swap(sizes, SwapConfig(blocks_to_swap=0)).swapped == ()
+    plan = plan_swap(sizes, SwapConfig(blocks_to_swap=0, offload_txt_emb=True))
+    assert plan.swapped == ("r.0",) and plan.offload_txt_emb

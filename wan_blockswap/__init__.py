@@ -1,0 +1,34 @@
+"""wan_blockswap: stream a diffusion transformer's blocks from pinned host memory.
+
+Pure PyTorch; importing it never imports ComfyUI.
+"""
+
+from .api import apply_block_swap, get_block_swap, plan_for, remove_block_swap
+from .config import SwapConfig
+from .engine import BlockSwap
+from .errors import (
+    BlockSwapConfigError,
+    BlockSwapError,
+    BlockSwapStateError,
+    InsufficientMemoryError,
+)
+from .plan import BlockSizes, ModelSizes, SwapPlan, plan_swap
+from .storage import registered_host_bytes
+
+__all__ = [
+    "BlockSizes",
+    "BlockSwap",
+    "BlockSwapConfigError",
+    "BlockSwapError",
+    "BlockSwapStateError",
+    "InsufficientMemoryError",
+    "ModelSizes",
+    "SwapConfig",
+    "SwapPlan",
+    "apply_block_swap",
+    "get_block_swap",
+    "plan_for",
+    "plan_swap",
+    "registered_host_bytes",
+    "remove_block_swap",
+]

@@ -1,0 +1,138 @@
+"""User-facing options, validated once at construction.
+
+Only checks that need no model live here; ranges that depend on the model (block counts)
+are checked by :func:`wan_blockswap.plan.plan_swap`, which knows the block lists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .errors import BlockSwapConfigError
+
+SwapUnitMode = Literal["auto", "block", "layer"]
+SWAP_UNIT_MODES: tuple[str, ...] = ("auto", "block", "layer")
+MAX_PREFETCH_BLOCKS = 16
+
+
+@dataclass(frozen=True)
+class SwapConfig:
+    """How a model's transformer blocks are split between the GPU and pinned host memory.
+
+    At most one of ``blocks_to_swap``, ``resident_blocks`` and ``vram_budget_gb`` may be given;
+    with none of them every block is swapped (the smallest VRAM footprint).
+
+    Attributes:
+        blocks_to_swap: number of blocks of the main block lists (in execution order, counted
+            over all main lists together, e.g. Flux double then single blocks) that live in host
+            memory; the last ones are swapped. ``None``: decided by the other options.
+        vace_blocks_to_swap: VACE blocks to swap; ``0`` means automatic (the same fraction as
+            the main blocks).
+        offload_txt_emb: stream the text embedding from host memory too.
+        offload_img_emb: stream the image embedding (i2v CLIP projection) from host memory too.
+        prefetch_blocks: look-ahead depth; the GPU holds ``prefetch_blocks + 1`` swap slots.
+            ``0`` loads each block only when the previous one finished (least VRAM, no overlap).
+        non_blocking: asynchronous host-to-device copies. ``False`` makes the host wait for each
+            copy (debugging aid; no overlap).
+        resident_blocks: explicit indices (over the main block lists) that stay on the GPU;
+            every other main block is swapped.
+        vram_budget_gb: GiB of VRAM the weights may use: non-block weights kept on the GPU,
+            resident blocks and the swap slots. The engine works out how many blocks to swap
+            from the real block sizes.
+        swap_unit: ``"block"`` swaps whole blocks; ``"layer"`` swaps each block's large layers
+            separately (smaller slots, more copies); ``"auto"`` uses blocks unless the budget
+            only fits layer slots.
+        debug: log the plan and per-block copy/compute times each forward (adds a host sync
+            per forward).
+    """
+
+    blocks_to_swap: int | None = None
+    vace_blocks_to_swap: int = 0
+    offload_txt_emb: bool = False
+    offload_img_emb: bool = False
+    prefetch_blocks: int = 1
+    non_blocking: bool = True
+    resident_blocks: tuple[int, ...] | None = None
+    vram_budget_gb: float | None = None
+    swap_unit: SwapUnitMode = "auto"
+    debug: bool = False
+
+    def __post_init__(self) -> None:
+        _check_optional_int("blocks_to_swap", self.blocks_to_swap)
+        _check_int("vace_blocks_to_swap", self.vace_blocks_to_swap, 0, None)
+        _check_int("prefetch_blocks", self.prefetch_blocks, 0, MAX_PREFETCH_BLOCKS)
+        for name in ("offload_txt_emb", "offload_img_emb", "non_blocking", "debug"):
+            if not isinstance(getattr(self, name), bool):
+                raise BlockSwapConfigError(
+                    f"{name} must be True or False, got {getattr(self, name)!r}"
+                )
+        if self.resident_blocks is not None:
+            indices = tuple(self.resident_blocks)
+            for index in indices:
+                _check_int("resident_blocks entries", index, 0, None)
+            if len(set(indices)) != len(indices):
+                raise BlockSwapConfigError(f"resident_blocks has duplicates: {indices}")
+            object.__setattr__(self, "resident_blocks", tuple(sorted(indices)))
+        if self.vram_budget_gb is not None:
+            budget = self.vram_budget_gb
+            if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+                raise BlockSwapConfigError(
+                    f"vram_budget_gb must be a number of GiB, got {budget!r}"
+                )
+            if not math.isfinite(budget) or budget <= 0:
+                raise BlockSwapConfigError(
+                    f"vram_budget_gb must be a positive number of GiB, got {budget!r}"
+                )
+        if self.swap_unit not in SWAP_UNIT_MODES:
+            raise BlockSwapConfigError(
+                f"swap_unit must be one of {SWAP_UNIT_MODES}, got {self.swap_unit!r}"
+            )
+        chosen = [
+            name
+            for name in ("blocks_to_swap", "resident_blocks", "vram_budget_gb")
+            if getattr(self, name) is not None
+        ]
+        if len(chosen) > 1:
+            raise BlockSwapConfigError(
+                f"give only one of blocks_to_swap, resident_blocks and vram_budget_gb; "
+                f"got {', '.join(chosen)}"
+            )
+
+    @property
+    def num_slots(self) -> int:
+        """GPU swap slots in the ring: the block in use plus the look-ahead."""
+        return self.prefetch_blocks + 1
+
+    def replace(self, **changes: Any) -> "SwapConfig":
+        """A copy with ``changes`` applied, validated like a fresh config."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self) if f.init}
+        if unknown:
+            raise BlockSwapConfigError(f"unknown SwapConfig options: {sorted(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_options(cls, **options: Any) -> "SwapConfig":
+        """Build from keyword options (node widgets, CLI flags), rejecting unknown names."""
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = set(options) - known
+        if unknown:
+            raise BlockSwapConfigError(
+                f"unknown SwapConfig options: {sorted(unknown)}; known options: {sorted(known)}"
+            )
+        return cls(**options)
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BlockSwapConfigError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        allowed = f"{low}..{high}" if high is not None else f">= {low}"
+        raise BlockSwapConfigError(f"{name} must be in {allowed}, got {value}")
+
+
+def _check_optional_int(name: str, value: Any) -> None:
+    if value is not None:
+        _check_int(name, value, 0, None)

@@ -1,0 +1,281 @@
+"""Applying a swap plan to a module, and undoing it.
+
+``BlockSwap.apply`` works in phases so that a failure leaves the module as it was:
+measure (units and sizes) -> plan -> check memory -> place (pack swapped units, move
+resident tensors, allocate the ring) -> hook. ``remove`` undoes every phase.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+
+from model_configs.base import ModelLayout
+
+from . import memory
+from .config import SwapConfig
+from .errors import BlockSwapConfigError, BlockSwapStateError
+from .plan import BlockSizes, ModelSizes, SwapPlan, plan_swap
+from .ring import SlotRing
+from .stats import SwapStats
+from .storage import PackedLayout
+from .stored_unit import Placeholders, StoredUnit
+from .streams import DeviceStreams
+from .units import (
+    SwapUnit,
+    block_unit,
+    embedding_unit,
+    find_blocks,
+    layer_units,
+    resolve,
+    shared_tensor_ids,
+    tensor_refs,
+)
+
+logger = logging.getLogger("wan_blockswap")
+
+_active: "weakref.WeakKeyDictionary[nn.Module, BlockSwap]" = weakref.WeakKeyDictionary()
+
+
+def active_swap(module: nn.Module) -> "BlockSwap | None":
+    """The block swap applied to ``module``, if any."""
+    return _active.get(module)
+
+
+class BlockSwap:
+    """A module with some of its blocks streamed from pinned host memory.
+
+    Create with :meth:`apply` (or :func:`wan_blockswap.apply_block_swap`); undo with
+    :meth:`remove`. Attributes ``plan`` and ``stats`` describe what happens.
+    """
+
+    def __init__(self) -> None:  # use BlockSwap.apply
+        self.model: nn.Module | None = None
+        self.plan: SwapPlan | None = None
+        self.stats = SwapStats()
+        self.units: list[StoredUnit] = []
+        self.ring: SlotRing | None = None
+        self._moved: list[tuple[torch.Tensor, torch.device]] = []
+        self._hooks: list[Any] = []
+
+    @classmethod
+    def apply(
+        cls,
+        model: nn.Module,
+        config: SwapConfig,
+        layout: ModelLayout,
+        device: torch.device,
+    ) -> "BlockSwap":
+        if model in _active:
+            raise BlockSwapStateError(
+                f"{type(model).__name__} already has a block swap applied; call "
+                f"remove_block_swap(model) first (or pass replace=True)"
+            )
+        swap = cls()
+        swap.model = model
+        swap.device = device
+        swap.config = config
+        swap.layout = layout
+        units, sizes = measure_model(model, layout)
+        swap.plan = plan_swap(sizes, config)
+        chosen = _choose_units(units, swap.plan)
+        level = logging.INFO if config.debug else logging.DEBUG
+        logger.log(
+            level,
+            "block swap plan for %s (%s):\n%s",
+            type(model).__name__,
+            layout.name,
+            swap.plan.describe(),
+        )
+        memory.check_fits(model, chosen, swap.plan, device)
+        try:
+            swap._place(chosen)
+            swap._attach_hooks()
+        except BaseException:
+            swap._undo()
+            raise
+        _active[model] = swap
+        return swap
+
+    # -- place ----------------------------------------------------------------------------
+
+    def _place(self, chosen: list[SwapUnit]) -> None:
+        assert self.model is not None and self.plan is not None
+        placeholders = Placeholders()
+        pin = self.device.type == "cuda"
+        swapped_ids: set[int] = set()
+        with torch.no_grad():
+            for unit in chosen:
+                stored = StoredUnit(unit, self.device, placeholders)
+                self.units.append(stored)  # before pack, so _undo restores a half-packed unit
+                stored.pack(pin)
+                swapped_ids.update(id(t) for t in stored.tensors)
+            for ref in tensor_refs(self.model, "", set()):
+                tensor = ref.get()
+                if id(tensor) in swapped_ids or tensor.device == self.device:
+                    continue
+                self._moved.append((tensor, tensor.device))
+                tensor.data = tensor.data.to(self.device)
+        streams = DeviceStreams(self.device, timing=self.config.debug)
+        self.ring = SlotRing(
+            streams,
+            self.units,
+            self.plan.num_slots,
+            self.plan.slot_bytes,
+            self.config.non_blocking,
+            self.stats,
+            debug=self.config.debug,
+        )
+
+    def _attach_hooks(self) -> None:
+        assert self.model is not None and self.ring is not None
+        ring = self.ring
+        for index, stored in enumerate(self.units):
+            module = stored.unit.module
+            self._hooks.append(module.register_forward_pre_hook(_unit_pre_hook(ring, index)))
+            self._hooks.append(
+                module.register_forward_hook(_unit_post_hook(ring, index), always_call=True)
+            )
+            self._hooks.append(_register_state_dict_hook(module, stored.state_dict_hook))
+        self._hooks.append(self.model.register_forward_pre_hook(self._begin_forward))
+        self._hooks.append(self.model.register_forward_hook(self._end_forward, always_call=True))
+
+    @torch.compiler.disable
+    def _begin_forward(self, module: nn.Module, args: Any) -> None:
+        if torch.is_grad_enabled() and any(
+            t.requires_grad for stored in self.units for t in stored.tensors[:1]
+        ):
+            raise BlockSwapStateError(
+                "block swap is for inference: run the model under torch.no_grad() or "
+                "torch.inference_mode(), or call model.requires_grad_(False)"
+            )
+        assert self.ring is not None
+        self.ring.begin_forward()
+
+    @torch.compiler.disable
+    def _end_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        assert self.ring is not None
+        self.ring.end_forward(completed=output is not None)
+        self.stats.forwards += 1
+        if self.config.debug:
+            self.stats.finish_forward(self.ring.streams.synchronize)
+
+    # -- remove ---------------------------------------------------------------------------
+
+    def remove(self) -> None:
+        """Detach hooks, give every tensor its memory back where it was, free host and slots.
+
+        Idempotent.
+        """
+        if self.model is None:
+            return
+        self._undo()
+        _active.pop(self.model, None)
+        self.model = None
+
+    def _undo(self) -> None:
+        if self.ring is not None:
+            self.ring.end_forward(completed=False)
+            self.ring.close()
+            self.ring = None
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        with torch.no_grad():
+            for stored in self.units:
+                stored.restore()
+            for tensor, device in self._moved:
+                tensor.data = tensor.data.to(device)
+        self.units.clear()
+        self._moved.clear()
+
+
+def _unit_pre_hook(ring: SlotRing, index: int) -> Any:
+    @torch.compiler.disable
+    def hook(module: nn.Module, args: Any) -> None:
+        ring.wait(index)
+
+    return hook
+
+
+def _unit_post_hook(ring: SlotRing, index: int) -> Any:
+    @torch.compiler.disable
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        ring.release(index)
+
+    return hook
+
+
+def _register_state_dict_hook(module: nn.Module, hook: Any) -> Any:
+    register = getattr(module, "register_state_dict_post_hook", None)
+    if register is None:  # torch < 2.5
+        register = module._register_state_dict_hook
+
+    def state_dict_hook(*args: Any) -> None:  # a plain function: torch tags it
+        hook(*args)
+
+    return register(state_dict_hook)
+
+
+def measure_model(model: nn.Module, layout: ModelLayout) -> tuple[dict[str, Any], ModelSizes]:
+    """Candidate units of every granularity, and the sizes the planner needs."""
+    shared = shared_tensor_ids(model)
+    blocks = find_blocks(model, layout)
+    block_units = {b.qualname: block_unit(b, shared) for b in blocks}
+    layers = {b.qualname: layer_units(b, shared) for b in blocks}
+    embeddings = {
+        kind: [embedding_unit(model, path, shared) for path in paths if _exists(model, path)]
+        for kind, paths in (("txt", layout.txt_emb), ("img", layout.img_emb))
+    }
+    total = sum(_packed(u) for u in (_whole_model_unit(model),))
+    block_bytes = {name: _packed(unit) for name, unit in block_units.items()}
+    sizes = ModelSizes(
+        blocks=tuple(
+            BlockSizes(
+                name=b.qualname,
+                list_path=b.list_layout.path,
+                role=b.role,
+                nbytes=block_bytes[b.qualname],
+                layer_bytes=tuple(_packed(u) for u in layers[b.qualname]),
+            )
+            for b in blocks
+        ),
+        other_bytes=max(0, total - sum(block_bytes.values())),
+        txt_emb_bytes=sum(_packed(u) for u in embeddings["txt"]),
+        img_emb_bytes=sum(_packed(u) for u in embeddings["img"]),
+    )
+    return {"blocks": block_units, "layers": layers, "embeddings": embeddings}, sizes
+
+
+def _choose_units(units: dict[str, Any], plan: SwapPlan) -> list[SwapUnit]:
+    chosen: list[SwapUnit] = []
+    if plan.offload_txt_emb:
+        chosen.extend(units["embeddings"]["txt"])
+    if plan.offload_img_emb:
+        chosen.extend(units["embeddings"]["img"])
+    for name in plan.swapped:
+        if plan.swap_unit == "layer":
+            chosen.extend(units["layers"][name])
+        else:
+            chosen.append(units["blocks"][name])
+    return chosen
+
+
+def _exists(model: nn.Module, path: str) -> bool:
+    try:
+        resolve(model, path)
+    except BlockSwapConfigError:
+        return False
+    return True
+
+
+def _whole_model_unit(model: nn.Module) -> SwapUnit:
+    return SwapUnit("", model, tensor_refs(model, "", set()), "model")
+
+
+def _packed(unit: SwapUnit) -> int:
+    return PackedLayout.of((ref.get().shape, ref.get().dtype) for ref in unit.tensors).nbytes

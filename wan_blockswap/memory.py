@@ -1,0 +1,97 @@
+"""Checking that a plan fits in host RAM and VRAM before anything is allocated."""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .errors import InsufficientMemoryError
+from .plan import GIB, SwapPlan
+from .units import SwapUnit
+
+logger = logging.getLogger("wan_blockswap")
+
+# Headroom the check leaves for the allocator's fragmentation and the CUDA context.
+VRAM_MARGIN_BYTES = 256 * 2**20
+
+
+def available_host_bytes() -> int | None:
+    """``MemAvailable`` from /proc/meminfo, or ``None`` where that does not exist."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_fits(
+    model: nn.Module, chosen: Sequence[SwapUnit], plan: SwapPlan, device: torch.device
+) -> None:
+    """Raise :class:`InsufficientMemoryError` if the plan cannot fit; allocate nothing."""
+    swapped = {id(ref.get()) for unit in chosen for ref in unit.tensors}
+    swapped_on_host = 0
+    to_device = 0
+    for tensor in _unique_tensors(model):
+        nbytes = tensor.numel() * tensor.element_size()
+        if id(tensor) in swapped:
+            if tensor.device.type == "cpu":
+                swapped_on_host += nbytes
+        elif tensor.device != device and tensor.device.type != "meta":
+            to_device += nbytes
+    _check_host(plan, swapped_on_host, max((_raw_bytes(u) for u in chosen), default=0))
+    if device.type == "cuda":
+        _check_vram(plan, to_device, device)
+
+
+def _raw_bytes(unit: SwapUnit) -> int:
+    return sum(ref.get().numel() * ref.get().element_size() for ref in unit.tensors)
+
+
+def _check_host(plan: SwapPlan, swapped_on_host: int, largest_unit: int) -> None:
+    available = available_host_bytes()
+    if available is None:
+        return
+    # Packing a unit that already sits in RAM allocates its new buffer before the old tensor
+    # is freed, so RAM grows by the bytes coming from elsewhere plus one unit.
+    needed = plan.swapped_bytes - swapped_on_host + largest_unit
+    if needed > available:
+        raise InsufficientMemoryError(
+            f"the swap plan needs {needed / GIB:.2f} GiB more host RAM for "
+            f"{plan.swapped_bytes / GIB:.2f} GiB of swapped weights, but only "
+            f"{available / GIB:.2f} GiB is available. Swap fewer blocks (blocks_to_swap, "
+            f"vram_budget_gb), free RAM, or use a smaller (fp8/GGUF) checkpoint."
+        )
+
+
+def _check_vram(plan: SwapPlan, to_device: int, device: torch.device) -> None:
+    free, _total = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    available = free + cached
+    slots = plan.num_slots * plan.slot_bytes
+    needed = to_device + slots
+    if needed + VRAM_MARGIN_BYTES > available:
+        raise InsufficientMemoryError(
+            f"the swap plan needs {needed / GIB:.2f} GiB of VRAM ({to_device / GIB:.2f} GiB of "
+            f"resident weights to move, {plan.num_slots} swap slots of "
+            f"{plan.slot_bytes / 2**20:.0f} MiB) but {available / GIB:.2f} GiB is free on "
+            f"{device}. Swap more blocks (blocks_to_swap) or lower vram_budget_gb, or lower "
+            f"prefetch_blocks (now {plan.num_slots - 1 if plan.num_slots else 0})."
+        )
+
+
+def _unique_tensors(model: nn.Module) -> list[torch.Tensor]:
+    seen: set[int] = set()
+    out = []
+    for owner in model.modules():
+        for table in (owner._parameters, owner._buffers):
+            for tensor in table.values():
+                if tensor is not None and id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    out.append(tensor)
+    return out

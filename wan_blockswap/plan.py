@@ -1,0 +1,246 @@
+"""Deciding which blocks live where: a pure function from sizes and options to a plan.
+
+Presets, ``vram_budget_gb``, the CLI's advice and ComfyUI's "auto" mode all go through
+:func:`plan_swap`, so it takes plain numbers and needs no GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Literal
+
+from .config import SwapConfig
+from .errors import BlockSwapConfigError, InsufficientMemoryError
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class BlockSizes:
+    """Bytes of one block, and of its large layers for layer-granularity swapping."""
+
+    name: str
+    list_path: str
+    role: str
+    nbytes: int
+    layer_bytes: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """Byte counts of a model's parts, as the planner sees them.
+
+    ``other_bytes`` counts everything outside blocks, embeddings included; an offloaded
+    embedding is subtracted from it by the planner.
+    """
+
+    blocks: tuple[BlockSizes, ...]
+    other_bytes: int
+    txt_emb_bytes: int = 0
+    img_emb_bytes: int = 0
+
+    def with_role(self, role: str) -> tuple[BlockSizes, ...]:
+        return tuple(block for block in self.blocks if block.role == role)
+
+
+@dataclass(frozen=True)
+class SwapPlan:
+    """Where every block goes, and the VRAM that costs.
+
+    ``resident_bytes`` is every weight byte kept on the GPU (non-block weights, resident
+    blocks, and in layer mode the small tensors of swapped blocks); ``swapped_bytes`` is what
+    lives in host memory; the GPU also holds ``num_slots`` slots of ``slot_bytes``.
+    """
+
+    swapped: tuple[str, ...]
+    resident: tuple[str, ...]
+    offload_txt_emb: bool
+    offload_img_emb: bool
+    swap_unit: Literal["block", "layer"]
+    num_slots: int
+    slot_bytes: int
+    resident_bytes: int
+    swapped_bytes: int
+    block_order: tuple[tuple[str, str], ...] = ()  # (list path, block name) for describe()
+
+    @property
+    def gpu_weight_bytes(self) -> int:
+        """VRAM for weights: everything resident plus the slot ring."""
+        return self.resident_bytes + self.num_slots * self.slot_bytes
+
+    def describe(self) -> str:
+        """One line per block list: ``blocks 0-27 on GPU, 28-39 in host memory``."""
+        swapped = set(self.swapped)
+        lines = []
+        lists: dict[str, list[tuple[int, bool]]] = {}
+        for path, name in self.block_order:
+            lists.setdefault(path, []).append((len(lists.get(path, [])), name in swapped))
+        for path, entries in lists.items():
+            on_gpu = [i for i, is_swapped in entries if not is_swapped]
+            on_host = [i for i, is_swapped in entries if is_swapped]
+            parts = []
+            if on_gpu:
+                parts.append(f"{_ranges(on_gpu)} on GPU")
+            if on_host:
+                parts.append(f"{_ranges(on_host)} in host memory")
+            lines.append(f"{path} {', '.join(parts)}")
+        extras = [
+            name
+            for name, flag in (("text", self.offload_txt_emb), ("image", self.offload_img_emb))
+            if flag
+        ]
+        if extras:
+            lines.append(f"{' and '.join(extras)} embedding streamed from host memory")
+        lines.append(
+            f"{self.swap_unit} swapping, {self.num_slots} slots of "
+            f"{self.slot_bytes / 2**20:.1f} MiB; weights on GPU "
+            f"{self.gpu_weight_bytes / GIB:.2f} GiB, in host memory "
+            f"{self.swapped_bytes / GIB:.2f} GiB"
+        )
+        return "\n".join(lines)
+
+
+def plan_swap(sizes: ModelSizes, config: SwapConfig) -> SwapPlan:
+    """Decide which blocks stay on the GPU and which stream from host memory.
+
+    Raises:
+        BlockSwapConfigError: an option does not fit this model (names the option, the
+            allowed range and the model's block count).
+        InsufficientMemoryError: ``vram_budget_gb`` is below what any plan needs.
+    """
+    main = sizes.with_role("main")
+    vace = sizes.with_role("vace")
+    _check_against_model(config, len(main), len(vace))
+    units = ("layer",) if config.swap_unit == "layer" else ("block",)
+    if config.vram_budget_gb is None:
+        swapped_main = _swapped_main(config, len(main))
+        return _build(
+            sizes, config, swapped_main, _swapped_vace(config, swapped_main, main, vace), units[0]
+        )
+    if config.swap_unit == "auto":
+        units = ("block", "layer")
+    budget = int(config.vram_budget_gb * GIB)
+    smallest: SwapPlan | None = None
+    for unit in units:
+        for resident_main in range(len(main), -1, -1):
+            swapped_main = set(range(resident_main, len(main)))
+            plan = _build(
+                sizes, config, swapped_main, _swapped_vace(config, swapped_main, main, vace), unit
+            )
+            if plan.gpu_weight_bytes <= budget:
+                return plan
+            if smallest is None or plan.gpu_weight_bytes < smallest.gpu_weight_bytes:
+                smallest = plan
+    assert smallest is not None
+    raise InsufficientMemoryError(
+        f"vram_budget_gb={config.vram_budget_gb} is below what this model needs on the GPU: at "
+        f"least {smallest.gpu_weight_bytes / GIB:.2f} GiB (non-block weights and "
+        f"{smallest.num_slots} slots of {smallest.slot_bytes / 2**20:.0f} MiB with every block "
+        f"swapped). Raise vram_budget_gb, lower prefetch_blocks (now {config.prefetch_blocks}), "
+        f"or set offload_txt_emb/offload_img_emb."
+    )
+
+
+def _check_against_model(config: SwapConfig, n_main: int, n_vace: int) -> None:
+    if config.blocks_to_swap is not None and config.blocks_to_swap > n_main:
+        raise BlockSwapConfigError(
+            f"blocks_to_swap must be in 0..{n_main} for this model ({n_main} blocks), "
+            f"got {config.blocks_to_swap}"
+        )
+    if config.resident_blocks is not None:
+        bad = [i for i in config.resident_blocks if i >= n_main]
+        if bad:
+            raise BlockSwapConfigError(
+                f"resident_blocks entries must be in 0..{n_main - 1} for this model "
+                f"({n_main} blocks), got {bad}"
+            )
+    if config.vace_blocks_to_swap > n_vace:
+        raise BlockSwapConfigError(
+            f"vace_blocks_to_swap must be in 0..{n_vace} for this model ({n_vace} VACE blocks; "
+            f"0 means automatic), got {config.vace_blocks_to_swap}"
+        )
+
+
+def _swapped_main(config: SwapConfig, n_main: int) -> set[int]:
+    if config.resident_blocks is not None:
+        return set(range(n_main)) - set(config.resident_blocks)
+    count = n_main if config.blocks_to_swap is None else config.blocks_to_swap
+    # The last blocks are swapped: the copies of the first swapped ones then overlap the
+    # resident blocks' compute, and the ring wraps into the next forward from there.
+    return set(range(n_main - count, n_main))
+
+
+def _swapped_vace(
+    config: SwapConfig,
+    swapped_main: set[int],
+    main: tuple[BlockSizes, ...],
+    vace: tuple[BlockSizes, ...],
+) -> set[int]:
+    if not vace:
+        return set()
+    count = config.vace_blocks_to_swap
+    if count == 0:  # automatic: the same share of VACE blocks as of main blocks
+        share = len(swapped_main) / len(main) if main else 1.0
+        count = round(share * len(vace))
+    return set(range(len(vace) - count, len(vace)))
+
+
+def _build(
+    sizes: ModelSizes,
+    config: SwapConfig,
+    swapped_main: set[int],
+    swapped_vace: set[int],
+    unit: Literal["block", "layer"],
+) -> SwapPlan:
+    swapped_names = {b.name for i, b in enumerate(sizes.with_role("main")) if i in swapped_main}
+    swapped_names |= {b.name for i, b in enumerate(sizes.with_role("vace")) if i in swapped_vace}
+    txt_blocks = sizes.with_role("txt_emb")
+    if config.offload_txt_emb:
+        swapped_names |= {b.name for b in txt_blocks}
+    swapped = [b for b in sizes.blocks if b.name in swapped_names]
+    resident = [b for b in sizes.blocks if b.name not in swapped_names]
+    embeddings = []
+    if config.offload_txt_emb and sizes.txt_emb_bytes:
+        embeddings.append(sizes.txt_emb_bytes)
+    if config.offload_img_emb and sizes.img_emb_bytes:
+        embeddings.append(sizes.img_emb_bytes)
+
+    resident_bytes = sizes.other_bytes - sum(embeddings) + sum(b.nbytes for b in resident)
+    swapped_bytes = sum(embeddings)
+    unit_sizes: list[int] = list(embeddings)
+    for block in swapped:
+        if unit == "layer":
+            resident_bytes += block.nbytes - sum(block.layer_bytes)
+            swapped_bytes += sum(block.layer_bytes)
+            unit_sizes.extend(block.layer_bytes)
+        else:
+            swapped_bytes += block.nbytes
+            unit_sizes.append(block.nbytes)
+    num_slots = config.num_slots if unit_sizes else 0
+    return SwapPlan(
+        swapped=tuple(b.name for b in swapped),
+        resident=tuple(b.name for b in resident),
+        offload_txt_emb=config.offload_txt_emb and bool(sizes.txt_emb_bytes or txt_blocks),
+        offload_img_emb=config.offload_img_emb and bool(sizes.img_emb_bytes),
+        swap_unit=unit,
+        num_slots=num_slots,
+        slot_bytes=max(unit_sizes, default=0),
+        resident_bytes=resident_bytes,
+        swapped_bytes=swapped_bytes,
+        block_order=tuple((b.list_path, b.name) for b in sizes.blocks),
+    )
+
+
+def _ranges(indices: Iterable[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    out: list[str] = []
+    items = sorted(indices)
+    start = prev = items[0]
+    for i in items[1:] + [None]:  # type: ignore[list-item]
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        out.append(str(start) if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    return ", ".join(out)

@@ -1,0 +1,234 @@
+"""The GPU slot ring: prefetch, wait and release swap units in execution order.
+
+[Note: stream ordering]
+Two streams touch a slot: the copy stream X writes it, the compute stream C reads it.
+  prefetch(u -> slot s): X waits on ``freed[s]`` (recorded on C when s's previous occupant was
+      released), copies u's host buffer into s, records ``ready[s]`` on X.
+  wait(u):    C waits on ``ready[s]``; u's tensors are rebound to views of s.
+  release(u): C records ``freed[s]``; u's tensors go back to placeholders. No copy back:
+      weights are read-only at inference.
+Every wait is a GPU-side ``wait_event``; the host never synchronises on the hot path. Slots
+are allocated once and never freed while the ring lives, so no memory crosses streams
+through the caching allocator (the hazard that crashes ComfyUI core's async offload under
+``cudaMallocAsync``). Waiting on a never-recorded event is a no-op, which covers fresh slots.
+
+[Note: schedule]
+The ring prefetches in ``schedule`` order, cyclically: when the last units of one forward are
+released, the first ones of the next forward start copying (sampling repeats the forward).
+The schedule starts as the declared order and is replaced by the order actually observed in
+a forward whenever that forward had to load something that was not prefetched (the first
+forward always does this for interleaved VACE). A unit that is wanted but not prefetched is
+loaded on demand, so a wrong schedule costs time, never correctness. A slot keeps its
+contents after release; a unit still cached in a free slot is reused without a copy.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Sequence
+
+import torch
+
+from .errors import BlockSwapError
+from .stats import SwapStats, UnitTiming
+from .stored_unit import StoredUnit
+from .streams import DeviceStreams
+
+
+class SlotRing:
+    """Fixed ring of ``num_slots`` device buffers of ``slot_bytes`` each, shared by ``units``."""
+
+    def __init__(
+        self,
+        streams: DeviceStreams,
+        units: Sequence[StoredUnit],
+        num_slots: int,
+        slot_bytes: int,
+        non_blocking: bool,
+        stats: SwapStats,
+        debug: bool = False,
+    ) -> None:
+        self.streams = streams
+        self.units = list(units)
+        self.non_blocking = non_blocking
+        self.stats = stats
+        self.debug = debug
+        with torch.inference_mode(False), torch.no_grad():
+            self.slots = [
+                torch.empty(slot_bytes, dtype=torch.uint8, device=streams.device)
+                for _ in range(num_slots)
+            ]
+            # Views are made once, outside inference mode, so rebinding costs only ``.data``.
+            self.views = [[u.layout.views(slot) for slot in self.slots] for u in self.units]
+        self.ready = [streams.new_event() for _ in self.slots]
+        self.freed = [streams.new_event() for _ in self.slots]
+        self.occupant: list[int | None] = [None] * num_slots
+        self.free_slots: deque[int] = deque(range(num_slots))  # oldest release first
+        self.ahead: deque[int] = deque()  # prefetched slots in expected order of use
+        self.in_use: dict[int, int] = {}  # unit -> slot
+        self.pending: set[int] = set()  # units prefetched or in use
+        self.timings: dict[int, UnitTiming] = {}
+        self.set_schedule(list(range(len(self.units))))
+        self.observed: list[int] = []
+        self.misses_this_forward = 0
+
+    # -- schedule -------------------------------------------------------------------------
+
+    def set_schedule(self, order: list[int]) -> None:
+        self.schedule = order
+        self.positions: dict[int, list[int]] = {}
+        for position, unit in enumerate(order):
+            self.positions.setdefault(unit, []).append(position)
+        self.cursor = 0  # schedule position of the next unit to prefetch
+
+    def begin_forward(self) -> None:
+        self.observed = []
+        self.misses_this_forward = 0
+        self._pump()
+
+    def end_forward(self, completed: bool) -> None:
+        """Release what an interrupted forward left in use; adopt the observed order if the
+        schedule mispredicted."""
+        for unit in list(self.in_use):
+            self.release(unit)
+        if completed and self.observed and self.misses_this_forward:
+            self.stats.relearned += 1
+            while self.ahead:
+                self._drop(self.ahead.pop())
+            self.set_schedule(self.observed)
+            self._pump()
+        self.observed = []
+
+    # -- the protocol ---------------------------------------------------------------------
+
+    def wait(self, unit: int) -> None:
+        """Make ``unit``'s weights usable by work queued next on the compute stream."""
+        slot = self._take(unit)
+        compute = self.streams.compute_stream()
+        timing = self.timings.get(slot) if self.debug else None
+        if timing is not None:
+            timing.reached = self._mark(compute)
+        self.streams.wait(compute, self.ready[slot])
+        if timing is not None:
+            timing.began = self._mark(compute)
+        self.in_use[unit] = slot
+        self.units[unit].bind(self.views[unit][slot])
+        self.observed.append(unit)
+        self._pump()
+
+    def release(self, unit: int) -> None:
+        """Mark ``unit``'s slot reusable once the compute stream has finished with it."""
+        slot = self.in_use.pop(unit, None)
+        if slot is None:
+            return
+        compute = self.streams.compute_stream()
+        self.streams.record(self.freed[slot], compute)
+        timing = self.timings.pop(slot, None) if self.debug else None
+        if timing is not None:
+            timing.released = self._mark(compute)
+            self.stats.pending.append(timing)
+        self.units[unit].unbind()
+        self.pending.discard(unit)
+        self.free_slots.append(slot)
+        self._pump()
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _take(self, unit: int) -> int:
+        """The slot holding ``unit``: the next prefetched one, or loaded now on a miss."""
+        if self.ahead and self.occupant[self.ahead[0]] == unit:
+            return self.ahead.popleft()
+        self.stats.misses += 1
+        self.misses_this_forward += 1
+        skipped = next((i for i, s in enumerate(self.ahead) if self.occupant[s] == unit), None)
+        if skipped is not None:  # units in between were skipped; their copies stay cached
+            for _ in range(skipped):
+                self._drop(self.ahead.popleft())
+            return self.ahead.popleft()
+        consumed = (self.cursor - len(self.ahead)) % max(1, len(self.schedule))
+        while self.ahead:
+            self._drop(self.ahead.pop())
+        position = self._position_of(unit, consumed)
+        self.cursor = consumed if position is None else (position + 1) % len(self.schedule)
+        return self._load(unit)
+
+    def _position_of(self, unit: int, start: int) -> int | None:
+        positions = self.positions.get(unit)
+        if not positions:
+            return None
+        return next((p for p in positions if p >= start), positions[0])
+
+    def _pump(self) -> None:
+        """Fill free slots with the next units of the schedule."""
+        length = len(self.schedule)
+        while self.free_slots and length:
+            unit = self.schedule[self.cursor]
+            if unit in self.pending:  # the ring wrapped: everything ahead is already here
+                break
+            self.ahead.append(self._load(unit))
+            self.cursor = (self.cursor + 1) % length
+
+    def _load(self, unit: int) -> int:
+        """Pick a free slot for ``unit`` and start its copy (none if still cached there)."""
+        slot = self._free_slot_for(unit)
+        self.pending.add(unit)
+        if self.occupant[slot] == unit:
+            self.stats.cache_hits += 1
+            return slot
+        self.occupant[slot] = unit
+        stored = self.units[unit]
+        timing = UnitTiming(stored.name) if self.debug else None
+        copy_stream = self.streams.copy_stream
+        with self.streams.on_copy_stream():
+            self.streams.wait(copy_stream, self.freed[slot])
+            if timing is not None:
+                timing.copy_start = self._mark(copy_stream)
+            self.slots[slot][: stored.nbytes].copy_(
+                stored.host.tensor[: stored.nbytes], non_blocking=self.non_blocking
+            )
+            self.streams.record(self.ready[slot], copy_stream)
+            if timing is not None:
+                timing.copy_end = self._mark(copy_stream)
+                self.timings[slot] = timing
+        self.stats.copies += 1
+        self.stats.bytes_copied += stored.nbytes
+        return slot
+
+    def _free_slot_for(self, unit: int) -> int:
+        if not self.free_slots:
+            raise BlockSwapError(
+                f"all {len(self.slots)} swap slots are in use while loading {self.units[unit].name}: "
+                f"swapped modules are nested deeper than the ring; raise prefetch_blocks"
+            )
+        for slot in self.free_slots:
+            if self.occupant[slot] == unit:
+                break
+        else:
+            slot = next((s for s in self.free_slots if self.occupant[s] is None), None)
+            if slot is None:
+                slot = self.free_slots[0]
+        self.free_slots.remove(slot)
+        return slot
+
+    def _drop(self, slot: int) -> None:
+        """Return a prefetched-but-unused slot; its contents stay valid for its occupant."""
+        self.pending.discard(self.occupant[slot])
+        self.timings.pop(slot, None)
+        self.free_slots.appendleft(slot)
+
+    def _mark(self, stream: object) -> object:
+        event = self.streams.new_event(timing=True)
+        self.streams.record(event, stream)
+        return event
+
+    def close(self) -> None:
+        """Wait for in-flight copies and drop the slots."""
+        self.streams.synchronize()
+        self.slots = []
+        self.views = []
+        self.ahead.clear()
+        self.free_slots.clear()
+        self.in_use.clear()
+        self.pending.clear()
+        self.timings.clear()
+        self.stats.pending.clear()

@@ -1,0 +1,65 @@
+"""Streams and events behind one small interface, so the ring code is the same on CUDA and CPU.
+
+On CUDA there is one copy stream per device, shared by every swapped model on it, so copies
+of two models (Wan 2.2 high/low noise) queue instead of competing. On CPU every operation is
+synchronous and the stream calls are no-ops: the engine still runs, which lets the test suite
+exercise the full mechanism without a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any, ContextManager
+
+import torch
+
+_copy_streams: dict[int, "torch.cuda.Stream"] = {}
+_copy_streams_lock = threading.Lock()
+
+
+class DeviceStreams:
+    """Copy stream, compute stream and events for one device."""
+
+    def __init__(self, device: torch.device, timing: bool = False) -> None:
+        self.device = device
+        self.is_cuda = device.type == "cuda"
+        self.timing = timing
+        self.copy_stream = self._copy_stream() if self.is_cuda else None
+
+    def _copy_stream(self) -> "torch.cuda.Stream":
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        with _copy_streams_lock:
+            if index not in _copy_streams:
+                # Low priority: copies must never delay the compute kernels they feed.
+                _copy_streams[index] = torch.cuda.Stream(device=index, priority=0)
+            return _copy_streams[index]
+
+    def compute_stream(self) -> Any:
+        return torch.cuda.current_stream(self.device) if self.is_cuda else None
+
+    def new_event(self, timing: bool | None = None) -> Any:
+        if not self.is_cuda:
+            return None
+        return torch.cuda.Event(enable_timing=self.timing if timing is None else timing)
+
+    def on_copy_stream(self) -> ContextManager[Any]:
+        if not self.is_cuda:
+            return contextlib.nullcontext()
+        return torch.cuda.stream(self.copy_stream)
+
+    @staticmethod
+    def record(event: Any, stream: Any) -> None:
+        if event is not None:
+            event.record(stream)
+
+    @staticmethod
+    def wait(stream: Any, event: Any) -> None:
+        """``stream`` waits for ``event`` on the GPU; the host does not block."""
+        if stream is not None and event is not None:
+            stream.wait_event(event)
+
+    def synchronize(self) -> None:
+        if self.is_cuda:
+            self.copy_stream.synchronize()
+            torch.cuda.current_stream(self.device).synchronize()

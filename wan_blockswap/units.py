@@ -1,0 +1,177 @@
+"""Swap units: the groups of tensors that move to the GPU together, and the module whose
+forward hooks fetch and release them.
+
+A unit is a whole block (``swap_unit="block"``), one large leaf layer of a block
+(``"layer"``), or an offloaded embedding module. Parameters and buffers that sit directly on
+a block (Wan's ``modulation``) belong to the block's unit; in layer mode they stay resident
+with the block's other small tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from model_configs.base import BlockListLayout, ModelLayout
+
+from .errors import BlockSwapConfigError
+
+# In layer mode a leaf becomes its own unit when it holds at least this share of its block.
+LAYER_UNIT_MIN_SHARE = 1 / 32
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A parameter or buffer, addressed through its owning module so it can be rebound."""
+
+    owner: nn.Module
+    attr: str
+    qualname: str
+    is_param: bool
+
+    def get(self) -> torch.Tensor:
+        table = self.owner._parameters if self.is_param else self.owner._buffers
+        return table[self.attr]
+
+
+@dataclass(frozen=True)
+class BlockRef:
+    """One block of one block list."""
+
+    list_layout: BlockListLayout
+    key: str
+    position: int
+    module: nn.Module
+    qualname: str
+
+    @property
+    def role(self) -> str:
+        return self.list_layout.role
+
+
+@dataclass(frozen=True)
+class SwapUnit:
+    """Tensors that travel together, fetched before ``module`` runs and released after."""
+
+    name: str
+    module: nn.Module
+    tensors: tuple[TensorRef, ...]
+    kind: str  # "block", "layer" or "embedding"
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_nbytes(ref.get()) for ref in self.tensors)
+
+
+def resolve(root: nn.Module, path: str) -> nn.Module:
+    """The submodule at dotted ``path``, with an error naming the missing part."""
+    module = root
+    for part in path.split("."):
+        child = module._modules.get(part) if hasattr(module, "_modules") else None
+        if child is None:
+            raise BlockSwapConfigError(
+                f"{type(root).__name__} has no submodule {path!r} (missing {part!r}); "
+                f"the model layout does not fit this model"
+            )
+        module = child
+    return module
+
+
+def find_blocks(root: nn.Module, layout: ModelLayout) -> list[BlockRef]:
+    """Every block of every list in ``layout``, lists in layout order."""
+    blocks = []
+    for list_layout in layout.block_lists:
+        container = resolve(root, list_layout.path)
+        if not isinstance(container, (nn.ModuleList, nn.ModuleDict, nn.Sequential)):
+            raise BlockSwapConfigError(
+                f"{list_layout.path!r} is a {type(container).__name__}, not a list of blocks"
+            )
+        for position, (key, module) in enumerate(container._modules.items()):
+            if module is not None:
+                qualname = f"{list_layout.path}.{key}"
+                blocks.append(BlockRef(list_layout, key, position, module, qualname))
+    return blocks
+
+
+def shared_tensor_ids(root: nn.Module) -> set[int]:
+    """Ids of tensors reachable under more than one name: they are never swapped, since
+    rebinding one name would leave the other pointing at the old memory."""
+    seen: dict[int, int] = {}
+    for _, tensor in _named_tensors(root):
+        seen[id(tensor)] = seen.get(id(tensor), 0) + 1
+    return {key for key, count in seen.items() if count > 1}
+
+
+def tensor_refs(module: nn.Module, prefix: str, exclude: set[int]) -> tuple[TensorRef, ...]:
+    """All parameters and buffers under ``module`` except the excluded (shared) ones."""
+    refs = []
+    for name, owner in module.named_modules(remove_duplicate=False):
+        for attr, tensor in list(owner._parameters.items()):
+            if tensor is not None and id(tensor) not in exclude:
+                refs.append(TensorRef(owner, attr, _join(prefix, name, attr), True))
+        for attr, tensor in list(owner._buffers.items()):
+            if tensor is not None and id(tensor) not in exclude:
+                refs.append(TensorRef(owner, attr, _join(prefix, name, attr), False))
+    return _dedupe(refs)
+
+
+def block_unit(block: BlockRef, exclude: set[int]) -> SwapUnit:
+    return SwapUnit(
+        block.qualname, block.module, tensor_refs(block.module, block.qualname, exclude), "block"
+    )
+
+
+def layer_units(block: BlockRef, exclude: set[int]) -> list[SwapUnit]:
+    """The block's large leaf layers as separate units; smaller tensors stay with the block.
+
+    Only true leaves (no child modules) become units, so a unit never runs inside another
+    unit's forward and one slot per unit in use is enough.
+    """
+    total = sum(_nbytes(ref.get()) for ref in tensor_refs(block.module, "", exclude))
+    threshold = max(1, int(total * LAYER_UNIT_MIN_SHARE))
+    units = []
+    for name, leaf in block.module.named_modules():
+        if leaf._modules or not name:
+            continue
+        refs = tensor_refs(leaf, f"{block.qualname}.{name}", exclude)
+        if refs and sum(_nbytes(ref.get()) for ref in refs) >= threshold:
+            units.append(SwapUnit(f"{block.qualname}.{name}", leaf, refs, "layer"))
+    return units
+
+
+def embedding_unit(root: nn.Module, path: str, exclude: set[int]) -> SwapUnit:
+    module = resolve(root, path)
+    return SwapUnit(path, module, tensor_refs(module, path, exclude), "embedding")
+
+
+def _named_tensors(root: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, owner in root.named_modules(remove_duplicate=False):
+        for attr, tensor in owner._parameters.items():
+            if tensor is not None:
+                yield _join("", name, attr), tensor
+        for attr, tensor in owner._buffers.items():
+            if tensor is not None:
+                yield _join("", name, attr), tensor
+
+
+def _dedupe(refs: list[TensorRef]) -> tuple[TensorRef, ...]:
+    # A module reachable twice inside one unit yields the same tensor twice: keep the first.
+    seen: set[int] = set()
+    out = []
+    for ref in refs:
+        key = id(ref.get())
+        if key not in seen:
+            seen.add(key)
+            out.append(ref)
+    return tuple(out)
+
+
+def _join(*parts: str) -> str:
+    return ".".join(part for part in parts if part)
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
