@@ -51,6 +51,7 @@ def run_method(name, build, tokens, device, reference, iters, extra):
         "method": name,
         "tokens": tokens,
         "ms": round(timing.median_ms, 2),
+        "mean_ms": round(timing.mean_ms, 2),
         "min_ms": round(timing.min_ms, 2),
         "peak_vram_gib": round(peak_gib(device), 3),
         "equal_output": equal,
@@ -188,9 +189,16 @@ def main() -> None:
                 model.blocks = torch.nn.ModuleList()
                 model.to(device)
                 model.blocks = blocks
+
+                def move_in(module, args):
+                    module.to(device)
+
+                def move_out(module, args, output):
+                    module.to("cpu")
+
                 for block in blocks:
-                    block.register_forward_pre_hook(lambda m, a: m.to(device))
-                    block.register_forward_hook(lambda m, a, o: m.to("cpu"))
+                    block.register_forward_pre_hook(move_in)
+                    block.register_forward_hook(move_out)
                 return model, drop
 
             row, _ = run_method(

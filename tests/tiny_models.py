@@ -14,7 +14,9 @@ Every builder returns ``(model, make_inputs)``:
   video, 8x8 for Flux), so one forward takes milliseconds on CPU.
 
 ``run(model, inputs)`` calls the model under ``torch.no_grad()`` and returns the output
-tensor (diffusers' ``Transformer2DModelOutput`` / tuples are unwrapped).
+tensor (diffusers' ``Transformer2DModelOutput`` / tuples are unwrapped). On a busy 2-core
+machine these tiny forwards are ~20x faster with ``torch.set_num_threads(1)`` (OpenMP hand-off
+dominates matmuls this small); the smoke test sets that for its module.
 
 ComfyUI builders (``comfy/...``) import ``comfy`` lazily from the checkout named by the
 ``COMFYUI_PATH`` environment variable; this module itself imports without ComfyUI. When no
@@ -34,10 +36,11 @@ mask. Neither happens where torchvision imports (e.g. /work/venv-comfy).
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import types
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
@@ -421,7 +424,7 @@ def import_comfy():
 def _comfy_class(dotted: str):
     import_comfy()
     module, _, name = dotted.rpartition(".")
-    return getattr(sys.modules[module], name)
+    return getattr(importlib.import_module(module), name)
 
 
 def _build_comfy(dotted: str, config: dict, seed: int) -> torch.nn.Module:

@@ -24,6 +24,11 @@ class Timing:
         return statistics.median(self.samples_ms)
 
     @property
+    def mean_ms(self) -> float:
+        """Total time over count: the steady-state cost per forward of a sampling loop."""
+        return statistics.fmean(self.samples_ms)
+
+    @property
     def min_ms(self) -> float:
         return min(self.samples_ms)
 
