@@ -7,6 +7,7 @@ against a module or a checkpoint's keys.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, Mapping
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,23 @@ class Preset:
 
 
 @dataclass(frozen=True)
+class SkeletonRecipe:
+    """How to build a model for a checkpoint of this layout without ComfyUI.
+
+    Attributes:
+        diffusers_class: the diffusers model class to instantiate.
+        config_from_shapes: the class's constructor arguments, worked out from the file's
+            tensor shapes (keys without any file prefix, in this record's naming).
+        key_converter: dotted path of a function that renames a state dict of this layout to
+            the class's names (diffusers' single-file converters); ``""`` if names match.
+    """
+
+    diffusers_class: str
+    config_from_shapes: Callable[[Mapping[str, tuple[int, ...]]], dict]
+    key_converter: str = ""
+
+
+@dataclass(frozen=True)
 class ArchConfig:
     """Everything the engine and loaders need to know about one architecture in one layout.
 
@@ -90,6 +108,7 @@ class ArchConfig:
         detect_keys: checkpoint keys (without any file prefix) that identify the architecture.
         hidden_param: parameter of a block whose last dimension is the hidden size.
         variants: known sizes, for presets and logs.
+        skeleton: how the lazy loader builds this model outside ComfyUI, if it can.
     """
 
     name: str
@@ -102,3 +121,4 @@ class ArchConfig:
     detect_keys: tuple[str, ...] = ()
     hidden_param: str = ""
     variants: tuple[Variant, ...] = field(default_factory=tuple)
+    skeleton: SkeletonRecipe | None = None

@@ -1,6 +1,8 @@
 """Wan 2.1 / 2.2 (1.3B, 5B, 14B, A14B) and Wan VACE, in ComfyUI's and diffusers' layouts."""
 
-from .base import ArchConfig, BlockListLayout, ModelLayout, Variant
+from typing import Mapping
+
+from .base import ArchConfig, BlockListLayout, ModelLayout, SkeletonRecipe, Variant
 
 VARIANTS = (
     Variant("wan2.1-1.3b", "Wan 2.1 1.3B", num_blocks=30, hidden_size=1536),
@@ -8,6 +10,48 @@ VARIANTS = (
     # Wan 2.1 14B and each of Wan 2.2 A14B's two experts share this shape.
     Variant("wan-14b", "Wan 2.1/2.2 14B", num_blocks=40, hidden_size=5120),
 )
+
+HEAD_DIM = 128  # every Wan size uses 128-wide attention heads
+
+
+def _count(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> int:
+    indices = {int(k[len(prefix) :].split(".")[0]) for k in shapes if k.startswith(prefix)}
+    return max(indices) + 1 if indices else 0
+
+
+def diffusers_config_from_comfy_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict:
+    """``WanTransformer3DModel`` / ``WanVACETransformer3DModel`` arguments for a checkpoint in
+    the original (ComfyUI) key layout, the way ComfyUI's model detection reads them."""
+    dim = shapes["head.modulation"][-1]
+    patch = shapes["patch_embedding.weight"]
+    config = dict(
+        patch_size=tuple(patch[2:]),
+        num_attention_heads=dim // HEAD_DIM,
+        attention_head_dim=HEAD_DIM,
+        in_channels=patch[1],
+        out_channels=shapes["head.head.weight"][0] // (patch[2] * patch[3] * patch[4]),
+        text_dim=shapes["text_embedding.0.weight"][1],
+        freq_dim=shapes["time_embedding.0.weight"][1],
+        ffn_dim=shapes["blocks.0.ffn.0.weight"][0],
+        num_layers=_count(shapes, "blocks."),
+        cross_attn_norm="blocks.0.norm3.weight" in shapes,
+        qk_norm="rms_norm_across_heads" if "blocks.0.self_attn.norm_q.weight" in shapes else None,
+        eps=1e-6,
+    )
+    if "img_emb.proj.0.weight" in shapes:  # i2v / FLF: CLIP image projection
+        config["image_dim"] = shapes["img_emb.proj.0.weight"][0]
+        config["added_kv_proj_dim"] = dim
+        if "img_emb.emb_pos" in shapes:
+            config["pos_embed_seq_len"] = shapes["img_emb.emb_pos"][1]
+    vace = _count(shapes, "vace_blocks.")
+    if vace:  # vace block n feeds main block n * stride, as ComfyUI maps them
+        stride = config["num_layers"] // vace
+        config["vace_layers"] = list(range(0, config["num_layers"], stride))[:vace]
+        config["vace_in_channels"] = shapes["vace_patch_embedding.weight"][1]
+    return config
+
+
+_CONVERTER = "diffusers.loaders.single_file_utils.convert_wan_transformer_to_diffusers"
 
 # ComfyUI: comfy.ldm.wan.model.WanModel and its subclasses (camera, S2V, HuMo, animate).
 # text_embedding and img_emb run once at the start of each forward; img_emb exists for i2v.
@@ -26,6 +70,9 @@ COMFYUI = ArchConfig(
     detect_keys=("head.modulation", "blocks.0.self_attn.q.weight"),
     hidden_param="self_attn.q.weight",
     variants=VARIANTS,
+    skeleton=SkeletonRecipe(
+        "WanTransformer3DModel", diffusers_config_from_comfy_shapes, _CONVERTER
+    ),
 )
 
 # ComfyUI VACE runs each vace block interleaved with the main blocks it feeds.
@@ -47,6 +94,9 @@ COMFYUI_VACE = ArchConfig(
     detect_keys=("head.modulation", "vace_patch_embedding.weight"),
     hidden_param="self_attn.q.weight",
     variants=VARIANTS,
+    skeleton=SkeletonRecipe(
+        "WanVACETransformer3DModel", diffusers_config_from_comfy_shapes, _CONVERTER
+    ),
 )
 
 DIFFUSERS = ArchConfig(
@@ -91,3 +141,66 @@ DIFFUSERS_VACE = ArchConfig(
 )
 
 CONFIGS = (COMFYUI_VACE, COMFYUI, DIFFUSERS_VACE, DIFFUSERS)
+
+
+def comfy_state_shapes(
+    dim: int,
+    ffn_dim: int,
+    num_layers: int,
+    in_dim: int = 16,
+    out_dim: int = 16,
+    text_dim: int = 4096,
+    freq_dim: int = 256,
+    image_dim: int | None = None,
+) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of a Wan checkpoint in ComfyUI's (the original) layout, for writing test
+    and benchmark files of any size. Patch size (1, 2, 2), qk-norm and cross-attention norm,
+    as in every released Wan model; ``image_dim`` adds the i2v image projection."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "patch_embedding.weight": (dim, in_dim, 1, 2, 2),
+        "patch_embedding.bias": (dim,),
+        "text_embedding.0.weight": (dim, text_dim),
+        "text_embedding.0.bias": (dim,),
+        "text_embedding.2.weight": (dim, dim),
+        "text_embedding.2.bias": (dim,),
+        "time_embedding.0.weight": (dim, freq_dim),
+        "time_embedding.0.bias": (dim,),
+        "time_embedding.2.weight": (dim, dim),
+        "time_embedding.2.bias": (dim,),
+        "time_projection.1.weight": (6 * dim, dim),
+        "time_projection.1.bias": (6 * dim,),
+    }
+    attention = ["q", "k", "v", "o"]
+    for i in range(num_layers):
+        block = f"blocks.{i}."
+        for attn in ("self_attn", "cross_attn"):
+            for proj in attention + (
+                ["k_img", "v_img"] if image_dim and attn == "cross_attn" else []
+            ):
+                shapes[f"{block}{attn}.{proj}.weight"] = (dim, dim)
+                shapes[f"{block}{attn}.{proj}.bias"] = (dim,)
+            norms = ["norm_q", "norm_k"] + (
+                ["norm_k_img"] if image_dim and attn == "cross_attn" else []
+            )
+            for norm in norms:
+                shapes[f"{block}{attn}.{norm}.weight"] = (dim,)
+        shapes[f"{block}norm3.weight"] = (dim,)
+        shapes[f"{block}norm3.bias"] = (dim,)
+        shapes[f"{block}ffn.0.weight"] = (ffn_dim, dim)
+        shapes[f"{block}ffn.0.bias"] = (ffn_dim,)
+        shapes[f"{block}ffn.2.weight"] = (dim, ffn_dim)
+        shapes[f"{block}ffn.2.bias"] = (dim,)
+        shapes[f"{block}modulation"] = (1, 6, dim)
+    shapes["head.head.weight"] = (out_dim * 4, dim)
+    shapes["head.head.bias"] = (out_dim * 4,)
+    shapes["head.modulation"] = (1, 2, dim)
+    if image_dim:
+        shapes["img_emb.proj.0.weight"] = (image_dim,)
+        shapes["img_emb.proj.0.bias"] = (image_dim,)
+        shapes["img_emb.proj.1.weight"] = (image_dim, image_dim)
+        shapes["img_emb.proj.1.bias"] = (image_dim,)
+        shapes["img_emb.proj.3.weight"] = (dim, image_dim)
+        shapes["img_emb.proj.3.bias"] = (dim,)
+        shapes["img_emb.proj.4.weight"] = (dim,)
+        shapes["img_emb.proj.4.bias"] = (dim,)
+    return shapes

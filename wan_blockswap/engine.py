@@ -61,6 +61,7 @@ class BlockSwap:
         self.ring: SlotRing | None = None
         self._moved: list[tuple[torch.Tensor, torch.device]] = []
         self._hooks: list[Any] = []
+        self._host_views: dict[str, torch.Tensor] = {}
 
     @classmethod
     def apply(
@@ -118,8 +119,12 @@ class BlockSwap:
                 tensor = ref.get()
                 if id(tensor) in swapped_ids or tensor.device == self.device:
                     continue
-                self._moved.append((tensor, tensor.device))
-                tensor.data = tensor.data.to(self.device)
+                if tensor.device.type == "meta":  # a skeleton: the loader fills it
+                    empty = torch.empty(tensor.shape, dtype=tensor.dtype, device=self.device)
+                    self._moved.append((ref.replace(empty), tensor.device))
+                else:
+                    self._moved.append((tensor, tensor.device))
+                    tensor.data = tensor.data.to(self.device)
         streams = DeviceStreams(self.device, timing=self.config.debug)
         self.ring = SlotRing(
             streams,
@@ -144,6 +149,23 @@ class BlockSwap:
         self._hooks.append(self.model.register_forward_pre_hook(self._begin_forward))
         self._hooks.append(self.model.register_forward_hook(self._end_forward, always_call=True))
 
+    def destination(self, name: str) -> torch.Tensor:
+        """Where the weights of the parameter or buffer ``name`` live now: its host-buffer view
+        if swapped, else the tensor itself. Loaders write checkpoint data here."""
+        assert self.model is not None
+        if not self._host_views:
+            self._host_views = {
+                ref.qualname: view
+                for stored in self.units
+                for ref, view in zip(stored.unit.tensors, stored.host_views)
+            }
+        if name in self._host_views:
+            return self._host_views[name]
+        module_path, _, attr = name.rpartition(".")
+        owner = self.model.get_submodule(module_path) if module_path else self.model
+        tensor = owner._parameters.get(attr)
+        return tensor if tensor is not None else owner._buffers[attr]
+
     @torch.compiler.disable
     def _begin_forward(self, module: nn.Module, args: Any) -> None:
         if torch.is_grad_enabled() and any(
@@ -166,18 +188,19 @@ class BlockSwap:
 
     # -- remove ---------------------------------------------------------------------------
 
-    def remove(self) -> None:
+    def remove(self, restore: bool = True) -> None:
         """Detach hooks, give every tensor its memory back where it was, free host and slots.
 
-        Idempotent.
+        With ``restore=False`` the weights are dropped instead and every tensor is left on the
+        meta device (what a failed load wants: free everything, copy nothing). Idempotent.
         """
         if self.model is None:
             return
-        self._undo()
+        self._undo(restore)
         _active.pop(self.model, None)
         self.model = None
 
-    def _undo(self) -> None:
+    def _undo(self, restore: bool = True) -> None:
         if self.ring is not None:
             self.ring.end_forward(completed=False)
             self.ring.close()
@@ -187,11 +210,15 @@ class BlockSwap:
         self._hooks.clear()
         with torch.no_grad():
             for stored in self.units:
-                stored.restore()
+                stored.restore() if restore else stored.discard()
             for tensor, device in self._moved:
-                tensor.data = tensor.data.to(device)
+                if not restore:
+                    tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+                else:  # a lazily loaded skeleton's weights come back on the CPU
+                    tensor.data = tensor.data.to("cpu" if device.type == "meta" else device)
         self.units.clear()
         self._moved.clear()
+        self._host_views.clear()
 
 
 def _unit_pre_hook(ring: SlotRing, index: int) -> Any:

@@ -42,7 +42,7 @@ def check_fits(
         if id(tensor) in swapped:
             if tensor.device.type == "cpu":
                 swapped_on_host += nbytes
-        elif tensor.device != device and tensor.device.type != "meta":
+        elif tensor.device != device:  # meta tensors (a skeleton) are allocated there too
             to_device += nbytes
     _check_host(plan, swapped_on_host, max((_raw_bytes(u) for u in chosen), default=0))
     if device.type == "cuda":

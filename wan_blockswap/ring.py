@@ -53,15 +53,12 @@ class SlotRing:
         self.non_blocking = non_blocking
         self.stats = stats
         self.debug = debug
-        with torch.inference_mode(False), torch.no_grad():
-            self.slots = [
-                torch.empty(slot_bytes, dtype=torch.uint8, device=streams.device)
-                for _ in range(num_slots)
-            ]
-            # Views are made once, outside inference mode, so rebinding costs only ``.data``.
-            self.views = [[u.layout.views(slot) for slot in self.slots] for u in self.units]
-        self.ready = [streams.new_event() for _ in self.slots]
-        self.freed = [streams.new_event() for _ in self.slots]
+        self.num_slots = num_slots
+        self.slot_bytes = slot_bytes
+        self.slots: list[torch.Tensor] = []  # allocated on first use: loading needs no slots
+        self.views: list[list[list[torch.Tensor]]] = []
+        self.ready = [streams.new_event() for _ in range(num_slots)]
+        self.freed = [streams.new_event() for _ in range(num_slots)]
         self.occupant: list[int | None] = [None] * num_slots
         self.free_slots: deque[int] = deque(range(num_slots))  # oldest release first
         self.ahead: deque[int] = deque()  # prefetched slots in expected order of use
@@ -81,7 +78,20 @@ class SlotRing:
             self.positions.setdefault(unit, []).append(position)
         self.cursor = 0  # schedule position of the next unit to prefetch
 
+    def allocate(self) -> None:
+        """Allocate the slots and every unit's views into them (once)."""
+        if self.slots or not self.num_slots:
+            return
+        with torch.inference_mode(False), torch.no_grad():
+            self.slots = [
+                torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.streams.device)
+                for _ in range(self.num_slots)
+            ]
+            # Views are made once, outside inference mode, so rebinding costs only ``.data``.
+            self.views = [[u.layout.views(slot) for slot in self.slots] for u in self.units]
+
     def begin_forward(self) -> None:
+        self.allocate()
         self.observed = []
         self.misses_this_forward = 0
         self._pump()
@@ -170,6 +180,7 @@ class SlotRing:
 
     def _load(self, unit: int) -> int:
         """Pick a free slot for ``unit`` and start its copy (none if still cached there)."""
+        self.allocate()
         slot = self._free_slot_for(unit)
         self.pending.add(unit)
         if self.occupant[slot] == unit:
@@ -197,7 +208,7 @@ class SlotRing:
     def _free_slot_for(self, unit: int) -> int:
         if not self.free_slots:
             raise BlockSwapError(
-                f"all {len(self.slots)} swap slots are in use while loading {self.units[unit].name}: "
+                f"all {self.num_slots} swap slots are in use while loading {self.units[unit].name}: "
                 f"swapped modules are nested deeper than the ring; raise prefetch_blocks"
             )
         for slot in self.free_slots:

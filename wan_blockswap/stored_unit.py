@@ -39,6 +39,9 @@ class StoredUnit:
         self.layout = PackedLayout.of((t.shape, t.dtype) for t in self.tensors)
         self.original_devices = [t.device for t in self.tensors]
         self.placeholders = [placeholders.get(t.dtype, device) for t in self.tensors]
+        for i, (ref, tensor) in enumerate(zip(unit.tensors, self.tensors)):
+            if tensor.device.type == "meta":  # a skeleton: give it a real, empty tensor object
+                self.tensors[i] = ref.replace(torch.empty(0, dtype=tensor.dtype, device=device))
         prefix = len(unit.name) + 1
         self.local_names = [ref.qualname[prefix:] for ref in unit.tensors]
         self.host: HostBuffer | None = None
@@ -57,8 +60,8 @@ class StoredUnit:
     def pack(self, pin: bool) -> None:
         """Copy the unit's current weights into its host buffer and leave placeholders."""
         self.allocate(pin)
-        for view, tensor in zip(self.host_views, self.tensors):
-            if tensor.device.type != "meta":
+        for view, tensor, device in zip(self.host_views, self.tensors, self.original_devices):
+            if device.type != "meta":  # skeleton tensors have no data yet: a loader fills them
                 view.copy_(tensor.detach())
         self.unbind()
 
@@ -83,6 +86,14 @@ class StoredUnit:
         self.host_views = []
         self.host.free()
         self.host = None
+
+    def discard(self) -> None:
+        """Free the host buffer and leave every tensor a placeholder: drop the weights."""
+        self.unbind()
+        self.host_views = []
+        if self.host is not None:
+            self.host.free()
+            self.host = None
 
     def state_dict_hook(
         self, module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: dict

@@ -36,6 +36,17 @@ class TensorRef:
         table = self.owner._parameters if self.is_param else self.owner._buffers
         return table[self.attr]
 
+    def replace(self, value: torch.Tensor) -> torch.Tensor:
+        """Put a new tensor object in the owner (a meta tensor cannot be rebound to real
+        memory through ``.data``); returns the object now registered."""
+        old = self.get()
+        if self.is_param:
+            value = nn.Parameter(value, requires_grad=old.requires_grad)
+            self.owner._parameters[self.attr] = value
+        else:
+            self.owner._buffers[self.attr] = value
+        return value
+
 
 @dataclass(frozen=True)
 class BlockRef:

@@ -1,0 +1,239 @@
+"""Load a checkpoint straight into a block-swapped model, tensor by tensor.
+
+Resident tensors go from the file to the GPU, swapped tensors from the file into their
+block's page-locked host buffer (``readinto``, one copy, no mapping that would keep file
+pages in this process). The whole model never sits in VRAM, nor twice in RAM: peak RAM is
+the swapped bytes plus one staging tensor, peak VRAM the resident weights plus one tensor.
+
+Dtypes: fp32/fp16 tensors are cast to the compute dtype as they are read (modules a diffusers
+class keeps in fp32 stay fp32); fp8 and GGUF-quantized Linear weights stay in their file form
+(see :mod:`callbacks.lowbit_layers`); other quantized tensors are dequantized at load.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from wan_blockswap import BlockSwap, SwapConfig
+from wan_blockswap.api import _resolve_device
+from wan_blockswap.storage import HostBuffer
+
+from .checkpoint import Checkpoint, TensorRecord, open_checkpoint
+from .gguf_dequant import SUPPORTED_TYPES, UnsupportedQuantTypeError, dequantize
+from .lowbit_layers import to_cast_linear, to_gguf_linear
+from .skeleton import CheckpointMismatchError, Skeleton, build_skeleton, match_skeleton
+
+logger = logging.getLogger("wan_blockswap")
+
+Progress = Callable[[int, int, str], None]
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+@dataclass
+class LoadReport:
+    """What a lazy load did."""
+
+    path: str
+    format: str
+    arch: str
+    load_s: float = 0.0
+    file_bytes: int = 0
+    resident_bytes: int = 0
+    swapped_bytes: int = 0
+    block_bytes: int = 0
+    dtypes: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Entry:
+    """One file tensor and what to do with it."""
+
+    name: str  # the model's key
+    record: TensorRecord
+    target: torch.dtype
+    raw: bool  # the file bytes are the stored bytes: read straight into the destination
+
+
+def load_swapped(
+    path: str,
+    config: SwapConfig | None = None,
+    *,
+    skeleton: nn.Module | None = None,
+    device: torch.device | str | None = None,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    progress: Progress | None = None,
+    **options: object,
+) -> tuple[nn.Module, BlockSwap, LoadReport]:
+    """Load ``path`` into a block-swapped model without ever holding it whole.
+
+    Args:
+        path: a ``.safetensors`` file (ComfyUI single file, with or without the
+            ``model.diffusion_model.`` prefix), a diffusers folder or index JSON, or a ``.gguf``.
+        config: swap options (or pass them as keyword ``options``).
+        skeleton: the model to load into, parameters on the meta device; ``None`` builds one
+            from the file (diffusers folders; ComfyUI/original Wan files).
+        device: compute device (default ``cuda`` if available).
+        compute_dtype: dtype fp32/fp16 weights are cast to.
+        progress: called as ``progress(done_bytes, total_bytes, label)`` after each tensor.
+
+    Returns:
+        ``(model, swap, report)``; ``swap.remove()`` frees everything.
+
+    Raises:
+        CheckpointError: missing, corrupt or pickle files; keys or shapes that do not fit.
+        InsufficientMemoryError: the plan does not fit in RAM or VRAM (checked before anything
+            is allocated).
+    """
+    if config is None:
+        config = SwapConfig.from_options(**options)
+    device = _resolve_device(device)
+    start = time.perf_counter()
+    with open_checkpoint(path) as checkpoint:
+        plan = (
+            build_skeleton(checkpoint) if skeleton is None else match_skeleton(skeleton, checkpoint)
+        )
+        entries = _prepare(plan, checkpoint, compute_dtype)
+        layout = (plan.arch or _generic(plan.model)).layout
+        swap = BlockSwap.apply(plan.model, config, layout, device)
+        try:
+            _stream(checkpoint, entries, swap, device, progress)
+        except BaseException:
+            swap.remove(restore=False)
+            raise
+        report = LoadReport(
+            path=str(path),
+            format=checkpoint.format,
+            arch=plan.arch.name if plan.arch else "generic",
+            load_s=time.perf_counter() - start,
+            file_bytes=sum(e.record.nbytes for e in entries),
+            resident_bytes=swap.plan.resident_bytes,
+            swapped_bytes=swap.plan.swapped_bytes,
+            block_bytes=swap.plan.slot_bytes,
+        )
+        for entry in entries:
+            name = str(entry.record.dtype or f"gguf:{entry.record.qtype}")
+            report.dtypes[name] = report.dtypes.get(name, 0) + 1
+    logger.info(
+        "loaded %s in %.1f s: %.2f GiB resident, %.2f GiB in host memory",
+        path,
+        report.load_s,
+        report.resident_bytes / 2**30,
+        report.swapped_bytes / 2**30,
+    )
+    return plan.model, swap, report
+
+
+def _prepare(plan: Skeleton, checkpoint: Checkpoint, compute_dtype: torch.dtype) -> list[_Entry]:
+    """Give every meta tensor its storage dtype (swapping in low-bit Linear layers), checking
+    shapes and quant types before anything is allocated."""
+    model = plan.model
+    keep_fp32 = set(getattr(type(model), "_keep_in_fp32_modules", None) or ())
+
+    def _keeps_fp32(name: str) -> bool:
+        # diffusers keeps these modules in fp32 and reads their dtype to cast inputs
+        return any(part in keep_fp32 for part in name.split("."))
+
+    records = {name: checkpoint.records[key] for name, key in plan.key_map.items()}
+    for name, record in records.items():
+        module_path, _, attr = name.rpartition(".")
+        owner = model.get_submodule(module_path) if module_path else model
+        expected = tuple(getattr(owner, attr).shape)
+        if tuple(record.shape) != expected:
+            raise CheckpointMismatchError(
+                f"{record.path}: tensor {record.name} has shape {tuple(record.shape)} but the "
+                f"model's {name} is {expected}"
+            )
+        if record.qtype is not None and record.qtype not in SUPPORTED_TYPES:
+            raise UnsupportedQuantTypeError(record.qtype, record.name)
+        low_bit = record.qtype is not None or record.dtype in FP8_DTYPES
+        if low_bit and attr == "weight" and type(owner) is nn.Linear and not _keeps_fp32(name):
+            if record.qtype is not None:
+                replacement = to_gguf_linear(owner, record.qtype, record.nbytes)
+            else:
+                replacement = to_cast_linear(owner, record.dtype)
+            parent_path, _, child = module_path.rpartition(".")
+            setattr(model.get_submodule(parent_path) if parent_path else model, child, replacement)
+    entries = []
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    for name, record in records.items():
+        tensor = tensors[name]
+        if tensor.dtype == torch.uint8 and record.qtype is not None:  # GGUFLinear raw bytes
+            target, raw = torch.uint8, True
+        elif record.dtype in FP8_DTYPES and tensor.dtype == record.dtype:  # CastLinear weight
+            target, raw = record.dtype, True
+        elif record.dtype is not None and not record.dtype.is_floating_point:
+            target, raw = record.dtype, True
+        else:
+            target = torch.float32 if _keeps_fp32(name) else compute_dtype
+            raw = record.qtype is None and record.dtype == target
+        if tensor.dtype != target:
+            tensor.data = torch.empty(tensor.shape, dtype=target, device="meta")
+        entries.append(_Entry(name, record, target, raw))
+    return entries
+
+
+def _stream(
+    checkpoint: Checkpoint,
+    entries: list[_Entry],
+    swap: BlockSwap,
+    device: torch.device,
+    progress: Progress | None,
+) -> None:
+    """Read every tensor once, in file order, into its destination."""
+    entries = sorted(entries, key=lambda e: (e.record.path, e.record.offset))
+    destinations = [swap.destination(e.name) for e in entries]
+    staged = [
+        e.record.nbytes
+        for e, dest in zip(entries, destinations)
+        if not (e.raw and dest.device.type == "cpu")
+    ]
+    staging = HostBuffer(max(staged, default=0), pin=device.type == "cuda")
+    total = sum(e.record.nbytes for e in entries)
+    done = 0
+    try:
+        with torch.no_grad():
+            for entry, dest in zip(entries, destinations):
+                record = entry.record
+                if entry.raw and dest.device.type == "cpu":
+                    checkpoint.read_into(record.name, dest.reshape(-1).view(torch.uint8))
+                else:
+                    raw = staging.tensor[: record.nbytes]
+                    checkpoint.read_into(record.name, raw)
+                    dest.copy_(_decode(raw, record, entry.target, entry.raw))
+                done += record.nbytes
+                if progress is not None:
+                    progress(done, total, _label(entry.name))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    finally:
+        staging.free()
+
+
+def _decode(raw: torch.Tensor, record: TensorRecord, target: torch.dtype, is_raw: bool):
+    """File bytes as a tensor of the storage dtype (on the CPU)."""
+    if is_raw:
+        return raw.view(target).view(record.shape) if target != torch.uint8 else raw
+    if record.qtype is not None:
+        return dequantize(raw, record.qtype, record.shape, dtype=target, name=record.name)
+    return raw.view(record.dtype).view(record.shape).to(target)
+
+
+def _label(name: str) -> str:
+    """``blocks.12.attn1.to_q.weight`` -> ``blocks.12``: progress is reported per block."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit() or (part.startswith("block") and part[5:].isdigit()):
+            return ".".join(parts[: i + 1])
+    return parts[0]
+
+
+def _generic(model: nn.Module):
+    import model_configs
+
+    return model_configs.detect(model)

@@ -1,0 +1,226 @@
+"""Lazy loading from real files written in tmp_path: every format equals a model loaded the
+ordinary way, bad files and mismatched keys are clear errors that leave nothing behind."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from callbacks.checkpoint import CheckpointError, open_checkpoint
+from callbacks.gguf_dequant import dequantize
+from callbacks.lazy_loader import load_swapped
+from callbacks.skeleton import CheckpointMismatchError
+from callbacks.writers import random_state, to_fp8, write_gguf, write_safetensors
+from model_configs.wan import comfy_state_shapes, diffusers_config_from_comfy_shapes
+from wan_blockswap import get_block_swap, registered_host_bytes
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers.loaders.single_file_utils import (  # noqa: E402
+    convert_wan_transformer_to_diffusers,
+)
+
+SHAPES = comfy_state_shapes(128, 256, 3, text_dim=32, freq_dim=16)
+KEEP_FP32 = diffusers.WanTransformer3DModel._keep_in_fp32_modules
+
+
+@pytest.fixture(scope="module")
+def state():
+    return random_state(SHAPES, seed=3)
+
+
+def inputs(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return dict(
+        hidden_states=torch.randn(1, 16, 2, 8, 8, generator=gen).bfloat16(),
+        timestep=torch.tensor([500]),
+        encoder_hidden_states=torch.randn(1, 6, 32, generator=gen).bfloat16(),
+        return_dict=False,
+    )
+
+
+def reference_output(values, x):
+    """The ordinary way: a diffusers model built with all weights in memory, bf16 except the
+    modules diffusers keeps in fp32."""
+    model = diffusers.WanTransformer3DModel(**diffusers_config_from_comfy_shapes(SHAPES)).eval()
+    model.load_state_dict(
+        convert_wan_transformer_to_diffusers({k: v.float() for k, v in values.items()})
+    )
+    for name, param in model.named_parameters():
+        if not any(part in KEEP_FP32 for part in name.split(".")):
+            param.data = param.data.bfloat16()
+    with torch.no_grad():
+        return model(**x)[0]
+
+
+def run(model, x):
+    with torch.no_grad():
+        return model(**x)[0]
+
+
+@pytest.mark.parametrize("prefix", ["model.diffusion_model.", ""])
+@pytest.mark.parametrize("stored", ["bf16", "fp32", "fp8"])
+def test_safetensors_formats_equal_the_ordinary_load(tmp_path, state, prefix, stored):
+    values = {
+        "bf16": state,
+        "fp32": {k: v.float() for k, v in state.items()},
+        "fp8": to_fp8(state),
+    }[stored]
+    path = tmp_path / "wan.safetensors"
+    write_safetensors(values, path, prefix=prefix)
+    model, swap, report = load_swapped(str(path), blocks_to_swap=2, device="cpu")
+    assert report.arch == "wan.comfyui" and report.format == "safetensors"
+    assert swap.plan.swapped == ("blocks.1", "blocks.2")
+    x = inputs()
+    assert torch.equal(run(model, x), reference_output(values, x))
+    if stored == "fp8":
+        linear = model.blocks[2].ffn.net[2]
+        assert type(linear).__name__ == "CastLinear"
+        assert (
+            swap.plan.swapped_bytes
+            < sum(v.numel() for k, v in state.items() if "blocks.1." in k) * 2 * 2
+        )
+    swap.remove()
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_K"])
+def test_gguf_stays_quantized_and_equals_dequantized_weights(tmp_path, state, qtype):
+    path = tmp_path / "wan.gguf"
+    write_gguf(state, path, qtype)
+    with open_checkpoint(path) as checkpoint:
+        values = {}
+        for key, record in checkpoint.records.items():
+            raw = checkpoint.read(key)
+            if record.qtype is not None:
+                values[key] = dequantize(raw, record.qtype, record.shape, dtype=torch.float32)
+            else:
+                values[key] = raw.view(record.dtype).view(record.shape).float()
+    model, swap, report = load_swapped(str(path), blocks_to_swap=3, device="cpu")
+    assert report.format == "gguf"
+    linear = model.blocks[0].ffn.net[2]  # in_features 256: a whole block for every type
+    assert type(linear).__name__ == "GGUFLinear" and linear.weight.dtype == torch.uint8
+    x = inputs(1)
+    assert torch.equal(run(model, x), reference_output(values, x))
+    swap.remove()
+
+
+def test_diffusers_sharded_folder_with_index(tmp_path):
+    torch.manual_seed(0)
+    source = diffusers.WanTransformer3DModel(**diffusers_config_from_comfy_shapes(SHAPES)).eval()
+    source.save_pretrained(tmp_path / "transformer", max_shard_size="200KB")
+    files = os.listdir(tmp_path / "transformer")
+    assert any(f.endswith(".index.json") for f in files) and "config.json" in files
+    model, swap, report = load_swapped(
+        str(tmp_path / "transformer"), compute_dtype=torch.float32, blocks_to_swap=1, device="cpu"
+    )
+    x = {
+        k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v)
+        for k, v in inputs(2).items()
+    }
+    with torch.no_grad():
+        assert torch.equal(model(**x)[0], source(**x)[0])
+    swap.remove()
+
+
+def test_progress_reports_every_byte(tmp_path, state):
+    path = tmp_path / "wan.safetensors"
+    write_safetensors(state, path)
+    seen = []
+    model, swap, report = load_swapped(
+        str(path),
+        device="cpu",
+        progress=lambda done, total, label: seen.append((done, total, label)),
+    )
+    assert seen and seen[-1][0] == seen[-1][1] == report.file_bytes
+    assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:]))
+    assert {"blocks.0", "blocks.2"} <= {label for _, _, label in seen}
+    swap.remove()
+
+
+def test_remove_after_lazy_load_gives_cpu_weights(tmp_path, state):
+    path = tmp_path / "wan.safetensors"
+    write_safetensors(state, path)
+    model, swap, _ = load_swapped(str(path), blocks_to_swap=1, device="cpu")
+    x = inputs(4)
+    expected = run(model, x)
+    swap.remove()
+    assert all(p.device.type == "cpu" and p.numel() > 0 for p in model.parameters())
+    assert torch.equal(run(model, x), expected)
+
+
+def _assert_nothing_left(baseline):
+    assert registered_host_bytes() == baseline
+    from wan_blockswap.engine import _active
+
+    assert not list(_active.keys())
+
+
+def test_missing_and_unexpected_keys_are_named(tmp_path, state):
+    baseline = registered_host_bytes()
+    broken = dict(state)
+    del broken["blocks.1.ffn.0.weight"]
+    broken["blocks.1.extra.weight"] = torch.zeros(2)
+    path = tmp_path / "wan.safetensors"
+    write_safetensors(broken, path)
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_swapped(str(path), device="cpu")
+    message = str(info.value)
+    assert "blocks.1.ffn.net.0.proj.weight" in message and "blocks.1.extra.weight" in message
+    assert str(path) in message
+    _assert_nothing_left(baseline)
+
+
+def test_shape_mismatch_is_named(tmp_path, state):
+    from accelerate import init_empty_weights
+
+    path = tmp_path / "wan.safetensors"
+    write_safetensors(state, path, prefix="")
+    with init_empty_weights():
+        config = diffusers_config_from_comfy_shapes(SHAPES)
+        skeleton = diffusers.WanTransformer3DModel(**{**config, "ffn_dim": 512})
+    diffusers_path = tmp_path / "d.safetensors"
+    write_safetensors(convert_wan_transformer_to_diffusers(dict(state)), diffusers_path, prefix="")
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"blocks\.0\.ffn\.net\.0\.proj\.weight.*\(256, 128\).*\(512, 128\)",
+    ):
+        load_swapped(str(diffusers_path), skeleton=skeleton, device="cpu")
+
+
+def test_truncated_file_fails_cleanly(tmp_path, state):
+    baseline = registered_host_bytes()
+    path = tmp_path / "wan.safetensors"
+    size = write_safetensors(state, path)
+    with open(path, "r+b") as handle:
+        handle.truncate(size - 1000)
+    with pytest.raises(CheckpointError):
+        load_swapped(str(path), device="cpu")
+    _assert_nothing_left(baseline)
+
+
+def test_missing_file_and_pickle_are_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="nope.safetensors"):
+        load_swapped(str(tmp_path / "nope.safetensors"), device="cpu")
+    pickle_path = tmp_path / "model.ckpt"
+    pickle_path.write_bytes(b"\x80\x04not really")
+    with pytest.raises(CheckpointError, match="(?i)pickle"):
+        load_swapped(str(pickle_path), device="cpu")
+
+
+def test_unknown_layout_without_skeleton_says_what_to_do(tmp_path):
+    path = tmp_path / "other.safetensors"
+    write_safetensors({"layers.0.weight": torch.zeros(4, 4)}, path, prefix="")
+    with pytest.raises(CheckpointError, match="skeleton"):
+        load_swapped(str(path), device="cpu")
+
+
+def test_ram_shortage_is_refused_before_allocating(tmp_path, state, monkeypatch):
+    from wan_blockswap import InsufficientMemoryError, memory
+
+    baseline = registered_host_bytes()
+    path = tmp_path / "wan.safetensors"
+    write_safetensors(state, path)
+    monkeypatch.setattr(memory, "available_host_bytes", lambda: 1024)
+    with pytest.raises(InsufficientMemoryError, match="host RAM"):
+        load_swapped(str(path), device="cpu")
+    _assert_nothing_left(baseline)
