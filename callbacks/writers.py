@@ -56,11 +56,13 @@ def write_gguf(
     path: str | os.PathLike,
     qtype_name: str = "Q8_0",
     arch: str = "wan",
+    quantize: bool = True,
 ) -> int:
     """Write a GGUF file as ComfyUI-GGUF's converter does: 2-D weights quantised to
     ``qtype_name``, everything else F32 (5-D conv weights F16). Types the ``gguf`` package
-    cannot quantise (the K types) get random blocks with valid scales: enough for load and
-    speed measurements, not for quality."""
+    cannot quantise (the K types), and every type when ``quantize`` is false (fast, for
+    benchmarks), get random blocks with valid scales: enough for load and speed
+    measurements, not for quality."""
     import gguf
     import numpy as np
 
@@ -69,19 +71,20 @@ def write_gguf(
     rng = np.random.default_rng(0)
     block, type_size = gguf.GGML_QUANT_SIZES[qtype]
     for key, tensor in state.items():
-        array = tensor.float().numpy()
-        if tensor.ndim == 2 and key.endswith(".weight") and array.shape[-1] % block == 0:
+        if tensor.ndim == 2 and key.endswith(".weight") and tensor.shape[-1] % block == 0:
             try:
-                data = gguf.quants.quantize(array, qtype)
+                if not quantize:
+                    raise NotImplementedError
+                data = gguf.quants.quantize(tensor.float().numpy(), qtype)
             except NotImplementedError:
-                rows = array.size // array.shape[-1]
-                data = rng.integers(0, 256, (rows, array.shape[-1] // block * type_size), np.uint8)
+                rows, columns = tensor.shape
+                data = rng.integers(0, 256, (rows, columns // block * type_size), np.uint8)
                 _sane_scales(data, qtype_name, type_size)
             writer.add_tensor(key, data, raw_dtype=qtype)
         elif tensor.ndim == 5:
-            writer.add_tensor(key, array.astype(np.float16))
+            writer.add_tensor(key, tensor.float().numpy().astype(np.float16))
         else:
-            writer.add_tensor(key, array.astype(np.float32))
+            writer.add_tensor(key, tensor.float().numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -224,3 +224,28 @@ def test_ram_shortage_is_refused_before_allocating(tmp_path, state, monkeypatch)
     with pytest.raises(InsufficientMemoryError, match="host RAM"):
         load_swapped(str(path), device="cpu")
     _assert_nothing_left(baseline)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("stored", ["bf16", "fp8", "q8_0"])
+def test_lazy_load_on_cuda_equals_reference(tmp_path, state, stored):
+    if stored == "q8_0":
+        path = tmp_path / "wan.gguf"
+        write_gguf(state, path, "Q8_0")
+    else:
+        path = tmp_path / "wan.safetensors"
+        write_safetensors(to_fp8(state) if stored == "fp8" else state, path)
+    baseline = torch.cuda.memory_allocated()
+    model, swap, report = load_swapped(str(path), blocks_to_swap=2, device="cuda")
+    cpu_model, cpu_swap, _ = load_swapped(str(path), blocks_to_swap=0, device="cpu")
+    for seed in range(3):
+        x = inputs(seed)
+        on_gpu = run(model, {k: v.cuda() if torch.is_tensor(v) else v for k, v in x.items()})
+        assert on_gpu.isfinite().all()
+        torch.testing.assert_close(
+            on_gpu.cpu().float(), run(cpu_model, x).float(), atol=0.1, rtol=0.1
+        )
+    swap.remove(restore=False)
+    cpu_swap.remove()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() <= baseline + 4096

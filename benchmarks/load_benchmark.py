@@ -1,0 +1,266 @@
+"""Load benchmark: lazy loading of a Wan-14B-shaped checkpoint (bf16, fp8, GGUF Q8_0 and Q4_K)
+against a naive load (whole file into RAM, then to the GPU) and accelerate's
+``load_checkpoint_and_dispatch``. Every load runs in a fresh process so peak RSS is its own.
+
+    python benchmarks/load_benchmark.py [--blocks 8] [--dir /tmp/wbs_load]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+GIB = 2**30
+FORMATS = {
+    "bf16": "wan_bf16.safetensors",
+    "fp8": "wan_fp8.safetensors",
+    "q8_0": "wan_q8_0.gguf",
+    "q4_k": "wan_q4_k.gguf",
+    "bf16_diffusers": "wan_bf16_diffusers.safetensors",
+    "fp8_diffusers": "wan_fp8_diffusers.safetensors",
+}
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def drop_page_cache() -> bool:
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as handle:
+            handle.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def read_bandwidth(path: str) -> float:
+    """Sequential read rate of ``path`` in GB/s (1e9), into one reused buffer."""
+    buffer = bytearray(64 * 2**20)
+    view = memoryview(buffer)
+    start = time.perf_counter()
+    total = 0
+    with open(path, "rb", buffering=0) as handle:
+        while True:
+            n = handle.readinto(view)
+            if not n:
+                break
+            total += n
+    return total / (time.perf_counter() - start) / 1e9
+
+
+def write_files(folder: str, blocks: int) -> dict:
+    from callbacks.writers import random_state, to_fp8, write_gguf, write_safetensors
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+    from model_configs.wan import comfy_state_shapes
+
+    os.makedirs(folder, exist_ok=True)
+    shapes = comfy_state_shapes(5120, 13824, blocks)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    state = {k: v.cpu() for k, v in random_state(shapes, device=device).items()}
+    sizes = {}
+    start = time.perf_counter()
+    sizes["bf16"] = write_safetensors(state, os.path.join(folder, FORMATS["bf16"]))
+    fp8 = to_fp8(state)
+    sizes["fp8"] = write_safetensors(fp8, os.path.join(folder, FORMATS["fp8"]))
+    diffusers_names = convert_wan_transformer_to_diffusers(dict(state))
+    sizes["bf16_diffusers"] = write_safetensors(
+        diffusers_names, os.path.join(folder, FORMATS["bf16_diffusers"]), prefix=""
+    )
+    sizes["fp8_diffusers"] = write_safetensors(
+        convert_wan_transformer_to_diffusers(dict(fp8)),
+        os.path.join(folder, FORMATS["fp8_diffusers"]),
+        prefix="",
+    )
+    for name, qtype in (("q8_0", "Q8_0"), ("q4_k", "Q4_K")):
+        sizes[name] = write_gguf(state, os.path.join(folder, FORMATS[name]), qtype, quantize=False)
+    print(
+        f"wrote checkpoints in {time.perf_counter() - start:.0f}s: "
+        + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in sizes.items()),
+        flush=True,
+    )
+    return sizes
+
+
+# -- children: one load each ----------------------------------------------------------------
+
+
+def child(args: argparse.Namespace) -> None:
+    import wan_shapes
+    from diffusers import WanTransformer3DModel
+
+    from callbacks.lazy_loader import load_swapped
+    from wan_blockswap.measure import time_forwards
+
+    device = torch.device("cuda")
+    torch.empty(1, device=device)  # CUDA context before the baseline
+    baseline = rss_bytes()
+    torch.cuda.reset_peak_memory_stats(device)
+    row = {"format": args.format, "method": args.method, "cache": args.cache}
+    start = time.perf_counter()
+    if args.method == "wan_blockswap":
+        model, swap, report = load_swapped(args.path, device=device, prefetch_blocks=1)
+        torch.cuda.synchronize()
+        row["load_s"] = time.perf_counter() - start
+        row.update(
+            resident_gib=report.resident_bytes / GIB,
+            block_gib=report.block_bytes / GIB,
+            swapped_gib=report.swapped_bytes / GIB,
+        )
+    elif args.method == "naive":
+        state = _read_all(args.path)
+        state = {k: v.to(device) for k, v in state.items()}
+        torch.cuda.synchronize()
+        row["load_s"] = time.perf_counter() - start
+        row["resident_gib"] = sum(v.numel() * v.element_size() for v in state.values()) / GIB
+        model = None
+    else:  # accelerate: blocks dispatched to the CPU, the rest to the GPU, like our plan
+        from accelerate import init_empty_weights, load_checkpoint_and_dispatch
+
+        with init_empty_weights():
+            model = WanTransformer3DModel(**{**wan_shapes.WAN14B_CONFIG, "num_layers": args.blocks})
+        device_map = {name: 0 for name, _ in model.named_children() if name != "blocks"}
+        device_map.update({f"blocks.{i}": "cpu" for i in range(args.blocks)})
+        model = load_checkpoint_and_dispatch(
+            model, args.path, device_map=device_map, dtype=torch.bfloat16
+        )
+        torch.cuda.synchronize()
+        row["load_s"] = time.perf_counter() - start
+        row["resident_gib"] = torch.cuda.memory_allocated(device) / GIB
+    row["peak_vram_gib"] = torch.cuda.max_memory_allocated(device) / GIB
+    row["peak_rss_gib"] = (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+    ) / GIB
+    row["baseline_rss_gib"] = baseline / GIB
+    if args.forward and args.method == "wan_blockswap":
+        x = wan_shapes.inputs(1560, device)
+
+        def forward():
+            with torch.inference_mode():
+                model(**x)
+
+        row["forward_ms"] = time_forwards(forward, device, warmup=2, iters=8).median_ms
+    print("ROW " + json.dumps(row), flush=True)
+
+
+def _read_all(path: str) -> dict:
+    if path.endswith(".gguf"):
+        from callbacks.checkpoint import open_checkpoint
+
+        with open_checkpoint(path) as checkpoint:
+            return {name: checkpoint.read(name) for name in checkpoint.records}
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+# -- parent -----------------------------------------------------------------------------------
+
+
+def run_child(args, fmt: str, method: str, cache: str, forward: bool) -> dict | None:
+    path = os.path.join(args.dir, FORMATS[fmt])
+    if cache == "cold" and not drop_page_cache():
+        return None
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        "--format",
+        fmt,
+        "--method",
+        method,
+        "--path",
+        path,
+        "--cache",
+        cache,
+        "--blocks",
+        str(args.blocks),
+    ]
+    if forward:
+        command.append("--forward")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    rows = [line[4:] for line in result.stdout.splitlines() if line.startswith("ROW ")]
+    if result.returncode or not rows:
+        print(f"{fmt}/{method}/{cache} failed:\n{result.stderr[-3000:]}", flush=True)
+        return None
+    row = json.loads(rows[-1])
+    row["file_gib"] = os.path.getsize(path) / GIB
+    print(
+        json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}),
+        flush=True,
+    )
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--dir", default="/tmp/wbs_load")
+    parser.add_argument("--blocks", type=int, default=8)
+    parser.add_argument("--output", default=None)
+    parser.add_argument("--child", action="store_true")
+    parser.add_argument("--format")
+    parser.add_argument("--method")
+    parser.add_argument("--path")
+    parser.add_argument("--cache", default="warm")
+    parser.add_argument("--forward", action="store_true")
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+
+    start = time.time()
+    write_files(args.dir, args.blocks)
+    results = {
+        "device": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "model": f"Wan-14B-shaped, {args.blocks} blocks, ComfyUI key layout",
+        "read_gbps": {},
+        "rows": [],
+    }
+    for fmt in ("bf16", "fp8", "q8_0", "q4_k"):
+        path = os.path.join(args.dir, FORMATS[fmt])
+        cold = drop_page_cache()
+        results["read_gbps"][fmt] = {
+            "cold" if cold else "first": read_bandwidth(path),
+            "warm": read_bandwidth(path),
+        }
+        for cache in ("cold", "warm"):
+            row = run_child(
+                args, fmt, "wan_blockswap", cache, forward=fmt != "q4_k" and cache == "warm"
+            )
+            if row:
+                row["read_gbps"] = results["read_gbps"][fmt].get(cache)
+                results["rows"].append(row)
+        row = run_child(args, fmt, "naive", "warm", forward=False)
+        if row:
+            row["read_gbps"] = results["read_gbps"][fmt]["warm"]
+            results["rows"].append(row)
+    for fmt in ("bf16_diffusers", "fp8_diffusers"):
+        row = run_child(args, fmt, "accelerate", "warm", forward=False)
+        if row:
+            results["rows"].append(row)
+    name = results["device"].lower().replace("nvidia ", "").split()[0]
+    output = args.output or os.path.join(ROOT, "benchmarks", "results", f"load_{name}.json")
+    with open(output, "w") as handle:
+        json.dump(results, handle, indent=2)
+    print(f"wrote {output} in {time.time() - start:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

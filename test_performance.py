@@ -1,0 +1,273 @@
+"""How much VRAM each block-swap setting saves on your machine, and what it costs in speed.
+
+    python test_performance.py                      # built-in small Wan model, a minute on CPU
+    python test_performance.py --model-path wan2.1_t2v_14B_bf16.safetensors --test-all
+    python test_performance.py --model-path wan.gguf --frames 81 --height 480 --width 832
+
+Each configuration loads the checkpoint lazily with its plan (swapped blocks go from disk to
+pinned host memory), runs forwards, and records load time, peak VRAM (load and forward),
+VRAM saved, host RAM growth, ms per forward, slowdown, the transfer floor and the share of
+copy time hidden behind compute. Writes a JSON report and a PNG chart and ends with a
+recommendation per GPU size. Ctrl-C stops the sweep and keeps what was measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from callbacks.checkpoint import CheckpointError  # noqa: E402
+from callbacks.lazy_loader import load_swapped  # noqa: E402
+from callbacks.writers import random_state, write_safetensors  # noqa: E402
+from model_configs.wan import comfy_state_shapes  # noqa: E402
+from wan_blockswap import (  # noqa: E402
+    BlockSwapConfigError,
+    InsufficientMemoryError,
+    SwapConfig,
+)
+from wan_blockswap.api import _resolve_device  # noqa: E402
+from wan_blockswap.measure import h2d_bandwidth_gbps, time_forwards  # noqa: E402
+from wan_blockswap.plan import GIB  # noqa: E402
+import perf_report  # noqa: E402  (next to this script)
+
+DEFAULT_MODEL = dict(dim=768, ffn_dim=2048, num_layers=8, text_dim=512, freq_dim=256)
+GPU_SIZES_GB = (8, 12, 16, 24)
+TEXT_TOKENS = 64
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-path", help=".safetensors / .gguf / diffusers folder (Wan family)")
+    parser.add_argument("--blocks-to-swap", type=int, help="measure this setting (and no swap)")
+    parser.add_argument("--vram-budget-gb", type=float, help="measure the plan for this budget")
+    parser.add_argument("--prefetch", type=int, default=1, help="prefetch_blocks (default 1)")
+    parser.add_argument(
+        "--test-all",
+        action="store_true",
+        help="sweep blocks_to_swap from 0 to all, and prefetch 0-2",
+    )
+    parser.add_argument("--frames", type=int, help="video frames (pixels; Wan VAE: 4x time)")
+    parser.add_argument("--height", type=int, help="height in pixels (8x latent)")
+    parser.add_argument("--width", type=int, help="width in pixels (8x latent)")
+    parser.add_argument("--tokens", type=int, help="sequence length instead of a frame size")
+    parser.add_argument(
+        "--dtype",
+        choices=["bf16", "fp16", "fp32"],
+        help="compute dtype (default bf16 on CUDA, fp32 on CPU)",
+    )
+    parser.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
+    parser.add_argument("--iters", type=int, default=5, help="timed forwards per setting")
+    parser.add_argument("--output", default="block_swap_performance_results.json")
+    return parser.parse_args(argv)
+
+
+def latent_shape(args: argparse.Namespace, default: tuple[int, int, int]):
+    """(latent frames, latent height, latent width) from the CLI's frame size or tokens."""
+    if args.tokens is not None:
+        if args.tokens <= 0:
+            raise BlockSwapConfigError(f"--tokens must be positive, got {args.tokens}")
+        if args.tokens % 1560 == 0:  # whole 480p latent frames, as the benchmarks use
+            return args.tokens // 1560, 60, 104
+        return 1, 2, 2 * args.tokens  # patch 2x2: exactly ``tokens`` tokens
+    frames = args.frames or default[0]
+    height = args.height or default[1]
+    width = args.width or default[2]
+    for name, value in (("--frames", frames), ("--height", height), ("--width", width)):
+        if value <= 0:
+            raise BlockSwapConfigError(f"{name} must be positive, got {value}")
+    if height % 16 or width % 16:
+        raise BlockSwapConfigError(
+            f"--height and --width must be multiples of 16, got {height}x{width}"
+        )
+    return (frames - 1) // 4 + 1, height // 8, width // 8
+
+
+def wan_inputs(model, latent, dtype, device, seed: int = 0) -> dict:
+    config = model.config
+    if not hasattr(config, "text_dim"):
+        raise BlockSwapConfigError(
+            f"the performance script builds inputs for Wan models; {type(model).__name__} is not one"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    frames, height, width = latent
+    x = {
+        "hidden_states": torch.randn(1, config.in_channels, frames, height, width, generator=gen),
+        "timestep": torch.tensor([500]),
+        "encoder_hidden_states": torch.randn(1, TEXT_TOKENS, config.text_dim, generator=gen),
+        "return_dict": False,
+    }
+    if getattr(config, "image_dim", None):
+        x["encoder_hidden_states_image"] = torch.randn(1, 257, config.image_dim, generator=gen)
+    if hasattr(config, "vace_layers"):
+        x["control_hidden_states"] = torch.randn(
+            1, config.vace_in_channels, frames, height, width, generator=gen
+        )
+    return {
+        k: (
+            v.to(device, dtype)
+            if torch.is_tensor(v) and v.is_floating_point()
+            else v.to(device) if torch.is_tensor(v) else v
+        )
+        for k, v in x.items()
+    }
+
+
+def probe(path: str) -> tuple[int, str]:
+    """Block count and architecture of a checkpoint, from its header alone."""
+    from callbacks.checkpoint import open_checkpoint
+    from callbacks.skeleton import build_skeleton
+
+    with open_checkpoint(path) as checkpoint:
+        skeleton = build_skeleton(checkpoint)
+    arch = skeleton.arch.name if skeleton.arch else "unknown"
+    return len(skeleton.model.blocks), arch
+
+
+def write_default_model(folder: str, dtype: torch.dtype) -> str:
+    path = os.path.join(folder, "wan_small_comfyui.safetensors")
+    shapes = comfy_state_shapes(**DEFAULT_MODEL)
+    write_safetensors(random_state(shapes, dtype=dtype), path)
+    return path
+
+
+def measure(path, options, latent, dtype, device, iters, baseline_ms, bandwidth) -> dict:
+    """Load with ``options``, time forwards, tear down; one row of the report."""
+    rss0 = perf_report.rss_bytes()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    model, swap, report = load_swapped(path, device=device, compute_dtype=dtype, **options)
+    load_s = time.perf_counter() - start
+    row = {
+        "options": options,
+        "blocks_to_swap": sum(1 for n in swap.plan.swapped if n.startswith("blocks.")),
+        "prefetch": options.get("prefetch_blocks", 1),
+        "swap_unit": swap.plan.swap_unit,
+        "load_s": load_s,
+        "weights_on_device_gib": swap.plan.gpu_weight_bytes / GIB,
+        "swapped_gib": swap.plan.swapped_bytes / GIB,
+        "host_ram_increase_gib": (perf_report.rss_bytes() - rss0) / GIB,
+        "peak_vram_load_gib": None,
+        "peak_vram_forward_gib": None,
+    }
+    if device.type == "cuda":
+        row["peak_vram_load_gib"] = torch.cuda.max_memory_allocated(device) / GIB
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        x = wan_inputs(model, latent, dtype, device)
+
+        def forward():
+            with torch.inference_mode():
+                model(**x)
+
+        row["ms"] = time_forwards(forward, device, warmup=2, iters=iters).median_ms
+        if device.type == "cuda":
+            row["peak_vram_forward_gib"] = torch.cuda.max_memory_allocated(device) / GIB
+    finally:
+        swap.remove(restore=False)
+        del model
+    row["floor_ms"] = (swap.plan.swapped_bytes / (bandwidth * 1e9) * 1e3) if bandwidth else None
+    if baseline_ms is not None:
+        row["slowdown"] = row["ms"] / baseline_ms
+        if row["floor_ms"]:
+            exposed = max(0.0, row["ms"] - baseline_ms)
+            row["copy_hidden_share"] = max(0.0, 1 - exposed / row["floor_ms"])
+    return row
+
+
+def settings(args, num_blocks: int) -> list[dict]:
+    if args.test_all:
+        return [dict(blocks_to_swap=0)] + [
+            dict(blocks_to_swap=n, prefetch_blocks=p)
+            for n in range(1, num_blocks + 1)
+            for p in (0, 1, 2)
+        ]
+    runs = [dict(blocks_to_swap=0)]
+    if args.blocks_to_swap is not None:
+        runs.append(dict(blocks_to_swap=args.blocks_to_swap, prefetch_blocks=args.prefetch))
+    elif args.vram_budget_gb is not None:
+        runs.append(dict(vram_budget_gb=args.vram_budget_gb, prefetch_blocks=args.prefetch))
+    else:
+        runs += [
+            dict(blocks_to_swap=n, prefetch_blocks=args.prefetch)
+            for n in (num_blocks // 2, num_blocks)
+        ]
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        return run(args)
+    except (BlockSwapConfigError, CheckpointError, InsufficientMemoryError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    device = _resolve_device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    ]
+    if args.prefetch < 0 or args.blocks_to_swap is not None and args.blocks_to_swap < 0:
+        raise BlockSwapConfigError("--prefetch and --blocks-to-swap must be >= 0")
+    SwapConfig(prefetch_blocks=args.prefetch)  # validates the range up front
+    with tempfile.TemporaryDirectory() as folder:
+        if args.model_path:
+            if not os.path.exists(args.model_path):
+                raise CheckpointError(f"--model-path {args.model_path} does not exist")
+            path, model_name = args.model_path, os.path.basename(args.model_path)
+            latent = latent_shape(args, (81, 480, 832))
+        else:
+            path, model_name = write_default_model(folder, dtype), "built-in small Wan (random)"
+            latent = latent_shape(args, (5, 128, 128))
+        num_blocks, arch = probe(path)
+        if args.blocks_to_swap is not None and args.blocks_to_swap > num_blocks:
+            raise BlockSwapConfigError(
+                f"--blocks-to-swap must be in 0..{num_blocks} for this model "
+                f"({num_blocks} blocks), got {args.blocks_to_swap}"
+            )
+        bandwidth = None
+        if device.type == "cuda":
+            bandwidth = h2d_bandwidth_gbps(256 * 2**20, device)
+        report = perf_report.new_report(
+            device, dtype, model_name, arch, num_blocks, latent, bandwidth
+        )
+        runs = settings(args, num_blocks)
+        bar = perf_report.ProgressBar(len(runs))
+        baseline_ms = None
+        try:
+            for options in runs:
+                bar.step(str(options))
+                row = measure(
+                    path, options, latent, dtype, device, args.iters, baseline_ms, bandwidth
+                )
+                if options == dict(blocks_to_swap=0):
+                    baseline_ms = row["ms"]
+                    row["slowdown"] = 1.0
+                    base_weights = row["weights_on_device_gib"]
+                row["vram_saved_gib"] = base_weights - row["weights_on_device_gib"]
+                report["results"].append(row)
+        except KeyboardInterrupt:
+            report["interrupted"] = True
+            print("\ninterrupted: writing what was measured", file=sys.stderr)
+        bar.close()
+    perf_report.finish(report, args.output, GPU_SIZES_GB)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
