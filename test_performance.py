@@ -140,7 +140,7 @@ def write_default_model(folder: str, dtype: torch.dtype) -> str:
     return path
 
 
-def measure(path, options, latent, dtype, device, iters, baseline_ms, bandwidth) -> dict:
+def measure(path, options, latent, dtype, device, iters, baseline_ms, bandwidth, progress=False):
     """Load with ``options``, time forwards, tear down; one row of the report."""
     rss0 = perf_report.rss_bytes()
     if device.type == "cuda":
@@ -148,7 +148,9 @@ def measure(path, options, latent, dtype, device, iters, baseline_ms, bandwidth)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    model, swap, report = load_swapped(path, device=device, compute_dtype=dtype, **options)
+    model, swap, report = load_swapped(
+        path, device=device, compute_dtype=dtype, progress=progress, **options
+    )
     load_s = time.perf_counter() - start
     row = {
         "options": options,
@@ -253,7 +255,15 @@ def run(args: argparse.Namespace) -> int:
             for options in runs:
                 bar.step(str(options))
                 row = measure(
-                    path, options, latent, dtype, device, args.iters, baseline_ms, bandwidth
+                    path,
+                    options,
+                    latent,
+                    dtype,
+                    device,
+                    args.iters,
+                    baseline_ms,
+                    bandwidth,
+                    progress=bool(args.model_path),  # real checkpoints take a while
                 )
                 if options == dict(blocks_to_swap=0):
                     baseline_ms = row["ms"]

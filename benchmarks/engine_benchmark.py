@@ -97,6 +97,7 @@ def main() -> None:
         "h2d_gbps": round(pinned, 2),
         "h2d_pageable_gbps": round(pageable, 2),
         "floor_ms": {},
+        "all_on_gpu_ms": {},
         "rows": [],
     }
 
@@ -125,6 +126,8 @@ def main() -> None:
         )
         row["equal_output"] = True
         results["rows"].append(row)
+        results["all_on_gpu_ms"][str(tokens)] = row["ms"]
+        planned = [0]
 
         for fraction in (0.0, 0.25, 0.5, 0.75):
             for prefetch in (1, 2):
@@ -135,6 +138,7 @@ def main() -> None:
                     handle = apply_block_swap(
                         model, device=device, blocks_to_swap=swap_count, prefetch_blocks=prefetch
                     )
+                    planned[0] = handle.plan.gpu_weight_bytes
                     return model, lambda m: handle.remove()
 
                 row, _ = run_method(
@@ -146,10 +150,30 @@ def main() -> None:
                     iters,
                     {"resident_fraction": fraction, "prefetch": prefetch},
                 )
-                row["x_floor"] = (
-                    round(row["ms"] / (floor * (1 - fraction)), 3) if fraction < 1 else None
-                )
+                row["x_floor"] = round(row["ms"] / (floor * (1 - fraction)), 3)
+                row["x_all_on_gpu"] = round(row["ms"] / results["all_on_gpu_ms"][str(tokens)], 3)
+                row["planned_weights_gib"] = round(planned[0] / 2**30, 3)
                 results["rows"].append(row)
+
+        def ours_layers():
+            model = cpu_model()
+            handle = apply_block_swap(model, device=device, swap_unit="layer", prefetch_blocks=2)
+            planned[0] = handle.plan.gpu_weight_bytes
+            return model, lambda m: handle.remove()
+
+        row, _ = run_method(
+            "wan_blockswap_layers",
+            ours_layers,
+            tokens,
+            device,
+            reference,
+            iters,
+            {"resident_fraction": 0.0, "prefetch": 2},
+        )
+        row["x_floor"] = round(row["ms"] / floor, 3)
+        row["x_all_on_gpu"] = round(row["ms"] / results["all_on_gpu_ms"][str(tokens)], 3)
+        row["planned_weights_gib"] = round(planned[0] / 2**30, 3)
+        results["rows"].append(row)
 
         for offload_type in ("leaf_level", "block_level"):
             if offload_type in args.skip:

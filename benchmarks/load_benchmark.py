@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -32,10 +31,12 @@ FORMATS = {
 }
 
 
-def rss_bytes() -> int:
+def rss_bytes(field: str = "VmRSS") -> int:
+    """Current RSS, or with ``VmHWM`` this process's peak. (``ru_maxrss`` would not do: Linux
+    carries the parent's peak across fork and exec.)"""
     with open("/proc/self/status") as handle:
         for line in handle:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
 
@@ -65,7 +66,7 @@ def read_bandwidth(path: str) -> float:
     return total / (time.perf_counter() - start) / 1e9
 
 
-def write_files(folder: str, blocks: int) -> dict:
+def write_files(folder: str, blocks: int, formats: tuple[str, ...]) -> dict:
     from callbacks.writers import random_state, to_fp8, write_gguf, write_safetensors
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
     from model_configs.wan import comfy_state_shapes
@@ -76,20 +77,26 @@ def write_files(folder: str, blocks: int) -> dict:
     state = {k: v.cpu() for k, v in random_state(shapes, device=device).items()}
     sizes = {}
     start = time.perf_counter()
-    sizes["bf16"] = write_safetensors(state, os.path.join(folder, FORMATS["bf16"]))
     fp8 = to_fp8(state)
-    sizes["fp8"] = write_safetensors(fp8, os.path.join(folder, FORMATS["fp8"]))
-    diffusers_names = convert_wan_transformer_to_diffusers(dict(state))
-    sizes["bf16_diffusers"] = write_safetensors(
-        diffusers_names, os.path.join(folder, FORMATS["bf16_diffusers"]), prefix=""
-    )
-    sizes["fp8_diffusers"] = write_safetensors(
-        convert_wan_transformer_to_diffusers(dict(fp8)),
-        os.path.join(folder, FORMATS["fp8_diffusers"]),
-        prefix="",
-    )
+    if "bf16" in formats:
+        sizes["bf16"] = write_safetensors(state, os.path.join(folder, FORMATS["bf16"]))
+        sizes["bf16_diffusers"] = write_safetensors(
+            convert_wan_transformer_to_diffusers(dict(state)),
+            os.path.join(folder, FORMATS["bf16_diffusers"]),
+            prefix="",
+        )
+    if "fp8" in formats:
+        sizes["fp8"] = write_safetensors(fp8, os.path.join(folder, FORMATS["fp8"]))
+        sizes["fp8_diffusers"] = write_safetensors(
+            convert_wan_transformer_to_diffusers(dict(fp8)),
+            os.path.join(folder, FORMATS["fp8_diffusers"]),
+            prefix="",
+        )
     for name, qtype in (("q8_0", "Q8_0"), ("q4_k", "Q4_K")):
-        sizes[name] = write_gguf(state, os.path.join(folder, FORMATS[name]), qtype, quantize=False)
+        if name in formats:
+            sizes[name] = write_gguf(
+                state, os.path.join(folder, FORMATS[name]), qtype, quantize=False
+            )
     print(
         f"wrote checkpoints in {time.perf_counter() - start:.0f}s: "
         + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in sizes.items()),
@@ -136,6 +143,7 @@ def child(args: argparse.Namespace) -> None:
         with init_empty_weights():
             model = WanTransformer3DModel(**{**wan_shapes.WAN14B_CONFIG, "num_layers": args.blocks})
         device_map = {name: 0 for name, _ in model.named_children() if name != "blocks"}
+        device_map.update({name: 0 for name, _ in model.named_parameters(recurse=False)})
         device_map.update({f"blocks.{i}": "cpu" for i in range(args.blocks)})
         model = load_checkpoint_and_dispatch(
             model, args.path, device_map=device_map, dtype=torch.bfloat16
@@ -144,9 +152,7 @@ def child(args: argparse.Namespace) -> None:
         row["load_s"] = time.perf_counter() - start
         row["resident_gib"] = torch.cuda.memory_allocated(device) / GIB
     row["peak_vram_gib"] = torch.cuda.max_memory_allocated(device) / GIB
-    row["peak_rss_gib"] = (
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
-    ) / GIB
+    row["peak_rss_gib"] = (rss_bytes("VmHWM") - baseline) / GIB
     row["baseline_rss_gib"] = baseline / GIB
     if args.forward and args.method == "wan_blockswap":
         x = wan_shapes.inputs(1560, device)
@@ -219,13 +225,14 @@ def main() -> None:
     parser.add_argument("--path")
     parser.add_argument("--cache", default="warm")
     parser.add_argument("--forward", action="store_true")
+    parser.add_argument("--formats", nargs="+", default=["bf16", "fp8", "q8_0", "q4_k"])
     args = parser.parse_args()
     if args.child:
         child(args)
         return
 
     start = time.time()
-    write_files(args.dir, args.blocks)
+    write_files(args.dir, args.blocks, tuple(args.formats))
     results = {
         "device": torch.cuda.get_device_name(0),
         "torch": torch.__version__,
@@ -233,7 +240,7 @@ def main() -> None:
         "read_gbps": {},
         "rows": [],
     }
-    for fmt in ("bf16", "fp8", "q8_0", "q4_k"):
+    for fmt in args.formats:
         path = os.path.join(args.dir, FORMATS[fmt])
         cold = drop_page_cache()
         results["read_gbps"][fmt] = {
@@ -251,7 +258,7 @@ def main() -> None:
         if row:
             row["read_gbps"] = results["read_gbps"][fmt]["warm"]
             results["rows"].append(row)
-    for fmt in ("bf16_diffusers", "fp8_diffusers"):
+    for fmt in [f + "_diffusers" for f in args.formats if f in ("bf16", "fp8")]:
         row = run_child(args, fmt, "accelerate", "warm", forward=False)
         if row:
             results["rows"].append(row)

@@ -88,8 +88,7 @@ _SNIFF = (
     (b"<!DOCTYPE html", "an HTML page: the download saved an error or login page"),
     (b"<html", "an HTML page: the download saved an error or login page"),
     (b"PK\x03\x04", "a zip archive, i.e. a torch.save pickle checkpoint"),
-    (b"\x80\x02", "a Python pickle"),
-    (b"\x80\x04", "a Python pickle"),
+    *((bytes([0x80, protocol]), "a Python pickle") for protocol in (2, 3, 4, 5)),
     (b"GGUF", "a GGUF file: give it the .gguf extension"),
 )
 
@@ -277,7 +276,9 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)  # JSON true is no size
 
 
-def _parse_entry(path: str, name: str, entry: object, data_size: int) -> tuple:
+def _parse_entry(
+    path: str, name: str, entry: object, data_size: int
+) -> tuple[tuple[int, ...], torch.dtype, int, int]:
     """Validate one header entry; returns (shape, dtype, begin, end), offsets data-relative."""
 
     def bad(problem: str) -> CheckpointError:

@@ -38,7 +38,7 @@ MAX_TENSORS = 1_000_000
 MAX_NAME_BYTES = 65_535
 """Longest key or tensor name (the GGUF spec caps keys at 65535 bytes)."""
 MAX_DIMS = 8
-"""ggml supports 4 dims today; a little headroom, but no unbounded per-tensor loops."""
+"""ggml itself stops at 4, but GGUFWriter writes any rank (5-D conv weights do occur)."""
 MAX_ARRAY_DEPTH = 8
 """Nested arrays deeper than this are refused (GGUFReader recurses once per level)."""
 SUPPORTED_VERSIONS = (2, 3)
@@ -226,6 +226,8 @@ def _scan_header(path: str, f: io.BufferedReader, size: int) -> _Scan:
         if n_dims > MAX_DIMS:
             raise checkpoint_error(path, f"{n_dims} dimensions (max {MAX_DIMS})", _FIX, tensor=name)
         dims = struct.unpack(f"<{n_dims}Q", cur.take(8 * n_dims, "tensor dims"))
+        if any(dim >= 1 << 63 for dim in dims):  # no int64 shape could hold it
+            raise checkpoint_error(path, f"dimension in {dims} is absurd", _FIX, tensor=name)
         raw_type = cur.u32("tensor type")
         try:
             qtype = GGMLQuantizationType(raw_type)
@@ -283,23 +285,23 @@ def _check_overlaps(path: str, records: dict[str, TensorRecord]) -> None:
 
 
 def _reader_metadata(path: str, scan: _Scan, records: dict[str, TensorRecord]) -> dict[str, object]:
-    """Let ``GGUFReader`` decode the metadata values, wrapping whatever it raises.
+    """Let ``GGUFReader`` decode the metadata values, turning whatever it raises into ours.
 
     Its tensor table must agree with the pre-scan (names, types, absolute offsets, sizes);
     ``ReaderTensor.data_offset`` is absolute in the file, like ``TensorRecord.offset``.
     Nested arrays come back flattened: that is what ``ReaderField.contents`` returns.
     """
+    failure = ""
     try:
         reader = GGUFReader(path, "r")
         values = {key: reader.fields[key].contents() for key in scan.keys}
         table = [(t.name, int(t.tensor_type), t.data_offset, t.n_bytes) for t in reader.tensors]
         reader_start = reader.data_offset
     except Exception as exc:  # untrusted input into a third-party parser: anything can escape
-        raise checkpoint_error(
-            path, f"the gguf package cannot parse it ({type(exc).__name__}: {exc})", _FIX
-        ) from None  # no chaining: the traceback would pin the reader's memmap
-    finally:
-        reader = None  # drop the memmap and every view into it now, not at some later GC
+        failure = f"{type(exc).__name__}: {str(exc)[:200]}"
+    reader = None  # drop the memmap and every view into it now, not at some later GC
+    if failure:  # raised out here so no exception context pins the reader's frames
+        raise checkpoint_error(path, f"the gguf package cannot parse it ({failure})", _FIX)
     expected = [
         (r.name, int(r.qtype if r.qtype is not None else info.qtype), r.offset, r.nbytes)
         for r, info in zip(records.values(), scan.tensors)
@@ -312,7 +314,7 @@ def _reader_metadata(path: str, scan: _Scan, records: dict[str, TensorRecord]) -
 
 
 def read_gguf_header(path: str) -> tuple[dict[str, TensorRecord], dict[str, object], int]:
-    """Parse a GGUF file's header; returns (records in file order, metadata, file size).
+    """Parse a GGUF file's header; returns (records in data order, metadata, file size).
 
     Quantized tensors of types :mod:`callbacks.gguf_dequant` cannot decode are still
     recorded (with their ``qtype``): whether to refuse them is the loader's decision.
@@ -325,6 +327,7 @@ def read_gguf_header(path: str) -> tuple[dict[str, TensorRecord], dict[str, obje
         records[info.name] = _record(path, size, scan, info)
     _check_overlaps(path, records)
     metadata = _reader_metadata(path, scan, records)
+    records = dict(sorted(records.items(), key=lambda item: item[1].offset))  # data order
     unsupported = {
         r.qtype.name
         for r in records.values()

@@ -229,6 +229,32 @@ def test_concurrent_reads(st_file):
     assert not errors, errors
 
 
+def test_read_without_pread_falls_back_to_seek_and_readinto(st_file, monkeypatch):
+    """Windows has no os.preadv: the locked seek+readinto path must give the same bytes."""
+    path, _ = st_file
+    reference = load_file(str(path))
+    monkeypatch.delattr(os, "preadv")
+    with open_checkpoint(path) as ckpt:
+        for name in ckpt.records:
+            assert ckpt.read(name).numpy().tobytes() == _raw(reference[name])
+
+
+@pytest.mark.cuda
+def test_read_into_pinned_memory_then_gpu(st_file):
+    path, tensors = st_file
+    with open_checkpoint(path) as ckpt:
+        record = ckpt.records["blocks.0.weight"]
+        pinned = torch.empty(record.nbytes + 64, dtype=torch.uint8, pin_memory=True)
+        ckpt.read_into(record.name, pinned[64 : 64 + record.nbytes])
+        gpu = pinned[64 : 64 + record.nbytes].to("cuda", non_blocking=True)
+        decoded = gpu.view(record.dtype).view(record.shape).cpu()
+        assert torch.equal(decoded, tensors["blocks.0.weight"])
+        with pytest.raises(TypeError, match="CPU"):
+            ckpt.read_into(
+                record.name, torch.empty(record.nbytes, dtype=torch.uint8, device="cuda")
+            )
+
+
 @sparse_files
 def test_large_sparse_file_opens_without_reading_data(tmp_path):
     """A 4 GiB tensor (sparse on disk) opens instantly and with no memory growth."""
@@ -508,7 +534,8 @@ def test_gguf_records_and_bytes(gguf_file):
     reference = {t.name: t for t in reader.tensors}
     with open_checkpoint(path) as ckpt:
         assert ckpt.format == "gguf" and ckpt.paths == (str(path),)
-        assert list(ckpt.records) == [t.name for t in reader.tensors]  # file order
+        by_offset = sorted(reader.tensors, key=lambda t: t.data_offset)
+        assert list(ckpt.records) == [t.name for t in by_offset]  # the file's data order
         assert ckpt.metadata == {
             "general.architecture": "wan",
             "test.count": 7,

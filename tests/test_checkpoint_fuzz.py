@@ -245,9 +245,11 @@ _entry = st.one_of(
     ),
     _json,
 )
-_header = st.dictionaries(
-    st.one_of(st.text(max_size=10), st.just("__metadata__")), _entry, max_size=5
-)
+_metadata = st.one_of(st.dictionaries(st.text(), st.text(), max_size=3), _json)
+_header = st.tuples(
+    st.dictionaries(st.text(max_size=10), _entry, max_size=5),
+    st.one_of(st.none(), st.none(), _metadata),
+).map(lambda pair: pair[0] if pair[1] is None else {"__metadata__": pair[1], **pair[0]})
 
 
 def _st_file(header: bytes, data: bytes, length: int | None = None) -> bytes:
@@ -272,10 +274,8 @@ def test_random_safetensors_headers(workdir, header, data):
     blob = _st_file(json.dumps(header).encode(), data)
     ours = _open_and_read_all(os.path.join(workdir, "hdr.safetensors"), blob)
     reference = _reference_accepts(blob)
-    if reference is not None and all(
-        str(t.dtype).removeprefix("torch.") in {str(d)[6:] for d in SAFETENSORS_DTYPES.values()}
-        for t in reference.values()
-    ):
+    supported = set(SAFETENSORS_DTYPES.values())
+    if reference is not None and all(t.dtype in supported for t in reference.values()):
         assert ours is not None, "the safetensors package accepts this file"
         assert set(ours) == set(reference)
 
@@ -295,7 +295,7 @@ def _plausible_header(draw) -> tuple[bytes, bytes]:
     if field is not None:
         victim[field] = draw({"dtype": _dtype, "shape": _shape, "data_offsets": _offsets}[field])
     if draw(st.booleans()):
-        header["__metadata__"] = draw(st.one_of(st.dictionaries(st.text(), st.text()), _json))
+        header["__metadata__"] = draw(_metadata)
     data = draw(st.binary(min_size=offset, max_size=offset + 8))
     return json.dumps(header).encode(), data
 
@@ -331,7 +331,7 @@ def test_random_header_bytes_and_lengths(workdir, raw, length):
     blob = _st_file(raw, b"", length)
     assert (
         _open_and_read_all(os.path.join(workdir, "raw.safetensors"), blob) is None
-        or raw[:1] == b"{"
+        or raw.strip()[:1] == b"{"
     )
 
 
@@ -342,6 +342,13 @@ def test_random_header_bytes_and_lengths(workdir, raw, length):
 _VALUE_TYPES = [int(t) for t in gguf.GGUFValueType]
 _SCALAR_FMT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q"}
 _SCALAR_FMT.update({11: "<q", 12: "<d"})
+
+
+def _mostly(common: st.SearchStrategy, rare: st.SearchStrategy) -> st.SearchStrategy:
+    """``common`` four times out of five: keeps most examples past the first check."""
+    return st.integers(0, 4).flatmap(lambda pick: rare if pick == 0 else common)
+
+
 _huge = st.sampled_from([2**31, 2**32 - 1, 2**40, 2**63, 2**64 - 1])
 _count = st.one_of(st.integers(0, 4), st.integers(0, 4), _huge)
 
@@ -364,7 +371,7 @@ def _gguf_value(draw, vtype: int, depth: int = 0) -> bytes:
 
 @st.composite
 def _gguf_kv(draw) -> bytes:
-    key = draw(st.one_of(st.text(max_size=12), st.just("general.alignment"), st.binary(max_size=6)))
+    key = draw(_mostly(st.text(max_size=12), st.just("general.alignment") | st.binary(max_size=6)))
     vtype = draw(st.one_of(st.sampled_from(_VALUE_TYPES), st.integers(0, 2**32 - 1)))
     return corpus.kv(key, vtype, draw(_gguf_value(vtype)))
 
@@ -389,11 +396,11 @@ def _gguf_tensor(draw) -> bytes:
 
 @FUZZ
 @given(
-    version=st.one_of(st.sampled_from([3, 3, 3, 2, 1, 0x03000000]), st.integers(0, 2**32 - 1)),
+    version=_mostly(st.just(3), st.sampled_from([2, 1, 0x03000000]) | st.integers(0, 2**32 - 1)),
     kvs=st.lists(_gguf_kv(), max_size=4),
     tensors=st.lists(_gguf_tensor(), max_size=4),
-    n_tensors=st.one_of(st.none(), st.none(), _count),
-    n_kv=st.one_of(st.none(), st.none(), _count),
+    n_tensors=_mostly(st.none(), _count),
+    n_kv=_mostly(st.none(), _count),
     data=st.binary(max_size=512),
 )
 def test_random_gguf_headers(workdir, version, kvs, tensors, n_tensors, n_kv, data):
@@ -403,10 +410,14 @@ def test_random_gguf_headers(workdir, version, kvs, tensors, n_tensors, n_kv, da
 
 @FUZZ
 @given(
-    dims=st.lists(st.one_of(st.integers(0, 96), _huge), min_size=1, max_size=3),
-    ttype=st.one_of(st.sampled_from(_TENSOR_TYPES), st.integers(0, 2**32 - 1)),
-    offset=st.one_of(st.integers(0, 4).map(lambda k: 32 * k), _huge),
-    size=st.integers(0, 600),
+    dims=st.lists(
+        st.one_of(st.sampled_from([1, 2, 32, 64, 256]), st.integers(0, 96), _huge),
+        min_size=1,
+        max_size=3,
+    ),
+    ttype=_mostly(st.sampled_from(_TENSOR_TYPES), st.integers(0, 2**32 - 1)),
+    offset=st.one_of(st.just(0), st.integers(0, 4).map(lambda k: 32 * k), _huge),
+    size=st.one_of(st.integers(0, 600), st.just(4096)),
 )
 def test_gguf_tensor_types_and_sizes(workdir, dims, ttype, offset, size):
     """Unknown types are refused, known ones (even without a dequantizer) sized exactly."""

@@ -249,3 +249,17 @@ def test_lazy_load_on_cuda_equals_reference(tmp_path, state, stored):
     cpu_swap.remove()
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() <= baseline + 4096
+
+
+def test_terminal_progress_bar_draws_per_block(tmp_path, state):
+    import io
+
+    from callbacks.progress import TerminalProgress
+
+    path = tmp_path / "wan.safetensors"
+    write_safetensors(state, path)
+    stream = io.StringIO()
+    model, swap, report = load_swapped(str(path), device="cpu", progress=TerminalProgress(stream))
+    text = stream.getvalue()
+    assert text.endswith("\n") and "100.0%" in text and "loading" in text
+    swap.remove()

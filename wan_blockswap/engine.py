@@ -8,7 +8,9 @@ resident tensors, allocate the ring) -> hook. ``remove`` undoes every phase.
 from __future__ import annotations
 
 import logging
+import os
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -113,6 +115,8 @@ class BlockSwap:
             for unit in chosen:
                 stored = StoredUnit(unit, self.device, placeholders)
                 self.units.append(stored)  # before pack, so _undo restores a half-packed unit
+            _allocate_empty_units(self.units, pin)
+            for stored in self.units:
                 stored.pack(pin)
                 swapped_ids.update(id(t) for t in stored.tensors)
             for ref in tensor_refs(self.model, "", set()):
@@ -219,6 +223,19 @@ class BlockSwap:
         self.units.clear()
         self._moved.clear()
         self._host_views.clear()
+
+
+def _allocate_empty_units(units: list[StoredUnit], pin: bool) -> None:
+    """Allocate the host buffers of units that have no data yet (a skeleton being loaded) on
+    several threads: page-locking faults in and pins every page, which one core does at only
+    a few GB/s, and the loader then fills the buffers in parallel too."""
+    empty = [u for u in units if u.is_empty and u.host is None]
+    if len(empty) < 2:
+        return
+    workers = min(8, os.cpu_count() or 1, len(empty))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blockswap-alloc") as pool:
+        for future in [pool.submit(u.allocate, pin) for u in empty]:
+            future.result()
 
 
 def _unit_pre_hook(ring: SlotRing, index: int) -> Any:

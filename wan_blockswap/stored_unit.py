@@ -51,6 +51,11 @@ class StoredUnit:
     def nbytes(self) -> int:
         return self.layout.nbytes
 
+    @property
+    def is_empty(self) -> bool:
+        """Every tensor came from a meta skeleton: there is nothing to pack, only to fill."""
+        return all(device.type == "meta" for device in self.original_devices)
+
     def allocate(self, pin: bool) -> None:
         """Reserve the host buffer (contents undefined until :meth:`pack` or a loader fills it)."""
         if self.host is None:
