@@ -129,6 +129,13 @@ def main() -> None:
         results["all_on_gpu_ms"][str(tokens)] = row["ms"]
         planned = [0]
 
+        def annotate(row, floor_ms, tokens=tokens):
+            """Ratios to the transfer floor of the swapped share and to all-on-GPU."""
+            row["x_floor"] = round(row["ms"] / floor_ms, 3)
+            row["x_all_on_gpu"] = round(row["ms"] / results["all_on_gpu_ms"][str(tokens)], 3)
+            row["planned_weights_gib"] = round(planned[0] / 2**30, 3)
+            return row
+
         for fraction in (0.0, 0.25, 0.5, 0.75):
             for prefetch in (1, 2):
                 swap_count = args.blocks - round(fraction * args.blocks)
@@ -150,10 +157,7 @@ def main() -> None:
                     iters,
                     {"resident_fraction": fraction, "prefetch": prefetch},
                 )
-                row["x_floor"] = round(row["ms"] / (floor * (1 - fraction)), 3)
-                row["x_all_on_gpu"] = round(row["ms"] / results["all_on_gpu_ms"][str(tokens)], 3)
-                row["planned_weights_gib"] = round(planned[0] / 2**30, 3)
-                results["rows"].append(row)
+                results["rows"].append(annotate(row, floor * (1 - fraction)))
 
         def ours_layers():
             model = cpu_model()
@@ -170,10 +174,7 @@ def main() -> None:
             iters,
             {"resident_fraction": 0.0, "prefetch": 2},
         )
-        row["x_floor"] = round(row["ms"] / floor, 3)
-        row["x_all_on_gpu"] = round(row["ms"] / results["all_on_gpu_ms"][str(tokens)], 3)
-        row["planned_weights_gib"] = round(planned[0] / 2**30, 3)
-        results["rows"].append(row)
+        results["rows"].append(annotate(row, floor))
 
         for offload_type in ("leaf_level", "block_level"):
             if offload_type in args.skip:

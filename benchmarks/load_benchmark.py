@@ -77,21 +77,14 @@ def write_files(folder: str, blocks: int, formats: tuple[str, ...]) -> dict:
     state = {k: v.cpu() for k, v in random_state(shapes, device=device).items()}
     sizes = {}
     start = time.perf_counter()
-    fp8 = to_fp8(state)
-    if "bf16" in formats:
-        sizes["bf16"] = write_safetensors(state, os.path.join(folder, FORMATS["bf16"]))
-        sizes["bf16_diffusers"] = write_safetensors(
-            convert_wan_transformer_to_diffusers(dict(state)),
-            os.path.join(folder, FORMATS["bf16_diffusers"]),
-            prefix="",
-        )
-    if "fp8" in formats:
-        sizes["fp8"] = write_safetensors(fp8, os.path.join(folder, FORMATS["fp8"]))
-        sizes["fp8_diffusers"] = write_safetensors(
-            convert_wan_transformer_to_diffusers(dict(fp8)),
-            os.path.join(folder, FORMATS["fp8_diffusers"]),
-            prefix="",
-        )
+    for name, values in (("bf16", state), ("fp8", to_fp8(state))):
+        if name in formats:  # ComfyUI layout for us, diffusers names for accelerate
+            sizes[name] = write_safetensors(values, os.path.join(folder, FORMATS[name]))
+            sizes[name + "_diffusers"] = write_safetensors(
+                convert_wan_transformer_to_diffusers(dict(values)),
+                os.path.join(folder, FORMATS[name + "_diffusers"]),
+                prefix="",
+            )
     for name, qtype in (("q8_0", "Q8_0"), ("q4_k", "Q4_K")):
         if name in formats:
             sizes[name] = write_gguf(
