@@ -64,6 +64,7 @@ class BlockSwap:
         self._moved: list[tuple[torch.Tensor, torch.device]] = []
         self._hooks: list[Any] = []
         self._host_views: dict[str, torch.Tensor] = {}
+        self.move_resident = True
 
     @classmethod
     def apply(
@@ -72,7 +73,11 @@ class BlockSwap:
         config: SwapConfig,
         layout: ModelLayout,
         device: torch.device,
+        move_resident: bool = True,
     ) -> "BlockSwap":
+        """Apply ``config`` to ``model``. With ``move_resident=False`` weights that stay on the
+        GPU are left where they are, for a host (ComfyUI core) that places them itself; the
+        VRAM check is then the host's business too."""
         if model in _active:
             raise BlockSwapStateError(
                 f"{type(model).__name__} already has a block swap applied; call "
@@ -94,7 +99,8 @@ class BlockSwap:
             layout.name,
             swap.plan.describe(),
         )
-        memory.check_fits(model, chosen, swap.plan, device)
+        memory.check_fits(model, chosen, swap.plan, device, check_vram=move_resident)
+        swap.move_resident = move_resident
         try:
             swap._place(chosen)
             swap._attach_hooks()
@@ -119,7 +125,7 @@ class BlockSwap:
             for stored in self.units:
                 stored.pack(pin)
                 swapped_ids.update(id(t) for t in stored.tensors)
-            for ref in tensor_refs(self.model, "", set()):
+            for ref in tensor_refs(self.model, "", set()) if self.move_resident else ():
                 tensor = ref.get()
                 if id(tensor) in swapped_ids or tensor.device == self.device:
                     continue
@@ -128,7 +134,8 @@ class BlockSwap:
                     self._moved.append((ref.replace(empty), tensor.device))
                 else:
                     self._moved.append((tensor, tensor.device))
-                    tensor.data = tensor.data.to(self.device)
+                    with torch.inference_mode(tensor.is_inference()):
+                        tensor.data = tensor.data.to(self.device)
         streams = DeviceStreams(self.device, timing=self.config.debug)
         self.ring = SlotRing(
             streams,
@@ -152,6 +159,24 @@ class BlockSwap:
             self._hooks.append(_register_state_dict_hook(module, stored.state_dict_hook))
         self._hooks.append(self.model.register_forward_pre_hook(self._begin_forward))
         self._hooks.append(self.model.register_forward_hook(self._end_forward, always_call=True))
+
+    @property
+    def swapped_modules(self) -> set[nn.Module]:
+        """Every module whose tensors (or whose descendants' tensors) this swap streams."""
+        return {m for stored in self.units for m in stored.unit.module.modules()}
+
+    def set_transform(self, transform: Any) -> None:
+        """Run ``transform(unit_name, views)`` on the copy stream after each unit is copied
+        into a slot (e.g. to apply LoRA patches to the weights in the slot). Clears the slots'
+        cached contents, which were made under the previous transform."""
+        assert self.ring is not None
+        self.ring.transform = transform
+        self.ring.invalidate()
+
+    def release_all(self) -> None:
+        """Release whatever an interrupted forward left bound (idempotent)."""
+        if self.ring is not None:
+            self.ring.end_forward(completed=False)
 
     def destination(self, name: str) -> torch.Tensor:
         """Where the weights of the parameter or buffer ``name`` live now: its host-buffer view
@@ -219,7 +244,8 @@ class BlockSwap:
                 if not restore:
                     tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
                 else:  # a lazily loaded skeleton's weights come back on the CPU
-                    tensor.data = tensor.data.to("cpu" if device.type == "meta" else device)
+                    with torch.inference_mode(tensor.is_inference()):
+                        tensor.data = tensor.data.to("cpu" if device.type == "meta" else device)
         self.units.clear()
         self._moved.clear()
         self._host_views.clear()

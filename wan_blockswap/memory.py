@@ -31,7 +31,11 @@ def available_host_bytes() -> int | None:
 
 
 def check_fits(
-    model: nn.Module, chosen: Sequence[SwapUnit], plan: SwapPlan, device: torch.device
+    model: nn.Module,
+    chosen: Sequence[SwapUnit],
+    plan: SwapPlan,
+    device: torch.device,
+    check_vram: bool = True,
 ) -> None:
     """Raise :class:`InsufficientMemoryError` if the plan cannot fit; allocate nothing."""
     swapped = {id(ref.get()) for unit in chosen for ref in unit.tensors}
@@ -45,7 +49,7 @@ def check_fits(
         elif tensor.device != device:  # meta tensors (a skeleton) are allocated there too
             to_device += nbytes
     _check_host(plan, swapped_on_host, max((_raw_bytes(u) for u in chosen), default=0))
-    if device.type == "cuda":
+    if device.type == "cuda" and check_vram:
         _check_vram(plan, to_device, device)
 
 

@@ -68,6 +68,8 @@ class SlotRing:
         self.set_schedule(list(range(len(self.units))))
         self.observed: list[int] = []
         self.misses_this_forward = 0
+        self.transform = None  # see BlockSwap.set_transform
+        self.inference = False  # see [Note: inference tensors]
 
     # -- schedule -------------------------------------------------------------------------
 
@@ -82,7 +84,14 @@ class SlotRing:
         """Allocate the slots and every unit's views into them (once)."""
         if self.slots or not self.num_slots:
             return
-        with torch.inference_mode(False), torch.no_grad():
+        # [Note: inference tensors] A Parameter created under inference mode (ComfyUI builds
+        # models inside torch.inference_mode()) breaks once its .data points at a normal
+        # tensor ("Inference tensors do not track version counter"), while a normal Parameter
+        # accepts either kind. So slots and their views are made in the parameters' mode, and
+        # writes into inference slots happen in inference mode.
+        first = next((u.tensors[0] for u in self.units if u.tensors), None)
+        self.inference = bool(first is not None and first.is_inference())
+        with torch.inference_mode(self.inference), torch.no_grad():
             self.slots = [
                 torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.streams.device)
                 for _ in range(self.num_slots)
@@ -144,6 +153,14 @@ class SlotRing:
 
     # -- internals ------------------------------------------------------------------------
 
+    def invalidate(self) -> None:
+        """Forget what free and prefetched slots hold, so every unit is copied again."""
+        while self.ahead:
+            self._drop(self.ahead.pop())
+        for slot in range(self.num_slots):
+            if slot not in self.in_use.values():
+                self.occupant[slot] = None
+
     def _take(self, unit: int) -> int:
         """The slot holding ``unit``: the next prefetched one, or loaded now on a miss."""
         if self.ahead and self.occupant[self.ahead[0]] == unit:
@@ -190,13 +207,15 @@ class SlotRing:
         stored = self.units[unit]
         timing = UnitTiming(stored.name) if self.debug else None
         copy_stream = self.streams.copy_stream
-        with self.streams.on_copy_stream():
+        with self.streams.on_copy_stream(), torch.inference_mode(self.inference):
             self.streams.wait(copy_stream, self.freed[slot])
             if timing is not None:
                 timing.copy_start = self._mark(copy_stream)
             self.slots[slot][: stored.nbytes].copy_(
                 stored.host.tensor[: stored.nbytes], non_blocking=self.non_blocking
             )
+            if self.transform is not None:  # on the copy stream, before the ready event
+                self.transform(stored.name, self.views[unit][slot])
             self.streams.record(self.ready[slot], copy_stream)
             if timing is not None:
                 timing.copy_end = self._mark(copy_stream)

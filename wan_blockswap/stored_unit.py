@@ -87,7 +87,8 @@ class StoredUnit:
             return
         for tensor, view, device in zip(self.tensors, self.host_views, self.original_devices):
             target = torch.device("cpu") if device.type == "meta" else device
-            tensor.data = view.to(target, copy=True)
+            with torch.inference_mode(tensor.is_inference()):  # [Note: inference tensors]
+                tensor.data = view.to(target, copy=True)
         self.host_views = []
         self.host.free()
         self.host = None

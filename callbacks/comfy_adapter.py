@@ -1,0 +1,192 @@
+"""The one module that talks to ComfyUI core: block swap on a ModelPatcher, cooperating with
+core's memory management instead of working around it.
+
+- The engine is applied to the diffusion model *before* core loads it, with
+  ``move_resident=False``: swapped blocks already hold 0-element placeholders and live in our
+  pinned host buffers, so core loads, moves and counts only the resident part (no VRAM spike,
+  true accounting). The slot ring is added to the patcher's size so core keeps room for it.
+- Core's loader never sees the swapped modules: a per-instance ``_load_list`` filter, re-installed
+  on every clone (``ON_CLONE``), keeps core from patching or moving them.
+- LoRA and other weight patches on swapped keys are applied to each slot right after its copy,
+  with core's own recipe (``calculate_weight`` + stochastic rounding), so outputs equal core's.
+- ``ON_CLEANUP`` (run in a ``finally`` after sampling, also on interrupts) releases whatever an
+  interrupted forward left bound.
+
+Every clone of a patcher shares one ``nn.Module``; the engine state therefore belongs to the
+module, and a node run again with new settings re-applies the engine cleanly.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import comfy.float
+import comfy.lora
+import comfy.model_management
+import comfy.model_patcher
+import comfy.patcher_extension
+import model_configs
+from wan_blockswap import BlockSwap, SwapConfig, get_block_swap
+
+logger = logging.getLogger("wan_blockswap")
+
+KEY = "wan_blockswap"
+MODEL_PREFIX = "diffusion_model."
+CallbacksMP = comfy.patcher_extension.CallbacksMP
+
+
+@dataclass
+class _State:
+    """What one diffusion model carries while swapped."""
+
+    swap: BlockSwap
+    config: SwapConfig
+    swapped_modules: set = field(default_factory=set)
+    patches_uuid: Any = None
+
+    @property
+    def ring_bytes(self) -> int:
+        assert self.swap.plan is not None
+        return self.swap.plan.num_slots * self.swap.plan.slot_bytes
+
+
+_states: "weakref.WeakKeyDictionary[torch.nn.Module, _State]" = weakref.WeakKeyDictionary()
+
+
+def apply_to_patcher(patcher: Any, config: SwapConfig) -> Any:
+    """A clone of ``patcher`` whose diffusion model streams its blocks per ``config``."""
+    diffusion_model = patcher.model.diffusion_model
+    state = _states.get(diffusion_model)
+    if state is None or state.config != config:
+        if state is not None or get_block_swap(diffusion_model) is not None:
+            remove_from_model(patcher)
+        # Core may hold this model loaded: give its weights back to the offload device first,
+        # so packing reads them from there and core's accounting starts again from zero.
+        _unload_from_core(diffusion_model)
+        arch = model_configs.detect(diffusion_model)
+        swap = BlockSwap.apply(
+            diffusion_model, config, arch.layout, patcher.load_device, move_resident=False
+        )
+        state = _State(swap, config, swap.swapped_modules)
+        _states[diffusion_model] = state
+        logger.info(
+            "wan_blockswap on %s (%s):\n%s",
+            type(diffusion_model).__name__,
+            arch.name,
+            swap.plan.describe(),
+        )
+    clone = patcher.clone()
+    _install(clone)
+    clone.size = resident_bytes(clone.model, state.swap) + state.ring_bytes
+    return clone
+
+
+def resident_bytes(model: torch.nn.Module, swap: BlockSwap) -> int:
+    """What core's ``module_size`` would count if it saw only what stays on the GPU.
+
+    ``module_size`` sums ``state_dict()``, where our state-dict hook puts the swapped weights
+    back (so saving and merging see real weights); subtract those.
+    """
+    swapped = sum(v.numel() * v.element_size() for u in swap.units for v in u.host_views)
+    return comfy.model_management.module_size(model) - swapped
+
+
+def remove_from_model(patcher: Any) -> None:
+    """Undo the swap on ``patcher``'s diffusion model (weights back on the offload device)."""
+    diffusion_model = patcher.model.diffusion_model
+    _unload_from_core(diffusion_model)
+    state = _states.pop(diffusion_model, None)
+    swap = state.swap if state is not None else get_block_swap(diffusion_model)
+    if swap is not None:
+        swap.remove()
+
+
+def _install(patcher: Any) -> None:
+    patcher._load_list = types.MethodType(_filtered_load_list, patcher)
+    patcher.add_callback_with_key(CallbacksMP.ON_CLONE, KEY, _on_clone)
+    patcher.add_callback_with_key(CallbacksMP.ON_LOAD, KEY, _on_load)
+    patcher.add_callback_with_key(CallbacksMP.ON_CLEANUP, KEY, _on_cleanup)
+
+
+def _filtered_load_list(self: Any, *args: Any, **kwargs: Any) -> list:
+    """Core's load list without the modules we stream (entries end in ``(module, params)``)."""
+    entries = type(self)._load_list(self, *args, **kwargs)
+    state = _states.get(self.model.diffusion_model)
+    if state is None:
+        return entries
+    return [entry for entry in entries if entry[-2] not in state.swapped_modules]
+
+
+def _on_clone(source: Any, clone: Any) -> None:
+    # Clones copy callbacks but not instance attributes: re-install the filter.
+    clone._load_list = types.MethodType(_filtered_load_list, clone)
+
+
+def _on_load(
+    patcher: Any,
+    device_to: Any,
+    lowvram_model_memory: int,
+    force_patch_weights: bool,
+    full_load: bool,
+) -> None:
+    state = _states.get(patcher.model.diffusion_model)
+    if state is None:
+        return
+    if patcher.patches_uuid != state.patches_uuid:
+        state.swap.set_transform(_patch_transform(patcher, state))
+        state.patches_uuid = patcher.patches_uuid
+    if not full_load:  # on a full load core already counted model_size(), ring included
+        patcher.model.model_loaded_weight_memory += state.ring_bytes
+
+
+def _on_cleanup(patcher: Any) -> None:
+    state = _states.get(patcher.model.diffusion_model)
+    if state is not None:
+        state.swap.release_all()
+
+
+def _patch_transform(patcher: Any, state: _State):
+    """Apply ``patcher``'s weight patches to swapped weights as they land in a slot, with the
+    recipe core uses for weights it patches at load time."""
+    wanted: dict[str, list[tuple[int, str]]] = {}
+    for stored in state.swap.units:
+        for index, ref in enumerate(stored.unit.tensors):
+            key = MODEL_PREFIX + ref.qualname
+            if key in patcher.patches:
+                wanted.setdefault(stored.name, []).append((index, key))
+    if not wanted:
+        return None
+    patches = {key: patcher.patches[key] for entries in wanted.values() for _, key in entries}
+
+    def transform(unit_name: str, views: list[torch.Tensor]) -> None:
+        for index, key in wanted.get(unit_name, ()):
+            view = views[index]
+            temp = view.to(torch.float32, copy=True)
+            out = comfy.lora.calculate_weight(patches[key], temp, key)
+            seed = comfy.model_patcher.string_to_seed(key)
+            view.copy_(comfy.float.stochastic_rounding(out, view.dtype, seed=seed))
+
+    logger.info("wan_blockswap: applying patches to %d swapped weights per copy", len(patches))
+    return transform
+
+
+def _unload_from_core(diffusion_model: torch.nn.Module) -> None:
+    """Have core unload every loaded patcher of this model (weights to the offload device)."""
+    mm = comfy.model_management
+    for index in reversed(range(len(mm.current_loaded_models))):
+        loaded = mm.current_loaded_models[index]
+        model = loaded.model
+        if model is not None and model.model.diffusion_model is diffusion_model:
+            loaded.model_unload()
+            mm.current_loaded_models.pop(index)
+
+
+def free_vram_gb(patcher: Any) -> float:
+    """Free memory on the model's load device as core counts it, in GB."""
+    return comfy.model_management.get_free_memory(patcher.load_device) / 1e9

@@ -1,0 +1,208 @@
+"""ComfyUI nodes. Widgets map one-to-one onto SwapConfig fields; ComfyUI itself is imported
+only when a node runs (through ``callbacks.comfy_adapter``), so importing this works anywhere.
+
+Node ids are not ``wanBlockSwap``: newer ComfyUI core turns that id into a no-op.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import model_configs
+from wan_blockswap import SwapConfig
+from wan_blockswap.config import MAX_PREFETCH_BLOCKS
+
+logger = logging.getLogger("wan_blockswap")
+
+CATEGORY = "wan_blockswap"
+CUSTOM = "custom (use the widgets)"
+AUTO = "auto (free VRAM now)"
+# What "auto" leaves for activations, the VAE and core's reserve when no preset applies.
+AUTO_RESERVE_GB = 4.0
+
+
+def config_from_widgets(
+    blocks_to_swap: int,
+    offload_txt_emb: bool,
+    offload_img_emb: bool,
+    use_non_blocking: bool,
+    vace_blocks_to_swap: int,
+    prefetch_blocks: int,
+    block_swap_debug: bool,
+    preset: str = CUSTOM,
+    vram_budget_gb: float = 0.0,
+    free_vram_gb: float | None = None,
+) -> SwapConfig:
+    """The node's widgets as a validated :class:`SwapConfig`.
+
+    ``vram_budget_gb > 0`` or a preset replaces ``blocks_to_swap`` (the tooltip says so);
+    ``auto`` budgets the free VRAM minus a reserve.
+    """
+    common = dict(
+        offload_txt_emb=offload_txt_emb,
+        offload_img_emb=offload_img_emb,
+        non_blocking=use_non_blocking,
+        vace_blocks_to_swap=vace_blocks_to_swap,
+        prefetch_blocks=prefetch_blocks,
+        debug=block_swap_debug,
+    )
+    if preset == AUTO:
+        if not free_vram_gb:
+            raise ValueError("preset 'auto' needs the free VRAM; none was measured")
+        budget = round(free_vram_gb - AUTO_RESERVE_GB, 2)
+        if budget <= 0:
+            raise ValueError(
+                f"preset 'auto': only {free_vram_gb:.1f} GB of VRAM is free, less than the "
+                f"{AUTO_RESERVE_GB} GB reserve; free VRAM or pick blocks_to_swap by hand"
+            )
+        return SwapConfig(vram_budget_gb=budget, **common)
+    if preset not in (CUSTOM, ""):
+        options = {**common, **model_configs.get_preset(preset).as_dict()}
+        return SwapConfig.from_options(**options)
+    if vram_budget_gb > 0:
+        return SwapConfig(vram_budget_gb=vram_budget_gb, **common)
+    return SwapConfig(blocks_to_swap=blocks_to_swap, **common)
+
+
+class WanBlockSwapStream:
+    """MODEL in, MODEL out: stream the model's transformer blocks from pinned host memory."""
+
+    DESCRIPTION = (
+        "Keeps the chosen transformer blocks in pinned host memory and streams each one to the "
+        "GPU just ahead of use, overlapped with compute. Outputs are identical to running "
+        "without it. Works after the core diffusion-model loader (and GGUF loaders); never "
+        "changes the upstream MODEL."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        presets = [CUSTOM, AUTO, *model_configs.preset_names()]
+        return {
+            "required": {
+                "model": (
+                    "MODEL",
+                    {
+                        "tooltip": "The diffusion model to stream (Wan, VACE, "
+                        "HunyuanVideo, Flux, Cosmos, or any transformer)."
+                    },
+                ),
+                "blocks_to_swap": (
+                    "INT",
+                    {
+                        "default": 20,
+                        "min": 0,
+                        "max": 200,
+                        "tooltip": "Blocks kept in host memory (the last ones). 40 of Wan 14B's 40 "
+                        "blocks is the least VRAM. Ignored when a preset or vram_budget_gb is set.",
+                    },
+                ),
+                "offload_txt_emb": (
+                    "BOOLEAN",
+                    {
+                        "default": False,
+                        "tooltip": "Stream the text embedding too (saves ~0.1 GB "
+                        "on Wan 14B, and the token refiner on HunyuanVideo).",
+                    },
+                ),
+                "offload_img_emb": (
+                    "BOOLEAN",
+                    {
+                        "default": False,
+                        "tooltip": "Stream the image (CLIP) embedding of i2v models " "too.",
+                    },
+                ),
+                "use_non_blocking": (
+                    "BOOLEAN",
+                    {
+                        "default": True,
+                        "tooltip": "Asynchronous copies that overlap compute. Turn "
+                        "off only to debug: every copy then waits.",
+                    },
+                ),
+                "vace_blocks_to_swap": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 64,
+                        "tooltip": "VACE blocks kept in host "
+                        "memory; 0 = automatic (the same share as the main blocks).",
+                    },
+                ),
+                "prefetch_blocks": (
+                    "INT",
+                    {
+                        "default": 1,
+                        "min": 0,
+                        "max": MAX_PREFETCH_BLOCKS,
+                        "tooltip": "How many blocks are copied ahead. The GPU holds prefetch_blocks "
+                        "+ 1 block-sized slots; 1 is enough to hide copies behind compute.",
+                    },
+                ),
+                "block_swap_debug": (
+                    "BOOLEAN",
+                    {
+                        "default": False,
+                        "tooltip": "Log the plan and per-block copy/compute "
+                        "times (adds one GPU sync per step).",
+                    },
+                ),
+            },
+            "optional": {
+                "preset": (
+                    presets,
+                    {
+                        "default": CUSTOM,
+                        "tooltip": "A tested setting per model and GPU size, or "
+                        "'auto' (budget = free VRAM now minus 4 GB). Replaces blocks_to_swap.",
+                    },
+                ),
+                "vram_budget_gb": (
+                    "FLOAT",
+                    {
+                        "default": 0.0,
+                        "min": 0.0,
+                        "max": 512.0,
+                        "step": 0.5,
+                        "tooltip": "GB of VRAM the weights may use (resident blocks, other weights, "
+                        "slots); the node picks the blocks. 0 = use blocks_to_swap.",
+                    },
+                ),
+            },
+        }
+
+    def apply(
+        self,
+        model,
+        blocks_to_swap,
+        offload_txt_emb,
+        offload_img_emb,
+        use_non_blocking,
+        vace_blocks_to_swap,
+        prefetch_blocks,
+        block_swap_debug,
+        preset=CUSTOM,
+        vram_budget_gb=0.0,
+    ):
+        from callbacks.comfy_adapter import apply_to_patcher, free_vram_gb
+
+        config = config_from_widgets(
+            blocks_to_swap,
+            offload_txt_emb,
+            offload_img_emb,
+            use_non_blocking,
+            vace_blocks_to_swap,
+            prefetch_blocks,
+            block_swap_debug,
+            preset,
+            vram_budget_gb,
+            free_vram_gb(model) if preset == AUTO else None,
+        )
+        return (apply_to_patcher(model, config),)
+
+
+NODE_CLASS_MAPPINGS = {"WanBlockSwapStream": WanBlockSwapStream}
+NODE_DISPLAY_NAME_MAPPINGS = {"WanBlockSwapStream": "WAN BlockSwap"}

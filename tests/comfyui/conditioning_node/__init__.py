@@ -1,0 +1,28 @@
+"""A test-only custom node: random text conditioning, so a workflow can sample a diffusion
+model without a text encoder file. Copied into a throwaway ComfyUI base directory by the
+server test; never part of the pack."""
+
+import torch
+
+
+class WanBlockSwapTestConditioning:
+    CATEGORY = "wan_blockswap/testing"
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+                "tokens": ("INT", {"default": 8, "min": 1, "max": 512}),
+                "dim": ("INT", {"default": 4096, "min": 1, "max": 8192}),
+            }
+        }
+
+    def make(self, seed, tokens, dim):
+        gen = torch.Generator().manual_seed(seed)
+        return ([[torch.randn(1, tokens, dim, generator=gen), {}]],)
+
+
+NODE_CLASS_MAPPINGS = {"WanBlockSwapTestConditioning": WanBlockSwapTestConditioning}

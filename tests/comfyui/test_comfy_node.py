@@ -1,0 +1,215 @@
+"""The WAN BlockSwap node on ComfyUI core's own loading path: tiny models built by
+``comfy.sd.load_diffusion_model_state_dict``, loaded by ``load_models_gpu``, compared with
+the same model without the node, with and without a LoRA-style weight patch."""
+
+import pytest
+import torch
+
+import tiny_models
+
+ARCHS = [
+    "wan_t2v",
+    "wan_i2v",
+    "wan_vace",
+    "hunyuan_video",
+    "flux",
+    "cosmos_predict1",
+    "cosmos_predict2",
+]
+
+
+def run(comfy, patcher, inputs):
+    comfy.model_management.load_models_gpu([patcher])
+    device = patcher.load_device
+    x = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in inputs.items()}
+    with torch.inference_mode():
+        out = patcher.model.diffusion_model(**x)
+    patcher.cleanup()
+    return (out[0] if isinstance(out, tuple) else out).float().cpu()
+
+
+def config(**options):
+    from conftest import load_pack
+
+    config_from_widgets = load_pack().nodes.config_from_widgets
+
+    widgets = dict(
+        blocks_to_swap=2,
+        offload_txt_emb=False,
+        offload_img_emb=False,
+        use_non_blocking=True,
+        vace_blocks_to_swap=0,
+        prefetch_blocks=1,
+        block_swap_debug=False,
+    )
+    return config_from_widgets(**{**widgets, **options})
+
+
+def node(model, **options):
+    from conftest import load_pack
+
+    WanBlockSwapStream = load_pack().nodes.WanBlockSwapStream
+
+    widgets = dict(
+        blocks_to_swap=2,
+        offload_txt_emb=False,
+        offload_img_emb=False,
+        use_non_blocking=True,
+        vace_blocks_to_swap=0,
+        prefetch_blocks=1,
+        block_swap_debug=False,
+    )
+    return WanBlockSwapStream().apply(model, **{**widgets, **options})[0]
+
+
+def lora_like(patcher, keys, seed=0):
+    """A clone with 'diff' weight patches on ``keys`` (core applies them like a LoRA)."""
+    gen = torch.Generator().manual_seed(seed)
+    clone = patcher.clone()
+    state = patcher.model.state_dict()
+    patches = {
+        key: ("diff", (0.05 * torch.randn(state[key].shape, generator=gen),)) for key in keys
+    }
+    clone.add_patches(patches, 1.0)
+    return clone
+
+
+@pytest.fixture(autouse=True)
+def _unload(comfy):
+    yield
+    comfy.model_management.unload_all_models()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_node_output_equals_core_without_it(comfy, arch):
+    patcher, make_inputs = tiny_models.comfy_load_tiny(arch)
+    inputs = make_inputs(1)
+    expected = run(comfy, patcher, inputs)
+    comfy.model_management.unload_all_models()
+    swapped = node(patcher, blocks_to_swap=3)
+    assert swapped is not patcher and swapped.model is patcher.model
+    assert torch.equal(run(comfy, swapped, inputs), expected)
+    assert torch.equal(run(comfy, swapped, inputs), expected)  # second run: learned order
+    # the upstream MODEL keeps working and its options are untouched
+    assert "wan_blockswap" not in str(patcher.callbacks)
+    assert torch.equal(run(comfy, patcher, inputs), expected)
+
+
+def test_core_sees_only_resident_weights_and_counts_the_ring(comfy):
+    patcher, _ = tiny_models.comfy_load_tiny("wan_t2v")
+    full = patcher.model_size()
+    swapped = node(patcher, blocks_to_swap=4)
+    from callbacks.comfy_adapter import _states
+
+    state = _states[patcher.model.diffusion_model]
+    resident = sum(p.numel() * p.element_size() for p in patcher.model.parameters())
+    resident += sum(b.numel() * b.element_size() for b in patcher.model.buffers())
+    assert resident < full
+    # saving through core still gets the real weights
+    assert comfy.model_management.module_size(patcher.model) == full
+    assert swapped.model_size() == resident + state.ring_bytes
+    names = {entry[1] for entry in swapped._load_list()}
+    assert not any(name.startswith("diffusion_model.blocks.") for name in names)
+    comfy.model_management.load_models_gpu([swapped])
+    assert swapped.loaded_size() == swapped.model_size()
+    block = patcher.model.diffusion_model.blocks[0]
+    assert block.self_attn.q.weight.numel() == 0  # still a placeholder after core's load
+
+
+@pytest.mark.parametrize("order", ["lora_before_node", "lora_after_node"])
+def test_weight_patches_equal_core(comfy, order):
+    patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v")
+    inputs = make_inputs(2)
+    keys = [
+        "diffusion_model.blocks.3.self_attn.q.weight",  # swapped
+        "diffusion_model.blocks.3.ffn.0.weight",  # swapped
+        "diffusion_model.blocks.0.cross_attn.k.weight",  # resident
+        "diffusion_model.text_embedding.0.weight",  # resident
+    ]
+    expected = run(comfy, lora_like(patcher, keys), inputs)
+    comfy.model_management.unload_all_models()
+    plain = run(comfy, patcher, inputs)
+    assert not torch.equal(plain, expected)
+    comfy.model_management.unload_all_models()
+    if order == "lora_before_node":
+        model = node(lora_like(patcher, keys), blocks_to_swap=2)
+    else:
+        model = lora_like(node(patcher, blocks_to_swap=2), keys)
+    assert torch.equal(run(comfy, model, inputs), expected)
+    comfy.model_management.unload_all_models()
+    # patches do not leak into the unpatched model
+    assert torch.equal(run(comfy, node(patcher, blocks_to_swap=2), inputs), plain)
+
+
+def test_interrupt_mid_forward_then_unload_and_reuse(comfy):
+    patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v")
+    inputs = make_inputs(3)
+    expected = run(comfy, patcher, inputs)
+    comfy.model_management.unload_all_models()
+    swapped = node(patcher, blocks_to_swap=4, prefetch_blocks=2)
+    run(comfy, swapped, inputs)
+
+    def interrupt(module, args):
+        raise comfy.model_management.InterruptProcessingException()
+
+    handle = patcher.model.diffusion_model.blocks[2].ffn.register_forward_pre_hook(interrupt)
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        run(comfy, swapped, inputs)
+    handle.remove()
+    swapped.cleanup()  # core calls this in a finally after sampling
+    assert all(p.numel() == 0 for p in patcher.model.diffusion_model.blocks[3].parameters())
+    assert torch.equal(run(comfy, swapped, inputs), expected)
+    comfy.model_management.unload_all_models()
+    assert torch.equal(run(comfy, swapped, inputs), expected)
+
+
+def test_new_settings_reapply_cleanly_and_remove_restores(comfy):
+    patcher, make_inputs = tiny_models.comfy_load_tiny("wan_vace")
+    inputs = make_inputs(4)
+    expected = run(comfy, patcher, inputs)
+    for blocks in (1, 4, 2):
+        assert torch.equal(run(comfy, node(patcher, blocks_to_swap=blocks), inputs), expected)
+    from callbacks.comfy_adapter import remove_from_model
+
+    remove_from_model(patcher)
+    assert all(p.numel() > 0 for p in patcher.model.parameters())
+    assert torch.equal(run(comfy, patcher, inputs), expected)
+
+
+def test_presets_and_budget_widgets(comfy, pack):
+    AUTO = pack.nodes.AUTO
+
+    assert config(preset="Wan 2.1/2.2 14B, 12 GB").vram_budget_gb == 7.5
+    assert config(vram_budget_gb=3.0).vram_budget_gb == 3.0
+    assert config(preset=AUTO, free_vram_gb=10.0).vram_budget_gb == 6.0
+    with pytest.raises(ValueError, match="reserve"):
+        config(preset=AUTO, free_vram_gb=2.0)
+    with pytest.raises(ValueError, match="blocks_to_swap must be in 0..4"):
+        patcher, _ = tiny_models.comfy_load_tiny("wan_t2v")
+        node(patcher, blocks_to_swap=9)
+
+
+def test_pack_registers_with_comfyui_loader(pack):
+    """ComfyUI's own custom-node loader imports the pack and finds the node."""
+    assert "WanBlockSwapStream" in pack.NODE_CLASS_MAPPINGS
+    assert pack.NODE_DISPLAY_NAME_MAPPINGS["WanBlockSwapStream"] == "WAN BlockSwap"
+    inputs = pack.NODE_CLASS_MAPPINGS["WanBlockSwapStream"].INPUT_TYPES()
+    for group in inputs.values():
+        for name, (_, options) in group.items():
+            assert options.get("tooltip"), name
+
+
+def test_headless_server_runs_a_workflow_through_the_http_api(comfy, tmp_path):
+    """A real ComfyUI server (CPU) with the pack in custom_nodes/ samples a workflow that uses
+    the node, queued through /prompt; benchmarks/comfyui_server_run.py is the same run."""
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.join(root, "benchmarks"))
+    import comfyui_server_run
+
+    result = comfyui_server_run.run(os.environ["COMFYUI_PATH"], str(tmp_path), cpu=True)
+    assert result["status"].get("status_str") == "success", result["status"]
+    assert result["node_registered"] and result["plan_logged"]
+    assert any(name.endswith(".latent") for name in result["outputs"])
