@@ -204,5 +204,92 @@ class WanBlockSwapStream:
         return (apply_to_patcher(model, config),)
 
 
-NODE_CLASS_MAPPINGS = {"WanBlockSwapStream": WanBlockSwapStream}
-NODE_DISPLAY_NAME_MAPPINGS = {"WanBlockSwapStream": "WAN BlockSwap"}
+class WanBlockSwapModelLoader(WanBlockSwapStream):
+    """Load a diffusion model lazily: swapped blocks go from disk to pinned host memory,
+    never through VRAM, and the file is never held whole in RAM."""
+
+    DESCRIPTION = (
+        "Loads a diffusion model from models/diffusion_models straight into block swap: the "
+        "swapped blocks go from the file to pinned host memory, the rest to where core loads "
+        "it from. No VRAM spike, no second copy in RAM. safetensors in ComfyUI's key layout."
+    )
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        import folder_paths
+
+        inputs = super().INPUT_TYPES()
+        del inputs["required"]["model"]
+        files = [
+            name
+            for name in folder_paths.get_filename_list("diffusion_models")
+            if name.endswith(".safetensors")
+        ]
+        inputs["required"] = {
+            "unet_name": (files, {"tooltip": "A .safetensors file in models/diffusion_models."}),
+            "weight_dtype": (
+                list(WEIGHT_DTYPES),
+                {
+                    "default": "default",
+                    "tooltip": "As the core loader: the dtype weights are stored in (fp8 halves "
+                    "what crosses PCIe).",
+                },
+            ),
+            **inputs["required"],
+        }
+        return inputs
+
+    def load(
+        self,
+        unet_name,
+        weight_dtype,
+        blocks_to_swap,
+        offload_txt_emb,
+        offload_img_emb,
+        use_non_blocking,
+        vace_blocks_to_swap,
+        prefetch_blocks,
+        block_swap_debug,
+        preset=CUSTOM,
+        vram_budget_gb=0.0,
+    ):
+        import folder_paths
+
+        from callbacks.comfy_adapter import load_lazily
+
+        if preset == AUTO:
+            raise ValueError(
+                "preset 'auto' needs a loaded model; use it on the WAN BlockSwap node instead"
+            )
+        config = config_from_widgets(
+            blocks_to_swap,
+            offload_txt_emb,
+            offload_img_emb,
+            use_non_blocking,
+            vace_blocks_to_swap,
+            prefetch_blocks,
+            block_swap_debug,
+            preset,
+            vram_budget_gb,
+        )
+        path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
+        return (load_lazily(path, config, WEIGHT_DTYPES[weight_dtype]),)
+
+
+def _weight_dtypes() -> dict:
+    import torch
+
+    return {"default": None, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+WEIGHT_DTYPES = _weight_dtypes()
+
+NODE_CLASS_MAPPINGS = {
+    "WanBlockSwapStream": WanBlockSwapStream,
+    "WanBlockSwapModelLoader": WanBlockSwapModelLoader,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "WanBlockSwapStream": "WAN BlockSwap",
+    "WanBlockSwapModelLoader": "WAN BlockSwap Model Loader",
+}

@@ -55,7 +55,7 @@ class LoadReport:
 
 
 @dataclass
-class _Entry:
+class Entry:
     """One file tensor and what to do with it."""
 
     name: str  # the model's key
@@ -111,7 +111,7 @@ def load_swapped(
         layout = (plan.arch or _generic(plan.model)).layout
         swap = BlockSwap.apply(plan.model, config, layout, device)
         try:
-            _stream(checkpoint, entries, swap, device, progress)
+            stream_into(checkpoint, entries, swap, device, progress)
         except BaseException:
             swap.remove(restore=False)
             raise
@@ -138,7 +138,7 @@ def load_swapped(
     return plan.model, swap, report
 
 
-def _prepare(plan: Skeleton, checkpoint: Checkpoint, compute_dtype: torch.dtype) -> list[_Entry]:
+def _prepare(plan: Skeleton, checkpoint: Checkpoint, compute_dtype: torch.dtype) -> list[Entry]:
     """Give every meta tensor its storage dtype (swapping in low-bit Linear layers), checking
     shapes and quant types before anything is allocated."""
     model = plan.model
@@ -183,13 +183,13 @@ def _prepare(plan: Skeleton, checkpoint: Checkpoint, compute_dtype: torch.dtype)
             raw = record.qtype is None and record.dtype == target
         if tensor.dtype != target:
             tensor.data = torch.empty(tensor.shape, dtype=target, device="meta")
-        entries.append(_Entry(name, record, target, raw))
+        entries.append(Entry(name, record, target, raw))
     return entries
 
 
-def _stream(
+def stream_into(
     checkpoint: Checkpoint,
-    entries: list[_Entry],
+    entries: list[Entry],
     swap: BlockSwap,
     device: torch.device,
     progress: Progress | None,
@@ -207,7 +207,7 @@ def _stream(
     total = sum(e.record.nbytes for e in entries)
     done = 0
 
-    def report(entry: _Entry) -> None:
+    def report(entry: Entry) -> None:
         nonlocal done
         done += entry.record.nbytes
         if progress is not None:

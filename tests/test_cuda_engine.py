@@ -146,3 +146,28 @@ def test_100_forwards_keep_memory_flat():
     assert torch.cuda.memory_allocated() <= allocated
     assert registered_host_bytes() == host
     swap.remove()
+
+
+def test_two_models_alternating_on_shared_slots_with_fresh_inputs():
+    from wan_blockswap.slot_pool import pooled_bytes
+
+    high, low = cuda_toy(), make_toy(seed=5, dim=DIM, ffn=FFN).to(torch.bfloat16).requires_grad_(
+        False
+    )
+    refs = {id(high): copy.deepcopy(high).cuda(), id(low): copy.deepcopy(low).cuda()}
+    baseline = torch.cuda.memory_allocated()
+    swaps = [
+        apply_block_swap(m, layout=toy_layout(m), device="cuda", blocks_to_swap=6)
+        for m in (high, low)
+    ]
+    with torch.inference_mode():
+        for step in range(10):
+            for m in (high, low):
+                x = inputs(500 + step)
+                assert torch.equal(m(**x), refs[id(m)](**x)), step
+    assert pooled_bytes() == swaps[0].plan.num_slots * swaps[0].plan.slot_bytes
+    for swap in swaps:
+        swap.remove()
+    torch.cuda.synchronize()
+    assert pooled_bytes() == 0
+    assert torch.cuda.memory_allocated() <= baseline

@@ -267,3 +267,34 @@ def test_repeated_runs_keep_memory_flat():
     assert sum(isinstance(o, torch.Tensor) for o in gc.get_objects()) <= tensors
     assert len(gc.get_objects()) <= objects + 50
     swap.remove()
+
+
+def test_two_models_of_one_shape_share_slots_and_alternate_correctly():
+    """Wan 2.2 A14B: high- and low-noise models run one after the other on shared slots."""
+    from wan_blockswap.slot_pool import pooled_bytes
+
+    high, low = make_toy(seed=1), make_toy(seed=2)
+    expected = {
+        (name, seed): reference(m, seed)
+        for name, m in (("high", high), ("low", low))
+        for seed in (1, 2)
+    }
+    swaps = [
+        apply_block_swap(m, layout=toy_layout(m), device="cpu", blocks_to_swap=5)
+        for m in (high, low)
+    ]
+    with torch.no_grad():
+        for step in range(3):
+            for name, m in (("high", high), ("low", low)):
+                for seed in (1, 2):
+                    assert torch.equal(m(**toy_inputs(seed)), expected[(name, seed)])
+            assert pooled_bytes() == swaps[0].plan.num_slots * swaps[0].plan.slot_bytes
+    assert swaps[0].ring.slots == [] or swaps[1].ring.slots == []  # one holder at a time
+    swaps[0].release_vram()
+    swaps[1].release_vram()
+    assert pooled_bytes() == 0
+    with torch.no_grad():  # slots come back on the next forward
+        assert torch.equal(low(**toy_inputs(1)), expected[("low", 1)])
+    for swap in swaps:
+        swap.remove()
+    assert pooled_bytes() == 0

@@ -173,6 +173,11 @@ class BlockSwap:
         self.ring.transform = transform
         self.ring.invalidate()
 
+    def release_vram(self) -> None:
+        """Free the GPU slots until the next forward (e.g. when a host unloads the model)."""
+        if self.ring is not None:
+            self.ring.release_memory()
+
     def release_all(self) -> None:
         """Release whatever an interrupted forward left bound (idempotent)."""
         if self.ring is not None:

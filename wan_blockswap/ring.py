@@ -29,6 +29,7 @@ from typing import Sequence
 
 import torch
 
+from . import slot_pool
 from .errors import BlockSwapError
 from .stats import SwapStats, UnitTiming
 from .stored_unit import StoredUnit
@@ -55,10 +56,13 @@ class SlotRing:
         self.debug = debug
         self.num_slots = num_slots
         self.slot_bytes = slot_bytes
-        self.slots: list[torch.Tensor] = []  # allocated on first use: loading needs no slots
+        # Slots and their events come from a pool shared with other models of the same slot
+        # shape (see [Note: shared slots]), acquired on first use: loading needs no slots.
+        self.pool: slot_pool.SlotPool | None = None
+        self.slots: list[torch.Tensor] = []
         self.views: list[list[list[torch.Tensor]]] = []
-        self.ready = [streams.new_event() for _ in range(num_slots)]
-        self.freed = [streams.new_event() for _ in range(num_slots)]
+        self.ready: list = []
+        self.freed: list = []
         self.occupant: list[int | None] = [None] * num_slots
         self.free_slots: deque[int] = deque(range(num_slots))  # oldest release first
         self.ahead: deque[int] = deque()  # prefetched slots in expected order of use
@@ -81,7 +85,7 @@ class SlotRing:
         self.cursor = 0  # schedule position of the next unit to prefetch
 
     def allocate(self) -> None:
-        """Allocate the slots and every unit's views into them (once)."""
+        """Acquire the slots and make every unit's views into them (once per holding)."""
         if self.slots or not self.num_slots:
             return
         # [Note: inference tensors] A Parameter created under inference mode (ComfyUI builds
@@ -91,13 +95,37 @@ class SlotRing:
         # writes into inference slots happen in inference mode.
         first = next((u.tensors[0] for u in self.units if u.tensors), None)
         self.inference = bool(first is not None and first.is_inference())
+        self.pool = slot_pool.acquire(
+            self, self.streams, self.num_slots, self.slot_bytes, self.inference
+        )
+        self.slots, self.ready, self.freed = self.pool.slots, self.pool.ready, self.pool.freed
         with torch.inference_mode(self.inference), torch.no_grad():
-            self.slots = [
-                torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.streams.device)
-                for _ in range(self.num_slots)
-            ]
-            # Views are made once, outside inference mode, so rebinding costs only ``.data``.
+            # Views are made once per holding, so rebinding costs only ``.data``.
             self.views = [[u.layout.views(slot) for slot in self.slots] for u in self.units]
+
+    def evict(self) -> None:
+        """Another ring took the shared slots over: forget what they held."""
+        if self.in_use:
+            raise BlockSwapError(
+                "two swapped models ran interleaved inside one forward on shared slots; "
+                "give them different prefetch_blocks to keep their slots apart"
+            )
+        self.ahead.clear()
+        self.pending.clear()
+        self.timings.clear()
+        self.occupant = [None] * self.num_slots
+        self.free_slots = deque(range(self.num_slots))
+        self.slots, self.views, self.ready, self.freed = [], [], [], []
+
+    def release_memory(self) -> None:
+        """Let go of the slots (freed if no other model uses them); reacquired on next use."""
+        if self.pool is None:
+            return
+        self.end_forward(completed=False)
+        self.streams.synchronize()
+        pool, self.pool = self.pool, None
+        self.evict()
+        slot_pool.let_go(self, pool)
 
     def begin_forward(self) -> None:
         self.allocate()
@@ -252,13 +280,7 @@ class SlotRing:
         return event
 
     def close(self) -> None:
-        """Wait for in-flight copies and drop the slots."""
-        self.streams.synchronize()
-        self.slots = []
-        self.views = []
-        self.ahead.clear()
-        self.free_slots.clear()
+        """Wait for in-flight copies and let go of the slots."""
+        self.release_memory()
         self.in_use.clear()
-        self.pending.clear()
-        self.timings.clear()
         self.stats.pending.clear()

@@ -213,3 +213,53 @@ def test_headless_server_runs_a_workflow_through_the_http_api(comfy, tmp_path):
     assert result["status"].get("status_str") == "success", result["status"]
     assert result["node_registered"] and result["plan_logged"]
     assert any(name.endswith(".latent") for name in result["outputs"])
+
+
+@pytest.mark.parametrize("weight_dtype", ["default", "fp8_e4m3fn"])
+def test_lazy_loader_node_equals_core_loader(comfy, pack, tmp_path, weight_dtype):
+    import folder_paths
+    from safetensors.torch import save_file
+
+    sd = tiny_models.comfy_state_dict_for(
+        "wan_t2v", prefix="model.diffusion_model.", dtype=torch.bfloat16
+    )
+    folder = tmp_path / "diffusion_models"
+    folder.mkdir()
+    save_file(sd, str(folder / "tiny_wan.safetensors"))
+    folder_paths.add_model_folder_path("diffusion_models", str(folder))
+    core = comfy.sd.load_diffusion_model(
+        str(folder / "tiny_wan.safetensors"),
+        model_options={} if weight_dtype == "default" else {"dtype": torch.float8_e4m3fn},
+    )
+    inputs = tiny_models.comfy_make_inputs(core.model.diffusion_model)(5)
+    expected = run(comfy, core, inputs)
+    comfy.model_management.unload_all_models()
+    loader = pack.nodes.WanBlockSwapModelLoader()
+    assert "tiny_wan.safetensors" in loader.INPUT_TYPES()["required"]["unet_name"][0]
+    (model,) = loader.load("tiny_wan.safetensors", weight_dtype, 3, True, False, True, 0, 1, False)
+    block = model.model.diffusion_model.blocks[3]
+    assert block.self_attn.q.weight.numel() == 0  # swapped: never materialised on the CPU
+    assert model.model.diffusion_model.blocks[0].self_attn.q.weight.dtype == (
+        core.model.diffusion_model.blocks[0].self_attn.q.weight.dtype
+    )
+    assert torch.equal(run(comfy, model, inputs), expected)
+    assert torch.equal(run(comfy, model, inputs), expected)
+
+
+def test_wan22_two_models_share_slots_and_unload_frees_them(comfy):
+    from wan_blockswap.slot_pool import pooled_bytes
+
+    high, make_inputs = tiny_models.comfy_load_tiny("wan_t2v", seed=1)
+    low, _ = tiny_models.comfy_load_tiny("wan_t2v", seed=2)
+    inputs = make_inputs(6)
+    expected = {"high": run(comfy, high, inputs), "low": run(comfy, low, inputs)}
+    assert not torch.equal(expected["high"], expected["low"])
+    comfy.model_management.unload_all_models()
+    swapped = {"high": node(high, blocks_to_swap=4), "low": node(low, blocks_to_swap=4)}
+    for _ in range(2):  # high noise steps, then low noise steps, twice
+        for name in ("high", "low"):
+            assert torch.equal(run(comfy, swapped[name], inputs), expected[name])
+    assert pooled_bytes() > 0  # one set of slots for both models
+    comfy.model_management.unload_all_models()
+    assert pooled_bytes() == 0
+    assert torch.equal(run(comfy, swapped["low"], inputs), expected["low"])

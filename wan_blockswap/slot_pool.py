@@ -1,0 +1,80 @@
+"""GPU slots shared by every swapped model of the same slot shape on one device.
+
+[Note: shared slots]
+Wan 2.2 A14B samples with two models one after the other (high noise, then low noise), with
+identical block shapes. Only one of them runs at a time, so they can share one set of slots:
+the second model does not double the ring's VRAM. A pool holds the slot buffers and their
+events; the ring that runs takes the pool over ("acquire"), and the previous holder forgets
+what the slots held ("evict") and reacquires when it runs again. Ordering stays correct
+because the events travel with the slots: a copy into a slot still waits for the ``freed``
+event the previous holder recorded, and all copies on a device share one copy stream.
+The pool is freed when its last ring closes or lets go of its VRAM.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any, Protocol
+
+import torch
+
+from .streams import DeviceStreams
+
+
+class PoolUser(Protocol):
+    def evict(self) -> None: ...
+
+
+class SlotPool:
+    """``num_slots`` device buffers of ``slot_bytes`` with a ready and a freed event each."""
+
+    def __init__(self, streams: DeviceStreams, num_slots: int, slot_bytes: int, inference: bool):
+        with torch.inference_mode(inference), torch.no_grad():
+            self.slots = [
+                torch.empty(slot_bytes, dtype=torch.uint8, device=streams.device)
+                for _ in range(num_slots)
+            ]
+        self.ready = [streams.new_event() for _ in range(num_slots)]
+        self.freed = [streams.new_event() for _ in range(num_slots)]
+        self.users: "weakref.WeakSet[Any]" = weakref.WeakSet()
+        self.holder: "weakref.ref[Any] | None" = None
+
+
+_pools: dict[tuple, SlotPool] = {}
+_lock = threading.Lock()
+
+
+def acquire(
+    user: PoolUser, streams: DeviceStreams, num_slots: int, slot_bytes: int, inference: bool
+) -> SlotPool:
+    """The pool for this shape, held by ``user`` from now on (the previous holder is evicted)."""
+    key = (str(streams.device), num_slots, slot_bytes, inference)
+    with _lock:
+        pool = _pools.get(key)
+        if pool is None:
+            pool = _pools[key] = SlotPool(streams, num_slots, slot_bytes, inference)
+        pool.users.add(user)
+        previous = pool.holder() if pool.holder is not None else None
+        pool.holder = weakref.ref(user)
+    if previous is not None and previous is not user:
+        previous.evict()
+    return pool
+
+
+def let_go(user: PoolUser, pool: SlotPool) -> None:
+    """``user`` no longer needs ``pool``; the last user's departure frees the VRAM."""
+    with _lock:
+        pool.users.discard(user)
+        if pool.holder is not None and pool.holder() is user:
+            pool.holder = None
+        if not len(pool.users):
+            for key, value in list(_pools.items()):
+                if value is pool:
+                    del _pools[key]
+
+
+def pooled_bytes() -> int:
+    """VRAM held by all pools (for leak checks)."""
+    with _lock:
+        return sum(s.numel() for pool in _pools.values() for s in pool.slots)
