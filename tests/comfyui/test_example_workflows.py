@@ -26,12 +26,29 @@ def registry(comfy, pack):
     import utils.install_util  # noqa: F401
     import utils.json_util  # noqa: F401
 
-    import nodes as core_nodes
+    core_nodes = _core_nodes_module()
 
     if "WanVaceToVideo" not in core_nodes.NODE_CLASS_MAPPINGS:
         asyncio.run(core_nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
     core_nodes.NODE_CLASS_MAPPINGS.update(pack.NODE_CLASS_MAPPINGS)
     return core_nodes
+
+
+def _core_nodes_module():
+    """ComfyUI's own ``nodes`` module (this repo has a ``nodes.py`` too, which may come first
+    on sys.path in a full test run)."""
+    import importlib.util
+    import sys
+
+    path = os.path.join(os.path.abspath(os.environ["COMFYUI_PATH"]), "nodes.py")
+    module = sys.modules.get("nodes")
+    if module is not None and os.path.abspath(getattr(module, "__file__", "")) == path:
+        return module
+    spec = importlib.util.spec_from_file_location("nodes", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["nodes"] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_there_are_workflows_for_each_family():
