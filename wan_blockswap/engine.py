@@ -20,7 +20,7 @@ from model_configs.base import ModelLayout
 
 from . import memory
 from .config import SwapConfig
-from .errors import BlockSwapConfigError, BlockSwapStateError
+from .errors import BlockSwapConfigError, BlockSwapStateError, InsufficientMemoryError
 from .plan import BlockSizes, ModelSizes, SwapPlan, plan_swap
 from .ring import SlotRing
 from .stats import SwapStats
@@ -104,6 +104,13 @@ class BlockSwap:
         try:
             swap._place(chosen)
             swap._attach_hooks()
+        except torch.cuda.OutOfMemoryError as error:
+            swap._undo()
+            raise InsufficientMemoryError(
+                f"ran out of memory placing the plan ({swap.plan.resident_bytes / 2**30:.2f} GiB "
+                f"resident on {device}, {swap.plan.swapped_bytes / 2**30:.2f} GiB in host "
+                f"memory): swap more blocks or lower vram_budget_gb. Nothing was changed."
+            ) from error
         except BaseException:
             swap._undo()
             raise

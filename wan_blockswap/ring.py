@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 
 from . import slot_pool
-from .errors import BlockSwapError
+from .errors import BlockSwapError, InsufficientMemoryError
 from .stats import SwapStats, UnitTiming
 from .stored_unit import StoredUnit
 from .streams import DeviceStreams
@@ -95,9 +95,19 @@ class SlotRing:
         # writes into inference slots happen in inference mode.
         first = next((u.tensors[0] for u in self.units if u.tensors), None)
         self.inference = bool(first is not None and first.is_inference())
-        self.pool = slot_pool.acquire(
-            self, self.streams, self.num_slots, self.slot_bytes, self.inference
-        )
+        try:
+            self.pool = slot_pool.acquire(
+                self, self.streams, self.num_slots, self.slot_bytes, self.inference
+            )
+        except torch.cuda.OutOfMemoryError as error:
+            free = torch.cuda.mem_get_info(self.streams.device)[0] if self.streams.is_cuda else 0
+            raise InsufficientMemoryError(
+                f"no room for {self.num_slots} swap slots of {self.slot_bytes / 2**20:.0f} MiB "
+                f"({self.num_slots * self.slot_bytes / 2**30:.2f} GiB; {free / 2**30:.2f} GiB "
+                f"free on {self.streams.device}): swap more blocks (fewer resident), lower "
+                f"prefetch_blocks (now {self.num_slots - 1}), or use swap_unit='layer'. The "
+                f"model is unchanged and usable once memory is freed."
+            ) from error
         self.slots, self.ready, self.freed = self.pool.slots, self.pool.ready, self.pool.freed
         with torch.inference_mode(self.inference), torch.no_grad():
             # Views are made once per holding, so rebinding costs only ``.data``.

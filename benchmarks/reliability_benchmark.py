@@ -1,0 +1,187 @@
+"""Reliability on a GPU: a soak (100 forwards, 20 apply/remove and 10 load/unload cycles) with
+memory before and after, injected faults (slot OOM, placement OOM, exceptions mid-forward,
+two models alternating, double apply) checked for survival and correct output afterwards,
+and the bad-file corpus. Writes benchmarks/results/reliability_<gpu>.json.
+
+    python benchmarks/reliability_benchmark.py
+"""
+
+from __future__ import annotations
+
+import gc
+import glob
+import json
+import os
+import sys
+import tempfile
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import wan_shapes  # noqa: E402
+
+from callbacks.checkpoint import CheckpointError, open_checkpoint  # noqa: E402
+from callbacks.lazy_loader import load_swapped  # noqa: E402
+from callbacks.writers import random_state, write_safetensors  # noqa: E402
+from model_configs.wan import comfy_state_shapes  # noqa: E402
+from wan_blockswap import (  # noqa: E402
+    BlockSwapStateError,
+    InsufficientMemoryError,
+    apply_block_swap,
+    registered_host_bytes,
+)
+from wan_blockswap.slot_pool import pooled_bytes  # noqa: E402
+
+GIB = 2**30
+DIM, FFN, BLOCKS = 3072, 8192, 8  # Wan 2.2 5B-wide blocks: large enough for leaks to show
+
+
+def memory(device) -> dict:
+    gc.collect()
+    torch.cuda.synchronize(device)
+    with open("/proc/self/status") as handle:
+        rss = next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmRSS:"))
+    return {
+        "rss_gib": rss / GIB,
+        "pinned_gib": registered_host_bytes() / GIB,
+        "cuda_gib": torch.cuda.memory_allocated(device) / GIB,
+        "slots_gib": pooled_bytes() / GIB,
+    }
+
+
+def forward(model, x):
+    with torch.inference_mode():
+        return model(**x)[0]
+
+
+def main() -> None:
+    device = torch.device("cuda")
+    name = torch.cuda.get_device_name(device)
+    overrides = dict(num_attention_heads=DIM // 128, ffn_dim=FFN)
+    state = wan_shapes.random_state_dict(BLOCKS, **overrides)
+    reference = wan_shapes.model_from(state, BLOCKS, **overrides).to(device)
+    x = wan_shapes.inputs(1560, device)
+    expected = forward(reference, x)
+    model = wan_shapes.model_from(state, BLOCKS, **overrides)
+    folder = tempfile.mkdtemp()
+    path = os.path.join(folder, "wan.safetensors")
+    write_safetensors(random_state(comfy_state_shapes(DIM, FFN, BLOCKS)), path)
+
+    for _ in range(2):  # warm caches (CUDA context, allocator, cuBLAS) before the baseline
+        swap = apply_block_swap(model, device=device, blocks_to_swap=6)
+        forward(model, x)
+        swap.remove()
+        lazy, lazy_swap, _ = load_swapped(path, device=device, blocks_to_swap=6)
+        lazy_swap.remove(restore=False)
+    baseline = memory(device)
+    swap = apply_block_swap(model, device=device, blocks_to_swap=6)
+    soak_equal = all(torch.equal(forward(model, x), expected) for _ in range(100))
+    swap.remove()
+    for cycle in range(20):
+        swap = apply_block_swap(
+            model, device=device, blocks_to_swap=1 + cycle % 8, prefetch_blocks=cycle % 3
+        )
+        soak_equal &= torch.equal(forward(model, x), expected)
+        swap.remove()
+    for _ in range(10):
+        lazy, lazy_swap, _ = load_swapped(path, device=device, blocks_to_swap=6)
+        forward(lazy, x)
+        lazy_swap.remove(restore=False)
+        del lazy
+    after = memory(device)
+
+    faults = []
+
+    def fault(label, inject):
+        swap = apply_block_swap(model, device=device, blocks_to_swap=6, prefetch_blocks=1)
+        try:
+            survived = bool(inject(swap))
+        except Exception as error:  # a fault that escapes is a failure, recorded
+            survived = False
+            print(f"{label}: {error!r}")
+        correct = torch.equal(forward(model, x), expected)
+        swap.remove()
+        faults.append({"name": label, "survived": survived, "output_correct": bool(correct)})
+
+    def slot_oom(swap):
+        swap.release_vram()
+        used = torch.cuda.memory_allocated(device)
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction((used + 2**20) / total, device)
+        try:
+            forward(model, x)
+            return False
+        except InsufficientMemoryError:
+            return True
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+    def exception_mid_forward(swap):
+        handle = model.blocks[4].ffn.register_forward_pre_hook(lambda m, a: 1 / 0)
+        try:
+            forward(model, x)
+        except ZeroDivisionError:
+            pass
+        handle.remove()
+        return not swap.ring.in_use
+
+    def double_apply(swap):
+        try:
+            apply_block_swap(model, device=device, blocks_to_swap=2)
+        except BlockSwapStateError:
+            return True
+        return False
+
+    fault("slot allocation out of memory", slot_oom)
+    fault("exception inside a block mid-forward", exception_mid_forward)
+    fault("applying twice", double_apply)
+    fault(
+        "100 forwards with fresh inputs",
+        lambda s: all(
+            torch.isfinite(forward(model, wan_shapes.inputs(1560, device, seed=i))).all()
+            for i in range(100)
+        ),
+    )
+
+    bad = sorted(glob.glob(os.path.join(ROOT, "tests", "data", "bad_checkpoints", "*")))
+    bad = [p for p in bad if not p.endswith(".json")]
+    rejected = 0
+    for bad_path in bad:
+        try:
+            with open_checkpoint(bad_path) as checkpoint:
+                for record in checkpoint.records:
+                    checkpoint.read(record)
+        except CheckpointError:
+            rejected += 1
+        except Exception as error:
+            print(f"{bad_path}: {error!r}")
+
+    results = {
+        "device": name,
+        "torch": torch.__version__,
+        "model": f"diffusers Wan, {BLOCKS} blocks of dim {DIM}, bf16",
+        "soak": {
+            "baseline": baseline,
+            "after": after,
+            "outputs_equal": bool(soak_equal),
+            "forwards": 100 + 20 + 10,
+            "apply_remove_cycles": 20,
+            "load_unload_cycles": 10,
+        },
+        "faults": faults,
+        "bad_inputs": {"tried": len(bad), "rejected_cleanly": rejected},
+    }
+    short = name.lower().replace("nvidia ", "").split()[0]
+    output = os.path.join(ROOT, "benchmarks", "results", f"reliability_{short}.json")
+    if len(sys.argv) > 1:
+        output = sys.argv[1]
+    with open(output, "w") as handle:
+        json.dump(results, handle, indent=2)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
