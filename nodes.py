@@ -174,33 +174,12 @@ class WanBlockSwapStream:
             },
         }
 
-    def apply(
-        self,
-        model,
-        blocks_to_swap,
-        offload_txt_emb,
-        offload_img_emb,
-        use_non_blocking,
-        vace_blocks_to_swap,
-        prefetch_blocks,
-        block_swap_debug,
-        preset=CUSTOM,
-        vram_budget_gb=0.0,
-    ):
+    def apply(self, model, **widgets):
+        """``widgets``: the swap inputs, by name (see INPUT_TYPES)."""
         from callbacks.comfy_adapter import apply_to_patcher, free_vram_gb
 
-        config = config_from_widgets(
-            blocks_to_swap,
-            offload_txt_emb,
-            offload_img_emb,
-            use_non_blocking,
-            vace_blocks_to_swap,
-            prefetch_blocks,
-            block_swap_debug,
-            preset,
-            vram_budget_gb,
-            free_vram_gb(model) if preset == AUTO else None,
-        )
+        auto = widgets.get("preset") == AUTO
+        config = config_from_widgets(**widgets, free_vram_gb=free_vram_gb(model) if auto else None)
         return (apply_to_patcher(model, config),)
 
 
@@ -240,39 +219,16 @@ class WanBlockSwapModelLoader(WanBlockSwapStream):
         }
         return inputs
 
-    def load(
-        self,
-        unet_name,
-        weight_dtype,
-        blocks_to_swap,
-        offload_txt_emb,
-        offload_img_emb,
-        use_non_blocking,
-        vace_blocks_to_swap,
-        prefetch_blocks,
-        block_swap_debug,
-        preset=CUSTOM,
-        vram_budget_gb=0.0,
-    ):
+    def load(self, unet_name, weight_dtype, **widgets):
         import folder_paths
 
         from callbacks.comfy_adapter import load_lazily
 
-        if preset == AUTO:
+        if widgets.get("preset") == AUTO:
             raise ValueError(
                 "preset 'auto' needs a loaded model; use it on the WAN BlockSwap node instead"
             )
-        config = config_from_widgets(
-            blocks_to_swap,
-            offload_txt_emb,
-            offload_img_emb,
-            use_non_blocking,
-            vace_blocks_to_swap,
-            prefetch_blocks,
-            block_swap_debug,
-            preset,
-            vram_budget_gb,
-        )
+        config = config_from_widgets(**widgets)
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         return (load_lazily(path, config, WEIGHT_DTYPES[weight_dtype]),)
 

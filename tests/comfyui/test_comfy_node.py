@@ -28,38 +28,27 @@ def run(comfy, patcher, inputs):
     return (out[0] if isinstance(out, tuple) else out).float().cpu()
 
 
+WIDGETS = dict(
+    blocks_to_swap=2,
+    offload_txt_emb=False,
+    offload_img_emb=False,
+    use_non_blocking=True,
+    vace_blocks_to_swap=0,
+    prefetch_blocks=1,
+    block_swap_debug=False,
+)
+
+
 def config(**options):
     from conftest import load_pack
 
-    config_from_widgets = load_pack().nodes.config_from_widgets
-
-    widgets = dict(
-        blocks_to_swap=2,
-        offload_txt_emb=False,
-        offload_img_emb=False,
-        use_non_blocking=True,
-        vace_blocks_to_swap=0,
-        prefetch_blocks=1,
-        block_swap_debug=False,
-    )
-    return config_from_widgets(**{**widgets, **options})
+    return load_pack().nodes.config_from_widgets(**{**WIDGETS, **options})
 
 
 def node(model, **options):
     from conftest import load_pack
 
-    WanBlockSwapStream = load_pack().nodes.WanBlockSwapStream
-
-    widgets = dict(
-        blocks_to_swap=2,
-        offload_txt_emb=False,
-        offload_img_emb=False,
-        use_non_blocking=True,
-        vace_blocks_to_swap=0,
-        prefetch_blocks=1,
-        block_swap_debug=False,
-    )
-    return WanBlockSwapStream().apply(model, **{**widgets, **options})[0]
+    return load_pack().nodes.WanBlockSwapStream().apply(model, **{**WIDGETS, **options})[0]
 
 
 def lora_like(patcher, keys, seed=0):
@@ -236,7 +225,8 @@ def test_lazy_loader_node_equals_core_loader(comfy, pack, tmp_path, weight_dtype
     comfy.model_management.unload_all_models()
     loader = pack.nodes.WanBlockSwapModelLoader()
     assert "tiny_wan.safetensors" in loader.INPUT_TYPES()["required"]["unet_name"][0]
-    (model,) = loader.load("tiny_wan.safetensors", weight_dtype, 3, True, False, True, 0, 1, False)
+    widgets = {**WIDGETS, "blocks_to_swap": 3, "offload_txt_emb": True}
+    (model,) = loader.load("tiny_wan.safetensors", weight_dtype, **widgets)
     block = model.model.diffusion_model.blocks[3]
     assert block.self_attn.q.weight.numel() == 0  # swapped: never materialised on the CPU
     assert model.model.diffusion_model.blocks[0].self_attn.q.weight.dtype == (
