@@ -167,18 +167,22 @@ def load_lazily(path: str, config: SwapConfig, dtype: torch.dtype | None = None)
             _set_tensor(diffusion_model, name, torch.empty_like(tensor, device="meta"))
         arch = model_configs.detect(diffusion_model)
         swap = BlockSwap.apply(
-            diffusion_model, config, arch.layout, load_device, move_resident=False
+            diffusion_model,
+            config,
+            arch.layout,
+            load_device,
+            move_resident=False,
+            allocate_empty=False,
         )
         try:
             entries = []
-            for name in names:
-                dest = swap.destination(name)
-                if dest.device.type == "meta":  # resident: core moves it to the GPU later
-                    dest = torch.empty(dest.shape, dtype=dest.dtype, device=offload_device)
+            for name, tensor in names.items():
+                if swap.swapped_tensor(name) is None:  # resident: core moves it later
+                    dest = torch.empty(tensor.shape, dtype=tensor.dtype, device=offload_device)
                     _set_tensor(diffusion_model, name, dest)
                 record = checkpoint.records[file_key[name]]
-                raw = record.qtype is None and record.dtype == dest.dtype
-                entries.append(Entry(name, record, dest.dtype, raw))
+                raw = record.qtype is None and record.dtype == tensor.dtype
+                entries.append(Entry(name, record, tensor.dtype, raw))
             stream_into(checkpoint, entries, swap, load_device, _comfy_progress())
         except BaseException:
             swap.remove(restore=False)

@@ -25,6 +25,7 @@ from torch import nn
 from wan_blockswap import BlockSwap, SwapConfig
 from wan_blockswap.api import _resolve_device
 from wan_blockswap.storage import HostBuffer
+from wan_blockswap.stored_unit import StoredUnit
 
 from .checkpoint import Checkpoint, TensorRecord, open_checkpoint
 from .gguf_dequant import SUPPORTED_TYPES, UnsupportedQuantTypeError, dequantize
@@ -109,7 +110,7 @@ def load_swapped(
         )
         entries = _prepare(plan, checkpoint, compute_dtype)
         layout = (plan.arch or _generic(plan.model)).layout
-        swap = BlockSwap.apply(plan.model, config, layout, device)
+        swap = BlockSwap.apply(plan.model, config, layout, device, allocate_empty=False)
         try:
             stream_into(checkpoint, entries, swap, device, progress)
         except BaseException:
@@ -194,16 +195,26 @@ def stream_into(
     device: torch.device,
     progress: Progress | None,
 ) -> None:
-    """Read every tensor once, in file order, into its destination."""
+    """Read every tensor once into its destination.
+
+    Swapped tensors are read unit by unit on several threads, each thread page-locking the
+    unit's host buffer and then reading the file straight into it, so pinning one unit
+    overlaps reading another (the page cache copies at a few GB/s per core, and pinning
+    costs about as much). Resident tensors, and anything needing a cast, go through one
+    staging buffer on this thread meanwhile.
+    """
     entries = sorted(entries, key=lambda e: (e.record.path, e.record.offset))
-    pairs = [(e, swap.destination(e.name)) for e in entries]
-    # Swapped tensors stored as-is go straight into their host buffer, on several threads
-    # (the page cache copies at a few GB/s per core); the rest pass through one staging buffer.
-    direct = [(e, d) for e, d in pairs if e.raw and d.device.type == "cpu"]
-    staged = [(e, d) for e, d in pairs if not (e.raw and d.device.type == "cpu")]
-    staging = HostBuffer(
-        max((e.record.nbytes for e, _ in staged), default=0), pin=device.type == "cuda"
-    )
+    units: dict[int, tuple[StoredUnit, list[tuple[Entry, int]]]] = {}
+    others: list[Entry] = []
+    for entry in entries:
+        found = swap.swapped_tensor(entry.name)
+        if found is None:
+            others.append(entry)
+        else:
+            stored, index = found
+            units.setdefault(id(stored), (stored, []))[1].append((entry, index))
+    pin = device.type == "cuda"
+    staging = HostBuffer(max((e.record.nbytes for e in others), default=0), pin=pin)
     total = sum(e.record.nbytes for e in entries)
     done = 0
 
@@ -213,22 +224,36 @@ def stream_into(
         if progress is not None:
             progress(done, total, _label(entry.name))
 
-    workers = min(READ_THREADS, os.cpu_count() or 1)
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blockswap-read")
-    try:
-        futures = {
-            pool.submit(checkpoint.read_into, e.record.name, d.reshape(-1).view(torch.uint8)): e
-            for e, d in direct
-        }
+    def fill(stored: StoredUnit, items: list[tuple[Entry, int]]) -> None:
+        stored.allocate(pin)
         with torch.no_grad():
-            for entry, dest in staged:
-                raw = staging.tensor[: entry.record.nbytes]
-                checkpoint.read_into(entry.record.name, raw)
-                dest.copy_(_decode(raw, entry.record, entry.target, entry.raw))
+            for entry, index in items:
+                view = stored.host_views[index]
+                if entry.raw:
+                    checkpoint.read_into(entry.record.name, view.reshape(-1).view(torch.uint8))
+                else:
+                    raw = torch.empty(entry.record.nbytes, dtype=torch.uint8)
+                    checkpoint.read_into(entry.record.name, raw)
+                    view.copy_(_decode(raw, entry.record, entry.target, entry.raw))
+
+    workers = min(READ_THREADS, os.cpu_count() or 1)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blockswap-load")
+    try:
+        futures = {pool.submit(fill, stored, items): items for stored, items in units.values()}
+        with torch.no_grad():
+            for entry in others:
+                dest = swap.destination(entry.name)
+                if entry.raw and dest.device.type == "cpu":
+                    checkpoint.read_into(entry.record.name, dest.reshape(-1).view(torch.uint8))
+                else:
+                    raw = staging.tensor[: entry.record.nbytes]
+                    checkpoint.read_into(entry.record.name, raw)
+                    dest.copy_(_decode(raw, entry.record, entry.target, entry.raw))
                 report(entry)
         for future in as_completed(futures):
             future.result()
-            report(futures[future])
+            for entry, _ in futures[future]:
+                report(entry)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     finally:

@@ -63,8 +63,9 @@ class BlockSwap:
         self.ring: SlotRing | None = None
         self._moved: list[tuple[torch.Tensor, torch.device]] = []
         self._hooks: list[Any] = []
-        self._host_views: dict[str, torch.Tensor] = {}
+        self._swapped_index: dict[str, tuple[StoredUnit, int]] = {}
         self.move_resident = True
+        self.allocate_empty = True
 
     @classmethod
     def apply(
@@ -74,10 +75,13 @@ class BlockSwap:
         layout: ModelLayout,
         device: torch.device,
         move_resident: bool = True,
+        allocate_empty: bool = True,
     ) -> "BlockSwap":
         """Apply ``config`` to ``model``. With ``move_resident=False`` weights that stay on the
         GPU are left where they are, for a host (ComfyUI core) that places them itself; the
-        VRAM check is then the host's business too."""
+        VRAM check is then the host's business too. With ``allocate_empty=False`` units of a
+        meta skeleton get their host buffers only when a loader fills them
+        (``StoredUnit.allocate``), so page-locking overlaps reading the file."""
         if model in _active:
             raise BlockSwapStateError(
                 f"{type(model).__name__} already has a block swap applied; call "
@@ -101,6 +105,7 @@ class BlockSwap:
         )
         memory.check_fits(model, chosen, swap.plan, device, check_vram=move_resident)
         swap.move_resident = move_resident
+        swap.allocate_empty = allocate_empty
         try:
             swap._place(chosen)
             swap._attach_hooks()
@@ -128,9 +133,13 @@ class BlockSwap:
             for unit in chosen:
                 stored = StoredUnit(unit, self.device, placeholders)
                 self.units.append(stored)  # before pack, so _undo restores a half-packed unit
-            _allocate_empty_units(self.units, pin)
+            if self.allocate_empty:
+                _allocate_empty_units(self.units, pin)
             for stored in self.units:
-                stored.pack(pin)
+                if stored.is_empty and not self.allocate_empty:
+                    stored.unbind()  # placeholders now; the loader allocates and fills it
+                else:
+                    stored.pack(pin)
                 swapped_ids.update(id(t) for t in stored.tensors)
             for ref in tensor_refs(self.model, "", set()) if self.move_resident else ():
                 tensor = ref.get()
@@ -190,18 +199,26 @@ class BlockSwap:
         if self.ring is not None:
             self.ring.end_forward(completed=False)
 
+    def swapped_tensor(self, name: str) -> "tuple[StoredUnit, int] | None":
+        """The unit holding the parameter or buffer ``name`` and its index there, if swapped."""
+        if not self._swapped_index:
+            self._swapped_index = {
+                ref.qualname: (stored, index)
+                for stored in self.units
+                for index, ref in enumerate(stored.unit.tensors)
+            }
+        return self._swapped_index.get(name)
+
     def destination(self, name: str) -> torch.Tensor:
         """Where the weights of the parameter or buffer ``name`` live now: its host-buffer view
         if swapped, else the tensor itself. Loaders write checkpoint data here."""
         assert self.model is not None
-        if not self._host_views:
-            self._host_views = {
-                ref.qualname: view
-                for stored in self.units
-                for ref, view in zip(stored.unit.tensors, stored.host_views)
-            }
-        if name in self._host_views:
-            return self._host_views[name]
+        found = self.swapped_tensor(name)
+        if found is not None:
+            stored, index = found
+            if stored.host is None:
+                raise BlockSwapStateError(f"{stored.name} has no host buffer yet (allocate it)")
+            return stored.host_views[index]
         module_path, _, attr = name.rpartition(".")
         owner = self.model.get_submodule(module_path) if module_path else self.model
         tensor = owner._parameters.get(attr)
@@ -260,7 +277,7 @@ class BlockSwap:
                         tensor.data = tensor.data.to("cpu" if device.type == "meta" else device)
         self.units.clear()
         self._moved.clear()
-        self._host_views.clear()
+        self._swapped_index.clear()
 
 
 def _allocate_empty_units(units: list[StoredUnit], pin: bool) -> None:
