@@ -35,7 +35,7 @@ from wan_blockswap import (  # noqa: E402
     InsufficientMemoryError,
     SwapConfig,
 )
-from wan_blockswap.api import _resolve_device  # noqa: E402
+from wan_blockswap.api import resolve_device  # noqa: E402
 from wan_blockswap.measure import h2d_bandwidth_gbps, time_forwards  # noqa: E402
 from wan_blockswap.plan import GIB  # noqa: E402
 import perf_report  # noqa: E402  (next to this script)
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     ]

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from wan_blockswap import BlockSwap, SwapConfig
-from wan_blockswap.api import _resolve_device
+from wan_blockswap.api import resolve_device
 from wan_blockswap.storage import HostBuffer
 from wan_blockswap.stored_unit import StoredUnit
 
@@ -98,7 +98,7 @@ def load_swapped(
     """
     if config is None:
         config = SwapConfig.from_options(**options)
-    device = _resolve_device(device)
+    device = resolve_device(device)
     if progress is True:
         progress = TerminalProgress()
     elif progress is False:

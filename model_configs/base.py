@@ -105,6 +105,7 @@ class ArchConfig:
         class_names: model class names this record matches.
         layout: block lists and offloadable embeddings.
         required_paths: module paths that must exist for a match (tells VACE from plain Wan).
+        forbidden_paths: module paths that must not exist for a match.
         detect_keys: checkpoint keys (without any file prefix) that identify the architecture.
         hidden_param: parameter of a block whose last dimension is the hidden size.
         variants: known sizes, for presets and logs.

@@ -75,7 +75,7 @@ def apply_block_swap(
         remove_block_swap(model)
     if layout is None:
         layout = model_configs.detect(model).layout
-    return BlockSwap.apply(model, config, layout, _resolve_device(device))
+    return BlockSwap.apply(model, config, layout, resolve_device(device))
 
 
 def remove_block_swap(model: nn.Module) -> bool:
@@ -100,7 +100,8 @@ def plan_for(model: nn.Module, config: SwapConfig, layout: ModelLayout | None = 
     return plan_swap(sizes, config)
 
 
-def _resolve_device(device: torch.device | str | None) -> torch.device:
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """``None`` -> the current CUDA device if there is one, else the CPU; names checked."""
     if device is None:
         return (
             torch.device("cuda", torch.cuda.current_device())
