@@ -111,3 +111,27 @@ def test_interrupt_keeps_what_was_measured(tmp_path, monkeypatch):
     assert test_performance.main(["--tokens", "8", "--iters", "1", "--output", output]) == 0
     report = check_outputs(tmp_path, "partial_results.json")
     assert report["interrupted"] is True and len(report["results"]) == 1
+
+
+def test_model_path_gguf_is_detected_and_measured(tmp_path):
+    sys.path.insert(0, ROOT)
+    from callbacks.writers import random_state, write_gguf
+    from model_configs.wan import comfy_state_shapes
+
+    path = tmp_path / "tiny.gguf"
+    write_gguf(random_state(comfy_state_shapes(256, 512, 4, text_dim=64, freq_dim=256)), path)
+    result = run_script(
+        "--model-path",
+        str(path),
+        "--tokens",
+        "16",
+        "--iters",
+        "1",
+        "--output",
+        "gguf_results.json",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    report = check_outputs(tmp_path, "gguf_results.json")
+    assert report["architecture"] == "wan.comfyui" and report["num_blocks"] == 4
+    assert [r["blocks_to_swap"] for r in report["results"]] == [0, 2, 4]
