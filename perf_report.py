@@ -15,17 +15,6 @@ SCHEMA_VERSION = 1
 RESERVE_GB = 1.0
 
 
-def rss_bytes() -> int:
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def new_report(device, dtype, model, arch, num_blocks, latent, bandwidth) -> dict:
     frames, height, width = latent
     return {

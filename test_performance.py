@@ -36,7 +36,7 @@ from wan_blockswap import (  # noqa: E402
     SwapConfig,
 )
 from wan_blockswap.api import resolve_device  # noqa: E402
-from wan_blockswap.measure import h2d_bandwidth_gbps, time_forwards  # noqa: E402
+from wan_blockswap.measure import h2d_bandwidth_gbps, rss_bytes, time_forwards  # noqa: E402
 from wan_blockswap.plan import GIB  # noqa: E402
 import perf_report  # noqa: E402  (next to this script)
 
@@ -142,7 +142,7 @@ def write_default_model(folder: str, dtype: torch.dtype) -> str:
 
 def measure(path, options, latent, dtype, device, iters, baseline_ms, bandwidth, progress=False):
     """Load with ``options``, time forwards, tear down; one row of the report."""
-    rss0 = perf_report.rss_bytes()
+    rss0 = rss_bytes()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
@@ -160,7 +160,7 @@ def measure(path, options, latent, dtype, device, iters, baseline_ms, bandwidth,
         "load_s": load_s,
         "weights_on_device_gib": swap.plan.gpu_weight_bytes / GIB,
         "swapped_gib": swap.plan.swapped_bytes / GIB,
-        "host_ram_increase_gib": (perf_report.rss_bytes() - rss0) / GIB,
+        "host_ram_increase_gib": (rss_bytes() - rss0) / GIB,
         "peak_vram_load_gib": None,
         "peak_vram_forward_gib": None,
     }

@@ -20,6 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from wan_blockswap.measure import rss_bytes  # noqa: E402
+
 GIB = 2**30
 FORMATS = {
     "bf16": "wan_bf16.safetensors",
@@ -29,16 +31,6 @@ FORMATS = {
     "bf16_diffusers": "wan_bf16_diffusers.safetensors",
     "fp8_diffusers": "wan_fp8_diffusers.safetensors",
 }
-
-
-def rss_bytes(field: str = "VmRSS") -> int:
-    """Current RSS, or with ``VmHWM`` this process's peak. (``ru_maxrss`` would not do: Linux
-    carries the parent's peak across fork and exec.)"""
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def drop_page_cache() -> bool:

@@ -33,6 +33,7 @@ from wan_blockswap import (  # noqa: E402
     apply_block_swap,
     registered_host_bytes,
 )
+from wan_blockswap.measure import rss_bytes  # noqa: E402
 from wan_blockswap.slot_pool import pooled_bytes  # noqa: E402
 
 GIB = 2**30
@@ -42,10 +43,8 @@ DIM, FFN, BLOCKS = 3072, 8192, 8  # Wan 2.2 5B-wide blocks: large enough for lea
 def memory(device) -> dict:
     gc.collect()
     torch.cuda.synchronize(device)
-    with open("/proc/self/status") as handle:
-        rss = next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmRSS:"))
     return {
-        "rss_gib": rss / GIB,
+        "rss_gib": rss_bytes() / GIB,
         "pinned_gib": registered_host_bytes() / GIB,
         "cuda_gib": torch.cuda.memory_allocated(device) / GIB,
         "slots_gib": pooled_bytes() / GIB,

@@ -22,6 +22,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+import model_configs
+
 from wan_blockswap import BlockSwap, SwapConfig
 from wan_blockswap.api import resolve_device
 from wan_blockswap.storage import HostBuffer
@@ -109,7 +111,7 @@ def load_swapped(
             build_skeleton(checkpoint) if skeleton is None else match_skeleton(skeleton, checkpoint)
         )
         entries = _prepare(plan, checkpoint, compute_dtype)
-        layout = (plan.arch or _generic(plan.model)).layout
+        layout = (plan.arch or model_configs.detect(plan.model)).layout
         swap = BlockSwap.apply(plan.model, config, layout, device, allocate_empty=False)
         try:
             stream_into(checkpoint, entries, swap, device, progress)
@@ -277,9 +279,3 @@ def _label(name: str) -> str:
         if part.isdigit() or (part.startswith("block") and part[5:].isdigit()):
             return ".".join(parts[: i + 1])
     return parts[0]
-
-
-def _generic(model: nn.Module):
-    import model_configs
-
-    return model_configs.detect(model)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from toy_models import make_toy, toy_inputs, toy_layout
+from wan_blockswap.measure import rss_bytes
 from wan_blockswap import apply_block_swap, registered_host_bytes
 
 pytestmark = pytest.mark.cuda
@@ -24,14 +25,6 @@ def cuda_toy(vace=0):
 
 def inputs(seed):
     return toy_inputs(seed, device="cuda", dtype=torch.bfloat16, dim=DIM, tokens=256)
-
-
-def rss_bytes():
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def test_allocator_backend_matches_environment():

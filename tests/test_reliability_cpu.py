@@ -11,21 +11,14 @@ from callbacks.lazy_loader import load_swapped
 from callbacks.writers import random_state, write_safetensors
 from model_configs.wan import comfy_state_shapes
 from toy_models import make_toy, toy_inputs, toy_layout
+from wan_blockswap.measure import rss_bytes
 from wan_blockswap import InsufficientMemoryError, apply_block_swap, registered_host_bytes
 from wan_blockswap.slot_pool import pooled_bytes
 
 
-def rss() -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def settle() -> int:
     gc.collect()
-    return rss()
+    return rss_bytes()
 
 
 def test_soak_forwards_and_apply_remove_cycles_return_to_baseline():

@@ -90,6 +90,20 @@ def time_forwards(
     return Timing(tuple(events[i].elapsed_time(events[i + 1]) for i in range(iters)))
 
 
+def rss_bytes(field: str = "VmRSS") -> int:
+    """This process's resident memory from /proc/self/status (0 where that does not exist);
+    ``field="VmHWM"`` gives its peak. (``ru_maxrss`` would not do for a child process: Linux
+    carries the parent's peak across fork and exec.)"""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
