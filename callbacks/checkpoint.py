@@ -143,7 +143,7 @@ class Checkpoint:
         self.records = records
         self.metadata = metadata
         self._file_sizes = file_sizes  # seen at open: a changed size means a changed file
-        self._files: dict[str, io.FileIO] = {}
+        self._files: dict[tuple[str, int], io.FileIO] = {}
         self._locks = {path: threading.Lock() for path in paths}
         self._guard = threading.Lock()
         self._closed = False
@@ -166,11 +166,17 @@ class Checkpoint:
             handle.close()
 
     def _handle(self, path: str) -> io.FileIO:
-        """Open ``path`` once, unbuffered, after checking it still has the size seen at open."""
+        """Open ``path`` once per thread, unbuffered, checking it still has its size.
+
+        One descriptor per thread because the kernel keeps readahead state per open file:
+        threads reading different blocks through one descriptor look like random access and
+        lose readahead when the file is not cached yet.
+        """
+        key = (path, threading.get_ident())
         with self._guard:
             if self._closed:
                 raise ValueError(f"{self!r} is closed; open the checkpoint again to read it")
-            if path not in self._files:
+            if key not in self._files:
                 try:
                     handle = open(path, "rb", buffering=0)
                 except OSError as exc:
@@ -184,8 +190,8 @@ class Checkpoint:
                         "bytes)",
                         "Do not modify checkpoints while they are in use; open it again.",
                     )
-                self._files[path] = handle
-            return self._files[path]
+                self._files[key] = handle
+            return self._files[key]
 
     def _record(self, name: str) -> TensorRecord:
         record = self.records.get(name)

@@ -159,6 +159,7 @@ def test_two_models_alternating_on_shared_slots_with_fresh_inputs():
                 x = inputs(500 + step)
                 assert torch.equal(m(**x), refs[id(m)](**x)), step
     assert pooled_bytes() == swaps[0].plan.num_slots * swaps[0].plan.slot_bytes
+    del x  # the last inputs, not part of the baseline
     for swap in swaps:
         swap.remove()
     torch.cuda.synchronize()

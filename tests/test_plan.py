@@ -25,14 +25,28 @@ def wan14b_like(n=40, vace=0, block=700 * MB):
     return ModelSizes(blocks, other_bytes=400 * MB, txt_emb_bytes=100 * MB, img_emb_bytes=30 * MB)
 
 
-def test_blocks_to_swap_swaps_the_last_blocks():
+def test_blocks_to_swap_spreads_swapped_blocks_evenly_ending_with_the_last():
     plan = plan_swap(wan14b_like(), SwapConfig(blocks_to_swap=12))
-    assert plan.swapped == tuple(f"blocks.{i}" for i in range(28, 40))
+    indices = [int(name.split(".")[1]) for name in plan.swapped]
+    assert len(indices) == 12 and indices[-1] == 39
+    # evenly spaced: resident blocks between swapped ones hide the next copy
+    assert {b - a for a, b in zip(indices, indices[1:])} <= {3, 4}
     assert len(plan.resident) == 28
     assert plan.num_slots == 2 and plan.slot_bytes == 700 * MB
     assert plan.resident_bytes == 400 * MB + 28 * 700 * MB
     assert plan.swapped_bytes == 12 * 700 * MB
-    assert "blocks 0-27 on GPU, 28-39 in host memory" in plan.describe()
+    assert "blocks 0-1, 3-4, 6-8, 10-11" in plan.describe()
+    assert "2, 5, 9, 12, 15, 19, 22, 25, 29, 32, 35, 39 in host memory" in plan.describe()
+
+
+@pytest.mark.parametrize("n", [1, 5, 8, 40])
+def test_spread_picks_count_distinct_blocks_including_the_last(n):
+    from wan_blockswap.plan import spread
+
+    for count in range(n + 1):
+        chosen = spread(count, n)
+        assert len(chosen) == count and chosen <= set(range(n))
+        assert count == 0 or n - 1 in chosen
 
 
 def test_default_swaps_everything_and_nothing_swapped_needs_no_slots():
@@ -81,12 +95,16 @@ def test_vace_automatic_follows_main_share_and_explicit_count():
 def test_vram_budget_keeps_as_many_blocks_as_fit():
     sizes = wan14b_like()
     for budget_gb in (3.0, 8.0, 12.0, 20.0):
-        plan = plan_swap(sizes, SwapConfig(vram_budget_gb=budget_gb))
+        plan = plan_swap(sizes, SwapConfig(vram_budget_gb=budget_gb, swap_unit="block"))
         assert plan.gpu_weight_bytes <= budget_gb * GIB
         # one more resident block would not fit
         more = plan.gpu_weight_bytes + 700 * MB
         assert more > budget_gb * GIB or not plan.swapped
         assert plan.swap_unit == "block"
+        # "auto" may pick layers instead, but only to copy fewer bytes per forward
+        auto = plan_swap(sizes, SwapConfig(vram_budget_gb=budget_gb))
+        assert auto.gpu_weight_bytes <= budget_gb * GIB
+        assert auto.swapped_bytes <= plan.swapped_bytes
 
 
 def test_vram_budget_falls_back_to_layers_then_errors():
@@ -110,15 +128,35 @@ def test_vram_budget_falls_back_to_layers_then_errors():
         plan_swap(small, SwapConfig(vram_budget_gb=1.2, swap_unit="block"))
 
 
+def test_vram_budget_prefers_more_resident_blocks_over_whole_block_slots():
+    # Real Wan blocks are almost all large layers: layer slots (2 x 140 MB) leave room for one
+    # more resident block than block slots (2 x 700 MB) do, so fewer bytes cross per forward.
+    layers = (140 * MB, 140 * MB, 140 * MB, 140 * MB, 139 * MB)
+    sizes = ModelSizes(
+        tuple(BlockSizes(f"blocks.{i}", "blocks", "main", 700 * MB, layers) for i in range(8)),
+        other_bytes=100 * MB,
+    )
+    budget = (100 + 2 * 700 + 2 * 700) * MB / GIB  # two resident blocks with block slots
+    plan = plan_swap(sizes, SwapConfig(vram_budget_gb=budget))
+    assert plan.swap_unit == "layer" and len(plan.resident) == 3
+    assert plan.gpu_weight_bytes <= budget * GIB
+    block_only = plan_swap(sizes, SwapConfig(vram_budget_gb=budget, swap_unit="block"))
+    assert len(block_only.resident) == 2 and block_only.swapped_bytes > plan.swapped_bytes
+    # what whole blocks leave of the budget keeps the largest layers of swapped blocks
+    assert plan.kept_layers and all(name in plan.swapped for name, _ in plan.kept_layers)
+    slack = budget * GIB - plan.gpu_weight_bytes
+    assert 0 <= slack < 139 * MB
+
+
 def test_flux_like_two_main_lists_count_together():
     blocks = tuple(BlockSizes(f"double.{i}", "double", "main", 300 * MB) for i in range(3))
     blocks += tuple(BlockSizes(f"single.{i}", "single", "main", 100 * MB) for i in range(5))
     plan = plan_swap(ModelSizes(blocks, other_bytes=0), SwapConfig(blocks_to_swap=6))
-    assert plan.swapped == ("double.2",) + tuple(f"single.{i}" for i in range(5))
+    assert plan.swapped == ("double.0", "double.1", "single.0", "single.1", "single.2", "single.4")
     assert plan.slot_bytes == 300 * MB
     assert plan.describe().splitlines()[:2] == [
-        "double 0-1 on GPU, 2 in host memory",
-        "single 0-4 in host memory",
+        "double 2 on GPU, 0-1 in host memory",
+        "single 3 on GPU, 0-2, 4 in host memory",
     ]
 
 

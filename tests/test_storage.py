@@ -32,3 +32,11 @@ def test_host_buffer_is_exact_size():
     buffer = HostBuffer(1000, pin=False)
     assert buffer.tensor.numel() == 1000 and not buffer.pinned
     buffer.free()
+
+
+def test_large_host_buffers_outlive_their_owner_through_views():
+    buffer = HostBuffer(64 * 2**20, pin=False)
+    buffer.tensor.fill_(7)
+    view = buffer.tensor[-16:]
+    buffer.free()
+    assert buffer.tensor is None and int(view.sum()) == 7 * 16

@@ -28,7 +28,7 @@ class SwapConfig:
     Attributes:
         blocks_to_swap: number of blocks of the main block lists (in execution order, counted
             over all main lists together, e.g. Flux double then single blocks) that live in host
-            memory; the last ones are swapped. ``None``: decided by the other options.
+            memory, spread evenly (the last block included). ``None``: decided by the other options.
         vace_blocks_to_swap: VACE blocks to swap; ``0`` means automatic (the same fraction as
             the main blocks).
         offload_txt_emb: stream the text embedding from host memory too.

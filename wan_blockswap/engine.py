@@ -24,7 +24,7 @@ from .errors import BlockSwapConfigError, BlockSwapStateError, InsufficientMemor
 from .plan import BlockSizes, ModelSizes, SwapPlan, plan_swap
 from .ring import SlotRing
 from .stats import SwapStats
-from .storage import PackedLayout
+from .storage import PackedLayout, return_freed_host_memory
 from .stored_unit import Placeholders, StoredUnit
 from .streams import DeviceStreams
 from .units import (
@@ -257,6 +257,7 @@ class BlockSwap:
         self._undo(restore)
         _active.pop(self.model, None)
         self.model = None
+        return_freed_host_memory()
 
     def _undo(self, restore: bool = True) -> None:
         if self.ring is not None:
@@ -356,9 +357,12 @@ def _choose_units(units: dict[str, Any], plan: SwapPlan) -> list[SwapUnit]:
         chosen.extend(units["embeddings"]["txt"])
     if plan.offload_img_emb:
         chosen.extend(units["embeddings"]["img"])
+    kept = set(plan.kept_layers)
     for name in plan.swapped:
         if plan.swap_unit == "layer":
-            chosen.extend(units["layers"][name])
+            chosen.extend(
+                unit for i, unit in enumerate(units["layers"][name]) if (name, i) not in kept
+            )
         else:
             chosen.append(units["blocks"][name])
     return chosen

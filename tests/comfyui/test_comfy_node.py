@@ -21,7 +21,17 @@ ARCHS = [
 def run(comfy, patcher, inputs):
     comfy.model_management.load_models_gpu([patcher])
     device = patcher.load_device
-    x = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in inputs.items()}
+    # as core's apply_model does: float inputs in the dtype the model computes in (on a GPU
+    # core may pick fp16 for a bf16 file)
+    dtype = patcher.model.manual_cast_dtype or patcher.model.get_dtype()
+    x = {
+        k: (
+            (v.to(device, dtype) if torch.is_floating_point(v) else v.to(device))
+            if torch.is_tensor(v)
+            else v
+        )
+        for k, v in inputs.items()
+    }
     with torch.inference_mode():
         out = patcher.model.diffusion_model(**x)
     patcher.cleanup()
