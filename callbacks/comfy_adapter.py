@@ -262,6 +262,7 @@ def _on_load(
     if patcher.patches_uuid != state.patches_uuid:
         state.swap.set_transform(_patch_transform(patcher, state))
         state.patches_uuid = patcher.patches_uuid
+    _attach_gguf_patches(patcher, state)
     if not full_load:  # on a full load core already counted model_size(), ring included
         patcher.model.model_loaded_weight_memory += state.ring_bytes
 
@@ -285,9 +286,11 @@ def _patch_transform(patcher: Any, state: _State):
     recipe core uses for weights it patches at load time."""
     wanted: dict[str, list[tuple[int, str]]] = {}
     for stored in state.swap.units:
-        for index, ref in enumerate(stored.unit.tensors):
+        for index, (ref, tensor) in enumerate(zip(stored.unit.tensors, stored.tensors)):
             key = MODEL_PREFIX + ref.qualname
-            if key in patcher.patches:
+            if key not in patcher.patches:
+                continue
+            if not _is_gguf_quantized(tensor):  # those: _attach_gguf_patches
                 wanted.setdefault(stored.name, []).append((index, key))
     if not wanted:
         return None
@@ -303,6 +306,28 @@ def _patch_transform(patcher: Any, state: _State):
 
     logger.info("wan_blockswap: applying patches to %d swapped weights per copy", len(patches))
     return transform
+
+
+def _attach_gguf_patches(patcher: Any, state: _State) -> None:
+    """ComfyUI-GGUF patches quantized weights while dequantizing them, from a ``patches``
+    attribute its patcher sets on each weight it loads (and clears on unpatch). Core never
+    loads our swapped weights, so set it on them at every load; the tensor objects survive
+    every slot rebinding."""
+    for stored in state.swap.units:
+        for ref, tensor in zip(stored.unit.tensors, stored.tensors):
+            key = MODEL_PREFIX + ref.qualname
+            if _is_gguf_quantized(tensor):
+                tensor.patches = [(patcher.patches[key], key)] if key in patcher.patches else []
+
+
+def _is_gguf_quantized(tensor: torch.Tensor) -> bool:
+    """A ComfyUI-GGUF ``GGMLTensor`` holding quantized bytes (not F16/F32 data)."""
+    qtype = getattr(tensor, "tensor_type", None)
+    return qtype is not None and int(qtype) not in _GGUF_TORCH_TYPES
+
+
+# GGML type ids ComfyUI-GGUF treats as plain torch tensors: F32 and F16.
+_GGUF_TORCH_TYPES = (0, 1)
 
 
 def _unload_from_core(diffusion_model: torch.nn.Module) -> None:

@@ -146,7 +146,7 @@ class BlockSwap:
                 if id(tensor) in swapped_ids or tensor.device == self.device:
                     continue
                 if tensor.device.type == "meta":  # a skeleton: the loader fills it
-                    empty = torch.empty(tensor.shape, dtype=tensor.dtype, device=self.device)
+                    empty = torch.empty(tensor.size(), dtype=tensor.dtype, device=self.device)
                     self._moved.append((ref.replace(empty), tensor.device))
                 else:
                     self._moved.append((tensor, tensor.device))
@@ -381,4 +381,4 @@ def _whole_model_unit(model: nn.Module) -> SwapUnit:
 
 
 def _packed(unit: SwapUnit) -> int:
-    return PackedLayout.of((ref.get().shape, ref.get().dtype) for ref in unit.tensors).nbytes
+    return PackedLayout.of((ref.get().size(), ref.get().dtype) for ref in unit.tensors).nbytes

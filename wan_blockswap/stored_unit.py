@@ -36,7 +36,9 @@ class StoredUnit:
         # The tensor objects themselves: rebinding ``.data`` keeps Parameter identity,
         # ``requires_grad`` and any attributes other code hung on them.
         self.tensors = [ref.get() for ref in unit.tensors]
-        self.layout = PackedLayout.of((t.shape, t.dtype) for t in self.tensors)
+        # ``size()``, not ``shape``: a tensor subclass may report a logical shape that is not its
+        # storage (ComfyUI-GGUF's GGMLTensor: the dequantized shape of quantized bytes).
+        self.layout = PackedLayout.of((t.size(), t.dtype) for t in self.tensors)
         self.original_devices = [t.device for t in self.tensors]
         self.placeholders = [placeholders.get(t.dtype, device) for t in self.tensors]
         for i, (ref, tensor) in enumerate(zip(unit.tensors, self.tensors)):
