@@ -295,17 +295,49 @@ def _patch_transform(patcher: Any, state: _State):
     if not wanted:
         return None
     patches = {key: patcher.patches[key] for entries in wanted.values() for _, key in entries}
+    # Ops that store weights scaled (core's scaled-fp8 Linear) give core a convert function
+    # (stored -> real weight) and a set function (real -> stored); core patches with them.
+    funcs = {
+        key: comfy.model_patcher.get_key_weight(patcher.model, key)[1:]
+        for entries in wanted.values()
+        for _, key in entries
+    }
+    units = {stored.name: stored for stored in state.swap.units}
 
     def transform(unit_name: str, views: list[torch.Tensor]) -> None:
-        for index, key in wanted.get(unit_name, ()):
-            view = views[index]
-            temp = view.to(torch.float32, copy=True)
-            out = comfy.lora.calculate_weight(patches[key], temp, key)
-            seed = comfy.model_patcher.string_to_seed(key)
-            view.copy_(comfy.float.stochastic_rounding(out, view.dtype, seed=seed))
+        entries = wanted.get(unit_name, ())
+        scaled = any(funcs[key] != (None, None) for _, key in entries)
+        if scaled:  # the op's functions read its own tensors (its scale): from this slot
+            units[unit_name].bind(views)
+        try:
+            for index, key in entries:
+                _patch_view(views[index], key, patches[key], *funcs[key])
+        finally:
+            if scaled:
+                units[unit_name].unbind()
 
     logger.info("wan_blockswap: applying patches to %d swapped weights per copy", len(patches))
     return transform
+
+
+def _patch_view(
+    view: torch.Tensor,
+    key: str,
+    patches: list,
+    set_func: Any,
+    convert_func: Any,
+) -> None:
+    """Core's recipe for patching one weight (``ModelPatcher.patch_weight_to_device``),
+    writing the result into the slot view instead of the module."""
+    temp = view.to(torch.float32, copy=True)
+    if convert_func is not None:
+        temp = convert_func(temp, inplace=True)
+    out = comfy.lora.calculate_weight(patches, temp, key)
+    seed = comfy.model_patcher.string_to_seed(key)
+    if set_func is None:
+        view.copy_(comfy.float.stochastic_rounding(out, view.dtype, seed=seed))
+    else:
+        view.copy_(set_func(out, seed=seed, return_weight=True))
 
 
 def _attach_gguf_patches(patcher: Any, state: _State) -> None:

@@ -263,3 +263,43 @@ def test_wan22_two_models_share_slots_and_unload_frees_them(comfy):
     comfy.model_management.unload_all_models()
     assert pooled_bytes() == 0
     assert torch.equal(run(comfy, swapped["low"], inputs), expected["low"])
+
+
+def scaled_fp8_wan(comfy):
+    """A tiny Wan in core's "fp8 scaled" checkpoint format: block Linear weights stored as
+    fp8 with a per-layer ``scale_weight`` (core then builds scaled-fp8 ops)."""
+    state = tiny_models.comfy_state_dict_for("wan_t2v")
+    for key in [k for k in state if k.startswith("blocks.") and k.endswith(".weight")]:
+        weight = state[key]
+        if weight.ndim != 2:
+            continue
+        scale = weight.abs().max() / 448
+        state[key] = (weight / scale).to(torch.float8_e4m3fn)
+        state[key[: -len("weight")] + "scale_weight"] = scale.reshape(())
+    state["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    patcher = comfy.sd.load_diffusion_model_state_dict(state)
+    layer = patcher.model.diffusion_model.blocks[0].self_attn.q
+    assert layer.weight.dtype == torch.float8_e4m3fn and hasattr(layer, "set_weight")
+    return patcher
+
+
+def test_weight_patches_on_scaled_fp8_weights_equal_core(comfy):
+    # as in a ComfyUI server: core's scaled-fp8 set_weight only works without autograd
+    with torch.inference_mode():
+        patcher = scaled_fp8_wan(comfy)
+        inputs = tiny_models.comfy_make_inputs(patcher.model.diffusion_model)(6)
+        last = len(patcher.model.diffusion_model.blocks) - 1
+        keys = [
+            f"diffusion_model.blocks.{last}.self_attn.q.weight",  # swapped, scaled fp8
+            f"diffusion_model.blocks.{last}.ffn.2.weight",  # swapped, scaled fp8
+            "diffusion_model.blocks.0.cross_attn.k.weight",  # resident
+        ]
+        expected = run(comfy, lora_like(patcher, keys), inputs)
+        comfy.model_management.unload_all_models()
+        plain = run(comfy, patcher, inputs)
+        comfy.model_management.unload_all_models()
+        assert not torch.equal(plain, expected)
+        swapped = node(lora_like(patcher, keys), blocks_to_swap=3)
+        for _ in range(2):
+            assert torch.equal(run(comfy, swapped, inputs), expected)
+            comfy.model_management.unload_all_models()
