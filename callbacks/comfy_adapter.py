@@ -1,5 +1,5 @@
-"""The one module that talks to ComfyUI core: block swap on a ModelPatcher, cooperating with
-core's memory management instead of working around it.
+"""Block swap on a ComfyUI ModelPatcher, cooperating with core's memory management instead of
+working around it. With :mod:`callbacks.comfy_weight_patches`, the only code that imports core.
 
 - The engine is applied to the diffusion model *before* core loads it, with
   ``move_resident=False``: swapped blocks already hold 0-element placeholders and live in our
@@ -8,7 +8,7 @@ core's memory management instead of working around it.
 - Core's loader never sees the swapped modules: a per-instance ``_load_list`` filter, re-installed
   on every clone (``ON_CLONE``), keeps core from patching or moving them.
 - LoRA and other weight patches on swapped keys are applied to each slot right after its copy,
-  with core's own recipe (``calculate_weight`` + stochastic rounding), so outputs equal core's.
+  with core's own recipe (``comfy_weight_patches``), so outputs equal core's.
 - ``ON_CLEANUP`` (run in a ``finally`` after sampling, also on interrupts) releases whatever an
   interrupted forward left bound.
 
@@ -26,18 +26,17 @@ from typing import Any
 
 import torch
 
-import comfy.float
-import comfy.lora
 import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
 import model_configs
 from wan_blockswap import BlockSwap, SwapConfig, get_block_swap
 
+from .comfy_weight_patches import attach_gguf_patches, patch_transform
+
 logger = logging.getLogger("wan_blockswap")
 
 KEY = "wan_blockswap"
-MODEL_PREFIX = "diffusion_model."
 CallbacksMP = comfy.patcher_extension.CallbacksMP
 
 
@@ -260,9 +259,9 @@ def _on_load(
     if state is None:
         return
     if patcher.patches_uuid != state.patches_uuid:
-        state.swap.set_transform(_patch_transform(patcher, state))
+        state.swap.set_transform(patch_transform(patcher, state.swap))
         state.patches_uuid = patcher.patches_uuid
-    _attach_gguf_patches(patcher, state)
+    attach_gguf_patches(patcher, state.swap)
     if not full_load:  # on a full load core already counted model_size(), ring included
         patcher.model.model_loaded_weight_memory += state.ring_bytes
 
@@ -279,87 +278,6 @@ def _on_detach(patcher: Any, unpatch_all: bool) -> None:
     state = _states.get(patcher.model.diffusion_model)
     if state is not None and unpatch_all:
         state.swap.release_vram()
-
-
-def _patch_transform(patcher: Any, state: _State):
-    """Apply ``patcher``'s weight patches to swapped weights as they land in a slot, with the
-    recipe core uses for weights it patches at load time."""
-    wanted: dict[str, list[tuple[int, str]]] = {}
-    for stored in state.swap.units:
-        for index, (ref, tensor) in enumerate(zip(stored.unit.tensors, stored.tensors)):
-            key = MODEL_PREFIX + ref.qualname
-            if key not in patcher.patches:
-                continue
-            if not _is_gguf_quantized(tensor):  # those: _attach_gguf_patches
-                wanted.setdefault(stored.name, []).append((index, key))
-    if not wanted:
-        return None
-    patches = {key: patcher.patches[key] for entries in wanted.values() for _, key in entries}
-    # Ops that store weights scaled (core's scaled-fp8 Linear) give core a convert function
-    # (stored -> real weight) and a set function (real -> stored); core patches with them.
-    funcs = {
-        key: comfy.model_patcher.get_key_weight(patcher.model, key)[1:]
-        for entries in wanted.values()
-        for _, key in entries
-    }
-    units = {stored.name: stored for stored in state.swap.units}
-
-    def transform(unit_name: str, views: list[torch.Tensor]) -> None:
-        entries = wanted.get(unit_name, ())
-        scaled = any(funcs[key] != (None, None) for _, key in entries)
-        if scaled:  # the op's functions read its own tensors (its scale): from this slot
-            units[unit_name].bind(views)
-        try:
-            for index, key in entries:
-                _patch_view(views[index], key, patches[key], *funcs[key])
-        finally:
-            if scaled:
-                units[unit_name].unbind()
-
-    logger.info("wan_blockswap: applying patches to %d swapped weights per copy", len(patches))
-    return transform
-
-
-def _patch_view(
-    view: torch.Tensor,
-    key: str,
-    patches: list,
-    set_func: Any,
-    convert_func: Any,
-) -> None:
-    """Core's recipe for patching one weight (``ModelPatcher.patch_weight_to_device``),
-    writing the result into the slot view instead of the module."""
-    temp = view.to(torch.float32, copy=True)
-    if convert_func is not None:
-        temp = convert_func(temp, inplace=True)
-    out = comfy.lora.calculate_weight(patches, temp, key)
-    seed = comfy.model_patcher.string_to_seed(key)
-    if set_func is None:
-        view.copy_(comfy.float.stochastic_rounding(out, view.dtype, seed=seed))
-    else:
-        view.copy_(set_func(out, seed=seed, return_weight=True))
-
-
-def _attach_gguf_patches(patcher: Any, state: _State) -> None:
-    """ComfyUI-GGUF patches quantized weights while dequantizing them, from a ``patches``
-    attribute its patcher sets on each weight it loads (and clears on unpatch). Core never
-    loads our swapped weights, so set it on them at every load; the tensor objects survive
-    every slot rebinding."""
-    for stored in state.swap.units:
-        for ref, tensor in zip(stored.unit.tensors, stored.tensors):
-            key = MODEL_PREFIX + ref.qualname
-            if _is_gguf_quantized(tensor):
-                tensor.patches = [(patcher.patches[key], key)] if key in patcher.patches else []
-
-
-def _is_gguf_quantized(tensor: torch.Tensor) -> bool:
-    """A ComfyUI-GGUF ``GGMLTensor`` holding quantized bytes (not F16/F32 data)."""
-    qtype = getattr(tensor, "tensor_type", None)
-    return qtype is not None and int(qtype) not in _GGUF_TORCH_TYPES
-
-
-# GGML type ids ComfyUI-GGUF treats as plain torch tensors: F32 and F16.
-_GGUF_TORCH_TYPES = (0, 1)
 
 
 def _unload_from_core(diffusion_model: torch.nn.Module) -> None:

@@ -1,0 +1,105 @@
+"""Weight patches (LoRA and other core patches) on swapped weights, the way core applies
+them to weights it loads itself.
+
+Core patches a weight when it moves it to the GPU; it never moves our swapped weights, so
+:func:`patch_transform` builds the slot transform the engine runs on the copy stream right
+after each unit lands in a slot. ComfyUI-GGUF patches quantized weights while dequantizing
+them instead, from an attribute on the weight: :func:`attach_gguf_patches` sets it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+import comfy.float
+import comfy.lora
+import comfy.model_patcher
+from wan_blockswap import BlockSwap
+
+logger = logging.getLogger("wan_blockswap")
+
+MODEL_PREFIX = "diffusion_model."
+
+
+def patch_transform(patcher: Any, swap: BlockSwap) -> Any:
+    """Apply ``patcher``'s weight patches to swapped weights as they land in a slot, with the
+    recipe core uses for weights it patches at load time."""
+    wanted: dict[str, list[tuple[int, str]]] = {}
+    for stored in swap.units:
+        for index, (ref, tensor) in enumerate(zip(stored.unit.tensors, stored.tensors)):
+            key = MODEL_PREFIX + ref.qualname
+            if key not in patcher.patches:
+                continue
+            if not _is_gguf_quantized(tensor):  # those: attach_gguf_patches
+                wanted.setdefault(stored.name, []).append((index, key))
+    if not wanted:
+        return None
+    patches = {key: patcher.patches[key] for entries in wanted.values() for _, key in entries}
+    # Ops that store weights scaled (core's scaled-fp8 Linear) give core a convert function
+    # (stored -> real weight) and a set function (real -> stored); core patches with them.
+    funcs = {
+        key: comfy.model_patcher.get_key_weight(patcher.model, key)[1:]
+        for entries in wanted.values()
+        for _, key in entries
+    }
+    units = {stored.name: stored for stored in swap.units}
+
+    def transform(unit_name: str, views: list[torch.Tensor]) -> None:
+        entries = wanted.get(unit_name, ())
+        scaled = any(funcs[key] != (None, None) for _, key in entries)
+        if scaled:  # the op's functions read its own tensors (its scale): from this slot
+            units[unit_name].bind(views)
+        try:
+            for index, key in entries:
+                _patch_view(views[index], key, patches[key], *funcs[key])
+        finally:
+            if scaled:
+                units[unit_name].unbind()
+
+    logger.info("wan_blockswap: applying patches to %d swapped weights per copy", len(patches))
+    return transform
+
+
+def _patch_view(
+    view: torch.Tensor,
+    key: str,
+    patches: list,
+    set_func: Any,
+    convert_func: Any,
+) -> None:
+    """Core's recipe for patching one weight (``ModelPatcher.patch_weight_to_device``),
+    writing the result into the slot view instead of the module."""
+    temp = view.to(torch.float32, copy=True)
+    if convert_func is not None:
+        temp = convert_func(temp, inplace=True)
+    out = comfy.lora.calculate_weight(patches, temp, key)
+    seed = comfy.model_patcher.string_to_seed(key)
+    if set_func is None:
+        view.copy_(comfy.float.stochastic_rounding(out, view.dtype, seed=seed))
+    else:
+        view.copy_(set_func(out, seed=seed, return_weight=True))
+
+
+def attach_gguf_patches(patcher: Any, swap: BlockSwap) -> None:
+    """ComfyUI-GGUF patches quantized weights while dequantizing them, from a ``patches``
+    attribute its patcher sets on each weight it loads (and clears on unpatch). Core never
+    loads our swapped weights, so set it on them at every load; the tensor objects survive
+    every slot rebinding."""
+    for stored in swap.units:
+        for ref, tensor in zip(stored.unit.tensors, stored.tensors):
+            key = MODEL_PREFIX + ref.qualname
+            if _is_gguf_quantized(tensor):
+                tensor.patches = [(patcher.patches[key], key)] if key in patcher.patches else []
+
+
+def _is_gguf_quantized(tensor: torch.Tensor) -> bool:
+    """A ComfyUI-GGUF ``GGMLTensor`` holding quantized bytes (not F16/F32 data)."""
+    qtype = getattr(tensor, "tensor_type", None)
+    return qtype is not None and int(qtype) not in _GGUF_TORCH_TYPES
+
+
+# GGML type ids ComfyUI-GGUF treats as plain torch tensors: F32 and F16.
+_GGUF_TORCH_TYPES = (0, 1)
