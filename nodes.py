@@ -36,7 +36,7 @@ def config_from_widgets(
     """The node's widgets as a validated :class:`SwapConfig`.
 
     ``vram_budget_gb > 0`` or a preset replaces ``blocks_to_swap`` (the tooltip says so);
-    ``auto`` budgets the free VRAM minus a reserve.
+    ``auto`` budgets the free VRAM minus a reserve; the adapter refits it per latent.
     """
     common = dict(
         offload_txt_emb=offload_txt_emb,
@@ -157,7 +157,9 @@ class WanBlockSwapStream:
                     {
                         "default": CUSTOM,
                         "tooltip": "A tested setting per model and GPU size, or "
-                        "'auto' (budget = free VRAM now minus 4 GB). Replaces blocks_to_swap.",
+                        "'auto' (first free VRAM now minus 4 GB; before each sampling run, "
+                        "refitted to the VRAM that run's latent leaves, from core's memory "
+                        "estimate). Replaces blocks_to_swap.",
                     },
                 ),
                 "vram_budget_gb": (
@@ -180,7 +182,7 @@ class WanBlockSwapStream:
 
         auto = widgets.get("preset") == AUTO
         config = config_from_widgets(**widgets, free_vram_gb=free_vram_gb(model) if auto else None)
-        return (apply_to_patcher(model, config),)
+        return (apply_to_patcher(model, config, auto=auto),)
 
 
 class WanBlockSwapModelLoader(WanBlockSwapStream):

@@ -18,6 +18,7 @@ module, and a node run again with new settings re-applies the engine cleanly.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import types
 import weakref
@@ -29,8 +30,10 @@ import torch
 import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
+import comfy.sampler_helpers
 import model_configs
-from wan_blockswap import BlockSwap, SwapConfig, get_block_swap
+from wan_blockswap import BlockSwap, InsufficientMemoryError, SwapConfig, get_block_swap
+from wan_blockswap.plan import plan_swap
 
 from .comfy_weight_patches import attach_gguf_patches, patch_transform
 
@@ -38,6 +41,8 @@ logger = logging.getLogger("wan_blockswap")
 
 KEY = "wan_blockswap"
 CallbacksMP = comfy.patcher_extension.CallbacksMP
+WrappersMP = comfy.patcher_extension.WrappersMP
+GIB = 2**30
 
 
 @dataclass
@@ -48,6 +53,7 @@ class _State:
     config: SwapConfig
     swapped_modules: set = field(default_factory=set)
     patches_uuid: Any = None
+    auto: bool = False  # re-plan for each latent's memory estimate (see _fit_to_latent)
 
     @property
     def ring_bytes(self) -> int:
@@ -58,11 +64,15 @@ class _State:
 _states: "weakref.WeakKeyDictionary[torch.nn.Module, _State]" = weakref.WeakKeyDictionary()
 
 
-def apply_to_patcher(patcher: Any, config: SwapConfig) -> Any:
-    """A clone of ``patcher`` whose diffusion model streams its blocks per ``config``."""
+def apply_to_patcher(patcher: Any, config: SwapConfig, auto: bool = False) -> Any:
+    """A clone of ``patcher`` whose diffusion model streams its blocks per ``config``.
+
+    ``auto``: ``config`` is a first guess; before each sampling run the plan is fitted to the
+    free VRAM left by that latent's memory estimate (:func:`_fit_to_latent`).
+    """
     diffusion_model = patcher.model.diffusion_model
     state = _states.get(diffusion_model)
-    if state is None or state.config != config:
+    if state is None or state.config != config or state.auto != auto:
         if state is not None or get_block_swap(diffusion_model) is not None:
             remove_from_model(patcher)
         # Core may hold this model loaded: give its weights back to the offload device first,
@@ -73,8 +83,11 @@ def apply_to_patcher(patcher: Any, config: SwapConfig) -> Any:
             diffusion_model, config, arch.layout, patcher.load_device, move_resident=False
         )
         state = _register(diffusion_model, swap, config, arch.name)
+        state.auto = auto
     clone = patcher.clone()
     _install(clone)
+    if auto:
+        clone.add_wrapper_with_key(WrappersMP.PREPARE_SAMPLING, KEY, _fit_to_latent)
     clone.size = resident_bytes(clone.model, state.swap) + state.ring_bytes
     return clone
 
@@ -278,6 +291,71 @@ def _on_detach(patcher: Any, unpatch_all: bool) -> None:
     state = _states.get(patcher.model.diffusion_model)
     if state is not None and unpatch_all:
         state.swap.release_vram()
+
+
+def _fit_to_latent(executor: Any, patcher: Any, noise_shape: Any, conds: dict, **kwargs: Any):
+    """Preset "auto": before core loads the model for sampling, size the plan to the VRAM this
+    latent leaves, from core's own estimate (the one it loads with), and re-plan if needed.
+
+    Re-planning restores and repacks every weight (seconds for a 14B model), so it happens
+    only when the current plan does not fit, or when at least one more block fits resident.
+    """
+    state = _states.get(patcher.model.diffusion_model)
+    if state is not None and state.auto and state.swap.sizes is not None:
+        mm = comfy.model_management
+        required, _ = comfy.sampler_helpers.estimate_memory(patcher, noise_shape, conds)
+        # what this model holds now (any clone of it) is given back before the new plan loads
+        budget = (
+            mm.get_free_memory(patcher.load_device)
+            + patcher.loaded_size()
+            - required
+            - mm.minimum_inference_memory()
+        )
+        _replan_for_budget(patcher, state, budget)
+    return executor(patcher, noise_shape, conds, **kwargs)
+
+
+def _replan_for_budget(patcher: Any, state: _State, budget: int) -> None:
+    current = state.swap.plan
+    assert current is not None and state.swap.sizes is not None
+    config = plan = None
+    if budget > 0:
+        config = dataclasses.replace(state.config, vram_budget_gb=budget / GIB)
+        try:
+            plan = plan_swap(state.swap.sizes, config)
+        except InsufficientMemoryError:
+            config = None
+    if config is None or plan is None:  # below any plan: the least VRAM there is
+        config = dataclasses.replace(
+            state.config, vram_budget_gb=None, blocks_to_swap=None, swap_unit="layer"
+        )
+        plan = plan_swap(state.swap.sizes, config)
+        logger.warning(
+            "wan_blockswap auto: %.2f GiB left for weights with this latent, less than any "
+            "plan needs; streaming every layer (%.2f GiB)",
+            budget / GIB,
+            plan.gpu_weight_bytes / GIB,
+        )
+        if plan == current:
+            return
+    block = max((b.nbytes for b in state.swap.sizes.blocks), default=0)
+    fits = current.gpu_weight_bytes <= budget
+    if fits and plan.swapped_bytes > current.swapped_bytes - block:
+        return
+    logger.info(
+        "wan_blockswap auto: %.2f GiB for weights with this latent; re-planning",
+        budget / GIB,
+    )
+    diffusion_model = patcher.model.diffusion_model
+    _unload_from_core(diffusion_model)
+    arch = model_configs.detect(diffusion_model)
+    state.swap.remove()
+    swap = BlockSwap.apply(
+        diffusion_model, config, arch.layout, patcher.load_device, move_resident=False
+    )
+    new_state = _register(diffusion_model, swap, config, arch.name)
+    new_state.auto = True
+    patcher.size = resident_bytes(patcher.model, swap) + new_state.ring_bytes
 
 
 def _unload_from_core(diffusion_model: torch.nn.Module) -> None:

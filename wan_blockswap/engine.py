@@ -58,6 +58,9 @@ class BlockSwap:
     def __init__(self) -> None:  # use BlockSwap.apply
         self.model: nn.Module | None = None
         self.plan: SwapPlan | None = None
+        # What the planner saw at apply time; placeholders hide the sizes afterwards, and
+        # re-planning for a new budget (ComfyUI's "auto") needs them.
+        self.sizes: ModelSizes | None = None
         self.stats = SwapStats()
         self.units: list[StoredUnit] = []
         self.ring: SlotRing | None = None
@@ -93,6 +96,7 @@ class BlockSwap:
         swap.config = config
         swap.layout = layout
         units, sizes = measure_model(model, layout)
+        swap.sizes = sizes
         swap.plan = plan_swap(sizes, config)
         chosen = _choose_units(units, swap.plan)
         level = logging.INFO if config.debug else logging.DEBUG

@@ -303,3 +303,70 @@ def test_weight_patches_on_scaled_fp8_weights_equal_core(comfy):
         for _ in range(2):
             assert torch.equal(run(comfy, swapped, inputs), expected)
             comfy.model_management.unload_all_models()
+
+
+def test_auto_refits_the_plan_to_each_latents_memory_estimate(comfy, pack, monkeypatch):
+    """'auto' starts from free VRAM minus a reserve, then before sampling (core's
+    PREPARE_SAMPLING step, which knows the latent) fits the plan to what that latent leaves."""
+    from callbacks.comfy_adapter import _states
+
+    mm = comfy.model_management
+    free = {"bytes": 100 * 2**30}
+
+    def get_free_memory(dev=None, torch_free_too=False):
+        return (free["bytes"], free["bytes"]) if torch_free_too else free["bytes"]
+
+    monkeypatch.setattr(mm, "get_free_memory", get_free_memory)
+    monkeypatch.setattr(mm, "minimum_inference_memory", lambda: 0)
+    patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v")
+    inputs = make_inputs(7)
+    expected = run(comfy, patcher, inputs)
+    mm.unload_all_models()
+    swapped = node(patcher, preset=pack.nodes.AUTO)
+    state = _states[patcher.model.diffusion_model]
+    assert state.auto and not state.swap.plan.swapped  # 100 GB free: everything resident
+    sizes = state.swap.sizes
+    block = max(b.nbytes for b in sizes.blocks)
+
+    def prepare(shape):
+        options = comfy.model_patcher.create_model_options_clone(swapped.model_options)
+        comfy.sampler_helpers.prepare_model_patcher(swapped, {}, options)
+        comfy.sampler_helpers.prepare_sampling(swapped, shape, {}, options)
+        required, _ = comfy.sampler_helpers.estimate_memory(swapped, shape, {})
+        return required
+
+    small = tuple(inputs["x"].shape)
+    required = comfy.sampler_helpers.estimate_memory(swapped, small, {})[0]
+    # not room for every block: the non-block weights and 3.5 blocks' worth
+    free["bytes"] = required + sizes.other_bytes + 3 * block + block // 2
+    prepare(small)
+    state = _states[patcher.model.diffusion_model]
+    plan = state.swap.plan
+    assert 0 < len(plan.swapped) < len(sizes.blocks)
+    assert plan.gpu_weight_bytes <= free["bytes"] - required
+    assert swapped.model_size() == swapped.size  # core's accounting follows the new plan
+    assert torch.equal(run(comfy, swapped, inputs), expected)
+
+    mm.unload_all_models()
+    swap_before = state.swap
+    prepare(small)  # same latent: the plan still fits, nothing is repacked
+    assert _states[patcher.model.diffusion_model].swap is swap_before
+
+    mm.unload_all_models()
+    # a longer video: core estimates more activation memory, so more blocks stream
+    large = (small[0], small[1], small[2] * 8, *small[3:])
+    required_large = comfy.sampler_helpers.estimate_memory(swapped, large, {})[0]
+    assert required_large > required
+    free["bytes"] = required_large + sizes.other_bytes + 2 * block + block // 2
+    prepare(large)
+    plan_large = _states[patcher.model.diffusion_model].swap.plan
+    assert len(plan_large.swapped) > len(plan.swapped)
+    assert plan_large.gpu_weight_bytes <= free["bytes"] - required_large
+    assert torch.equal(run(comfy, swapped, inputs), expected)
+
+    mm.unload_all_models()
+    free["bytes"] = required_large  # nothing left for weights: the smallest plan, with a warning
+    prepare(large)
+    smallest = _states[patcher.model.diffusion_model].swap.plan
+    assert smallest.swap_unit == "layer" and len(smallest.swapped) == len(sizes.blocks)
+    assert torch.equal(run(comfy, swapped, inputs), expected)
