@@ -32,10 +32,16 @@ import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.sampler_helpers
 import model_configs
-from wan_blockswap import BlockSwap, InsufficientMemoryError, SwapConfig, get_block_swap
+from wan_blockswap import (
+    BlockSwap,
+    BlockSwapConfigError,
+    InsufficientMemoryError,
+    SwapConfig,
+    get_block_swap,
+)
 from wan_blockswap.plan import plan_swap
 
-from .comfy_weight_patches import attach_gguf_patches, patch_transform
+from .comfy_weight_patches import MODEL_PREFIX, attach_gguf_patches, patch_transform
 
 logger = logging.getLogger("wan_blockswap")
 
@@ -241,6 +247,7 @@ def remove_from_model(patcher: Any) -> None:
 
 def _install(patcher: Any) -> None:
     patcher._load_list = types.MethodType(_filtered_load_list, patcher)
+    patcher.patch_hook_weight_to_device = types.MethodType(_checked_hook_patch, patcher)
     patcher.add_callback_with_key(CallbacksMP.ON_CLONE, KEY, _on_clone)
     patcher.add_callback_with_key(CallbacksMP.ON_LOAD, KEY, _on_load)
     patcher.add_callback_with_key(CallbacksMP.ON_CLEANUP, KEY, _on_cleanup)
@@ -256,9 +263,25 @@ def _filtered_load_list(self: Any, *args: Any, **kwargs: Any) -> list:
     return [entry for entry in entries if entry[-2] not in state.swapped_modules]
 
 
+def _checked_hook_patch(self: Any, hooks: Any, combined_patches: dict, key: str, *args: Any):
+    """Core's hook (scheduled LoRA) patching, refused clearly for swapped weights: core would
+    copy the patched weight into a 0-element placeholder and fail with a shape error."""
+    state = _states.get(self.model.diffusion_model)
+    if state is not None and key in combined_patches and key.startswith(MODEL_PREFIX):
+        if state.swap.swapped_tensor(key[len(MODEL_PREFIX) :]) is not None:
+            raise BlockSwapConfigError(
+                f"a scheduled LoRA hook patches {key}, which WAN BlockSwap streams from host "
+                "memory; hook patches on swapped blocks are not supported yet. Load the LoRA "
+                "with a regular LoRA loader (before or after the node), or keep those blocks "
+                "resident (fewer blocks_to_swap)."
+            )
+    return type(self).patch_hook_weight_to_device(self, hooks, combined_patches, key, *args)
+
+
 def _on_clone(source: Any, clone: Any) -> None:
-    # Clones copy callbacks but not instance attributes: re-install the filter.
+    # Clones copy callbacks but not instance attributes: re-install the overrides.
     clone._load_list = types.MethodType(_filtered_load_list, clone)
+    clone.patch_hook_weight_to_device = types.MethodType(_checked_hook_patch, clone)
 
 
 def _on_load(

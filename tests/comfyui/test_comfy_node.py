@@ -370,3 +370,17 @@ def test_auto_refits_the_plan_to_each_latents_memory_estimate(comfy, pack, monke
     smallest = _states[patcher.model.diffusion_model].swap.plan
     assert smallest.swap_unit == "layer" and len(smallest.swapped) == len(sizes.blocks)
     assert torch.equal(run(comfy, swapped, inputs), expected)
+
+
+def test_hook_patches_on_swapped_weights_are_a_clear_error(comfy):
+    from wan_blockswap import BlockSwapConfigError
+
+    patcher, _ = tiny_models.comfy_load_tiny("wan_t2v")
+    swapped = node(patcher, blocks_to_swap=2).clone()  # the override survives cloning
+    last = len(patcher.model.diffusion_model.blocks) - 1
+    key = f"diffusion_model.blocks.{last}.self_attn.q.weight"
+    with pytest.raises(BlockSwapConfigError, match=r"scheduled LoRA hook .*blocks_to_swap"):
+        swapped.patch_hook_weight_to_device(None, {key: []}, key, {}, None)
+    # resident weights go on to core's own hook patching (nothing to patch here)
+    resident = "diffusion_model.blocks.0.self_attn.q.weight"
+    assert swapped.patch_hook_weight_to_device(None, {}, resident, {}, None) is None
