@@ -95,8 +95,9 @@ class WanBlockSwapStream:
                         "default": 20,
                         "min": 0,
                         "max": 200,
-                        "tooltip": "Blocks kept in host memory (spread evenly through the model). 40 of Wan 14B's 40 "
-                        "blocks is the least VRAM. Ignored when a preset or vram_budget_gb is set.",
+                        "tooltip": "Blocks kept in host memory (spread evenly through the "
+                        "model). 40 of Wan 14B's 40 blocks is the least VRAM. Ignored when a "
+                        "preset or vram_budget_gb is set.",
                     },
                 ),
                 "offload_txt_emb": (

@@ -35,24 +35,23 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, os.path.join(ROOT, "tests", "comfyui"))  # conftest.load_pack
 
+from wan_blockswap import measure  # noqa: E402
+from wan_blockswap.measure import peak_gib, reset_peak  # noqa: E402
+
 GIB = 2**30
 DIM, FFN = 5120, 13824
 
 
 def import_comfy():
-    path = os.environ.get("COMFYUI_PATH")
-    if not path:
-        sys.exit("set COMFYUI_PATH to a ComfyUI checkout")
-    sys.path.insert(0, os.path.abspath(path))
-    import comfy.cli_args
+    import tiny_models
 
-    comfy.cli_args.args.async_offload = True  # read once when model_management is imported
-    if not torch.cuda.is_available():
-        comfy.cli_args.args.cpu = True
-    import comfy.model_management
-    import comfy.sd
-
-    assert comfy.model_management.NUM_STREAMS == 2, "async offload did not take effect"
+    try:
+        comfy = tiny_models.import_comfy()
+    except tiny_models.ComfyUnavailable as error:
+        sys.exit(f"{error}: set COMFYUI_PATH to a ComfyUI checkout")
+    # what --async-offload does at import: two offload streams, read at every cast
+    comfy.cli_args.args.async_offload = True
+    comfy.model_management.NUM_STREAMS = 2
     return comfy
 
 
@@ -63,7 +62,7 @@ def build_patcher(comfy, blocks: int, dim: int, ffn: int):
     shapes = comfy_state_shapes(dim, ffn, blocks)
     generator = "cuda" if torch.cuda.is_available() else "cpu"
     state = {k: v.cpu() for k, v in random_state(shapes, device=generator).items()}
-    empty_cache()
+    torch.cuda.empty_cache()  # a no-op without CUDA
     with torch.inference_mode():
         patcher = comfy.sd.load_diffusion_model_state_dict(state, {"dtype": torch.bfloat16})
     del state
@@ -86,37 +85,15 @@ def forward(patcher, inputs) -> torch.Tensor:
         return patcher.model.diffusion_model(*inputs)
 
 
-def time_forwards(patcher, inputs, repeats: int) -> tuple[float, torch.Tensor, int]:
-    """Mean ms per forward after two warm-ups, the output, and the peak allocated bytes."""
-    for _ in range(2):
-        out = forward(patcher, inputs)
-    reset_peak()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        out = forward(patcher, inputs)
-    synchronize()
-    ms = (time.perf_counter() - start) / repeats * 1e3
-    return ms, out.float().cpu(), peak_bytes()
-
-
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def reset_peak() -> None:
-    synchronize()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_bytes() -> int:
-    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
-
-
-def empty_cache() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+def time_forwards(patcher, inputs, repeats: int) -> tuple[float, torch.Tensor, float]:
+    """Mean ms per forward after two warm-ups, the output, and the peak allocated GiB."""
+    device = inputs[0].device
+    outputs = []
+    reset_peak(device)
+    timing = measure.time_forwards(
+        lambda: outputs.append(forward(patcher, inputs)), device, 2, repeats
+    )
+    return timing.mean_ms, outputs[-1].float().cpu(), peak_gib(device)
 
 
 def pin_host_weights(module: torch.nn.Module) -> None:
@@ -135,22 +112,22 @@ def pin_host_weights(module: torch.nn.Module) -> None:
 def core_row(comfy, patcher, inputs, tokens, fraction, repeats, device) -> dict:
     model_bytes = patcher.model_size()
     pin_host_weights(patcher.model.diffusion_model)
-    reset_peak()
+    reset_peak(device)
     budget = 0 if fraction >= 1 else max(1, int(fraction * model_bytes))
     with torch.inference_mode():
         patcher.patch_model(device, lowvram_model_memory=budget, load_weights=True)
-    load_peak = peak_bytes()
+    load_peak = peak_gib(device)
     on_gpu = patcher.model.model_loaded_weight_memory
     ms, out, peak = time_forwards(patcher, inputs, repeats)
     patcher.unpatch_model(patcher.offload_device, unpatch_weights=True)
-    empty_cache()
+    torch.cuda.empty_cache()  # a no-op without CUDA
     return {
         "method": "core_full" if fraction >= 1 else "core_lowvram",
         "tokens": tokens,
         "budget_fraction": fraction,
         "weights_on_gpu_gib": on_gpu / GIB,
-        "peak_vram_gib": max(peak, load_peak) / GIB,
-        "load_peak_vram_gib": load_peak / GIB,
+        "peak_vram_gib": max(peak, load_peak),
+        "load_peak_vram_gib": load_peak,
         "ms": ms,
         "_out": out,
     }
@@ -169,9 +146,9 @@ def ours_row(comfy, pack, patcher, inputs, tokens, budget_gib, repeats) -> dict:
     swapped = pack.nodes.WanBlockSwapStream().apply(patcher, **widgets)[0]
     from wan_blockswap import get_block_swap
 
-    reset_peak()
+    reset_peak(patcher.load_device)
     comfy.model_management.load_models_gpu([swapped])
-    load_peak = peak_bytes()
+    load_peak = peak_gib(patcher.load_device)
     engine = get_block_swap(patcher.model.diffusion_model)
     plan = engine.plan
     ms, out, peak = time_forwards(swapped, inputs, repeats)
@@ -180,7 +157,7 @@ def ours_row(comfy, pack, patcher, inputs, tokens, budget_gib, repeats) -> dict:
     remove_from_model(patcher)
     del swapped
     gc.collect()
-    empty_cache()
+    torch.cuda.empty_cache()  # a no-op without CUDA
     return {
         "method": "wan_blockswap",
         "tokens": tokens,
@@ -189,8 +166,8 @@ def ours_row(comfy, pack, patcher, inputs, tokens, budget_gib, repeats) -> dict:
         "weights_on_gpu_gib": plan.gpu_weight_bytes / GIB,
         "resident_gib": plan.resident_bytes / GIB,
         "swapped_gib": plan.swapped_bytes / GIB,
-        "peak_vram_gib": max(peak, load_peak) / GIB,
-        "load_peak_vram_gib": load_peak / GIB,
+        "peak_vram_gib": max(peak, load_peak),
+        "load_peak_vram_gib": load_peak,
         "load_bar_gib": (plan.resident_bytes + plan.slot_bytes) / GIB,
         "ms": ms,
         "_out": out,

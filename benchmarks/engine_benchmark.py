@@ -136,21 +136,24 @@ def main() -> None:
             row["planned_weights_gib"] = round(planned[0] / 2**30, 3)
             return row
 
+        def ours(**options):
+            """A build for run_method: a fresh CPU model with our swap applied."""
+
+            def build():
+                model = cpu_model()
+                handle = apply_block_swap(model, device=device, **options)
+                planned[0] = handle.plan.gpu_weight_bytes
+                return model, lambda m: handle.remove()
+
+            return build
+
         for fraction in (0.0, 0.25, 0.5, 0.75):
             for prefetch in (1, 2):
                 swap_count = args.blocks - round(fraction * args.blocks)
 
-                def ours(swap_count=swap_count, prefetch=prefetch):
-                    model = cpu_model()
-                    handle = apply_block_swap(
-                        model, device=device, blocks_to_swap=swap_count, prefetch_blocks=prefetch
-                    )
-                    planned[0] = handle.plan.gpu_weight_bytes
-                    return model, lambda m: handle.remove()
-
                 row, _ = run_method(
                     "wan_blockswap",
-                    ours,
+                    ours(blocks_to_swap=swap_count, prefetch_blocks=prefetch),
                     tokens,
                     device,
                     reference,
@@ -159,15 +162,9 @@ def main() -> None:
                 )
                 results["rows"].append(annotate(row, floor * (1 - fraction)))
 
-        def ours_layers():
-            model = cpu_model()
-            handle = apply_block_swap(model, device=device, swap_unit="layer", prefetch_blocks=2)
-            planned[0] = handle.plan.gpu_weight_bytes
-            return model, lambda m: handle.remove()
-
         row, _ = run_method(
             "wan_blockswap_layers",
-            ours_layers,
+            ours(swap_unit="layer", prefetch_blocks=2),
             tokens,
             device,
             reference,

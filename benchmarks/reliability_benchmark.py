@@ -8,7 +8,6 @@ and the bad-file corpus. Writes benchmarks/results/reliability_<gpu>.json.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import glob
 import json
@@ -36,6 +35,7 @@ from wan_blockswap import (  # noqa: E402
 )
 from wan_blockswap.measure import rss_bytes  # noqa: E402
 from wan_blockswap.slot_pool import pooled_bytes  # noqa: E402
+from wan_blockswap.storage import return_freed_host_memory  # noqa: E402
 
 GIB = 2**30
 DIM, FFN, BLOCKS = 3072, 8192, 8  # Wan 2.2 5B-wide blocks: large enough for leaks to show
@@ -105,7 +105,7 @@ def main() -> None:
     after = memory(device)
     soak_equal &= first_equal
     # Diagnosis only: how much of any growth is freed heap that glibc has not returned yet.
-    ctypes.CDLL(None).malloc_trim(0)
+    return_freed_host_memory()
     phases["rss_gib_after_malloc_trim"] = rss_bytes() / GIB
 
     faults = []

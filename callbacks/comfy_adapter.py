@@ -81,15 +81,7 @@ def apply_to_patcher(patcher: Any, config: SwapConfig, auto: bool = False) -> An
     if state is None or state.config != config or state.auto != auto:
         if state is not None or get_block_swap(diffusion_model) is not None:
             remove_from_model(patcher)
-        # Core may hold this model loaded: give its weights back to the offload device first,
-        # so packing reads them from there and core's accounting starts again from zero.
-        _unload_from_core(diffusion_model)
-        arch = model_configs.detect(diffusion_model)
-        swap = BlockSwap.apply(
-            diffusion_model, config, arch.layout, patcher.load_device, move_resident=False
-        )
-        state = _register(diffusion_model, swap, config, arch.name)
-        state.auto = auto
+        state = _swap_loaded_weights(diffusion_model, config, patcher.load_device, auto)
     clone = patcher.clone()
     _install(clone)
     if auto:
@@ -108,8 +100,26 @@ def resident_bytes(model: torch.nn.Module, swap: BlockSwap) -> int:
     return comfy.model_management.module_size(model) - swapped
 
 
-def _register(diffusion_model: torch.nn.Module, swap: BlockSwap, config: SwapConfig, arch: str):
-    state = _State(swap, config, swap.swapped_modules)
+def _swap_loaded_weights(
+    diffusion_model: torch.nn.Module, config: SwapConfig, device: torch.device, auto: bool
+) -> _State:
+    """Apply the engine to a model whose weights exist (not a skeleton being loaded)."""
+    # Core may hold this model loaded: give its weights back to the offload device first,
+    # so packing reads them from there and core's accounting starts again from zero.
+    _unload_from_core(diffusion_model)
+    arch = model_configs.detect(diffusion_model)
+    swap = BlockSwap.apply(diffusion_model, config, arch.layout, device, move_resident=False)
+    return _register(diffusion_model, swap, config, arch.name, auto)
+
+
+def _register(
+    diffusion_model: torch.nn.Module,
+    swap: BlockSwap,
+    config: SwapConfig,
+    arch: str,
+    auto: bool = False,
+) -> _State:
+    state = _State(swap, config, swap.swapped_modules, auto=auto)
     _states[diffusion_model] = state
     logger.info(
         "wan_blockswap on %s (%s):\n%s",
@@ -246,8 +256,7 @@ def remove_from_model(patcher: Any) -> None:
 
 
 def _install(patcher: Any) -> None:
-    patcher._load_list = types.MethodType(_filtered_load_list, patcher)
-    patcher.patch_hook_weight_to_device = types.MethodType(_checked_hook_patch, patcher)
+    _install_overrides(patcher)
     patcher.add_callback_with_key(CallbacksMP.ON_CLONE, KEY, _on_clone)
     patcher.add_callback_with_key(CallbacksMP.ON_LOAD, KEY, _on_load)
     patcher.add_callback_with_key(CallbacksMP.ON_CLEANUP, KEY, _on_cleanup)
@@ -278,10 +287,14 @@ def _checked_hook_patch(self: Any, hooks: Any, combined_patches: dict, key: str,
     return type(self).patch_hook_weight_to_device(self, hooks, combined_patches, key, *args)
 
 
+def _install_overrides(patcher: Any) -> None:
+    """Per-instance method overrides; clones copy callbacks but not these, see _on_clone."""
+    patcher._load_list = types.MethodType(_filtered_load_list, patcher)
+    patcher.patch_hook_weight_to_device = types.MethodType(_checked_hook_patch, patcher)
+
+
 def _on_clone(source: Any, clone: Any) -> None:
-    # Clones copy callbacks but not instance attributes: re-install the overrides.
-    clone._load_list = types.MethodType(_filtered_load_list, clone)
-    clone.patch_hook_weight_to_device = types.MethodType(_checked_hook_patch, clone)
+    _install_overrides(clone)
 
 
 def _on_load(
@@ -370,15 +383,10 @@ def _replan_for_budget(patcher: Any, state: _State, budget: int) -> None:
         budget / GIB,
     )
     diffusion_model = patcher.model.diffusion_model
-    _unload_from_core(diffusion_model)
-    arch = model_configs.detect(diffusion_model)
+    _unload_from_core(diffusion_model)  # before remove(): core must not hold placeholders
     state.swap.remove()
-    swap = BlockSwap.apply(
-        diffusion_model, config, arch.layout, patcher.load_device, move_resident=False
-    )
-    new_state = _register(diffusion_model, swap, config, arch.name)
-    new_state.auto = True
-    patcher.size = resident_bytes(patcher.model, swap) + new_state.ring_bytes
+    new_state = _swap_loaded_weights(diffusion_model, config, patcher.load_device, auto=True)
+    patcher.size = resident_bytes(patcher.model, new_state.swap) + new_state.ring_bytes
 
 
 def _unload_from_core(diffusion_model: torch.nn.Module) -> None:

@@ -45,19 +45,23 @@ def patch_transform(patcher: Any, swap: BlockSwap) -> Any:
         for entries in wanted.values()
         for _, key in entries
     }
-    units = {stored.name: stored for stored in swap.units}
+    # Units whose patched ops read their own tensors (their scale): bound to the slot meanwhile.
+    scaled = {
+        stored.name: stored
+        for stored in swap.units
+        if any(funcs[key] != (None, None) for _, key in wanted.get(stored.name, ()))
+    }
 
     def transform(unit_name: str, views: list[torch.Tensor]) -> None:
-        entries = wanted.get(unit_name, ())
-        scaled = any(funcs[key] != (None, None) for _, key in entries)
-        if scaled:  # the op's functions read its own tensors (its scale): from this slot
-            units[unit_name].bind(views)
+        stored = scaled.get(unit_name)
+        if stored is not None:
+            stored.bind(views)
         try:
-            for index, key in entries:
+            for index, key in wanted.get(unit_name, ()):
                 _patch_view(views[index], key, patches[key], *funcs[key])
         finally:
-            if scaled:
-                units[unit_name].unbind()
+            if stored is not None:
+                stored.unbind()
 
     logger.info("wan_blockswap: applying patches to %d swapped weights per copy", len(patches))
     return transform

@@ -13,10 +13,10 @@ class keeps in fp32 stay fp32); fp8 and GGUF-quantized Linear weights stay in th
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-import math
 from dataclasses import dataclass, field, replace
 from typing import Callable
 

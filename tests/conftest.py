@@ -27,3 +27,14 @@ def _clean_swaps():
 
     for swap in list(_active.values()):
         swap.remove()
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    """ComfyUI core from ``COMFYUI_PATH``; the test is skipped without a usable one."""
+    import tiny_models
+
+    try:
+        return tiny_models.import_comfy()
+    except tiny_models.ComfyUnavailable as error:
+        pytest.skip(str(error))

@@ -62,14 +62,6 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="module")
-def comfy():
-    try:
-        return tm.import_comfy()
-    except tm.ComfyUnavailable as e:
-        pytest.skip(str(e))
-
-
 def _get(model, dotted):
     return reduce(lambda m, attr: getattr(m, attr, None), dotted.split("."), model)
 

@@ -2,15 +2,7 @@
 
 import pytest
 
-import tiny_models
-
-
-@pytest.fixture(scope="session")
-def comfy():
-    try:
-        return tiny_models.import_comfy()
-    except tiny_models.ComfyUnavailable as error:
-        pytest.skip(str(error))
+# the ``comfy`` fixture comes from tests/conftest.py
 
 
 def load_pack():
