@@ -190,6 +190,8 @@ class Checkpoint:
                         "bytes)",
                         "Do not modify checkpoints while they are in use; open it again.",
                     )
+                if hasattr(os, "posix_fadvise"):  # a larger readahead window for cold files
+                    os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
                 self._files[key] = handle
             return self._files[key]
 

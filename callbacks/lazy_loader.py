@@ -303,7 +303,7 @@ def decode_into(
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         part = raw[start * row_bytes : stop * row_bytes].to(dest.device)
-        sub = replace(record, shape=(stop - start, *shape[1:]) if len(shape) > 1 else shape)
+        sub = replace(record, shape=(stop - start, shape[-1]) if len(shape) > 1 else shape)
         flat[start:stop].copy_(_decode(part, sub, target, False).reshape(stop - start, -1))
 
 

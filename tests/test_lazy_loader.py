@@ -272,13 +272,14 @@ def test_terminal_progress_bar_draws_per_block(tmp_path, state):
     swap.remove()
 
 
+@pytest.mark.parametrize("shape", [(96, 512), (12, 4, 2, 512), (512,)])  # 2-D, conv, bias
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q8_0", None])
 def test_decode_into_goes_a_few_rows_at_a_time_and_equals_whole_decode(
-    tmp_path, monkeypatch, qtype
+    tmp_path, monkeypatch, qtype, shape
 ):
     import callbacks.lazy_loader as lazy_loader
 
-    weight = torch.randn(96, 512) / 20
+    weight = torch.randn(shape) / 20
     if qtype is None:
         path = tmp_path / "w.safetensors"
         write_safetensors({"w": weight.to(torch.float8_e4m3fn)}, path, prefix="")
@@ -292,6 +293,6 @@ def test_decode_into_goes_a_few_rows_at_a_time_and_equals_whole_decode(
     whole = lazy_loader._decode(raw, record, torch.bfloat16, False)
     # 10 rows of 512 bf16 values per chunk: ten chunks, the last one short
     monkeypatch.setattr(lazy_loader, "DECODE_CHUNK_BYTES", 10 * 512 * 2)
-    dest = torch.full((96, 512), float("nan"), dtype=torch.bfloat16)
+    dest = torch.full(shape, float("nan"), dtype=torch.bfloat16)
     lazy_loader.decode_into(dest, raw, record, torch.bfloat16)
     assert torch.equal(dest, whole)
