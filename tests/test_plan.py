@@ -128,9 +128,9 @@ def test_vram_budget_falls_back_to_layers_then_errors():
         plan_swap(small, SwapConfig(vram_budget_gb=1.2, swap_unit="block"))
 
 
-def test_vram_budget_prefers_more_resident_blocks_over_whole_block_slots():
-    # Real Wan blocks are almost all large layers: layer slots (2 x 140 MB) leave room for one
-    # more resident block than block slots (2 x 700 MB) do, so fewer bytes cross per forward.
+def test_vram_budget_prefers_layer_slots_when_they_copy_fewer_bytes():
+    # Real Wan blocks are almost all large layers: layer slots (2 x 140 MB) leave room for more
+    # resident weights than block slots (2 x 700 MB) do, so fewer bytes cross per forward.
     layers = (140 * MB, 140 * MB, 140 * MB, 140 * MB, 139 * MB)
     sizes = ModelSizes(
         tuple(BlockSizes(f"blocks.{i}", "blocks", "main", 700 * MB, layers) for i in range(8)),
@@ -138,14 +138,52 @@ def test_vram_budget_prefers_more_resident_blocks_over_whole_block_slots():
     )
     budget = (100 + 2 * 700 + 2 * 700) * MB / GIB  # two resident blocks with block slots
     plan = plan_swap(sizes, SwapConfig(vram_budget_gb=budget))
-    assert plan.swap_unit == "layer" and len(plan.resident) == 3
+    assert plan.swap_unit == "layer"
     assert plan.gpu_weight_bytes <= budget * GIB
     block_only = plan_swap(sizes, SwapConfig(vram_budget_gb=budget, swap_unit="block"))
     assert len(block_only.resident) == 2 and block_only.swapped_bytes > plan.swapped_bytes
-    # what whole blocks leave of the budget keeps the largest layers of swapped blocks
     assert plan.kept_layers and all(name in plan.swapped for name, _ in plan.kept_layers)
     slack = budget * GIB - plan.gpu_weight_bytes
     assert 0 <= slack < 139 * MB
+
+
+def wan_like_layers(blocks: int = 8) -> ModelSizes:
+    """Wan-14B proportions: 8 attention projections of 50 MB, two FFN layers of 135 MB."""
+    layers = (50 * MB,) * 8 + (135 * MB,) * 2
+    return ModelSizes(
+        tuple(
+            BlockSizes(f"blocks.{i}", "blocks", "main", sum(layers) + MB, layers)
+            for i in range(blocks)
+        ),
+        other_bytes=350 * MB,
+    )
+
+
+def test_layer_budget_streams_a_few_layers_of_every_block_spread_through_each():
+    sizes = wan_like_layers()
+    total = sum(b.nbytes for b in sizes.blocks) + sizes.other_bytes
+    budget = 0.75 * total / GIB
+    plan = plan_swap(sizes, SwapConfig(vram_budget_gb=budget, swap_unit="layer"))
+    assert plan.gpu_weight_bytes <= budget * GIB
+    # every block streams some layers, evenly (differing by at most one layer)
+    streamed = {
+        b.name: [i for i in range(10) if (b.name, i) not in set(plan.kept_layers)]
+        for b in sizes.blocks
+    }
+    counts = [len(layers) for layers in streamed.values()]
+    assert min(counts) >= 1 and max(counts) - min(counts) <= 1
+    # the FFN layers are all kept, so the slots shrink to one attention projection
+    assert all(8 not in layers and 9 not in layers for layers in streamed.values())
+    assert plan.slot_bytes == 50 * MB
+    # within a block the streamed layers are not bunched together
+    assert all(layers == [1, 3, 5, 7][-len(layers) :] for layers in streamed.values())
+    # and it copies fewer bytes than swapping whole blocks with the same budget
+    old_style = [
+        plan_swap(sizes, SwapConfig(vram_budget_gb=budget, swap_unit="block")).swapped_bytes
+    ]
+    assert plan.swapped_bytes < min(old_style)
+    # nothing left out: kept + streamed + slots account for every byte
+    assert plan.resident_bytes + plan.swapped_bytes == total
 
 
 def test_flux_like_two_main_lists_count_together():

@@ -140,6 +140,41 @@ def test_weight_patches_equal_core(comfy, order):
     assert torch.equal(run(comfy, node(patcher, blocks_to_swap=2), inputs), plain)
 
 
+def test_weight_patches_on_a_vram_budget_plan_equal_core(comfy):
+    """A budget plan streams a few layers of every block and keeps the rest resident (inside
+    swapped blocks): patches on both kinds of layer still equal core's."""
+    import model_configs
+    from wan_blockswap import SwapConfig, get_block_swap, plan_for
+    from wan_blockswap.engine import measure_model
+
+    patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v")
+    inputs = make_inputs(3)
+    model = patcher.model.diffusion_model
+    layout = model_configs.detect(model).layout
+    units, sizes = measure_model(model, layout)
+    every_layer = plan_for(model, SwapConfig(swap_unit="layer"), layout).gpu_weight_bytes
+    budget = (every_layer + sum(b.nbytes for b in sizes.blocks) // 2) / 2**30
+    plan = plan_for(model, SwapConfig(vram_budget_gb=budget, swap_unit="layer"), layout)
+    kept = set(plan.kept_layers)
+    assert kept and len(plan.swapped) == len(sizes.blocks)  # every block streams some layers
+    layer_keys = {
+        (block, i): f"diffusion_model.{unit.name}.weight"
+        for block, layers in units["layers"].items()
+        for i, unit in enumerate(layers)
+    }
+    keys = [
+        next(key for index, key in layer_keys.items() if index in kept),
+        next(key for index, key in layer_keys.items() if index not in kept),
+        "diffusion_model.text_embedding.0.weight",
+    ]
+    expected = run(comfy, lora_like(patcher, keys), inputs)
+    comfy.model_management.unload_all_models()
+    swapped = lora_like(node(patcher, blocks_to_swap=0, vram_budget_gb=round(budget, 6)), keys)
+    assert get_block_swap(model).plan.kept_layers
+    assert torch.equal(run(comfy, swapped, inputs), expected)
+    comfy.model_management.unload_all_models()
+
+
 def test_interrupt_mid_forward_then_unload_and_reuse(comfy):
     patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v")
     inputs = make_inputs(3)
@@ -342,7 +377,8 @@ def test_auto_refits_the_plan_to_each_latents_memory_estimate(comfy, pack, monke
     prepare(small)
     state = _states[patcher.model.diffusion_model]
     plan = state.swap.plan
-    assert 0 < len(plan.swapped) < len(sizes.blocks)
+    block_bytes = sum(b.nbytes for b in sizes.blocks)
+    assert 0 < plan.swapped_bytes < block_bytes - 3 * block  # part of the model streams
     assert plan.gpu_weight_bytes <= free["bytes"] - required
     assert swapped.model_size() == swapped.size  # core's accounting follows the new plan
     assert torch.equal(run(comfy, swapped, inputs), expected)
@@ -360,7 +396,7 @@ def test_auto_refits_the_plan_to_each_latents_memory_estimate(comfy, pack, monke
     free["bytes"] = required_large + sizes.other_bytes + 2 * block + block // 2
     prepare(large)
     plan_large = _states[patcher.model.diffusion_model].swap.plan
-    assert len(plan_large.swapped) > len(plan.swapped)
+    assert plan_large.swapped_bytes > plan.swapped_bytes
     assert plan_large.gpu_weight_bytes <= free["bytes"] - required_large
     assert torch.equal(run(comfy, swapped, inputs), expected)
 
