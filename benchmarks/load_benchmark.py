@@ -89,11 +89,36 @@ def read_bandwidth_parallel(path: str, threads: int = 8) -> float:
     return total / (time.perf_counter() - start) / 1e9
 
 
+def cold_median(args: argparse.Namespace, fmt: str, path: str) -> dict | None:
+    """Our cold load, ``args.cold_repeats`` times, each paired with a cold single-thread read
+    of the file just before it; the row of the median load/read ratio, with every pair."""
+    pairs = []
+    for _ in range(args.cold_repeats):
+        if not drop_page_cache(path):
+            return None
+        gbps = read_bandwidth(path)
+        row = run_child(args, fmt, "wan_blockswap", "cold", forward=False)
+        if row is None:
+            return None
+        row["read_gbps"] = gbps
+        row["x_read_time"] = row["load_s"] / (row["file_gib"] * GIB / 1e9 / gbps)
+        pairs.append(row)
+    pairs.sort(key=lambda r: r["x_read_time"])
+    row = dict(pairs[len(pairs) // 2])
+    row["cold_repeats"] = [
+        {key: r[key] for key in ("load_s", "read_gbps", "x_read_time")} for r in pairs
+    ]
+    return row
+
+
 def summarize(results: dict) -> dict:
     """The issue's bars, checked on this run's rows (read time from this run's bandwidth)."""
     bars: dict[str, list[str] | str] = {"peak_vram": [], "peak_rss": [], "load_time": []}
     forward = {}
     for row in results["rows"]:
+        if row.get("read_gbps"):
+            row["read_time_s"] = row["file_gib"] * GIB / 1e9 / row["read_gbps"]
+            row["x_read_time"] = row["load_s"] / row["read_time_s"]
         if row["method"] != "wan_blockswap":
             continue
         tag = f"{row['format']} {row['cache']}"
@@ -108,9 +133,7 @@ def summarize(results: dict) -> dict:
             + ("met" if row["peak_rss_gib"] <= rss_bar else "MISSED")
         )
         if row.get("read_gbps"):
-            read_s = row["file_gib"] * GIB / 1e9 / row["read_gbps"]
-            row["read_time_s"] = read_s
-            row["x_read_time"] = row["load_s"] / read_s
+            read_s = row["read_time_s"]
             bars["load_time"].append(
                 f"{tag} {row['load_s']:.3f} s = {row['x_read_time']:.3f} x {read_s:.3f} s: "
                 + ("met" if row["x_read_time"] <= 1.2 else "MISSED")
@@ -281,6 +304,13 @@ def main() -> None:
     parser.add_argument("--cache", default="warm")
     parser.add_argument("--forward", action="store_true")
     parser.add_argument("--formats", nargs="+", default=["bf16", "fp8", "q8_0", "q4_k"])
+    parser.add_argument(
+        "--cold-repeats",
+        type=int,
+        default=3,
+        help="cold loads of ours, each right after a cold read of the file; the median pair "
+        "is the row (this disk's cold rate drifts by 20%% between reads seconds apart)",
+    )
     parser.add_argument("--methods", nargs="+", default=["wan_blockswap", "naive", "accelerate"])
     args = parser.parse_args()
     if args.child:
@@ -303,37 +333,31 @@ def main() -> None:
         with open(output, "w") as handle:
             json.dump(results, handle, indent=2)
 
-    for fmt in args.formats:
+    plan = [(fmt, method) for fmt in args.formats for method in ("wan_blockswap", "naive")]
+    plan += [(f + "_diffusers", "accelerate") for f in args.formats if f in ("bf16", "fp8")]
+    for fmt, method in plan:
+        if method not in args.methods:
+            continue
         save(results)
         path = os.path.join(args.dir, FORMATS[fmt])
-        cold = drop_page_cache(path)
-        results["read_gbps"][fmt] = {
-            "cold" if cold else "first": read_bandwidth(path),
-            "warm": read_bandwidth(path),
-        }
-        if drop_page_cache(path):
-            results["read_gbps"][fmt]["cold_8_threads"] = read_bandwidth_parallel(path)
-        for cache in ("cold", "warm") if "wan_blockswap" in args.methods else ():
-            row = run_child(
-                args, fmt, "wan_blockswap", cache, forward=fmt != "q4_k" and cache == "warm"
-            )
+        if fmt not in results["read_gbps"]:
+            cold = drop_page_cache(path)
+            results["read_gbps"][fmt] = {
+                "cold" if cold else "first": read_bandwidth(path),
+                "warm": read_bandwidth(path),
+            }
+            if drop_page_cache(path):
+                results["read_gbps"][fmt]["cold_8_threads"] = read_bandwidth_parallel(path)
+        for cache in ("cold", "warm"):
+            forward = method == "wan_blockswap" and fmt != "q4_k" and cache == "warm"
+            if cache == "cold" and method == "wan_blockswap" and args.cold_repeats > 1:
+                row = cold_median(args, fmt, path)
+            else:
+                row = run_child(args, fmt, method, cache, forward=forward)
+                if row:
+                    row["read_gbps"] = results["read_gbps"][fmt].get(cache)
             if row:
-                row["read_gbps"] = results["read_gbps"][fmt].get(cache)
                 results["rows"].append(row)
-        row = (
-            run_child(args, fmt, "naive", "warm", forward=False)
-            if "naive" in args.methods
-            else None
-        )
-        if row:
-            row["read_gbps"] = results["read_gbps"][fmt]["warm"]
-            results["rows"].append(row)
-    for fmt in [f + "_diffusers" for f in args.formats if f in ("bf16", "fp8")] * (
-        "accelerate" in args.methods
-    ):
-        row = run_child(args, fmt, "accelerate", "warm", forward=False)
-        if row:
-            results["rows"].append(row)
     results["bars"] = summarize(results)
     save(results)
     print(json.dumps(results["bars"], indent=1), flush=True)

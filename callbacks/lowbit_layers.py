@@ -18,6 +18,9 @@ from .gguf_dequant import dequantize
 class CastLinear(nn.Linear):
     """``nn.Linear`` whose weight (and bias) may be stored in a narrower dtype than the input."""
 
+    def reset_parameters(self) -> None:
+        """Nothing to initialise: built on the meta device for a loader to fill."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight.to(x.dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
@@ -32,6 +35,10 @@ class GGUFLinear(nn.Linear):
     """
 
     qtype: int
+
+    def reset_parameters(self) -> None:
+        """Nothing to initialise: a loader fills the raw bytes. (``nn.Linear`` would run its
+        random init on the meta device, a third of the time a GGUF skeleton takes.)"""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = dequantize(

@@ -150,7 +150,10 @@ def _diffusers_from_config(config_path: str) -> nn.Module | None:
 
 def _empty(cls: type, kwargs: dict | None, config: dict | None = None) -> nn.Module:
     from accelerate import init_empty_weights
+    from diffusers.models.modeling_utils import no_init_weights
 
-    with init_empty_weights(include_buffers=False):
+    # no_init_weights: the random init would run on meta tensors for nothing (a fifth of the
+    # time building a 14B skeleton takes)
+    with init_empty_weights(include_buffers=False), no_init_weights():
         model = cls.from_config(config) if config is not None else cls(**kwargs)
     return model.eval().requires_grad_(False)
