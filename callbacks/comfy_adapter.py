@@ -34,14 +34,18 @@ import comfy.sampler_helpers
 import model_configs
 from wan_blockswap import (
     BlockSwap,
-    BlockSwapConfigError,
     InsufficientMemoryError,
     SwapConfig,
     get_block_swap,
 )
 from wan_blockswap.plan import plan_swap
 
-from .comfy_weight_patches import MODEL_PREFIX, attach_gguf_patches, patch_transform
+from .comfy_weight_patches import (
+    MODEL_PREFIX,
+    attach_gguf_patches,
+    patch_transform,
+    swapped_hook_patches,
+)
 
 logger = logging.getLogger("wan_blockswap")
 
@@ -59,6 +63,7 @@ class _State:
     config: SwapConfig
     swapped_modules: set = field(default_factory=set)
     patches_uuid: Any = None
+    hooks: Any = None  # the hook group whose patches the slot transform applies
     auto: bool = False  # re-plan for each latent's memory estimate (see _fit_to_latent)
 
     @property
@@ -272,25 +277,49 @@ def _filtered_load_list(self: Any, *args: Any, **kwargs: Any) -> list:
     return [entry for entry in entries if entry[-2] not in state.swapped_modules]
 
 
-def _checked_hook_patch(self: Any, hooks: Any, combined_patches: dict, key: str, *args: Any):
-    """Core's hook (scheduled LoRA) patching, refused clearly for swapped weights: core would
-    copy the patched weight into a 0-element placeholder and fail with a shape error."""
+def _hook_patch_skipping_swapped(
+    self: Any,
+    hooks: Any,
+    combined_patches: dict,
+    key: str,
+    original_weights: Any,
+    memory_counter: Any,
+) -> None:
+    """Core's hook (scheduled LoRA) patching of one weight, skipped for swapped weights: core
+    would copy the patched weight into a 0-element placeholder; the slot transform patches
+    those instead (:func:`_patch_hooks`)."""
     state = _states.get(self.model.diffusion_model)
     if state is not None and key in combined_patches and key.startswith(MODEL_PREFIX):
         if state.swap.swapped_tensor(key[len(MODEL_PREFIX) :]) is not None:
-            raise BlockSwapConfigError(
-                f"a scheduled LoRA hook patches {key}, which WAN BlockSwap streams from host "
-                "memory; hook patches on swapped blocks are not supported yet. Load the LoRA "
-                "with a regular LoRA loader (before or after the node), or keep those blocks "
-                "resident (fewer blocks_to_swap)."
-            )
-    return type(self).patch_hook_weight_to_device(self, hooks, combined_patches, key, *args)
+            return None
+    return type(self).patch_hook_weight_to_device(
+        self, hooks, combined_patches, key, original_weights, memory_counter
+    )
+
+
+def _patch_hooks(self: Any, hooks: Any) -> None:
+    """Core switches hook groups (scheduled LoRA keyframes) here, between model calls: core
+    patches the resident weights, the slot transform takes the swapped weights' patches (the
+    next copies apply them; prefetched copies are dropped)."""
+    state = _states.get(self.model.diffusion_model)
+    if state is None:
+        return type(self).patch_hooks(self, hooks)
+    hook_patches = swapped_hook_patches(self, state.swap, hooks)  # refuses before patching
+    type(self).patch_hooks(self, hooks)
+    _set_transform(self, state, hooks, hook_patches)
+
+
+def _set_transform(patcher: Any, state: _State, hooks: Any, hook_patches: dict) -> None:
+    state.swap.set_transform(patch_transform(patcher, state.swap, hook_patches))
+    state.patches_uuid = patcher.patches_uuid
+    state.hooks = hooks
 
 
 def _install_overrides(patcher: Any) -> None:
     """Per-instance method overrides; clones copy callbacks but not these, see _on_clone."""
     patcher._load_list = types.MethodType(_filtered_load_list, patcher)
-    patcher.patch_hook_weight_to_device = types.MethodType(_checked_hook_patch, patcher)
+    patcher.patch_hook_weight_to_device = types.MethodType(_hook_patch_skipping_swapped, patcher)
+    patcher.patch_hooks = types.MethodType(_patch_hooks, patcher)
 
 
 def _on_clone(source: Any, clone: Any) -> None:
@@ -307,9 +336,10 @@ def _on_load(
     state = _states.get(patcher.model.diffusion_model)
     if state is None:
         return
-    if patcher.patches_uuid != state.patches_uuid:
-        state.swap.set_transform(patch_transform(patcher, state.swap))
-        state.patches_uuid = patcher.patches_uuid
+    # the hooks core believes are applied (it skips re-applying them while unchanged)
+    hooks = patcher.current_hooks
+    if patcher.patches_uuid != state.patches_uuid or hooks is not state.hooks:
+        _set_transform(patcher, state, hooks, swapped_hook_patches(patcher, state.swap, hooks))
     attach_gguf_patches(patcher, state.swap)
     if not full_load:  # on a full load core already counted model_size(), ring included
         patcher.model.model_loaded_weight_memory += state.ring_bytes

@@ -17,27 +17,36 @@ import torch
 import comfy.float
 import comfy.lora
 import comfy.model_patcher
-from wan_blockswap import BlockSwap
+from wan_blockswap import BlockSwap, BlockSwapConfigError
 
 logger = logging.getLogger("wan_blockswap")
 
 MODEL_PREFIX = "diffusion_model."
 
 
-def patch_transform(patcher: Any, swap: BlockSwap) -> Any:
+def patch_transform(
+    patcher: Any, swap: BlockSwap, hook_patches: dict[str, list] | None = None
+) -> Any:
     """Apply ``patcher``'s weight patches to swapped weights as they land in a slot, with the
-    recipe core uses for weights it patches at load time."""
+    recipe core uses for weights it patches at load time; then ``hook_patches`` (scheduled
+    LoRA hooks active now, see :func:`swapped_hook_patches`) with core's hook recipe, which
+    patches the already patched weight again."""
+    hook_patches = hook_patches or {}
     wanted: dict[str, list[tuple[int, str]]] = {}
     for stored in swap.units:
         for index, (ref, tensor) in enumerate(zip(stored.unit.tensors, stored.tensors)):
             key = MODEL_PREFIX + ref.qualname
-            if key not in patcher.patches:
+            if key not in patcher.patches and key not in hook_patches:
                 continue
             if not _is_gguf_quantized(tensor):  # those: attach_gguf_patches
                 wanted.setdefault(stored.name, []).append((index, key))
     if not wanted:
         return None
-    patches = {key: patcher.patches[key] for entries in wanted.values() for _, key in entries}
+    stages = {
+        key: [p for p in (patcher.patches.get(key), hook_patches.get(key)) if p]
+        for entries in wanted.values()
+        for _, key in entries
+    }
     # Ops that store weights scaled (core's scaled-fp8 Linear) give core a convert function
     # (stored -> real weight) and a set function (real -> stored); core patches with them.
     funcs = {
@@ -58,13 +67,44 @@ def patch_transform(patcher: Any, swap: BlockSwap) -> Any:
             stored.bind(views)
         try:
             for index, key in wanted.get(unit_name, ()):
-                _patch_view(views[index], key, patches[key], *funcs[key])
+                for patches in stages[key]:
+                    _patch_view(views[index], key, patches, *funcs[key])
         finally:
             if stored is not None:
                 stored.unbind()
 
-    logger.info("wan_blockswap: applying patches to %d swapped weights per copy", len(patches))
+    logger.info("wan_blockswap: applying patches to %d swapped weights per copy", len(stages))
     return transform
+
+
+def swapped_hook_patches(patcher: Any, swap: BlockSwap, hooks: Any) -> dict[str, list]:
+    """The patches of the hook group ``hooks`` (core's ``get_combined_hook_patches``) that
+    fall on swapped weights: core patches resident weights itself, but would write these into
+    0-element placeholders.
+
+    Raises:
+        BlockSwapConfigError: a hook patches a swapped GGUF-quantized weight (those are
+            patched by ComfyUI-GGUF while dequantizing, which knows nothing of hooks).
+    """
+    if hooks is None:
+        return {}
+    found = {}
+    for key, patches in patcher.get_combined_hook_patches(hooks=hooks).items():
+        located = (
+            swap.swapped_tensor(key[len(MODEL_PREFIX) :]) if key.startswith(MODEL_PREFIX) else None
+        )
+        if located is None:
+            continue
+        stored, index = located
+        if _is_gguf_quantized(stored.tensors[index]):
+            raise BlockSwapConfigError(
+                f"a scheduled LoRA hook patches {key}, a GGUF-quantized weight that WAN "
+                "BlockSwap streams from host memory; hooks on those are not supported. Load "
+                "the LoRA with a regular LoRA loader (before or after the node), or keep that "
+                "block resident (fewer blocks_to_swap)."
+            )
+        found[key] = patches
+    return found
 
 
 def _patch_view(

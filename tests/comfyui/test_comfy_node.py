@@ -20,6 +20,13 @@ ARCHS = [
 
 def run(comfy, patcher, inputs):
     comfy.model_management.load_models_gpu([patcher])
+    out = forward(patcher, inputs)
+    patcher.cleanup()
+    return out
+
+
+def forward(patcher, inputs):
+    """One call of the loaded diffusion model, as core's apply_model makes it."""
     device = patcher.load_device
     # as core's apply_model does: float inputs in the dtype the model computes in (on a GPU
     # core may pick fp16 for a bf16 file)
@@ -34,7 +41,6 @@ def run(comfy, patcher, inputs):
     }
     with torch.inference_mode():
         out = patcher.model.diffusion_model(**x)
-    patcher.cleanup()
     return (out[0] if isinstance(out, tuple) else out).float().cpu()
 
 
@@ -408,15 +414,82 @@ def test_auto_refits_the_plan_to_each_latents_memory_estimate(comfy, pack, monke
     assert torch.equal(run(comfy, swapped, inputs), expected)
 
 
-def test_hook_patches_on_swapped_weights_are_a_clear_error(comfy):
+def hooked_forward(patcher, inputs, group):
+    """One model call the way a sampler makes it with hooks: apply the group, then call."""
+    patcher.apply_hooks(group)
+    return forward(patcher, inputs)
+
+
+def weight_hook(comfy, patcher, keys, seed):
+    """A hook group with one scheduled-LoRA-like weight hook ('diff' patches on ``keys``),
+    registered on ``patcher`` the way core's conditioning nodes do."""
+    gen = torch.Generator().manual_seed(seed)
+    state = patcher.model.state_dict()
+    hook = comfy.hooks.WeightHook()
+    hook.weights = {
+        key: ("diff", (0.05 * torch.randn(state[key].shape, generator=gen),)) for key in keys
+    }
+    hook.need_weight_init = False
+    group = comfy.hooks.HookGroup()
+    group.add(hook)
+    target = comfy.hooks.create_target_dict(comfy.hooks.EnumWeightTarget.Model)
+    patcher.register_all_hook_patches(group, target)
+    return group
+
+
+def test_hook_patches_on_swapped_weights_equal_core(comfy):
+    """Scheduled LoRA hooks switch weights between model calls; on swapped weights the slot
+    transform applies them, on top of a regular LoRA, and switching back undoes them."""
+    patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v")
+    inputs = make_inputs(8)
+    last = len(patcher.model.diffusion_model.blocks) - 1
+    lora_keys = [f"diffusion_model.blocks.{last}.ffn.0.weight"]
+    hook_keys = [
+        f"diffusion_model.blocks.{last}.self_attn.q.weight",  # swapped
+        f"diffusion_model.blocks.{last}.ffn.0.weight",  # swapped, under the LoRA too
+        "diffusion_model.blocks.0.cross_attn.k.weight",  # resident
+    ]
+    core = lora_like(patcher, lora_keys)
+    group = weight_hook(comfy, core, hook_keys, seed=1)
+    comfy.model_management.load_models_gpu([core])
+    expected = hooked_forward(core, inputs, group)
+    expected_plain = hooked_forward(core, inputs, None)
+    assert not torch.equal(expected, expected_plain)
+    core.clean_hooks()
+    core.cleanup()
+    comfy.model_management.unload_all_models()
+
+    ours = node(lora_like(patcher, lora_keys), blocks_to_swap=2)
+    group = weight_hook(comfy, ours, hook_keys, seed=1)
+    comfy.model_management.load_models_gpu([ours])
+    for _ in range(2):  # on, off, on again: nothing sticks
+        assert torch.equal(hooked_forward(ours, inputs, group), expected)
+        assert torch.equal(hooked_forward(ours, inputs, None), expected_plain)
+    ours.clean_hooks()
+    ours.cleanup()
+    comfy.model_management.unload_all_models()
+    # and after an unload the plain model is back
+    assert torch.equal(
+        run(comfy, node(patcher, blocks_to_swap=2), inputs), run(comfy, patcher, inputs)
+    )
+
+
+def test_hook_patches_on_swapped_gguf_weights_are_a_clear_error(comfy, monkeypatch):
+    """Refused before core patches anything: nothing half-applied."""
+    import callbacks.comfy_weight_patches as weight_patches
     from wan_blockswap import BlockSwapConfigError
 
     patcher, _ = tiny_models.comfy_load_tiny("wan_t2v")
     swapped = node(patcher, blocks_to_swap=2).clone()  # the override survives cloning
     last = len(patcher.model.diffusion_model.blocks) - 1
-    key = f"diffusion_model.blocks.{last}.self_attn.q.weight"
-    with pytest.raises(BlockSwapConfigError, match=r"scheduled LoRA hook .*blocks_to_swap"):
-        swapped.patch_hook_weight_to_device(None, {key: []}, key, {}, None)
-    # resident weights go on to core's own hook patching (nothing to patch here)
-    resident = "diffusion_model.blocks.0.self_attn.q.weight"
-    assert swapped.patch_hook_weight_to_device(None, {}, resident, {}, None) is None
+    keys = [
+        f"diffusion_model.blocks.{last}.self_attn.q.weight",
+        "diffusion_model.blocks.0.self_attn.q.weight",
+    ]
+    group = weight_hook(comfy, swapped, keys, seed=2)
+    monkeypatch.setattr(weight_patches, "_is_gguf_quantized", lambda tensor: True)
+    before = patcher.model.diffusion_model.blocks[0].self_attn.q.weight.clone()
+    with pytest.raises(BlockSwapConfigError, match=r"scheduled LoRA hook .*GGUF.*blocks_to_swap"):
+        swapped.patch_hooks(group)
+    assert torch.equal(patcher.model.diffusion_model.blocks[0].self_attn.q.weight, before)
+    assert not swapped.hook_backup
