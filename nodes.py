@@ -225,7 +225,7 @@ class WanBlockSwapModelLoader(WanBlockSwapStream):
     def load(self, unet_name, weight_dtype, **widgets):
         import folder_paths
 
-        from callbacks.comfy_adapter import load_lazily
+        from callbacks.comfy_lazy_load import load_lazily
 
         if widgets.get("preset") == AUTO:
             raise ValueError(
