@@ -184,6 +184,7 @@ def test_layer_budget_streams_a_few_layers_of_every_block_spread_through_each():
     assert plan.swapped_bytes < min(old_style)
     # nothing left out: kept + streamed + slots account for every byte
     assert plan.resident_bytes + plan.swapped_bytes == total
+    assert plan.describe().startswith("blocks 0-7 partly in host memory")
 
 
 def test_flux_like_two_main_lists_count_together():

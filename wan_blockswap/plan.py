@@ -74,18 +74,22 @@ class SwapPlan:
     def describe(self) -> str:
         """One line per block list: ``blocks 0-27 on GPU, 28-39 in host memory``."""
         swapped = set(self.swapped)
+        partly = {name for name, _ in self.kept_layers}
         lines = []
-        lists: dict[str, list[tuple[int, bool]]] = {}
+        lists: dict[str, list[tuple[int, str]]] = {}
         for path, name in self.block_order:
-            lists.setdefault(path, []).append((len(lists.get(path, [])), name in swapped))
+            where = "partly" if name in partly else "host" if name in swapped else "gpu"
+            lists.setdefault(path, []).append((len(lists.get(path, [])), where))
         for path, entries in lists.items():
-            on_gpu = [i for i, is_swapped in entries if not is_swapped]
-            on_host = [i for i, is_swapped in entries if is_swapped]
             parts = []
-            if on_gpu:
-                parts.append(f"{_ranges(on_gpu)} on GPU")
-            if on_host:
-                parts.append(f"{_ranges(on_host)} in host memory")
+            for where, text in (
+                ("gpu", "on GPU"),
+                ("host", "in host memory"),
+                ("partly", "partly in host memory (their largest layers on GPU)"),
+            ):
+                indices = [i for i, w in entries if w == where]
+                if indices:
+                    parts.append(f"{_ranges(indices)} {text}")
             lines.append(f"{path} {', '.join(parts)}")
         extras = [
             name
