@@ -285,6 +285,18 @@ def test_lazy_loader_node_equals_core_loader(comfy, pack, tmp_path, weight_dtype
     )
     assert torch.equal(run(comfy, model, inputs), expected)
     assert torch.equal(run(comfy, model, inputs), expected)
+    comfy.model_management.unload_all_models()
+
+    # a VRAM budget: every block streams some layers and keeps the others, which the loader
+    # puts on the offload device for core to load like any resident weight
+    from wan_blockswap import get_block_swap
+
+    gib = round(0.7 * core.model_size() / 2**30, 6)  # between the smallest plan and all
+    budget = {**WIDGETS, "blocks_to_swap": 0, "vram_budget_gb": gib}
+    (model,) = loader.load("tiny_wan.safetensors", weight_dtype, **budget)
+    plan = get_block_swap(model.model.diffusion_model).plan
+    assert plan.kept_layers and len(plan.swapped) == len(model.model.diffusion_model.blocks)
+    assert torch.equal(run(comfy, model, inputs), expected)
 
 
 def test_wan22_two_models_share_slots_and_unload_frees_them(comfy):
