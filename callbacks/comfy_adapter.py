@@ -41,10 +41,10 @@ from wan_blockswap import (
 from wan_blockswap.plan import plan_swap
 
 from .comfy_weight_patches import (
-    MODEL_PREFIX,
     attach_gguf_patches,
     patch_transform,
     swapped_hook_patches,
+    swapped_tensor_at,
 )
 
 logger = logging.getLogger("wan_blockswap")
@@ -175,8 +175,8 @@ def _hook_patch_skipping_swapped(
     would copy the patched weight into a 0-element placeholder; the slot transform patches
     those instead (:func:`_patch_hooks`)."""
     state = _states.get(self.model.diffusion_model)
-    if state is not None and key in combined_patches and key.startswith(MODEL_PREFIX):
-        if state.swap.swapped_tensor(key[len(MODEL_PREFIX) :]) is not None:
+    if state is not None and key in combined_patches:
+        if swapped_tensor_at(state.swap, key) is not None:
             return None
     return type(self).patch_hook_weight_to_device(
         self, hooks, combined_patches, key, original_weights, memory_counter

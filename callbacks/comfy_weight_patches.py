@@ -77,6 +77,14 @@ def patch_transform(
     return transform
 
 
+def swapped_tensor_at(swap: BlockSwap, key: str) -> tuple[Any, int] | None:
+    """``(unit, index)`` of the swapped tensor behind core's key ``key``
+    (``diffusion_model.…``), or ``None`` for a resident or non-model key."""
+    if not key.startswith(MODEL_PREFIX):
+        return None
+    return swap.swapped_tensor(key[len(MODEL_PREFIX) :])
+
+
 def swapped_hook_patches(patcher: Any, swap: BlockSwap, hooks: Any) -> dict[str, list]:
     """The patches of the hook group ``hooks`` (core's ``get_combined_hook_patches``) that
     fall on swapped weights: core patches resident weights itself, but would write these into
@@ -90,9 +98,7 @@ def swapped_hook_patches(patcher: Any, swap: BlockSwap, hooks: Any) -> dict[str,
         return {}
     found = {}
     for key, patches in patcher.get_combined_hook_patches(hooks=hooks).items():
-        located = (
-            swap.swapped_tensor(key[len(MODEL_PREFIX) :]) if key.startswith(MODEL_PREFIX) else None
-        )
+        located = swapped_tensor_at(swap, key)
         if located is None:
             continue
         stored, index = located

@@ -233,11 +233,7 @@ def _build(
         swapped_names |= {b.name for b in txt_blocks}
     swapped = [b for b in sizes.blocks if b.name in swapped_names]
     resident = [b for b in sizes.blocks if b.name not in swapped_names]
-    embeddings = []
-    if config.offload_txt_emb and sizes.txt_emb_bytes:
-        embeddings.append(sizes.txt_emb_bytes)
-    if config.offload_img_emb and sizes.img_emb_bytes:
-        embeddings.append(sizes.img_emb_bytes)
+    embeddings = _offloaded_embeddings(sizes, config.offload_txt_emb, config.offload_img_emb)
 
     resident_bytes = sizes.other_bytes - sum(embeddings) + sum(b.nbytes for b in resident)
     swapped_bytes = sum(embeddings)
@@ -283,6 +279,15 @@ def _interleaved(sizes: ModelSizes, config: SwapConfig, budget: int) -> SwapPlan
     return _fill_with_layers(sizes, plan, budget)
 
 
+def _offloaded_embeddings(sizes: ModelSizes, txt: bool, img: bool) -> list[int]:
+    """Bytes of each embedding that streams through the slots."""
+    return [
+        nbytes
+        for nbytes, offloaded in ((sizes.txt_emb_bytes, txt), (sizes.img_emb_bytes, img))
+        if offloaded and nbytes
+    ]
+
+
 def _fill_with_layers(sizes: ModelSizes, plan: SwapPlan, budget: int) -> SwapPlan:
     """Keep the largest layers of swapped blocks resident while they fit in ``budget``.
 
@@ -302,17 +307,7 @@ def _fill_with_layers(sizes: ModelSizes, plan: SwapPlan, budget: int) -> SwapPla
         )
     )
     # The slots also carry offloaded embeddings, which are never kept.
-    floor = max(
-        (
-            nbytes
-            for nbytes, offloaded in (
-                (sizes.txt_emb_bytes, plan.offload_txt_emb),
-                (sizes.img_emb_bytes, plan.offload_img_emb),
-            )
-            if offloaded
-        ),
-        default=0,
-    )
+    floor = max(_offloaded_embeddings(sizes, plan.offload_txt_emb, plan.offload_img_emb), default=0)
     room = budget - plan.gpu_weight_bytes
     slot_bytes = plan.slot_bytes
     kept: dict[tuple[str, int], int] = {}
