@@ -4,7 +4,8 @@ working around it. With :mod:`callbacks.comfy_weight_patches`, the only code tha
 - The engine is applied to the diffusion model *before* core loads it, with
   ``move_resident=False``: swapped blocks already hold 0-element placeholders and live in our
   pinned host buffers, so core loads, moves and counts only the resident part (no VRAM spike,
-  true accounting). The slot ring is added to the patcher's size so core keeps room for it.
+  true accounting). The slot ring is added to the patcher's size so core keeps room for it,
+  and counted as loaded by one model at a time where models share it (Wan 2.2 A14B).
 - Core's loader never sees the swapped modules: a per-instance ``_load_list`` filter, re-installed
   on every clone (``ON_CLONE``), keeps core from patching or moving them.
 - LoRA and other weight patches on swapped keys are applied to each slot right after its copy,
@@ -65,6 +66,8 @@ class _State:
     patches_uuid: Any = None
     hooks: Any = None  # the hook group whose patches the slot transform applies
     auto: bool = False  # re-plan for each latent's memory estimate (see _fit_to_latent)
+    counts_ring: bool = False  # see [Note: shared slots, counted once]
+    base_model: Any = None  # weakref to the BaseModel core counts this model's memory on
 
     @property
     def ring_bytes(self) -> int:
@@ -227,8 +230,51 @@ def _on_load(
     if patcher.patches_uuid != state.patches_uuid or hooks is not state.hooks:
         _set_transform(patcher, state, hooks, swapped_hook_patches(patcher, state.swap, hooks))
     attach_gguf_patches(patcher, state.swap)
-    if not full_load:  # on a full load core already counted model_size(), ring included
+    # On a full load core counted model_size(), ring included; on a partial one, none of it.
+    counted_by_core = full_load
+    state.base_model = weakref.ref(patcher.model)
+    state.counts_ring = _ring_counter(state) is None
+    if state.counts_ring and not counted_by_core:
         patcher.model.model_loaded_weight_memory += state.ring_bytes
+    elif counted_by_core and not state.counts_ring:
+        patcher.model.model_loaded_weight_memory -= state.ring_bytes
+
+
+# [Note: shared slots, counted once]
+# Wan 2.2 A14B's two models share one set of GPU slots (wan_blockswap.slot_pool), while core
+# keeps a loaded size per model. So one loaded model counts the slots: the first to load.
+# When it unloads and the other stays loaded, the count moves to the other. model_size()
+# keeps the slots in both: what loading a model may need when the other is gone.
+
+
+def _ring_counter(state: _State) -> "_State | None":
+    """The loaded model, other than ``state``'s, that counts the slots ``state`` shares."""
+    key = state.swap.slot_pool_key()
+    if key is None:
+        return None
+    for other in list(_states.values()):
+        if other is not state and other.counts_ring and _is_loaded(other):
+            if other.swap.slot_pool_key() == key:
+                return other
+    return None
+
+
+def _is_loaded(state: _State) -> bool:
+    base_model = state.base_model() if state.base_model is not None else None
+    return base_model is not None and getattr(base_model, "model_loaded_weight_memory", 0) > 0
+
+
+def _pass_ring_count_on(state: _State) -> None:
+    """``state``'s model was unloaded: a loaded model sharing its slots counts them now."""
+    if not state.counts_ring:
+        return
+    state.counts_ring = False
+    key = state.swap.slot_pool_key()
+    for other in list(_states.values()):
+        if other is not state and _is_loaded(other) and other.swap.slot_pool_key() == key:
+            other.counts_ring = True
+            other.base_model().model_loaded_weight_memory += other.ring_bytes
+            return
 
 
 def _on_cleanup(patcher: Any) -> None:
@@ -243,6 +289,7 @@ def _on_detach(patcher: Any, unpatch_all: bool) -> None:
     state = _states.get(patcher.model.diffusion_model)
     if state is not None and unpatch_all:
         state.swap.release_vram()
+        _pass_ring_count_on(state)
 
 
 def _fit_to_latent(executor: Any, patcher: Any, noise_shape: Any, conds: dict, **kwargs: Any):

@@ -193,6 +193,11 @@ class BlockSwap:
         self.ring.transform = transform
         self.ring.invalidate()
 
+    def slot_pool_key(self) -> tuple | None:
+        """Swaps with equal keys share one set of GPU slots (see [Note: shared slots]); a host
+        that counts VRAM per model should count those slots once. None without slots."""
+        return self.ring.pool_key() if self.ring is not None else None
+
     def release_vram(self) -> None:
         """Free the GPU slots until the next forward (e.g. when a host unloads the model)."""
         if self.ring is not None:

@@ -84,17 +84,29 @@ class SlotRing:
             self.positions.setdefault(unit, []).append(position)
         self.cursor = 0  # schedule position of the next unit to prefetch
 
-    def allocate(self) -> None:
-        """Acquire the slots and make every unit's views into them (once per holding)."""
-        if self.slots or not self.num_slots:
-            return
+    def pool_key(self) -> tuple | None:
+        """The key of the slot pool this ring uses (rings with equal keys share their slots);
+        None without slots."""
+        if not self.num_slots:
+            return None
+        return slot_pool.pool_key(
+            self.streams.device, self.num_slots, self.slot_bytes, self._units_are_inference()
+        )
+
+    def _units_are_inference(self) -> bool:
         # [Note: inference tensors] A Parameter created under inference mode (ComfyUI builds
         # models inside torch.inference_mode()) breaks once its .data points at a normal
         # tensor ("Inference tensors do not track version counter"), while a normal Parameter
         # accepts either kind. So slots and their views are made in the parameters' mode, and
         # writes into inference slots happen in inference mode.
         first = next((u.tensors[0] for u in self.units if u.tensors), None)
-        self.inference = bool(first is not None and first.is_inference())
+        return bool(first is not None and first.is_inference())
+
+    def allocate(self) -> None:
+        """Acquire the slots and make every unit's views into them (once per holding)."""
+        if self.slots or not self.num_slots:
+            return
+        self.inference = self._units_are_inference()
         try:
             self.pool = slot_pool.acquire(
                 self, self.streams, self.num_slots, self.slot_bytes, self.inference

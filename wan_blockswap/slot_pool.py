@@ -42,6 +42,13 @@ class SlotPool:
 
 
 _pools: dict[tuple, SlotPool] = {}
+
+
+def pool_key(device: torch.device, num_slots: int, slot_bytes: int, inference: bool) -> tuple:
+    """Rings with equal keys share one pool (one set of slots in VRAM)."""
+    return (str(device), num_slots, slot_bytes, inference)
+
+
 _lock = threading.Lock()
 
 
@@ -49,7 +56,7 @@ def acquire(
     user: PoolUser, streams: DeviceStreams, num_slots: int, slot_bytes: int, inference: bool
 ) -> SlotPool:
     """The pool for this shape, held by ``user`` from now on (the previous holder is evicted)."""
-    key = (str(streams.device), num_slots, slot_bytes, inference)
+    key = pool_key(streams.device, num_slots, slot_bytes, inference)
     with _lock:
         pool = _pools.get(key)
         if pool is None:

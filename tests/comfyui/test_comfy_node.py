@@ -318,6 +318,37 @@ def test_wan22_two_models_share_slots_and_unload_frees_them(comfy):
     assert torch.equal(run(comfy, swapped["low"], inputs), expected["low"])
 
 
+def test_wan22_shared_slots_are_counted_once_and_the_count_moves_on_unload(comfy):
+    from callbacks.comfy_adapter import _states
+
+    mm = comfy.model_management
+    high, make_inputs = tiny_models.comfy_load_tiny("wan_t2v", seed=1)
+    low, _ = tiny_models.comfy_load_tiny("wan_t2v", seed=2)
+    inputs = make_inputs(6)
+    swapped = {"high": node(high, blocks_to_swap=4), "low": node(low, blocks_to_swap=4)}
+    ring = _states[high.model.diffusion_model].ring_bytes
+    assert ring == _states[low.model.diffusion_model].ring_bytes > 0
+    resident = {name: model.model_size() - ring for name, model in swapped.items()}
+    for name in ("high", "low"):
+        run(comfy, swapped[name], inputs)
+    loaded = [m.model for m in mm.current_loaded_models]
+    assert swapped["high"].model in [m.model for m in loaded]
+    assert swapped["low"].model in [m.model for m in loaded]
+    # both loaded: core's totals hold the slots once, as VRAM does
+    total = swapped["high"].loaded_size() + swapped["low"].loaded_size()
+    assert total == resident["high"] + resident["low"] + ring
+    assert swapped["high"].loaded_size() == resident["high"] + ring  # the first to load
+    # core unloads the high-noise model: the low-noise one now counts the slots it still uses
+    index = next(i for i, m in enumerate(mm.current_loaded_models) if m.model.model is high.model)
+    mm.current_loaded_models.pop(index).model_unload()
+    assert swapped["high"].loaded_size() == 0
+    assert swapped["low"].loaded_size() == resident["low"] + ring
+    # loading the high-noise model again does not count the slots a second time
+    run(comfy, swapped["high"], inputs)
+    assert swapped["high"].loaded_size() == resident["high"]
+    assert swapped["low"].loaded_size() == resident["low"] + ring
+
+
 def scaled_fp8_wan(comfy):
     """A tiny Wan in core's "fp8 scaled" checkpoint format: block Linear weights stored as
     fp8 with a per-layer ``scale_weight`` (core then builds scaled-fp8 ops)."""
