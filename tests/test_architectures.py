@@ -94,6 +94,7 @@ def test_swapped_output_is_bit_identical_on_cpu(name):
 def test_swapped_output_is_bit_identical_on_cuda_with_fresh_inputs(name):
     model, make_inputs = build(name)
     model = model.to(torch.bfloat16)
+    _cast_weights_per_call_like_core(model)
     config = model_configs.detect(model)
     reference = copy.deepcopy(model).cuda()
     for options in _plans_for(model, config):
@@ -102,3 +103,13 @@ def test_swapped_output_is_bit_identical_on_cuda_with_fresh_inputs(name):
             x = make_inputs(100 + seed, device="cuda", dtype=torch.bfloat16)
             assert torch.equal(tiny_models.run(model, x), tiny_models.run(reference, x)), options
         swap.remove()
+
+
+def _cast_weights_per_call_like_core(model):
+    """ComfyUI's Wan runs its patch embedding in float32 (``patch_embedding(x.float())``), which
+    a bf16 weight rejects; core's ops cast weights to the input's dtype per call
+    (``comfy_cast_weights``) in a model whose weights differ from what it computes in. A plain
+    ``.to(bfloat16)`` does not set that up (diffusers models have no such flag)."""
+    for module in model.modules():
+        if hasattr(module, "comfy_cast_weights"):
+            module.comfy_cast_weights = True
