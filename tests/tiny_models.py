@@ -10,7 +10,8 @@ Every builder returns ``(model, make_inputs)``:
   the wrong weights shows up in the result.
 * ``make_inputs(seed, device="cpu", dtype=torch.float32) -> dict`` returns fresh random kwargs
   for ``model(**kwargs)``. Feature tensors get ``dtype``; timesteps, guidance and masks stay
-  float32 / integer as the pipelines pass them. Sizes are small (3 latent frames of 8x8 for
+  float32 / integer as the pipelines pass them (Cosmos' attention mask takes ``dtype``: CUDA
+  attention wants it in the query's dtype). Sizes are small (3 latent frames of 8x8 for
   video, 8x8 for Flux), so one forward takes milliseconds on CPU.
 
 ``run(model, inputs)`` calls the model under ``torch.no_grad()`` and returns the output
@@ -340,7 +341,8 @@ def _cosmos_inputs(g, device, dtype, frames=2):
         "hidden_states": _randn(g, (1, 4, frames, HEIGHT, WIDTH), device, dtype),
         "timestep": _rand(g, (1,), device),
         "encoder_hidden_states": _randn(g, (1, TEXT_LEN, 16), device, dtype),
-        "attention_mask": torch.ones(1, TEXT_LEN, device=device),
+        # in the features' dtype: CUDA attention wants its mask in the query's dtype
+        "attention_mask": torch.ones(1, TEXT_LEN, device=device, dtype=dtype),
         "fps": 24,
         "padding_mask": torch.zeros(1, 1, HEIGHT, WIDTH, device=device, dtype=dtype),
     }

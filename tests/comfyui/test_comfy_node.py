@@ -2,6 +2,8 @@
 ``comfy.sd.load_diffusion_model_state_dict``, loaded by ``load_models_gpu``, compared with
 the same model without the node, with and without a LoRA-style weight patch."""
 
+import gc
+
 import pytest
 import torch
 
@@ -82,6 +84,10 @@ def lora_like(patcher, keys, seed=0):
 @pytest.fixture(autouse=True)
 def _unload(comfy):
     yield
+    # Collect earlier tests' dead models first: core registers a finalizer per loaded model
+    # that drops dead entries from current_loaded_models, and one firing inside
+    # unload_all_models' loop makes core's free_memory pop past the end of that list.
+    gc.collect()
     comfy.model_management.unload_all_models()
 
 
