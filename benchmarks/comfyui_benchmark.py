@@ -230,11 +230,7 @@ def main() -> None:
     patcher = build_patcher(comfy, args.blocks, args.dim, args.ffn)
     model_gib = patcher.model_size() / GIB
     # 1 GiB: a small buffer's rate depends on how many huge pages the OS found for it
-    h2d_gbps = (
-        measure.h2d_bandwidth_gbps(2**30, device)
-        if torch.cuda.is_available()
-        else None
-    )
+    h2d_gbps = measure.h2d_bandwidth_gbps(2**30, device) if torch.cuda.is_available() else None
     rows = []
     for tokens in args.tokens:
         repeats = 10 if tokens <= 1560 else 3
