@@ -233,7 +233,7 @@ def _on_load(
     # On a full load core counted model_size(), ring included; on a partial one, none of it.
     counted_by_core = full_load
     state.base_model = weakref.ref(patcher.model)
-    state.counts_ring = _ring_counter(state) is None
+    state.counts_ring = not any(other.counts_ring for other in _loaded_sharers(state))
     if state.counts_ring and not counted_by_core:
         patcher.model.model_loaded_weight_memory += state.ring_bytes
     elif counted_by_core and not state.counts_ring:
@@ -247,16 +247,16 @@ def _on_load(
 # keeps the slots in both: what loading a model may need when the other is gone.
 
 
-def _ring_counter(state: _State) -> "_State | None":
-    """The loaded model, other than ``state``'s, that counts the slots ``state`` shares."""
+def _loaded_sharers(state: _State) -> list[_State]:
+    """Loaded models, other than ``state``'s, whose swaps share its slots."""
     key = state.swap.slot_pool_key()
     if key is None:
-        return None
-    for other in list(_states.values()):
-        if other is not state and other.counts_ring and _is_loaded(other):
-            if other.swap.slot_pool_key() == key:
-                return other
-    return None
+        return []
+    return [
+        other
+        for other in list(_states.values())
+        if other is not state and _is_loaded(other) and other.swap.slot_pool_key() == key
+    ]
 
 
 def _is_loaded(state: _State) -> bool:
@@ -269,12 +269,9 @@ def _pass_ring_count_on(state: _State) -> None:
     if not state.counts_ring:
         return
     state.counts_ring = False
-    key = state.swap.slot_pool_key()
-    for other in list(_states.values()):
-        if other is not state and _is_loaded(other) and other.swap.slot_pool_key() == key:
-            other.counts_ring = True
-            other.base_model().model_loaded_weight_memory += other.ring_bytes
-            return
+    for heir in _loaded_sharers(state)[:1]:
+        heir.counts_ring = True
+        heir.base_model().model_loaded_weight_memory += heir.ring_bytes
 
 
 def _on_cleanup(patcher: Any) -> None:
