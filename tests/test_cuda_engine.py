@@ -165,3 +165,21 @@ def test_two_models_alternating_on_shared_slots_with_fresh_inputs():
     torch.cuda.synchronize()
     assert pooled_bytes() == 0
     assert torch.cuda.memory_allocated() <= baseline
+
+
+def test_a_model_dropped_without_remove_gives_back_pinned_and_device_memory():
+    model = cuda_toy()
+    x = inputs(4)
+    gc.collect()
+    torch.cuda.synchronize()
+    baseline, host_baseline = torch.cuda.memory_allocated(), registered_host_bytes()
+    swap = apply_block_swap(model, layout=toy_layout(model), device="cuda", blocks_to_swap=6)
+    with torch.inference_mode():
+        for _ in range(3):
+            out = model(**x)  # the last forward leaves a prefetch for the next one in flight
+    assert registered_host_bytes() > host_baseline
+    del model, swap, out
+    gc.collect()
+    torch.cuda.synchronize()
+    assert registered_host_bytes() == host_baseline
+    assert torch.cuda.memory_allocated() <= baseline + 4096

@@ -331,3 +331,37 @@ def test_a_layer_budget_keeps_layers_of_swapped_blocks_and_streams_the_rest():
         with torch.no_grad():
             assert torch.equal(model(**toy_inputs(1)), expected)
     swap.remove()
+
+
+def test_a_model_dropped_without_remove_is_freed_with_its_buffers_and_slots():
+    """A host that drops a swapped model without remove() (ComfyUI switching models) must get
+    the model, its host buffers and its slots back: nothing global holds it."""
+    import weakref
+
+    from wan_blockswap.engine import _active
+    from wan_blockswap.slot_pool import pooled_bytes
+
+    model = make_toy()
+    swap = apply_block_swap(model, layout=toy_layout(model), blocks_to_swap=4, device="cpu")
+    reference(model, 0)
+    assert pooled_bytes() > 0
+    buffers = [weakref.ref(stored.host) for stored in swap.units]
+    model_ref, swap_ref = weakref.ref(model), weakref.ref(swap)
+    del model, swap
+    gc.collect()
+    assert model_ref() is None and swap_ref() is None
+    assert all(buffer() is None for buffer in buffers)
+    assert not any(module is not None for module in list(_active.keys()))
+    assert pooled_bytes() == 0
+
+
+def test_a_handle_outliving_its_model_frees_on_remove():
+    model = make_toy()
+    swap = apply_block_swap(model, layout=toy_layout(model), blocks_to_swap=4, device="cpu")
+    reference(model, 0)
+    del model
+    gc.collect()
+    assert swap.model is None
+    swap.remove()  # frees what the handle still holds; no error
+    assert not swap.units and swap.ring is None
+    swap.remove()  # idempotent

@@ -40,6 +40,12 @@ from .units import (
 
 logger = logging.getLogger("wan_blockswap")
 
+# [Note: no strong path to the model]
+# Nothing global may reach a swapped model strongly, or dropping the model without remove()
+# (ComfyUI does this when a workflow switches models) would keep it and its pinned host
+# buffers alive forever: this registry's values and a BlockSwap's ``model`` are weak. The
+# model keeps its BlockSwap alive through its forward hooks; once both are unreachable the
+# collector frees them together, and the host buffers and slots free themselves.
 _active: "weakref.WeakKeyDictionary[nn.Module, BlockSwap]" = weakref.WeakKeyDictionary()
 
 
@@ -56,7 +62,7 @@ class BlockSwap:
     """
 
     def __init__(self) -> None:  # use BlockSwap.apply
-        self.model: nn.Module | None = None
+        self._model: "weakref.ref[nn.Module] | None" = None  # [Note: no strong path to the model]
         self.plan: SwapPlan | None = None
         # What the planner saw at apply time; placeholders hide the sizes afterwards, and
         # re-planning for a new budget (ComfyUI's "auto") needs them.
@@ -91,7 +97,7 @@ class BlockSwap:
                 f"remove_block_swap(model) first (or pass replace=True)"
             )
         swap = cls()
-        swap.model = model
+        swap._model = weakref.ref(model)
         swap.device = device
         swap.config = config
         swap.layout = layout
@@ -125,6 +131,11 @@ class BlockSwap:
             raise
         _active[model] = swap
         return swap
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The swapped module; None after :meth:`remove` or once the module was collected."""
+        return self._model() if self._model is not None else None
 
     # -- place ----------------------------------------------------------------------------
 
@@ -261,11 +272,15 @@ class BlockSwap:
         With ``restore=False`` the weights are dropped instead and every tensor is left on the
         meta device (what a failed load wants: free everything, copy nothing). Idempotent.
         """
-        if self.model is None:
+        model = self.model
+        if model is None:
+            if self._model is not None:  # the module was collected: free what this handle holds
+                self._undo(restore=False)
+                self._model = None
             return
         self._undo(restore)
-        _active.pop(self.model, None)
-        self.model = None
+        _active.pop(model, None)
+        self._model = None
         return_freed_host_memory()
 
     def _undo(self, restore: bool = True) -> None:

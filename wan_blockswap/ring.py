@@ -24,6 +24,7 @@ contents after release; a unit still cached in a free slot is reused without a c
 
 from __future__ import annotations
 
+import weakref
 from collections import deque
 from typing import Sequence
 
@@ -74,6 +75,8 @@ class SlotRing:
         self.misses_this_forward = 0
         self.transform = None  # see BlockSwap.set_transform
         self.inference = False  # see [Note: inference tensors]
+        # A ring collected without close() (its model dropped unremoved) frees its pool then.
+        weakref.finalize(self, slot_pool.prune)
 
     # -- schedule -------------------------------------------------------------------------
 

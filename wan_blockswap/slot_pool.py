@@ -49,7 +49,8 @@ def pool_key(device: torch.device, num_slots: int, slot_bytes: int, inference: b
     return (str(device), num_slots, slot_bytes, inference)
 
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entrant: prune() runs from finalizers, which a collection
+# triggered inside acquire() may call on the same thread
 
 
 def acquire(
@@ -79,6 +80,18 @@ def let_go(user: PoolUser, pool: SlotPool) -> None:
             for key, value in list(_pools.items()):
                 if value is pool:
                     del _pools[key]
+
+
+def prune() -> None:
+    """Free the pools whose rings were all garbage-collected without letting go (a model
+    dropped without ``remove()``). A copy into a slot may still be running: wait for the
+    device first, or the allocator could hand that memory out while the copy writes it."""
+    with _lock:
+        dead = [key for key, pool in _pools.items() if not len(pool.users)]
+        for key in dead:
+            if key[0].startswith("cuda"):
+                torch.cuda.synchronize(key[0])
+            del _pools[key]
 
 
 def pooled_bytes() -> int:

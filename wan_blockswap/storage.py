@@ -201,7 +201,15 @@ class HostBuffer:
             self.pinned = False
         self.tensor = None
 
-    def __del__(self) -> None:  # last resort; the engine frees explicitly
+    def __del__(self) -> None:
+        # Last resort (the engine frees explicitly): the buffer of a model dropped without
+        # remove(). A prefetch for its next forward may still be reading it; unregistering and
+        # unmapping under a running copy would fault, so wait for the device first.
+        try:
+            if self.pinned:
+                torch.cuda.synchronize()
+        except Exception:  # interpreter shutdown, or a collection during graph capture
+            pass
         try:
             self.free()
         except Exception:  # interpreter shutdown: CUDA may already be gone

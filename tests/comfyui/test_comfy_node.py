@@ -84,9 +84,12 @@ def lora_like(patcher, keys, seed=0):
 @pytest.fixture(autouse=True)
 def _unload(comfy):
     yield
-    # Collect earlier tests' dead models first: core registers a finalizer per loaded model
+    # Collect this test's dropped models first: core registers a finalizer per loaded model
     # that drops dead entries from current_loaded_models, and one firing inside
-    # unload_all_models' loop makes core's free_memory pop past the end of that list.
+    # unload_all_models' loop makes core's free_memory pop past the end of that list. Twice:
+    # core's ModelPatcher has a __del__, so what a collected patcher reached (a swap whose
+    # patcher was dropped while loaded, and its slots) goes one collection later.
+    gc.collect()
     gc.collect()
     comfy.model_management.unload_all_models()
 
@@ -322,6 +325,32 @@ def test_wan22_two_models_share_slots_and_unload_frees_them(comfy):
     comfy.model_management.unload_all_models()
     assert pooled_bytes() == 0
     assert torch.equal(run(comfy, swapped["low"], inputs), expected["low"])
+
+
+def test_a_workflow_that_drops_the_model_frees_it(comfy):
+    """Switching the workflow to another model drops the old MODEL outputs without telling
+    the node: the diffusion model, its host buffers and its slots must all be freed."""
+    import weakref
+
+    from callbacks.comfy_adapter import _states
+    from wan_blockswap.slot_pool import pooled_bytes
+
+    patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v")
+    swapped = node(patcher, blocks_to_swap=4)
+    run(comfy, swapped, make_inputs(6))
+    assert pooled_bytes() > 0
+    diffusion_model = weakref.ref(patcher.model.diffusion_model)
+    buffers = [weakref.ref(u.host) for u in _states[diffusion_model()].swap.units]
+    del patcher, swapped
+    comfy.model_management.unload_all_models()
+    # core's ModelPatcher has a __del__: what a collected patcher reached is freed one
+    # collection later
+    gc.collect()
+    gc.collect()
+    assert diffusion_model() is None
+    assert all(buffer() is None for buffer in buffers)
+    assert not any(model is not None for model in list(_states.keys()))
+    assert pooled_bytes() == 0
 
 
 def test_wan22_shared_slots_are_counted_once_and_the_count_moves_on_unload(comfy):
