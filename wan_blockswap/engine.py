@@ -44,8 +44,10 @@ logger = logging.getLogger("wan_blockswap")
 # Nothing global may reach a swapped model strongly, or dropping the model without remove()
 # (ComfyUI does this when a workflow switches models) would keep it and its pinned host
 # buffers alive forever: this registry's values and a BlockSwap's ``model`` are weak. The
-# model keeps its BlockSwap alive through its forward hooks; once both are unreachable the
-# collector frees them together, and the host buffers and slots free themselves.
+# model keeps its BlockSwap alive through its forward hooks, and nothing of ours points back
+# (the hooks on swapped blocks hold the ring weakly), so dropping the last reference to the
+# model frees it at once, with its host buffers and slots, without waiting for the cycle
+# collector.
 _active: "weakref.WeakKeyDictionary[nn.Module, BlockSwap]" = weakref.WeakKeyDictionary()
 
 
@@ -318,18 +320,32 @@ def _allocate_empty_units(units: list[StoredUnit], pin: bool) -> None:
             future.result()
 
 
+# Hooks on swapped modules reach the ring and units weakly: a block holding its ring
+# strongly would close a cycle (ring -> unit -> block -> hook -> ring), and the model could
+# then only be freed by the cycle collector, late (see [Note: no strong path to the model]).
+# The model's own hooks hold the BlockSwap, which holds the ring and the units.
+
+
 def _unit_pre_hook(ring: SlotRing, index: int) -> Any:
+    ring_ref = weakref.ref(ring)
+
     @torch.compiler.disable
     def hook(module: nn.Module, args: Any) -> None:
-        ring.wait(index)
+        ring = ring_ref()
+        if ring is not None:
+            ring.wait(index)
 
     return hook
 
 
 def _unit_post_hook(ring: SlotRing, index: int) -> Any:
+    ring_ref = weakref.ref(ring)
+
     @torch.compiler.disable
     def hook(module: nn.Module, args: Any, output: Any) -> None:
-        ring.release(index)
+        ring = ring_ref()
+        if ring is not None:
+            ring.release(index)
 
     return hook
 
@@ -338,9 +354,12 @@ def _register_state_dict_hook(module: nn.Module, hook: Any) -> Any:
     register = getattr(module, "register_state_dict_post_hook", None)
     if register is None:  # torch < 2.5
         register = module._register_state_dict_hook
+    method = weakref.WeakMethod(hook)
 
     def state_dict_hook(*args: Any) -> None:  # a plain function: torch tags it
-        hook(*args)
+        bound = method()
+        if bound is not None:
+            bound(*args)
 
     return register(state_dict_hook)
 
