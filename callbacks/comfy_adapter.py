@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import types
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -206,9 +205,29 @@ def _set_transform(patcher: Any, state: _State, hooks: Any, hook_patches: dict) 
 
 def _install_overrides(patcher: Any) -> None:
     """Per-instance method overrides; clones copy callbacks but not these, see _on_clone."""
-    patcher._load_list = types.MethodType(_filtered_load_list, patcher)
-    patcher.patch_hook_weight_to_device = types.MethodType(_hook_patch_skipping_swapped, patcher)
-    patcher.patch_hooks = types.MethodType(_patch_hooks, patcher)
+    patcher._load_list = _WeaklyBound(_filtered_load_list, patcher)
+    patcher.patch_hook_weight_to_device = _WeaklyBound(_hook_patch_skipping_swapped, patcher)
+    patcher.patch_hooks = _WeaklyBound(_patch_hooks, patcher)
+
+
+class _WeaklyBound:
+    """``function`` bound to ``patcher`` without keeping it alive. A method bound the usual
+    way and stored on its own instance is a reference cycle: core's patchers, freed by
+    reference counting otherwise, would wait for the cycle collector, and so would the model
+    and its loaded-model entry (whose finalizer, firing inside core's free_memory loop, makes
+    that loop pop past the end of its list)."""
+
+    def __init__(self, function: Any, patcher: Any) -> None:
+        self.function = function
+        self.patcher = weakref.ref(patcher)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.function(self.patcher(), *args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> "_WeaklyBound":
+        # a deep-copied patcher is in ``memo`` by the time its attributes are copied
+        patcher = self.patcher()
+        return _WeaklyBound(self.function, memo.get(id(patcher), patcher))
 
 
 def _on_clone(source: Any, clone: Any) -> None:

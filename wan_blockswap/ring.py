@@ -75,8 +75,9 @@ class SlotRing:
         self.misses_this_forward = 0
         self.transform = None  # see BlockSwap.set_transform
         self.inference = False  # see [Note: inference tensors]
-        # A ring collected without close() (its model dropped unremoved) frees its pool then.
-        weakref.finalize(self, slot_pool.prune)
+        # A ring collected without close() (its model dropped unremoved) frees its pool then;
+        # not at interpreter exit, when CUDA may be gone and the pools die with the process.
+        weakref.finalize(self, slot_pool.prune).atexit = False
 
     # -- schedule -------------------------------------------------------------------------
 
