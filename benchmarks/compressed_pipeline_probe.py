@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import transfer_compression_probe as codec  # noqa: E402
 
+from wan_blockswap.measure import time_forwards  # noqa: E402
 from wan_blockswap.storage import HostBuffer  # noqa: E402
 
 DIM, FFN, BLOCKS = 5120, 13824, 8
@@ -119,15 +120,7 @@ def run(layers, tokens: int, mode: str, fused, device, repeats: int) -> float:
         got = slots[i % 2][: 2 * layers[i].n].view(torch.int16).cpu()
         assert torch.equal(got, layers[i].reference.view(torch.int16).flatten()), (mode, i)
         freed[i % 2].record(compute)
-    forward()
-    torch.cuda.synchronize(device)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        forward()
-    end.record()
-    torch.cuda.synchronize(device)
-    return start.elapsed_time(end) / repeats
+    return time_forwards(forward, device, warmup=1, iters=repeats).mean_ms
 
 
 def main() -> None:

@@ -20,6 +20,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import comfyui_benchmark as bench  # noqa: E402
 
+from wan_blockswap.measure import time_forwards  # noqa: E402
+
 
 def copy_timeline(prof: profile, forwards: int) -> dict:
     """Copy-engine busy time and the gaps between host-to-device copies."""
@@ -54,19 +56,13 @@ def copy_timeline(prof: profile, forwards: int) -> dict:
     }
 
 
-def profiled(forward, device, forwards: int) -> tuple[dict, float]:
+def profiled(forward, device, forwards: int) -> tuple[dict, profile]:
     for _ in range(3):
         forward()
-    torch.cuda.synchronize(device)
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(forwards):
-            forward()
-        end.record()
-        torch.cuda.synchronize(device)
+        timing = time_forwards(forward, device, warmup=0, iters=forwards)
     summary = copy_timeline(prof, forwards)
-    summary["ms_per_forward"] = start.elapsed_time(end) / forwards
+    summary["ms_per_forward"] = timing.mean_ms
     return summary, prof
 
 

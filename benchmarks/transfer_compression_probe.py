@@ -28,6 +28,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from wan_blockswap.measure import time_forwards  # noqa: E402
 from wan_blockswap.storage import HostBuffer  # noqa: E402
 
 CHUNK = 8 * 2**20  # weights decoded per eager step (bounds the temporaries)
@@ -78,16 +79,9 @@ def decode_fused(low, nibbles, lo: int, out16) -> None:
     out16[1::2] = (high_odd << 8) | low16[1::2]
 
 
-def gpu_ms(work, repeats: int = 10) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    work()
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(repeats):
-        work()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
+def gpu_ms(work) -> float:
+    """Mean GPU milliseconds of ``work`` over 10 back-to-back calls after one warm-up."""
+    return time_forwards(work, torch.device("cuda"), warmup=1, iters=10).mean_ms
 
 
 def main() -> None:
