@@ -13,6 +13,8 @@ as a ComfyUI server does. Rows:
   peak VRAM as the core row (the weight budget is core's peak minus the activations, then
   corrected by what the first try measured). A core row whose peak is below anything our
   plans can reach is matched by our smallest plan, and the row says ``equal_vram: false``.
+  Once with raw copies and once with ``transfer_compression`` (lossless 1.5-byte bf16 sent
+  over the link, decoded on the GPU); ``--compression`` picks.
 
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/comfyui_benchmark.py [--tokens 1560 32760]
 
@@ -135,17 +137,19 @@ def core_row(comfy, patcher, inputs, tokens, fraction, repeats, device) -> dict:
     }
 
 
-def ours_row(comfy, pack, patcher, inputs, tokens, budget_gib, repeats) -> dict:
+def ours_row(comfy, pack, patcher, inputs, tokens, budget_gib, repeats, compression) -> dict:
     from callbacks.comfy_adapter import remove_from_model
 
     from test_comfy_node import WIDGETS  # the node's widgets as the ComfyUI tests set them
 
     widgets = dict(WIDGETS)
     if budget_gib is None:  # the smallest plan: every layer streamed, text embedding too
-        budget_gib = smallest_plan_gib(patcher) + 1e-3
+        budget_gib = smallest_plan_gib(patcher, compression) + 1e-3
         widgets.update(offload_txt_emb=True)
-    widgets.update(vram_budget_gb=round(budget_gib, 3))
+    widgets.update(vram_budget_gb=round(budget_gib, 3), transfer_compression=compression)
+    started = time.perf_counter()
     swapped = pack.nodes.WanBlockSwapStream().apply(patcher, **widgets)[0]
+    apply_s = time.perf_counter() - started
     from wan_blockswap import get_block_swap
 
     reset_peak(patcher.load_device)
@@ -153,6 +157,7 @@ def ours_row(comfy, pack, patcher, inputs, tokens, budget_gib, repeats) -> dict:
     load_peak = peak_gib(patcher.load_device)
     engine = get_block_swap(patcher.model.diffusion_model)
     plan = engine.plan
+    sent = sum(u.copy_nbytes for u in engine.units)  # per forward: every unit once
     ms, out, peak = time_forwards(swapped, inputs, repeats)
     swapped.cleanup()
     comfy.model_management.unload_all_models()
@@ -163,12 +168,14 @@ def ours_row(comfy, pack, patcher, inputs, tokens, budget_gib, repeats) -> dict:
     return {
         "method": "wan_blockswap",
         "tokens": tokens,
+        "transfer_compression": compression,
+        "apply_s": apply_s,
         "vram_budget_gb": widgets.get("vram_budget_gb"),
         "plan": plan.describe().replace("\n", "; "),
         "weights_on_gpu_gib": plan.gpu_weight_bytes / GIB,
         "resident_gib": plan.resident_bytes / GIB,
         "swapped_gib": plan.swapped_bytes / GIB,
-        "streamed_gib": plan.swapped_bytes / GIB,
+        "streamed_gib": sent / GIB,
         "peak_vram_gib": max(peak, load_peak),
         "load_peak_vram_gib": load_peak,
         # the issue's bar: resident weights + one block (not one slot: a budget plan's slots
@@ -179,15 +186,20 @@ def ours_row(comfy, pack, patcher, inputs, tokens, budget_gib, repeats) -> dict:
     }
 
 
-def smallest_plan_gib(patcher) -> float:
+def smallest_plan_gib(patcher, compression: bool) -> float:
     from wan_blockswap import SwapConfig, plan_for
 
     blocks = len(patcher.model.diffusion_model.blocks)
-    config = SwapConfig(blocks_to_swap=blocks, swap_unit="layer", offload_txt_emb=True)
+    config = SwapConfig(
+        blocks_to_swap=blocks,
+        swap_unit="layer",
+        offload_txt_emb=True,
+        transfer_compression=compression,
+    )
     return plan_for(patcher.model.diffusion_model, config).gpu_weight_bytes / GIB
 
 
-def matched_row(comfy, pack, patcher, inputs, core, activations, repeats) -> dict:
+def matched_row(comfy, pack, patcher, inputs, core, activations, repeats, compression) -> dict:
     """Our node at the core row's peak VRAM (within 5%), correcting the budget twice."""
     from wan_blockswap import InsufficientMemoryError
 
@@ -196,11 +208,13 @@ def matched_row(comfy, pack, patcher, inputs, core, activations, repeats) -> dic
     row = None
     for _ in range(3):
         try:
-            if budget <= smallest_plan_gib(patcher):
+            if budget <= smallest_plan_gib(patcher, compression):
                 raise InsufficientMemoryError("below the smallest plan")
-            row = ours_row(comfy, pack, patcher, inputs, core["tokens"], budget, repeats)
+            row = ours_row(
+                comfy, pack, patcher, inputs, core["tokens"], budget, repeats, compression
+            )
         except InsufficientMemoryError:
-            row = ours_row(comfy, pack, patcher, inputs, core["tokens"], None, repeats)
+            row = ours_row(comfy, pack, patcher, inputs, core["tokens"], None, repeats, compression)
             row["equal_vram"] = row["peak_vram_gib"] <= target * 1.05
             return row
         error = row["peak_vram_gib"] - target
@@ -218,8 +232,10 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=8)
     parser.add_argument("--dim", type=int, default=DIM, help="smaller for a CPU smoke run")
     parser.add_argument("--ffn", type=int, default=FFN)
+    parser.add_argument("--compression", choices=["both", "off", "on"], default="both")
     parser.add_argument("--output")
     args = parser.parse_args()
+    modes = {"both": (False, True), "off": (False,), "on": (True,)}[args.compression]
 
     comfy = import_comfy()
     from conftest import load_pack
@@ -242,16 +258,20 @@ def main() -> None:
         for fraction in args.fractions:
             core = core_row(comfy, patcher, inputs, tokens, fraction, repeats, device)
             group.append(core)
-            ours = matched_row(comfy, pack, patcher, inputs, core, activations, repeats)
-            ours["matches_core_fraction"] = fraction
-            ours["vs_core"] = ours["ms"] / core["ms"]
-            group.append(ours)
-            print(
-                f"{tokens} tok, core {fraction:.0%}: {core['ms']:.1f} ms at "
-                f"{core['peak_vram_gib']:.2f} GiB; ours {ours['ms']:.1f} ms at "
-                f"{ours['peak_vram_gib']:.2f} GiB ({ours['vs_core']:.3f}x)",
-                flush=True,
-            )
+            for compression in modes:
+                ours = matched_row(
+                    comfy, pack, patcher, inputs, core, activations, repeats, compression
+                )
+                ours["matches_core_fraction"] = fraction
+                ours["vs_core"] = ours["ms"] / core["ms"]
+                group.append(ours)
+                print(
+                    f"{tokens} tok, core {fraction:.0%}: {core['ms']:.1f} ms at "
+                    f"{core['peak_vram_gib']:.2f} GiB; ours{' compressed' * compression} "
+                    f"{ours['ms']:.1f} ms at {ours['peak_vram_gib']:.2f} GiB "
+                    f"({ours['vs_core']:.3f}x, {ours['streamed_gib']:.2f} GiB streamed)",
+                    flush=True,
+                )
         for row in group:
             row["equal_output"] = bool(torch.equal(row.pop("_out"), reference))
             row["vs_all_on_gpu"] = row["ms"] / full["ms"]
@@ -297,7 +317,9 @@ def summarize(rows: list[dict]) -> dict:
             if row["equal_vram"]
             else "no equal-VRAM plan (ours needs more VRAM than core's row)"
         )
-        tag = f"{row['tokens']} tok, core at {row['matches_core_fraction']:.0%}"
+        tag = f"{row['tokens']} tok, core at {row['matches_core_fraction']:.0%}" + (
+            ", transfer_compression" if row.get("transfer_compression") else ""
+        )
         floor = row.get("transfer_floor_ms")
         why = ""
         if verdict == "MISSED" and floor is not None and floor > limit * core["ms"]:

@@ -71,7 +71,7 @@ class _State:
     @property
     def ring_bytes(self) -> int:
         assert self.swap.plan is not None
-        return self.swap.plan.num_slots * self.swap.plan.slot_bytes
+        return self.swap.plan.ring_bytes
 
 
 _states: "weakref.WeakKeyDictionary[torch.nn.Module, _State]" = weakref.WeakKeyDictionary()

@@ -254,6 +254,7 @@ def stream_into(
                     raw = torch.empty(entry.record.nbytes, dtype=torch.uint8)
                     checkpoint.read_into(entry.record.name, raw)
                     view.copy_(_decode(raw, entry.record, entry.target, entry.raw))
+        stored.seal(device)  # transfer compression: pack the filled unit (no-op otherwise)
 
     workers = min(READ_THREADS, os.cpu_count() or 1)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blockswap-load")

@@ -12,7 +12,7 @@ import torch
 
 from toy_models import make_toy, toy_inputs, toy_layout
 from wan_blockswap.measure import rss_bytes
-from wan_blockswap import apply_block_swap, registered_host_bytes
+from wan_blockswap import apply_block_swap, compressed_transfer, registered_host_bytes
 
 pytestmark = pytest.mark.cuda
 
@@ -27,6 +27,15 @@ def inputs(seed):
     return toy_inputs(seed, device="cuda", dtype=torch.bfloat16, dim=DIM, tokens=256)
 
 
+@pytest.fixture(params=[False, True], ids=["raw", "compressed"])
+def compress(request, monkeypatch):
+    """Run the test with and without transfer compression; compressed, the toy's weights go
+    in chunks of 64 Ki weights, so staging buffers rotate several times per block."""
+    if request.param:
+        monkeypatch.setattr(compressed_transfer, "CHUNK_ELEMENTS", 1 << 16)
+    return request.param
+
+
 def test_allocator_backend_matches_environment():
     conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
     torch.empty(1, device="cuda")
@@ -37,7 +46,7 @@ def test_allocator_backend_matches_environment():
 @pytest.mark.parametrize("prefetch", [0, 1, 2, 3])
 @pytest.mark.parametrize("vace", [0, 3])
 @pytest.mark.parametrize("swap_unit", ["block", "layer"])
-def test_equal_to_unswapped_with_fresh_inputs(prefetch, vace, swap_unit):
+def test_equal_to_unswapped_with_fresh_inputs(prefetch, vace, swap_unit, compress):
     model = cuda_toy(vace)
     reference = copy.deepcopy(model).cuda()
     swap = apply_block_swap(
@@ -48,7 +57,9 @@ def test_equal_to_unswapped_with_fresh_inputs(prefetch, vace, swap_unit):
         offload_txt_emb=True,
         prefetch_blocks=prefetch,
         swap_unit=swap_unit,
+        transfer_compression=compress,
     )
+    assert all((u.transfer is not None) == compress for u in swap.units)
     with torch.inference_mode():
         for step in range(12):
             x = inputs(1000 * prefetch + step)
@@ -56,9 +67,15 @@ def test_equal_to_unswapped_with_fresh_inputs(prefetch, vace, swap_unit):
     swap.remove()
 
 
-def test_no_host_sync_on_the_hot_path():
+def test_no_host_sync_on_the_hot_path(compress):
     model = cuda_toy()
-    swap = apply_block_swap(model, layout=toy_layout(model), device="cuda", blocks_to_swap=6)
+    swap = apply_block_swap(
+        model,
+        layout=toy_layout(model),
+        device="cuda",
+        blocks_to_swap=6,
+        transfer_compression=compress,
+    )
     x = inputs(0)
     with torch.inference_mode():
         model(**x)  # first forward learns the order
@@ -73,7 +90,7 @@ def test_no_host_sync_on_the_hot_path():
     swap.remove()
 
 
-def test_peak_vram_within_plan_and_everything_freed():
+def test_peak_vram_within_plan_and_everything_freed(compress):
     model = cuda_toy().cuda()
     x = inputs(1)
     with torch.inference_mode():
@@ -92,14 +109,25 @@ def test_peak_vram_within_plan_and_everything_freed():
     assert baseline <= base_with_weights - weights + expected.numel() * 2 + 4096
 
     torch.cuda.reset_peak_memory_stats()
-    swap = apply_block_swap(model, layout=toy_layout(model), device="cuda", blocks_to_swap=6)
+    swap = apply_block_swap(
+        model,
+        layout=toy_layout(model),
+        device="cuda",
+        blocks_to_swap=6,
+        transfer_compression=compress,
+    )
     with torch.inference_mode():
         for _ in range(3):
             assert torch.equal(model(**x), expected)
     peak = torch.cuda.max_memory_allocated() - baseline
     allowed = (swap.plan.gpu_weight_bytes + activations) * 1.05 + expected.numel() * 2
     assert peak <= allowed, (peak, swap.plan.gpu_weight_bytes, activations)
-    assert registered_host_bytes() - host_baseline >= swap.plan.swapped_bytes
+    pinned = registered_host_bytes() - host_baseline
+    if compress:  # only the packed form is pinned
+        assert pinned == sum(u.transfer.host.nbytes for u in swap.units)
+        assert pinned < 0.8 * swap.plan.swapped_bytes
+    else:
+        assert pinned >= swap.plan.swapped_bytes
     swap.remove()
     del expected
     gc.collect()
@@ -122,9 +150,15 @@ def test_pinned_host_memory_costs_its_bytes():
     del keep
 
 
-def test_100_forwards_keep_memory_flat():
+def test_100_forwards_keep_memory_flat(compress):
     model = cuda_toy()
-    swap = apply_block_swap(model, layout=toy_layout(model), device="cuda", blocks_to_swap=6)
+    swap = apply_block_swap(
+        model,
+        layout=toy_layout(model),
+        device="cuda",
+        blocks_to_swap=6,
+        transfer_compression=compress,
+    )
     x = inputs(3)
     with torch.inference_mode():
         for _ in range(5):

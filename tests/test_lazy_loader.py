@@ -83,6 +83,25 @@ def test_safetensors_formats_equal_the_ordinary_load(tmp_path, state, prefix, st
     swap.remove()
 
 
+def test_lazy_load_with_transfer_compression_packs_each_filled_unit(tmp_path, state, monkeypatch):
+    from wan_blockswap import compressed_transfer
+
+    monkeypatch.setattr(compressed_transfer, "CHUNK_ELEMENTS", 4096)
+    monkeypatch.setattr(compressed_transfer, "MIN_PACKED_ELEMENTS", 256)
+    path = tmp_path / "wan.safetensors"
+    write_safetensors(state, path)
+    model, swap, _ = load_swapped(
+        str(path), blocks_to_swap=2, device="cpu", transfer_compression=True
+    )
+    assert swap.plan.staging_bytes > 0
+    assert all(u.transfer is not None and u.transfer.packed_pieces for u in swap.units)
+    x = inputs()
+    assert torch.equal(run(model, x), reference_output(state, x))
+    saved = model.state_dict()  # the real weights, not the packed ones
+    assert torch.equal(saved["blocks.2.ffn.net.0.proj.weight"], state["blocks.2.ffn.0.weight"])
+    swap.remove()
+
+
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_K"])
 def test_gguf_stays_quantized_and_equals_dequantized_weights(tmp_path, state, qtype):
     path = tmp_path / "wan.gguf"

@@ -796,7 +796,9 @@ def comfy_state_dict_for(
     return {prefix + k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}
 
 
-def comfy_load_tiny(name: str, seed: int = 0, state_dict: dict | None = None):
+def comfy_load_tiny(
+    name: str, seed: int = 0, state_dict: dict | None = None, dtype: torch.dtype = torch.float32
+):
     """Load a tiny model through ComfyUI core; returns ``(ModelPatcher, make_inputs)``.
 
     Detectable architectures go through ``comfy.sd.load_diffusion_model_state_dict`` with
@@ -812,9 +814,7 @@ def comfy_load_tiny(name: str, seed: int = 0, state_dict: dict | None = None):
     mm = comfy.model_management
     if detectable is not None:
         sd = dict(state_dict if state_dict is not None else comfy_state_dict_for(short, seed))
-        patcher = comfy.sd.load_diffusion_model_state_dict(
-            sd, model_options={"dtype": torch.float32}
-        )
+        patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": dtype})
         if patcher is None:
             raise RuntimeError(f"ComfyUI did not detect the {short} state dict")
     else:

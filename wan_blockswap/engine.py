@@ -19,6 +19,7 @@ from torch import nn
 from model_configs.base import ModelLayout
 
 from . import memory
+from . import compressed_transfer
 from .config import SwapConfig
 from .errors import BlockSwapConfigError, BlockSwapStateError, InsufficientMemoryError
 from .plan import BlockSizes, ModelSizes, SwapPlan, plan_swap
@@ -146,9 +147,10 @@ class BlockSwap:
         placeholders = Placeholders()
         pin = self.device.type == "cuda"
         swapped_ids: set[int] = set()
+        compress = self.plan.staging_bytes > 0
         with torch.no_grad():
             for unit in chosen:
-                stored = StoredUnit(unit, self.device, placeholders)
+                stored = StoredUnit(unit, self.device, placeholders, compress)
                 self.units.append(stored)  # before pack, so _undo restores a half-packed unit
             if self.allocate_empty:
                 _allocate_empty_units(self.units, pin)
@@ -157,6 +159,7 @@ class BlockSwap:
                     stored.unbind()  # placeholders now; the loader allocates and fills it
                 else:
                     stored.pack(pin)
+                    stored.seal(self.device)
                 swapped_ids.update(id(t) for t in stored.tensors)
             for ref in tensor_refs(self.model, "", set()) if self.move_resident else ():
                 tensor = ref.get()
@@ -178,6 +181,7 @@ class BlockSwap:
             self.config.non_blocking,
             self.stats,
             debug=self.config.debug,
+            staging_bytes=self.plan.staging_bytes,
         )
 
     def _attach_hooks(self) -> None:
@@ -238,7 +242,7 @@ class BlockSwap:
         found = self.swapped_tensor(name)
         if found is not None:
             stored, index = found
-            if stored.host is None:
+            if not stored.host_views:
                 raise BlockSwapStateError(f"{stored.name} has no host buffer yet (allocate it)")
             return stored.host_views[index]
         module_path, _, attr = name.rpartition(".")
@@ -377,6 +381,7 @@ def measure_model(model: nn.Module, layout: ModelLayout) -> tuple[dict[str, Any]
     total = sum(_packed(u) for u in (_whole_model_unit(model),))
     block_bytes = {name: _packed(unit) for name, unit in block_units.items()}
     sizes = ModelSizes(
+        packable_bytes=_packable(_whole_model_unit(model)),
         blocks=tuple(
             BlockSizes(
                 name=b.qualname,
@@ -421,6 +426,15 @@ def _exists(model: nn.Module, path: str) -> bool:
 
 def _whole_model_unit(model: nn.Module) -> SwapUnit:
     return SwapUnit("", model, tensor_refs(model, "", set()), "model")
+
+
+def _packable(unit: SwapUnit) -> int:
+    """bf16 bytes in tensors large enough to travel compressed."""
+    return sum(
+        2 * t.numel()
+        for t in (ref.get() for ref in unit.tensors)
+        if t.dtype == torch.bfloat16 and t.numel() >= compressed_transfer.MIN_PACKED_ELEMENTS
+    )
 
 
 def _packed(unit: SwapUnit) -> int:

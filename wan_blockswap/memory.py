@@ -77,8 +77,7 @@ def _check_vram(plan: SwapPlan, to_device: int, device: torch.device) -> None:
     free, _total = torch.cuda.mem_get_info(device)
     cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     available = free + cached
-    slots = plan.num_slots * plan.slot_bytes
-    needed = to_device + slots
+    needed = to_device + plan.ring_bytes
     if needed + VRAM_MARGIN_BYTES > available:
         raise InsufficientMemoryError(
             f"the swap plan needs {needed / GIB:.2f} GiB of VRAM ({to_device / GIB:.2f} GiB of "

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Iterable, Literal
 
+from .compressed_transfer import staging_bytes
 from .config import SwapConfig
 from .errors import BlockSwapConfigError, InsufficientMemoryError
 
@@ -38,6 +39,9 @@ class ModelSizes:
     other_bytes: int
     txt_emb_bytes: int = 0
     img_emb_bytes: int = 0
+    # bf16 bytes in tensors large enough to travel packed (transfer compression): none, and
+    # compression has nothing to do, so the plan reserves no staging VRAM for it
+    packable_bytes: int = 0
 
     def with_role(self, role: str) -> tuple[BlockSizes, ...]:
         return tuple(block for block in self.blocks if block.role == role)
@@ -49,7 +53,8 @@ class SwapPlan:
 
     ``resident_bytes`` is every weight byte kept on the GPU (non-block weights, resident
     blocks, and in layer mode the small tensors of swapped blocks); ``swapped_bytes`` is what
-    lives in host memory; the GPU also holds ``num_slots`` slots of ``slot_bytes``.
+    lives in host memory; the GPU also holds ``num_slots`` slots of ``slot_bytes``, and with
+    transfer compression ``staging_bytes`` of staging buffers.
     """
 
     swapped: tuple[str, ...]
@@ -65,11 +70,17 @@ class SwapPlan:
     # Layer mode only: (block name, layer index) of layers of swapped blocks kept on the GPU,
     # filling a VRAM budget that whole resident blocks leave partly unused.
     kept_layers: tuple[tuple[str, int], ...] = ()
+    staging_bytes: int = 0
+
+    @property
+    def ring_bytes(self) -> int:
+        """VRAM of the slot ring: its slots and (compressed transfers) staging buffers."""
+        return self.num_slots * self.slot_bytes + self.staging_bytes
 
     @property
     def gpu_weight_bytes(self) -> int:
         """VRAM for weights: everything resident plus the slot ring."""
-        return self.resident_bytes + self.num_slots * self.slot_bytes
+        return self.resident_bytes + self.ring_bytes
 
     def describe(self) -> str:
         """One line per block list: ``blocks 0-27 on GPU, 28-39 in host memory``."""
@@ -102,7 +113,13 @@ class SwapPlan:
             lines.append(f"{len(self.kept_layers)} layers of swapped blocks kept on GPU")
         lines.append(
             f"{self.swap_unit} swapping, {self.num_slots} slots of "
-            f"{self.slot_bytes / 2**20:.1f} MiB; weights on GPU "
+            f"{self.slot_bytes / 2**20:.1f} MiB"
+            + (
+                f" + {self.staging_bytes / 2**20:.0f} MiB compressed-transfer staging"
+                if self.staging_bytes
+                else ""
+            )
+            + "; weights on GPU "
             f"{self.gpu_weight_bytes / GIB:.2f} GiB, in host memory "
             f"{self.swapped_bytes / GIB:.2f} GiB"
         )
@@ -247,6 +264,7 @@ def _build(
             swapped_bytes += block.nbytes
             unit_sizes.append(block.nbytes)
     num_slots = config.num_slots if unit_sizes else 0
+    compressed = config.transfer_compression and bool(unit_sizes) and sizes.packable_bytes > 0
     return SwapPlan(
         swapped=tuple(b.name for b in swapped),
         resident=tuple(b.name for b in resident),
@@ -258,6 +276,7 @@ def _build(
         resident_bytes=resident_bytes,
         swapped_bytes=swapped_bytes,
         block_order=tuple((b.list_path, b.name) for b in sizes.blocks),
+        staging_bytes=staging_bytes() if compressed else 0,
     )
 
 

@@ -20,6 +20,19 @@ a forward whenever that forward had to load something that was not prefetched (t
 forward always does this for interleaved VACE). A unit that is wanted but not prefetched is
 loaded on demand, so a wrong schedule costs time, never correctness. A slot keeps its
 contents after release; a unit still cached in a free slot is reused without a copy.
+
+[Note: compressed copies]
+A unit with a :class:`CompressedTransfer` arrives in pieces. Raw pieces are copied into the
+slot on X as above. A packed chunk goes to one of the pool's few staging buffers on X, then a
+third stream D decodes it into the slot:
+  X waits ``consumed[k]`` (D finished decoding staging buffer k's last chunk), copies the
+      chunk into k, records ``landed[k]``;
+  D waits ``freed[s]`` once per unit and ``landed[k]`` per chunk, decodes k into s, records
+      ``consumed[k]``; after the last piece D waits ``copied[s]`` (X's raw pieces), runs the
+      transform and records ``ready[s]``.
+So the copy engine streams chunk after chunk while D decodes the previous ones, and C still
+waits on nothing but ``ready[s]``. Decode temporaries come from the caching allocator on D
+and are reused on D only.
 """
 
 from __future__ import annotations
@@ -30,7 +43,7 @@ from typing import Sequence
 
 import torch
 
-from . import slot_pool
+from . import bf16_codec, slot_pool
 from .errors import BlockSwapError, InsufficientMemoryError
 from .stats import SwapStats, UnitTiming
 from .stored_unit import StoredUnit
@@ -49,8 +62,10 @@ class SlotRing:
         non_blocking: bool,
         stats: SwapStats,
         debug: bool = False,
+        staging_bytes: int = 0,
     ) -> None:
         self.streams = streams
+        self.staging_bytes = staging_bytes
         self.units = list(units)
         self.non_blocking = non_blocking
         self.stats = stats
@@ -94,7 +109,11 @@ class SlotRing:
         if not self.num_slots:
             return None
         return slot_pool.pool_key(
-            self.streams.device, self.num_slots, self.slot_bytes, self._units_are_inference()
+            self.streams.device,
+            self.num_slots,
+            self.slot_bytes,
+            self._units_are_inference(),
+            self.staging_bytes,
         )
 
     def _units_are_inference(self) -> bool:
@@ -113,7 +132,12 @@ class SlotRing:
         self.inference = self._units_are_inference()
         try:
             self.pool = slot_pool.acquire(
-                self, self.streams, self.num_slots, self.slot_bytes, self.inference
+                self,
+                self.streams,
+                self.num_slots,
+                self.slot_bytes,
+                self.inference,
+                self.staging_bytes,
             )
         except torch.cuda.OutOfMemoryError as error:
             free = torch.cuda.mem_get_info(self.streams.device)[0] if self.streams.is_cuda else 0
@@ -259,24 +283,61 @@ class SlotRing:
             return slot
         self.occupant[slot] = unit
         stored = self.units[unit]
+        if stored.compress and stored.transfer is None:  # filled after apply (a loader)
+            stored.seal(self.streams.device)
         timing = UnitTiming(stored.name) if self.debug else None
         copy_stream = self.streams.copy_stream
         with self.streams.on_copy_stream(), torch.inference_mode(self.inference):
             self.streams.wait(copy_stream, self.freed[slot])
             if timing is not None:
                 timing.copy_start = self._mark(copy_stream)
-            self.slots[slot][: stored.nbytes].copy_(
-                stored.host.tensor[: stored.nbytes], non_blocking=self.non_blocking
-            )
-            if self.transform is not None:  # on the copy stream, before the ready event
+            if stored.transfer is None:
+                self.slots[slot][: stored.nbytes].copy_(
+                    stored.host.tensor[: stored.nbytes], non_blocking=self.non_blocking
+                )
+                last = copy_stream
+            else:
+                last = self._copy_compressed(stored, slot)
+        with self.streams.on(last), torch.inference_mode(self.inference):
+            if self.transform is not None:  # after the copy, before the ready event
                 self.transform(stored.name, self.views[unit][slot])
-            self.streams.record(self.ready[slot], copy_stream)
+            self.streams.record(self.ready[slot], last)
             if timing is not None:
-                timing.copy_end = self._mark(copy_stream)
+                timing.copy_end = self._mark(last)
                 self.timings[slot] = timing
         self.stats.copies += 1
-        self.stats.bytes_copied += stored.nbytes
+        self.stats.bytes_copied += stored.copy_nbytes
         return slot
+
+    def _copy_compressed(self, stored: StoredUnit, slot: int) -> object:
+        """Queue ``stored``'s pieces into ``slot`` (see [Note: compressed copies]); returns
+        the stream on which the slot is complete."""
+        assert stored.transfer is not None and self.pool is not None
+        pool, streams = self.pool, self.streams
+        copy_stream, decode_stream = streams.copy_stream, streams.decode_stream
+        target, host = self.slots[slot], stored.transfer.host.tensor
+        streams.wait(decode_stream, self.freed[slot])
+        for piece in stored.transfer.pieces:
+            source = host[piece.host_offset : piece.host_offset + piece.host_nbytes]
+            destination = target[piece.slot_offset : piece.slot_offset + piece.slot_nbytes]
+            if not piece.packed:
+                destination.copy_(source, non_blocking=self.non_blocking)  # on X
+                continue
+            k = pool.next_staging
+            pool.next_staging = (k + 1) % len(pool.staging)
+            staged = pool.staging[k][: piece.host_nbytes]
+            streams.wait(copy_stream, pool.consumed[k])
+            staged.copy_(source, non_blocking=self.non_blocking)
+            streams.record(pool.landed[k], copy_stream)
+            with streams.on(decode_stream):
+                streams.wait(decode_stream, pool.landed[k])
+                bf16_codec.decode_chunk(
+                    staged, piece.slot_nbytes // 2, piece.window, piece.exceptions, destination
+                )
+                streams.record(pool.consumed[k], decode_stream)
+        streams.record(pool.copied[slot], copy_stream)
+        streams.wait(decode_stream, pool.copied[slot])
+        return decode_stream
 
     def _free_slot_for(self, unit: int) -> int:
         if not self.free_slots:

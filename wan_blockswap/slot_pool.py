@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
+from .compressed_transfer import STAGING_BUFFERS
 from .streams import DeviceStreams
 
 
@@ -27,16 +28,33 @@ class PoolUser(Protocol):
 
 
 class SlotPool:
-    """``num_slots`` device buffers of ``slot_bytes`` with a ready and a freed event each."""
+    """``num_slots`` device buffers of ``slot_bytes`` with a ready and a freed event each, and
+    the staging buffers of compressed transfers (``staging_bytes`` in all) with theirs."""
 
-    def __init__(self, streams: DeviceStreams, num_slots: int, slot_bytes: int, inference: bool):
+    def __init__(
+        self,
+        streams: DeviceStreams,
+        num_slots: int,
+        slot_bytes: int,
+        inference: bool,
+        staging_bytes: int = 0,
+    ):
+        count = STAGING_BUFFERS if staging_bytes else 0
         with torch.inference_mode(inference), torch.no_grad():
             self.slots = [
                 torch.empty(slot_bytes, dtype=torch.uint8, device=streams.device)
                 for _ in range(num_slots)
             ]
+            self.staging = [
+                torch.empty(staging_bytes // count, dtype=torch.uint8, device=streams.device)
+                for _ in range(count)
+            ]
         self.ready = [streams.new_event() for _ in range(num_slots)]
         self.freed = [streams.new_event() for _ in range(num_slots)]
+        self.copied = [streams.new_event() for _ in range(num_slots)]  # raw pieces landed
+        self.landed = [streams.new_event() for _ in range(count)]  # a chunk is in staging
+        self.consumed = [streams.new_event() for _ in range(count)]  # ... and decoded
+        self.next_staging = 0
         self.users: "weakref.WeakSet[Any]" = weakref.WeakSet()
         self.holder: "weakref.ref[Any] | None" = None
 
@@ -44,9 +62,11 @@ class SlotPool:
 _pools: dict[tuple, SlotPool] = {}
 
 
-def pool_key(device: torch.device, num_slots: int, slot_bytes: int, inference: bool) -> tuple:
+def pool_key(
+    device: torch.device, num_slots: int, slot_bytes: int, inference: bool, staging_bytes: int = 0
+) -> tuple:
     """Rings with equal keys share one pool (one set of slots in VRAM)."""
-    return (str(device), num_slots, slot_bytes, inference)
+    return (str(device), num_slots, slot_bytes, inference, staging_bytes)
 
 
 _lock = threading.RLock()  # re-entrant: prune() runs from finalizers, which a collection
@@ -54,14 +74,19 @@ _lock = threading.RLock()  # re-entrant: prune() runs from finalizers, which a c
 
 
 def acquire(
-    user: PoolUser, streams: DeviceStreams, num_slots: int, slot_bytes: int, inference: bool
+    user: PoolUser,
+    streams: DeviceStreams,
+    num_slots: int,
+    slot_bytes: int,
+    inference: bool,
+    staging_bytes: int = 0,
 ) -> SlotPool:
     """The pool for this shape, held by ``user`` from now on (the previous holder is evicted)."""
-    key = pool_key(streams.device, num_slots, slot_bytes, inference)
+    key = pool_key(streams.device, num_slots, slot_bytes, inference, staging_bytes)
     with _lock:
         pool = _pools.get(key)
         if pool is None:
-            pool = _pools[key] = SlotPool(streams, num_slots, slot_bytes, inference)
+            pool = _pools[key] = SlotPool(streams, num_slots, slot_bytes, inference, staging_bytes)
         pool.users.add(user)
         previous = pool.holder() if pool.holder is not None else None
         pool.holder = weakref.ref(user)
@@ -97,4 +122,4 @@ def prune() -> None:
 def pooled_bytes() -> int:
     """VRAM held by all pools (for leak checks)."""
     with _lock:
-        return sum(s.numel() for pool in _pools.values() for s in pool.slots)
+        return sum(s.numel() for pool in _pools.values() for s in (*pool.slots, *pool.staging))

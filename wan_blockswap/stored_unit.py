@@ -1,5 +1,9 @@
 """A swap unit whose weights live in a packed host buffer.
 
+With transfer compression the unit also has a :class:`CompressedTransfer`: the pinned bytes
+that cross the link. Its real weights (``host_views``) then stay in pageable memory, where
+they were when possible, and serve ``state_dict()``, loaders and ``restore()``.
+
 Between uses every tensor of the unit points at a 0-element placeholder of its dtype on the
 target device: ``model.to(...)`` by anyone moves nothing large, byte counters (ComfyUI's
 ``module_size``) see only what is really on the GPU, and a forward that runs without our
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .compressed_transfer import CompressedTransfer
 from .storage import HostBuffer, PackedLayout
 from .units import SwapUnit
 
@@ -30,8 +35,17 @@ class Placeholders:
 class StoredUnit:
     """Host storage, placeholders and rebinding for one :class:`SwapUnit`."""
 
-    def __init__(self, unit: SwapUnit, device: torch.device, placeholders: Placeholders) -> None:
+    def __init__(
+        self,
+        unit: SwapUnit,
+        device: torch.device,
+        placeholders: Placeholders,
+        compress: bool = False,
+    ) -> None:
         self.unit = unit
+        self.compress = compress
+        self.transfer: CompressedTransfer | None = None
+        self.pin = False
         self.name = unit.name
         # The tensor objects themselves: rebinding ``.data`` keeps Parameter identity,
         # ``requires_grad`` and any attributes other code hung on them.
@@ -58,19 +72,44 @@ class StoredUnit:
         """Every tensor came from a meta skeleton: there is nothing to pack, only to fill."""
         return all(device.type == "meta" for device in self.original_devices)
 
+    @property
+    def copy_nbytes(self) -> int:
+        """Bytes one copy of the unit sends over the link."""
+        return self.transfer.nbytes if self.transfer is not None else self.layout.nbytes
+
     def allocate(self, pin: bool) -> None:
         """Reserve the host buffer (contents undefined until :meth:`pack` or a loader fills it)."""
-        if self.host is None:
-            self.host = HostBuffer(self.layout.nbytes, pin)
+        self.pin = pin
+        if self.host is None and not self.host_views:
+            # Compressed units never copy from this buffer: pinning it would only lock RAM.
+            self.host = HostBuffer(self.layout.nbytes, pin and not self.compress)
             self.host_views = self.layout.views(self.host.tensor)
 
     def pack(self, pin: bool) -> None:
-        """Copy the unit's current weights into its host buffer and leave placeholders."""
+        """Copy the unit's current weights into its host buffer and leave placeholders.
+
+        Compressed, weights already in RAM stay where they are (no second raw copy); the
+        caller then :meth:`seal`s the unit."""
+        if self.compress and not any(d.type == "meta" for d in self.original_devices):
+            self.pin = pin
+            self.host_views = [
+                t.detach().to("cpu").contiguous() for t in self.tensors  # CPU: no copy
+            ]
+            self.unbind()
+            return
         self.allocate(pin)
         for view, tensor, device in zip(self.host_views, self.tensors, self.original_devices):
             if device.type != "meta":  # skeleton tensors have no data yet: a loader fills them
                 view.copy_(tensor.detach())
         self.unbind()
+
+    def seal(self, work_device: torch.device) -> None:
+        """Build the compressed transfer from the (filled) host weights; once, when compressing."""
+        if self.compress and self.transfer is None and self.host_views:
+            with torch.no_grad():
+                self.transfer = CompressedTransfer.encode(
+                    self.layout, self.host_views, self.pin, work_device
+                )
 
     def bind(self, views: list[torch.Tensor]) -> None:
         for tensor, view in zip(self.tensors, views):
@@ -85,23 +124,29 @@ class StoredUnit:
 
         Tensors that started on the meta device (lazy-loaded skeletons) come back on the CPU.
         """
-        if self.host is None:
+        if self.host is None and not self.host_views:
             return
         for tensor, view, device in zip(self.tensors, self.host_views, self.original_devices):
             target = torch.device("cpu") if device.type == "meta" else device
             with torch.inference_mode(tensor.is_inference()):  # [Note: inference tensors]
-                tensor.data = view.to(target, copy=True)
+                # Views of our buffer are copied out; weights kept in place (compressed) return
+                tensor.data = view.to(target, copy=self.host is not None)
         self.host_views = []
-        self.host.free()
-        self.host = None
+        self._free_host()
+
+    def _free_host(self) -> None:
+        if self.transfer is not None:
+            self.transfer.free()
+            self.transfer = None
+        if self.host is not None:
+            self.host.free()
+            self.host = None
 
     def discard(self) -> None:
         """Free the host buffer and leave every tensor a placeholder: drop the weights."""
         self.unbind()
         self.host_views = []
-        if self.host is not None:
-            self.host.free()
-            self.host = None
+        self._free_host()
 
     def state_dict_hook(
         self, module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: dict

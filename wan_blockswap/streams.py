@@ -15,25 +15,30 @@ from typing import Any, ContextManager
 import torch
 
 _copy_streams: dict[int, "torch.cuda.Stream"] = {}
+_decode_streams: dict[int, "torch.cuda.Stream"] = {}
 _copy_streams_lock = threading.Lock()
 
 
 class DeviceStreams:
-    """Copy stream, compute stream and events for one device."""
+    """Copy stream, decode stream (compressed transfers), compute stream and events for one
+    device."""
 
     def __init__(self, device: torch.device, timing: bool = False) -> None:
         self.device = device
         self.is_cuda = device.type == "cuda"
         self.timing = timing
-        self.copy_stream = self._copy_stream() if self.is_cuda else None
+        self.copy_stream = self._shared_stream(_copy_streams) if self.is_cuda else None
+        # A third stream, so the copy engine never waits for a decode kernel, nor compute for
+        # a copy queued behind one.
+        self.decode_stream = self._shared_stream(_decode_streams) if self.is_cuda else None
 
-    def _copy_stream(self) -> "torch.cuda.Stream":
+    def _shared_stream(self, streams: dict[int, "torch.cuda.Stream"]) -> "torch.cuda.Stream":
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         with _copy_streams_lock:
-            if index not in _copy_streams:
+            if index not in streams:
                 # Low priority: copies must never delay the compute kernels they feed.
-                _copy_streams[index] = torch.cuda.Stream(device=index, priority=0)
-            return _copy_streams[index]
+                streams[index] = torch.cuda.Stream(device=index, priority=0)
+            return streams[index]
 
     def compute_stream(self) -> Any:
         return torch.cuda.current_stream(self.device) if self.is_cuda else None
@@ -44,9 +49,13 @@ class DeviceStreams:
         return torch.cuda.Event(enable_timing=self.timing if timing is None else timing)
 
     def on_copy_stream(self) -> ContextManager[Any]:
-        if not self.is_cuda:
+        return self.on(self.copy_stream)
+
+    def on(self, stream: Any) -> ContextManager[Any]:
+        """Queue work on ``stream`` (no-op on CPU)."""
+        if stream is None:
             return contextlib.nullcontext()
-        return torch.cuda.stream(self.copy_stream)
+        return torch.cuda.stream(stream)
 
     @staticmethod
     def record(event: Any, stream: Any) -> None:
@@ -62,4 +71,5 @@ class DeviceStreams:
     def synchronize(self) -> None:
         if self.is_cuda:
             self.copy_stream.synchronize()
+            self.decode_stream.synchronize()
             torch.cuda.current_stream(self.device).synchronize()

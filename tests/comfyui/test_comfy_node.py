@@ -153,6 +153,40 @@ def test_weight_patches_equal_core(comfy, order):
     assert torch.equal(run(comfy, node(patcher, blocks_to_swap=2), inputs), plain)
 
 
+@pytest.mark.parametrize("order", ["lora_before_node", "lora_after_node"])
+def test_transfer_compression_equals_core_with_and_without_patches(comfy, order, monkeypatch):
+    from callbacks.comfy_adapter import _states
+    from wan_blockswap import compressed_transfer
+
+    monkeypatch.setattr(compressed_transfer, "CHUNK_ELEMENTS", 1024)
+    monkeypatch.setattr(compressed_transfer, "MIN_PACKED_ELEMENTS", 256)
+    patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v", dtype=torch.bfloat16)
+    inputs = make_inputs(3)
+    keys = ["diffusion_model.blocks.3.self_attn.q.weight", "diffusion_model.blocks.3.ffn.0.weight"]
+    plain = run(comfy, patcher, inputs)
+    comfy.model_management.unload_all_models()
+    expected = run(comfy, lora_like(patcher, keys), inputs)
+    comfy.model_management.unload_all_models()
+    if order == "lora_before_node":
+        model = node(lora_like(patcher, keys), blocks_to_swap=2, transfer_compression=True)
+    else:
+        model = lora_like(node(patcher, blocks_to_swap=2, transfer_compression=True), keys)
+    swap = _states[patcher.model.diffusion_model].swap
+    assert swap.plan.staging_bytes > 0 and all(u.transfer is not None for u in swap.units)
+    assert torch.equal(run(comfy, model, inputs), expected)
+    assert torch.equal(run(comfy, model, inputs), expected)
+    comfy.model_management.unload_all_models()
+    unpatched = node(patcher, blocks_to_swap=2, transfer_compression=True)
+    assert torch.equal(run(comfy, unpatched, inputs), plain)
+    # core's size accounting: the ring includes the staging buffers
+    assert unpatched.model_size() == resident_size(patcher) + swap.plan.ring_bytes
+
+
+def resident_size(patcher):
+    model = patcher.model
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
 def test_weight_patches_on_a_vram_budget_plan_equal_core(comfy):
     """A budget plan streams a few layers of every block and keeps the rest resident (inside
     swapped blocks): patches on both kinds of layer still equal core's."""

@@ -1,0 +1,191 @@
+"""Lossless transfer compression: the codec bit for bit, a unit's pieces, and the engine with
+compression on (CPU here; ``test_cuda_engine.py`` runs it on the GPU's three streams)."""
+
+import pytest
+import torch
+
+from toy_models import make_toy, toy_inputs, toy_layout
+from wan_blockswap import SwapConfig, apply_block_swap, bf16_codec, compressed_transfer
+from wan_blockswap.storage import PackedLayout
+
+
+def bits(tensor):
+    return tensor.contiguous().view(torch.int16)
+
+
+def roundtrip(weights):
+    encoded = bf16_codec.encode_chunk(weights)
+    if encoded is None:
+        return None, None
+    packed = torch.zeros(encoded.nbytes, dtype=torch.uint8)
+    encoded.write(packed)
+    out = torch.empty(2 * weights.numel(), dtype=torch.uint8)
+    bf16_codec.decode_chunk(
+        packed, weights.numel(), encoded.window, encoded.exception_index.numel(), out
+    )
+    return out.view(torch.bfloat16), encoded
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 1000, 4097, 65537])
+def test_codec_is_exact_on_trained_like_weights(n):
+    gen = torch.Generator().manual_seed(n)
+    weights = (torch.randn(n, generator=gen) / 64).to(torch.bfloat16)
+    decoded, encoded = roundtrip(weights)
+    assert torch.equal(bits(decoded), bits(weights))
+    if n >= 1000:  # the gain is real: 1.5 bytes per weight plus few exceptions
+        assert encoded.nbytes < 0.77 * 2 * n
+
+
+def test_codec_is_exact_on_special_values_and_every_exponent():
+    every_high_byte = torch.arange(256, dtype=torch.int32).repeat_interleave(2)
+    every_low_byte = torch.arange(512, dtype=torch.int32) % 256
+    pattern = ((every_high_byte << 8) | every_low_byte).to(torch.int16)  # every bit pattern kind
+    gen = torch.Generator().manual_seed(0)
+    bulk = (torch.randn(40000, generator=gen) / 30).to(torch.bfloat16).view(torch.int16)
+    specials = torch.tensor(
+        [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-40, -1e-40, 3e38],
+        dtype=torch.bfloat16,
+    ).view(torch.int16)
+    weights = torch.cat([bulk[:20000], pattern, specials, bulk[20000:]]).view(torch.bfloat16)
+    decoded, encoded = roundtrip(weights)
+    assert torch.equal(bits(decoded), bits(weights))
+    assert encoded.exception_index.numel() > 0
+
+
+def test_a_chunk_without_a_dominant_window_travels_raw():
+    gen = torch.Generator().manual_seed(0)
+    spread = torch.randint(-(2**15), 2**15, (4096,), generator=gen, dtype=torch.int16)
+    spread = spread.view(torch.bfloat16)
+    assert bf16_codec.encode_chunk(spread) is None
+    assert bf16_codec.max_packed_nbytes(1000) >= bf16_codec.packed_nbytes(1000, 31)
+
+
+def decode_pieces(transfer, nbytes):
+    """What the ring does on the GPU, on the CPU: every piece into one slot buffer."""
+    slot = torch.zeros(nbytes, dtype=torch.uint8)
+    host = transfer.host.tensor
+    for piece in transfer.pieces:
+        source = host[piece.host_offset : piece.host_offset + piece.host_nbytes]
+        target = slot[piece.slot_offset : piece.slot_offset + piece.slot_nbytes]
+        if piece.packed:
+            bf16_codec.decode_chunk(
+                source.clone(), piece.slot_nbytes // 2, piece.window, piece.exceptions, target
+            )
+        else:
+            target.copy_(source)
+    return slot
+
+
+def test_a_unit_splits_into_packed_chunks_and_raw_runs(monkeypatch):
+    monkeypatch.setattr(compressed_transfer, "CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(compressed_transfer, "MIN_PACKED_ELEMENTS", 500)
+    gen = torch.Generator().manual_seed(1)
+    weights = [
+        (torch.randn(50, 50, generator=gen) / 50).to(torch.bfloat16),  # 3 packed chunks
+        torch.randn(7, generator=gen),  # float32: raw
+        torch.randn(9, generator=gen).to(torch.bfloat16),  # small: raw, same run as above
+        torch.randint(-(2**15), 2**15, (3000,), generator=gen, dtype=torch.int16).view(
+            torch.bfloat16
+        ),  # random bits: no window, 3 raw chunks
+        (torch.randn(1001, generator=gen) / 9).to(torch.bfloat16),  # odd tail chunk of 1
+    ]
+    layout = PackedLayout.of((w.size(), w.dtype) for w in weights)
+    transfer = compressed_transfer.CompressedTransfer.encode(
+        layout, weights, pin=False, work_device=torch.device("cpu")
+    )
+    packed = [p for p in transfer.pieces if p.packed]
+    assert len(packed) == 3 + 2
+    assert len([p for p in transfer.pieces if not p.packed]) == 1 + 3  # one run, 3 raw chunks
+    assert transfer.nbytes < layout.nbytes
+    slot = decode_pieces(transfer, layout.nbytes)
+    for view, weight in zip(layout.views(slot), weights):
+        assert torch.equal(view.view(torch.uint8), weight.view(torch.uint8)), weight.dtype
+    transfer.free()
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Toy tensors are tiny: let them pack, in several chunks each."""
+    monkeypatch.setattr(compressed_transfer, "CHUNK_ELEMENTS", 1024)
+    monkeypatch.setattr(compressed_transfer, "MIN_PACKED_ELEMENTS", 256)
+
+
+def bf16_toy(vace=0):
+    return make_toy(vace_depth=vace).to(torch.bfloat16).requires_grad_(False)
+
+
+def bf16_inputs(seed):
+    return toy_inputs(seed, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(blocks_to_swap=6, prefetch_blocks=1),
+        dict(blocks_to_swap=3, prefetch_blocks=2, offload_txt_emb=True),
+        dict(blocks_to_swap=6, swap_unit="layer", prefetch_blocks=0),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("vace", [0, 3])
+def test_outputs_state_dict_and_restore_equal_with_compression(small_chunks, options, vace):
+    model = bf16_toy(vace)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        expected = [model(**bf16_inputs(seed)) for seed in (1, 2)]
+    swap = apply_block_swap(
+        model, layout=toy_layout(model), device="cpu", transfer_compression=True, **options
+    )
+    assert swap.plan.staging_bytes == compressed_transfer.staging_bytes() > 0
+    assert swap.plan.gpu_weight_bytes == swap.plan.resident_bytes + swap.plan.ring_bytes
+    assert all(u.transfer is not None for u in swap.units)
+    with torch.no_grad():
+        for seed in (1, 2, 1):
+            assert torch.equal(model(**bf16_inputs(seed)), expected[seed - 1])
+    state = model.state_dict()
+    for key, value in before.items():
+        assert torch.equal(state[key], value), key
+    sent = swap.stats.bytes_copied
+    raw = sum(u.nbytes for u in swap.units) * swap.stats.copies / len(swap.units)
+    assert sent < 0.85 * raw  # the bytes over the link shrank
+    swap.remove()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+        assert value.device.type == "cpu"
+
+
+def test_compression_without_bf16_weights_reserves_nothing(small_chunks):
+    model = make_toy()  # float32
+    plain = apply_block_swap(model, layout=toy_layout(model), device="cpu", blocks_to_swap=4)
+    plan = plain.plan
+    plain.remove()
+    swap = apply_block_swap(
+        model,
+        layout=toy_layout(model),
+        device="cpu",
+        blocks_to_swap=4,
+        transfer_compression=True,
+    )
+    assert swap.plan == plan and swap.plan.staging_bytes == 0
+    assert all(u.transfer is None for u in swap.units)
+
+
+def test_a_budget_pays_for_the_staging(small_chunks):
+    model = bf16_toy()
+    sizes_plan = apply_block_swap(model, layout=toy_layout(model), device="cpu", blocks_to_swap=3)
+    budget = sizes_plan.plan.gpu_weight_bytes / 2**30
+    sizes_plan.remove()
+    swap = apply_block_swap(
+        model,
+        layout=toy_layout(model),
+        device="cpu",
+        vram_budget_gb=budget + compressed_transfer.staging_bytes() / 2**30,
+        transfer_compression=True,
+    )
+    assert swap.plan.gpu_weight_bytes <= (budget * 2**30) + compressed_transfer.staging_bytes()
+    assert "staging" in swap.plan.describe()
+
+
+def test_the_option_is_validated():
+    with pytest.raises(Exception, match="transfer_compression"):
+        SwapConfig(transfer_compression="yes")
