@@ -6,7 +6,7 @@ binades, so within a chunk the high byte is the sign plus one of 8 consecutive e
 values almost always: a 4-bit code. Weights outside that window (zeros, outliers) are
 exceptions, sent as (index, high byte). A chunk of ``n`` weights then travels as
 
-    low bytes [n] | codes, two per byte [ceil(n / 2)] | pad to 4 | indices int32 [e] | highs [e]
+    low bytes [n] | codes, two per byte [ceil(n / 2)] | pad to 8 | indices int64 [e] | highs [e]
 
 and decodes on the GPU with a table lookup and two strided copies, bit for bit. Copies
 dominate a forward when few tokens run (H100, Wan-14B shapes, 1,560 tokens), and there this
@@ -21,12 +21,16 @@ from dataclasses import dataclass
 import torch
 
 WINDOW = 8  # exponent values a 3-bit code covers
-# A chunk with more exceptions than this travels raw: 5 bytes per exception would eat the gain.
-MAX_EXCEPTION_FRACTION = 1 / 32
+# A chunk with more exceptions than this travels raw: 9 bytes per exception would eat the
+# gain, and the bound keeps the staging buffers small.
+MAX_EXCEPTION_FRACTION = 1 / 64
+# Indices are int64, what index_copy_ takes: decoding then launches no conversion kernel
+# (per-chunk launches, not bytes, are what a decode costs the host).
+INDEX_BYTES = 8
 
 
-def _align4(value: int) -> int:
-    return (value + 3) // 4 * 4
+def _align8(value: int) -> int:
+    return (value + 7) // 8 * 8
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,7 @@ class EncodedChunk:
     window: int  # the smallest exponent (top 7 bits) of the window
     low: torch.Tensor  # uint8 [n]
     codes: torch.Tensor  # uint8 [ceil(n / 2)]
-    exception_index: torch.Tensor  # int32 [e]
+    exception_index: torch.Tensor  # int64 [e]
     exception_high: torch.Tensor  # uint8 [e]
 
     @property
@@ -53,14 +57,15 @@ class EncodedChunk:
         codes_end = n + self.codes.numel()
         out[:n].copy_(self.low)
         out[n:codes_end].copy_(self.codes)
-        start = _align4(codes_end)
-        out[start : start + 4 * e].copy_(self.exception_index.view(torch.uint8))
-        out[start + 4 * e : start + 5 * e].copy_(self.exception_high)
+        start = _align8(codes_end)
+        highs = start + INDEX_BYTES * e
+        out[start:highs].copy_(self.exception_index.view(torch.uint8))
+        out[highs : highs + e].copy_(self.exception_high)
 
 
 def packed_nbytes(elements: int, exceptions: int) -> int:
     """Bytes of a packed chunk of ``elements`` weights with ``exceptions`` exceptions."""
-    return _align4(elements + (elements + 1) // 2) + 5 * exceptions
+    return _align8(elements + (elements + 1) // 2) + (INDEX_BYTES + 1) * exceptions
 
 
 def max_packed_nbytes(elements: int) -> int:
@@ -90,7 +95,7 @@ def encode_chunk(weights: torch.Tensor) -> EncodedChunk | None:
         window=window,
         low=low.contiguous().cpu(),
         codes=codes.cpu(),
-        exception_index=where.to(torch.int32).cpu(),
+        exception_index=where.to(torch.int64).cpu(),
         exception_high=high[where].cpu(),
     )
 
@@ -128,9 +133,9 @@ def decode_chunk(
     table = _decode_tables(out.device)[window]
     highs = table.index_select(0, packed[n:codes_end].to(torch.int32)).view(torch.uint8)
     pairs = out.view(-1, 2)
-    pairs[:, 1].copy_(highs[:n])
-    pairs[:, 0].copy_(packed[:n])
+    torch.stack((packed[:n], highs[:n]), dim=1, out=pairs)  # one interleaving kernel
     if exceptions:
-        start = _align4(codes_end)
-        index = packed[start : start + 4 * exceptions].view(torch.int32).to(torch.int64)
-        pairs[:, 1].index_copy_(0, index, packed[start + 4 * exceptions : start + 5 * exceptions])
+        start = _align8(codes_end)
+        highs_at = start + INDEX_BYTES * exceptions
+        index = packed[start:highs_at].view(torch.int64)
+        pairs[:, 1].index_copy_(0, index, packed[highs_at : highs_at + exceptions])

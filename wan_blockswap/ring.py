@@ -77,6 +77,8 @@ class SlotRing:
         self.pool: slot_pool.SlotPool | None = None
         self.slots: list[torch.Tensor] = []
         self.views: list[list[list[torch.Tensor]]] = []
+        # (id of a compressed unit, slot) -> its pieces' destinations in that slot
+        self.piece_targets: dict[tuple[int, int], list[torch.Tensor]] = {}
         self.ready: list = []
         self.freed: list = []
         self.occupant: list[int | None] = [None] * num_slots
@@ -166,6 +168,7 @@ class SlotRing:
         self.occupant = [None] * self.num_slots
         self.free_slots = deque(range(self.num_slots))
         self.slots, self.views, self.ready, self.freed = [], [], [], []
+        self.piece_targets.clear()
 
     def release_memory(self) -> None:
         """Let go of the slots (freed if no other model uses them); reacquired on next use."""
@@ -312,14 +315,15 @@ class SlotRing:
     def _copy_compressed(self, stored: StoredUnit, slot: int) -> object:
         """Queue ``stored``'s pieces into ``slot`` (see [Note: compressed copies]); returns
         the stream on which the slot is complete."""
-        assert stored.transfer is not None and self.pool is not None
+        transfer = stored.transfer
+        assert transfer is not None and self.pool is not None
         pool, streams = self.pool, self.streams
         copy_stream, decode_stream = streams.copy_stream, streams.decode_stream
-        target, host = self.slots[slot], stored.transfer.host.tensor
+        targets = self.piece_targets.get((id(stored), slot))
+        if targets is None:
+            targets = self.piece_targets[(id(stored), slot)] = transfer.targets(self.slots[slot])
         streams.wait(decode_stream, self.freed[slot])
-        for piece in stored.transfer.pieces:
-            source = host[piece.host_offset : piece.host_offset + piece.host_nbytes]
-            destination = target[piece.slot_offset : piece.slot_offset + piece.slot_nbytes]
+        for piece, source, destination in zip(transfer.pieces, transfer.sources, targets):
             if not piece.packed:
                 destination.copy_(source, non_blocking=self.non_blocking)  # on X
                 continue

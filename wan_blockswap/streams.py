@@ -14,6 +14,9 @@ from typing import Any, ContextManager
 
 import torch
 
+# Decode kernels are short, but the copy engine waits for them to free a staging buffer: ahead
+# of queued compute blocks they keep it busy (lower numbers are higher priorities in CUDA).
+DECODE_STREAM_PRIORITY = -1
 _copy_streams: dict[int, "torch.cuda.Stream"] = {}
 _decode_streams: dict[int, "torch.cuda.Stream"] = {}
 _copy_streams_lock = threading.Lock()
@@ -30,14 +33,18 @@ class DeviceStreams:
         self.copy_stream = self._shared_stream(_copy_streams) if self.is_cuda else None
         # A third stream, so the copy engine never waits for a decode kernel, nor compute for
         # a copy queued behind one.
-        self.decode_stream = self._shared_stream(_decode_streams) if self.is_cuda else None
+        self.decode_stream = (
+            self._shared_stream(_decode_streams, DECODE_STREAM_PRIORITY) if self.is_cuda else None
+        )
 
-    def _shared_stream(self, streams: dict[int, "torch.cuda.Stream"]) -> "torch.cuda.Stream":
+    def _shared_stream(
+        self, streams: dict[int, "torch.cuda.Stream"], priority: int = 0
+    ) -> "torch.cuda.Stream":
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         with _copy_streams_lock:
             if index not in streams:
-                # Low priority: copies must never delay the compute kernels they feed.
-                streams[index] = torch.cuda.Stream(device=index, priority=0)
+                # Copies: low priority, they must never delay the compute kernels they feed.
+                streams[index] = torch.cuda.Stream(device=index, priority=priority)
             return streams[index]
 
     def compute_stream(self) -> Any:
