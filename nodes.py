@@ -17,6 +17,9 @@ logger = logging.getLogger("wan_blockswap")
 CATEGORY = "wan_blockswap"
 CUSTOM = "custom (use the widgets)"
 AUTO = "auto (free VRAM now)"
+# The transfer_compression widget's choices and the SwapConfig values they stand for.
+TRANSFER_COMPRESSION = {"off": False, "auto": "auto", "on": True}
+
 # What "auto" leaves for activations, the VAE and core's reserve when no preset applies.
 AUTO_RESERVE_GB = 4.0
 
@@ -31,7 +34,7 @@ def config_from_widgets(
     block_swap_debug: bool,
     preset: str = CUSTOM,
     vram_budget_gb: float = 0.0,
-    transfer_compression: bool = False,
+    transfer_compression: str | bool = "off",
     free_vram_gb: float | None = None,
 ) -> SwapConfig:
     """The node's widgets as a validated :class:`SwapConfig`.
@@ -45,7 +48,7 @@ def config_from_widgets(
         non_blocking=use_non_blocking,
         vace_blocks_to_swap=vace_blocks_to_swap,
         prefetch_blocks=prefetch_blocks,
-        transfer_compression=transfer_compression,
+        transfer_compression=TRANSFER_COMPRESSION.get(transfer_compression, transfer_compression),
         debug=block_swap_debug,
     )
     if preset == AUTO:
@@ -177,15 +180,16 @@ class WanBlockSwapStream:
                     },
                 ),
                 "transfer_compression": (
-                    "BOOLEAN",
+                    list(TRANSFER_COMPRESSION),
                     {
-                        "default": False,
+                        "default": "off",
                         "tooltip": "Send bf16 weights losslessly packed (1.5 bytes per weight, "
-                        "decoded on the GPU bit for bit). Faster when copies dominate (images, "
-                        "short or low-resolution clips: up to a quarter off each step); a few "
-                        "percent slower on long videos, where copies are hidden anyway. Uses "
-                        "~20 MB more VRAM and 0.75x the swapped size in pinned RAM, keeping "
-                        "the weights themselves in ordinary RAM.",
+                        "decoded on the GPU bit for bit). 'on': faster when copies dominate "
+                        "(images, short or low-resolution clips: up to a quarter off each "
+                        "step), about 1% slower on long videos, where copies are hidden "
+                        "anyway. 'auto': compressed, until the second step shows compute "
+                        "hiding the copies, then raw. Uses 53 MB more VRAM; while compressed, "
+                        "needs ~0.75x the swapped size in RAM on top.",
                     },
                 ),
             },

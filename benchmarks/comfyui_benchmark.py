@@ -13,8 +13,10 @@ as a ComfyUI server does. Rows:
   peak VRAM as the core row (the weight budget is core's peak minus the activations, then
   corrected by what the first try measured). A core row whose peak is below anything our
   plans can reach is matched by our smallest plan, and the row says ``equal_vram: false``.
-  Once with raw copies and once with ``transfer_compression`` (lossless 1.5-byte bf16 sent
-  over the link, decoded on the GPU); ``--compression`` picks.
+  With each ``transfer_compression`` setting: off (raw copies), on (lossless 1.5-byte bf16
+  over the link, decoded on the GPU) and auto (on, until the second forward shows compute
+  hiding the raw copies); ``--compression`` picks. Ours are timed after three warm-up
+  forwards, so auto has decided.
 
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/comfyui_benchmark.py [--tokens 1560 32760]
 
@@ -87,13 +89,15 @@ def forward(patcher, inputs) -> torch.Tensor:
         return patcher.model.diffusion_model(*inputs)
 
 
-def time_forwards(patcher, inputs, repeats: int) -> tuple[float, torch.Tensor, float]:
-    """Mean ms per forward after two warm-ups, the output, and the peak allocated GiB."""
+def time_forwards(
+    patcher, inputs, repeats: int, warmup: int = 2
+) -> tuple[float, torch.Tensor, float]:
+    """Mean ms per forward after ``warmup`` forwards, the output, and the peak allocated GiB."""
     device = inputs[0].device
     outputs = []
     reset_peak(device)
     timing = measure.time_forwards(
-        lambda: outputs.append(forward(patcher, inputs)), device, 2, repeats
+        lambda: outputs.append(forward(patcher, inputs)), device, warmup, repeats
     )
     return timing.mean_ms, outputs[-1].float().cpu(), peak_gib(device)
 
@@ -147,6 +151,7 @@ def ours_row(comfy, pack, patcher, inputs, tokens, budget_gib, repeats, compress
         budget_gib = smallest_plan_gib(patcher, compression) + 1e-3
         widgets.update(offload_txt_emb=True)
     widgets.update(vram_budget_gb=round(budget_gib, 3), transfer_compression=compression)
+    setting = {False: "off", True: "on"}.get(compression, compression)
     started = time.perf_counter()
     swapped = pack.nodes.WanBlockSwapStream().apply(patcher, **widgets)[0]
     apply_s = time.perf_counter() - started
@@ -157,8 +162,8 @@ def ours_row(comfy, pack, patcher, inputs, tokens, budget_gib, repeats, compress
     load_peak = peak_gib(patcher.load_device)
     engine = get_block_swap(patcher.model.diffusion_model)
     plan = engine.plan
+    ms, out, peak = time_forwards(swapped, inputs, repeats, warmup=3)
     sent = sum(u.copy_nbytes for u in engine.units)  # per forward: every unit once
-    ms, out, peak = time_forwards(swapped, inputs, repeats)
     swapped.cleanup()
     comfy.model_management.unload_all_models()
     remove_from_model(patcher)
@@ -168,7 +173,8 @@ def ours_row(comfy, pack, patcher, inputs, tokens, budget_gib, repeats, compress
     return {
         "method": "wan_blockswap",
         "tokens": tokens,
-        "transfer_compression": compression,
+        "transfer_compression": setting,
+        "compressed_when_timed": engine.compressed,
         "apply_s": apply_s,
         "vram_budget_gb": widgets.get("vram_budget_gb"),
         "plan": plan.describe().replace("\n", "; "),
@@ -232,10 +238,12 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=8)
     parser.add_argument("--dim", type=int, default=DIM, help="smaller for a CPU smoke run")
     parser.add_argument("--ffn", type=int, default=FFN)
-    parser.add_argument("--compression", choices=["both", "off", "on"], default="both")
+    parser.add_argument(
+        "--compression", nargs="+", choices=["off", "on", "auto"], default=["off", "on", "auto"]
+    )
     parser.add_argument("--output")
     args = parser.parse_args()
-    modes = {"both": (False, True), "off": (False,), "on": (True,)}[args.compression]
+    modes = [{"off": False, "on": True}.get(mode, mode) for mode in args.compression]
 
     comfy = import_comfy()
     from conftest import load_pack
@@ -267,7 +275,7 @@ def main() -> None:
                 group.append(ours)
                 print(
                     f"{tokens} tok, core {fraction:.0%}: {core['ms']:.1f} ms at "
-                    f"{core['peak_vram_gib']:.2f} GiB; ours{' compressed' * compression} "
+                    f"{core['peak_vram_gib']:.2f} GiB; ours ({ours['transfer_compression']}) "
                     f"{ours['ms']:.1f} ms at {ours['peak_vram_gib']:.2f} GiB "
                     f"({ours['vs_core']:.3f}x, {ours['streamed_gib']:.2f} GiB streamed)",
                     flush=True,
@@ -304,6 +312,7 @@ def main() -> None:
 def summarize(rows: list[dict]) -> dict:
     """The issue's bars, checked on this run's rows."""
     speed, load, cores = [], [], {}
+    missed: dict[str, list[str]] = {}  # setting -> rows whose speed bar it missed
     for row in rows:
         if row["method"] == "core_lowvram":
             cores[(row["tokens"], row["budget_fraction"])] = row
@@ -317,8 +326,9 @@ def summarize(rows: list[dict]) -> dict:
             if row["equal_vram"]
             else "no equal-VRAM plan (ours needs more VRAM than core's row)"
         )
-        tag = f"{row['tokens']} tok, core at {row['matches_core_fraction']:.0%}" + (
-            ", transfer_compression" if row.get("transfer_compression") else ""
+        tag = (
+            f"{row['tokens']} tok, core at {row['matches_core_fraction']:.0%}, "
+            f"transfer_compression={row.get('transfer_compression', 'off')}"
         )
         floor = row.get("transfer_floor_ms")
         why = ""
@@ -328,6 +338,10 @@ def summarize(rows: list[dict]) -> dict:
                 f"{floor:.1f} ms at the measured rate, above {limit} x core = "
                 f"{limit * core['ms']:.1f} ms; core streams {core['streamed_gib']:.2f} GiB)"
             )
+        setting = row.get("transfer_compression", "off")
+        missed.setdefault(setting, [])
+        if verdict != "met":
+            missed[setting].append(f"{row['tokens']} tok at {row['matches_core_fraction']:.0%}")
         speed.append(
             f"{tag}: {row['ms']:.1f} ms vs core {core['ms']:.1f} ms = {row['vs_core']:.3f}x at "
             f"{row['peak_vram_gib']:.2f} GiB (core {core['peak_vram_gib']:.2f}); <= {limit} x "
@@ -339,6 +353,14 @@ def summarize(rows: list[dict]) -> dict:
             f"{row['load_bar_gib']:.3f}: " + ("met" if met else "MISSED")
         )
     return {
+        "speed_by_setting": {
+            setting: (
+                "every row met"
+                if not rows_missed
+                else "missed or unequal: " + ", ".join(rows_missed)
+            )
+            for setting, rows_missed in missed.items()
+        },
         "speed_at_equal_vram": speed,
         "peak_vram_while_core_loads": load,
         "equal_output": all(row["equal_output"] for row in rows),

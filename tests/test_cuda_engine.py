@@ -217,3 +217,35 @@ def test_a_model_dropped_without_remove_gives_back_pinned_and_device_memory():
     torch.cuda.synchronize()
     assert registered_host_bytes() == host_baseline
     assert torch.cuda.memory_allocated() <= baseline + 4096
+
+
+@pytest.mark.parametrize("link_gbps, keeps", [(1e-6, True), (1e6, False)])
+def test_auto_compression_decides_after_the_second_forward(monkeypatch, link_gbps, keeps):
+    """A slow link makes every forward copy-bound (keep compressing), an infinitely fast one
+    compute-bound (switch to raw, pinned); outputs stay equal across the switch."""
+    from wan_blockswap import compression_switch
+
+    monkeypatch.setattr(compressed_transfer, "CHUNK_ELEMENTS", 1 << 16)
+    monkeypatch.setattr(compression_switch, "link_gbps", lambda device: link_gbps)
+    model = cuda_toy(vace=3)
+    reference = copy.deepcopy(model).cuda()
+    host_baseline = registered_host_bytes()
+    swap = apply_block_swap(
+        model,
+        layout=toy_layout(model),
+        device="cuda",
+        blocks_to_swap=5,
+        transfer_compression="auto",
+    )
+    with torch.inference_mode():
+        for step in range(5):
+            x = inputs(500 + step)
+            assert torch.equal(model(**x), reference(**x)), f"step {step}"
+            assert swap.compressed == (keeps or step < 2), step
+    pinned = registered_host_bytes() - host_baseline
+    if keeps:
+        assert pinned == sum(u.transfer.host.nbytes for u in swap.units)
+    else:
+        assert pinned == sum(u.host.nbytes for u in swap.units) >= swap.plan.swapped_bytes
+    swap.remove()
+    assert registered_host_bytes() == host_baseline

@@ -189,3 +189,38 @@ def test_a_budget_pays_for_the_staging(small_chunks):
 def test_the_option_is_validated():
     with pytest.raises(Exception, match="transfer_compression"):
         SwapConfig(transfer_compression="yes")
+
+
+def test_dropping_compression_mid_run_keeps_outputs_and_weights(small_chunks):
+    model = bf16_toy(vace=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        expected = [model(**bf16_inputs(seed)) for seed in (1, 2)]
+    swap = apply_block_swap(
+        model, layout=toy_layout(model), device="cpu", blocks_to_swap=5, transfer_compression=True
+    )
+    with torch.no_grad():
+        assert torch.equal(model(**bf16_inputs(1)), expected[0])
+        assert swap.compressed
+        swap.drop_compression()
+        assert not swap.compressed and all(u.host is not None for u in swap.units)
+        for seed in (2, 1):
+            assert torch.equal(model(**bf16_inputs(seed)), expected[seed - 1])
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    swap.remove()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_auto_on_cpu_stays_compressed(small_chunks):
+    """Auto times forwards on the GPU; on the CPU there is no link to save, and it behaves as
+    on (the mechanism still runs for the suite)."""
+    model = bf16_toy()
+    swap = apply_block_swap(
+        model, layout=toy_layout(model), device="cpu", blocks_to_swap=4, transfer_compression="auto"
+    )
+    with torch.no_grad():
+        for seed in (1, 2, 3):
+            model(**bf16_inputs(seed))
+    assert swap.compressed and swap.plan.staging_bytes > 0

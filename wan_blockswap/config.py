@@ -46,11 +46,14 @@ class SwapConfig:
             separately (smaller slots, more copies); ``"auto"`` uses blocks unless the budget
             only fits layer slots.
         transfer_compression: send bf16 weights over the link losslessly packed (1.5 bytes
-            per weight instead of 2, decoded on the GPU bit for bit). Up to a quarter off a
-            forward when copies dominate (few tokens: images, short or small videos); a few
-            percent slower when compute dominates (long videos), where copies are hidden
-            anyway. Costs a few MiB of VRAM for staging and keeps the swapped weights in
-            pageable RAM beside the 0.75x pinned copy. No effect on other dtypes.
+            per weight instead of 2, decoded on the GPU bit for bit). ``True``: up to a
+            quarter off a forward when copies dominate (few tokens: images, short or small
+            videos), about 1% slower when compute dominates (long videos), where copies are
+            hidden anyway. ``"auto"``: compressed, until the second forward shows compute
+            hiding the raw copies; then raw from pinned memory (see ``compression_switch``).
+            Costs 53 MiB of VRAM for staging; while compressed, the swapped weights stay in
+            pageable RAM beside the pinned packed copy (about 0.75x). No effect on other
+            dtypes.
         debug: log the plan and per-block copy/compute times each forward (adds a host sync
             per forward).
     """
@@ -64,20 +67,19 @@ class SwapConfig:
     resident_blocks: tuple[int, ...] | None = None
     vram_budget_gb: float | None = None
     swap_unit: SwapUnitMode = "auto"
-    transfer_compression: bool = False
+    transfer_compression: bool | Literal["auto"] = False
     debug: bool = False
 
     def __post_init__(self) -> None:
         _check_optional_int("blocks_to_swap", self.blocks_to_swap)
         _check_int("vace_blocks_to_swap", self.vace_blocks_to_swap, 0, None)
         _check_int("prefetch_blocks", self.prefetch_blocks, 0, MAX_PREFETCH_BLOCKS)
-        for name in (
-            "offload_txt_emb",
-            "offload_img_emb",
-            "non_blocking",
-            "transfer_compression",
-            "debug",
-        ):
+        if not (isinstance(self.transfer_compression, bool) or self.transfer_compression == "auto"):
+            raise BlockSwapConfigError(
+                f"transfer_compression must be True, False or 'auto', got "
+                f"{self.transfer_compression!r}"
+            )
+        for name in ("offload_txt_emb", "offload_img_emb", "non_blocking", "debug"):
             if not isinstance(getattr(self, name), bool):
                 raise BlockSwapConfigError(
                     f"{name} must be True or False, got {getattr(self, name)!r}"

@@ -20,6 +20,7 @@ from model_configs.base import ModelLayout
 
 from . import memory
 from . import compressed_transfer
+from .compression_switch import CompressionAutoSwitch
 from .config import SwapConfig
 from .errors import BlockSwapConfigError, BlockSwapStateError, InsufficientMemoryError
 from .plan import BlockSizes, ModelSizes, SwapPlan, plan_swap
@@ -78,6 +79,7 @@ class BlockSwap:
         self._swapped_index: dict[str, tuple[StoredUnit, int]] = {}
         self.move_resident = True
         self.allocate_empty = True
+        self._auto: CompressionAutoSwitch | None = None
 
     @classmethod
     def apply(
@@ -132,6 +134,12 @@ class BlockSwap:
         except BaseException:
             swap._undo()
             raise
+        if (
+            config.transfer_compression == "auto"
+            and swap.plan.staging_bytes
+            and device.type == "cuda"
+        ):
+            swap._auto = CompressionAutoSwitch()
         _active[model] = swap
         return swap
 
@@ -215,6 +223,20 @@ class BlockSwap:
         that counts VRAM per model should count those slots once. None without slots."""
         return self.ring.pool_key() if self.ring is not None else None
 
+    @property
+    def compressed(self) -> bool:
+        """Whether any unit still travels compressed."""
+        return any(u.transfer is not None for u in self.units)
+
+    def drop_compression(self) -> None:
+        """Send every unit raw from now on, from pinned memory (see ``compression_switch``).
+        Slots keep their contents: the weights are the same."""
+        if self.ring is not None:
+            self.ring.streams.synchronize()  # no copy may still read a packed buffer
+        for stored in self.units:
+            stored.drop_compression()
+        return_freed_host_memory()
+
     def release_vram(self) -> None:
         """Free the GPU slots until the next forward (e.g. when a host unloads the model)."""
         if self.ring is not None:
@@ -260,12 +282,18 @@ class BlockSwap:
                 "torch.inference_mode(), or call model.requires_grad_(False)"
             )
         assert self.ring is not None
+        if self._auto is not None:
+            if self._auto.keep_compression(self.device) is False:
+                self.drop_compression()
+            self._auto.begin(self.stats.raw_bytes_copied)
         self.ring.begin_forward()
 
     @torch.compiler.disable
     def _end_forward(self, module: nn.Module, args: Any, output: Any) -> None:
         assert self.ring is not None
         self.ring.end_forward(completed=output is not None)
+        if self._auto is not None:
+            self._auto.end(self.stats.raw_bytes_copied, completed=output is not None)
         self.stats.forwards += 1
         if self.config.debug:
             self.stats.finish_forward(self.ring.streams.synchronize)

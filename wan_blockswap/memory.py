@@ -16,6 +16,7 @@ logger = logging.getLogger("wan_blockswap")
 
 # Headroom the check leaves for the allocator's fragmentation and the CUDA context.
 VRAM_MARGIN_BYTES = 256 * 2**20
+PACKED_SHARE = 0.8  # host bytes of a compressed transfer per raw byte, bounded generously
 
 
 def available_host_bytes() -> int | None:
@@ -64,12 +65,17 @@ def _check_host(plan: SwapPlan, swapped_on_host: int, largest_unit: int) -> None
     # Packing a unit that already sits in RAM allocates its new buffer before the old tensor
     # is freed, so RAM grows by the bytes coming from elsewhere plus one unit.
     needed = plan.swapped_bytes - swapped_on_host + largest_unit
+    if plan.staging_bytes:
+        # Compressed transfers keep the raw weights and add a pinned packed copy: ~0.77x for
+        # bf16 (exceptions included), more where a unit holds other dtypes.
+        needed += int(PACKED_SHARE * plan.swapped_bytes)
     if needed > available:
         raise InsufficientMemoryError(
             f"the swap plan needs {needed / GIB:.2f} GiB more host RAM for "
             f"{plan.swapped_bytes / GIB:.2f} GiB of swapped weights, but only "
             f"{available / GIB:.2f} GiB is available. Swap fewer blocks (blocks_to_swap, "
-            f"vram_budget_gb), free RAM, or use a smaller (fp8/GGUF) checkpoint."
+            f"vram_budget_gb), free RAM, turn transfer_compression off, or use a smaller "
+            f"(fp8/GGUF) checkpoint."
         )
 
 

@@ -310,6 +310,7 @@ class SlotRing:
                 self.timings[slot] = timing
         self.stats.copies += 1
         self.stats.bytes_copied += stored.copy_nbytes
+        self.stats.raw_bytes_copied += stored.nbytes
         return slot
 
     def _copy_compressed(self, stored: StoredUnit, slot: int) -> object:

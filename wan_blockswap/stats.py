@@ -75,7 +75,8 @@ class SwapStats:
 
     forwards: int = 0
     copies: int = 0
-    bytes_copied: int = 0
+    bytes_copied: int = 0  # over the link (packed where transfers are compressed)
+    raw_bytes_copied: int = 0  # the same copies' weights, unpacked
     cache_hits: int = 0
     misses: int = 0
     relearned: int = 0

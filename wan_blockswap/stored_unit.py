@@ -111,6 +111,24 @@ class StoredUnit:
                     self.layout, self.host_views, self.pin, work_device
                 )
 
+    def drop_compression(self) -> None:
+        """Keep only the raw weights, in a pinned buffer of their own, and free the packed
+        copy (``transfer_compression="auto"`` found the copies hidden by compute). The raw
+        weights kept in place until now are released. The caller makes sure no copy still
+        reads the packed buffer."""
+        if self.transfer is None:
+            return
+        host = HostBuffer(self.layout.nbytes, self.pin)
+        views = self.layout.views(host.tensor)
+        for view, weight in zip(views, self.host_views):
+            view.copy_(weight)
+        if self.host is not None:
+            self.host.free()
+        self.host, self.host_views = host, views
+        self.transfer.free()
+        self.transfer = None
+        self.compress = False
+
     def bind(self, views: list[torch.Tensor]) -> None:
         for tensor, view in zip(self.tensors, views):
             tensor.data = view

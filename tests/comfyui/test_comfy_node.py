@@ -160,6 +160,8 @@ def test_transfer_compression_equals_core_with_and_without_patches(comfy, order,
 
     monkeypatch.setattr(compressed_transfer, "CHUNK_ELEMENTS", 1024)
     monkeypatch.setattr(compressed_transfer, "MIN_PACKED_ELEMENTS", 256)
+    for widget, value in (("off", False), ("auto", "auto"), ("on", True)):
+        assert config(transfer_compression=widget).transfer_compression == value
     patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v", dtype=torch.bfloat16)
     inputs = make_inputs(3)
     keys = ["diffusion_model.blocks.3.self_attn.q.weight", "diffusion_model.blocks.3.ffn.0.weight"]
@@ -168,15 +170,15 @@ def test_transfer_compression_equals_core_with_and_without_patches(comfy, order,
     expected = run(comfy, lora_like(patcher, keys), inputs)
     comfy.model_management.unload_all_models()
     if order == "lora_before_node":
-        model = node(lora_like(patcher, keys), blocks_to_swap=2, transfer_compression=True)
+        model = node(lora_like(patcher, keys), blocks_to_swap=2, transfer_compression="on")
     else:
-        model = lora_like(node(patcher, blocks_to_swap=2, transfer_compression=True), keys)
+        model = lora_like(node(patcher, blocks_to_swap=2, transfer_compression="on"), keys)
     swap = _states[patcher.model.diffusion_model].swap
     assert swap.plan.staging_bytes > 0 and all(u.transfer is not None for u in swap.units)
     assert torch.equal(run(comfy, model, inputs), expected)
     assert torch.equal(run(comfy, model, inputs), expected)
     comfy.model_management.unload_all_models()
-    unpatched = node(patcher, blocks_to_swap=2, transfer_compression=True)
+    unpatched = node(patcher, blocks_to_swap=2, transfer_compression="on")
     assert torch.equal(run(comfy, unpatched, inputs), plain)
     # core's size accounting: the ring includes the staging buffers
     assert unpatched.model_size() == resident_size(patcher) + swap.plan.ring_bytes

@@ -1,0 +1,86 @@
+"""``transfer_compression="auto"``: keep compressed transfers only where copies are exposed.
+
+Compression shortens the copies but costs GPU time to decode. It pays when a forward waits
+for copies (few tokens) and costs about 1% when compute hides the copies anyway (H100,
+Wan-14B shapes: -28% at 1,560 tokens with a quarter of the weights resident, +0.3-1.6% at
+32,760 tokens, ``benchmarks/results/comfyui_h100.json``). Which case a model is in depends on
+the input, so auto mode starts compressed, times one forward (the second: the first learns
+the order of use), and compares it with the time the raw bytes of that forward would take
+over the link alone. A forward clearly slower than that could not have been faster raw: it
+is compute-bound, so the engine drops the packed copies and keeps the raw weights pinned,
+which also gives back the extra RAM. Otherwise it keeps compressing. The decision is made
+once per applied swap.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+
+from .measure import h2d_bandwidth_gbps
+
+logger = logging.getLogger("wan_blockswap")
+
+TIMED_FORWARD = 2  # 1-based: the first forward may load out of order while learning it
+# A compressed forward this much slower than the raw copies alone is compute-bound.
+COMPUTE_BOUND_MARGIN = 1.05
+BANDWIDTH_PROBE_BYTES = 128 * 2**20
+
+
+@functools.lru_cache(maxsize=None)
+def link_gbps(device: torch.device) -> float:
+    """Pinned host-to-device rate of ``device``, measured once per process."""
+    return h2d_bandwidth_gbps(BANDWIDTH_PROBE_BYTES, device)
+
+
+class CompressionAutoSwitch:
+    """Times the second forward on the compute stream; decides at the start of the next."""
+
+    def __init__(self) -> None:
+        self.decided = False
+        self.forwards = 0
+        self.events: tuple[Any, Any] | None = None
+        self.raw_bytes_at_start = 0
+        self.raw_bytes = 0
+
+    def begin(self, raw_bytes_copied: int) -> None:
+        self.forwards += 1
+        if self.forwards == TIMED_FORWARD:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            self.events = (start, torch.cuda.Event(enable_timing=True))
+            self.raw_bytes_at_start = raw_bytes_copied
+
+    def end(self, raw_bytes_copied: int, completed: bool) -> None:
+        if self.events is not None and self.forwards == TIMED_FORWARD:
+            if not completed:  # interrupted: time a later forward instead
+                self.events, self.forwards = None, TIMED_FORWARD - 1
+                return
+            self.events[1].record()
+            self.raw_bytes = raw_bytes_copied - self.raw_bytes_at_start
+
+    def keep_compression(self, device: torch.device) -> bool | None:
+        """True or False once the timed forward has finished; None before."""
+        if self.decided or self.events is None or self.forwards <= TIMED_FORWARD:
+            return None
+        start, end = self.events
+        end.synchronize()  # recorded a forward ago: normally long done
+        forward_ms = start.elapsed_time(end)
+        raw_ms = self.raw_bytes / (link_gbps(device) * 1e9) * 1e3
+        self.decided = True
+        keep = forward_ms <= COMPUTE_BOUND_MARGIN * raw_ms
+        logger.info(
+            "transfer_compression=auto: a forward took %.1f ms; its raw copies alone would "
+            "take %.1f ms, so %s",
+            forward_ms,
+            raw_ms,
+            (
+                "copies are exposed: keeping compressed transfers"
+                if keep
+                else "compute hides the copies: switching to raw transfers (pinned)"
+            ),
+        )
+        return keep
