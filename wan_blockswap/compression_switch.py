@@ -37,7 +37,7 @@ def link_gbps(device: torch.device) -> float:
 
 
 class CompressionAutoSwitch:
-    """Times the second forward on the compute stream; decides at the start of the next."""
+    """Times the second forward on the compute stream; decides at the start of the third."""
 
     def __init__(self) -> None:
         self.decided = False
@@ -64,7 +64,7 @@ class CompressionAutoSwitch:
 
     def keep_compression(self, device: torch.device) -> bool | None:
         """True or False once the timed forward has finished; None before."""
-        if self.decided or self.events is None or self.forwards <= TIMED_FORWARD:
+        if self.decided or self.events is None or self.forwards < TIMED_FORWARD:
             return None
         start, end = self.events
         end.synchronize()  # recorded a forward ago: normally long done
