@@ -5,8 +5,9 @@ for copies (few tokens) and costs about 1% when compute hides the copies anyway 
 Wan-14B shapes: -28% at 1,560 tokens with a quarter of the weights resident, +0.3-1.6% at
 32,760 tokens, ``benchmarks/results/comfyui_h100.json``). Which case a model is in depends on
 the input, so auto mode starts compressed, times one forward (the second: the first learns
-the order of use), and compares it with the time the raw bytes of that forward would take
-over the link alone. A forward clearly slower than that could not have been faster raw: it
+the order of use) and its copies, and compares the forward with the time the raw bytes of
+those copies would take at the rate the copies themselves ran (a separate bandwidth probe
+would need memory and, with a small buffer, reads low: 49.5 against 54.8 GB/s). A forward clearly slower than that could not have been faster raw: it
 is compute-bound, so the engine drops the packed copies and keeps the raw weights pinned,
 which also gives back the extra RAM. Otherwise it keeps compressing. The decision is made
 once per applied swap.
@@ -14,26 +15,16 @@ once per applied swap.
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Any
 
 import torch
-
-from .measure import h2d_bandwidth_gbps
 
 logger = logging.getLogger("wan_blockswap")
 
 TIMED_FORWARD = 2  # 1-based: the first forward may load out of order while learning it
 # A compressed forward this much slower than the raw copies alone is compute-bound.
 COMPUTE_BOUND_MARGIN = 1.05
-BANDWIDTH_PROBE_BYTES = 128 * 2**20
-
-
-@functools.lru_cache(maxsize=None)
-def link_gbps(device: torch.device) -> float:
-    """Pinned host-to-device rate of ``device``, measured once per process."""
-    return h2d_bandwidth_gbps(BANDWIDTH_PROBE_BYTES, device)
 
 
 class CompressionAutoSwitch:
@@ -45,31 +36,39 @@ class CompressionAutoSwitch:
         self.events: tuple[Any, Any] | None = None
         self.raw_bytes_at_start = 0
         self.raw_bytes = 0
+        self.copies: list = []  # (start, end, bytes) of the timed forward's unit copies
 
-    def begin(self, raw_bytes_copied: int) -> None:
+    def begin(self, raw_bytes_copied: int, ring: Any) -> None:
         self.forwards += 1
         if self.forwards == TIMED_FORWARD:
             start = torch.cuda.Event(enable_timing=True)
             start.record()
             self.events = (start, torch.cuda.Event(enable_timing=True))
             self.raw_bytes_at_start = raw_bytes_copied
+            ring.copy_clock = self.copies = []
 
-    def end(self, raw_bytes_copied: int, completed: bool) -> None:
+    def end(self, raw_bytes_copied: int, completed: bool, ring: Any) -> None:
         if self.events is not None and self.forwards == TIMED_FORWARD:
+            ring.copy_clock = None
             if not completed:  # interrupted: time a later forward instead
                 self.events, self.forwards = None, TIMED_FORWARD - 1
                 return
             self.events[1].record()
             self.raw_bytes = raw_bytes_copied - self.raw_bytes_at_start
 
-    def keep_compression(self, device: torch.device) -> bool | None:
+    def keep_compression(self) -> bool | None:
         """True or False once the timed forward has finished; None before."""
         if self.decided or self.events is None or self.forwards < TIMED_FORWARD:
             return None
         start, end = self.events
         end.synchronize()  # recorded a forward ago: normally long done
         forward_ms = start.elapsed_time(end)
-        raw_ms = self.raw_bytes / (link_gbps(device) * 1e9) * 1e3
+        for _, copy_end, _ in self.copies:
+            copy_end.synchronize()
+        copy_ms = sum(a.elapsed_time(b) for a, b, _ in self.copies)
+        sent = sum(nbytes for _, _, nbytes in self.copies)
+        # raw bytes at the rate this forward's copies ran (no copies: nothing to save)
+        raw_ms = self.raw_bytes * copy_ms / sent if sent else 0.0
         self.decided = True
         keep = forward_ms <= COMPUTE_BOUND_MARGIN * raw_ms
         logger.info(

@@ -283,9 +283,9 @@ class BlockSwap:
             )
         assert self.ring is not None
         if self._auto is not None:
-            if self._auto.keep_compression(self.device) is False:
+            if self._auto.keep_compression() is False:
                 self.drop_compression()
-            self._auto.begin(self.stats.raw_bytes_copied)
+            self._auto.begin(self.stats.raw_bytes_copied, self.ring)
         self.ring.begin_forward()
 
     @torch.compiler.disable
@@ -293,7 +293,7 @@ class BlockSwap:
         assert self.ring is not None
         self.ring.end_forward(completed=output is not None)
         if self._auto is not None:
-            self._auto.end(self.stats.raw_bytes_copied, completed=output is not None)
+            self._auto.end(self.stats.raw_bytes_copied, output is not None, self.ring)
         self.stats.forwards += 1
         if self.config.debug:
             self.stats.finish_forward(self.ring.streams.synchronize)

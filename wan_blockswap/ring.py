@@ -91,6 +91,9 @@ class SlotRing:
         self.observed: list[int] = []
         self.misses_this_forward = 0
         self.transform = None  # see BlockSwap.set_transform
+        # When a list: (start, end, bytes) of each unit's copies on the copy stream (the
+        # link's real rate, for transfer_compression="auto")
+        self.copy_clock: list | None = None
         self.inference = False  # see [Note: inference tensors]
         # A ring collected without close() (its model dropped unremoved) frees its pool then;
         # not at interpreter exit, when CUDA may be gone and the pools die with the process.
@@ -294,6 +297,7 @@ class SlotRing:
             self.streams.wait(copy_stream, self.freed[slot])
             if timing is not None:
                 timing.copy_start = self._mark(copy_stream)
+            clock = self._mark(copy_stream) if self.copy_clock is not None else None
             if stored.transfer is None:
                 self.slots[slot][: stored.nbytes].copy_(
                     stored.host.tensor[: stored.nbytes], non_blocking=self.non_blocking
@@ -301,6 +305,8 @@ class SlotRing:
                 last = copy_stream
             else:
                 last = self._copy_compressed(stored, slot)
+            if clock is not None and self.copy_clock is not None:
+                self.copy_clock.append((clock, self._mark(copy_stream), stored.copy_nbytes))
         with self.streams.on(last), torch.inference_mode(self.inference):
             if self.transform is not None:  # after the copy, before the ready event
                 self.transform(stored.name, self.views[unit][slot])
