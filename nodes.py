@@ -188,7 +188,7 @@ class WanBlockSwapStream:
                         "(images, short or low-resolution clips: up to a quarter off each "
                         "step), about 1% slower on long videos, where copies are hidden "
                         "anyway. 'auto': compressed, until the second step shows compute "
-                        "hiding the copies, then raw. Uses 53 MB more VRAM; while compressed, "
+                        "hiding the copies, then raw. Uses 52 MiB more VRAM; while compressed, "
                         "needs ~0.75x the swapped size in RAM on top.",
                     },
                 ),

@@ -65,6 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["bf16", "fp16", "fp32"],
         help="compute dtype (default bf16 on CUDA, fp32 on CPU)",
     )
+    parser.add_argument(
+        "--transfer-compression",
+        choices=["off", "on", "auto"],
+        default="off",
+        help="send bf16 weights losslessly packed (see README); default off",
+    )
     parser.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
     parser.add_argument("--iters", type=int, default=5, help="timed forwards per setting")
     parser.add_argument("--output", default="block_swap_performance_results.json")
@@ -190,6 +196,15 @@ def measure(path, options, latent, dtype, device, iters, baseline_ms, bandwidth,
 
 
 def settings(args, num_blocks: int) -> list[dict]:
+    runs = _swap_settings(args, num_blocks)
+    mode = {"off": False, "on": True}.get(args.transfer_compression, args.transfer_compression)
+    for options in runs:
+        if mode and options.get("blocks_to_swap") != 0:
+            options["transfer_compression"] = mode
+    return runs
+
+
+def _swap_settings(args, num_blocks: int) -> list[dict]:
     if args.test_all:
         return [dict(blocks_to_swap=0)] + [
             dict(blocks_to_swap=n, prefetch_blocks=p)

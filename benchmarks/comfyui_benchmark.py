@@ -164,6 +164,7 @@ def ours_row(comfy, pack, patcher, inputs, tokens, budget_gib, repeats, compress
     plan = engine.plan
     ms, out, peak = time_forwards(swapped, inputs, repeats, warmup=3)
     sent = sum(u.copy_nbytes for u in engine.units)  # per forward: every unit once
+    compressed = engine.compressed  # before the teardown below empties the units
     swapped.cleanup()
     comfy.model_management.unload_all_models()
     remove_from_model(patcher)
@@ -174,7 +175,7 @@ def ours_row(comfy, pack, patcher, inputs, tokens, budget_gib, repeats, compress
         "method": "wan_blockswap",
         "tokens": tokens,
         "transfer_compression": setting,
-        "compressed_when_timed": engine.compressed,
+        "compressed_when_timed": compressed,
         "apply_s": apply_s,
         "vram_budget_gb": widgets.get("vram_budget_gb"),
         "plan": plan.describe().replace("\n", "; "),

@@ -252,6 +252,10 @@ def main() -> None:
             )
             results["rows"].append(row)
 
+    results["model_gib"] = round(
+        sum(v.numel() * v.element_size() for v in state.values()) / 2**30, 3
+    )
+    results["peak_vram_check"] = peak_vram_check(results)
     short = name.lower().replace("nvidia ", "").split()[0]
     output = args.output or os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "results", f"engine_{short}.json"
@@ -260,6 +264,32 @@ def main() -> None:
     with open(output, "w") as handle:
         json.dump(results, handle, indent=2)
     print(f"wrote {output} in {time.time() - t0:.0f}s")
+
+
+def peak_vram_check(results: dict) -> dict:
+    """Each of our rows' peak against its plan: planned weights plus the activations (the
+    all-on-GPU peak minus every weight) of the same token count."""
+    rows = []
+    for tokens, full in {
+        r["tokens"]: r for r in results["rows"] if r["method"] == "all_on_gpu"
+    }.items():
+        activations = full["peak_vram_gib"] - results["model_gib"]
+        for row in results["rows"]:
+            if row["tokens"] != tokens or "planned_weights_gib" not in row:
+                continue
+            expected = row["planned_weights_gib"] + activations
+            rows.append(
+                {
+                    "tokens": tokens,
+                    "method": row["method"],
+                    "resident_fraction": row["resident_fraction"],
+                    "prefetch": row["prefetch"],
+                    "expected_peak_gib": round(expected, 3),
+                    "measured_peak_gib": row["peak_vram_gib"],
+                    "ratio": round(row["peak_vram_gib"] / expected, 4),
+                }
+            )
+    return {"derived": "planned weights + (all-on-GPU peak - model weights)", "rows": rows}
 
 
 if __name__ == "__main__":

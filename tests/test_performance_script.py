@@ -135,3 +135,17 @@ def test_model_path_gguf_is_detected_and_measured(tmp_path):
     report = check_outputs(tmp_path, "gguf_results.json")
     assert report["architecture"] == "wan.comfyui" and report["num_blocks"] == 4
     assert [r["blocks_to_swap"] for r in report["results"]] == [0, 2, 4]
+
+
+def test_transfer_compression_flag_reaches_every_swapped_setting(tmp_path):
+    sys.path.insert(0, ROOT)
+    import test_performance
+
+    output = str(tmp_path / "compressed_results.json")
+    argv = ["--tokens", "8", "--iters", "1", "--dtype", "bf16", "--device", "cpu"]
+    argv += ["--blocks-to-swap", "8", "--transfer-compression", "on", "--output", output]
+    assert test_performance.main(argv) == 0
+    report = check_outputs(tmp_path, "compressed_results.json")
+    options = [row["options"] for row in report["results"]]
+    assert options[0] == {"blocks_to_swap": 0}  # the unswapped baseline stays plain
+    assert options[1]["transfer_compression"] is True

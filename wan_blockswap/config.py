@@ -51,7 +51,7 @@ class SwapConfig:
             videos), about 1% slower when compute dominates (long videos), where copies are
             hidden anyway. ``"auto"``: compressed, until the second forward shows compute
             hiding the raw copies; then raw from pinned memory (see ``compression_switch``).
-            Costs 53 MiB of VRAM for staging; while compressed, the swapped weights stay in
+            Costs 52 MiB of VRAM for staging; while compressed, the swapped weights stay in
             pageable RAM beside the pinned packed copy (about 0.75x). No effect on other
             dtypes.
         debug: log the plan and per-block copy/compute times each forward (adds a host sync

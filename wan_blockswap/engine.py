@@ -408,8 +408,10 @@ def measure_model(model: nn.Module, layout: ModelLayout) -> tuple[dict[str, Any]
     }
     total = sum(_packed(u) for u in (_whole_model_unit(model),))
     block_bytes = {name: _packed(unit) for name, unit in block_units.items()}
+    swappable = [*block_units.values(), *embeddings["txt"], *embeddings["img"]]
     sizes = ModelSizes(
-        packable_bytes=_packable(_whole_model_unit(model)),
+        # what could travel packed (a GGUF model's bf16 head is never swapped)
+        packable_bytes=sum(_packable(u) for u in swappable),
         blocks=tuple(
             BlockSizes(
                 name=b.qualname,
