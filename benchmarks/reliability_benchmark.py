@@ -1,5 +1,6 @@
 """Reliability on a GPU: a soak (100 forwards, 20 apply/remove and 10 load/unload cycles, 10
-loads dropped without remove) with memory before and after, injected faults (slot OOM,
+loads dropped without remove; with transfer compression 100 forwards, 10 apply/remove cycles
+in auto mode and 5 compressed loads) with memory before and after, injected faults (slot OOM,
 placement OOM, exceptions mid-forward, two models alternating, double apply) checked for
 survival and correct output afterwards, and the bad-file corpus. Writes benchmarks/results/reliability_<gpu>.json.
 
@@ -61,6 +62,7 @@ def forward(model, x):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--output")
+    parser.add_argument("--extra-passes", type=int, default=1)
     args = parser.parse_args()
     device = torch.device("cuda", torch.cuda.current_device())
     name = torch.cuda.get_device_name(device)
@@ -78,7 +80,8 @@ def main() -> None:
     write_safetensors(random_state(comfy_state_shapes(DIM, FFN, BLOCKS)), path)
 
     def soak() -> tuple[bool, dict]:
-        """100 forwards, 20 apply/remove cycles with varied options, 10 load/unload cycles."""
+        """100 forwards, 20 apply/remove cycles with varied options, compressed cycles, 10
+        load/unload cycles."""
         phases = {}
         swap = apply_block_swap(model, device=device, blocks_to_swap=6)
         equal = all(torch.equal(forward(model, x), expected) for _ in range(100))
@@ -91,6 +94,23 @@ def main() -> None:
             equal &= torch.equal(forward(model, x), expected)
             swap.remove()
         phases["after_20_apply_remove"] = memory(device)
+        swap = apply_block_swap(model, device=device, blocks_to_swap=6, transfer_compression=True)
+        equal &= all(torch.equal(forward(model, x), expected) for _ in range(100))
+        swap.remove()
+        for cycle in range(10):  # auto decides at the third forward: switch or keep, then remove
+            swap = apply_block_swap(
+                model, device=device, blocks_to_swap=2 + cycle % 6, transfer_compression="auto"
+            )
+            equal &= all(torch.equal(forward(model, x), expected) for _ in range(4))
+            swap.remove()
+        for _ in range(5):
+            lazy, lazy_swap, _ = load_swapped(
+                path, device=device, blocks_to_swap=6, transfer_compression=True
+            )
+            forward(lazy, x)
+            lazy_swap.remove(restore=False)
+            del lazy
+        phases["after_compressed_cycles"] = memory(device)
         for _ in range(10):
             lazy, lazy_swap, _ = load_swapped(path, device=device, blocks_to_swap=6)
             forward(lazy, x)
@@ -114,6 +134,12 @@ def main() -> None:
     soak_equal, phases = soak()
     after = memory(device)
     soak_equal &= first_equal
+    # Further passes tell a per-pass leak (grows every pass) from late one-time costs.
+    later = []
+    for _ in range(args.extra_passes):
+        equal, _ = soak()
+        soak_equal &= equal
+        later.append(memory(device))
     # Diagnosis only: how much of any growth is freed heap that glibc has not returned yet.
     return_freed_host_memory()
     phases["rss_gib_after_malloc_trim"] = rss_bytes() / GIB
@@ -196,9 +222,10 @@ def main() -> None:
             "after": after,
             "outputs_equal": bool(soak_equal),
             "first_pass": {"before": first_before, "after": first_after, "phases": first_phases},
-            "forwards": 100 + 20 + 10,
-            "apply_remove_cycles": 20,
-            "load_unload_cycles": 10,
+            "after_each_extra_pass": later,
+            "forwards": 100 + 20 + 100 + 40 + 5 + 10,
+            "apply_remove_cycles": 20 + 1 + 10,
+            "load_unload_cycles": 10 + 5,
             "phases": phases,
         },
         "faults": faults,
