@@ -2,6 +2,10 @@
 GPU ms and host ms per forward, raw vs compressed, and the profiler's top operators.
 
     python benchmarks/compression_engine_probe.py --output ...json
+
+It compares raw transfers with compressed ones at two staging-buffer counts and two decode-stream
+priorities (module settings it overrides per run); results in
+``benchmarks/results/compression_engine_probe_h100.json``.
 """
 
 from __future__ import annotations
