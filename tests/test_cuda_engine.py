@@ -250,3 +250,37 @@ def test_auto_compression_decides_after_the_second_forward(monkeypatch, margin, 
     assert swap.ring.copy_clock is None  # only the timed forward's copies were clocked
     swap.remove()
     assert registered_host_bytes() == host_baseline
+
+
+def test_shared_slots_with_one_model_switched_to_raw_never_race(monkeypatch):
+    """Wan 2.2 A14B-like: two models share one slot pool, one compressed, the other switched
+    to raw (what auto does). Slow decodes (a sleep before each) make a compressed unit's last
+    writes outlast the next raw copy into the same slot unless that copy waits for them."""
+    from wan_blockswap import bf16_codec
+
+    monkeypatch.setattr(compressed_transfer, "CHUNK_ELEMENTS", 1 << 16)
+    decode = bf16_codec.decode_chunk
+
+    def slow_decode(*args, **kwargs):
+        torch.cuda._sleep(2_000_000)  # ~1 ms of GPU time on the decode stream
+        decode(*args, **kwargs)
+
+    monkeypatch.setattr(bf16_codec, "decode_chunk", slow_decode)
+    high = cuda_toy()
+    low = make_toy(seed=5, dim=DIM, ffn=FFN).to(torch.bfloat16).requires_grad_(False)
+    refs = {id(high): copy.deepcopy(high).cuda(), id(low): copy.deepcopy(low).cuda()}
+    swaps = [
+        apply_block_swap(
+            m, layout=toy_layout(m), device="cuda", blocks_to_swap=6, transfer_compression=True
+        )
+        for m in (high, low)
+    ]
+    assert swaps[0].slot_pool_key() == swaps[1].slot_pool_key()
+    swaps[1].drop_compression()
+    with torch.inference_mode():
+        for step in range(12):
+            for m in (high, low):
+                x = inputs(700 + step)
+                assert torch.equal(m(**x), refs[id(m)](**x)), step
+    for swap in swaps:
+        swap.remove()

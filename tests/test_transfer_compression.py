@@ -224,3 +224,48 @@ def test_auto_on_cpu_stays_compressed(small_chunks):
         for seed in (1, 2, 3):
             model(**bf16_inputs(seed))
     assert swap.compressed and swap.plan.staging_bytes > 0
+
+
+def test_a_skeleton_filled_after_apply_is_packed_from_what_was_filled(small_chunks):
+    reference = bf16_toy()
+    state = reference.state_dict()
+    with torch.no_grad():
+        expected = reference(**bf16_inputs(1))
+    with torch.device("meta"):
+        skeleton = make_toy().to(torch.bfloat16).requires_grad_(False)
+    swap = apply_block_swap(
+        skeleton,
+        layout=toy_layout(skeleton),
+        device="cpu",
+        blocks_to_swap=4,
+        transfer_compression=True,
+    )
+    assert not any(u.transfer is not None for u in swap.units)  # nothing to pack yet
+    with torch.no_grad():
+        for key, value in state.items():
+            swap.destination(key).copy_(value)
+        assert torch.equal(skeleton(**bf16_inputs(1)), expected)
+        assert all(u.transfer is not None for u in swap.units)  # sealed at first use
+        # writing a swapped weight again drops its packed copy; the next use packs anew
+        block = swap.units[0]
+        name = block.unit.tensors[0].qualname
+        swap.destination(name).mul_(2)
+        assert block.transfer is None
+        changed = skeleton(**bf16_inputs(1))
+        assert block.transfer is not None and not torch.equal(changed, expected)
+        swap.destination(name).div_(2)
+        assert torch.equal(skeleton(**bf16_inputs(1)), expected)
+
+
+def test_nothing_is_packed_when_only_resident_weights_are_bf16(small_chunks):
+    model = make_toy().requires_grad_(False)  # float32 blocks: nothing swapped is packable
+    model.text_embedding.to(torch.bfloat16)  # resident bf16
+    swap = apply_block_swap(
+        model,
+        layout=toy_layout(model),
+        device="cpu",
+        blocks_to_swap=4,
+        transfer_compression=True,
+    )
+    assert swap.plan.staging_bytes == 0
+    assert all(u.transfer is None and not u.compress for u in swap.units)

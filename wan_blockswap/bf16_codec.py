@@ -79,7 +79,7 @@ def encode_chunk(weights: torch.Tensor) -> EncodedChunk | None:
     pairs = weights.view(torch.uint8).view(-1, 2)  # little-endian: (low, high)
     low, high = pairs[:, 0], pairs[:, 1]
     exponent = high & 127
-    counts = torch.bincount(exponent.to(torch.int32), minlength=128)
+    counts = torch.bincount(exponent, minlength=128)
     window = int(counts.unfold(0, WINDOW, 1).sum(1).argmax())  # the most weights covered
     offset = exponent - window  # uint8: below the window wraps to >= 136, above is > 7
     outside = offset > WINDOW - 1

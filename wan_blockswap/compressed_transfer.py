@@ -13,6 +13,8 @@ MiB of VRAM instead of a second slot (see [Note: compressed copies] in ``ring.py
 
 from __future__ import annotations
 
+import logging
+import threading
 from dataclasses import dataclass, replace
 from typing import Sequence
 
@@ -31,6 +33,16 @@ MIN_PACKED_ELEMENTS = 1 << 16
 # One chunk being copied while the previous one is decoded: a decode takes a fraction of a
 # copy, so the copy engine never waits for a staging buffer.
 STAGING_BUFFERS = 2
+
+logger = logging.getLogger("wan_blockswap")
+# One GPU encode at a time: a chunk's temporaries take ~150 MiB of VRAM, and the lazy loader
+# encodes from up to 8 threads at once, beside the model it is loading.
+_gpu_encode_lock = threading.Lock()
+
+
+def is_packable(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` travels packed (bf16 and large enough)."""
+    return tensor.dtype == torch.bfloat16 and tensor.numel() >= MIN_PACKED_ELEMENTS
 
 
 def staging_buffer_bytes() -> int:
@@ -112,13 +124,13 @@ class CompressedTransfer:
                 raw_run.clear()
 
         for index, (slot, weight) in enumerate(zip(layout.slots, weights)):
-            if slot.dtype != torch.bfloat16 or slot.shape.numel() < MIN_PACKED_ELEMENTS:
+            if not is_packable(weight):
                 raw_run.append(index)
                 continue
             flat = weight.reshape(-1)
             for start in range(0, flat.numel(), CHUNK_ELEMENTS):
                 chunk = flat[start : start + CHUNK_ELEMENTS]
-                encoded = bf16_codec.encode_chunk(chunk.to(work_device).contiguous())
+                encoded = _encode(chunk, work_device)
                 offset = slot.offset + 2 * start
                 if encoded is None:  # packs badly: one raw copy of this chunk
                     flush_raw()
@@ -156,3 +168,17 @@ class CompressedTransfer:
             else:  # a raw chunk
                 target.copy_(source.view(torch.uint8))
         return cls(pieces, host)
+
+
+def _encode(chunk: torch.Tensor, work_device: torch.device) -> bf16_codec.EncodedChunk | None:
+    """Encode on ``work_device``; on the CPU (slowly) if the GPU has no room for it."""
+    if work_device.type != "cuda":
+        return bf16_codec.encode_chunk(chunk.contiguous())
+    try:
+        with _gpu_encode_lock:
+            return bf16_codec.encode_chunk(chunk.to(work_device).contiguous())
+    except torch.cuda.OutOfMemoryError:
+        logger.warning(
+            "transfer_compression: no VRAM to encode on %s; encoding on the CPU", work_device
+        )
+        return bf16_codec.encode_chunk(chunk.cpu().contiguous())

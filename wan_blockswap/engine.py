@@ -22,7 +22,12 @@ from . import memory
 from . import compressed_transfer
 from .compression_switch import CompressionAutoSwitch
 from .config import SwapConfig
-from .errors import BlockSwapConfigError, BlockSwapStateError, InsufficientMemoryError
+from .errors import (
+    BlockSwapConfigError,
+    BlockSwapError,
+    BlockSwapStateError,
+    InsufficientMemoryError,
+)
 from .plan import BlockSizes, ModelSizes, SwapPlan, plan_swap
 from .ring import SlotRing
 from .stats import SwapStats
@@ -139,7 +144,7 @@ class BlockSwap:
             and swap.plan.staging_bytes
             and device.type == "cuda"
         ):
-            swap._auto = CompressionAutoSwitch()
+            swap._auto = CompressionAutoSwitch(device)
         _active[model] = swap
         return swap
 
@@ -167,7 +172,8 @@ class BlockSwap:
                     stored.unbind()  # placeholders now; the loader allocates and fills it
                 else:
                     stored.pack(pin)
-                    stored.seal(self.device)
+                    if not stored.awaits_data:  # else a loader fills it; sealed at first use
+                        stored.seal(self.device)
                 swapped_ids.update(id(t) for t in stored.tensors)
             for ref in tensor_refs(self.model, "", set()) if self.move_resident else ():
                 tensor = ref.get()
@@ -233,8 +239,11 @@ class BlockSwap:
         Slots keep their contents: the weights are the same."""
         if self.ring is not None:
             self.ring.streams.synchronize()  # no copy may still read a packed buffer
-        for stored in self.units:
-            stored.drop_compression()
+        try:
+            for stored in self.units:
+                stored.drop_compression()
+        except BlockSwapError as error:  # pinning failed: the rest stay compressed (correct)
+            logger.warning("transfer_compression: could not switch every unit to raw: %s", error)
         return_freed_host_memory()
 
     def release_vram(self) -> None:
@@ -266,6 +275,11 @@ class BlockSwap:
             stored, index = found
             if not stored.host_views:
                 raise BlockSwapStateError(f"{stored.name} has no host buffer yet (allocate it)")
+            if stored.transfer is not None:  # the caller writes: the packed copy goes stale
+                if self.ring is not None:
+                    self.ring.streams.synchronize()  # no copy may still read it
+                    self.ring.invalidate()
+                stored.unseal()
             return stored.host_views[index]
         module_path, _, attr = name.rpartition(".")
         owner = self.model.get_submodule(module_path) if module_path else self.model
@@ -408,10 +422,9 @@ def measure_model(model: nn.Module, layout: ModelLayout) -> tuple[dict[str, Any]
     }
     total = sum(_packed(u) for u in (_whole_model_unit(model),))
     block_bytes = {name: _packed(unit) for name, unit in block_units.items()}
-    swappable = [*block_units.values(), *embeddings["txt"], *embeddings["img"]]
     sizes = ModelSizes(
-        # what could travel packed (a GGUF model's bf16 head is never swapped)
-        packable_bytes=sum(_packable(u) for u in swappable),
+        txt_emb_packable_bytes=sum(_packable(u) for u in embeddings["txt"]),
+        img_emb_packable_bytes=sum(_packable(u) for u in embeddings["img"]),
         blocks=tuple(
             BlockSizes(
                 name=b.qualname,
@@ -419,6 +432,7 @@ def measure_model(model: nn.Module, layout: ModelLayout) -> tuple[dict[str, Any]
                 role=b.role,
                 nbytes=block_bytes[b.qualname],
                 layer_bytes=tuple(_packed(u) for u in layers[b.qualname]),
+                packable_bytes=_packable(block_units[b.qualname]),
             )
             for b in blocks
         ),
@@ -460,11 +474,8 @@ def _whole_model_unit(model: nn.Module) -> SwapUnit:
 
 def _packable(unit: SwapUnit) -> int:
     """bf16 bytes in tensors large enough to travel compressed."""
-    return sum(
-        2 * t.numel()
-        for t in (ref.get() for ref in unit.tensors)
-        if t.dtype == torch.bfloat16 and t.numel() >= compressed_transfer.MIN_PACKED_ELEMENTS
-    )
+    tensors = (ref.get() for ref in unit.tensors)
+    return sum(2 * t.numel() for t in tensors if compressed_transfer.is_packable(t))
 
 
 def _packed(unit: SwapUnit) -> int:

@@ -25,6 +25,7 @@ class BlockSizes:
     role: str
     nbytes: int
     layer_bytes: tuple[int, ...] = ()
+    packable_bytes: int = 0  # bf16 bytes that transfer compression would pack
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,10 @@ class ModelSizes:
     other_bytes: int
     txt_emb_bytes: int = 0
     img_emb_bytes: int = 0
-    # bf16 bytes in tensors large enough to travel packed (transfer compression): none, and
-    # compression has nothing to do, so the plan reserves no staging VRAM for it
-    packable_bytes: int = 0
+    # bf16 bytes of the embeddings that transfer compression would pack: where nothing
+    # swapped has any, the plan reserves no staging VRAM
+    txt_emb_packable_bytes: int = 0
+    img_emb_packable_bytes: int = 0
 
     def with_role(self, role: str) -> tuple[BlockSizes, ...]:
         return tuple(block for block in self.blocks if block.role == role)
@@ -264,7 +266,10 @@ def _build(
             swapped_bytes += block.nbytes
             unit_sizes.append(block.nbytes)
     num_slots = config.num_slots if unit_sizes else 0
-    compressed = config.transfer_compression and bool(unit_sizes) and sizes.packable_bytes > 0
+    packable = sum(b.packable_bytes for b in swapped)
+    packable += sizes.txt_emb_packable_bytes if config.offload_txt_emb else 0
+    packable += sizes.img_emb_packable_bytes if config.offload_img_emb else 0
+    compressed = bool(config.transfer_compression and unit_sizes and packable)
     return SwapPlan(
         swapped=tuple(b.name for b in swapped),
         resident=tuple(b.name for b in resident),

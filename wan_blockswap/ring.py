@@ -31,7 +31,10 @@ third stream D decodes it into the slot:
       ``consumed[k]``; after the last piece D waits ``copied[s]`` (X's raw pieces), runs the
       transform and records ``ready[s]``.
 So the copy engine streams chunk after chunk while D decodes the previous ones, and C still
-waits on nothing but ``ready[s]``. Decode temporaries come from the caching allocator on D
+waits on nothing but ``ready[s]``. Writes into a slot now come from two streams, so before
+writing s, X and D also wait for ``ready[s]`` of its previous occupant: ``freed[s]`` alone
+does not cover an occupant that was prefetched but never used (dropped, evicted by a model
+sharing the pool), whose decodes or transform may still be running on the other stream. Decode temporaries come from the caching allocator on D
 and are reused on D only.
 """
 
@@ -239,6 +242,7 @@ class SlotRing:
 
     def invalidate(self) -> None:
         """Forget what free and prefetched slots hold, so every unit is copied again."""
+        self.piece_targets.clear()  # a unit's pieces may have changed (re-sealed)
         while self.ahead:
             self._drop(self.ahead.pop())
         for slot in range(self.num_slots):
@@ -287,14 +291,18 @@ class SlotRing:
         if self.occupant[slot] == unit:
             self.stats.cache_hits += 1
             return slot
-        self.occupant[slot] = unit
         stored = self.units[unit]
         if stored.compress and stored.transfer is None:  # filled after apply (a loader)
-            stored.seal(self.streams.device)
+            stored.seal(self.streams.device)  # before the slot is marked: it may raise
+        self.occupant[slot] = unit
         timing = UnitTiming(stored.name) if self.debug else None
         copy_stream = self.streams.copy_stream
         with self.streams.on_copy_stream(), torch.inference_mode(self.inference):
             self.streams.wait(copy_stream, self.freed[slot])
+            # The previous occupant's last writes may be on the decode stream (a compressed
+            # unit's decodes, or its transform), and a unit prefetched but never used leaves
+            # no newer ``freed``: wait for them too (see [Note: compressed copies]).
+            self.streams.wait(copy_stream, self.ready[slot])
             if timing is not None:
                 timing.copy_start = self._mark(copy_stream)
             clock = self._mark(copy_stream) if self.copy_clock is not None else None
@@ -330,6 +338,7 @@ class SlotRing:
         if targets is None:
             targets = self.piece_targets[(id(stored), slot)] = transfer.targets(self.slots[slot])
         streams.wait(decode_stream, self.freed[slot])
+        streams.wait(decode_stream, self.ready[slot])  # the previous occupant's last writes
         for piece, source, destination in zip(transfer.pieces, transfer.sources, targets):
             if not piece.packed:
                 destination.copy_(source, non_blocking=self.non_blocking)  # on X

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .compressed_transfer import CompressedTransfer
+from .compressed_transfer import CompressedTransfer, is_packable
 from .storage import HostBuffer, PackedLayout
 from .units import SwapUnit
 
@@ -43,7 +43,6 @@ class StoredUnit:
         compress: bool = False,
     ) -> None:
         self.unit = unit
-        self.compress = compress
         self.transfer: CompressedTransfer | None = None
         self.pin = False
         self.name = unit.name
@@ -53,6 +52,9 @@ class StoredUnit:
         # ``size()``, not ``shape``: a tensor subclass may report a logical shape that is not its
         # storage (ComfyUI-GGUF's GGMLTensor: the dequantized shape of quantized bytes).
         self.layout = PackedLayout.of((t.size(), t.dtype) for t in self.tensors)
+        # A unit with nothing to pack (fp8, GGUF bytes, small tensors) keeps plain transfers:
+        # a packed copy of raw pieces would only double its pinned memory.
+        self.compress = compress and any(map(is_packable, self.tensors))
         self.original_devices = [t.device for t in self.tensors]
         self.placeholders = [placeholders.get(t.dtype, device) for t in self.tensors]
         for i, (ref, tensor) in enumerate(zip(unit.tensors, self.tensors)):
@@ -66,6 +68,11 @@ class StoredUnit:
     @property
     def nbytes(self) -> int:
         return self.layout.nbytes
+
+    @property
+    def awaits_data(self) -> bool:
+        """Some tensor came from a meta skeleton: a loader still has to fill it."""
+        return any(device.type == "meta" for device in self.original_devices)
 
     @property
     def is_empty(self) -> bool:
@@ -90,7 +97,7 @@ class StoredUnit:
 
         Compressed, weights already in RAM stay where they are (no second raw copy); the
         caller then :meth:`seal`s the unit."""
-        if self.compress and not any(d.type == "meta" for d in self.original_devices):
+        if self.compress and not self.awaits_data:
             self.pin = pin
             self.host_views = [
                 t.detach().to("cpu").contiguous() for t in self.tensors  # CPU: no copy
@@ -110,6 +117,13 @@ class StoredUnit:
                 self.transfer = CompressedTransfer.encode(
                     self.layout, self.host_views, self.pin, work_device
                 )
+
+    def unseal(self) -> None:
+        """Free the packed copy (its weights are about to change); :meth:`seal` makes it anew.
+        The caller makes sure no copy still reads it."""
+        if self.transfer is not None:
+            self.transfer.free()
+            self.transfer = None
 
     def drop_compression(self) -> None:
         """Keep only the raw weights, in a pinned buffer of their own, and free the packed

@@ -43,7 +43,8 @@ class DeviceStreams:
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         with _copy_streams_lock:
             if index not in streams:
-                # Copies: low priority, they must never delay the compute kernels they feed.
+                # 0 is CUDA's lowest priority: copies must never delay the compute kernels
+                # they feed. The decode stream asks for more (DECODE_STREAM_PRIORITY).
                 streams[index] = torch.cuda.Stream(device=index, priority=priority)
             return streams[index]
 
