@@ -186,7 +186,7 @@ class WanBlockSwapStream:
                         "tooltip": "Send bf16 weights losslessly packed (1.5 bytes per weight, "
                         "decoded on the GPU bit for bit). 'on': faster when copies dominate "
                         "(images, short or low-resolution clips: up to a quarter off each "
-                        "step), about 1% slower on long videos, where copies are hidden "
+                        "step), 1-2.5% slower on long videos, where copies are hidden "
                         "anyway. 'auto': compressed, until the second step shows compute "
                         "hiding the copies, then raw. Uses 52 MiB more VRAM; while compressed, "
                         "needs ~0.75x the swapped size in RAM on top.",

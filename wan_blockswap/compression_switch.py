@@ -1,16 +1,18 @@
 """``transfer_compression="auto"``: keep compressed transfers only where copies are exposed.
 
 Compression shortens the copies but costs GPU time to decode. It pays when a forward waits
-for copies (few tokens) and costs about 1% when compute hides the copies anyway (H100,
-Wan-14B shapes: -28% at 1,560 tokens with a quarter of the weights resident, +0.3-1.6% at
-32,760 tokens, ``benchmarks/results/comfyui_h100.json``). Which case a model is in depends on
-the input, so auto mode starts compressed, times one forward (the second: the first learns
-the order of use) and its copies, and compares the forward with the time the raw bytes of
-those copies would take at the rate the copies themselves ran (a separate bandwidth probe
-would need memory and, with a small buffer, reads low: 49.5 against 54.8 GB/s). A forward clearly slower than that could not have been faster raw: it
-is compute-bound, so the engine drops the packed copies and keeps the raw weights pinned,
-which also gives back the extra RAM. Otherwise it keeps compressing. The decision is made
-once per applied swap.
+for copies (few tokens) and costs 1-2.5% when compute hides the copies anyway (H100,
+Wan-14B shapes through ComfyUI, against raw copies: -17% at 1,560 tokens with a quarter of
+the weights resident, +1.0-2.4% at 32,760 tokens, ``benchmarks/results/comfyui_h100.json``).
+
+Which case a model is in depends on the input, so auto mode starts compressed and times one
+forward (the second: the first learns the order of use) and that forward's copies. It then
+compares the forward with the time the raw bytes of those copies would take at the rate the
+copies themselves ran (a separate bandwidth probe would need memory and, with a small
+buffer, reads low: 49.5 against 54.8 GB/s). A forward clearly slower than that could not
+have been faster raw: it is compute-bound, so the engine drops the packed copies and keeps
+the raw weights pinned, which also gives back the extra RAM. Otherwise it keeps compressing.
+The decision is made once per applied swap.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ class CompressionAutoSwitch:
         for _, copy_end, _ in self.copies:
             copy_end.synchronize()
         # The copy clock includes waits for a free staging buffer, so it reads the link a
-        # little slow: ties lean towards keeping compression, which then costs about 1%.
+        # little slow: ties lean towards keeping compression, which then costs 1-2.5%.
         copy_ms = sum(a.elapsed_time(b) for a, b, _ in self.copies)
         sent = sum(nbytes for _, _, nbytes in self.copies)
         # raw bytes at the rate this forward's copies ran (no copies: nothing to save)

@@ -48,7 +48,7 @@ class SwapConfig:
         transfer_compression: send bf16 weights over the link losslessly packed (1.5 bytes
             per weight instead of 2, decoded on the GPU bit for bit). ``True``: up to a
             quarter off a forward when copies dominate (few tokens: images, short or small
-            videos), about 1% slower when compute dominates (long videos), where copies are
+            videos), 1-2.5% slower when compute dominates (long videos), where copies are
             hidden anyway. ``"auto"``: compressed, until the second forward shows compute
             hiding the raw copies; then raw from pinned memory (see ``compression_switch``).
             Costs 52 MiB of VRAM for staging; while compressed, the swapped weights stay in
