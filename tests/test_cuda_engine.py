@@ -27,6 +27,11 @@ def inputs(seed):
     return toy_inputs(seed, device="cuda", dtype=torch.bfloat16, dim=DIM, tokens=256)
 
 
+def swap_toy(model, **options):
+    """A toy model's block swap onto the GPU with ``options``."""
+    return apply_block_swap(model, layout=toy_layout(model), device="cuda", **options)
+
+
 @pytest.fixture(params=[False, True], ids=["raw", "compressed"])
 def compress(request, monkeypatch):
     """Run the test with and without transfer compression; compressed, the toy's weights go
@@ -49,10 +54,8 @@ def test_allocator_backend_matches_environment():
 def test_equal_to_unswapped_with_fresh_inputs(prefetch, vace, swap_unit, compress):
     model = cuda_toy(vace)
     reference = copy.deepcopy(model).cuda()
-    swap = apply_block_swap(
+    swap = swap_toy(
         model,
-        layout=toy_layout(model),
-        device="cuda",
         blocks_to_swap=5,
         offload_txt_emb=True,
         prefetch_blocks=prefetch,
@@ -69,10 +72,8 @@ def test_equal_to_unswapped_with_fresh_inputs(prefetch, vace, swap_unit, compres
 
 def test_no_host_sync_on_the_hot_path(compress):
     model = cuda_toy()
-    swap = apply_block_swap(
+    swap = swap_toy(
         model,
-        layout=toy_layout(model),
-        device="cuda",
         blocks_to_swap=6,
         transfer_compression=compress,
     )
@@ -109,10 +110,8 @@ def test_peak_vram_within_plan_and_everything_freed(compress):
     assert baseline <= base_with_weights - weights + expected.numel() * 2 + 4096
 
     torch.cuda.reset_peak_memory_stats()
-    swap = apply_block_swap(
+    swap = swap_toy(
         model,
-        layout=toy_layout(model),
-        device="cuda",
         blocks_to_swap=6,
         transfer_compression=compress,
     )
@@ -141,7 +140,7 @@ def test_pinned_host_memory_costs_its_bytes():
     keep = [t.data for t in model.parameters()]  # originals stay: RSS growth is the buffers
     gc.collect()
     before = rss_bytes()
-    swap = apply_block_swap(model, layout=toy_layout(model), device="cuda", blocks_to_swap=4)
+    swap = swap_toy(model, blocks_to_swap=4)
     grown = rss_bytes() - before
     swapped = swap.plan.swapped_bytes
     assert swapped > 200 * 2**20
@@ -152,10 +151,8 @@ def test_pinned_host_memory_costs_its_bytes():
 
 def test_100_forwards_keep_memory_flat(compress):
     model = cuda_toy()
-    swap = apply_block_swap(
+    swap = swap_toy(
         model,
-        layout=toy_layout(model),
-        device="cuda",
         blocks_to_swap=6,
         transfer_compression=compress,
     )
@@ -183,10 +180,7 @@ def test_two_models_alternating_on_shared_slots_with_fresh_inputs():
     )
     refs = {id(high): copy.deepcopy(high).cuda(), id(low): copy.deepcopy(low).cuda()}
     baseline = torch.cuda.memory_allocated()
-    swaps = [
-        apply_block_swap(m, layout=toy_layout(m), device="cuda", blocks_to_swap=6)
-        for m in (high, low)
-    ]
+    swaps = [swap_toy(m, blocks_to_swap=6) for m in (high, low)]
     with torch.inference_mode():
         for step in range(10):
             for m in (high, low):
@@ -207,7 +201,7 @@ def test_a_model_dropped_without_remove_gives_back_pinned_and_device_memory():
     gc.collect()
     torch.cuda.synchronize()
     baseline, host_baseline = torch.cuda.memory_allocated(), registered_host_bytes()
-    swap = apply_block_swap(model, layout=toy_layout(model), device="cuda", blocks_to_swap=6)
+    swap = swap_toy(model, blocks_to_swap=6)
     with torch.inference_mode():
         for _ in range(3):
             out = model(**x)  # the last forward leaves a prefetch for the next one in flight
@@ -230,10 +224,8 @@ def test_auto_compression_decides_after_the_second_forward(monkeypatch, margin, 
     model = cuda_toy(vace=3)
     reference = copy.deepcopy(model).cuda()
     host_baseline = registered_host_bytes()
-    swap = apply_block_swap(
+    swap = swap_toy(
         model,
-        layout=toy_layout(model),
-        device="cuda",
         blocks_to_swap=5,
         transfer_compression="auto",
     )
@@ -269,12 +261,7 @@ def test_shared_slots_with_one_model_switched_to_raw_never_race(monkeypatch):
     high = cuda_toy()
     low = make_toy(seed=5, dim=DIM, ffn=FFN).to(torch.bfloat16).requires_grad_(False)
     refs = {id(high): copy.deepcopy(high).cuda(), id(low): copy.deepcopy(low).cuda()}
-    swaps = [
-        apply_block_swap(
-            m, layout=toy_layout(m), device="cuda", blocks_to_swap=6, transfer_compression=True
-        )
-        for m in (high, low)
-    ]
+    swaps = [swap_toy(m, blocks_to_swap=6, transfer_compression=True) for m in (high, low)]
     assert swaps[0].slot_pool_key() == swaps[1].slot_pool_key()
     swaps[1].drop_compression()
     with torch.inference_mode():

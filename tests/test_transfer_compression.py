@@ -118,6 +118,11 @@ def bf16_inputs(seed):
     return toy_inputs(seed, dtype=torch.bfloat16)
 
 
+def swap_toy(model, **options):
+    """A toy model's block swap (CPU) with ``options``."""
+    return apply_block_swap(model, layout=toy_layout(model), device="cpu", **options)
+
+
 @pytest.mark.parametrize(
     "options",
     [
@@ -133,9 +138,7 @@ def test_outputs_state_dict_and_restore_equal_with_compression(small_chunks, opt
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         expected = [model(**bf16_inputs(seed)) for seed in (1, 2)]
-    swap = apply_block_swap(
-        model, layout=toy_layout(model), device="cpu", transfer_compression=True, **options
-    )
+    swap = swap_toy(model, transfer_compression=True, **options)
     assert swap.plan.staging_bytes == compressed_transfer.staging_bytes() > 0
     assert swap.plan.gpu_weight_bytes == swap.plan.resident_bytes + swap.plan.ring_bytes
     assert all(u.transfer is not None for u in swap.units)
@@ -156,13 +159,11 @@ def test_outputs_state_dict_and_restore_equal_with_compression(small_chunks, opt
 
 def test_compression_without_bf16_weights_reserves_nothing(small_chunks):
     model = make_toy()  # float32
-    plain = apply_block_swap(model, layout=toy_layout(model), device="cpu", blocks_to_swap=4)
+    plain = swap_toy(model, blocks_to_swap=4)
     plan = plain.plan
     plain.remove()
-    swap = apply_block_swap(
+    swap = swap_toy(
         model,
-        layout=toy_layout(model),
-        device="cpu",
         blocks_to_swap=4,
         transfer_compression=True,
     )
@@ -172,13 +173,11 @@ def test_compression_without_bf16_weights_reserves_nothing(small_chunks):
 
 def test_a_budget_pays_for_the_staging(small_chunks):
     model = bf16_toy()
-    sizes_plan = apply_block_swap(model, layout=toy_layout(model), device="cpu", blocks_to_swap=3)
+    sizes_plan = swap_toy(model, blocks_to_swap=3)
     budget = sizes_plan.plan.gpu_weight_bytes / 2**30
     sizes_plan.remove()
-    swap = apply_block_swap(
+    swap = swap_toy(
         model,
-        layout=toy_layout(model),
-        device="cpu",
         vram_budget_gb=budget + compressed_transfer.staging_bytes() / 2**30,
         transfer_compression=True,
     )
@@ -196,9 +195,7 @@ def test_dropping_compression_mid_run_keeps_outputs_and_weights(small_chunks):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         expected = [model(**bf16_inputs(seed)) for seed in (1, 2)]
-    swap = apply_block_swap(
-        model, layout=toy_layout(model), device="cpu", blocks_to_swap=5, transfer_compression=True
-    )
+    swap = swap_toy(model, blocks_to_swap=5, transfer_compression=True)
     with torch.no_grad():
         assert torch.equal(model(**bf16_inputs(1)), expected[0])
         assert swap.compressed
@@ -217,9 +214,7 @@ def test_auto_on_cpu_stays_compressed(small_chunks):
     """Auto times forwards on the GPU; on the CPU there is no link to save, and it behaves as
     on (the mechanism still runs for the suite)."""
     model = bf16_toy()
-    swap = apply_block_swap(
-        model, layout=toy_layout(model), device="cpu", blocks_to_swap=4, transfer_compression="auto"
-    )
+    swap = swap_toy(model, blocks_to_swap=4, transfer_compression="auto")
     with torch.no_grad():
         for seed in (1, 2, 3):
             model(**bf16_inputs(seed))
@@ -233,10 +228,8 @@ def test_a_skeleton_filled_after_apply_is_packed_from_what_was_filled(small_chun
         expected = reference(**bf16_inputs(1))
     with torch.device("meta"):
         skeleton = make_toy().to(torch.bfloat16).requires_grad_(False)
-    swap = apply_block_swap(
+    swap = swap_toy(
         skeleton,
-        layout=toy_layout(skeleton),
-        device="cpu",
         blocks_to_swap=4,
         transfer_compression=True,
     )
@@ -260,10 +253,8 @@ def test_a_skeleton_filled_after_apply_is_packed_from_what_was_filled(small_chun
 def test_nothing_is_packed_when_only_resident_weights_are_bf16(small_chunks):
     model = make_toy().requires_grad_(False)  # float32 blocks: nothing swapped is packable
     model.text_embedding.to(torch.bfloat16)  # resident bf16
-    swap = apply_block_swap(
+    swap = swap_toy(
         model,
-        layout=toy_layout(model),
-        device="cpu",
         blocks_to_swap=4,
         transfer_compression=True,
     )

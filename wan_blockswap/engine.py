@@ -18,8 +18,7 @@ from torch import nn
 
 from model_configs.base import ModelLayout
 
-from . import memory
-from . import compressed_transfer
+from . import compressed_transfer, memory
 from .compression_switch import CompressionAutoSwitch
 from .config import SwapConfig
 from .errors import (

@@ -34,8 +34,8 @@ So the copy engine streams chunk after chunk while D decodes the previous ones, 
 waits on nothing but ``ready[s]``. Writes into a slot now come from two streams, so before
 writing s, X and D also wait for ``ready[s]`` of its previous occupant: ``freed[s]`` alone
 does not cover an occupant that was prefetched but never used (dropped, evicted by a model
-sharing the pool), whose decodes or transform may still be running on the other stream. Decode temporaries come from the caching allocator on D
-and are reused on D only.
+sharing the pool), whose decodes or transform may still be running on the other stream.
+Decode temporaries come from the caching allocator on D and are reused on D only.
 """
 
 from __future__ import annotations
@@ -313,7 +313,7 @@ class SlotRing:
                 last = copy_stream
             else:
                 last = self._copy_compressed(stored, slot)
-            if clock is not None and self.copy_clock is not None:
+            if clock is not None:
                 self.copy_clock.append((clock, self._mark(copy_stream), stored.copy_nbytes))
         with self.streams.on(last), torch.inference_mode(self.inference):
             if self.transform is not None:  # after the copy, before the ready event

@@ -139,8 +139,7 @@ class StoredUnit:
         if self.host is not None:
             self.host.free()
         self.host, self.host_views = host, views
-        self.transfer.free()
-        self.transfer = None
+        self.unseal()
         self.compress = False
 
     def bind(self, views: list[torch.Tensor]) -> None:
@@ -167,9 +166,7 @@ class StoredUnit:
         self._free_host()
 
     def _free_host(self) -> None:
-        if self.transfer is not None:
-            self.transfer.free()
-            self.transfer = None
+        self.unseal()
         if self.host is not None:
             self.host.free()
             self.host = None
