@@ -176,7 +176,9 @@ class WanBlockSwapStream:
                         "max": 512.0,
                         "step": 0.5,
                         "tooltip": "GB of VRAM the weights may use (resident blocks, other weights, "
-                        "slots); the node picks the blocks. 0 = use blocks_to_swap.",
+                        "slots); the node picks the blocks. Below what fixed slots need, every "
+                        "large layer streams in turn, each in memory of its own size (like "
+                        "core's low-VRAM mode, with prefetch). 0 = use blocks_to_swap.",
                     },
                 ),
                 "transfer_compression": (

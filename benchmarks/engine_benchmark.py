@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import wan_shapes  # noqa: E402
 
-from wan_blockswap import apply_block_swap  # noqa: E402
+from wan_blockswap import apply_block_swap, min_vram_budget_gb  # noqa: E402
 from wan_blockswap.measure import (  # noqa: E402
     h2d_bandwidth_gbps,
     peak_gib,
@@ -62,6 +62,9 @@ def run_method(name, build, tokens, device, reference, iters, extra):
     teardown(model)
     print(json.dumps(row), flush=True)
     return row, out
+
+
+STREAMED_WINDOW_GIB = 192 / 1024
 
 
 def main() -> None:
@@ -129,67 +132,52 @@ def main() -> None:
         results["all_on_gpu_ms"][str(tokens)] = row["ms"]
         planned = [0]
 
-        def annotate(row, floor_ms, tokens=tokens):
-            """Ratios to the transfer floor of the swapped share and to all-on-GPU."""
-            row["x_floor"] = round(row["ms"] / floor_ms, 3)
-            row["x_all_on_gpu"] = round(row["ms"] / results["all_on_gpu_ms"][str(tokens)], 3)
-            row["planned_weights_gib"] = round(planned[0] / 2**30, 3)
-            return row
-
-        def ours(**options):
-            """A build for run_method: a fresh CPU model with our swap applied."""
+        def ours(name, fraction, prefetch, **options):
+            """Time our swap with ``options`` on a fresh CPU model; its row gets ratios to
+            the transfer floor of the swapped share and to all-on-GPU."""
 
             def build():
                 model = cpu_model()
-                handle = apply_block_swap(model, device=device, **options)
+                handle = apply_block_swap(model, device=device, prefetch_blocks=prefetch, **options)
                 planned[0] = handle.plan.gpu_weight_bytes
                 return model, lambda m: handle.remove()
 
-            return build
+            extra = {"resident_fraction": fraction, "prefetch": prefetch}
+            row, _ = run_method(name, build, tokens, device, reference, iters, extra)
+            row["x_floor"] = round(row["ms"] / (floor * (1 - fraction)), 3)
+            row["x_all_on_gpu"] = round(row["ms"] / results["all_on_gpu_ms"][str(tokens)], 3)
+            row["planned_weights_gib"] = round(planned[0] / 2**30, 3)
+            results["rows"].append(row)
 
         for fraction in (0.0, 0.25, 0.5, 0.75):
             for prefetch in (1, 2):
                 swap_count = args.blocks - round(fraction * args.blocks)
-
-                row, _ = run_method(
-                    "wan_blockswap",
-                    ours(blocks_to_swap=swap_count, prefetch_blocks=prefetch),
-                    tokens,
-                    device,
-                    reference,
-                    iters,
-                    {"resident_fraction": fraction, "prefetch": prefetch},
-                )
-                results["rows"].append(annotate(row, floor * (1 - fraction)))
-
-        row, _ = run_method(
-            "wan_blockswap_layers",
-            ours(swap_unit="layer", prefetch_blocks=2),
-            tokens,
-            device,
-            reference,
-            iters,
-            {"resident_fraction": 0.0, "prefetch": 2},
-        )
-        results["rows"].append(annotate(row, floor))
+                ours("wan_blockswap", fraction, prefetch, blocks_to_swap=swap_count)
+        ours("wan_blockswap_layers", 0.0, 2, swap_unit="layer")
 
         # Lossless transfer compression sends 1.5 bytes per bf16 weight: below the raw floor
         # where copies dominate, a little slower where compute does.
         for fraction in (0.0, 0.5) if "compressed" not in args.skip else ():
-            row, _ = run_method(
+            swap_count = args.blocks - round(fraction * args.blocks)
+            ours(
                 "wan_blockswap_compressed",
-                ours(
-                    blocks_to_swap=args.blocks - round(fraction * args.blocks),
-                    prefetch_blocks=1,
-                    transfer_compression=True,
-                ),
-                tokens,
-                device,
-                reference,
-                iters,
-                {"resident_fraction": fraction, "prefetch": 1},
+                fraction,
+                1,
+                blocks_to_swap=swap_count,
+                transfer_compression=True,
             )
-            results["rows"].append(annotate(row, floor * (1 - fraction)))
+
+        # Streamed layer by layer (a budget below every slot plan), outside the blocks too,
+        # with a 192 MiB window: about the peak of diffusers' leaf-level offloading.
+        streamed_budget = min_vram_budget_gb(cpu_model()) + STREAMED_WINDOW_GIB
+        for compression in (False, True) if "streamed" not in args.skip else ():
+            ours(
+                "wan_blockswap_streamed" + ("_compressed" if compression else ""),
+                0.0,
+                1,
+                vram_budget_gb=streamed_budget,
+                transfer_compression=compression,
+            )
 
         for offload_type in ("leaf_level", "block_level"):
             if offload_type in args.skip:

@@ -1,6 +1,7 @@
 """Reliability on a GPU: a soak (100 forwards, 20 apply/remove and 10 load/unload cycles, 10
 loads dropped without remove; with transfer compression 100 forwards, 10 apply/remove cycles
-in auto mode and 5 compressed loads) with memory before and after, injected faults (slot OOM,
+in auto mode and 5 compressed loads; streamed layer by layer 100 forwards and 10 apply/remove
+cycles) with memory before and after, injected faults (slot OOM,
 placement OOM, exceptions mid-forward, two models alternating, double apply) checked for
 survival and correct output afterwards, and the bad-file corpus. Writes benchmarks/results/reliability_<gpu>.json.
 
@@ -33,6 +34,7 @@ from wan_blockswap import (  # noqa: E402
     BlockSwapStateError,
     InsufficientMemoryError,
     apply_block_swap,
+    min_vram_budget_gb,
     registered_host_bytes,
 )
 from wan_blockswap.measure import rss_bytes  # noqa: E402
@@ -111,6 +113,20 @@ def main() -> None:
             lazy_swap.remove(restore=False)
             del lazy
         phases["after_compressed_cycles"] = memory(device)
+        floor = min_vram_budget_gb(model)
+        swap = apply_block_swap(model, device=device, vram_budget_gb=floor + 0.1)
+        equal &= all(torch.equal(forward(model, x), expected) for _ in range(100))
+        swap.remove()
+        for cycle in range(10):  # streamed: every layer in memory of its own, windows varied
+            swap = apply_block_swap(
+                model,
+                device=device,
+                vram_budget_gb=floor + 0.05 * cycle,
+                transfer_compression=bool(cycle % 2),
+            )
+            equal &= all(torch.equal(forward(model, x), expected) for _ in range(3))
+            swap.remove()
+        phases["after_streamed_cycles"] = memory(device)
         for _ in range(10):
             lazy, lazy_swap, _ = load_swapped(path, device=device, blocks_to_swap=6)
             forward(lazy, x)

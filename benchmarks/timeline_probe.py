@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--forwards", type=int, default=4)
     parser.add_argument("--output", required=True)
     parser.add_argument("--trace-dir")
+    parser.add_argument("--compression", choices=["off", "on"], default="off")
     args = parser.parse_args()
     comfy = bench.import_comfy()
     from conftest import load_pack
@@ -83,7 +84,12 @@ def main() -> None:
     inputs = bench.make_inputs(args.tokens, device)
     full = bench.core_row(comfy, patcher, inputs, args.tokens, 1.0, 3, device)
     activations = full["peak_vram_gib"] - full["weights_on_gpu_gib"]
-    result = {"device": torch.cuda.get_device_name(device), "fraction": args.fraction}
+    result = {
+        "device": torch.cuda.get_device_name(device),
+        "fraction": args.fraction,
+        "tokens": args.tokens,
+        "transfer_compression": args.compression,
+    }
 
     # core at the budget
     bench.pin_host_weights(patcher.model.diffusion_model)
@@ -102,10 +108,14 @@ def main() -> None:
     # ours at core's peak
     from callbacks.comfy_adapter import remove_from_model
     from test_comfy_node import WIDGETS
-    from wan_blockswap import get_block_swap
+    from wan_blockswap import get_block_swap, min_vram_budget_gb
 
     widgets = dict(WIDGETS)
-    widgets.update(vram_budget_gb=round(core["peak_vram_gib"] - activations, 3))
+    floor = min_vram_budget_gb(patcher.model.diffusion_model)
+    widgets.update(
+        vram_budget_gb=max(core["peak_vram_gib"] - activations, floor),
+        transfer_compression=args.compression,
+    )
     swapped = pack.nodes.WanBlockSwapStream().apply(patcher, **widgets)[0]
     bench.reset_peak(device)
     comfy.model_management.load_models_gpu([swapped])

@@ -38,7 +38,7 @@ from wan_blockswap import (
     SwapConfig,
     get_block_swap,
 )
-from wan_blockswap.plan import plan_swap
+from wan_blockswap.plan import MIN_STREAM_WINDOW, plan_swap, streamed_plan
 
 from .comfy_weight_patches import (
     attach_gguf_patches,
@@ -341,8 +341,18 @@ def _replan_for_budget(patcher: Any, state: _State, budget: int) -> None:
         except InsufficientMemoryError:
             config = None
     if config is None or plan is None:  # below any plan: the least VRAM there is
-        config = dataclasses.replace(
-            state.config, vram_budget_gb=None, blocks_to_swap=None, swap_unit="layer"
+        floor = streamed_plan(state.swap.sizes, state.config, None)
+        config = (
+            dataclasses.replace(
+                state.config,
+                vram_budget_gb=(floor.resident_bytes + MIN_STREAM_WINDOW) / GIB,
+                blocks_to_swap=None,
+                swap_unit="auto",
+            )
+            if floor is not None
+            else dataclasses.replace(
+                state.config, vram_budget_gb=None, blocks_to_swap=None, swap_unit="layer"
+            )
         )
         plan = plan_swap(state.swap.sizes, config)
         logger.warning(
@@ -354,7 +364,7 @@ def _replan_for_budget(patcher: Any, state: _State, budget: int) -> None:
         if plan == current:
             return
     block = max((b.nbytes for b in state.swap.sizes.blocks), default=0)
-    fits = current.gpu_weight_bytes <= budget
+    fits = current.budgeted_bytes <= budget
     if fits and plan.swapped_bytes > current.swapped_bytes - block:
         return
     logger.info(

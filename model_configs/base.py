@@ -42,12 +42,17 @@ class ModelLayout:
         block_lists: the block lists, main lists in execution order.
         txt_emb: modules streamed when ``offload_txt_emb`` is set.
         img_emb: modules streamed when ``offload_img_emb`` is set.
+        stream_modules: other modules outside the blocks whose large leaf layers stream one
+            by one in a streamed plan (a budget below every slot plan); the ``txt_emb`` and
+            ``img_emb`` modules always do. Only modules whose layers' weights are used
+            through the layers' own forward belong here.
     """
 
     name: str
     block_lists: tuple[BlockListLayout, ...]
     txt_emb: tuple[str, ...] = ()
     img_emb: tuple[str, ...] = ()
+    stream_modules: tuple[str, ...] = ()
 
     def lists_with_role(self, role: str) -> tuple[BlockListLayout, ...]:
         return tuple(bl for bl in self.block_lists if bl.role == role)

@@ -65,6 +65,8 @@ COMFYUI = ArchConfig(
         block_lists=(BlockListLayout("blocks", key_prefix="blocks.{index}."),),
         txt_emb=("text_embedding",),
         img_emb=("img_emb",),
+        # time_projection alone is 315 MB at 14B: a streamed plan must not keep it resident
+        stream_modules=("time_embedding", "time_projection"),
     ),
     forbidden_paths=("vace_blocks",),
     detect_keys=("head.modulation", "blocks.0.self_attn.q.weight"),
@@ -89,6 +91,8 @@ COMFYUI_VACE = ArchConfig(
         ),
         txt_emb=("text_embedding",),
         img_emb=("img_emb",),
+        # time_projection alone is 315 MB at 14B: a streamed plan must not keep it resident
+        stream_modules=("time_embedding", "time_projection"),
     ),
     required_paths=("vace_blocks",),
     detect_keys=("head.modulation", "vace_patch_embedding.weight"),
@@ -109,6 +113,7 @@ DIFFUSERS = ArchConfig(
         block_lists=(BlockListLayout("blocks", key_prefix="blocks.{index}."),),
         txt_emb=("condition_embedder.text_embedder",),
         img_emb=("condition_embedder.image_embedder",),
+        stream_modules=("condition_embedder",),
     ),
     forbidden_paths=("vace_blocks",),
     detect_keys=("condition_embedder.text_embedder.linear_1.weight", "blocks.0.attn1.to_q.weight"),
@@ -130,6 +135,7 @@ DIFFUSERS_VACE = ArchConfig(
         ),
         txt_emb=("condition_embedder.text_embedder",),
         img_emb=("condition_embedder.image_embedder",),
+        stream_modules=("condition_embedder",),
     ),
     required_paths=("vace_blocks",),
     detect_keys=(

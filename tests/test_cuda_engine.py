@@ -10,13 +10,14 @@ import os
 import pytest
 import torch
 
-from toy_models import make_toy, toy_inputs, toy_layout
+from toy_models import make_toy, streamed_budget_gb, toy_inputs, toy_layout
 from wan_blockswap.measure import rss_bytes
 from wan_blockswap import apply_block_swap, compressed_transfer, registered_host_bytes
 
 pytestmark = pytest.mark.cuda
 
 DIM, FFN = 512, 2048  # ~6 MB per block: copies take long enough for races to show
+MIB = 2**20
 
 
 def cuda_toy(vace=0):
@@ -91,9 +92,10 @@ def test_no_host_sync_on_the_hot_path(compress):
     swap.remove()
 
 
-def test_peak_vram_within_plan_and_everything_freed(compress):
-    model = cuda_toy().cuda()
-    x = inputs(1)
+def unswapped_run(model, x):
+    """Run ``model`` on the GPU (a warm-up, then measured), move it back to the CPU; returns
+    its output, its activations' peak bytes and the memory allocated without its weights."""
+    model.cuda()
     with torch.inference_mode():
         model(**x)  # warm-up: cuBLAS workspaces and the like are allocated once
     torch.cuda.synchronize()
@@ -106,8 +108,15 @@ def test_peak_vram_within_plan_and_everything_freed(compress):
     model.cpu()
     torch.cuda.synchronize()
     baseline = torch.cuda.memory_allocated()
-    host_baseline = registered_host_bytes()
     assert baseline <= base_with_weights - weights + expected.numel() * 2 + 4096
+    return expected, activations, baseline
+
+
+def test_peak_vram_within_plan_and_everything_freed(compress):
+    model = cuda_toy()
+    x = inputs(1)
+    expected, activations, baseline = unswapped_run(model, x)
+    host_baseline = registered_host_bytes()
 
     torch.cuda.reset_peak_memory_stats()
     swap = swap_toy(
@@ -149,13 +158,17 @@ def test_pinned_host_memory_costs_its_bytes():
     del keep
 
 
-def test_100_forwards_keep_memory_flat(compress):
+@pytest.mark.parametrize("streamed", [False, True], ids=["slots", "streamed"])
+def test_100_forwards_keep_memory_flat(compress, streamed):
     model = cuda_toy()
+    plan = {"vram_budget_gb": streamed_budget_gb(model, 4 * MIB)} if streamed else {}
     swap = swap_toy(
         model,
-        blocks_to_swap=6,
+        blocks_to_swap=None if streamed else 6,
         transfer_compression=compress,
+        **plan,
     )
+    assert bool(swap.plan.window_bytes) == streamed
     x = inputs(3)
     with torch.inference_mode():
         for _ in range(5):
@@ -271,3 +284,49 @@ def test_shared_slots_with_one_model_switched_to_raw_never_race(monkeypatch):
                 assert torch.equal(m(**x), refs[id(m)](**x)), step
     for swap in swaps:
         swap.remove()
+
+
+@pytest.mark.parametrize("window", [1024, 3 * MIB, 4 * MIB])
+@pytest.mark.parametrize("vace", [0, 3])
+def test_streamed_plan_equal_to_unswapped_with_fresh_inputs(window, vace, compress):
+    model = cuda_toy(vace)
+    reference = copy.deepcopy(model).cuda()
+    swap = swap_toy(
+        model, vram_budget_gb=streamed_budget_gb(model, window), transfer_compression=compress
+    )
+    assert swap.plan.window_bytes  # below the slot plans (2 slots of a 2 MiB layer, embeddings)
+    # packed units hold their staging while in flight: only those that then fit are packed
+    packed = [u for u in swap.units if u.transfer is not None]
+    assert bool(packed) == (compress and window > 1024)
+    with torch.inference_mode():
+        for step in range(12):
+            x = inputs(window % 1000 + 10 * vace + step)
+            assert torch.equal(model(**x), reference(**x)), f"step {step}"
+    swap.remove()
+
+
+def test_streamed_plan_peak_vram_no_host_sync_and_everything_freed(compress):
+    model = cuda_toy()
+    x = inputs(3)
+    expected, activations, baseline = unswapped_run(model, x)
+    torch.cuda.reset_peak_memory_stats()
+    budget = streamed_budget_gb(model, 4 * MIB)
+    swap = swap_toy(model, vram_budget_gb=budget, transfer_compression=compress)
+    with torch.inference_mode():
+        assert torch.equal(model(**x), expected)  # learns the order
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                out = model(**x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert torch.equal(out, expected)
+    peak = torch.cuda.max_memory_allocated() - baseline
+    allowed = (swap.plan.gpu_weight_bytes + activations) * 1.05 + expected.numel() * 2
+    assert peak <= allowed, (peak, swap.plan.gpu_weight_bytes, activations)
+    assert peak < 0.6 * sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    swap.remove()
+    del out
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() <= baseline + 4096

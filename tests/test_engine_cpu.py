@@ -6,7 +6,7 @@ import gc
 import pytest
 import torch
 
-from toy_models import make_toy, toy_inputs, toy_layout
+from toy_models import make_toy, streamed_budget_gb, toy_inputs, toy_layout
 from wan_blockswap import (
     BlockSwapConfigError,
     BlockSwapStateError,
@@ -138,10 +138,14 @@ def test_skipped_blocks_do_not_break_correctness():
     assert swap.stats.misses > 0
 
 
-def test_exception_inside_a_block_releases_and_next_run_is_correct():
+@pytest.mark.parametrize("streamed", [False, True], ids=["slots", "streamed"])
+def test_exception_inside_a_block_releases_and_next_run_is_correct(streamed):
     model = make_toy()
     expected = reference(model, 7)
-    swap = apply_block_swap(model, layout=toy_layout(model), device="cpu", blocks_to_swap=6)
+    plan = {"vram_budget_gb": streamed_budget_gb(model, 20_000)} if streamed else {}
+    swap = apply_block_swap(
+        model, layout=toy_layout(model), device="cpu", **(plan or {"blocks_to_swap": 6})
+    )
 
     class Interrupted(Exception):
         pass
@@ -156,6 +160,8 @@ def test_exception_inside_a_block_releases_and_next_run_is_correct():
             model(**toy_inputs(7))
         handle.remove()
         assert not swap.ring.in_use
+        if streamed:
+            assert swap.ring.held_bytes <= swap.plan.window_bytes
         assert torch.equal(model(**toy_inputs(7)), expected)
 
 
@@ -368,3 +374,81 @@ def test_a_handle_outliving_its_model_frees_on_remove():
     swap.remove()  # frees what the handle still holds; no error
     assert not swap.units and swap.ring is None
     swap.remove()  # idempotent
+
+
+@pytest.mark.parametrize("window", [1, 14_000, 30_000])
+@pytest.mark.parametrize("vace", [0, 3])
+def test_a_streamed_plan_holds_at_most_its_window_and_matches(window, vace, monkeypatch):
+    from wan_blockswap.window_ring import WindowRing
+
+    model = make_toy(vace_depth=vace)
+    before = snapshot(model)
+    expected = {seed: reference(model, seed) for seed in (1, 2, 3)}
+    held = []  # (bytes on the GPU after each prefetch, that unit's bytes)
+    prepare = WindowRing._prepare
+
+    def recording(ring, unit, slot):
+        prepare(ring, unit, slot)
+        held.append((ring.held_bytes, ring.held[slot]))
+
+    monkeypatch.setattr(WindowRing, "_prepare", recording)
+    budget = streamed_budget_gb(model, window)
+    swap = apply_block_swap(model, layout=toy_layout(model), device="cpu", vram_budget_gb=budget)
+    assert swap.plan.window_bytes == pytest.approx(window, abs=2)
+    names = {u.name for u in swap.units}
+    # outside the blocks too: the embeddings' and the head's layers stream
+    assert {"patch_embedding", "head", "text_embedding.2"} <= names
+    assert model.head.weight.numel() == 0  # a placeholder between forwards
+    with torch.no_grad():
+        model(**toy_inputs(1))  # learns the order (interleaved VACE)
+        misses = swap.stats.misses
+        for seed in (1, 2, 3, 1):
+            assert torch.equal(model(**toy_inputs(seed)), expected[seed])
+    assert swap.stats.misses == misses  # every unit prefetched once the order is known
+    assert all(total <= max(swap.plan.window_bytes, own) for total, own in held)
+    if window > 1:  # room for two layers: prefetch overlaps use
+        assert any(total > own for total, own in held)
+    else:  # one at a time
+        assert all(total == own for total, own in held)
+    swap.remove()
+    after = snapshot(model)
+    for name, (value, device, kind, grad) in before.items():
+        assert torch.equal(after[name][0], value), name
+        assert after[name][1:] == (device, kind, grad), name
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["slots", "streamed"])
+def test_a_failing_copy_hands_its_slot_back(streamed):
+    from wan_blockswap import min_vram_budget_gb
+
+    model = make_toy()
+    expected = reference(model, 4)
+    floor = min_vram_budget_gb(model, toy_layout(model))
+    options = {"vram_budget_gb": streamed_budget_gb(model, 14_000)} if streamed else {}
+    swap = apply_block_swap(
+        model, layout=toy_layout(model), device="cpu", **(options or {"blocks_to_swap": 6})
+    )
+    assert bool(swap.plan.window_bytes) == streamed
+    assert min_vram_budget_gb(model, toy_layout(model)) == floor  # sizes from before apply
+    free = len(swap.ring.free_slots)
+
+    def failing(name, views):
+        if name in ("blocks.3", "blocks.3.ffn.2"):  # a block, or a layer of one
+            raise RuntimeError("transform failed")
+
+    with torch.no_grad():
+        for _ in range(3):  # every time a copy fails, nothing stays taken
+            swap.set_transform(failing)
+            with pytest.raises(RuntimeError, match="transform failed"):
+                model(**toy_inputs(4))
+            swap.set_transform(None)
+            assert torch.equal(model(**toy_inputs(4)), expected)
+            ring = swap.ring  # no slot lost: each is free, prefetched or in use
+            assert len(ring.free_slots) + len(ring.ahead) + len(ring.in_use) == ring.num_slots
+    swap.release_vram()
+    assert len(swap.ring.free_slots) == free and not swap.ring.pending
+    if streamed:
+        assert swap.ring.held_bytes == 0
+    with torch.no_grad():
+        assert torch.equal(model(**toy_inputs(4)), expected)
+    swap.remove()

@@ -205,3 +205,60 @@ def test_txt_emb_role_blocks_follow_offload_txt_emb():
     assert plan_swap(sizes, SwapConfig(blocks_to_swap=0)).swapped == ()
     plan = plan_swap(sizes, SwapConfig(blocks_to_swap=0, offload_txt_emb=True))
     assert plan.swapped == ("r.0",) and plan.offload_txt_emb
+
+
+def wan_streamable(n=8):
+    """Wan-14B-like blocks (30 MB of small tensors each) and 440 MB outside the blocks, of
+    which four large layers (a 300 MB time projection among them) may stream."""
+    layers = (135 * MB, 135 * MB) + (50 * MB,) * 8
+    blocks = tuple(
+        BlockSizes(f"blocks.{i}", "blocks", "main", 700 * MB, layers, packable_bytes=670 * MB)
+        for i in range(n)
+    )
+    return ModelSizes(
+        blocks, other_bytes=445 * MB, stream_layer_bytes=(50 * MB, 300 * MB, 40 * MB, 50 * MB)
+    )
+
+
+def test_a_budget_below_every_slot_plan_streams_layer_by_layer():
+    sizes = wan_streamable()
+    resident = 5 * MB + 8 * 30 * MB
+    slots = plan_swap(sizes, SwapConfig(vram_budget_gb=1.0))
+    assert slots.window_bytes == 0 and slots.num_slots == 2  # slots still fit 1 GiB
+    plan = plan_swap(sizes, SwapConfig(vram_budget_gb=0.4))
+    assert plan.window_bytes == int(0.4 * GIB) - resident
+    assert plan.resident_bytes == resident and plan.swap_unit == "layer"
+    assert plan.swapped == tuple(f"blocks.{i}" for i in range(8)) and not plan.offload_txt_emb
+    assert plan.swapped_bytes == 8 * 670 * MB + 440 * MB
+    # the 300 MB layer loads alone: the GPU holds at most that, or the window
+    assert plan.gpu_weight_bytes == resident + 300 * MB
+    assert "streamed layer by layer" in plan.describe()
+    wide = plan_swap(sizes, SwapConfig(vram_budget_gb=0.6))
+    assert wide.gpu_weight_bytes == int(0.6 * GIB)
+
+
+def test_a_streamed_plan_has_a_floor_and_block_units_never_stream():
+    sizes = wan_streamable()
+    with pytest.raises(
+        InsufficientMemoryError, match=r"more than 0\.239 GiB streaming layer by layer"
+    ):
+        plan_swap(sizes, SwapConfig(vram_budget_gb=0.2))
+    with pytest.raises(InsufficientMemoryError, match="with fixed slots"):
+        plan_swap(sizes, SwapConfig(vram_budget_gb=0.4, swap_unit="block"))
+
+
+def test_a_compressed_streamed_plan_reserves_no_staging_slots():
+    sizes = wan_streamable()
+    plan = plan_swap(sizes, SwapConfig(vram_budget_gb=0.4, transfer_compression=True))
+    assert plan.window_bytes and plan.compressed and plan.staging_bytes == 0
+    raw = plan_swap(sizes, SwapConfig(vram_budget_gb=0.4))
+    assert not raw.compressed
+
+
+def test_a_streamed_plan_counts_its_window_against_the_budget():
+    plan = plan_swap(wan_streamable(), SwapConfig(vram_budget_gb=0.4))
+    # the 300 MB layer may sit alone beside what stays: more VRAM than the budget, briefly
+    assert plan.gpu_weight_bytes > int(0.4 * GIB)
+    assert plan.budgeted_bytes == int(0.4 * GIB)
+    slots = plan_swap(wan_streamable(), SwapConfig(vram_budget_gb=1.0))
+    assert slots.budgeted_bytes == slots.gpu_weight_bytes

@@ -62,9 +62,13 @@ TOY_LAYOUT = ModelLayout(
     name="toy",
     block_lists=(BlockListLayout("blocks"), BlockListLayout("vace_blocks", role="vace")),
     txt_emb=("text_embedding",),
+    stream_modules=("patch_embedding", "head"),
 )
 TOY_LAYOUT_NO_VACE = ModelLayout(
-    name="toy", block_lists=(BlockListLayout("blocks"),), txt_emb=("text_embedding",)
+    name="toy",
+    block_lists=(BlockListLayout("blocks"),),
+    txt_emb=("text_embedding",),
+    stream_modules=("patch_embedding", "head"),
 )
 
 
@@ -82,3 +86,13 @@ def toy_inputs(seed: int, device="cpu", dtype=torch.float32, dim: int = 32, toke
 
 def toy_layout(model: ToyDiT) -> ModelLayout:
     return TOY_LAYOUT if hasattr(model, "vace_blocks") else TOY_LAYOUT_NO_VACE
+
+
+def streamed_budget_gb(model: ToyDiT, window: int) -> float:
+    """A ``vram_budget_gb`` that streams every layer of ``model`` with ``window`` bytes."""
+    from wan_blockswap import SwapConfig, min_vram_budget_gb, plan_for
+
+    layout = toy_layout(model)
+    floor = plan_for(model, SwapConfig(vram_budget_gb=min_vram_budget_gb(model, layout)), layout)
+    assert floor.window_bytes
+    return (floor.resident_bytes + window) / 2**30

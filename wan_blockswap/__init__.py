@@ -3,7 +3,13 @@
 Pure PyTorch; importing it never imports ComfyUI.
 """
 
-from .api import apply_block_swap, get_block_swap, plan_for, remove_block_swap
+from .api import (
+    apply_block_swap,
+    get_block_swap,
+    min_vram_budget_gb,
+    plan_for,
+    remove_block_swap,
+)
 from .config import SwapConfig
 from .engine import BlockSwap
 from .errors import (
@@ -27,6 +33,7 @@ __all__ = [
     "SwapPlan",
     "apply_block_swap",
     "get_block_swap",
+    "min_vram_budget_gb",
     "plan_for",
     "plan_swap",
     "registered_host_bytes",

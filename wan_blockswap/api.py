@@ -14,7 +14,7 @@ from model_configs.base import ModelLayout
 from .config import SwapConfig
 from .engine import BlockSwap, active_swap, measure_model
 from .errors import BlockSwapConfigError, BlockSwapStateError
-from .plan import SwapPlan, plan_swap
+from .plan import GIB, MIN_STREAM_WINDOW, SwapPlan, plan_swap, streamed_plan
 
 logger = logging.getLogger("wan_blockswap")
 
@@ -32,7 +32,9 @@ def apply_block_swap(
 
     Blocks the plan keeps on the GPU, and every weight outside the blocks, are moved to
     ``device``; swapped blocks are packed into one page-locked host buffer each and copied
-    into a small ring of GPU slots just ahead of use, on a separate copy stream. Outputs are
+    into a small ring of GPU slots just ahead of use, on a separate copy stream. A
+    ``vram_budget_gb`` below what slots need streams every large layer instead, outside the
+    blocks too, each into GPU memory of its own size (see :func:`min_vram_budget_gb`). Outputs are
     bit-identical to the unswapped model. Inference only (run under ``torch.no_grad()`` or
     ``torch.inference_mode()``).
 
@@ -98,6 +100,27 @@ def plan_for(model: nn.Module, config: SwapConfig, layout: ModelLayout | None = 
         layout = model_configs.detect(model).layout
     _, sizes = measure_model(model, layout)
     return plan_swap(sizes, config)
+
+
+def min_vram_budget_gb(model: nn.Module, layout: ModelLayout | None = None) -> float:
+    """The smallest ``vram_budget_gb`` any plan accepts for ``model``: every large layer
+    streamed one at a time, so only the small tensors (norms, biases, modulation) stay on the
+    GPU, plus a 1 KiB window. The GPU then briefly holds one layer beside them.
+
+    Raises:
+        BlockSwapConfigError: the model has no layers to stream.
+    """
+    swap = active_swap(model)
+    if swap is not None and swap.sizes is not None:  # placeholders hide the sizes now
+        sizes = swap.sizes
+    else:
+        if layout is None:
+            layout = model_configs.detect(model).layout
+        _, sizes = measure_model(model, layout)
+    floor = streamed_plan(sizes, SwapConfig(), None)
+    if floor is None:
+        raise BlockSwapConfigError(f"{type(model).__name__} has no layers to stream")
+    return (floor.resident_bytes + MIN_STREAM_WINDOW) / GIB
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:

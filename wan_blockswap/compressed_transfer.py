@@ -95,6 +95,11 @@ class CompressedTransfer:
         return sum(p.host_nbytes for p in self.pieces)
 
     @property
+    def staging_nbytes(self) -> int:
+        """GPU bytes that hold every packed chunk of one copy at once (a streamed plan)."""
+        return sum(_align(p.host_nbytes) for p in self.pieces if p.packed)
+
+    @property
     def packed_pieces(self) -> int:
         return sum(p.packed for p in self.pieces)
 

@@ -35,13 +35,18 @@ class SwapConfig:
         offload_img_emb: stream the image embedding (i2v CLIP projection) from host memory too.
         prefetch_blocks: look-ahead depth; the GPU holds ``prefetch_blocks + 1`` swap slots.
             ``0`` loads each block only when the previous one finished (least VRAM, no overlap).
+            In a streamed plan (see ``vram_budget_gb``): layers prefetched ahead of the one in
+            use.
         non_blocking: asynchronous host-to-device copies. ``False`` makes the host wait for each
             copy (debugging aid; no overlap).
         resident_blocks: explicit indices (over the main block lists) that stay on the GPU;
             every other main block is swapped.
         vram_budget_gb: GiB of VRAM the weights may use: non-block weights kept on the GPU,
             resident blocks and the swap slots. The engine works out how many blocks to swap
-            from the real block sizes.
+            from the real block sizes. Below what any slot plan needs, every large layer
+            streams (outside the blocks too), each in GPU memory of its own size, with at most
+            the budget's remainder on the GPU at once; a layer larger than that loads alone
+            (see ``wan_blockswap.min_vram_budget_gb``).
         swap_unit: ``"block"`` swaps whole blocks; ``"layer"`` swaps each block's large layers
             separately (smaller slots, more copies); ``"auto"`` uses blocks unless the budget
             only fits layer slots.

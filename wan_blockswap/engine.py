@@ -34,6 +34,7 @@ from .storage import PackedLayout, return_freed_host_memory
 from .stored_unit import Placeholders, StoredUnit
 from .streams import DeviceStreams
 from .units import (
+    LAYER_UNIT_MIN_SHARE,
     SwapUnit,
     block_unit,
     embedding_unit,
@@ -41,8 +42,10 @@ from .units import (
     layer_units,
     resolve,
     shared_tensor_ids,
+    stream_layer_units,
     tensor_refs,
 )
+from .window_ring import WindowRing
 
 logger = logging.getLogger("wan_blockswap")
 
@@ -138,11 +141,7 @@ class BlockSwap:
         except BaseException:
             swap._undo()
             raise
-        if (
-            config.transfer_compression == "auto"
-            and swap.plan.staging_bytes
-            and device.type == "cuda"
-        ):
+        if config.transfer_compression == "auto" and swap.plan.compressed and device.type == "cuda":
             swap._auto = CompressionAutoSwitch(device)
         _active[model] = swap
         return swap
@@ -159,9 +158,9 @@ class BlockSwap:
         placeholders = Placeholders()
         pin = self.device.type == "cuda"
         swapped_ids: set[int] = set()
-        compress = self.plan.staging_bytes > 0
         with torch.no_grad():
-            for unit in chosen:
+            for previous, unit in zip(chosen[-1:] + chosen[:-1], chosen):
+                compress = self._compresses(unit, previous)
                 stored = StoredUnit(unit, self.device, placeholders, compress)
                 self.units.append(stored)  # before pack, so _undo restores a half-packed unit
             if self.allocate_empty:
@@ -186,6 +185,17 @@ class BlockSwap:
                     with torch.inference_mode(tensor.is_inference()):
                         tensor.data = tensor.data.to(self.device)
         streams = DeviceStreams(self.device, timing=self.config.debug)
+        if self.plan.window_bytes:
+            self.ring = WindowRing(
+                streams,
+                self.units,
+                self.plan.window_bytes,
+                self.config.prefetch_blocks,
+                self.config.non_blocking,
+                self.stats,
+                debug=self.config.debug,
+            )
+            return
         self.ring = SlotRing(
             streams,
             self.units,
@@ -196,6 +206,20 @@ class BlockSwap:
             debug=self.config.debug,
             staging_bytes=self.plan.staging_bytes,
         )
+
+    def _compresses(self, unit: SwapUnit, previous: SwapUnit) -> bool:
+        """Whether ``unit`` travels packed (``previous`` runs before it, as far as the model's
+        declared order tells). In a streamed plan its packed bytes take GPU memory too while
+        it is in flight, so it travels packed only if it still fits in the window beside the
+        unit before it: one that cannot be prefetched while that unit runs stalls the link
+        for longer than packing saves (H100, Wan 14B at 1,560 tokens: packing the first
+        projection of each block, which follows a 135 MiB FFN layer, cost time)."""
+        assert self.plan is not None
+        if not self.plan.compressed:
+            return False
+        window = self.plan.window_bytes
+        needed = _packed(previous) + _packed(unit) * (1 + memory.PACKED_SHARE)
+        return not window or needed <= window
 
     def _attach_hooks(self) -> None:
         assert self.model is not None and self.ring is not None
@@ -421,6 +445,14 @@ def measure_model(model: nn.Module, layout: ModelLayout) -> tuple[dict[str, Any]
     }
     total = sum(_packed(u) for u in (_whole_model_unit(model),))
     block_bytes = {name: _packed(unit) for name, unit in block_units.items()}
+    # Outside the blocks, layers as large as a block's own streamed layers are worth a copy.
+    smallest_block = min(block_bytes.values(), default=0)
+    stream_layers = stream_layer_units(
+        model,
+        layout.stream_modules + layout.txt_emb + layout.img_emb,
+        shared,
+        max(1, int(smallest_block * LAYER_UNIT_MIN_SHARE)),
+    )
     sizes = ModelSizes(
         txt_emb_packable_bytes=sum(_packable(u) for u in embeddings["txt"]),
         img_emb_packable_bytes=sum(_packable(u) for u in embeddings["img"]),
@@ -438,12 +470,22 @@ def measure_model(model: nn.Module, layout: ModelLayout) -> tuple[dict[str, Any]
         other_bytes=max(0, total - sum(block_bytes.values())),
         txt_emb_bytes=sum(_packed(u) for u in embeddings["txt"]),
         img_emb_bytes=sum(_packed(u) for u in embeddings["img"]),
+        stream_layer_bytes=tuple(_packed(u) for u in stream_layers),
+        stream_layer_packable_bytes=sum(_packable(u) for u in stream_layers),
     )
-    return {"blocks": block_units, "layers": layers, "embeddings": embeddings}, sizes
+    candidates = {
+        "blocks": block_units,
+        "layers": layers,
+        "embeddings": embeddings,
+        "stream_layers": stream_layers,
+    }
+    return candidates, sizes
 
 
 def _choose_units(units: dict[str, Any], plan: SwapPlan) -> list[SwapUnit]:
     chosen: list[SwapUnit] = []
+    if plan.window_bytes:  # streamed: the layers outside the blocks too
+        chosen.extend(units["stream_layers"])
     if plan.offload_txt_emb:
         chosen.extend(units["embeddings"]["txt"])
     if plan.offload_img_emb:

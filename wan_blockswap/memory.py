@@ -65,7 +65,7 @@ def _check_host(plan: SwapPlan, swapped_on_host: int, largest_unit: int) -> None
     # Packing a unit that already sits in RAM allocates its new buffer before the old tensor
     # is freed, so RAM grows by the bytes coming from elsewhere plus one unit.
     needed = plan.swapped_bytes - swapped_on_host + largest_unit
-    if plan.staging_bytes:
+    if plan.compressed:
         # Compressed transfers keep the raw weights and add a pinned packed copy: ~0.77x for
         # bf16 (exceptions included), more where a unit holds other dtypes.
         needed += int(PACKED_SHARE * plan.swapped_bytes)
@@ -84,6 +84,13 @@ def _check_vram(plan: SwapPlan, to_device: int, device: torch.device) -> None:
     cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     available = free + cached
     needed = to_device + plan.ring_bytes
+    if needed + VRAM_MARGIN_BYTES > available and plan.window_bytes:
+        raise InsufficientMemoryError(
+            f"the swap plan needs {needed / GIB:.2f} GiB of VRAM ({to_device / GIB:.2f} GiB of "
+            f"resident weights to move, up to {plan.ring_bytes / 2**20:.0f} MiB of layers "
+            f"streaming) but {available / GIB:.2f} GiB is free on {device}. Lower "
+            f"vram_budget_gb or free VRAM."
+        )
     if needed + VRAM_MARGIN_BYTES > available:
         raise InsufficientMemoryError(
             f"the swap plan needs {needed / GIB:.2f} GiB of VRAM ({to_device / GIB:.2f} GiB of "

@@ -14,6 +14,9 @@ from .config import SwapConfig
 from .errors import BlockSwapConfigError, InsufficientMemoryError
 
 GIB = 2**30
+# The window of the least-VRAM streamed plan: smaller than any layer worth streaming, so
+# layers stream one at a time
+MIN_STREAM_WINDOW = 1024
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,10 @@ class ModelSizes:
     # swapped has any, the plan reserves no staging VRAM
     txt_emb_packable_bytes: int = 0
     img_emb_packable_bytes: int = 0
+    # Large leaf layers outside the blocks (the layout's stream_modules and embeddings), which
+    # a streamed plan streams too, and their bf16 bytes that compression would pack
+    stream_layer_bytes: tuple[int, ...] = ()
+    stream_layer_packable_bytes: int = 0
 
     def with_role(self, role: str) -> tuple[BlockSizes, ...]:
         return tuple(block for block in self.blocks if block.role == role)
@@ -57,6 +64,12 @@ class SwapPlan:
     blocks, and in layer mode the small tensors of swapped blocks); ``swapped_bytes`` is what
     lives in host memory; the GPU also holds ``num_slots`` slots of ``slot_bytes``, and with
     transfer compression ``staging_bytes`` of staging buffers.
+
+    A streamed plan (``window_bytes`` > 0) has no fixed slots: every large layer, inside the
+    blocks and out, gets its GPU memory when it is prefetched and gives it back when it has
+    run, with at most ``window_bytes`` of them on the GPU at once (a larger layer alone). It
+    is one slot of ``max(window_bytes, largest layer)`` as far as VRAM is concerned. See
+    [Note: streamed plans] in ``window_ring.py``.
     """
 
     swapped: tuple[str, ...]
@@ -73,6 +86,8 @@ class SwapPlan:
     # filling a VRAM budget that whole resident blocks leave partly unused.
     kept_layers: tuple[tuple[str, int], ...] = ()
     staging_bytes: int = 0
+    compressed: bool = False  # bf16 weights travel packed (transfer_compression)
+    window_bytes: int = 0
 
     @property
     def ring_bytes(self) -> int:
@@ -83,6 +98,14 @@ class SwapPlan:
     def gpu_weight_bytes(self) -> int:
         """VRAM for weights: everything resident plus the slot ring."""
         return self.resident_bytes + self.ring_bytes
+
+    @property
+    def budgeted_bytes(self) -> int:
+        """What the plan counts against ``vram_budget_gb``: its weight VRAM, except that a
+        streamed plan counts its window, beside which a larger layer may briefly sit alone."""
+        if self.window_bytes:
+            return self.resident_bytes + self.window_bytes
+        return self.gpu_weight_bytes
 
     def describe(self) -> str:
         """One line per block list: ``blocks 0-27 on GPU, 28-39 in host memory``."""
@@ -113,6 +136,15 @@ class SwapPlan:
             lines.append(f"{' and '.join(extras)} embedding streamed from host memory")
         if self.kept_layers:
             lines.append(f"{len(self.kept_layers)} layers of swapped blocks kept on GPU")
+        if self.window_bytes:
+            lines.append(
+                f"streamed layer by layer, outside the blocks too: at most "
+                f"{self.window_bytes / 2**20:.0f} MiB of layers on GPU at once (a larger layer "
+                f"alone, up to {self.slot_bytes / 2**20:.0f} MiB); weights on GPU "
+                f"{self.gpu_weight_bytes / GIB:.2f} GiB at most, in host memory "
+                f"{self.swapped_bytes / GIB:.2f} GiB"
+            )
+            return "\n".join(lines)
         lines.append(
             f"{self.swap_unit} swapping, {self.num_slots} slots of "
             f"{self.slot_bytes / 2**20:.1f} MiB"
@@ -174,12 +206,24 @@ def plan_swap(sizes: ModelSizes, config: SwapConfig) -> SwapPlan:
                 best = interleaved
     if best is not None:
         return best
+    streamed = streamed_plan(sizes, config, budget) if config.swap_unit != "block" else None
+    if streamed is not None:
+        return streamed
     assert smallest is not None
+    floor = streamed_plan(sizes, config, None)
     raise InsufficientMemoryError(
         f"vram_budget_gb={config.vram_budget_gb} is below what this model needs on the GPU: at "
-        f"least {smallest.gpu_weight_bytes / GIB:.2f} GiB (non-block weights and "
-        f"{smallest.num_slots} slots of {smallest.slot_bytes / 2**20:.0f} MiB with every block "
-        f"swapped). Raise vram_budget_gb, lower prefetch_blocks (now {config.prefetch_blocks}), "
+        f"least {smallest.gpu_weight_bytes / GIB:.2f} GiB with fixed slots (non-block weights "
+        f"and {smallest.num_slots} slots of {smallest.slot_bytes / 2**20:.0f} MiB with every "
+        f"block swapped)"
+        + (
+            f", or more than {floor.resident_bytes / GIB:.3f} GiB streaming layer by layer "
+            f"(the small tensors that stay; one layer of up to "
+            f"{floor.slot_bytes / 2**20:.0f} MiB then sits beside them at a time)"
+            if floor is not None and config.swap_unit != "block"
+            else ""
+        )
+        + f". Raise vram_budget_gb, lower prefetch_blocks (now {config.prefetch_blocks}), "
         f"or set offload_txt_emb/offload_img_emb."
     )
 
@@ -282,6 +326,47 @@ def _build(
         swapped_bytes=swapped_bytes,
         block_order=tuple((b.list_path, b.name) for b in sizes.blocks),
         staging_bytes=staging_bytes() if compressed else 0,
+        compressed=compressed,
+    )
+
+
+def streamed_plan(sizes: ModelSizes, config: SwapConfig, budget: int | None) -> SwapPlan | None:
+    """Every large layer streamed, with ``budget`` minus what stays resident as the window of
+    layers on the GPU at once; None if nothing is left for the window. Without a budget: the
+    least-VRAM plan, whose window of :data:`MIN_STREAM_WINDOW` holds one layer at a time.
+
+    Why: fixed slots must each fit the largest unit and non-block weights stay resident, so
+    their floor is well above what streaming one layer at a time needs (Wan 14B: 0.61 GiB
+    against 0.3). ComfyUI core at a zero weight budget works that way, and below the slot
+    plans so do we.
+    """
+    layers = [n for block in sizes.blocks for n in block.layer_bytes] + list(
+        sizes.stream_layer_bytes
+    )
+    if not layers:
+        return None
+    resident = (
+        sizes.other_bytes
+        - sum(sizes.stream_layer_bytes)
+        + sum(block.nbytes - sum(block.layer_bytes) for block in sizes.blocks)
+    )
+    window = MIN_STREAM_WINDOW if budget is None else budget - resident
+    if window <= 0:
+        return None
+    packable = sum(b.packable_bytes for b in sizes.blocks) + sizes.stream_layer_packable_bytes
+    return SwapPlan(
+        swapped=tuple(b.name for b in sizes.blocks),
+        resident=(),
+        offload_txt_emb=False,
+        offload_img_emb=False,
+        swap_unit="layer",
+        num_slots=1,
+        slot_bytes=max(window, max(layers)),
+        resident_bytes=resident,
+        swapped_bytes=sum(layers),
+        block_order=tuple((b.list_path, b.name) for b in sizes.blocks),
+        compressed=bool(config.transfer_compression and packable),
+        window_bytes=window,
     )
 
 

@@ -84,6 +84,7 @@ class SlotRing:
         self.piece_targets: dict[tuple[int, int], list[torch.Tensor]] = {}
         self.ready: list = []
         self.freed: list = []
+        self.copied: list = []  # raw pieces of a compressed unit landed, per slot
         self.occupant: list[int | None] = [None] * num_slots
         self.free_slots: deque[int] = deque(range(num_slots))  # oldest release first
         self.ahead: deque[int] = deque()  # prefetched slots in expected order of use
@@ -157,6 +158,7 @@ class SlotRing:
                 f"model is unchanged and usable once memory is freed."
             ) from error
         self.slots, self.ready, self.freed = self.pool.slots, self.pool.ready, self.pool.freed
+        self.copied = self.pool.copied
         with torch.inference_mode(self.inference), torch.no_grad():
             # Views are made once per holding, so rebinding costs only ``.data``.
             self.views = [[u.layout.views(slot) for slot in self.slots] for u in self.units]
@@ -173,7 +175,7 @@ class SlotRing:
         self.timings.clear()
         self.occupant = [None] * self.num_slots
         self.free_slots = deque(range(self.num_slots))
-        self.slots, self.views, self.ready, self.freed = [], [], [], []
+        self.slots, self.views, self.ready, self.freed, self.copied = [], [], [], [], []
         self.piece_targets.clear()
 
     def release_memory(self) -> None:
@@ -218,8 +220,9 @@ class SlotRing:
         if timing is not None:
             timing.began = self._mark(compute)
         self.in_use[unit] = slot
-        self.units[unit].bind(self.views[unit][slot])
+        self.units[unit].bind(self._views(unit, slot))
         self.observed.append(unit)
+        self._on_bound(slot)
         self._pump()
 
     def release(self, unit: int) -> None:
@@ -236,6 +239,7 @@ class SlotRing:
         self.units[unit].unbind()
         self.pending.discard(unit)
         self.free_slots.append(slot)
+        self._on_released(slot)
         self._pump()
 
     # -- internals ------------------------------------------------------------------------
@@ -280,6 +284,8 @@ class SlotRing:
             unit = self.schedule[self.cursor]
             if unit in self.pending:  # the ring wrapped: everything ahead is already here
                 break
+            if not self._admits(unit):
+                break
             self.ahead.append(self._load(unit))
             self.cursor = (self.cursor + 1) % length
 
@@ -292,9 +298,23 @@ class SlotRing:
             self.stats.cache_hits += 1
             return slot
         stored = self.units[unit]
-        if stored.compress and stored.transfer is None:  # filled after apply (a loader)
-            stored.seal(self.streams.device)  # before the slot is marked: it may raise
-        self.occupant[slot] = unit
+        try:
+            if stored.compress and stored.transfer is None:  # filled after apply (a loader)
+                stored.seal(self.streams.device)
+            self.occupant[slot] = unit
+            self._start_copy(unit, slot)
+        except BaseException:
+            self._abandon(unit, slot)
+            raise
+        self.stats.copies += 1
+        self.stats.bytes_copied += stored.copy_nbytes
+        self.stats.raw_bytes_copied += stored.nbytes
+        return slot
+
+    def _start_copy(self, unit: int, slot: int) -> None:
+        """Queue ``unit``'s copy (and transform) into ``slot`` and record its ready event."""
+        stored = self.units[unit]
+        self._prepare(unit, slot)
         timing = UnitTiming(stored.name) if self.debug else None
         copy_stream = self.streams.copy_stream
         with self.streams.on_copy_stream(), torch.inference_mode(self.inference):
@@ -317,47 +337,89 @@ class SlotRing:
                 self.copy_clock.append((clock, self._mark(copy_stream), stored.copy_nbytes))
         with self.streams.on(last), torch.inference_mode(self.inference):
             if self.transform is not None:  # after the copy, before the ready event
-                self.transform(stored.name, self.views[unit][slot])
+                self.transform(stored.name, self._views(unit, slot))
             self.streams.record(self.ready[slot], last)
             if timing is not None:
                 timing.copy_end = self._mark(last)
                 self.timings[slot] = timing
-        self.stats.copies += 1
-        self.stats.bytes_copied += stored.copy_nbytes
-        self.stats.raw_bytes_copied += stored.nbytes
-        return slot
+
+    def _abandon(self, unit: int, slot: int) -> None:
+        """A copy into ``slot`` failed half-way (out of memory, a failing transform): wait for
+        what was queued, then hand the slot back empty."""
+        self.streams.synchronize()
+        self.occupant[slot] = None
+        self.pending.discard(unit)
+        self.timings.pop(slot, None)
+        self.free_slots.appendleft(slot)
 
     def _copy_compressed(self, stored: StoredUnit, slot: int) -> object:
         """Queue ``stored``'s pieces into ``slot`` (see [Note: compressed copies]); returns
         the stream on which the slot is complete."""
         transfer = stored.transfer
-        assert transfer is not None and self.pool is not None
-        pool, streams = self.pool, self.streams
+        assert transfer is not None
+        streams = self.streams
         copy_stream, decode_stream = streams.copy_stream, streams.decode_stream
-        targets = self.piece_targets.get((id(stored), slot))
-        if targets is None:
-            targets = self.piece_targets[(id(stored), slot)] = transfer.targets(self.slots[slot])
+        targets = self._targets(stored, slot)
         streams.wait(decode_stream, self.freed[slot])
         streams.wait(decode_stream, self.ready[slot])  # the previous occupant's last writes
         for piece, source, destination in zip(transfer.pieces, transfer.sources, targets):
             if not piece.packed:
                 destination.copy_(source, non_blocking=self.non_blocking)  # on X
                 continue
-            k = pool.next_staging
-            pool.next_staging = (k + 1) % len(pool.staging)
-            staged = pool.staging[k][: piece.host_nbytes]
-            streams.wait(copy_stream, pool.consumed[k])
+            staged, consumed, landed = self._staging(slot, piece.host_nbytes)
+            if consumed is not None:
+                streams.wait(copy_stream, consumed)
             staged.copy_(source, non_blocking=self.non_blocking)
-            streams.record(pool.landed[k], copy_stream)
+            streams.record(landed, copy_stream)
             with streams.on(decode_stream):
-                streams.wait(decode_stream, pool.landed[k])
+                streams.wait(decode_stream, landed)
                 bf16_codec.decode_chunk(
                     staged, piece.slot_nbytes // 2, piece.window, piece.exceptions, destination
                 )
-                streams.record(pool.consumed[k], decode_stream)
-        streams.record(pool.copied[slot], copy_stream)
-        streams.wait(decode_stream, pool.copied[slot])
+                if consumed is not None:
+                    streams.record(consumed, decode_stream)
+        streams.record(self.copied[slot], copy_stream)
+        streams.wait(decode_stream, self.copied[slot])
         return decode_stream
+
+    # -- what a ring with other memory (window_ring) changes ------------------------------
+
+    def _views(self, unit: int, slot: int) -> list[torch.Tensor]:
+        """``unit``'s tensors as views of ``slot``."""
+        return self.views[unit][slot]
+
+    def _prepare(self, unit: int, slot: int) -> None:
+        """Make ``slot`` ready to receive ``unit`` (fixed slots always are)."""
+
+    def _targets(self, stored: StoredUnit, slot: int) -> list[torch.Tensor]:
+        """Where each piece of a compressed unit goes inside ``slot`` (cached: slots stay)."""
+        assert stored.transfer is not None
+        targets = self.piece_targets.get((id(stored), slot))
+        if targets is None:
+            targets = self.piece_targets[(id(stored), slot)] = stored.transfer.targets(
+                self.slots[slot]
+            )
+        return targets
+
+    def _staging(self, slot: int, nbytes: int) -> tuple[torch.Tensor, object, object]:
+        """GPU memory for the next packed chunk of the unit loading into ``slot``: the buffer,
+        the event its previous chunk's decode records (None: nothing to wait for) and the
+        event its copy records. Here: the pool's staging buffers, in turn."""
+        assert self.pool is not None
+        pool = self.pool
+        k = pool.next_staging
+        pool.next_staging = (k + 1) % len(pool.staging)
+        return pool.staging[k][:nbytes], pool.consumed[k], pool.landed[k]
+
+    def _admits(self, unit: int) -> bool:
+        """Whether prefetching ``unit`` now fits (fixed slots: a free slot is enough)."""
+        return True
+
+    def _on_bound(self, slot: int) -> None:
+        """The compute stream now waits for ``slot``'s copy."""
+
+    def _on_released(self, slot: int) -> None:
+        """The compute stream is done with ``slot``."""
 
     def _free_slot_for(self, unit: int) -> int:
         if not self.free_slots:

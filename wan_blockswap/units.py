@@ -153,6 +153,29 @@ def layer_units(block: BlockRef, exclude: set[int]) -> list[SwapUnit]:
     return units
 
 
+def stream_layer_units(
+    root: nn.Module, paths: tuple[str, ...], exclude: set[int], min_bytes: int
+) -> list[SwapUnit]:
+    """Leaf layers of at least ``min_bytes`` under the modules at ``paths`` (those that exist),
+    each its own unit, for streamed plans. A leaf reachable from two paths counts once."""
+    units: list[SwapUnit] = []
+    seen: set[int] = set()
+    for path in paths:
+        try:
+            module = resolve(root, path)
+        except BlockSwapConfigError:
+            continue  # an optional part this model lacks (img_emb without i2v)
+        for name, leaf in module.named_modules():
+            if leaf._modules or id(leaf) in seen:
+                continue
+            seen.add(id(leaf))
+            qualname = _join(path, name)
+            refs = tensor_refs(leaf, qualname, exclude)
+            if refs and sum(_nbytes(ref.get()) for ref in refs) >= min_bytes:
+                units.append(SwapUnit(qualname, leaf, refs, "layer"))
+    return units
+
+
 def embedding_unit(root: nn.Module, path: str, exclude: set[int]) -> SwapUnit:
     module = resolve(root, path)
     return SwapUnit(path, module, tensor_refs(module, path, exclude), "embedding")

@@ -184,6 +184,50 @@ def test_transfer_compression_equals_core_with_and_without_patches(comfy, order,
     assert unpatched.model_size() == resident_size(patcher) + swap.plan.ring_bytes
 
 
+@pytest.mark.parametrize("compression", ["off", "on"])
+@pytest.mark.parametrize("order", ["lora_before_node", "lora_after_node"])
+def test_a_budget_below_every_slot_plan_streams_every_layer_and_equals_core(
+    comfy, order, compression, monkeypatch
+):
+    """Core at a zero weight budget keeps no layer resident; below our slot plans the node
+    streams every large layer too, the time projection and embeddings included."""
+    from callbacks.comfy_adapter import _states
+    from wan_blockswap import compressed_transfer, min_vram_budget_gb
+
+    monkeypatch.setattr(compressed_transfer, "CHUNK_ELEMENTS", 1024)
+    monkeypatch.setattr(compressed_transfer, "MIN_PACKED_ELEMENTS", 256)
+    patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v", dtype=torch.bfloat16)
+    inputs = make_inputs(5)
+    model = patcher.model.diffusion_model
+    keys = [
+        "diffusion_model.blocks.1.ffn.0.weight",
+        "diffusion_model.time_projection.1.weight",
+        "diffusion_model.text_embedding.0.weight",
+    ]
+    plain = run(comfy, patcher, inputs)
+    comfy.model_management.unload_all_models()
+    expected = run(comfy, lora_like(patcher, keys), inputs)
+    comfy.model_management.unload_all_models()
+    layer = model.blocks[0].ffn[0].weight
+    budget = min_vram_budget_gb(model) + 4 * layer.numel() * layer.element_size() / 2**30
+    options = dict(blocks_to_swap=0, vram_budget_gb=budget, transfer_compression=compression)
+    if order == "lora_before_node":
+        swapped = node(lora_like(patcher, keys), **options)
+    else:
+        swapped = lora_like(node(patcher, **options), keys)
+    swap = _states[model].swap
+    assert swap.plan.window_bytes and swap.plan.staging_bytes == 0
+    assert {"time_projection.1", "text_embedding.0"} <= {u.name for u in swap.units}
+    assert any(u.transfer is not None for u in swap.units) == (compression == "on")
+    for _ in range(2):
+        assert torch.equal(run(comfy, swapped, inputs), expected)
+    assert model.time_projection[1].weight.numel() == 0  # core loaded a placeholder
+    assert swapped.model_size() == resident_size(patcher) + swap.plan.ring_bytes
+    comfy.model_management.unload_all_models()
+    unpatched = node(patcher, **options)
+    assert torch.equal(run(comfy, unpatched, inputs), plain)
+
+
 def resident_size(patcher):
     model = patcher.model
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
