@@ -330,3 +330,24 @@ def test_streamed_plan_peak_vram_no_host_sync_and_everything_freed(compress):
     del out
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() <= baseline + 4096
+
+
+def test_streamed_plan_forwards_on_changing_streams_stay_equal(compress):
+    """Layers prefetched under one stream and used under another still wait for each
+    other: the memory goes back to the stream it came from only after its last use."""
+    model = cuda_toy()
+    reference = copy.deepcopy(model).cuda()
+    budget = streamed_budget_gb(model, 4 * MIB)
+    swap = swap_toy(model, vram_budget_gb=budget, transfer_compression=compress)
+    side = torch.cuda.Stream()
+    with torch.inference_mode():
+        for step in range(8):
+            x = inputs(700 + step)
+            expected = reference(**x)
+            stream = side if step % 2 else torch.cuda.current_stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                out = model(**x)
+            torch.cuda.current_stream().wait_stream(stream)
+            assert torch.equal(out, expected), f"step {step}"
+    swap.remove()

@@ -175,6 +175,13 @@ class WindowRing(SlotRing):
             self.unit_staging[slot] = None
 
     def _on_released(self, slot: int) -> None:
+        allocated_on, compute = self.allocated_on[slot], self.streams.compute_stream()
+        if allocated_on is not None and allocated_on != compute:
+            # used on another stream than the one it came from (a forward under a different
+            # torch.cuda.stream): the allocator may hand it out again on the first one
+            done = self.streams.new_event(timing=False)
+            self.streams.record(done, compute)
+            self.streams.wait(allocated_on, done)
         self._free(slot)
 
     def _drop(self, slot: int) -> None:
