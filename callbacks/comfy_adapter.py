@@ -363,6 +363,14 @@ def _replan_for_budget(patcher: Any, state: _State, budget: int) -> None:
         )
         if plan == current:
             return
+    diffusion_model = patcher.model.diffusion_model
+    if plan.window_bytes and current.window_bytes and plan.swapped == current.swapped:
+        if plan.window_bytes != current.window_bytes:  # a streamed plan's new window:
+            _unload_from_core(diffusion_model)  # core counts the window as loaded
+            state.swap.set_window(plan, config)
+            state.config = config
+            patcher.size = resident_bytes(patcher.model, state.swap) + state.ring_bytes
+        return
     block = max((b.nbytes for b in state.swap.sizes.blocks), default=0)
     fits = current.budgeted_bytes <= budget
     if fits and plan.swapped_bytes > current.swapped_bytes - block:
@@ -371,7 +379,6 @@ def _replan_for_budget(patcher: Any, state: _State, budget: int) -> None:
         "wan_blockswap auto: %.2f GiB for weights with this latent; re-planning",
         budget / GIB,
     )
-    diffusion_model = patcher.model.diffusion_model
     _unload_from_core(diffusion_model)  # before remove(): core must not hold placeholders
     state.swap.remove()
     new_state = _swap_loaded_weights(diffusion_model, config, patcher.load_device, auto=True)

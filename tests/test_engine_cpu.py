@@ -452,3 +452,26 @@ def test_a_failing_copy_hands_its_slot_back(streamed):
     with torch.no_grad():
         assert torch.equal(model(**toy_inputs(4)), expected)
     swap.remove()
+
+
+def test_a_streamed_plan_takes_a_new_window_in_place():
+    from wan_blockswap import BlockSwapStateError, plan_for
+
+    model = make_toy()
+    expected = reference(model, 5)
+    layout = toy_layout(model)
+    wider = SwapConfig(vram_budget_gb=streamed_budget_gb(model, 30_000))
+    plan = plan_for(model, wider, layout)
+    slots = plan_for(model, SwapConfig(blocks_to_swap=6), layout)
+    swap = apply_block_swap(
+        model, layout=layout, device="cpu", vram_budget_gb=streamed_budget_gb(model, 1024)
+    )
+    units = list(swap.units)
+    swap.set_window(plan, wider)
+    assert swap.units == units and swap.ring.window_bytes == plan.window_bytes == 30_000
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.equal(model(**toy_inputs(5)), expected)
+    with pytest.raises(BlockSwapStateError, match="streamed plan of the same layers"):
+        swap.set_window(slots, SwapConfig())
+    swap.remove()

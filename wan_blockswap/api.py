@@ -14,7 +14,7 @@ from model_configs.base import ModelLayout
 from .config import SwapConfig
 from .engine import BlockSwap, active_swap, measure_model
 from .errors import BlockSwapConfigError, BlockSwapStateError
-from .plan import GIB, MIN_STREAM_WINDOW, SwapPlan, plan_swap, streamed_plan
+from .plan import GIB, MIN_STREAM_WINDOW, ModelSizes, SwapPlan, plan_swap, streamed_plan
 
 logger = logging.getLogger("wan_blockswap")
 
@@ -95,11 +95,9 @@ def get_block_swap(model: nn.Module) -> BlockSwap | None:
 
 
 def plan_for(model: nn.Module, config: SwapConfig, layout: ModelLayout | None = None) -> SwapPlan:
-    """The plan :func:`apply_block_swap` would use, without changing anything."""
-    if layout is None:
-        layout = model_configs.detect(model).layout
-    _, sizes = measure_model(model, layout)
-    return plan_swap(sizes, config)
+    """The plan :func:`apply_block_swap` would use, without changing anything (for a model
+    already swapped: the sizes it had before)."""
+    return plan_swap(_sizes_of(model, layout), config)
 
 
 def min_vram_budget_gb(model: nn.Module, layout: ModelLayout | None = None) -> float:
@@ -110,17 +108,19 @@ def min_vram_budget_gb(model: nn.Module, layout: ModelLayout | None = None) -> f
     Raises:
         BlockSwapConfigError: the model has no layers to stream.
     """
-    swap = active_swap(model)
-    if swap is not None and swap.sizes is not None:  # placeholders hide the sizes now
-        sizes = swap.sizes
-    else:
-        if layout is None:
-            layout = model_configs.detect(model).layout
-        _, sizes = measure_model(model, layout)
-    floor = streamed_plan(sizes, SwapConfig(), None)
+    floor = streamed_plan(_sizes_of(model, layout), SwapConfig(), None)
     if floor is None:
         raise BlockSwapConfigError(f"{type(model).__name__} has no layers to stream")
     return (floor.resident_bytes + MIN_STREAM_WINDOW) / GIB
+
+
+def _sizes_of(model: nn.Module, layout: ModelLayout | None) -> ModelSizes:
+    swap = active_swap(model)
+    if swap is not None and swap.sizes is not None:  # placeholders hide the sizes now
+        return swap.sizes
+    if layout is None:
+        layout = model_configs.detect(model).layout
+    return measure_model(model, layout)[1]
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:

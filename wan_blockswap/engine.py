@@ -269,6 +269,17 @@ class BlockSwap:
             logger.warning("transfer_compression: could not switch every unit to raw: %s", error)
         return_freed_host_memory()
 
+    def set_window(self, plan: SwapPlan, config: SwapConfig) -> None:
+        """Adopt ``plan``, a streamed plan that differs from the current one only in its
+        window (a new budget), without repacking anything. Whether each layer travels
+        packed stays as decided at apply time."""
+        current = self.plan
+        assert current is not None and isinstance(self.ring, WindowRing)
+        if not plan.window_bytes or plan.swapped != current.swapped:
+            raise BlockSwapStateError("set_window takes a streamed plan of the same layers")
+        self.plan, self.config = plan, config
+        self.ring.window_bytes = plan.window_bytes
+
     def release_vram(self) -> None:
         """Free the GPU slots until the next forward (e.g. when a host unloads the model)."""
         if self.ring is not None:

@@ -565,9 +565,25 @@ def test_auto_refits_the_plan_to_each_latents_memory_estimate(comfy, pack, monke
     mm.unload_all_models()
     free["bytes"] = required_large  # nothing left for weights: the smallest plan, with a warning
     prepare(large)
-    smallest = _states[patcher.model.diffusion_model].swap.plan
+    smallest_swap = _states[patcher.model.diffusion_model].swap
+    smallest = smallest_swap.plan
     assert smallest.swap_unit == "layer" and len(smallest.swapped) == len(sizes.blocks)
+    assert smallest.window_bytes  # streamed, one layer at a time
     assert torch.equal(run(comfy, swapped, inputs), expected)
+
+    mm.unload_all_models()
+    # a little room beyond what stays resident: that room becomes the window, in place (no
+    # repacking), and stays on the next run (its largest layer may sit alone beyond it)
+    free["bytes"] = required_large + smallest.resident_bytes + block // 4
+    prepare(large)
+    streamed = _states[patcher.model.diffusion_model].swap
+    assert streamed is smallest_swap and streamed.plan.window_bytes == block // 4
+    assert streamed.ring.window_bytes == block // 4
+    assert swapped.size == resident_size(patcher) + streamed.plan.ring_bytes
+    assert torch.equal(run(comfy, swapped, inputs), expected)
+    mm.unload_all_models()
+    prepare(large)
+    assert _states[patcher.model.diffusion_model].swap is streamed
 
 
 def hooked_forward(patcher, inputs, group):
