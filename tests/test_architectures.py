@@ -10,7 +10,7 @@ import torch
 
 import model_configs
 import tiny_models
-from wan_blockswap import apply_block_swap
+from wan_blockswap import apply_block_swap, min_vram_budget_gb
 
 EXPECTED_CONFIG = {
     "diffusers/wan_t2v": "wan.diffusers",
@@ -70,7 +70,10 @@ def test_detected_by_structure_and_by_checkpoint_keys(name):
 
 def _plans_for(model, config):
     has_vace = bool(config.layout.lists_with_role("vace"))
-    return [p for p in PLANS if has_vace or "vace_blocks_to_swap" not in p]
+    plans = [p for p in PLANS if has_vace or "vace_blocks_to_swap" not in p]
+    # below every slot plan: every layer streamed, one at a time, outside the blocks too
+    streamed = dict(vram_budget_gb=min_vram_budget_gb(model, config.layout))
+    return plans + [streamed]
 
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))
@@ -85,6 +88,7 @@ def test_swapped_output_is_bit_identical_on_cpu(name):
             for x, want in zip(inputs, expected):
                 assert torch.equal(tiny_models.run(model, x), want), options
         assert swap.stats.copies > 0
+        assert bool(swap.plan.window_bytes) == ("vram_budget_gb" in options)
         swap.remove()
     assert torch.equal(tiny_models.run(model, inputs[0]), expected[0])
 

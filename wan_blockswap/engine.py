@@ -461,6 +461,7 @@ def measure_model(model: nn.Module, layout: ModelLayout) -> tuple[dict[str, Any]
     stream_layers = stream_layer_units(
         model,
         layout.stream_modules + layout.txt_emb + layout.img_emb,
+        blocks,
         shared,
         max(1, int(smallest_block * LAYER_UNIT_MIN_SHARE)),
     )

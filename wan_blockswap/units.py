@@ -154,12 +154,17 @@ def layer_units(block: BlockRef, exclude: set[int]) -> list[SwapUnit]:
 
 
 def stream_layer_units(
-    root: nn.Module, paths: tuple[str, ...], exclude: set[int], min_bytes: int
+    root: nn.Module,
+    paths: tuple[str, ...],
+    blocks: list[BlockRef],
+    exclude: set[int],
+    min_bytes: int,
 ) -> list[SwapUnit]:
     """Leaf layers of at least ``min_bytes`` under the modules at ``paths`` (those that exist),
-    each its own unit, for streamed plans. A leaf reachable from two paths counts once."""
+    each its own unit, for streamed plans. A leaf reachable from two paths counts once, and
+    one inside a block (HunyuanVideo's token refiner sits inside ``txt_in``) is the block's."""
     units: list[SwapUnit] = []
-    seen: set[int] = set()
+    seen: set[int] = {id(m) for block in blocks for m in block.module.modules()}
     for path in paths:
         try:
             module = resolve(root, path)
