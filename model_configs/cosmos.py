@@ -8,6 +8,10 @@ VARIANTS = (
     Variant("cosmos-14b", "Cosmos 14B", num_blocks=36, hidden_size=5120),
 )
 
+# Layers outside the blocks that a streamed plan streams (the positional embedders are left
+# resident: small, and their tables are read by their own helpers)
+STREAM_MODULES_COMFYUI = ("x_embedder", "t_embedder", "final_layer")
+
 # predict1 keeps its blocks in a ModuleDict keyed "block0", "block1", ...
 COMFYUI_PREDICT1 = ArchConfig(
     name="cosmos_predict1.comfyui",
@@ -17,6 +21,7 @@ COMFYUI_PREDICT1 = ArchConfig(
     layout=ModelLayout(
         name="cosmos_predict1",
         block_lists=(BlockListLayout("blocks", key_prefix="blocks.{key}."),),
+        stream_modules=STREAM_MODULES_COMFYUI,
     ),
     detect_keys=("blocks.block0.blocks.0.block.attn.to_q.0.weight",),
     hidden_param="blocks.0.block.attn.to_q.0.weight",
@@ -31,6 +36,7 @@ COMFYUI_PREDICT2 = ArchConfig(
     layout=ModelLayout(
         name="cosmos_predict2",
         block_lists=(BlockListLayout("blocks", key_prefix="blocks.{index}."),),
+        stream_modules=STREAM_MODULES_COMFYUI,
     ),
     detect_keys=("blocks.0.mlp.layer1.weight",),
     hidden_param="mlp.layer1.weight",
@@ -48,6 +54,7 @@ DIFFUSERS = ArchConfig(
         block_lists=(
             BlockListLayout("transformer_blocks", key_prefix="transformer_blocks.{index}."),
         ),
+        stream_modules=("patch_embed", "time_embed", "norm_out", "proj_out"),
     ),
     detect_keys=("transformer_blocks.0.attn1.to_q.weight", "patch_embed.proj.weight"),
     hidden_param="attn1.to_q.weight",
