@@ -38,7 +38,7 @@ from wan_blockswap import (
     SwapConfig,
     get_block_swap,
 )
-from wan_blockswap.plan import MIN_STREAM_WINDOW, plan_swap, streamed_plan
+from wan_blockswap.plan import min_streamed_budget, plan_swap
 
 from .comfy_weight_patches import (
     attach_gguf_patches,
@@ -341,15 +341,12 @@ def _replan_for_budget(patcher: Any, state: _State, budget: int) -> None:
         except InsufficientMemoryError:
             config = None
     if config is None or plan is None:  # below any plan: the least VRAM there is
-        floor = streamed_plan(state.swap.sizes, state.config, None)
+        least = min_streamed_budget(state.swap.sizes)
         config = (
             dataclasses.replace(
-                state.config,
-                vram_budget_gb=(floor.resident_bytes + MIN_STREAM_WINDOW) / GIB,
-                blocks_to_swap=None,
-                swap_unit="auto",
+                state.config, vram_budget_gb=least / GIB, blocks_to_swap=None, swap_unit="auto"
             )
-            if floor is not None
+            if least is not None
             else dataclasses.replace(
                 state.config, vram_budget_gb=None, blocks_to_swap=None, swap_unit="layer"
             )

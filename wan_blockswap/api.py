@@ -14,7 +14,7 @@ from model_configs.base import ModelLayout
 from .config import SwapConfig
 from .engine import BlockSwap, active_swap, measure_model
 from .errors import BlockSwapConfigError, BlockSwapStateError
-from .plan import GIB, MIN_STREAM_WINDOW, ModelSizes, SwapPlan, plan_swap, streamed_plan
+from .plan import GIB, ModelSizes, SwapPlan, min_streamed_budget, plan_swap
 
 logger = logging.getLogger("wan_blockswap")
 
@@ -108,10 +108,10 @@ def min_vram_budget_gb(model: nn.Module, layout: ModelLayout | None = None) -> f
     Raises:
         BlockSwapConfigError: the model has no layers to stream.
     """
-    floor = streamed_plan(_sizes_of(model, layout), SwapConfig(), None)
-    if floor is None:
+    least = min_streamed_budget(_sizes_of(model, layout))
+    if least is None:
         raise BlockSwapConfigError(f"{type(model).__name__} has no layers to stream")
-    return (floor.resident_bytes + MIN_STREAM_WINDOW) / GIB
+    return least / GIB
 
 
 def _sizes_of(model: nn.Module, layout: ModelLayout | None) -> ModelSizes:

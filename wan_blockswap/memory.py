@@ -84,21 +84,22 @@ def _check_vram(plan: SwapPlan, to_device: int, device: torch.device) -> None:
     cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     available = free + cached
     needed = to_device + plan.ring_bytes
-    if needed + VRAM_MARGIN_BYTES > available and plan.window_bytes:
-        raise InsufficientMemoryError(
-            f"the swap plan needs {needed / GIB:.2f} GiB of VRAM ({to_device / GIB:.2f} GiB of "
-            f"resident weights to move, up to {plan.ring_bytes / 2**20:.0f} MiB of layers "
-            f"streaming) but {available / GIB:.2f} GiB is free on {device}. Lower "
-            f"vram_budget_gb or free VRAM."
-        )
-    if needed + VRAM_MARGIN_BYTES > available:
-        raise InsufficientMemoryError(
-            f"the swap plan needs {needed / GIB:.2f} GiB of VRAM ({to_device / GIB:.2f} GiB of "
-            f"resident weights to move, {plan.num_slots} swap slots of "
-            f"{plan.slot_bytes / 2**20:.0f} MiB) but {available / GIB:.2f} GiB is free on "
-            f"{device}. Swap more blocks (blocks_to_swap) or lower vram_budget_gb, or lower "
+    if needed + VRAM_MARGIN_BYTES <= available:
+        return
+    if plan.window_bytes:
+        ring = f"up to {plan.ring_bytes / 2**20:.0f} MiB of layers streaming"
+        fix = "Lower vram_budget_gb or free VRAM."
+    else:
+        ring = f"{plan.num_slots} swap slots of {plan.slot_bytes / 2**20:.0f} MiB"
+        fix = (
+            f"Swap more blocks (blocks_to_swap) or lower vram_budget_gb, or lower "
             f"prefetch_blocks (now {plan.num_slots - 1 if plan.num_slots else 0})."
         )
+    raise InsufficientMemoryError(
+        f"the swap plan needs {needed / GIB:.2f} GiB of VRAM ({to_device / GIB:.2f} GiB of "
+        f"resident weights to move, {ring}) but {available / GIB:.2f} GiB is free on "
+        f"{device}. {fix}"
+    )
 
 
 def _unique_tensors(model: nn.Module) -> list[torch.Tensor]:

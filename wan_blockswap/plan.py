@@ -370,6 +370,13 @@ def streamed_plan(sizes: ModelSizes, config: SwapConfig, budget: int | None) -> 
     )
 
 
+def min_streamed_budget(sizes: ModelSizes) -> int | None:
+    """The least budget any plan accepts: what stays resident when every layer streams, plus
+    a window of :data:`MIN_STREAM_WINDOW` (one layer at a time); None without layers."""
+    floor = streamed_plan(sizes, SwapConfig(), None)
+    return None if floor is None else floor.resident_bytes + MIN_STREAM_WINDOW
+
+
 def _interleaved(sizes: ModelSizes, config: SwapConfig, budget: int) -> SwapPlan | None:
     """Every block streams a few of its layers, instead of some blocks streaming all of theirs.
 

@@ -143,14 +143,7 @@ def layer_units(block: BlockRef, exclude: set[int]) -> list[SwapUnit]:
     """
     total = sum(_nbytes(ref.get()) for ref in tensor_refs(block.module, "", exclude))
     threshold = max(1, int(total * LAYER_UNIT_MIN_SHARE))
-    units = []
-    for name, leaf in block.module.named_modules():
-        if leaf._modules or not name:
-            continue
-        refs = tensor_refs(leaf, f"{block.qualname}.{name}", exclude)
-        if refs and sum(_nbytes(ref.get()) for ref in refs) >= threshold:
-            units.append(SwapUnit(f"{block.qualname}.{name}", leaf, refs, "layer"))
-    return units
+    return _large_leaves(block.module, block.qualname, exclude, threshold, {id(block.module)})
 
 
 def stream_layer_units(
@@ -170,14 +163,24 @@ def stream_layer_units(
             module = resolve(root, path)
         except BlockSwapConfigError:
             continue  # an optional part this model lacks (img_emb without i2v)
-        for name, leaf in module.named_modules():
-            if leaf._modules or id(leaf) in seen:
-                continue
-            seen.add(id(leaf))
-            qualname = _join(path, name)
-            refs = tensor_refs(leaf, qualname, exclude)
-            if refs and sum(_nbytes(ref.get()) for ref in refs) >= min_bytes:
-                units.append(SwapUnit(qualname, leaf, refs, "layer"))
+        units.extend(_large_leaves(module, path, exclude, min_bytes, seen))
+    return units
+
+
+def _large_leaves(
+    module: nn.Module, prefix: str, exclude: set[int], min_bytes: int, skip: set[int]
+) -> list[SwapUnit]:
+    """Leaf modules under ``module`` holding at least ``min_bytes``, each a layer unit; those
+    in ``skip`` are passed over, and every leaf seen is added to it."""
+    units = []
+    for name, leaf in module.named_modules():
+        if leaf._modules or id(leaf) in skip:
+            continue
+        skip.add(id(leaf))
+        qualname = _join(prefix, name)
+        refs = tensor_refs(leaf, qualname, exclude)
+        if refs and sum(_nbytes(ref.get()) for ref in refs) >= min_bytes:
+            units.append(SwapUnit(qualname, leaf, refs, "layer"))
     return units
 
 

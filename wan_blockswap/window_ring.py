@@ -32,7 +32,6 @@ are ordered on C, and every other stream's use is fenced by those events.
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Sequence
 
 import torch
@@ -95,15 +94,15 @@ class WindowRing(SlotRing):
         if not self.ready:
             return
         self.end_forward(completed=False)
-        while self.ahead:
-            self._drop(self.ahead.pop())
-        self.streams.synchronize()
-        for slot in range(HANDLES):
-            self._free(slot)
-        self.pending.clear()
-        self.timings.clear()
-        self.free_slots = deque(range(HANDLES))
-        self.slots, self.ready, self.freed, self.copied = [], [], [], []
+        self.streams.synchronize()  # nothing in flight: every buffer can go
+        self.evict()
+
+    def evict(self) -> None:
+        super().evict()
+        self.held = [0] * HANDLES
+        self.handle_views = [None] * HANDLES
+        self.unit_staging = [None] * HANDLES
+        self.allocated_on = [None] * HANDLES
 
     # -- the hooks of SlotRing --------------------------------------------------------------
 
