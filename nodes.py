@@ -20,9 +20,6 @@ AUTO = "auto (free VRAM now)"
 # The transfer_compression widget's choices and the SwapConfig values they stand for.
 TRANSFER_COMPRESSION = {"off": False, "auto": "auto", "on": True}
 
-# What "auto" leaves for activations, the VAE and core's reserve when no preset applies.
-AUTO_RESERVE_GB = 4.0
-
 
 def config_from_widgets(
     blocks_to_swap: int,
@@ -35,12 +32,12 @@ def config_from_widgets(
     preset: str = CUSTOM,
     vram_budget_gb: float = 0.0,
     transfer_compression: str | bool = "off",
-    free_vram_gb: float | None = None,
 ) -> SwapConfig:
     """The node's widgets as a validated :class:`SwapConfig`.
 
-    ``vram_budget_gb > 0`` or a preset replaces ``blocks_to_swap`` (the tooltip says so);
-    ``auto`` budgets the free VRAM minus a reserve; the adapter refits it per latent.
+    ``vram_budget_gb > 0`` or a preset replaces ``blocks_to_swap`` (the tooltip says so).
+    With ``auto`` the config carries the options only: the adapter plans at the first
+    sampling run, for the VRAM that run's latent leaves.
     """
     common = dict(
         offload_txt_emb=offload_txt_emb,
@@ -52,15 +49,7 @@ def config_from_widgets(
         debug=block_swap_debug,
     )
     if preset == AUTO:
-        if not free_vram_gb:
-            raise ValueError("preset 'auto' needs the free VRAM; none was measured")
-        budget = round(free_vram_gb - AUTO_RESERVE_GB, 2)
-        if budget <= 0:
-            raise ValueError(
-                f"preset 'auto': only {free_vram_gb:.1f} GB of VRAM is free, less than the "
-                f"{AUTO_RESERVE_GB} GB reserve; free VRAM or pick blocks_to_swap by hand"
-            )
-        return SwapConfig(vram_budget_gb=budget, **common)
+        return SwapConfig(**common)
     if preset not in (CUSTOM, ""):
         options = {**common, **model_configs.get_preset(preset).as_dict()}
         return SwapConfig.from_options(**options)
@@ -163,9 +152,9 @@ class WanBlockSwapStream:
                     {
                         "default": CUSTOM,
                         "tooltip": "A tested setting per model and GPU size, or "
-                        "'auto' (first free VRAM now minus 4 GB; before each sampling run, "
-                        "refitted to the VRAM that run's latent leaves, from core's memory "
-                        "estimate). Replaces blocks_to_swap.",
+                        "'auto': planned before each sampling run for the VRAM that run's "
+                        "latent leaves (what is free, with what core can unload, minus core's "
+                        "own memory estimate for the latent). Replaces blocks_to_swap.",
                     },
                 ),
                 "vram_budget_gb": (
@@ -199,11 +188,10 @@ class WanBlockSwapStream:
 
     def apply(self, model, **widgets):
         """``widgets``: the swap inputs, by name (see INPUT_TYPES)."""
-        from callbacks.comfy_adapter import apply_to_patcher, free_vram_gb
+        from callbacks.comfy_adapter import apply_to_patcher
 
-        auto = widgets.get("preset") == AUTO
-        config = config_from_widgets(**widgets, free_vram_gb=free_vram_gb(model) if auto else None)
-        return (apply_to_patcher(model, config, auto=auto),)
+        config = config_from_widgets(**widgets)
+        return (apply_to_patcher(model, config, auto=widgets.get("preset") == AUTO),)
 
 
 class WanBlockSwapModelLoader(WanBlockSwapStream):

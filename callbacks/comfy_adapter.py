@@ -1,20 +1,23 @@
 """Block swap on a ComfyUI ModelPatcher, cooperating with core's memory management instead of
-working around it. With :mod:`callbacks.comfy_weight_patches`, the only code that imports core.
+working around it. With :mod:`callbacks.comfy_weight_patches` and :mod:`callbacks.comfy_private`,
+the only code that imports core.
 
-- The engine is applied to the diffusion model *before* core loads it, with
-  ``move_resident=False``: swapped blocks already hold 0-element placeholders and live in our
-  pinned host buffers, so core loads, moves and counts only the resident part (no VRAM spike,
-  true accounting). The slot ring is added to the patcher's size so core keeps room for it,
-  and counted as loaded by one model at a time where models share it (Wan 2.2 A14B).
+- The swap goes on a private model that shares the loader's weights, never on the loader's
+  own model ([Note: private model] in ``comfy_private``): a prompt without the node finds core's
+  model as core left it, whatever ran before.
+- The engine is applied *before* core loads the private model, with ``move_resident=False``:
+  swapped blocks already hold 0-element placeholders and live in our pinned host buffers, so
+  core loads, moves and counts only the resident part (no VRAM spike, true accounting). The
+  slot ring is added to the patcher's size so core keeps room for it, and counted as loaded by
+  one model at a time where models share it (Wan 2.2 A14B).
 - Core's loader never sees the swapped modules: a per-instance ``_load_list`` filter, re-installed
   on every clone (``ON_CLONE``), keeps core from patching or moving them.
 - LoRA and other weight patches on swapped keys are applied to each slot right after its copy,
   with core's own recipe (``comfy_weight_patches``), so outputs equal core's.
 - ``ON_CLEANUP`` (run in a ``finally`` after sampling, also on interrupts) releases whatever an
   interrupted forward left bound.
-
-Every clone of a patcher shares one ``nn.Module``; the engine state therefore belongs to the
-module, and a node run again with new settings re-applies the engine cleanly.
+- Preset "auto" packs nothing until the first sampling run: it then knows the latent, and
+  plans for the VRAM that latent leaves (:func:`_fit_to_latent`).
 """
 
 from __future__ import annotations
@@ -38,8 +41,18 @@ from wan_blockswap import (
     SwapConfig,
     get_block_swap,
 )
+from wan_blockswap.engine import measure_model
 from wan_blockswap.plan import min_streamed_budget, plan_swap
 
+from .comfy_private import (
+    clone_onto,
+    existing_private,
+    is_dynamic,
+    private_model,
+    rebind_unloaded,
+    release_file_pages,
+    unload_everywhere,
+)
 from .comfy_weight_patches import (
     attach_gguf_patches,
     patch_transform,
@@ -78,23 +91,52 @@ _states: "weakref.WeakKeyDictionary[torch.nn.Module, _State]" = weakref.WeakKeyD
 
 
 def apply_to_patcher(patcher: Any, config: SwapConfig, auto: bool = False) -> Any:
-    """A clone of ``patcher`` whose diffusion model streams its blocks per ``config``.
+    """A clone of ``patcher`` whose model, a private one sharing its weights, streams its
+    blocks per ``config``; ``patcher`` and its model are left as they are.
 
-    ``auto``: ``config`` is a first guess; before each sampling run the plan is fitted to the
-    free VRAM left by that latent's memory estimate (:func:`_fit_to_latent`).
+    ``auto``: ``config`` carries every option but the plan; before each sampling run the plan
+    is fitted to the free VRAM left by that latent's memory estimate (:func:`_fit_to_latent`).
     """
-    diffusion_model = patcher.model.diffusion_model
+    upstream_kind = "dynamic VRAM" if is_dynamic(patcher) else "static"
+    private = private_model(patcher)
+    diffusion_model = private.diffusion_model
     state = _states.get(diffusion_model)
-    if state is None or state.config != config or state.auto != auto:
+    if auto:
+        if state is not None and not (state.auto and _same_options(state.config, config)):
+            remove_swap(private)
+        _auto_options[diffusion_model] = config
+    elif state is None or state.config != config or state.auto:
         if state is not None or get_block_swap(diffusion_model) is not None:
-            remove_from_model(patcher)
-        state = _swap_loaded_weights(diffusion_model, config, patcher.load_device, auto)
-    clone = patcher.clone()
+            remove_swap(private)
+        _auto_options.pop(diffusion_model, None)
+        state = _swap_loaded_weights(private, config, patcher.load_device, auto=False)
+    clone = clone_onto(patcher, private)
     install_callbacks(clone)
     if auto:
         clone.add_wrapper_with_key(WrappersMP.PREPARE_SAMPLING, KEY, _fit_to_latent)
-    clone.size = resident_bytes(clone.model, state.swap) + state.ring_bytes
+    clone.size = _reported_size(clone)
+    logger.info(
+        "wan_blockswap: input model is %s (%s patcher); the swapped copy loads as a static "
+        "model%s",
+        type(patcher.model).__name__,
+        upstream_kind,
+        ", planned at the first sampling run (preset auto)" if auto else "",
+    )
     return clone
+
+
+# Options of an "auto" node whose plan is not made yet (it is made at the first sampling run)
+_auto_options: "weakref.WeakKeyDictionary[torch.nn.Module, SwapConfig]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _same_options(a: SwapConfig, b: SwapConfig) -> bool:
+    """Equal but for the plan's size (what "auto" chooses itself)."""
+    plan_fields = dict(
+        vram_budget_gb=None, blocks_to_swap=None, resident_blocks=None, swap_unit="auto"
+    )
+    return dataclasses.replace(a, **plan_fields) == dataclasses.replace(b, **plan_fields)
 
 
 def resident_bytes(model: torch.nn.Module, swap: BlockSwap) -> int:
@@ -107,15 +149,26 @@ def resident_bytes(model: torch.nn.Module, swap: BlockSwap) -> int:
     return comfy.model_management.module_size(model) - swapped
 
 
+def _reported_size(patcher: Any) -> int:
+    """The size core should count for ``patcher``: what stays on the GPU plus the slot ring,
+    or, with no swap applied yet, the whole model (0 lets core measure it)."""
+    state = _states.get(patcher.model.diffusion_model)
+    if state is None:
+        return 0
+    return resident_bytes(patcher.model, state.swap) + state.ring_bytes
+
+
 def _swap_loaded_weights(
-    diffusion_model: torch.nn.Module, config: SwapConfig, device: torch.device, auto: bool
+    base_model: Any, config: SwapConfig, device: torch.device, auto: bool
 ) -> _State:
-    """Apply the engine to a model whose weights exist (not a skeleton being loaded)."""
+    """Apply the engine to a (private) model whose weights exist, not a skeleton being loaded."""
     # Core may hold this model loaded: give its weights back to the offload device first,
     # so packing reads them from there and core's accounting starts again from zero.
-    _unload_from_core(diffusion_model)
+    unload_everywhere(base_model)
+    diffusion_model = base_model.diffusion_model
     arch = model_configs.detect(diffusion_model)
     swap = BlockSwap.apply(diffusion_model, config, arch.layout, device, move_resident=False)
+    release_file_pages(base_model)
     return register_swap(diffusion_model, swap, config, arch.name, auto)
 
 
@@ -138,9 +191,18 @@ def register_swap(
 
 
 def remove_from_model(patcher: Any) -> None:
-    """Undo the swap on ``patcher``'s diffusion model (weights back on the offload device)."""
-    diffusion_model = patcher.model.diffusion_model
-    _unload_from_core(diffusion_model)
+    """Undo the swap made for ``patcher`` (the node's input or one of its outputs): the
+    private model's weights go back where they were. The loader's model was never changed."""
+    private = existing_private(patcher.model)
+    if private is not None:
+        remove_swap(private)
+
+
+def remove_swap(base_model: Any) -> None:
+    """Undo the swap on the private model ``base_model``, if any."""
+    unload_everywhere(base_model)
+    diffusion_model = base_model.diffusion_model
+    _auto_options.pop(diffusion_model, None)
     state = _states.pop(diffusion_model, None)
     swap = state.swap if state is not None else get_block_swap(diffusion_model)
     if swap is not None:
@@ -241,6 +303,7 @@ def _on_load(
     force_patch_weights: bool,
     full_load: bool,
 ) -> None:
+    release_file_pages(patcher.model)
     state = _states.get(patcher.model.diffusion_model)
     if state is None:
         return
@@ -301,98 +364,126 @@ def _on_cleanup(patcher: Any) -> None:
 
 def _on_detach(patcher: Any, unpatch_all: bool) -> None:
     # Core unloaded the model: give the slots back too (shared slots stay while another model
-    # uses them). A garbage-collected clone detaches with unpatch_all=False: leave it be.
+    # uses them), and point resident weights core moved back as copies at the shared memory.
+    # A garbage-collected clone detaches with unpatch_all=False: leave it be.
+    if not unpatch_all:
+        return
     state = _states.get(patcher.model.diffusion_model)
-    if state is not None and unpatch_all:
+    swapped: set[int] = set()
+    if state is not None:
         state.swap.release_vram()
         _pass_ring_count_on(state)
+        swapped = {id(t) for stored in state.swap.units for t in stored.tensors}
+    rebind_unloaded(patcher.model, swapped)
+
+
+# [Note: auto plans]
+# Preset "auto" plans when core is about to load the model for a sampling run: only then are
+# the latent, and so core's activation estimate, known. The weights get what core's own
+# loader would give them: the free VRAM (with dynamic VRAM, what aimdo can give back too),
+# plus what loaded models hold (core unloads them for ours), minus the larger of core's
+# minimum inference memory and its estimate for one batch of this latent plus its reserve.
+# Re-planning later restores and repacks every weight (seconds for a 14B model), so it happens
+# only when the plan does not fit, or when at least one more block fits resident; a streamed
+# plan takes a new window in place.
 
 
 def _fit_to_latent(executor: Any, patcher: Any, noise_shape: Any, conds: dict, **kwargs: Any):
-    """Preset "auto": before core loads the model for sampling, size the plan to the VRAM this
-    latent leaves, from core's own estimate (the one it loads with), and re-plan if needed.
-
-    Re-planning restores and repacks every weight (seconds for a 14B model), so it happens
-    only when the current plan does not fit, or when at least one more block fits resident.
-    """
-    state = _states.get(patcher.model.diffusion_model)
-    if state is not None and state.auto and state.swap.sizes is not None:
+    """Preset "auto", before core loads the model for sampling: see [Note: auto plans]."""
+    base_model = patcher.model
+    options = _auto_options.get(base_model.diffusion_model)
+    if options is not None:
         mm = comfy.model_management
-        required, _ = comfy.sampler_helpers.estimate_memory(patcher, noise_shape, conds)
-        # what this model holds now (any clone of it) is given back before the new plan loads
-        budget = (
-            mm.get_free_memory(patcher.load_device)
-            + patcher.loaded_size()
-            - required
-            - mm.minimum_inference_memory()
-        )
-        _replan_for_budget(patcher, state, budget)
+        _, minimum = comfy.sampler_helpers.estimate_memory(patcher, noise_shape, conds)
+        available = _available_vram(patcher)
+        reserve = max(mm.minimum_inference_memory(), minimum + mm.extra_reserved_memory())
+        _fit(patcher, options, available, reserve)
     return executor(patcher, noise_shape, conds, **kwargs)
 
 
-def _replan_for_budget(patcher: Any, state: _State, budget: int) -> None:
-    current = state.swap.plan
-    assert current is not None and state.swap.sizes is not None
-    config = plan = None
-    if budget > 0:
-        config = dataclasses.replace(state.config, vram_budget_gb=budget / GIB)
-        try:
-            plan = plan_swap(state.swap.sizes, config)
-        except InsufficientMemoryError:
-            config = None
-    if config is None or plan is None:  # below any plan: the least VRAM there is
-        least = min_streamed_budget(state.swap.sizes)
-        config = (
-            dataclasses.replace(
-                state.config, vram_budget_gb=least / GIB, blocks_to_swap=None, swap_unit="auto"
-            )
-            if least is not None
-            else dataclasses.replace(
-                state.config, vram_budget_gb=None, blocks_to_swap=None, swap_unit="layer"
-            )
-        )
-        plan = plan_swap(state.swap.sizes, config)
-        logger.warning(
-            "wan_blockswap auto: %.2f GiB left for weights with this latent, less than any "
-            "plan needs; streaming every layer (%.2f GiB)",
-            budget / GIB,
-            plan.gpu_weight_bytes / GIB,
-        )
-        if plan == current:
-            return
-    diffusion_model = patcher.model.diffusion_model
-    if plan.window_bytes and current.window_bytes and plan.swapped == current.swapped:
-        if plan.window_bytes != current.window_bytes:  # a streamed plan's new window:
-            _unload_from_core(diffusion_model)  # core counts the window as loaded
-            state.swap.set_window(plan, config)
-            state.config = config
-            patcher.size = resident_bytes(patcher.model, state.swap) + state.ring_bytes
-        return
-    block = max((b.nbytes for b in state.swap.sizes.blocks), default=0)
-    fits = current.budgeted_bytes <= budget
-    if fits and plan.swapped_bytes > current.swapped_bytes - block:
-        return
-    logger.info(
-        "wan_blockswap auto: %.2f GiB for weights with this latent; re-planning",
-        budget / GIB,
-    )
-    _unload_from_core(diffusion_model)  # before remove(): core must not hold placeholders
-    state.swap.remove()
-    new_state = _swap_loaded_weights(diffusion_model, config, patcher.load_device, auto=True)
-    patcher.size = resident_bytes(patcher.model, new_state.swap) + new_state.ring_bytes
-
-
-def _unload_from_core(diffusion_model: torch.nn.Module) -> None:
-    """Have core unload every loaded patcher of this model (weights to the offload device)."""
+def _available_vram(patcher: Any) -> float:
+    """VRAM the model's weights could have: free now (with what aimdo can give back), plus
+    what every loaded model on the device holds (core unloads them to make room)."""
     mm = comfy.model_management
-    for index in reversed(range(len(mm.current_loaded_models))):
-        loaded = mm.current_loaded_models[index]
-        model = loaded.model
-        if model is not None and model.model.diffusion_model is diffusion_model:
-            loaded.model_unload()
-            mm.current_loaded_models.pop(index)
+    device = patcher.load_device
+    free_of = getattr(patcher, "get_free_memory", None)  # aimdo-aware where core has it
+    free = free_of(device) if callable(free_of) else mm.get_free_memory(device)
+    loaded = sum(
+        entry.model.loaded_size()
+        for entry in mm.current_loaded_models
+        if entry.model is not None and entry.device == device
+    )
+    return free + loaded
 
 
-def free_vram_gb(patcher: Any) -> float:
-    """Free memory on the model's load device as core counts it, in GB."""
-    return comfy.model_management.get_free_memory(patcher.load_device) / 1e9
+def _fit(patcher: Any, options: SwapConfig, available: float, reserve: float) -> None:
+    """Apply, keep or re-plan the swap of ``patcher``'s model for ``available - reserve``
+    bytes of weights; below the least plan, a clear error with the numbers."""
+    base_model = patcher.model
+    diffusion_model = base_model.diffusion_model
+    state = _states.get(diffusion_model)
+    sizes = state.swap.sizes if state is not None else None
+    if sizes is None:
+        sizes = measure_model(diffusion_model, model_configs.detect(diffusion_model).layout)[1]
+    budget = available - reserve
+    config = _auto_config(sizes, options, budget, available)
+    plan = plan_swap(sizes, config)
+    if state is not None:
+        current = state.swap.plan
+        assert current is not None
+        if plan.window_bytes and current.window_bytes and plan.swapped == current.swapped:
+            if plan.window_bytes != current.window_bytes:  # a streamed plan's new window
+                unload_everywhere(base_model)  # core counts the window as loaded
+                state.swap.set_window(plan, config)
+                state.config = config
+            patcher.size = _reported_size(patcher)
+            return
+        block = max((b.nbytes for b in sizes.blocks), default=0)
+        fits = current.budgeted_bytes <= max(budget, plan.budgeted_bytes)
+        if fits and plan.swapped_bytes > current.swapped_bytes - block:
+            return
+        logger.info("wan_blockswap auto: %.2f GiB for weights; re-planning", budget / GIB)
+        remove_swap(base_model)  # unloads from core first: core must not hold placeholders
+        _auto_options[diffusion_model] = options
+    _swap_loaded_weights(base_model, config, patcher.load_device, auto=True)
+    patcher.size = _reported_size(patcher)
+
+
+def _auto_config(sizes: Any, options: SwapConfig, budget: float, available: float) -> SwapConfig:
+    """The config "auto" applies for a weight budget of ``budget`` bytes."""
+    if budget > 0:
+        config = dataclasses.replace(
+            options, vram_budget_gb=(budget + 0.5) / GIB, blocks_to_swap=None, resident_blocks=None
+        )
+        try:
+            plan_swap(sizes, config)
+            return config
+        except InsufficientMemoryError:
+            pass
+    least = min_streamed_budget(sizes)
+    if least is None:  # nothing to stream layer by layer: every block's layers in slots
+        config = dataclasses.replace(
+            options, vram_budget_gb=None, blocks_to_swap=None, swap_unit="layer"
+        )
+    else:
+        config = dataclasses.replace(
+            options, vram_budget_gb=least / GIB, blocks_to_swap=None, swap_unit="auto"
+        )
+    needed = plan_swap(sizes, config).gpu_weight_bytes
+    extra = comfy.model_management.extra_reserved_memory()
+    if needed + extra > available:
+        raise InsufficientMemoryError(
+            f"preset 'auto': {available / GIB:.2f} GiB of VRAM can be had, but even streaming "
+            f"every layer needs {needed / GIB:.2f} GiB for weights plus core's "
+            f"{extra / GIB:.2f} GiB reserve, before any activations. Free VRAM (close other "
+            f"programs, unload other models) or use a smaller model or quantized weights."
+        )
+    logger.warning(
+        "wan_blockswap auto: %.2f GiB of VRAM can be had and core expects this latent to need "
+        "%.2f GiB beside the weights; streaming every layer (%.2f GiB of weights). If it runs "
+        "out of memory, lower the resolution or the number of frames.",
+        available / GIB,
+        (available - budget) / GIB,
+        needed / GIB,
+    )
+    return config

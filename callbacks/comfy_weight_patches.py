@@ -18,6 +18,7 @@ import comfy.float
 import comfy.lora
 import comfy.model_patcher
 from wan_blockswap import BlockSwap, BlockSwapConfigError
+from wan_blockswap.units import leaves
 
 logger = logging.getLogger("wan_blockswap")
 
@@ -61,14 +62,20 @@ def patch_transform(
         if any(funcs[key] != (None, None) for _, key in wanted.get(stored.name, ()))
     }
 
+    units = {stored.name: stored for stored in swap.units if stored.name in wanted}
+
     def transform(unit_name: str, views: list[torch.Tensor]) -> None:
+        entries = wanted.get(unit_name, ())
+        if not entries:
+            return
+        tensors = units[unit_name].as_tensors(views)  # views are per piece
         stored = scaled.get(unit_name)
         if stored is not None:
             stored.bind(views)
         try:
-            for index, key in wanted.get(unit_name, ()):
+            for index, key in entries:
                 for patches in stages[key]:
-                    _patch_view(views[index], key, patches, *funcs[key])
+                    _patch_view(tensors[index], key, patches, *funcs[key])
         finally:
             if stored is not None:
                 stored.unbind()
@@ -128,9 +135,22 @@ def _patch_view(
     out = comfy.lora.calculate_weight(patches, temp, key)
     seed = comfy.model_patcher.string_to_seed(key)
     if set_func is None:
-        view.copy_(comfy.float.stochastic_rounding(out, view.dtype, seed=seed))
+        _write(view, comfy.float.stochastic_rounding(out, view.dtype, seed=seed))
     else:
-        view.copy_(set_func(out, seed=seed, return_weight=True))
+        _write(view, set_func(out, seed=seed, return_weight=True))
+
+
+def _write(view: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy ``value`` into the slot ``view``; a wrapper tensor (a re-quantized weight with a
+    new scale) piece by piece ([Note: wrapper tensors] in ``wan_blockswap.units``)."""
+    targets, sources = leaves(view), leaves(value)
+    if len(targets) != len(sources):
+        raise BlockSwapConfigError(
+            f"a patched weight came back as {type(value).__name__} with {len(sources)} parts, "
+            f"its slot holds {len(targets)}; keep that block resident (fewer blocks_to_swap)"
+        )
+    for target, source in zip(targets, sources):
+        target.copy_(source)
 
 
 def attach_gguf_patches(patcher: Any, swap: BlockSwap) -> None:
@@ -139,8 +159,9 @@ def attach_gguf_patches(patcher: Any, swap: BlockSwap) -> None:
     loads our swapped weights, so set it on them at every load; the tensor objects survive
     every slot rebinding."""
     for stored in swap.units:
-        for ref, tensor in zip(stored.unit.tensors, stored.tensors):
+        for ref in stored.unit.tensors:
             key = MODEL_PREFIX + ref.qualname
+            tensor = ref.get()
             if _is_gguf_quantized(tensor):
                 tensor.patches = [(patcher.patches[key], key)] if key in patcher.patches else []
 

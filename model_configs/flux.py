@@ -18,7 +18,8 @@ COMFYUI = ArchConfig(
         txt_emb=("txt_in",),
         stream_modules=("img_in", "time_in", "vector_in", "guidance_in", "final_layer"),
     ),
-    detect_keys=("double_blocks.0.img_attn.norm.key_norm.scale", "img_in.weight"),
+    # (not the norm keys: current core names them .weight, older files and cores .scale)
+    detect_keys=("double_blocks.0.img_attn.qkv.weight", "img_in.weight"),
     hidden_param="img_attn.qkv.weight",
     variants=VARIANTS,
 )

@@ -53,6 +53,8 @@ def build(name):
     try:
         return BUILDERS[name]()
     except tiny_models.ComfyUnavailable as error:
+        if os.environ.get("COMFYUI_PATH"):  # named but broken: see the ``comfy`` fixture
+            pytest.fail(str(error), pytrace=False)
         pytest.skip(str(error))
 
 

@@ -33,7 +33,12 @@ def _python_files():
 
 
 # the adapters, imported only when ComfyUI runs the nodes
-COMFY_MODULES = ("comfy_adapter.py", "comfy_weight_patches.py", "comfy_lazy_load.py")
+COMFY_MODULES = (
+    "comfy_adapter.py",
+    "comfy_weight_patches.py",
+    "comfy_lazy_load.py",
+    "comfy_private.py",
+)
 
 
 def test_no_comfy_import_in_engine_or_configs():

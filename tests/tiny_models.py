@@ -429,9 +429,34 @@ def _comfy_class(dotted: str):
     return getattr(importlib.import_module(module), name)
 
 
+# Fields newer cores added to their params dataclasses (HunyuanVideoParams, FluxParams in
+# v0.33), with the values that keep the older architecture: given only where a core has them.
+_NEWER_CORE_FIELDS = {
+    "use_cond_type_embedding": False,
+    "vision_in_dim": None,
+    "meanflow_sum": False,
+    "txt_ids_dims": [],
+}
+
+
+def _with_newer_fields(cls, config: dict) -> dict:
+    import dataclasses
+
+    module = importlib.import_module(cls.__module__)
+    fields = {
+        field.name
+        for value in vars(module).values()
+        if dataclasses.is_dataclass(value) and isinstance(value, type)
+        for field in dataclasses.fields(value)
+    }
+    extra = {k: v for k, v in _NEWER_CORE_FIELDS.items() if k in fields and k not in config}
+    return {**config, **extra}
+
+
 def _build_comfy(dotted: str, config: dict, seed: int) -> torch.nn.Module:
     comfy = import_comfy()
     cls = _comfy_class(dotted)
+    config = _with_newer_fields(cls, config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = cls(
@@ -822,7 +847,8 @@ def comfy_load_tiny(
             state_dict = _build_comfy(dotted, tiny, seed).state_dict()
         import comfy.supported_models
 
-        model_config = getattr(comfy.supported_models, config_name)(dict(tiny))
+        unet_config = _with_newer_fields(_comfy_class(dotted), dict(tiny))
+        model_config = getattr(comfy.supported_models, config_name)(unet_config)
         model_config.set_inference_dtype(torch.float32, None)
         model = model_config.get_model({}, "")
         model.load_model_weights(dict(state_dict), "")

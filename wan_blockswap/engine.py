@@ -40,6 +40,7 @@ from .units import (
     embedding_unit,
     find_blocks,
     layer_units,
+    leaves,
     resolve,
     shared_tensor_ids,
     stream_layer_units,
@@ -172,7 +173,7 @@ class BlockSwap:
                     stored.pack(pin)
                     if not stored.awaits_data:  # else a loader fills it; sealed at first use
                         stored.seal(self.device)
-                swapped_ids.update(id(t) for t in stored.tensors)
+                swapped_ids.update(id(ref.get()) for ref in stored.unit.tensors)
             for ref in tensor_refs(self.model, "", set()) if self.move_resident else ():
                 tensor = ref.get()
                 if id(tensor) in swapped_ids or tensor.device == self.device:
@@ -527,9 +528,10 @@ def _whole_model_unit(model: nn.Module) -> SwapUnit:
 
 def _packable(unit: SwapUnit) -> int:
     """bf16 bytes in tensors large enough to travel compressed."""
-    tensors = (ref.get() for ref in unit.tensors)
+    tensors = (leaf for ref in unit.tensors for leaf in leaves(ref.get()))
     return sum(2 * t.numel() for t in tensors if compressed_transfer.is_packable(t))
 
 
 def _packed(unit: SwapUnit) -> int:
-    return PackedLayout.of((ref.get().size(), ref.get().dtype) for ref in unit.tensors).nbytes
+    pieces = (leaf for ref in unit.tensors for leaf in leaves(ref.get()))
+    return PackedLayout.of((leaf.size(), leaf.dtype) for leaf in pieces).nbytes

@@ -10,7 +10,7 @@ from torch import nn
 
 from .errors import InsufficientMemoryError
 from .plan import GIB, SwapPlan
-from .units import SwapUnit
+from .units import SwapUnit, stored_nbytes
 
 logger = logging.getLogger("wan_blockswap")
 
@@ -43,7 +43,7 @@ def check_fits(
     swapped_on_host = 0
     to_device = 0
     for tensor in _unique_tensors(model):
-        nbytes = tensor.numel() * tensor.element_size()
+        nbytes = stored_nbytes(tensor)
         if id(tensor) in swapped:
             if tensor.device.type == "cpu":
                 swapped_on_host += nbytes
@@ -55,7 +55,7 @@ def check_fits(
 
 
 def _raw_bytes(unit: SwapUnit) -> int:
-    return sum(ref.get().numel() * ref.get().element_size() for ref in unit.tensors)
+    return sum(stored_nbytes(ref.get()) for ref in unit.tensors)
 
 
 def _check_host(plan: SwapPlan, swapped_on_host: int, largest_unit: int) -> None:

@@ -16,7 +16,9 @@ import torch
 
 from .compressed_transfer import CompressedTransfer, is_packable
 from .storage import HostBuffer, PackedLayout
-from .units import SwapUnit
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+from .units import SwapUnit, leaves, rebuild
 
 
 class Placeholders:
@@ -33,7 +35,13 @@ class Placeholders:
 
 
 class StoredUnit:
-    """Host storage, placeholders and rebinding for one :class:`SwapUnit`."""
+    """Host storage, placeholders and rebinding for one :class:`SwapUnit`.
+
+    The unit is stored as its *pieces*: the plain tensors holding its data, one per plain
+    tensor and one per inner tensor of a wrapper tensor ([Note: wrapper tensors] in
+    ``units``). ``layout``, host views and slot views are per piece; :meth:`as_tensors`
+    turns piece views back into one tensor per :attr:`SwapUnit.tensors` entry.
+    """
 
     def __init__(
         self,
@@ -47,23 +55,43 @@ class StoredUnit:
         self.pin = False
         self.name = unit.name
         # The tensor objects themselves: rebinding ``.data`` keeps Parameter identity,
-        # ``requires_grad`` and any attributes other code hung on them.
+        # ``requires_grad`` and any attributes other code hung on them. A wrapper tensor is
+        # rebuilt instead (its device is fixed when it is made), from ``templates``.
         self.tensors = [ref.get() for ref in unit.tensors]
+        self.templates = [t if is_traceable_wrapper_subclass(t) else None for t in self.tensors]
+        self.pieces = [leaf for t in self.tensors for leaf in leaves(t)]
+        self.counts = [len(leaves(t)) for t in self.tensors]
         # ``size()``, not ``shape``: a tensor subclass may report a logical shape that is not its
         # storage (ComfyUI-GGUF's GGMLTensor: the dequantized shape of quantized bytes).
-        self.layout = PackedLayout.of((t.size(), t.dtype) for t in self.tensors)
+        self.layout = PackedLayout.of((t.size(), t.dtype) for t in self.pieces)
         # A unit with nothing to pack (fp8, GGUF bytes, small tensors) keeps plain transfers:
         # a packed copy of raw pieces would only double its pinned memory.
-        self.compress = compress and any(map(is_packable, self.tensors))
-        self.original_devices = [t.device for t in self.tensors]
-        self.placeholders = [placeholders.get(t.dtype, device) for t in self.tensors]
+        self.compress = compress and any(map(is_packable, self.pieces))
+        self.original_devices = [t.device for t in self.pieces]
+        self.placeholders = [placeholders.get(t.dtype, device) for t in self.pieces]
         for i, (ref, tensor) in enumerate(zip(unit.tensors, self.tensors)):
-            if tensor.device.type == "meta":  # a skeleton: give it a real, empty tensor object
+            if tensor.device.type == "meta" and self.templates[i] is None:
+                # a skeleton: give it a real, empty tensor object
                 self.tensors[i] = ref.replace(torch.empty(0, dtype=tensor.dtype, device=device))
+                self.pieces[sum(self.counts[:i])] = self.tensors[i]
+        # wrapper tensors between uses: rebuilt over the placeholders
+        self.parked = self.as_tensors(self.placeholders)
         prefix = len(unit.name) + 1
         self.local_names = [ref.qualname[prefix:] for ref in unit.tensors]
         self.host: HostBuffer | None = None
         self.host_views: list[torch.Tensor] = []
+
+    def as_tensors(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One tensor per unit tensor over the piece ``views``: the view of a plain tensor, a
+        wrapper rebuilt over its pieces' views."""
+        out = []
+        pieces = iter(views)
+        for template, count in zip(self.templates, self.counts):
+            if template is None:
+                out.append(next(pieces))
+            else:
+                out.append(rebuild(template, iter([next(pieces) for _ in range(count)])))
+        return out
 
     @property
     def nbytes(self) -> int:
@@ -100,12 +128,12 @@ class StoredUnit:
         if self.compress and not self.awaits_data:
             self.pin = pin
             self.host_views = [
-                t.detach().to("cpu").contiguous() for t in self.tensors  # CPU: no copy
+                t.detach().to("cpu").contiguous() for t in self.pieces  # CPU: no copy
             ]
             self.unbind()
             return
         self.allocate(pin)
-        for view, tensor, device in zip(self.host_views, self.tensors, self.original_devices):
+        for view, tensor, device in zip(self.host_views, self.pieces, self.original_devices):
             if device.type != "meta":  # skeleton tensors have no data yet: a loader fills them
                 view.copy_(tensor.detach())
         self.unbind()
@@ -143,12 +171,28 @@ class StoredUnit:
         self.compress = False
 
     def bind(self, views: list[torch.Tensor]) -> None:
-        for tensor, view in zip(self.tensors, views):
-            tensor.data = view
+        """Point the unit's tensors at ``views`` (one per piece)."""
+        self._point_at(views, self.as_tensors(views) if self._wraps else None)
 
     def unbind(self) -> None:
-        for tensor, placeholder in zip(self.tensors, self.placeholders):
-            tensor.data = placeholder
+        self._point_at(self.placeholders, self.parked)
+
+    @property
+    def _wraps(self) -> bool:
+        return any(t is not None for t in self.templates)
+
+    def _point_at(self, pieces: list[torch.Tensor], wrapped: list[torch.Tensor] | None) -> None:
+        # Through the registered object, not the one captured at apply: a host may have put
+        # a new Parameter over the same placeholder (core's quantized ops re-wrap their
+        # parameters whenever the module is moved, even where nothing moves).
+        start = 0
+        for i, (ref, count) in enumerate(zip(self.unit.tensors, self.counts)):
+            if self.templates[i] is None:
+                ref.get().data = pieces[start]
+            else:
+                assert wrapped is not None
+                ref.replace(wrapped[i])
+            start += count
 
     def restore(self) -> None:
         """Give every tensor its own memory again on its original device; free the host buffer.
@@ -157,11 +201,13 @@ class StoredUnit:
         """
         if self.host is None and not self.host_views:
             return
-        for tensor, view, device in zip(self.tensors, self.host_views, self.original_devices):
+        restored = []
+        for tensor, view, device in zip(self.pieces, self.host_views, self.original_devices):
             target = torch.device("cpu") if device.type == "meta" else device
             with torch.inference_mode(tensor.is_inference()):  # [Note: inference tensors]
                 # Views of our buffer are copied out; weights kept in place (compressed) return
-                tensor.data = view.to(target, copy=self.host is not None)
+                restored.append(view.to(target, copy=self.host is not None))
+        self._point_at(restored, self.as_tensors(restored) if self._wraps else None)
         self.host_views = []
         self._free_host()
 
@@ -183,7 +229,7 @@ class StoredUnit:
         """Put the real (host) weights into ``state_dict`` where placeholders would be."""
         if not self.host_views:
             return
-        for name, view in zip(self.local_names, self.host_views):
+        for name, view in zip(self.local_names, self.as_tensors(self.host_views)):
             key = prefix + name
             if key in state_dict:
                 state_dict[key] = view

@@ -14,6 +14,7 @@ from typing import Iterator
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from model_configs.base import BlockListLayout, ModelLayout
 
@@ -215,5 +216,36 @@ def _join(*parts: str) -> str:
     return ".".join(part for part in parts if part)
 
 
+# [Note: wrapper tensors]
+# A wrapper tensor subclass (comfy-kitchen's QuantizedTensor: fp8 bytes plus a scale, with the
+# logical shape and dtype of the real weight) has no storage of its own. It is stored and
+# streamed as its inner tensors (``__tensor_flatten__``), each a piece of the unit's packed
+# buffer, and rebuilt over their slot views (``__tensor_unflatten__``) when bound; its size is
+# what those pieces hold, not its logical numel times its logical dtype's size.
+
+
+def leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding ``tensor``'s data: itself, or a wrapper's inner tensors."""
+    if not is_traceable_wrapper_subclass(tensor):
+        return [tensor]
+    names, _ = tensor.__tensor_flatten__()
+    return [leaf for name in names for leaf in leaves(getattr(tensor, name))]
+
+
+def rebuild(template: torch.Tensor, pieces: Iterator[torch.Tensor]) -> torch.Tensor:
+    """A tensor like ``template`` over the next of ``pieces`` (one per leaf, in
+    :func:`leaves` order): the piece itself for a plain tensor, a new wrapper otherwise."""
+    if not is_traceable_wrapper_subclass(template):
+        return next(pieces)
+    names, context = template.__tensor_flatten__()
+    inner = {name: rebuild(getattr(template, name), pieces) for name in names}
+    return type(template).__tensor_unflatten__(inner, context, template.size(), template.stride())
+
+
 def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
+    return sum(leaf.numel() * leaf.element_size() for leaf in leaves(tensor))
+
+
+def stored_nbytes(tensor: torch.Tensor) -> int:
+    """Bytes ``tensor``'s data takes (see [Note: wrapper tensors])."""
+    return _nbytes(tensor)

@@ -69,6 +69,20 @@ def node(model, **options):
     return load_pack().nodes.WanBlockSwapStream().apply(model, **{**WIDGETS, **options})[0]
 
 
+def swap_of(model):
+    """The block swap behind one of the node's MODEL outputs (on its private model)."""
+    from wan_blockswap import get_block_swap
+
+    return get_block_swap(model.model.diffusion_model)
+
+
+def assert_untouched(patcher):
+    """The loader's model as core made it: no hooks of ours, every weight its own."""
+    for module in patcher.model.modules():
+        assert not module._forward_pre_hooks and not module._forward_hooks
+    assert all(t.numel() > 0 for t in patcher.model.parameters())
+
+
 def lora_like(patcher, keys, seed=0):
     """A clone with 'diff' weight patches on ``keys`` (core applies them like a LoRA)."""
     gen = torch.Generator().manual_seed(seed)
@@ -99,11 +113,13 @@ def test_node_output_equals_core_without_it(comfy, arch):
     expected = run(comfy, patcher, inputs)
     comfy.model_management.unload_all_models()
     swapped = node(patcher, blocks_to_swap=3)
-    assert swapped is not patcher and swapped.model is patcher.model
+    assert swapped is not patcher and swapped.model is not patcher.model  # a private model
+    assert swap_of(swapped) is not None
     assert torch.equal(run(comfy, swapped, inputs), expected)
     assert torch.equal(run(comfy, swapped, inputs), expected)  # second run: learned order
-    # the upstream MODEL keeps working and its options are untouched
+    # the upstream MODEL keeps working, its options and its model untouched
     assert "wan_blockswap" not in str(patcher.callbacks)
+    assert_untouched(patcher)
     assert torch.equal(run(comfy, patcher, inputs), expected)
 
 
@@ -113,19 +129,22 @@ def test_core_sees_only_resident_weights_and_counts_the_ring(comfy):
     swapped = node(patcher, blocks_to_swap=4)
     from callbacks.comfy_adapter import _states
 
-    state = _states[patcher.model.diffusion_model]
-    resident = sum(p.numel() * p.element_size() for p in patcher.model.parameters())
-    resident += sum(b.numel() * b.element_size() for b in patcher.model.buffers())
+    state = _states[swapped.model.diffusion_model]
+    resident = sum(p.numel() * p.element_size() for p in swapped.model.parameters())
+    resident += sum(b.numel() * b.element_size() for b in swapped.model.buffers())
     assert resident < full
     # saving through core still gets the real weights
-    assert comfy.model_management.module_size(patcher.model) == full
+    assert comfy.model_management.module_size(swapped.model) == full
     assert swapped.model_size() == resident + state.ring_bytes
-    names = {entry[1] for entry in swapped._load_list()}
+    # entries end in (..., module_size, name, module, params) on every core
+    names = {entry[-3] for entry in swapped._load_list()}
+    assert "diffusion_model.patch_embedding" in names
     assert not any(name.startswith("diffusion_model.blocks.") for name in names)
     comfy.model_management.load_models_gpu([swapped])
     assert swapped.loaded_size() == swapped.model_size()
-    block = patcher.model.diffusion_model.blocks[0]
+    block = swapped.model.diffusion_model.blocks[0]
     assert block.self_attn.q.weight.numel() == 0  # still a placeholder after core's load
+    assert patcher.model_size() == full and patcher.loaded_size() == 0
 
 
 @pytest.mark.parametrize("order", ["lora_before_node", "lora_after_node"])
@@ -173,7 +192,7 @@ def test_transfer_compression_equals_core_with_and_without_patches(comfy, order,
         model = node(lora_like(patcher, keys), blocks_to_swap=2, transfer_compression="on")
     else:
         model = lora_like(node(patcher, blocks_to_swap=2, transfer_compression="on"), keys)
-    swap = _states[patcher.model.diffusion_model].swap
+    swap = _states[model.model.diffusion_model].swap
     assert swap.plan.staging_bytes > 0 and all(u.transfer is not None for u in swap.units)
     assert torch.equal(run(comfy, model, inputs), expected)
     assert torch.equal(run(comfy, model, inputs), expected)
@@ -181,7 +200,7 @@ def test_transfer_compression_equals_core_with_and_without_patches(comfy, order,
     unpatched = node(patcher, blocks_to_swap=2, transfer_compression="on")
     assert torch.equal(run(comfy, unpatched, inputs), plain)
     # core's size accounting: the ring includes the staging buffers
-    assert unpatched.model_size() == resident_size(patcher) + swap.plan.ring_bytes
+    assert unpatched.model_size() == resident_size(unpatched) + swap.plan.ring_bytes
 
 
 @pytest.mark.parametrize("compression", ["off", "on"])
@@ -215,14 +234,15 @@ def test_a_budget_below_every_slot_plan_streams_every_layer_and_equals_core(
         swapped = node(lora_like(patcher, keys), **options)
     else:
         swapped = lora_like(node(patcher, **options), keys)
-    swap = _states[model].swap
+    swap = _states[swapped.model.diffusion_model].swap
     assert swap.plan.window_bytes and swap.plan.staging_bytes == 0
     assert {"time_projection.1", "text_embedding.0"} <= {u.name for u in swap.units}
     assert any(u.transfer is not None for u in swap.units) == (compression == "on")
     for _ in range(2):
         assert torch.equal(run(comfy, swapped, inputs), expected)
-    assert model.time_projection[1].weight.numel() == 0  # core loaded a placeholder
-    assert swapped.model_size() == resident_size(patcher) + swap.plan.ring_bytes
+    private = swapped.model.diffusion_model
+    assert private.time_projection[1].weight.numel() == 0  # core loaded a placeholder
+    assert swapped.model_size() == resident_size(swapped) + swap.plan.ring_bytes
     comfy.model_management.unload_all_models()
     unpatched = node(patcher, **options)
     assert torch.equal(run(comfy, unpatched, inputs), plain)
@@ -263,7 +283,7 @@ def test_weight_patches_on_a_vram_budget_plan_equal_core(comfy):
     expected = run(comfy, lora_like(patcher, keys), inputs)
     comfy.model_management.unload_all_models()
     swapped = lora_like(node(patcher, blocks_to_swap=0, vram_budget_gb=round(budget, 6)), keys)
-    assert get_block_swap(model).plan.kept_layers
+    assert get_block_swap(swapped.model.diffusion_model).plan.kept_layers
     assert torch.equal(run(comfy, swapped, inputs), expected)
     comfy.model_management.unload_all_models()
 
@@ -279,12 +299,15 @@ def test_interrupt_mid_forward_then_unload_and_reuse(comfy):
     def interrupt(module, args):
         raise comfy.model_management.InterruptProcessingException()
 
-    handle = patcher.model.diffusion_model.blocks[2].ffn.register_forward_pre_hook(interrupt)
+    private = swapped.model.diffusion_model
+    handle = private.blocks[2].ffn.register_forward_pre_hook(interrupt)
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         run(comfy, swapped, inputs)
     handle.remove()
     swapped.cleanup()  # core calls this in a finally after sampling
-    assert all(p.numel() == 0 for p in patcher.model.diffusion_model.blocks[3].parameters())
+    assert all(p.numel() == 0 for p in private.blocks[3].parameters())
+    assert_untouched(patcher)
+    assert torch.equal(run(comfy, patcher, inputs), expected)
     assert torch.equal(run(comfy, swapped, inputs), expected)
     comfy.model_management.unload_all_models()
     assert torch.equal(run(comfy, swapped, inputs), expected)
@@ -295,12 +318,16 @@ def test_new_settings_reapply_cleanly_and_remove_restores(comfy):
     inputs = make_inputs(4)
     expected = run(comfy, patcher, inputs)
     for blocks in (1, 4, 2):
-        assert torch.equal(run(comfy, node(patcher, blocks_to_swap=blocks), inputs), expected)
+        swapped = node(patcher, blocks_to_swap=blocks)
+        assert torch.equal(run(comfy, swapped, inputs), expected)
+        assert torch.equal(run(comfy, patcher, inputs), expected)  # core's own, in between
+        assert_untouched(patcher)
     from callbacks.comfy_adapter import remove_from_model
 
     remove_from_model(patcher)
-    assert all(p.numel() > 0 for p in patcher.model.parameters())
-    assert torch.equal(run(comfy, patcher, inputs), expected)
+    assert swap_of(swapped) is None
+    assert all(p.numel() > 0 for p in swapped.model.parameters())
+    assert torch.equal(run(comfy, swapped, inputs), expected)
 
 
 def test_presets_and_budget_widgets(comfy, pack):
@@ -308,9 +335,9 @@ def test_presets_and_budget_widgets(comfy, pack):
 
     assert config(preset="Wan 2.1/2.2 14B, 12 GB").vram_budget_gb == 7.5
     assert config(vram_budget_gb=3.0).vram_budget_gb == 3.0
-    assert config(preset=AUTO, free_vram_gb=10.0).vram_budget_gb == 6.0
-    with pytest.raises(ValueError, match="reserve"):
-        config(preset=AUTO, free_vram_gb=2.0)
+    # auto: the options only; the plan is made at the first sampling run
+    auto = config(preset=AUTO, transfer_compression="on")
+    assert auto.vram_budget_gb is None and auto.transfer_compression is True
     with pytest.raises(ValueError, match="blocks_to_swap must be in 0..4"):
         patcher, _ = tiny_models.comfy_load_tiny("wan_t2v")
         node(patcher, blocks_to_swap=9)
@@ -417,7 +444,7 @@ def test_a_workflow_that_drops_the_model_frees_it(comfy):
     swapped = node(patcher, blocks_to_swap=4)
     run(comfy, swapped, make_inputs(6))
     assert pooled_bytes() > 0
-    diffusion_model = weakref.ref(patcher.model.diffusion_model)
+    diffusion_model = weakref.ref(swapped.model.diffusion_model)
     buffers = [weakref.ref(u.host) for u in _states[diffusion_model()].swap.units]
     gc.disable()  # freed by reference counting, as core frees its own patchers
     try:
@@ -439,8 +466,8 @@ def test_wan22_shared_slots_are_counted_once_and_the_count_moves_on_unload(comfy
     low, _ = tiny_models.comfy_load_tiny("wan_t2v", seed=2)
     inputs = make_inputs(6)
     swapped = {"high": node(high, blocks_to_swap=4), "low": node(low, blocks_to_swap=4)}
-    ring = _states[high.model.diffusion_model].ring_bytes
-    assert ring == _states[low.model.diffusion_model].ring_bytes > 0
+    ring = _states[swapped["high"].model.diffusion_model].ring_bytes
+    assert ring == _states[swapped["low"].model.diffusion_model].ring_bytes > 0
     resident = {name: model.model_size() - ring for name, model in swapped.items()}
     for name in ("high", "low"):
         run(comfy, swapped[name], inputs)
@@ -452,7 +479,9 @@ def test_wan22_shared_slots_are_counted_once_and_the_count_moves_on_unload(comfy
     assert total == resident["high"] + resident["low"] + ring
     assert swapped["high"].loaded_size() == resident["high"] + ring  # the first to load
     # core unloads the high-noise model: the low-noise one now counts the slots it still uses
-    index = next(i for i, m in enumerate(mm.current_loaded_models) if m.model.model is high.model)
+    index = next(
+        i for i, m in enumerate(mm.current_loaded_models) if m.model.model is swapped["high"].model
+    )
     mm.current_loaded_models.pop(index).model_unload()
     assert swapped["high"].loaded_size() == 0
     assert swapped["low"].loaded_size() == resident["low"] + ring
@@ -476,7 +505,10 @@ def scaled_fp8_wan(comfy):
     state["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
     patcher = comfy.sd.load_diffusion_model_state_dict(state)
     layer = patcher.model.diffusion_model.blocks[0].self_attn.q
-    assert layer.weight.dtype == torch.float8_e4m3fn and hasattr(layer, "set_weight")
+    # core 0.3: an fp8 weight with a scale beside it; current core: comfy-kitchen's
+    # QuantizedTensor, a wrapper of both (the swap stores its fp8 bytes and scale)
+    stored = getattr(layer.weight, "_qdata", layer.weight)
+    assert stored.dtype == torch.float8_e4m3fn and hasattr(layer, "set_weight")
     return patcher
 
 
@@ -503,9 +535,12 @@ def test_weight_patches_on_scaled_fp8_weights_equal_core(comfy):
 
 
 def test_auto_refits_the_plan_to_each_latents_memory_estimate(comfy, pack, monkeypatch):
-    """'auto' starts from free VRAM minus a reserve, then before sampling (core's
-    PREPARE_SAMPLING step, which knows the latent) fits the plan to what that latent leaves."""
+    """'auto' packs nothing when the node runs; before sampling (core's PREPARE_SAMPLING step,
+    which knows the latent) it plans for what that latent leaves, as core's loader counts it:
+    free VRAM plus loaded models, minus core's estimate for one batch and its reserve."""
     from callbacks.comfy_adapter import _states
+    from wan_blockswap import InsufficientMemoryError
+    from wan_blockswap.plan import min_streamed_budget
 
     mm = comfy.model_management
     free = {"bytes": 100 * 2**30}
@@ -515,29 +550,37 @@ def test_auto_refits_the_plan_to_each_latents_memory_estimate(comfy, pack, monke
 
     monkeypatch.setattr(mm, "get_free_memory", get_free_memory)
     monkeypatch.setattr(mm, "minimum_inference_memory", lambda: 0)
+    monkeypatch.setattr(mm, "extra_reserved_memory", lambda: 0)
     patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v")
     inputs = make_inputs(7)
     expected = run(comfy, patcher, inputs)
     mm.unload_all_models()
     swapped = node(patcher, preset=pack.nodes.AUTO)
-    state = _states[patcher.model.diffusion_model]
-    assert state.auto and not state.swap.plan.swapped  # 100 GB free: everything resident
-    sizes = state.swap.sizes
-    block = max(b.nbytes for b in sizes.blocks)
+    private = swapped.model.diffusion_model
+    assert swap_of(swapped) is None  # nothing packed before the latent is known
+    assert swapped.model_size() == patcher.model_size()
 
     def prepare(shape):
         options = comfy.model_patcher.create_model_options_clone(swapped.model_options)
         comfy.sampler_helpers.prepare_model_patcher(swapped, {}, options)
         comfy.sampler_helpers.prepare_sampling(swapped, shape, {}, options)
-        required, _ = comfy.sampler_helpers.estimate_memory(swapped, shape, {})
-        return required
+
+    def estimate(shape):  # core's estimate for one batch of this latent
+        return comfy.sampler_helpers.estimate_memory(swapped, shape, {})[1]
 
     small = tuple(inputs["x"].shape)
-    required = comfy.sampler_helpers.estimate_memory(swapped, small, {})[0]
+    prepare(small)  # 100 GB free: everything resident
+    state = _states[private]
+    assert state.auto and not state.swap.plan.swapped
+    sizes = state.swap.sizes
+    block = max(b.nbytes for b in sizes.blocks)
+    mm.unload_all_models()
+
+    required = estimate(small)
     # not room for every block: the non-block weights and 3.5 blocks' worth
     free["bytes"] = required + sizes.other_bytes + 3 * block + block // 2
     prepare(small)
-    state = _states[patcher.model.diffusion_model]
+    state = _states[private]
     plan = state.swap.plan
     block_bytes = sum(b.nbytes for b in sizes.blocks)
     assert 0 < plan.swapped_bytes < block_bytes - 3 * block  # part of the model streams
@@ -548,24 +591,27 @@ def test_auto_refits_the_plan_to_each_latents_memory_estimate(comfy, pack, monke
     mm.unload_all_models()
     swap_before = state.swap
     prepare(small)  # same latent: the plan still fits, nothing is repacked
-    assert _states[patcher.model.diffusion_model].swap is swap_before
+    assert _states[private].swap is swap_before
 
     mm.unload_all_models()
     # a longer video: core estimates more activation memory, so more blocks stream
     large = (small[0], small[1], small[2] * 8, *small[3:])
-    required_large = comfy.sampler_helpers.estimate_memory(swapped, large, {})[0]
+    required_large = estimate(large)
     assert required_large > required
     free["bytes"] = required_large + sizes.other_bytes + 2 * block + block // 2
     prepare(large)
-    plan_large = _states[patcher.model.diffusion_model].swap.plan
+    plan_large = _states[private].swap.plan
     assert plan_large.swapped_bytes > plan.swapped_bytes
     assert plan_large.gpu_weight_bytes <= free["bytes"] - required_large
     assert torch.equal(run(comfy, swapped, inputs), expected)
 
     mm.unload_all_models()
-    free["bytes"] = required_large  # nothing left for weights: the smallest plan, with a warning
+    # less than the least plan beside core's estimate, but the weights alone fit: the least
+    # plan, with a warning (core's estimates are generous)
+    least = min_streamed_budget(sizes)
+    free["bytes"] = least + required_large // 2
     prepare(large)
-    smallest_swap = _states[patcher.model.diffusion_model].swap
+    smallest_swap = _states[private].swap
     smallest = smallest_swap.plan
     assert smallest.swap_unit == "layer" and len(smallest.swapped) == len(sizes.blocks)
     assert smallest.window_bytes  # streamed, one layer at a time
@@ -576,14 +622,22 @@ def test_auto_refits_the_plan_to_each_latents_memory_estimate(comfy, pack, monke
     # repacking), and stays on the next run (its largest layer may sit alone beyond it)
     free["bytes"] = required_large + smallest.resident_bytes + block // 4
     prepare(large)
-    streamed = _states[patcher.model.diffusion_model].swap
+    streamed = _states[private].swap
     assert streamed is smallest_swap and streamed.plan.window_bytes == block // 4
     assert streamed.ring.window_bytes == block // 4
-    assert swapped.size == resident_size(patcher) + streamed.plan.ring_bytes
+    assert swapped.size == resident_size(swapped) + streamed.plan.ring_bytes
     assert torch.equal(run(comfy, swapped, inputs), expected)
     mm.unload_all_models()
     prepare(large)
-    assert _states[patcher.model.diffusion_model].swap is streamed
+    assert _states[private].swap is streamed
+
+    mm.unload_all_models()
+    # not even the least plan's weights fit: a clear error with the numbers, nothing changed
+    free["bytes"] = least // 2
+    with pytest.raises(InsufficientMemoryError, match=r"preset 'auto': .* GiB of VRAM"):
+        prepare(large)
+    assert _states[private].swap is streamed
+    assert_untouched(patcher)
 
 
 def hooked_forward(patcher, inputs, group):
@@ -660,8 +714,8 @@ def test_hook_patches_on_swapped_gguf_weights_are_a_clear_error(comfy, monkeypat
     ]
     group = weight_hook(comfy, swapped, keys, seed=2)
     monkeypatch.setattr(weight_patches, "_is_gguf_quantized", lambda tensor: True)
-    before = patcher.model.diffusion_model.blocks[0].self_attn.q.weight.clone()
+    before = swapped.model.diffusion_model.blocks[0].self_attn.q.weight.clone()
     with pytest.raises(BlockSwapConfigError, match=r"scheduled LoRA hook .*GGUF.*blocks_to_swap"):
         swapped.patch_hooks(group)
-    assert torch.equal(patcher.model.diffusion_model.blocks[0].self_attn.q.weight, before)
+    assert torch.equal(swapped.model.diffusion_model.blocks[0].self_attn.q.weight, before)
     assert not swapped.hook_backup

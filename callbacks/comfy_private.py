@@ -1,0 +1,221 @@
+"""The model our node swaps: a private alias of the loader's model, never the loader's own.
+
+[Note: private model]
+Every clone of a ComfyUI loader's output shares one ``BaseModel``: whatever a node changes on
+it, every other workflow and prompt sees. Swapping changes modules (hooks) and parameters
+(placeholders), so the node never swaps that model. It swaps a *private model* instead: an
+alias of the loader's model (``module_alias``) with its own module and parameter objects over
+the same weight memory. Nothing is copied when it is made; the swap then packs the swapped
+weights into our host buffers, and the resident ones stay shared with the loader's model
+until core moves them to the GPU.
+
+- The node's MODEL is a clone of the input patcher (its patches, options, callbacks, wrappers)
+  on the private model, a plain ``ModelPatcher`` even when the input is core's dynamic-VRAM
+  patcher: the swap streams its own blocks, and core loads the rest as it loads any static
+  model. Containers a clone shares with its source by identity (weight backups, hook backups,
+  pinned keys) are per model: the private model gets its own, shared by its clones.
+- Core sees two models: loading ours never touches the loader's, and a prompt without the node
+  finds the loader's model exactly as core left it.
+- One private model per loader model, held weakly: it lives while a MODEL of ours does, and is
+  freed with its host buffers when the workflow drops the node.
+- Core moves a static model's weights back to its offload device as copies when it unloads
+  it; the private model's resident tensors are then pointed at the shared memory again
+  (:func:`rebind_unloaded`), so an unload does not leave a second copy in RAM.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import comfy.model_management
+import comfy.model_patcher
+
+from .module_alias import alias_module, rebind_to_origins
+
+logger = logging.getLogger("wan_blockswap")
+
+# State core's loaders hang on a model's modules while it is loaded (casting flags and weight
+# functions of low-VRAM streaming, dynamic VRAM's VBAR allocations and pins). The private
+# model starts as a constructed model does; core sets them again when it loads it.
+MODULE_LOAD_STATE = (
+    "_v",
+    "_v_signature",
+    "_v_block",
+    "_pins",
+    "_pin_state",
+    "_prefetch",
+    "seed_key",
+    "comfy_cast_weights",
+    "prev_comfy_cast_weights",
+    "comfy_patched_weights",
+    "weight_function",
+    "bias_function",
+    "weight_lowvram_function",
+    "bias_lowvram_function",
+)
+# The same on the BaseModel: loaded sizes, patch identity, dynamic VRAM's per-model state.
+MODEL_LOAD_STATE = (
+    "device",
+    "model_loaded_weight_memory",
+    "lowvram_patch_counter",
+    "model_lowvram",
+    "current_weight_patches_uuid",
+    "model_offload_buffer_memory",
+    "dynamic_vbars",
+    "dynamic_pins",
+    "dynamic_patchers",
+)
+
+
+@dataclass
+class _Private:
+    """What one private model carries beside itself."""
+
+    model: "weakref.ref[torch.nn.Module]"
+    origins: dict[str, torch.Tensor]  # the shared memory of every tensor, by name
+    # containers a clone shares with its source by identity, ours for this model, by name
+    shared: dict[str, Any] = field(default_factory=dict)
+    # core's clone(model_override=...) containers (the model itself is never held here: the
+    # entry is a weak dictionary's value, which must not reach its key)
+    override: tuple | None = None
+
+
+# loader's BaseModel -> its private model (weakly on both sides: [Note: private model])
+_privates: "weakref.WeakKeyDictionary[Any, _Private]" = weakref.WeakKeyDictionary()
+# private BaseModel -> its entry, for the callbacks that only see the private model
+_by_private: "weakref.WeakKeyDictionary[Any, _Private]" = weakref.WeakKeyDictionary()
+
+
+def is_dynamic(patcher: Any) -> bool:
+    """Whether ``patcher`` is core's dynamic-VRAM patcher (by its API, not a version)."""
+    method = getattr(patcher, "is_dynamic", None)
+    return bool(method()) if callable(method) else False
+
+
+def private_model(patcher: Any) -> Any:
+    """The private model for ``patcher``'s model, made on first use. ``patcher`` may also be
+    a clone of ours, whose model is already private."""
+    base_model = patcher.model
+    if base_model in _by_private:
+        return base_model
+    entry = _privates.get(base_model)
+    private = entry.model() if entry is not None else None
+    if private is None:
+        # Weights core moved to the GPU for another clone would be aliased there: have core
+        # put them back first (what it does itself when it needs the memory).
+        unload_everywhere(base_model)
+        private, origins = alias_module(base_model, MODULE_LOAD_STATE, MODEL_LOAD_STATE)
+        # core's own constructor sets the per-model state a fresh model starts with
+        comfy.model_patcher.ModelPatcher(private, patcher.load_device, patcher.offload_device)
+        if "current_patcher" in vars(private):  # the patcher sampling now (core sets it)
+            private.current_patcher = None
+        entry = _Private(weakref.ref(private), origins)
+        _privates[base_model] = entry
+        _by_private[private] = entry
+        logger.info(
+            "wan_blockswap: swapping a private copy of %s that shares its weights; the "
+            "loader's model stays as core made it",
+            type(base_model).__name__,
+        )
+    return private
+
+
+def is_private(base_model: Any) -> bool:
+    return base_model in _by_private
+
+
+def existing_private(base_model: Any) -> Any:
+    """The private model made for the loader's ``base_model`` (or ``base_model`` itself if it
+    is one), or None."""
+    if base_model in _by_private:
+        return base_model
+    entry = _privates.get(base_model)
+    return entry.model() if entry is not None else None
+
+
+def release_file_pages(private: Any) -> None:
+    """Let core drop the file pages our reads mapped: the weights of a model loaded with
+    dynamic VRAM live in a mapped file, and packing or loading ours reads them through the
+    mapping. Core unmaps the pages of mappings marked dirty after the node (where its version
+    has the mechanism); the next read faults them in again from the page cache."""
+    mark = getattr(comfy.model_management, "mark_mmap_dirty", None)
+    entry = _by_private.get(private)
+    if mark is None or entry is None:
+        return
+    for tensor in entry.origins.values():
+        inner = getattr(tensor, "_qdata", tensor)  # comfy-kitchen's QuantizedTensor
+        try:
+            mark(inner.untyped_storage())
+        except (RuntimeError, TypeError):  # a tensor without storage of its own
+            continue
+
+
+def clone_onto(patcher: Any, private: Any) -> Any:
+    """A clone of ``patcher`` (patches, options, callbacks, wrappers) whose model is
+    ``private``: a plain ``ModelPatcher`` when ``patcher`` is dynamic, since our swap, not
+    dynamic VRAM, streams the model."""
+    if patcher.model is private:
+        return patcher.clone()
+    entry = _by_private[private]
+    clone = None
+    if _accepts_override(patcher):
+        if entry.override is None:
+            _, containers = patcher.get_clone_model_override()
+            entry.override = tuple(type(c)() for c in containers)
+        kwargs: dict[str, Any] = {"model_override": (private, entry.override)}
+        if is_dynamic(patcher):
+            kwargs["disable_dynamic"] = True
+        try:
+            clone = patcher.clone(**kwargs)
+        except TypeError:  # a subclass that forwards **kwargs to an older core
+            clone = None
+    if clone is None:
+        clone = patcher.clone()
+        clone.model = private
+    # Whatever else the clone still shares with ``patcher`` by identity is the loader
+    # model's state (backups, hook backups, pins): give it the private model's own.
+    for name, value in list(vars(clone).items()):
+        if isinstance(value, (dict, set, list)) and value is getattr(patcher, name, None):
+            setattr(clone, name, entry.shared.setdefault(name, type(value)()))
+    clone.parent = None  # core's loaded-model entry must not fall back to the loader's patcher
+    if hasattr(clone, "cached_patcher_init"):
+        clone.cached_patcher_init = None  # re-running the loader would bypass the swap
+    clone.weight_inplace_update = False  # never write patches into the shared memory
+    return clone
+
+
+def _accepts_override(patcher: Any) -> bool:
+    try:
+        parameters = inspect.signature(patcher.clone).parameters
+    except (TypeError, ValueError):
+        return False
+    takes_it = "model_override" in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+    )
+    return takes_it and hasattr(patcher, "get_clone_model_override")
+
+
+def rebind_unloaded(private: Any, skip: set[int]) -> int:
+    """Core unloaded the private model and moved its resident weights back as copies: point
+    them at the shared memory again. ``skip``: ids of tensors the swap owns."""
+    entry = _by_private.get(private)
+    if entry is None:
+        return 0
+    return rebind_to_origins(private, entry.origins, skip)
+
+
+def unload_everywhere(base_model: Any) -> None:
+    """Have core unload every loaded patcher of ``base_model``."""
+    mm = comfy.model_management
+    for index in reversed(range(len(mm.current_loaded_models))):
+        loaded = mm.current_loaded_models[index]
+        patcher = loaded.model
+        if patcher is not None and patcher.model is base_model:
+            loaded.model_unload()
+            mm.current_loaded_models.pop(index)

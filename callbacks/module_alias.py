@@ -1,0 +1,131 @@
+"""A second module tree that shares another's weights: same classes, same attributes, new
+module and parameter objects over the same tensor memory.
+
+Swapping a model changes its modules (hooks) and its parameters (placeholders). When the model
+belongs to someone else (ComfyUI's loader output, shared by every clone of it), the swap goes
+on an alias instead: nothing is copied, and nothing done to the alias, short of writing into
+a tensor's memory, reaches the original. See [Note: private model] in ``comfy_private``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Iterable
+
+import torch
+from torch import nn
+
+# Module attributes that are containers the original may keep mutating (hook tables, sets):
+# the alias gets its own shallow copy of each.
+_CONTAINERS = (dict, list, set)
+
+
+def alias_module(
+    module: nn.Module,
+    drop_attrs: Iterable[str] = (),
+    drop_root_attrs: Iterable[str] = (),
+) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """An alias of ``module`` and the tensors it started from, by qualified name.
+
+    Every submodule is shallow-copied (its own ``__dict__``, hook tables and child table);
+    every parameter and buffer becomes a new tensor object over the same memory, carrying the
+    original's Python attributes. Tensors reachable under several names stay one object.
+    ``drop_attrs`` are instance attributes removed from every copied module (state a host hung
+    on the original, to be rebuilt for the alias); ``drop_root_attrs`` only from the root.
+
+    The returned tensors (``origins``) are further aliases of the starting memory, held so the
+    alias can be pointed back at it later (:func:`rebind_to_origins`).
+    """
+    drop = frozenset(drop_attrs)
+    tensors: dict[int, torch.Tensor] = {}
+    modules: dict[int, nn.Module] = {}
+
+    def alias_tensor(tensor: torch.Tensor) -> torch.Tensor:
+        key = id(tensor)
+        if key not in tensors:
+            tensors[key] = _alias_tensor(tensor)
+        return tensors[key]
+
+    def alias(original: nn.Module) -> nn.Module:
+        key = id(original)
+        if key in modules:
+            return modules[key]
+        new = copy.copy(original)
+        modules[key] = new
+        state = new.__dict__
+        for name in drop.intersection(state):
+            del state[name]
+        for name, value in list(state.items()):
+            if isinstance(value, _CONTAINERS) and name not in ("_parameters", "_buffers"):
+                state[name] = copy.copy(value)
+        new._parameters = type(original._parameters)(
+            (name, None if t is None else alias_tensor(t))
+            for name, t in original._parameters.items()
+        )
+        new._buffers = type(original._buffers)(
+            (name, None if t is None else alias_tensor(t)) for name, t in original._buffers.items()
+        )
+        new._modules = type(original._modules)(
+            (name, None if child is None else alias(child))
+            for name, child in original._modules.items()
+        )
+        return new
+
+    root = alias(module)
+    for name in frozenset(drop_root_attrs).intersection(root.__dict__):
+        del root.__dict__[name]
+    origins = {name: _alias_tensor(tensor, parameter=False) for name, tensor in named_tensors(root)}
+    return root, origins
+
+
+def named_tensors(module: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer of ``module`` by qualified name, shared ones once."""
+    yield from module.named_parameters(remove_duplicate=True)
+    yield from module.named_buffers(remove_duplicate=True)
+
+
+def rebind_to_origins(
+    module: nn.Module, origins: dict[str, torch.Tensor], skip: set[int] = frozenset()
+) -> int:
+    """Point every tensor of ``module`` that a host moved back to its starting device, as a
+    copy, at its starting memory again (dropping the copy); ``skip``: ids of tensors to leave
+    alone. Returns the bytes given back."""
+    freed = 0
+    with torch.no_grad():
+        for name, tensor in named_tensors(module):
+            origin = origins.get(name)
+            if origin is None or id(tensor) in skip or not _is_moved_copy(tensor, origin):
+                continue
+            freed += tensor.numel() * tensor.element_size()
+            with torch.inference_mode(origin.is_inference()):
+                tensor.data = origin
+    return freed
+
+
+def _is_moved_copy(tensor: torch.Tensor, origin: torch.Tensor) -> bool:
+    """Same device, dtype and shape as ``origin`` but other memory: a copy a host made."""
+    if type(tensor) is not type(origin) and not isinstance(tensor, nn.Parameter):
+        return False
+    if tensor.device != origin.device or tensor.dtype != origin.dtype:
+        return False
+    if tensor.size() != origin.size() or tensor.device.type == "meta":
+        return False
+    try:
+        return tensor.data_ptr() != origin.data_ptr()
+    except RuntimeError:  # a wrapper subclass without storage of its own
+        return False
+
+
+def _alias_tensor(tensor: torch.Tensor, parameter: bool | None = None) -> torch.Tensor:
+    """A new tensor object over ``tensor``'s memory with its Python attributes; a parameter
+    stays a parameter (``parameter=False``: a plain alias)."""
+    attributes = dict(getattr(tensor, "__dict__", {}))
+    with torch.inference_mode(tensor.is_inference()):
+        alias = tensor.detach()
+        if isinstance(tensor, nn.Parameter) if parameter is None else parameter:
+            alias = nn.Parameter(alias, requires_grad=tensor.requires_grad)
+        else:
+            attributes.pop("_is_param", None)
+    if attributes:
+        alias.__dict__.update(attributes)
+    return alias

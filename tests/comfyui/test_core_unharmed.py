@@ -1,0 +1,149 @@
+"""Core is never harmed: whatever the node did, a prompt without it finds the loader's model
+as core made it, and behaves and outputs exactly as core alone ([Note: private model])."""
+
+import gc
+
+import pytest
+import torch
+
+import tiny_models
+from test_comfy_node import WIDGETS, forward, lora_like, node, run, swap_of
+
+KEYS = [
+    "diffusion_model.blocks.3.self_attn.q.weight",
+    "diffusion_model.blocks.1.ffn.0.weight",
+    "diffusion_model.text_embedding.0.weight",
+]
+
+
+@pytest.fixture(autouse=True)
+def _unload(comfy):
+    yield
+    gc.collect()
+    comfy.model_management.unload_all_models()
+
+
+class CoreAlone:
+    """What a prompt without the node sees and does: its output, what core loaded, and the
+    loader's tensors (objects, memory and values)."""
+
+    def __init__(self, comfy, patcher, inputs):
+        self.comfy, self.patcher, self.inputs = comfy, patcher, inputs
+        self.output, self.loaded = self.prompt()
+        comfy.model_management.unload_all_models()  # as core leaves them unloaded
+        self.tensors = {name: (t, t.data_ptr()) for name, t in self.named(patcher)}
+        self.sums = self.checksums()
+
+    @staticmethod
+    def named(patcher):
+        return [*patcher.model.named_parameters(), *patcher.model.named_buffers()]
+
+    def prompt(self):
+        mm = self.comfy.model_management
+        mm.load_models_gpu([self.patcher])
+        loaded = (self.patcher.loaded_size(), self.patcher.model.model_lowvram)
+        out = forward(self.patcher, self.inputs)
+        self.patcher.cleanup()
+        return out, loaded
+
+    def checksums(self):
+        return {name: t.double().sum().item() for name, t in self.named(self.patcher)}
+
+    def check(self):
+        """A prompt without the node now: exactly core alone."""
+        for module in self.patcher.model.modules():
+            assert not module._forward_pre_hooks and not module._forward_hooks
+        output, loaded = self.prompt()
+        assert torch.equal(output, self.output)
+        assert loaded == self.loaded  # core's memory behaviour: same loaded bytes and mode
+        self.comfy.model_management.unload_all_models()
+        for name, t in self.named(self.patcher):
+            original, pointer = self.tensors[name]
+            assert t.data_ptr() == pointer, name  # the same memory
+            if name not in self.patcher.patches:  # core re-wraps the weights it patched
+                assert t is original, name  # the same objects
+        assert self.checksums() == self.sums  # nothing wrote into the shared memory
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["plain", "lora"])
+def test_a_prompt_without_the_node_after_one_with_it_is_core_alone(comfy, lora):
+    patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v")
+    if lora:
+        patcher = lora_like(patcher, KEYS)
+    inputs = make_inputs(11)
+    core = CoreAlone(comfy, patcher, inputs)
+    comfy.model_management.unload_all_models()
+    swapped = node(patcher, blocks_to_swap=3)
+    assert torch.equal(run(comfy, swapped, inputs), core.output)
+    core.check()
+    # and the other way round, with both loaded in one session
+    assert torch.equal(run(comfy, swapped, inputs), core.output)
+    core.check()
+
+
+def test_core_alone_after_new_settings_an_unload_and_an_interrupt(comfy):
+    mm = comfy.model_management
+    patcher, make_inputs = tiny_models.comfy_load_tiny("wan_vace")
+    inputs = make_inputs(12)
+    core = CoreAlone(comfy, patcher, inputs)
+    mm.unload_all_models()
+    from wan_blockswap import min_vram_budget_gb
+
+    least = round(min_vram_budget_gb(patcher.model.diffusion_model) + 1e-6, 7)
+    for settings in (
+        dict(blocks_to_swap=2),
+        dict(blocks_to_swap=4, prefetch_blocks=2),
+        dict(blocks_to_swap=0, vram_budget_gb=least),  # streamed, layer by layer
+    ):
+        swapped = node(patcher, **settings)
+        assert torch.equal(run(comfy, swapped, inputs), core.output)
+        core.check()
+    mm.unload_all_models()  # what /free does
+    core.check()
+
+    swapped = node(patcher, blocks_to_swap=3)
+    private = swapped.model.diffusion_model
+
+    def interrupt(module, args):
+        raise mm.InterruptProcessingException()
+
+    handle = private.blocks[1].register_forward_pre_hook(interrupt)
+    with pytest.raises(mm.InterruptProcessingException):
+        run(comfy, swapped, inputs)
+    handle.remove()
+    swapped.cleanup()  # core's finally after sampling
+    core.check()
+    assert torch.equal(run(comfy, swapped, inputs), core.output)
+
+
+def test_the_private_model_shares_the_loaders_memory(comfy):
+    """Nothing is copied to make the private model, and an unload leaves no second copy:
+    its resident tensors are the loader's memory again (the swapped ones live in our host
+    buffers only)."""
+    patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v")
+    swapped = node(patcher, blocks_to_swap=2)
+    swap = swap_of(swapped)
+    swapped_names = {ref.qualname for stored in swap.units for ref in stored.unit.tensors}
+
+    def shared():
+        ours = dict(swapped.model.diffusion_model.named_parameters())
+        theirs = dict(patcher.model.diffusion_model.named_parameters())
+        resident = [name for name in theirs if name not in swapped_names]
+        assert resident and all(ours[n] is not theirs[n] for n in resident)
+        return all(ours[n].data_ptr() == theirs[n].data_ptr() for n in resident)
+
+    assert shared()
+    run(comfy, swapped, make_inputs(13))
+    comfy.model_management.unload_all_models()
+    assert shared()
+
+
+def test_the_node_logs_which_patcher_it_was_given(comfy, caplog):
+    import logging
+
+    patcher, _ = tiny_models.comfy_load_tiny("wan_t2v")
+    with caplog.at_level(logging.INFO, logger="wan_blockswap"):
+        node(patcher, **{**WIDGETS, "blocks_to_swap": 1})
+    dynamic = getattr(patcher, "is_dynamic", lambda: False)()  # core 0.3 has no such method
+    kind = "dynamic VRAM" if dynamic else "static"
+    assert f"({kind} patcher)" in caplog.text
