@@ -150,7 +150,7 @@ class WanBlockSwapStream:
                 "preset": (
                     presets,
                     {
-                        "default": CUSTOM,
+                        "default": AUTO,
                         "tooltip": "A tested setting per model and GPU size, or "
                         "'auto': planned before each sampling run for the VRAM that run's "
                         "latent leaves (what is free, with what core can unload, minus core's "

@@ -1,0 +1,481 @@
+"""A real ComfyUI server for benchmarks and session tests: started headless on 127.0.0.1 with
+this pack (and the test-only conditioning node) in custom_nodes/, driven over the HTTP API
+(/prompt, /history, /interrupt, /free), with its process' peak RSS and, on a GPU, the device's
+peak memory (NVML: dynamic VRAM's pages do not show in torch's statistics).
+
+Also writes the files a workflow needs: Wan-shaped random checkpoints of any size in ComfyUI's
+key layout, streamed tensor by tensor (a 40-block 14B file never sits whole in RAM), and a
+small LoRA for them. Talks only to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEST_NODE = os.path.join(ROOT, "tests", "comfyui", "conditioning_node")
+GIB = 2**30
+
+# Wan 2.1 14B
+WAN14B = dict(dim=5120, ffn_dim=13824, in_dim=16, out_dim=16)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def request(url: str, payload: dict | None = None, timeout: float = 10) -> Any:
+    data = json.dumps(payload).encode() if payload is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as response:
+        body = response.read()
+    try:
+        return json.loads(body or b"{}")
+    except json.JSONDecodeError:
+        return {}
+
+
+class Server:
+    """One ComfyUI server process with its own base directory under ``workdir``."""
+
+    def __init__(
+        self, comfyui: str, workdir: str, args: tuple[str, ...] = (), env: dict | None = None
+    ) -> None:
+        self.comfyui = os.path.abspath(comfyui)
+        self.workdir = workdir
+        self.base = os.path.join(workdir, "base")
+        self.args = tuple(args)
+        self.env = env
+        for sub in ("custom_nodes", "models/diffusion_models", "models/loras", "output"):
+            os.makedirs(os.path.join(self.base, sub), exist_ok=True)
+        link = os.path.join(self.base, "custom_nodes", "wan_blockswap")
+        if not os.path.lexists(link):
+            os.symlink(ROOT, link)
+        test_node = os.path.join(self.base, "custom_nodes", "blockswap_test_conditioning")
+        if not os.path.exists(test_node):
+            shutil.copytree(TEST_NODE, test_node)
+        self.models = os.path.join(self.base, "models", "diffusion_models")
+        self.loras = os.path.join(self.base, "models", "loras")
+        self.process: subprocess.Popen | None = None
+        self.log_path = os.path.join(workdir, "server.log")
+        self.url = ""
+
+    # -- life ------------------------------------------------------------------------------
+
+    def start(self, timeout: float = 300) -> None:
+        frontend = os.path.join(self.workdir, "frontend")
+        os.makedirs(frontend, exist_ok=True)
+        port = free_port()
+        command = [
+            sys.executable,
+            os.path.join(self.comfyui, "main.py"),
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--base-directory",
+            self.base,
+            "--front-end-root",
+            frontend,
+            "--disable-auto-launch",
+            *self.args,
+        ]
+        self.url = f"http://127.0.0.1:{port}"
+        env = {**os.environ, **(self.env or {}), "PYTHONUNBUFFERED": "1"}
+        log = open(self.log_path, "a")
+        self.process = subprocess.Popen(
+            command, cwd=self.comfyui, stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+        deadline = time.time() + timeout
+        while True:
+            try:
+                request(self.url + "/system_stats", timeout=2)
+                return
+            except OSError:
+                if self.process.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"server did not start; see {self.log_path}")
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> "Server":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    # -- API -------------------------------------------------------------------------------
+
+    def queue(self, prompt: dict, timeout: float = 600, on_running: Any = None) -> dict:
+        """Queue ``prompt`` and wait for it. Returns ``status`` ("success", "error",
+        "interrupted" or "rejected"), ``error`` (the exception message), ``seconds`` (queue to
+        done) and ``log`` (what the server printed meanwhile). ``on_running(server)`` is called
+        once the prompt runs (to interrupt it, say)."""
+        log_start = os.path.getsize(self.log_path)
+        started = time.time()
+        try:
+            prompt_id = request(self.url + "/prompt", {"prompt": prompt})["prompt_id"]
+        except urllib.error.HTTPError as error:  # validation refused it
+            body = json.loads(error.read() or b"{}")
+            return {"status": "rejected", "error": json.dumps(body)[:2000], "seconds": 0.0}
+        deadline = started + timeout
+        called = on_running is None
+        while True:
+            history = request(self.url + f"/history/{prompt_id}")
+            if prompt_id in history:
+                break
+            if not called and request(self.url + "/queue").get("queue_running"):
+                called = True
+                on_running(self)
+            if not self.alive:
+                return {"status": "crashed", "error": "server exited", "seconds": 0.0}
+            if time.time() > deadline:
+                return {"status": "timeout", "error": "", "seconds": time.time() - started}
+            time.sleep(0.05)
+        entry = history[prompt_id]
+        status = entry.get("status", {})
+        error = ""
+        state = status.get("status_str", "error")
+        for kind, data in status.get("messages", []):
+            if kind == "execution_error":
+                error = f"{data.get('exception_type')}: {data.get('exception_message')}"
+            if kind == "execution_interrupted":
+                state = "interrupted"
+        with open(self.log_path, errors="replace") as handle:
+            handle.seek(log_start)
+            log = handle.read()
+        return {"status": state, "error": error, "seconds": time.time() - started, "log": log}
+
+    def interrupt(self) -> None:
+        request(self.url + "/interrupt", {})
+
+    def free(self) -> None:
+        """What the UI's "unload models" does: every model unloaded, caches emptied."""
+        request(self.url + "/free", {"unload_models": True, "free_memory": True})
+        time.sleep(1.0)  # the server frees between prompts, on its own thread
+
+    def rss_gib(self) -> float:
+        return _rss(self.process.pid) / GIB if self.alive else 0.0
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class Sampler:
+    """Peak host RSS of a process and peak device memory (NVML), sampled on a thread."""
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        self.pid, self.interval = pid, interval
+        self.peak_rss = 0
+        self.peak_device = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._nvml = _nvml_handle()
+
+    def __enter__(self) -> "Sampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak_rss = max(self.peak_rss, _rss(self.pid))
+            except OSError:
+                pass
+            if self._nvml is not None:
+                self.peak_device = max(self.peak_device, device_used(self._nvml))
+            self._stop.wait(self.interval)
+
+
+def _nvml_handle() -> Any:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml.nvmlDeviceGetHandleByIndex(0)
+    except Exception:  # no NVML (a CPU machine)
+        return None
+
+
+def device_used(handle: Any = None) -> int:
+    """Bytes in use on GPU 0 by every process (0 without NVML)."""
+    import pynvml
+
+    handle = handle or _nvml_handle()
+    return 0 if handle is None else pynvml.nvmlDeviceGetMemoryInfo(handle).used
+
+
+# -- files -------------------------------------------------------------------------------
+
+
+def write_wan(path: str, num_layers: int, dim: int, ffn_dim: int, seed: int = 0, **kw) -> int:
+    """A random Wan checkpoint in ComfyUI's key layout (``model.diffusion_model.``), bf16,
+    streamed to ``path`` tensor by tensor, generated on the GPU when there is one."""
+    import torch
+
+    sys.path.insert(0, ROOT)
+    from model_configs.wan import comfy_state_shapes
+
+    shapes = comfy_state_shapes(dim=dim, ffn_dim=ffn_dim, num_layers=num_layers, **kw)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    header: dict[str, Any] = {}
+    offset = 0
+    for key, shape in shapes.items():
+        nbytes = 2 * _numel(shape)
+        header["model.diffusion_model." + key] = {
+            "dtype": "BF16",
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(blob)))
+        out.write(blob)
+        for key, shape in shapes.items():
+            fan_in = shape[1] * shape[2] * shape[3] * shape[4] if len(shape) == 5 else shape[-1]
+            tensor = torch.randn(shape, generator=gen, device=device) / max(fan_in, 1) ** 0.5
+            if key.endswith(("norm_q.weight", "norm_k.weight", "norm_k_img.weight")):
+                tensor = 1 + 0.1 * tensor
+            out.write(tensor.to(torch.bfloat16).cpu().view(torch.uint8).numpy().tobytes())
+    return os.path.getsize(path)
+
+
+def write_lora(path: str, dim: int, blocks: list[int], rank: int = 4, seed: int = 1) -> int:
+    """A small LoRA on the attention projections of ``blocks`` (core's ``lora_up`` /
+    ``lora_down`` key form)."""
+    import torch
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for block in blocks:
+        for name in ("self_attn.q", "self_attn.o", "ffn.2"):
+            base = f"diffusion_model.blocks.{block}.{name}"
+            columns = dim
+            state[base + ".lora_down.weight"] = (
+                torch.randn(rank, columns, generator=gen) / columns**0.5
+            ).to(torch.bfloat16)
+            state[base + ".lora_up.weight"] = (0.2 * torch.randn(dim, rank, generator=gen)).to(
+                torch.bfloat16
+            )
+            state[base + ".alpha"] = torch.tensor(float(rank))
+    save_file(state, path)
+    return os.path.getsize(path)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+# -- workflows ---------------------------------------------------------------------------
+
+
+def wan_workflow(
+    model_file: str,
+    *,
+    frames: int,
+    width: int,
+    height: int,
+    steps: int,
+    seed: int,
+    node: dict | None = None,
+    lora: tuple[str, float] | None = None,
+    lora_after_node: bool = False,
+    prefix: str = "blockswap",
+) -> dict:
+    """UNETLoader -> [LoRA] -> [WAN BlockSwap] -> KSampler -> SaveLatent, with random
+    conditioning from the test node. ``node``: the WAN BlockSwap widgets, or None."""
+    prompt: dict[str, Any] = {
+        "1": {
+            "class_type": "UNETLoader",
+            "inputs": {"unet_name": model_file, "weight_dtype": "default"},
+        },
+        "3": {
+            "class_type": "WanBlockSwapTestConditioning",
+            "inputs": {"seed": 1, "tokens": 8, "dim": 4096},
+        },
+        "4": {
+            "class_type": "WanBlockSwapTestConditioning",
+            "inputs": {"seed": 2, "tokens": 8, "dim": 4096},
+        },
+        "5": {
+            "class_type": "EmptyHunyuanLatentVideo",
+            "inputs": {"width": width, "height": height, "length": frames, "batch_size": 1},
+        },
+        "7": {
+            "class_type": "SaveLatent",
+            "inputs": {"samples": ["6", 0], "filename_prefix": prefix},
+        },
+    }
+    model: list = ["1", 0]
+
+    def add_lora(source: list) -> list:
+        prompt["8"] = {
+            "class_type": "LoraLoaderModelOnly",
+            "inputs": {"model": source, "lora_name": lora[0], "strength_model": lora[1]},
+        }
+        return ["8", 0]
+
+    if lora is not None and not lora_after_node:
+        model = add_lora(model)
+    if node is not None:
+        prompt["2"] = {"class_type": "WanBlockSwapStream", "inputs": {"model": model, **node}}
+        model = ["2", 0]
+    if lora is not None and lora_after_node:
+        model = add_lora(model)
+    prompt["6"] = {
+        "class_type": "KSampler",
+        "inputs": {
+            "model": model,
+            "seed": seed,
+            "steps": steps,
+            "cfg": 5.0,
+            "sampler_name": "euler",
+            "scheduler": "simple",
+            "positive": ["3", 0],
+            "negative": ["4", 0],
+            "latent_image": ["5", 0],
+            "denoise": 1.0,
+        },
+    }
+    return prompt
+
+
+def node_defaults() -> dict:
+    """The WAN BlockSwap node's widgets as a new node in the UI has them."""
+    import importlib.util
+
+    sys.path.insert(0, ROOT)
+    # by path: in a process that imported core, ``nodes`` is core's module
+    spec = importlib.util.spec_from_file_location("_wan_blockswap_nodes", f"{ROOT}/nodes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    groups = module.WanBlockSwapStream.INPUT_TYPES()
+    return {
+        name: options["default"]
+        for group in groups.values()
+        for name, (_, options) in group.items()
+        if "default" in options
+    }
+
+
+def seconds_per_iteration(log: str) -> float | None:
+    """The last tqdm rate in ``log`` (ComfyUI's sampler progress bar), as seconds per step."""
+    import re
+
+    rates = re.findall(r"(\d+\.?\d*)(s/it|it/s)\]", log)
+    if not rates:
+        return None
+    value, unit = rates[-1]
+    return float(value) if unit == "s/it" else 1.0 / float(value)
+
+
+def latest_latent(server: Server, prefix: str) -> str | None:
+    folder = os.path.join(server.base, "output")
+    names = sorted(
+        (n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(".latent")),
+        key=lambda n: os.path.getmtime(os.path.join(folder, n)),
+    )
+    return os.path.join(folder, names[-1]) if names else None
+
+
+# -- a smaller card ------------------------------------------------------------------------
+
+_HOG = r"""
+import sys, torch, pynvml
+pynvml.nvmlInit()
+handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+torch.cuda.init()
+chunks = []
+CHUNK = 64 * 2**20
+for line in sys.stdin:
+    target = int(line)  # free bytes wanted on the device
+    free = pynvml.nvmlDeviceGetMemoryInfo(handle).free
+    delta = free - target
+    while delta >= CHUNK:
+        chunks.append(torch.empty(CHUNK, dtype=torch.uint8, device="cuda"))
+        delta -= CHUNK
+    if delta > 2**20:
+        chunks.append(torch.empty(delta, dtype=torch.uint8, device="cuda"))
+    while delta < -2**20 and chunks:
+        delta += chunks.pop().numel()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    print(pynvml.nvmlDeviceGetMemoryInfo(handle).free, flush=True)
+"""
+
+
+class VramHog:
+    """A second process holding GPU memory so that only a set amount stays free: a small
+    card on a large one, seen alike by core, dynamic VRAM and our node."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _HOG], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+
+    def leave_free(self, nbytes: int) -> int:
+        """Hold memory until ``nbytes`` are free on the device; returns the free bytes."""
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(f"{int(nbytes)}\n")
+        self.process.stdin.flush()
+        return int(self.process.stdout.readline())
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+def process_vram(pid: int) -> int:
+    """GPU memory NVML counts for process ``pid`` (0 if none or without NVML)."""
+    try:
+        import pynvml
+
+        handle = _nvml_handle()
+        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if proc.pid == pid:
+                return int(proc.usedGpuMemory or 0)
+    except Exception:
+        pass
+    return 0

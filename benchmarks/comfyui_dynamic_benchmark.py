@@ -1,0 +1,256 @@
+"""WAN BlockSwap against today's ComfyUI (dynamic VRAM) at equal free VRAM, in a real server.
+
+    python benchmarks/comfyui_dynamic_benchmark.py --comfyui PATH --output OUT.json
+        [--blocks 8 40] [--frames 81 1] [--free 12 7 4] [--arms ...] [--floor-blocks 40]
+
+Per arm one real ComfyUI server (v0.33 or newer) with this pack; workflows go through /prompt:
+UNETLoader -> [WAN BlockSwap] -> KSampler -> SaveLatent, Wan-14B-shaped random bf16 weights
+(5120 wide, 13824 FFN), 832x480, random conditioning from a test node (no text encoder).
+
+- Free VRAM: a second process holds the rest of the GPU, so core, dynamic VRAM and our node
+  see the same limit; ``free_gib`` is what the server may use in all, its CUDA context
+  included (as if the card had that much free before the server started).
+- Peak VRAM from NVML (dynamic VRAM's pages do not show in torch's statistics): the device's
+  peak use minus the holder's and the idle baseline. Peak host RSS of the server process.
+- Steady-state s/it: ComfyUI's own progress-bar rate, over ``--prompts`` prompts with
+  different seeds (ComfyUI caches identical prompts), the first (which loads) left out.
+- Outputs: the first prompt's latent of every arm against core's default at the same shape.
+- The least free VRAM each arm runs at, searched in 0.5 GiB steps (one prompt of one step).
+
+Arms: ``core_dynamic`` (core's default), ``core_legacy`` (``--disable-dynamic-vram``),
+``ours_default`` (our node, default widgets), ``ours_auto`` (preset auto). Results are written
+after every row, so a run cut short keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import comfy_server as cs  # noqa: E402
+
+AUTO = "auto (free VRAM now)"
+ARMS: dict[str, dict[str, Any]] = {
+    "core_dynamic": dict(args=(), node=None),
+    "core_legacy": dict(args=("--disable-dynamic-vram",), node=None),
+    "ours_default": dict(args=(), node={}),  # a new node's widgets (preset auto)
+    "ours_auto": dict(args=(), node={"preset": AUTO, "transfer_compression": "auto"}),
+    # the previous default: 20 blocks swapped, whatever the card
+    "ours_20_blocks": dict(args=(), node={"preset": "custom (use the widgets)"}),
+}
+GIB = cs.GIB
+
+
+def model_file(blocks: int) -> str:
+    return f"wan14b_{blocks}blocks.safetensors"
+
+
+def run_config(
+    server: cs.Server,
+    hog: cs.VramHog | None,
+    arm: str,
+    blocks: int,
+    frames: int,
+    free_gib: float,
+    prompts: int,
+    steps: int,
+    shape: tuple[int, int],
+    idle_used: int,
+) -> dict:
+    """``prompts`` prompts of one configuration; one row."""
+    width, height = shape
+    row: dict[str, Any] = dict(arm=arm, blocks=blocks, frames=frames, free_gib=free_gib)
+    server.free()
+    hog_vram = 0
+    if hog is not None:
+        server_vram = cs.process_vram(server.process.pid)
+        hog.leave_free(int(free_gib * GIB) - server_vram)
+        hog_vram = cs.process_vram(hog.process.pid)
+    node = ARMS[arm]["node"]
+    rates, peaks_vram, peaks_rss, latents = [], [], [], []
+    status, error = "ok", ""
+    for index in range(prompts):
+        prefix = f"{arm}_{blocks}_{frames}_{free_gib}_{index}".replace(".", "p")
+        prompt = cs.wan_workflow(
+            model_file(blocks),
+            frames=frames,
+            width=width,
+            height=height,
+            steps=steps,
+            seed=1000 + index,
+            node=None if node is None else {**cs.node_defaults(), **node},
+            prefix=prefix,
+        )
+        with cs.Sampler(server.process.pid) as sampler:
+            result = server.queue(prompt, timeout=900)
+        peaks_vram.append(max(0, sampler.peak_device - hog_vram - idle_used) / GIB)
+        peaks_rss.append(sampler.peak_rss / GIB)
+        if result["status"] != "success":
+            status = "oom" if "out of memory" in result.get("error", "").lower() else "error"
+            error = result.get("error", "")[:500]
+            break
+        rate = cs.seconds_per_iteration(result.get("log", ""))
+        if rate is not None:
+            rates.append(rate)
+        latents.append(cs.latest_latent(server, prefix))
+    steady = rates[1:] or rates
+    row.update(
+        s_per_it=round(sum(steady) / len(steady), 4) if steady else None,
+        s_per_it_each=[round(r, 4) for r in rates],
+        peak_vram_gib=round(max(peaks_vram), 3) if peaks_vram else None,
+        peak_rss_gib=round(max(peaks_rss), 3) if peaks_rss else None,
+        status=status,
+        error=error,
+        latent=latents[0] if latents else None,
+    )
+    return row
+
+
+def compare(latent: str | None, reference: str | None) -> dict:
+    if latent is None or reference is None:
+        return {"equal_to_core": None}
+    from safetensors.torch import load_file
+
+    a, b = load_file(latent)["latent_tensor"], load_file(reference)["latent_tensor"]
+    diff = (a.float() - b.float()).abs().max().item()
+    return {"equal_to_core": bool(diff == 0.0), "max_abs_diff": diff}
+
+
+def floor_search(
+    server: cs.Server,
+    hog: cs.VramHog,
+    arm: str,
+    blocks: int,
+    frames: int,
+    shape: tuple[int, int],
+    idle_used: int,
+    low: float,
+    high: float,
+) -> dict:
+    """The least free VRAM (0.5 GiB steps) at which one prompt of one step succeeds."""
+    tries = {}
+    ok_at = None
+    steps = [x / 2 for x in range(int(low * 2), int(high * 2) + 1)]
+    lo, hi = 0, len(steps) - 1
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        row = run_config(server, hog, arm, blocks, frames, steps[mid], 1, 1, shape, idle_used)
+        tries[steps[mid]] = row["status"]
+        if row["status"] == "ok":
+            ok_at, hi = steps[mid], mid - 1
+        else:
+            lo = mid + 1
+    return {"arm": arm, "blocks": blocks, "frames": frames, "least_free_gib": ok_at, "tries": tries}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"))
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--arms", nargs="+", default=list(ARMS))
+    parser.add_argument("--blocks", nargs="+", type=int, default=[8])
+    parser.add_argument("--frames", nargs="+", type=int, default=[81, 1])
+    parser.add_argument("--free", nargs="+", type=float, default=[12, 7, 4])
+    parser.add_argument("--prompts", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=4, help="steps per prompt")
+    parser.add_argument("--floor-blocks", type=int, nargs="*", default=[])
+    parser.add_argument("--floor-frames", type=int, default=81)
+    parser.add_argument("--floor-range", type=float, nargs=2, default=[1.0, 8.0])
+    parser.add_argument(
+        "--deadline", type=float, default=1e9, help="seconds; rows after it: not_run"
+    )
+    parser.add_argument("--size", type=int, nargs=2, default=[832, 480], help="width height")
+    parser.add_argument("--cpu", action="store_true", help="a tiny smoke run on the CPU")
+    args = parser.parse_args()
+    started = time.time()
+    workdir = args.workdir or tempfile.mkdtemp(prefix="comfy_dyn_")
+    shape = tuple(args.size)
+    device = "cpu"
+    result: dict[str, Any] = {"rows": [], "floors": [], "setup": vars(args)}
+
+    def save() -> None:
+        with open(args.output, "w") as handle:
+            json.dump(result, handle, indent=2)
+
+    hog = None
+    idle_used = 0
+    if not args.cpu:
+        import torch
+
+        device = torch.cuda.get_device_name(0)
+        idle_used = cs.device_used()
+    result["device"] = device
+    models = os.path.join(workdir, "base", "models", "diffusion_models")
+    os.makedirs(models, exist_ok=True)
+    dims = dict(dim=256, ffn_dim=512) if args.cpu else dict(dim=5120, ffn_dim=13824)
+    for blocks in sorted(set(args.blocks + args.floor_blocks)):
+        path = os.path.join(models, model_file(blocks))
+        if not os.path.exists(path):
+            t0 = time.time()
+            size = cs.write_wan(path, blocks, **dims)
+            result.setdefault("files", {})[model_file(blocks)] = {
+                "bytes": size,
+                "write_s": round(time.time() - t0, 1),
+            }
+    references: dict[tuple[int, int], str] = {}
+    for arm in args.arms:
+        server = cs.Server(
+            args.comfyui, workdir, ARMS[arm]["args"] + (("--cpu",) if args.cpu else ())
+        )
+        if not args.cpu and hog is None:
+            hog = cs.VramHog()
+        try:
+            server.start()
+            for blocks in args.blocks:
+                for frames in args.frames:
+                    for free_gib in sorted(args.free, reverse=True):
+                        if time.time() - started > args.deadline:
+                            row = dict(
+                                arm=arm,
+                                blocks=blocks,
+                                frames=frames,
+                                free_gib=free_gib,
+                                status="not_run",
+                            )
+                        else:
+                            row = run_config(
+                                server, hog, arm, blocks, frames, free_gib,
+                                args.prompts, args.steps, shape, idle_used,
+                            )  # fmt: skip
+                        key = (blocks, frames)
+                        if arm == "core_dynamic" and row.get("latent") and key not in references:
+                            references[key] = row["latent"]
+                        row.update(compare(row.get("latent"), references.get(key)))
+                        result["rows"].append(row)
+                        save()
+                        print(
+                            json.dumps({k: v for k, v in row.items() if k != "latent"}), flush=True
+                        )
+            for blocks in args.floor_blocks:
+                if time.time() - started > args.deadline or hog is None:
+                    result["floors"].append(dict(arm=arm, blocks=blocks, status="not_run"))
+                    continue
+                floor = floor_search(
+                    server, hog, arm, blocks, args.floor_frames, shape, idle_used, *args.floor_range
+                )
+                result["floors"].append(floor)
+                save()
+                print(json.dumps(floor), flush=True)
+        finally:
+            server.stop()
+    if hog is not None:
+        hog.close()
+    result["seconds"] = round(time.time() - started, 1)
+    save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

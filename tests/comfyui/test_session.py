@@ -1,0 +1,20 @@
+"""A mixed session in a real ComfyUI server on the CPU (``benchmarks/comfyui_session.py``):
+prompts with and without the node and a LoRA, changed settings, an interrupt, /free and a bad
+widget value; every output equals core alone's and nothing fails."""
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_a_mixed_session_never_fails_and_always_equals_core_alone(comfy, tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import comfyui_session
+
+    prompts = len(comfyui_session.PLAN)
+    result = comfyui_session.run(os.environ["COMFYUI_PATH"], str(tmp_path), prompts, cpu=True)
+    failed = [event for event in result["events"] if not event["ok"]]
+    assert result["prompts"] == prompts and not failed, failed
+    kinds = {event["kind"] for event in result["events"]}
+    assert {"plain", "node", "interrupt", "bad_widget", "free"} <= kinds
