@@ -165,10 +165,17 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=30)
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--core", default=None, help="a label for the core (default: its path)")
+    parser.add_argument("--keep-log", default=None, help="copy the server's log here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
         started = time.time()
-        result = run(args.comfyui, workdir, args.prompts, args.cpu)
+        try:
+            result = run(args.comfyui, workdir, args.prompts, args.cpu)
+        finally:
+            if args.keep_log:
+                import shutil
+
+                shutil.copy(os.path.join(workdir, "server.log"), args.keep_log)
     result["core"] = args.core or os.path.basename(os.path.abspath(args.comfyui))
     result["seconds"] = round(time.time() - started, 1)
     if not args.cpu:
