@@ -121,7 +121,11 @@ def _alias_tensor(tensor: torch.Tensor, parameter: bool | None = None) -> torch.
     stays a parameter (``parameter=False``: a plain alias)."""
     attributes = dict(getattr(tensor, "__dict__", {}))
     with torch.inference_mode(tensor.is_inference()):
-        alias = tensor.detach()
+        # torch's own detach: a subclass may override it to return itself (ComfyUI-GGUF's
+        # GGMLTensor does), and the alias must be another tensor over the same memory
+        alias = torch.Tensor.detach(tensor)
+        if alias is tensor:
+            raise TypeError(f"{type(tensor).__name__} cannot be aliased (detach returns it)")
         if isinstance(tensor, nn.Parameter) if parameter is None else parameter:
             alias = nn.Parameter(alias, requires_grad=tensor.requires_grad)
         else:

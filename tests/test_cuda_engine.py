@@ -351,3 +351,26 @@ def test_streamed_plan_forwards_on_changing_streams_stay_equal(compress):
             torch.cuda.current_stream().wait_stream(stream)
             assert torch.equal(out, expected), f"step {step}"
     swap.remove()
+
+
+def test_wrapper_tensor_weights_stream_and_rebuild_on_the_gpu():
+    """comfy-kitchen's QuantizedTensor weights (current ComfyUI's scaled fp8) stream as their
+    fp8 bytes and scale, and each use rebuilds them on the GPU: outputs equal the unswapped
+    model's with the same weights, bit for bit ([Note: wrapper tensors])."""
+    tensor_module = pytest.importorskip("comfy_kitchen.tensor")
+
+    model = cuda_toy(0)
+    for block in model.blocks:
+        for linear in (block.qkv, block.ffn[0]):
+            q = tensor_module.QuantizedTensor.from_float(linear.weight.data, "TensorCoreFP8Layout")
+            linear.weight = torch.nn.Parameter(q, requires_grad=False)
+    reference = copy.deepcopy(model).cuda()
+    swap = swap_toy(model, blocks_to_swap=5, prefetch_blocks=1)
+    for seed in range(3):
+        with torch.no_grad():
+            assert torch.equal(model(**inputs(seed)), reference(**inputs(seed)))
+    weight = model.blocks[-1].qkv.weight
+    assert isinstance(weight, tensor_module.QuantizedTensor) and weight._qdata.numel() == 0
+    swap.remove()
+    with torch.no_grad():
+        assert torch.equal(model.cuda()(**inputs(7)), reference(**inputs(7)))

@@ -5,6 +5,7 @@ import gc
 
 import pytest
 import torch
+from torch import nn
 
 from toy_models import make_toy, streamed_budget_gb, toy_inputs, toy_layout
 from wan_blockswap import (
@@ -475,3 +476,35 @@ def test_a_streamed_plan_takes_a_new_window_in_place():
     with pytest.raises(BlockSwapStateError, match="streamed plan of the same layers"):
         swap.set_window(slots, SwapConfig())
     swap.remove()
+
+
+def test_wrapper_tensor_weights_swap_as_their_inner_tensors():
+    """comfy-kitchen's QuantizedTensor (current ComfyUI's scaled fp8): its fp8 bytes and scale
+    are stored and streamed, it is rebuilt over them for each use, and remove() gives the
+    same weights back ([Note: wrapper tensors])."""
+    tensor_module = pytest.importorskip("comfy_kitchen.tensor")
+    from wan_blockswap.units import leaves
+
+    model = make_toy(depth=4)
+    for block in model.blocks:
+        for linear in (block.qkv, block.ffn[0]):
+            q = tensor_module.QuantizedTensor.from_float(linear.weight.data, "TensorCoreFP8Layout")
+            linear.weight = nn.Parameter(q, requires_grad=False)
+    inputs = toy_inputs(3)
+    with torch.no_grad():
+        expected = model(**inputs)
+    stored = {n: [t.clone() for t in leaves(w)] for n, w in model.named_parameters()}
+    swap = apply_block_swap(model, layout=toy_layout(model), device="cpu", blocks_to_swap=3)
+    unit = next(u for u in swap.units if any(t is not None for t in u.templates))
+    assert len(unit.pieces) > len(unit.tensors)  # fp8 bytes and scales are pieces
+    qkv = model.blocks[1].qkv.weight
+    assert isinstance(qkv, tensor_module.QuantizedTensor) and qkv._qdata.numel() == 0
+    assert swap.plan.swapped_bytes < sum(p.numel() * 4 for p in model.parameters())
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.equal(model(**inputs), expected)
+    swap.remove()
+    for name, weight in model.named_parameters():
+        assert all(torch.equal(a, b) for a, b in zip(leaves(weight), stored[name])), name
+    with torch.no_grad():
+        assert torch.equal(model(**inputs), expected)

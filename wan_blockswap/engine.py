@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from model_configs.base import ModelLayout
 
@@ -36,6 +37,7 @@ from .streams import DeviceStreams
 from .units import (
     LAYER_UNIT_MIN_SHARE,
     SwapUnit,
+    TensorRef,
     block_unit,
     embedding_unit,
     find_blocks,
@@ -82,7 +84,7 @@ class BlockSwap:
         self.stats = SwapStats()
         self.units: list[StoredUnit] = []
         self.ring: SlotRing | None = None
-        self._moved: list[tuple[torch.Tensor, torch.device]] = []
+        self._moved: list[tuple[TensorRef, torch.device]] = []  # resident tensors we moved
         self._hooks: list[Any] = []
         self._swapped_index: dict[str, tuple[StoredUnit, int]] = {}
         self.move_resident = True
@@ -178,13 +180,11 @@ class BlockSwap:
                 tensor = ref.get()
                 if id(tensor) in swapped_ids or tensor.device == self.device:
                     continue
+                self._moved.append((ref, tensor.device))
                 if tensor.device.type == "meta":  # a skeleton: the loader fills it
-                    empty = torch.empty(tensor.size(), dtype=tensor.dtype, device=self.device)
-                    self._moved.append((ref.replace(empty), tensor.device))
+                    ref.replace(torch.empty(tensor.size(), dtype=tensor.dtype, device=self.device))
                 else:
-                    self._moved.append((tensor, tensor.device))
-                    with torch.inference_mode(tensor.is_inference()):
-                        tensor.data = tensor.data.to(self.device)
+                    _move(ref, self.device)
         streams = DeviceStreams(self.device, timing=self.config.debug)
         if self.plan.window_bytes:
             self.ring = WindowRing(
@@ -377,15 +377,26 @@ class BlockSwap:
         with torch.no_grad():
             for stored in self.units:
                 stored.restore() if restore else stored.discard()
-            for tensor, device in self._moved:
+            for ref, device in self._moved:
+                tensor = ref.get()
                 if not restore:
                     tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
                 else:  # a lazily loaded skeleton's weights come back on the CPU
-                    with torch.inference_mode(tensor.is_inference()):
-                        tensor.data = tensor.data.to("cpu" if device.type == "meta" else device)
+                    _move(ref, torch.device("cpu") if device.type == "meta" else device)
         self.units.clear()
         self._moved.clear()
         self._swapped_index.clear()
+
+
+def _move(ref: TensorRef, device: torch.device) -> None:
+    """Move one resident tensor, keeping its object where ``.data`` can be rebound; a wrapper
+    tensor, whose device is fixed when it is made, is replaced ([Note: wrapper tensors])."""
+    tensor = ref.get()
+    with torch.inference_mode(tensor.is_inference()):
+        if is_traceable_wrapper_subclass(tensor):
+            ref.replace(tensor.to(device))
+        else:
+            tensor.data = tensor.data.to(device)
 
 
 def _allocate_empty_units(units: list[StoredUnit], pin: bool) -> None:

@@ -77,6 +77,12 @@ def test_node_after_gguf_loader_equals_gguf_without_it(comfy, gguf_wan):
     assert block.self_attn.q.weight.numel() == 0  # a placeholder between uses
     for _ in range(2):
         assert torch.equal(run(comfy, swapped, inputs), expected)
+    # ComfyUI-GGUF's own model is untouched: its patcher class, its weights, core alone
+    assert type(swapped) is type(gguf_wan)
+    assert gguf_wan.model.diffusion_model.blocks[-1].self_attn.q.weight.numel() > 0
+    assert not any(m._forward_pre_hooks for m in gguf_wan.model.modules())
+    comfy.model_management.unload_all_models()
+    assert torch.equal(run(comfy, gguf_wan, inputs), expected)
 
 
 def test_lora_on_gguf_weights_equals_gguf_without_node(comfy, gguf_wan):
