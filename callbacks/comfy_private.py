@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 import comfy.model_management
 import comfy.model_patcher
@@ -115,6 +116,7 @@ def private_model(patcher: Any) -> Any:
         comfy.model_patcher.ModelPatcher(private, patcher.load_device, patcher.offload_device)
         if "current_patcher" in vars(private):  # the patcher sampling now (core sets it)
             private.current_patcher = None
+        _match_model_dtypes(private)
         entry = _Private(weakref.ref(private), origins)
         _privates[base_model] = entry
         _by_private[private] = entry
@@ -124,6 +126,30 @@ def private_model(patcher: Any) -> Any:
             type(base_model).__name__,
         )
     return private
+
+
+def _match_model_dtypes(model: torch.nn.Module) -> None:
+    """Give a static load what a dynamic one would: a model loaded for dynamic VRAM keeps its
+    weights in the file's dtype and records the dtype it computes in
+    (``<name>_comfy_model_dtype``), cast as dynamic VRAM loads each weight; core's static
+    loader, which loads the private model, casts nothing. So core's ops cast their weight and
+    bias at each use (``comfy_cast_weights``, as core's low-VRAM mode does), and the few other
+    tensors (norms, Wan's modulation) get a cast copy here."""
+    with torch.no_grad():
+        for module in model.modules():
+            for table in (module._parameters, module._buffers):
+                for name, tensor in list(table.items()):
+                    dtype = getattr(module, f"{name}_comfy_model_dtype", None)
+                    if tensor is None or dtype is None or tensor.dtype == dtype:
+                        continue
+                    if is_traceable_wrapper_subclass(tensor):  # quantized: ops dequantize
+                        continue
+                    if hasattr(module, "comfy_cast_weights") and name in ("weight", "bias"):
+                        module.comfy_cast_weights = True
+                    elif table is module._parameters:
+                        table[name] = torch.nn.Parameter(tensor.to(dtype), requires_grad=False)
+                    else:
+                        table[name] = tensor.to(dtype)
 
 
 def is_private(base_model: Any) -> bool:

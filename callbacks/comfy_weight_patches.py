@@ -16,6 +16,7 @@ import torch
 
 import comfy.float
 import comfy.lora
+import comfy.model_management
 import comfy.model_patcher
 from wan_blockswap import BlockSwap, BlockSwapConfigError
 from wan_blockswap.units import leaves
@@ -23,6 +24,7 @@ from wan_blockswap.units import leaves
 logger = logging.getLogger("wan_blockswap")
 
 MODEL_PREFIX = "diffusion_model."
+FP32 = torch.float32
 
 
 def patch_transform(
@@ -43,8 +45,15 @@ def patch_transform(
                 wanted.setdefault(stored.name, []).append((index, key))
     if not wanted:
         return None
+    # (patches, the dtype core computes them in): a regular patch in core's LoRA compute
+    # dtype for the device (fp16 on most GPUs in current core, fp32 in older ones), a hook's
+    # in fp32, as core's two recipes do
     stages = {
-        key: [p for p in (patcher.patches.get(key), hook_patches.get(key)) if p]
+        key: [
+            (p, dtype)
+            for p, dtype in ((patcher.patches.get(key), None), (hook_patches.get(key), FP32))
+            if p
+        ]
         for entries in wanted.values()
         for _, key in entries
     }
@@ -74,8 +83,8 @@ def patch_transform(
             stored.bind(views)
         try:
             for index, key in entries:
-                for patches in stages[key]:
-                    _patch_view(tensors[index], key, patches, *funcs[key])
+                for patches, dtype in stages[key]:
+                    _patch_view(tensors[index], key, patches, dtype, *funcs[key])
         finally:
             if stored is not None:
                 stored.unbind()
@@ -124,12 +133,17 @@ def _patch_view(
     view: torch.Tensor,
     key: str,
     patches: list,
+    dtype: torch.dtype | None,
     set_func: Any,
     convert_func: Any,
 ) -> None:
     """Core's recipe for patching one weight (``ModelPatcher.patch_weight_to_device``),
-    writing the result into the slot view instead of the module."""
-    temp = view.to(torch.float32, copy=True)
+    writing the result into the slot view instead of the module. ``dtype``: what the patch is
+    computed in (None: core's LoRA compute dtype for the view's device)."""
+    if dtype is None:
+        compute_dtype = getattr(comfy.model_management, "lora_compute_dtype", None)
+        dtype = compute_dtype(view.device) if compute_dtype is not None else FP32
+    temp = view.to(dtype, copy=True)
     if convert_func is not None:
         temp = convert_func(temp, inplace=True)
     out = comfy.lora.calculate_weight(patches, temp, key)

@@ -147,3 +147,33 @@ def test_the_node_logs_which_patcher_it_was_given(comfy, caplog):
     dynamic = getattr(patcher, "is_dynamic", lambda: False)()  # core 0.3 has no such method
     kind = "dynamic VRAM" if dynamic else "static"
     assert f"({kind} patcher)" in caplog.text
+
+
+def test_a_model_loaded_for_dynamic_vram_computes_in_its_model_dtype(comfy):
+    """Core's dynamic-VRAM loader keeps the file's dtype (bf16 here) and records the dtype the
+    model computes in (``<name>_comfy_model_dtype``; fp16 on most GPUs), casting as it loads.
+    The private model loads statically, so its ops cast at each use instead: outputs equal
+    the model built in its compute dtype from the same (rounded) weights."""
+    mm = comfy.model_management
+    if not hasattr(mm, "archive_model_dtypes"):
+        pytest.skip("this core has no dynamic-VRAM loading")
+    reference, make_inputs = tiny_models.comfy_load_tiny("wan_t2v")
+    with torch.no_grad():  # the compute-dtype model, from weights rounded to the file dtype
+        for tensor in reference.model.diffusion_model.parameters():
+            tensor.copy_(tensor.to(torch.bfloat16))
+    inputs = make_inputs(14)
+    expected = run(comfy, reference, inputs)
+    mm.unload_all_models()
+    upstream, _ = tiny_models.comfy_load_tiny("wan_t2v")
+    model = upstream.model.diffusion_model
+    mm.archive_model_dtypes(model)  # what the loader records: fp32 to compute in
+    with torch.no_grad():  # what it keeps: the file's bf16
+        for module in model.modules():
+            for name, tensor in list(module._parameters.items()):
+                if tensor is not None:
+                    bf16 = tensor.to(torch.bfloat16)
+                    module._parameters[name] = torch.nn.Parameter(bf16, requires_grad=False)
+    swapped = node(upstream, blocks_to_swap=2)
+    assert torch.equal(run(comfy, swapped, inputs), expected)
+    assert torch.equal(run(comfy, swapped, inputs), expected)
+    assert next(model.parameters()).dtype == torch.bfloat16  # the loader's model: as it was
