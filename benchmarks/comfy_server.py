@@ -175,10 +175,20 @@ class Server:
     def interrupt(self) -> None:
         request(self.url + "/interrupt", {})
 
-    def free(self) -> None:
-        """What the UI's "unload models" does: every model unloaded, caches emptied."""
+    def free(self, settle: float = 20.0) -> None:
+        """What the UI's "unload models" does: every model unloaded, node caches and memory
+        emptied. The server does it on its worker thread: wait until its VRAM stops
+        changing (NVML), or a second on a CPU."""
         request(self.url + "/free", {"unload_models": True, "free_memory": True})
-        time.sleep(1.0)  # the server frees between prompts, on its own thread
+        time.sleep(1.0)
+        deadline, last, steady = time.time() + settle, -1, 0
+        while time.time() < deadline and _nvml_handle() is not None:
+            used = process_vram(self.process.pid)
+            steady = steady + 1 if used == last else 0
+            if steady >= 3:
+                break
+            last = used
+            time.sleep(0.3)
 
     def rss_gib(self) -> float:
         return _rss(self.process.pid) / GIB if self.alive else 0.0
@@ -319,6 +329,7 @@ def wan_workflow(
     height: int,
     steps: int,
     seed: int,
+    cfg: float = 5.0,
     node: dict | None = None,
     lora: tuple[str, float] | None = None,
     lora_after_node: bool = False,
@@ -370,7 +381,7 @@ def wan_workflow(
             "model": model,
             "seed": seed,
             "steps": steps,
-            "cfg": 5.0,
+            "cfg": cfg,
             "sampler_name": "euler",
             "scheduler": "simple",
             "positive": ["3", 0],
@@ -430,14 +441,17 @@ torch.cuda.init()
 chunks = []
 CHUNK = 64 * 2**20
 for line in sys.stdin:
-    target = int(line)  # free bytes wanted on the device
+    target = max(int(line), 256 * 2**20)  # free bytes wanted on the device
     free = pynvml.nvmlDeviceGetMemoryInfo(handle).free
     delta = free - target
-    while delta >= CHUNK:
-        chunks.append(torch.empty(CHUNK, dtype=torch.uint8, device="cuda"))
-        delta -= CHUNK
-    if delta > 2**20:
-        chunks.append(torch.empty(delta, dtype=torch.uint8, device="cuda"))
+    try:
+        while delta >= CHUNK:
+            chunks.append(torch.empty(CHUNK, dtype=torch.uint8, device="cuda"))
+            delta -= CHUNK
+        if delta > 2**20:
+            chunks.append(torch.empty(delta, dtype=torch.uint8, device="cuda"))
+    except torch.OutOfMemoryError:
+        pass
     while delta < -2**20 and chunks:
         delta += chunks.pop().numel()
     torch.cuda.synchronize()

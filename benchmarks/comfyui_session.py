@@ -83,6 +83,7 @@ def run(comfyui: str, workdir: str, prompts: int, cpu: bool, extra_args: tuple =
             height=size[1],
             steps=3,
             seed=seed,
+            cfg=1.0,  # one conditioning: no batching decision that depends on free VRAM
             node=None if node is None else {**defaults, **node},
             lora=(LORA, 0.8) if lora else None,
             prefix=prefix,

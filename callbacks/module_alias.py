@@ -33,17 +33,21 @@ def alias_module(
     ``drop_attrs`` are instance attributes removed from every copied module (state a host hung
     on the original, to be rebuilt for the alias); ``drop_root_attrs`` only from the root.
 
-    The returned tensors (``origins``) are further aliases of the starting memory, held so the
-    alias can be pointed back at it later (:func:`rebind_to_origins`).
+    The returned ``origins`` are the original's tensor objects, by the alias' names: whatever
+    memory a host later gives them (core moves the original to the GPU and back, as copies),
+    :func:`rebind_to_origins` can point the alias at it again.
     """
     drop = frozenset(drop_attrs)
     tensors: dict[int, torch.Tensor] = {}
     modules: dict[int, nn.Module] = {}
 
+    originals: dict[int, torch.Tensor] = {}  # id of an alias -> the tensor it aliases
+
     def alias_tensor(tensor: torch.Tensor) -> torch.Tensor:
         key = id(tensor)
         if key not in tensors:
             tensors[key] = _alias_tensor(tensor)
+            originals[id(tensors[key])] = tensor
         return tensors[key]
 
     def alias(original: nn.Module) -> nn.Module:
@@ -74,7 +78,7 @@ def alias_module(
     root = alias(module)
     for name in frozenset(drop_root_attrs).intersection(root.__dict__):
         del root.__dict__[name]
-    origins = {name: _alias_tensor(tensor, parameter=False) for name, tensor in named_tensors(root)}
+    origins = {name: originals[id(tensor)] for name, tensor in named_tensors(root)}
     return root, origins
 
 
@@ -87,9 +91,9 @@ def named_tensors(module: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
 def rebind_to_origins(
     module: nn.Module, origins: dict[str, torch.Tensor], skip: set[int] = frozenset()
 ) -> int:
-    """Point every tensor of ``module`` that a host moved back to its starting device, as a
-    copy, at its starting memory again (dropping the copy); ``skip``: ids of tensors to leave
-    alone. Returns the bytes given back."""
+    """Point every tensor of ``module`` that a host moved back to the device its origin is
+    on, as a copy, at its origin's memory again (dropping the copy); ``skip``: ids of tensors
+    to leave alone. Returns the bytes given back."""
     freed = 0
     with torch.no_grad():
         for name, tensor in named_tensors(module):
@@ -98,7 +102,7 @@ def rebind_to_origins(
                 continue
             freed += tensor.numel() * tensor.element_size()
             with torch.inference_mode(origin.is_inference()):
-                tensor.data = origin
+                tensor.data = torch.Tensor.detach(origin)
     return freed
 
 
@@ -116,9 +120,9 @@ def _is_moved_copy(tensor: torch.Tensor, origin: torch.Tensor) -> bool:
         return False
 
 
-def _alias_tensor(tensor: torch.Tensor, parameter: bool | None = None) -> torch.Tensor:
+def _alias_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """A new tensor object over ``tensor``'s memory with its Python attributes; a parameter
-    stays a parameter (``parameter=False``: a plain alias)."""
+    stays a parameter."""
     attributes = dict(getattr(tensor, "__dict__", {}))
     with torch.inference_mode(tensor.is_inference()):
         # torch's own detach: a subclass may override it to return itself (ComfyUI-GGUF's
@@ -126,10 +130,8 @@ def _alias_tensor(tensor: torch.Tensor, parameter: bool | None = None) -> torch.
         alias = torch.Tensor.detach(tensor)
         if alias is tensor:
             raise TypeError(f"{type(tensor).__name__} cannot be aliased (detach returns it)")
-        if isinstance(tensor, nn.Parameter) if parameter is None else parameter:
+        if isinstance(tensor, nn.Parameter):
             alias = nn.Parameter(alias, requires_grad=tensor.requires_grad)
-        else:
-            attributes.pop("_is_param", None)
     if attributes:
         alias.__dict__.update(attributes)
     return alias

@@ -359,12 +359,17 @@ def test_wrapper_tensor_weights_stream_and_rebuild_on_the_gpu():
     model's with the same weights, bit for bit ([Note: wrapper tensors])."""
     tensor_module = pytest.importorskip("comfy_kitchen.tensor")
 
-    model = cuda_toy(0)
-    for block in model.blocks:
-        for linear in (block.qkv, block.ffn[0]):
-            q = tensor_module.QuantizedTensor.from_float(linear.weight.data, "TensorCoreFP8Layout")
-            linear.weight = torch.nn.Parameter(q, requires_grad=False)
-    reference = copy.deepcopy(model).cuda()
+    def quantized_toy():  # built twice: a QuantizedTensor does not deep-copy
+        model = cuda_toy(0)
+        for block in model.blocks:
+            for linear in (block.qkv, block.ffn[0]):
+                q = tensor_module.QuantizedTensor.from_float(
+                    linear.weight.data, "TensorCoreFP8Layout"
+                )
+                linear.weight = torch.nn.Parameter(q, requires_grad=False)
+        return model
+
+    model, reference = quantized_toy(), quantized_toy().cuda()
     swap = swap_toy(model, blocks_to_swap=5, prefetch_blocks=1)
     for seed in range(3):
         with torch.no_grad():

@@ -539,8 +539,8 @@ def test_auto_refits_the_plan_to_each_latents_memory_estimate(comfy, pack, monke
     which knows the latent) it plans for what that latent leaves, as core's loader counts it:
     free VRAM plus loaded models, minus core's estimate for one batch and its reserve."""
     from callbacks.comfy_adapter import _states
-    from wan_blockswap import InsufficientMemoryError
-    from wan_blockswap.plan import min_streamed_budget
+    from wan_blockswap import InsufficientMemoryError, SwapConfig
+    from wan_blockswap.plan import min_streamed_budget, plan_swap
 
     mm = comfy.model_management
     free = {"bytes": 100 * 2**30}
@@ -606,10 +606,12 @@ def test_auto_refits_the_plan_to_each_latents_memory_estimate(comfy, pack, monke
     assert torch.equal(run(comfy, swapped, inputs), expected)
 
     mm.unload_all_models()
-    # less than the least plan beside core's estimate, but the weights alone fit: the least
-    # plan, with a warning (core's estimates are generous)
+    # room for the least plan's weights but not for core's estimate beside them: a streamed
+    # plan all the same (core's estimates are generous; see the next test)
     least = min_streamed_budget(sizes)
-    free["bytes"] = least + required_large // 2
+    least_config = SwapConfig(vram_budget_gb=least / 2**30, swap_unit="auto")
+    needed = plan_swap(sizes, least_config).gpu_weight_bytes  # the least plan's largest layer too
+    free["bytes"] = needed
     prepare(large)
     smallest_swap = _states[private].swap
     smallest = smallest_swap.plan
@@ -719,3 +721,30 @@ def test_hook_patches_on_swapped_gguf_weights_are_a_clear_error(comfy, monkeypat
         swapped.patch_hooks(group)
     assert torch.equal(swapped.model.diffusion_model.blocks[0].self_attn.q.weight, before)
     assert not swapped.hook_backup
+
+
+def test_auto_below_the_least_plan_warns_or_refuses_with_the_numbers(comfy, caplog):
+    """Between the least plan's weights and those plus core's estimate for the latent, auto
+    streams every layer and says the activations may not fit; below the weights alone it
+    refuses, naming what can be had and what is needed."""
+    import logging
+
+    from callbacks.comfy_adapter import _auto_config
+    from wan_blockswap import InsufficientMemoryError, SwapConfig
+    from wan_blockswap.engine import measure_model
+    from wan_blockswap.plan import min_streamed_budget, plan_swap
+
+    import model_configs
+
+    patcher, _ = tiny_models.comfy_load_tiny("wan_t2v")
+    model = patcher.model.diffusion_model
+    sizes = measure_model(model, model_configs.detect(model).layout)[1]
+    least = min_streamed_budget(sizes)
+    options = SwapConfig(prefetch_blocks=1)
+    needed = plan_swap(sizes, SwapConfig(vram_budget_gb=least / 2**30)).gpu_weight_bytes
+    extra = comfy.model_management.extra_reserved_memory()
+    with caplog.at_level(logging.WARNING, logger="wan_blockswap"):
+        config = _auto_config(sizes, options, budget=0, available=needed + extra)
+    assert plan_swap(sizes, config).window_bytes and "lower the resolution" in caplog.text
+    with pytest.raises(InsufficientMemoryError, match=r"streaming every layer needs"):
+        _auto_config(sizes, options, budget=0, available=needed + extra - 1)
