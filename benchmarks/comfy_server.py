@@ -167,6 +167,7 @@ class Server:
                 error = f"{data.get('exception_type')}: {data.get('exception_message')}"
             if kind == "execution_interrupted":
                 state = "interrupted"
+        time.sleep(0.5)  # the progress bar's last line may reach the log after the history
         with open(self.log_path, errors="replace") as handle:
             handle.seek(log_start)
             log = handle.read()
@@ -209,6 +210,7 @@ class Sampler:
         self.pid, self.interval = pid, interval
         self.peak_rss = 0
         self.peak_device = 0
+        self.peak_process = 0  # what NVML counts for the process itself
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._nvml = _nvml_handle()
@@ -229,6 +231,7 @@ class Sampler:
                 pass
             if self._nvml is not None:
                 self.peak_device = max(self.peak_device, device_used(self._nvml))
+                self.peak_process = max(self.peak_process, process_vram(self.pid))
             self._stop.wait(self.interval)
 
 

@@ -77,7 +77,7 @@ def run_config(
         hog.leave_free(int(free_gib * GIB) - server_vram)
         hog_vram = cs.process_vram(hog.process.pid)
     node = ARMS[arm]["node"]
-    rates, peaks_vram, peaks_rss, latents = [], [], [], []
+    rates, peaks_vram, peaks_process, peaks_rss, latents = [], [], [], [], []
     status, error = "ok", ""
     for index in range(prompts):
         prefix = f"{arm}_{blocks}_{frames}_{free_gib}_{index}".replace(".", "p")
@@ -96,6 +96,7 @@ def run_config(
             result = server.queue(prompt, timeout=900)
         peaks_vram.append(max(0, sampler.peak_device - hog_vram - idle_used) / GIB)
         peaks_rss.append(sampler.peak_rss / GIB)
+        peaks_process.append(sampler.peak_process / GIB)
         if result["status"] != "success":
             status = "oom" if "out of memory" in result.get("error", "").lower() else "error"
             error = result.get("error", "")[:500]
@@ -109,6 +110,7 @@ def run_config(
         s_per_it=round(sum(steady) / len(steady), 4) if steady else None,
         s_per_it_each=[round(r, 4) for r in rates],
         peak_vram_gib=round(max(peaks_vram), 3) if peaks_vram else None,
+        peak_vram_process_gib=round(max(peaks_process), 3) if peaks_process else None,
         peak_rss_gib=round(max(peaks_rss), 3) if peaks_rss else None,
         status=status,
         error=error,
@@ -154,6 +156,33 @@ def floor_search(
     return {"arm": arm, "blocks": blocks, "frames": frames, "least_free_gib": ok_at, "tries": tries}
 
 
+def fixed_levels(
+    server: cs.Server,
+    hog: cs.VramHog,
+    arm: str,
+    blocks: int,
+    frames: int,
+    shape: tuple[int, int],
+    idle_used: int,
+    levels: list[float],
+    deadline: float,
+) -> dict:
+    """One prompt of one step at each of ``levels``, highest first, until one fails."""
+    tries, rows, ok_at = {}, [], None
+    for level in sorted(levels, reverse=True):
+        if time.time() > deadline:
+            tries[level] = "not_run"
+            continue
+        row = run_config(server, hog, arm, blocks, frames, level, 1, 1, shape, idle_used)
+        tries[level] = row["status"]
+        rows.append({k: v for k, v in row.items() if k != "latent"})
+        if row["status"] != "ok":
+            break
+        ok_at = level
+    return {"arm": arm, "blocks": blocks, "frames": frames, "least_free_gib": ok_at,
+            "tries": tries, "rows": rows}  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"))
@@ -168,6 +197,10 @@ def main() -> int:
     parser.add_argument("--floor-blocks", type=int, nargs="*", default=[])
     parser.add_argument("--floor-frames", type=int, default=81)
     parser.add_argument("--floor-range", type=float, nargs=2, default=[1.0, 8.0])
+    parser.add_argument(
+        "--floor-levels", type=float, nargs="*", default=None,
+        help="try just these free levels (GiB), highest first, instead of a bisection",
+    )  # fmt: skip
     parser.add_argument(
         "--deadline", type=float, default=1e9, help="seconds; rows after it: not_run"
     )
@@ -242,9 +275,16 @@ def main() -> int:
                 if time.time() - started > args.deadline or hog is None:
                     result["floors"].append(dict(arm=arm, blocks=blocks, status="not_run"))
                     continue
-                floor = floor_search(
-                    server, hog, arm, blocks, args.floor_frames, shape, idle_used, *args.floor_range
-                )
+                if args.floor_levels:
+                    floor = fixed_levels(
+                        server, hog, arm, blocks, args.floor_frames, shape, idle_used,
+                        args.floor_levels, started + args.deadline,
+                    )  # fmt: skip
+                else:
+                    floor = floor_search(
+                        server, hog, arm, blocks, args.floor_frames, shape, idle_used,
+                        *args.floor_range,
+                    )  # fmt: skip
                 result["floors"].append(floor)
                 save()
                 print(json.dumps(floor), flush=True)
