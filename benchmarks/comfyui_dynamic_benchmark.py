@@ -191,7 +191,7 @@ def main() -> int:
     parser.add_argument("--arms", nargs="+", default=list(ARMS))
     parser.add_argument("--blocks", nargs="+", type=int, default=[8])
     parser.add_argument("--frames", nargs="+", type=int, default=[81, 1])
-    parser.add_argument("--free", nargs="+", type=float, default=[12, 7, 4])
+    parser.add_argument("--free", nargs="*", type=float, default=[12, 7, 4])
     parser.add_argument("--prompts", type=int, default=3)
     parser.add_argument("--steps", type=int, default=4, help="steps per prompt")
     parser.add_argument("--floor-blocks", type=int, nargs="*", default=[])
