@@ -324,6 +324,11 @@ def _numel(shape: tuple[int, ...]) -> int:
 # -- workflows ---------------------------------------------------------------------------
 
 
+# A new nonce in every workflow: ComfyUI never serves a prompt from its cache (see the test
+# conditioning node), so every prompt samples.
+_NONCES = iter(range(1, 2**31))
+
+
 def wan_workflow(
     model_file: str,
     *,
@@ -347,11 +352,11 @@ def wan_workflow(
         },
         "3": {
             "class_type": "WanBlockSwapTestConditioning",
-            "inputs": {"seed": 1, "tokens": 8, "dim": 4096},
+            "inputs": {"seed": 1, "tokens": 8, "dim": 4096, "nonce": next(_NONCES)},
         },
         "4": {
             "class_type": "WanBlockSwapTestConditioning",
-            "inputs": {"seed": 2, "tokens": 8, "dim": 4096},
+            "inputs": {"seed": 2, "tokens": 8, "dim": 4096, "nonce": next(_NONCES)},
         },
         "5": {
             "class_type": "EmptyHunyuanLatentVideo",

@@ -47,6 +47,7 @@ from wan_blockswap.plan import min_streamed_budget, plan_swap
 from .comfy_private import (
     clone_onto,
     existing_private,
+    file_page_dropper,
     is_dynamic,
     private_model,
     rebind_unloaded,
@@ -167,7 +168,14 @@ def _swap_loaded_weights(
     unload_everywhere(base_model)
     diffusion_model = base_model.diffusion_model
     arch = model_configs.detect(diffusion_model)
-    swap = BlockSwap.apply(diffusion_model, config, arch.layout, device, move_resident=False)
+    swap = BlockSwap.apply(
+        diffusion_model,
+        config,
+        arch.layout,
+        device,
+        move_resident=False,
+        on_packed=file_page_dropper(base_model),
+    )
     release_file_pages(base_model)
     return register_swap(diffusion_model, swap, config, arch.name, auto)
 

@@ -165,6 +165,33 @@ def existing_private(base_model: Any) -> Any:
     return entry.model() if entry is not None else None
 
 
+def file_page_dropper(private: Any) -> Any:
+    """A function that drops the pages of the files the private model's weights are mapped
+    from (dynamic VRAM loads them mapped, ``_comfy_tensor_mmap_refs``), for the swap to call
+    after packing each unit: packing reads through the mapping, and without this RAM would
+    hold the file's pages beside our pinned copy until core drops them after the node. The
+    weights stay valid: the next read faults them in again from the page cache. None where
+    nothing is mapped this way."""
+    entry = _by_private.get(private)
+    mappings = {}
+    for tensor in entry.origins.values() if entry is not None else ():
+        inner = getattr(tensor, "_qdata", tensor)
+        try:
+            refs = getattr(inner.untyped_storage(), "_comfy_tensor_mmap_refs", None)
+        except (RuntimeError, TypeError):
+            continue
+        if refs is not None and hasattr(refs[0], "bounce"):
+            mappings[id(refs[0])] = refs[0]
+    if not mappings:
+        return None
+
+    def drop() -> None:
+        for mapping in mappings.values():
+            mapping.bounce()
+
+    return drop
+
+
 def release_file_pages(private: Any) -> None:
     """Let core drop the file pages our reads mapped: the weights of a model loaded with
     dynamic VRAM live in a mapped file, and packing or loading ours reads them through the

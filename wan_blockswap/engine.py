@@ -89,6 +89,7 @@ class BlockSwap:
         self._swapped_index: dict[str, tuple[StoredUnit, int]] = {}
         self.move_resident = True
         self.allocate_empty = True
+        self._on_packed: Any = None
         self._auto: CompressionAutoSwitch | None = None
 
     @classmethod
@@ -100,12 +101,15 @@ class BlockSwap:
         device: torch.device,
         move_resident: bool = True,
         allocate_empty: bool = True,
+        on_packed: Any = None,
     ) -> "BlockSwap":
         """Apply ``config`` to ``model``. With ``move_resident=False`` weights that stay on the
         GPU are left where they are, for a host (ComfyUI core) that places them itself; the
         VRAM check is then the host's business too. With ``allocate_empty=False`` units of a
         meta skeleton get their host buffers only when a loader fills them
-        (``StoredUnit.allocate``), so page-locking overlaps reading the file."""
+        (``StoredUnit.allocate``), so page-locking overlaps reading the file.
+        ``on_packed()`` runs after each unit is packed (a host whose weights are a mapped file
+        drops the pages packing read, so RAM holds one copy, not two)."""
         if model in _active:
             raise BlockSwapStateError(
                 f"{type(model).__name__} already has a block swap applied; call "
@@ -131,6 +135,7 @@ class BlockSwap:
         memory.check_fits(model, chosen, swap.plan, device, check_vram=move_resident)
         swap.move_resident = move_resident
         swap.allocate_empty = allocate_empty
+        swap._on_packed = on_packed
         try:
             swap._place(chosen)
             swap._attach_hooks()
@@ -175,6 +180,8 @@ class BlockSwap:
                     stored.pack(pin)
                     if not stored.awaits_data:  # else a loader fills it; sealed at first use
                         stored.seal(self.device)
+                    if self._on_packed is not None:
+                        self._on_packed()
                 swapped_ids.update(id(ref.get()) for ref in stored.unit.tensors)
             for ref in tensor_refs(self.model, "", set()) if self.move_resident else ():
                 tensor = ref.get()

@@ -17,10 +17,13 @@ class WanBlockSwapTestConditioning:
                 "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
                 "tokens": ("INT", {"default": 8, "min": 1, "max": 512}),
                 "dim": ("INT", {"default": 4096, "min": 1, "max": 8192}),
-            }
+            },
+            # changes nothing but ComfyUI's cache key: a prompt equal to an earlier one samples
+            # again instead of reusing the cached result
+            "optional": {"nonce": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})},
         }
 
-    def make(self, seed, tokens, dim):
+    def make(self, seed, tokens, dim, nonce=0):
         gen = torch.Generator().manual_seed(seed)
         return ([[torch.randn(1, tokens, dim, generator=gen), {}]],)
 
