@@ -18,7 +18,8 @@ UNETLoader -> [WAN BlockSwap] -> KSampler -> SaveLatent, Wan-14B-shaped random b
   compared with core's default at the same shape. (At cfg > 1 core decides from the free
   VRAM whether the two conditionings run as one batch, which changes the numbers a little:
   core alone at 12 and 7 GiB free differed by up to 0.1.)
-- The least free VRAM each arm runs at, searched in 0.5 GiB steps (one prompt of one step).
+- The least free VRAM each arm runs at, in 0.5 GiB steps down from the top of the range
+  (one prompt of one step each) until a prompt fails.
 
 Arms: ``core_dynamic`` (core's default), ``core_legacy`` (``--disable-dynamic-vram``),
 ``ours_default`` (our node, default widgets), ``ours_auto`` (preset auto). Results are written
@@ -137,37 +138,11 @@ def floor_search(
     frames: int,
     shape: tuple[int, int],
     idle_used: int,
-    low: float,
-    high: float,
-) -> dict:
-    """The least free VRAM (0.5 GiB steps) at which one prompt of one step succeeds."""
-    tries = {}
-    ok_at = None
-    steps = [x / 2 for x in range(int(low * 2), int(high * 2) + 1)]
-    lo, hi = 0, len(steps) - 1
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        row = run_config(server, hog, arm, blocks, frames, steps[mid], 1, 1, shape, idle_used)
-        tries[steps[mid]] = row["status"]
-        if row["status"] == "ok":
-            ok_at, hi = steps[mid], mid - 1
-        else:
-            lo = mid + 1
-    return {"arm": arm, "blocks": blocks, "frames": frames, "least_free_gib": ok_at, "tries": tries}
-
-
-def fixed_levels(
-    server: cs.Server,
-    hog: cs.VramHog,
-    arm: str,
-    blocks: int,
-    frames: int,
-    shape: tuple[int, int],
-    idle_used: int,
     levels: list[float],
     deadline: float,
 ) -> dict:
-    """One prompt of one step at each of ``levels``, highest first, until one fails."""
+    """The least free VRAM at which one prompt of one step succeeds: each of ``levels``,
+    highest first, until one fails."""
     tries, rows, ok_at = {}, [], None
     for level in sorted(levels, reverse=True):
         if time.time() > deadline:
@@ -199,7 +174,7 @@ def main() -> int:
     parser.add_argument("--floor-range", type=float, nargs=2, default=[1.0, 8.0])
     parser.add_argument(
         "--floor-levels", type=float, nargs="*", default=None,
-        help="try just these free levels (GiB), highest first, instead of a bisection",
+        help="try these free levels (GiB), highest first (default: --floor-range in 0.5 GiB steps)",
     )  # fmt: skip
     parser.add_argument(
         "--deadline", type=float, default=1e9, help="seconds; rows after it: not_run"
@@ -275,16 +250,14 @@ def main() -> int:
                 if time.time() - started > args.deadline or hog is None:
                     result["floors"].append(dict(arm=arm, blocks=blocks, status="not_run"))
                     continue
-                if args.floor_levels:
-                    floor = fixed_levels(
-                        server, hog, arm, blocks, args.floor_frames, shape, idle_used,
-                        args.floor_levels, started + args.deadline,
-                    )  # fmt: skip
-                else:
-                    floor = floor_search(
-                        server, hog, arm, blocks, args.floor_frames, shape, idle_used,
-                        *args.floor_range,
-                    )  # fmt: skip
+                levels = args.floor_levels or [
+                    x / 2
+                    for x in range(int(args.floor_range[0] * 2), int(args.floor_range[1] * 2) + 1)
+                ]  # 0.5 GiB steps
+                floor = floor_search(
+                    server, hog, arm, blocks, args.floor_frames, shape, idle_used,
+                    levels, started + args.deadline,
+                )  # fmt: skip
                 result["floors"].append(floor)
                 save()
                 print(json.dumps(floor), flush=True)

@@ -152,10 +152,6 @@ def _match_model_dtypes(model: torch.nn.Module) -> None:
                         table[name] = tensor.to(dtype)
 
 
-def is_private(base_model: Any) -> bool:
-    return base_model in _by_private
-
-
 def existing_private(base_model: Any) -> Any:
     """The private model made for the loader's ``base_model`` (or ``base_model`` itself if it
     is one), or None."""
