@@ -215,6 +215,7 @@ def remove_swap(base_model: Any) -> None:
     swap = state.swap if state is not None else get_block_swap(diffusion_model)
     if swap is not None:
         swap.remove()
+        rebind_unloaded(base_model, set())  # the restored copies: the shared memory again
 
 
 def install_callbacks(patcher: Any) -> None:

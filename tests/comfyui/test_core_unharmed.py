@@ -138,6 +138,12 @@ def test_the_private_model_shares_the_loaders_memory(comfy):
     run(comfy, swapped, make_inputs(13))
     comfy.model_management.unload_all_models()
     assert shared()
+    # new settings: the swap is undone (weights restored) and made again; what is resident
+    # in the new plan is the loader's memory again, not the restored copies
+    swapped = node(patcher, blocks_to_swap=1)
+    swap = swap_of(swapped)
+    swapped_names = {ref.qualname for stored in swap.units for ref in stored.unit.tensors}
+    assert shared()
 
 
 def test_the_node_logs_which_patcher_it_was_given(comfy, caplog):
