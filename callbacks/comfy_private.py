@@ -29,7 +29,7 @@ import inspect
 import logging
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
@@ -103,10 +103,7 @@ def private_model(patcher: Any) -> Any:
     """The private model for ``patcher``'s model, made on first use. ``patcher`` may also be
     a clone of ours, whose model is already private."""
     base_model = patcher.model
-    if base_model in _by_private:
-        return base_model
-    entry = _privates.get(base_model)
-    private = entry.model() if entry is not None else None
+    private = existing_private(base_model)
     if private is None:
         # Weights core moved to the GPU for another clone would be aliased there: have core
         # put them back first (what it does itself when it needs the memory).
@@ -168,14 +165,9 @@ def file_page_dropper(private: Any) -> Any:
     hold the file's pages beside our pinned copy until core drops them after the node. The
     weights stay valid: the next read faults them in again from the page cache. None where
     nothing is mapped this way."""
-    entry = _by_private.get(private)
     mappings = {}
-    for tensor in entry.origins.values() if entry is not None else ():
-        inner = getattr(tensor, "_qdata", tensor)
-        try:
-            refs = getattr(inner.untyped_storage(), "_comfy_tensor_mmap_refs", None)
-        except (RuntimeError, TypeError):
-            continue
+    for storage in _origin_storages(private):
+        refs = getattr(storage, "_comfy_tensor_mmap_refs", None)
         if refs is not None and hasattr(refs[0], "bounce"):
             mappings[id(refs[0])] = refs[0]
     if not mappings:
@@ -194,13 +186,18 @@ def release_file_pages(private: Any) -> None:
     mapping. Core unmaps the pages of mappings marked dirty after the node (where its version
     has the mechanism); the next read faults them in again from the page cache."""
     mark = getattr(comfy.model_management, "mark_mmap_dirty", None)
+    for storage in _origin_storages(private) if mark is not None else ():
+        mark(storage)
+
+
+def _origin_storages(private: Any) -> Iterator[Any]:
+    """The storages behind the loader's tensors that ``private`` aliases (a comfy-kitchen
+    QuantizedTensor's through its fp8 data)."""
     entry = _by_private.get(private)
-    if mark is None or entry is None:
-        return
-    for tensor in entry.origins.values():
-        inner = getattr(tensor, "_qdata", tensor)  # comfy-kitchen's QuantizedTensor
+    for tensor in entry.origins.values() if entry is not None else ():
+        inner = getattr(tensor, "_qdata", tensor)
         try:
-            mark(inner.untyped_storage())
+            yield inner.untyped_storage()
         except (RuntimeError, TypeError):  # a tensor without storage of its own
             continue
 
