@@ -115,6 +115,7 @@ def apply_to_patcher(patcher: Any, config: SwapConfig, auto: bool = False) -> An
     install_callbacks(clone)
     if auto:
         clone.add_wrapper_with_key(WrappersMP.PREPARE_SAMPLING, KEY, _fit_to_latent)
+        clone.add_wrapper_with_key(WrappersMP.APPLY_MODEL, KEY, _measure_need)
     clone.size = _reported_size(clone)
     logger.info(
         "wan_blockswap: input model is %s (%s patcher); the swapped copy loads as a static "
@@ -279,6 +280,19 @@ def _install_overrides(patcher: Any) -> None:
     patcher._load_list = _WeaklyBound(_filtered_load_list, patcher)
     patcher.patch_hook_weight_to_device = _WeaklyBound(_hook_patch_skipping_swapped, patcher)
     patcher.patch_hooks = _WeaklyBound(_patch_hooks, patcher)
+    patcher.partially_load = _WeaklyBound(_load_as_planned, patcher)
+
+
+def _load_as_planned(
+    self: Any, device_to: Any, extra_memory: float = 0, force_patch_weights: bool = False
+) -> Any:
+    """Core's partial load, but a swapped model loads all it keeps on the GPU: its plan
+    already budgeted that VRAM, and core's own budget (free VRAM minus its estimate for the
+    latent, which on Wan is about twice what the forward uses) would leave resident blocks
+    on the CPU for core to stream a second, slower way. Shrinking (negative) passes through."""
+    if extra_memory > 0 and _states.get(self.model.diffusion_model) is not None:
+        extra_memory = 1e32
+    return type(self).partially_load(self, device_to, extra_memory, force_patch_weights)
 
 
 class _WeaklyBound:
@@ -387,14 +401,32 @@ def _on_detach(patcher: Any, unpatch_all: bool) -> None:
 
 
 # [Note: auto plans]
-# Preset "auto" plans when core is about to load the model for a sampling run: only then are
-# the latent, and so core's activation estimate, known. The weights get what core's own
-# loader would give them: the free VRAM (with dynamic VRAM, what aimdo can give back too),
-# plus what loaded models hold (core unloads them for ours), minus the larger of core's
-# minimum inference memory and its estimate for one batch of this latent plus its reserve.
-# Re-planning later restores and repacks every weight (seconds for a 14B model), so it happens
-# only when the plan does not fit, or when at least one more block fits resident; a streamed
-# plan takes a new window in place.
+# Preset "auto" plans when core is about to load the model for a sampling run: only then is
+# the latent known. The weights get the free VRAM (with dynamic VRAM, what aimdo can give back
+# too), plus what loaded models hold (core unloads them for ours), minus what the forward
+# needs beside the weights:
+# - once a forward of this latent shape has run, what it really took (the peak of torch's
+#   allocations (or of the allocator's reservations, if larger) during apply_model above what
+#   was allocated before, less our own streamed weights), times MEASURED_MARGIN, plus core's
+#   reserve. Why the reserved peak: on the H200 under dynamic VRAM a Wan-14B forward at 81
+#   frames peaked at 2.98 GiB allocated and 4.6 GiB reserved; a plan that left 1.1x the
+#   allocated figure beside its weights ran out of memory (0.9 GiB of the VRAM core counted as
+#   free could not be had), planning from the reserved one ran. At 1 frame the reserved peak
+#   grows over runs (0.6 to 0.9 GiB), so there this reserve ends above core's estimate
+#   (benchmarks/results/comfyui_dynamic_h200/, runs 4 to 7);
+# - before that, the larger of core's minimum inference memory and its estimate for one batch
+#   of this latent plus its reserve. Core's estimate is safe but large (about twice the
+#   allocated peak of a Wan forward).
+# Core batches conditionings only when its own estimate fits the free VRAM, so a measured
+# batch stays a safe bound. Re-planning restores and repacks every weight (seconds for a 14B
+# model), so it happens only when the plan does not fit, or when at least one more block fits
+# resident with a block of slack left; a streamed plan takes a new window in place.
+
+# Measured need of one forward beside the weights, by diffusion model and latent shape
+_measured: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, int]]" = (
+    weakref.WeakKeyDictionary()
+)
+MEASURED_MARGIN = 1.25  # see [Note: auto plans]
 
 
 def _fit_to_latent(executor: Any, patcher: Any, noise_shape: Any, conds: dict, **kwargs: Any):
@@ -403,11 +435,93 @@ def _fit_to_latent(executor: Any, patcher: Any, noise_shape: Any, conds: dict, *
     options = _auto_options.get(base_model.diffusion_model)
     if options is not None:
         mm = comfy.model_management
-        _, minimum = comfy.sampler_helpers.estimate_memory(patcher, noise_shape, conds)
+        measured = _measured.get(base_model.diffusion_model, {}).get(_shape_key(noise_shape))
+        if measured is not None:
+            reserve = measured * MEASURED_MARGIN + mm.extra_reserved_memory()
+            source = "measured"
+        else:
+            _, minimum = comfy.sampler_helpers.estimate_memory(patcher, noise_shape, conds)
+            reserve = max(mm.minimum_inference_memory(), minimum + mm.extra_reserved_memory())
+            source = "core's estimate"
         available = _available_vram(patcher)
-        reserve = max(mm.minimum_inference_memory(), minimum + mm.extra_reserved_memory())
+        logger.info(
+            "wan_blockswap auto: %.2f GiB of VRAM can be had, %.2f GiB kept for the forward "
+            "(%s)",
+            available / GIB,
+            reserve / GIB,
+            source,
+        )
         _fit(patcher, options, available, reserve)
     return executor(patcher, noise_shape, conds, **kwargs)
+
+
+def _shape_key(shape: Any) -> tuple:
+    """A latent's shape without its batch: conditionings batch differently per run."""
+    return tuple(int(n) for n in shape[1:])
+
+
+class _CudaMeter:
+    """torch's CUDA allocation counters (host bookkeeping: reading them never syncs)."""
+
+    def applies(self, device: torch.device) -> bool:
+        return device.type == "cuda"
+
+    def allocated(self, device: torch.device) -> int:
+        return torch.cuda.memory_allocated(device)
+
+    def reset_peak(self, device: torch.device) -> None:
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def peak(self, device: torch.device) -> int:
+        """The larger of the allocated and the reserved peak: what the allocator held beyond
+        live tensors (blocks freed on one stream, waiting for another) is VRAM used too."""
+        return max(torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device))
+
+    def describe(self, device: torch.device) -> str:
+        free, _ = torch.cuda.mem_get_info(device)
+        return (
+            f"allocated peak {torch.cuda.max_memory_allocated(device) / GIB:.2f} GiB, reserved "
+            f"peak {torch.cuda.max_memory_reserved(device) / GIB:.2f} GiB, free now "
+            f"{free / GIB:.2f} GiB"
+        )
+
+
+_meter = _CudaMeter()
+
+
+def _measure_need(executor: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    """Preset "auto": what this forward allocated beside the weights, kept per latent shape
+    (the largest seen) for the next plan; see [Note: auto plans]."""
+    base_model = executor.class_obj
+    state = _states.get(base_model.diffusion_model)
+    if state is None or not _meter.applies(x.device):
+        return executor(x, *args, **kwargs)
+    device = x.device
+    held_before = state.swap.ring_bytes_held()
+    before = _meter.allocated(device)
+    _meter.reset_peak(device)
+    output = executor(x, *args, **kwargs)
+    peak = _meter.peak(device)
+    # Our weights in flight are not the forward's need: a streamed plan's window comes and
+    # goes inside the forward; fixed slots that a first forward takes stay.
+    plan = state.swap.plan
+    assert plan is not None
+    ours = plan.ring_bytes if plan.window_bytes else 0
+    ours = max(ours, state.swap.ring_bytes_held() - held_before)
+    need = max(0, peak - before - ours)
+    needs = _measured.setdefault(base_model.diffusion_model, {})
+    key = _shape_key(x.shape)
+    if need > needs.get(key, 0):
+        needs[key] = need
+        logger.info(
+            "wan_blockswap auto: a forward of %s needed %.2f GiB (%.2f GiB allocated before "
+            "it; %s)",
+            key,
+            need / GIB,
+            before / GIB,
+            _meter.describe(device),
+        )
+    return output
 
 
 def _available_vram(patcher: Any) -> float:
@@ -449,8 +563,18 @@ def _fit(patcher: Any, options: SwapConfig, available: float, reserve: float) ->
             return
         block = max((b.nbytes for b in sizes.blocks), default=0)
         fits = current.budgeted_bytes <= max(budget, plan.budgeted_bytes)
-        if fits and plan.swapped_bytes > current.swapped_bytes - block:
-            return
+        if fits:
+            # Growing keeps a block of slack: the free VRAM seen before each run moves by
+            # some hundred MiB (what the allocator keeps), and re-planning at every move
+            # would repack the model every other run.
+            if budget - block <= current.budgeted_bytes:
+                return
+            config = _auto_config(sizes, options, budget - block, available)
+            plan = plan_swap(sizes, config)
+            leaves_streaming = bool(current.window_bytes) and not plan.window_bytes
+            gain = current.swapped_bytes - plan.swapped_bytes  # a block more, or all of it
+            if not leaves_streaming and gain < min(block, current.swapped_bytes):
+                return
         logger.info("wan_blockswap auto: %.2f GiB for weights; re-planning", budget / GIB)
         remove_swap(base_model)  # unloads from core first: core must not hold placeholders
         _auto_options[diffusion_model] = options

@@ -288,6 +288,16 @@ class BlockSwap:
         self.plan, self.config = plan, config
         self.ring.window_bytes = plan.window_bytes
 
+    def ring_bytes_held(self) -> int:
+        """GPU bytes the ring holds now: its fixed slots once taken, or a streamed plan's
+        layers in flight."""
+        ring = self.ring
+        if ring is None:
+            return 0
+        if isinstance(ring, WindowRing):
+            return ring.held_bytes
+        return sum(slot.numel() * slot.element_size() for slot in ring.slots)
+
     def release_vram(self) -> None:
         """Free the GPU slots until the next forward (e.g. when a host unloads the model)."""
         if self.ring is not None:

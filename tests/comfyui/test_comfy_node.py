@@ -534,6 +534,20 @@ def test_weight_patches_on_scaled_fp8_weights_equal_core(comfy):
             comfy.model_management.unload_all_models()
 
 
+def fake_free_vram(comfy, monkeypatch, start: int) -> dict:
+    """Core sees ``free["bytes"]`` of free VRAM, and no reserves of its own."""
+    mm = comfy.model_management
+    free = {"bytes": start}
+
+    def get_free_memory(dev=None, torch_free_too=False):
+        return (free["bytes"], free["bytes"]) if torch_free_too else free["bytes"]
+
+    monkeypatch.setattr(mm, "get_free_memory", get_free_memory)
+    monkeypatch.setattr(mm, "minimum_inference_memory", lambda: 0)
+    monkeypatch.setattr(mm, "extra_reserved_memory", lambda: 0)
+    return free
+
+
 def test_auto_refits_the_plan_to_each_latents_memory_estimate(comfy, pack, monkeypatch):
     """'auto' packs nothing when the node runs; before sampling (core's PREPARE_SAMPLING step,
     which knows the latent) it plans for what that latent leaves, as core's loader counts it:
@@ -543,14 +557,7 @@ def test_auto_refits_the_plan_to_each_latents_memory_estimate(comfy, pack, monke
     from wan_blockswap.plan import min_streamed_budget, plan_swap
 
     mm = comfy.model_management
-    free = {"bytes": 100 * 2**30}
-
-    def get_free_memory(dev=None, torch_free_too=False):
-        return (free["bytes"], free["bytes"]) if torch_free_too else free["bytes"]
-
-    monkeypatch.setattr(mm, "get_free_memory", get_free_memory)
-    monkeypatch.setattr(mm, "minimum_inference_memory", lambda: 0)
-    monkeypatch.setattr(mm, "extra_reserved_memory", lambda: 0)
+    free = fake_free_vram(comfy, monkeypatch, 100 * 2**30)
     patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v")
     inputs = make_inputs(7)
     expected = run(comfy, patcher, inputs)
@@ -592,6 +599,11 @@ def test_auto_refits_the_plan_to_each_latents_memory_estimate(comfy, pack, monke
     swap_before = state.swap
     prepare(small)  # same latent: the plan still fits, nothing is repacked
     assert _states[private].swap is swap_before
+    mm.unload_all_models()
+    free["bytes"] += block // 2  # the free VRAM moves a little: no repacking either
+    prepare(small)
+    assert _states[private].swap is swap_before
+    free["bytes"] -= block // 2
 
     mm.unload_all_models()
     # a longer video: core estimates more activation memory, so more blocks stream
@@ -640,6 +652,109 @@ def test_auto_refits_the_plan_to_each_latents_memory_estimate(comfy, pack, monke
         prepare(large)
     assert _states[private].swap is streamed
     assert_untouched(patcher)
+
+
+class _FakeMeter:
+    """Stands in for torch's CUDA allocation counters on the CPU: each forward "needs"
+    ``need`` bytes beside what was allocated before it."""
+
+    def __init__(self, need: int) -> None:
+        self.need = need
+
+    def applies(self, device):
+        return True
+
+    def allocated(self, device):
+        return 10 * 2**30
+
+    def reset_peak(self, device):
+        pass
+
+    def peak(self, device):
+        return 10 * 2**30 + self.need
+
+    def describe(self, device):
+        return "fake"
+
+
+def test_auto_plans_from_the_measured_need_once_a_forward_of_that_shape_ran(
+    comfy, pack, monkeypatch
+):
+    """Core's estimate is about twice what a Wan forward takes, so the first run of a latent
+    shape plans from it; every forward records what it really allocated beside the weights,
+    and the next run of that shape plans from that (times MEASURED_MARGIN, plus core's
+    reserve)."""
+    from callbacks import comfy_adapter
+    from callbacks.comfy_adapter import MEASURED_MARGIN, _states
+
+    mm = comfy.model_management
+    free = fake_free_vram(comfy, monkeypatch, 0)
+    patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v")
+    inputs = make_inputs(7)
+    swapped = node(patcher, preset=pack.nodes.AUTO)
+    private = swapped.model.diffusion_model
+    shape = tuple(inputs["x"].shape)
+
+    def prepare():
+        options = comfy.model_patcher.create_model_options_clone(swapped.model_options)
+        comfy.sampler_helpers.prepare_model_patcher(swapped, {}, options)
+        comfy.sampler_helpers.prepare_sampling(swapped, shape, {}, options)
+
+    required = comfy.sampler_helpers.estimate_memory(swapped, shape, {})[1]
+    free["bytes"] = 10**12
+    prepare()  # only to learn the sizes
+    sizes = _states[private].swap.sizes
+    block = max(b.nbytes for b in sizes.blocks)
+    mm.unload_all_models()
+    free["bytes"] = required + sizes.other_bytes + 3 * block + block // 2
+    # core's attention on the CPU splits its work by the free memory: the same figure for all
+    expected = run(comfy, patcher, inputs)
+    mm.unload_all_models()
+    prepare()
+    first = _states[private].swap.plan
+    assert first.gpu_weight_bytes <= free["bytes"] - required
+
+    need = required // 4
+    monkeypatch.setattr(comfy_adapter, "_meter", _FakeMeter(need))
+
+    class Executor:  # core's APPLY_MODEL executor: the wrapped call and its BaseModel
+        class_obj = swapped.model
+
+        def __call__(self, x):
+            return forward(swapped, inputs)
+
+    mm.load_models_gpu([swapped])
+    out = comfy_adapter._measure_need(Executor(), torch.zeros(shape))
+    assert torch.equal(out, expected)
+    swapped.cleanup()
+    mm.unload_all_models()
+    prepare()
+    second = _states[private].swap.plan
+    assert second.swapped_bytes < first.swapped_bytes  # more stays on the GPU
+    assert second.gpu_weight_bytes <= free["bytes"] - need * MEASURED_MARGIN
+    assert torch.equal(run(comfy, swapped, inputs), expected)
+    # kept per shape without the batch; slots the forward took are ours, not its need
+    ((key, measured),) = comfy_adapter._measured[private].items()
+    assert key == shape[1:] and 0 < measured <= need
+
+
+def test_a_swapped_model_loads_all_its_plan_keeps_on_the_gpu(comfy, monkeypatch):
+    """Core would partially load what our plan keeps resident when its own budget (free VRAM
+    minus its estimate) is smaller; the plan already counted that VRAM, so a positive partial
+    load becomes a full one. Shrinking passes through."""
+    calls = []
+
+    def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+        calls.append(extra_memory)
+        return 0
+
+    patcher, _ = tiny_models.comfy_load_tiny("wan_t2v")
+    swapped = node(patcher, blocks_to_swap=2)
+    monkeypatch.setattr(type(swapped), "partially_load", partially_load)
+    swapped.partially_load(swapped.load_device, 123)
+    swapped.partially_load(swapped.load_device, -5)
+    patcher.partially_load(patcher.load_device, 123)  # core's own model: untouched
+    assert calls == [1e32, -5, 123]
 
 
 def hooked_forward(patcher, inputs, group):
