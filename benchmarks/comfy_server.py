@@ -162,16 +162,29 @@ class Server:
         status = entry.get("status", {})
         error = ""
         state = status.get("status_str", "error")
+        stamps = {}
         for kind, data in status.get("messages", []):
             if kind == "execution_error":
                 error = f"{data.get('exception_type')}: {data.get('exception_message')}"
             if kind == "execution_interrupted":
                 state = "interrupted"
+            if isinstance(data, dict) and "timestamp" in data:
+                stamps[kind] = data["timestamp"]
+        # the server's own start-to-end time of the prompt (ms stamps), free of polling
+        executed = None
+        if "execution_start" in stamps and "execution_success" in stamps:
+            executed = (stamps["execution_success"] - stamps["execution_start"]) / 1000
         time.sleep(0.5)  # the progress bar's last line may reach the log after the history
         with open(self.log_path, errors="replace") as handle:
             handle.seek(log_start)
             log = handle.read()
-        return {"status": state, "error": error, "seconds": time.time() - started, "log": log}
+        return {
+            "status": state,
+            "error": error,
+            "seconds": time.time() - started,
+            "executed_s": executed,
+            "log": log,
+        }
 
     def interrupt(self) -> None:
         request(self.url + "/interrupt", {})

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -47,8 +48,18 @@ ARMS: dict[str, dict[str, Any]] = {
     "ours_auto": dict(args=(), node={"preset": AUTO, "transfer_compression": "auto"}),
     # the previous default: 20 blocks swapped, whatever the card
     "ours_20_blocks": dict(args=(), node={"preset": "custom (use the widgets)"}),
+    # every block through two fixed slots (no streamed layers): what auto's plan is measured by
+    "ours_all_blocks": dict(
+        args=(), node={"preset": "custom (use the widgets)", "blocks_to_swap": "all"}
+    ),
 }
+# Rows whose steps are too fast for the progress bar's rate (1 frame): s/it is the difference
+# of the server's own execution times of prompts with FAST_STEPS[1] and FAST_STEPS[0] steps.
+FAST_FRAMES = 1
+FAST_STEPS = (4, 16)
+LEFTOVER = 512 * 2**20  # VRAM a server may keep after /free before a row restarts it
 GIB = cs.GIB
+NEED = re.compile(r"a forward of .* needed (\d+\.\d+) GiB")
 SEEDS = iter(range(1000, 10**9))
 
 
@@ -75,19 +86,35 @@ def run_config(
     hog_vram = 0
     if hog is not None:
         server_vram = cs.process_vram(server.process.pid)
+        # VRAM the server kept after /free would raise its limit above free_gib (the holder
+        # cannot take it): start it afresh and say so
+        if server_vram > server.idle_vram + LEFTOVER:
+            row["kept_after_free_gib"] = round((server_vram - server.idle_vram) / GIB, 3)
+            server.stop()
+            server.start()
+            server.idle_vram = server_vram = cs.process_vram(server.process.pid)
         hog.leave_free(int(free_gib * GIB) - server_vram)
         hog_vram = cs.process_vram(hog.process.pid)
     node = ARMS[arm]["node"]
+    if node is not None and node.get("blocks_to_swap") == "all":
+        node = {**node, "blocks_to_swap": blocks}
     rates, peaks_vram, peaks_process, peaks_rss, latents = [], [], [], [], []
     status, error = "ok", ""
-    for index in range(prompts):
+    # prompt 0: cfg 1 (compared with core); prompt 1: cfg 5, a warm-up (a plan from a first
+    # measurement, core's cond batching); the rest timed
+    fast = frames <= FAST_FRAMES and prompts > 1
+    timed: dict[int, list[float]] = {}
+    needs: list[float] = []
+    total = 2 + (2 * len(FAST_STEPS) if fast else max(1, prompts - 1)) if prompts > 1 else 1
+    for index in range(total):
         prefix = f"{arm}_{blocks}_{frames}_{free_gib}_{index}".replace(".", "p")
+        prompt_steps = FAST_STEPS[index % 2] if fast and index > 1 else steps
         prompt = cs.wan_workflow(
             model_file(blocks),
             frames=frames,
             width=width,
             height=height,
-            steps=steps,
+            steps=prompt_steps,
             seed=1 if index == 0 else next(SEEDS),  # never a prompt ComfyUI has cached
             cfg=1.0 if index == 0 else 5.0,
             node=None if node is None else {**cs.node_defaults(), **node},
@@ -98,14 +125,26 @@ def run_config(
         peaks_vram.append(max(0, sampler.peak_device - hog_vram - idle_used) / GIB)
         peaks_rss.append(sampler.peak_rss / GIB)
         peaks_process.append(sampler.peak_process / GIB)
+        needs.extend(float(n) for n in NEED.findall(result.get("log", "")))
         if result["status"] != "success":
             status = "oom" if "out of memory" in result.get("error", "").lower() else "error"
             error = result.get("error", "")[:500]
             break
+        if fast and index > 1 and result.get("executed_s") is not None:
+            timed.setdefault(prompt_steps, []).append(result["executed_s"])
         rate = cs.seconds_per_iteration(result.get("log", ""))
-        if rate is not None and index > 0:
+        if rate is not None and index > 1 and not fast:
             rates.append(rate)
         latents.append(cs.latest_latent(server, prefix))
+    if fast and all(timed.get(n) for n in FAST_STEPS):
+        short, long = (min(timed[n]) for n in FAST_STEPS)  # the least of each: no stragglers
+        rates = [(long - short) / (FAST_STEPS[1] - FAST_STEPS[0])]
+        row["executed_s"] = {str(n): [round(t, 3) for t in timed[n]] for n in FAST_STEPS}
+        row["rate_method"] = "difference of the least execution times, %d and %d steps" % (
+            FAST_STEPS
+        )
+    if needs:
+        row["measured_need_gib"] = max(needs)
     steady = rates
     row.update(
         s_per_it=round(sum(steady) / len(steady), 4) if steady else None,
@@ -221,6 +260,7 @@ def main() -> int:
             hog = cs.VramHog()
         try:
             server.start()
+            server.idle_vram = cs.process_vram(server.process.pid)
             for blocks in args.blocks:
                 for frames in args.frames:
                     for free_gib in sorted(args.free, reverse=True):
