@@ -23,6 +23,7 @@ the only code that imports core.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import weakref
 from dataclasses import dataclass, field
@@ -398,6 +399,22 @@ def _on_detach(patcher: Any, unpatch_all: bool) -> None:
         _pass_ring_count_on(state)
         swapped = {id(t) for stored in state.swap.units for t in stored.tensors}
     rebind_unloaded(patcher.model, swapped)
+    _report_left_on_gpu(patcher.model)
+
+
+def _report_left_on_gpu(model: torch.nn.Module) -> None:
+    """A warning when weights stay on a GPU after core unloaded the model. On the H200 a server
+    that ran the node kept about 5 GiB of VRAM after /free (benchmarks/results/
+    comfyui_dynamic_h200.json, session_8); this says whether our model's tensors are what
+    kept it."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    left = sum(t.numel() * t.element_size() for t in tensors if t.device.type == "cuda")
+    if left:
+        logger.warning(
+            "wan_blockswap: %.2f GiB of %s's weights are still on the GPU after core unloaded it",
+            left / GIB,
+            type(model).__name__,
+        )
 
 
 # [Note: auto plans]
