@@ -79,7 +79,6 @@ def peaks_of(model: Any, args: dict) -> tuple[torch.Tensor, dict, int]:
 
         hooks.append(module.register_forward_pre_hook(pre))
         hooks.append(module.register_forward_hook(post))
-    before = torch.cuda.memory_allocated()
     with torch.inference_mode():
         out = model(**args)
     torch.cuda.synchronize()
@@ -87,8 +86,8 @@ def peaks_of(model: Any, args: dict) -> tuple[torch.Tensor, dict, int]:
         hook.remove()
     found = {name: peak - block_start["allocated"] for name, peak in absolute.items()}
     found["block (largest of its parts)"] = max(found.values())
+    # the hooks reset the peak counter, so the whole forward's peak needs a forward of its own
     _, whole = whole_peak(model, args)
-    del before
     return out, found, whole
 
 

@@ -105,7 +105,10 @@ def run_config(
     fast = frames <= FAST_FRAMES and prompts > 1
     timed: dict[int, list[float]] = {}
     needs: list[float] = []
-    total = 2 + (2 * len(FAST_STEPS) if fast else max(1, prompts - 1)) if prompts > 1 else 1
+    if prompts == 1:  # a floor probe: the one cfg-1 prompt
+        total = 1
+    else:
+        total = 2 + (2 * len(FAST_STEPS) if fast else prompts - 1)
     for index in range(total):
         prefix = f"{arm}_{blocks}_{frames}_{free_gib}_{index}".replace(".", "p")
         prompt_steps = FAST_STEPS[index % 2] if fast and index > 1 else steps
@@ -145,9 +148,8 @@ def run_config(
         )
     if needs:
         row["measured_need_gib"] = max(needs)
-    steady = rates
     row.update(
-        s_per_it=round(sum(steady) / len(steady), 4) if steady else None,
+        s_per_it=round(sum(rates) / len(rates), 4) if rates else None,
         s_per_it_each=[round(r, 4) for r in rates],
         peak_vram_gib=round(max(peaks_vram), 3) if peaks_vram else None,
         peak_vram_process_gib=round(max(peaks_process), 3) if peaks_process else None,
