@@ -204,6 +204,14 @@ class Server:
             last = used
             time.sleep(0.3)
 
+    def cuda_report(self) -> dict:
+        """What holds GPU memory in the server (the test node's route): torch's counters,
+        core's loaded models, our swaps, the largest live CUDA storages and their holders."""
+        try:
+            return request(self.url + "/blockswap_test/cuda_report", timeout=120)
+        except OSError as error:
+            return {"error": str(error)}
+
     def rss_gib(self) -> float:
         return _rss(self.process.pid) / GIB if self.alive else 0.0
 

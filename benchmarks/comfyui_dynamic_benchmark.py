@@ -90,6 +90,7 @@ def run_config(
         # cannot take it): start it afresh and say so
         if server_vram > server.idle_vram + LEFTOVER:
             row["kept_after_free_gib"] = round((server_vram - server.idle_vram) / GIB, 3)
+            row["kept_after_free_report"] = server.cuda_report()
             server.stop()
             server.start()
             server.idle_vram = server_vram = cs.process_vram(server.process.pid)
@@ -303,6 +304,14 @@ def main() -> int:
                 result["floors"].append(floor)
                 save()
                 print(json.dumps(floor), flush=True)
+            if hog is not None:  # what the server keeps after /free at the end of the arm
+                server.free()
+                kept = cs.process_vram(server.process.pid) - server.idle_vram
+                result.setdefault("after_free", {})[arm] = {
+                    "kept_gib": round(kept / GIB, 3),
+                    "report": server.cuda_report() if kept > LEFTOVER else None,
+                }
+                save()
         finally:
             server.stop()
     if hog is not None:

@@ -17,7 +17,8 @@ the only code that imports core.
 - ``ON_CLEANUP`` (run in a ``finally`` after sampling, also on interrupts) releases whatever an
   interrupted forward left bound.
 - Preset "auto" packs nothing until the first sampling run: it then knows the latent, and
-  plans for the VRAM that latent leaves (:func:`_fit_to_latent`).
+  plans for the VRAM that latent leaves (:func:`_fit_to_latent`; [Note: auto plans] in
+  ``comfy_auto``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ import torch
 import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
-import comfy.sampler_helpers
 import model_configs
 from wan_blockswap import (
     BlockSwap,
@@ -45,6 +45,7 @@ from wan_blockswap import (
 from wan_blockswap.engine import measure_model
 from wan_blockswap.plan import min_streamed_budget, plan_swap
 
+from . import comfy_auto
 from .comfy_private import (
     clone_onto,
     existing_private,
@@ -101,6 +102,7 @@ def apply_to_patcher(patcher: Any, config: SwapConfig, auto: bool = False) -> An
     """
     upstream_kind = "dynamic VRAM" if is_dynamic(patcher) else "static"
     private = private_model(patcher)
+    comfy_auto.calibrate(private)  # core's estimates: measured ones once a forward ran
     diffusion_model = private.diffusion_model
     state = _states.get(diffusion_model)
     if auto:
@@ -327,6 +329,11 @@ def _on_load(
     force_patch_weights: bool,
     full_load: bool,
 ) -> None:
+    # The file pages core's load just read are on the GPU now: drop them at once rather than
+    # at the end of the node, so RAM holds our pinned blocks and not the resident ones too.
+    drop = file_page_dropper(patcher.model)
+    if drop is not None:
+        drop()
     release_file_pages(patcher.model)
     state = _states.get(patcher.model.diffusion_model)
     if state is None:
@@ -417,98 +424,64 @@ def _report_left_on_gpu(model: torch.nn.Module) -> None:
         )
 
 
-# [Note: auto plans]
-# Preset "auto" plans when core is about to load the model for a sampling run: only then is
-# the latent known. The weights get the free VRAM (with dynamic VRAM, what aimdo can give back
-# too), plus what loaded models hold (core unloads them for ours), minus what the forward
-# needs beside the weights:
-# - once a forward of this latent shape has run, what it really took (the peak of torch's
-#   allocations (or of the allocator's reservations, if larger) during apply_model above what
-#   was allocated before, less our own streamed weights), times MEASURED_MARGIN, plus core's
-#   reserve. Why the reserved peak: on the H200 under dynamic VRAM a Wan-14B forward at 81
-#   frames peaked at 2.98 GiB allocated and 4.6 GiB reserved; a plan that left 1.1x the
-#   allocated figure beside its weights ran out of memory (0.9 GiB of the VRAM core counted as
-#   free could not be had), planning from the reserved one ran. At 1 frame the reserved peak
-#   grows over runs (0.6 to 0.9 GiB), so there this reserve ends above core's estimate
-#   (benchmarks/results/comfyui_dynamic_h200/, runs 4 to 7);
-# - before that, the larger of core's minimum inference memory and its estimate for one batch
-#   of this latent plus its reserve. Core's estimate is safe but large (about twice the
-#   allocated peak of a Wan forward).
-# Core batches conditionings only when its own estimate fits the free VRAM, so a measured
-# batch stays a safe bound. Re-planning restores and repacks every weight (seconds for a 14B
-# model), so it happens only when the plan does not fit, or when at least one more block fits
-# resident with a block of slack left; a streamed plan takes a new window in place.
-
-# Measured need of one forward beside the weights, by diffusion model and latent shape
-_measured: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, int]]" = (
-    weakref.WeakKeyDictionary()
-)
-MEASURED_MARGIN = 1.25  # see [Note: auto plans]
-
-
 def _fit_to_latent(executor: Any, patcher: Any, noise_shape: Any, conds: dict, **kwargs: Any):
-    """Preset "auto", before core loads the model for sampling: see [Note: auto plans]."""
+    """Preset "auto", before core loads the model for sampling: see [Note: auto plans] in
+    ``comfy_auto``. Of the reserves core's rules ask for, the plan that moves the fewest bytes
+    per sampling step."""
     base_model = patcher.model
     options = _auto_options.get(base_model.diffusion_model)
     if options is not None:
-        mm = comfy.model_management
-        measured = _measured.get(base_model.diffusion_model, {}).get(_shape_key(noise_shape))
-        if measured is not None:
-            reserve = measured * MEASURED_MARGIN + mm.extra_reserved_memory()
-            source = "measured"
-        else:
-            _, minimum = comfy.sampler_helpers.estimate_memory(patcher, noise_shape, conds)
-            reserve = max(mm.minimum_inference_memory(), minimum + mm.extra_reserved_memory())
-            source = "core's estimate"
-        available = _available_vram(patcher)
+        available = comfy_auto.available_vram(patcher)
+        sizes = _sizes_of(base_model)
+        choices = comfy_auto.reserves(patcher, noise_shape, conds)
+        reserve, least_moved = choices[-1], None  # below every plan: the smallest reserve
+        for choice in choices:
+            plan = _plan_within(sizes, options, available - choice.bytes)
+            moved = None if plan is None else plan.swapped_bytes * choice.forwards_per_step
+            if moved is not None and (least_moved is None or moved < least_moved):
+                reserve, least_moved = choice, moved
         logger.info(
             "wan_blockswap auto: %.2f GiB of VRAM can be had, %.2f GiB kept for the forward "
             "(%s)",
             available / GIB,
-            reserve / GIB,
-            source,
+            reserve.bytes / GIB,
+            reserve.why,
         )
-        _fit(patcher, options, available, reserve)
+        _fit(patcher, options, available, reserve.bytes)
     return executor(patcher, noise_shape, conds, **kwargs)
 
 
-def _shape_key(shape: Any) -> tuple:
-    """A latent's shape without its batch: conditionings batch differently per run."""
-    return tuple(int(n) for n in shape[1:])
+def _sizes_of(base_model: Any) -> Any:
+    """The planner's sizes of ``base_model``'s diffusion model (as before any swap)."""
+    state = _states.get(base_model.diffusion_model)
+    if state is not None and state.swap.sizes is not None:
+        return state.swap.sizes
+    diffusion_model = base_model.diffusion_model
+    return measure_model(diffusion_model, model_configs.detect(diffusion_model).layout)[1]
 
 
-class _CudaMeter:
-    """torch's CUDA allocation counters (host bookkeeping: reading them never syncs)."""
-
-    def applies(self, device: torch.device) -> bool:
-        return device.type == "cuda"
-
-    def allocated(self, device: torch.device) -> int:
-        return torch.cuda.memory_allocated(device)
-
-    def reset_peak(self, device: torch.device) -> None:
-        torch.cuda.reset_peak_memory_stats(device)
-
-    def peak(self, device: torch.device) -> int:
-        """The larger of the allocated and the reserved peak: what the allocator held beyond
-        live tensors (blocks freed on one stream, waiting for another) is VRAM used too."""
-        return max(torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device))
-
-    def describe(self, device: torch.device) -> str:
-        free, _ = torch.cuda.mem_get_info(device)
-        return (
-            f"allocated peak {torch.cuda.max_memory_allocated(device) / GIB:.2f} GiB, reserved "
-            f"peak {torch.cuda.max_memory_reserved(device) / GIB:.2f} GiB, free now "
-            f"{free / GIB:.2f} GiB"
-        )
+def _budget_config(options: SwapConfig, budget: float) -> SwapConfig:
+    return dataclasses.replace(
+        options, vram_budget_gb=(budget + 0.5) / GIB, blocks_to_swap=None, resident_blocks=None
+    )
 
 
-_meter = _CudaMeter()
+def _plan_within(sizes: Any, options: SwapConfig, budget: float) -> Any:
+    """The plan for ``budget`` bytes of weights, or None below the least plan."""
+    if budget <= 0:
+        return None
+    try:
+        return plan_swap(sizes, _budget_config(options, budget))
+    except InsufficientMemoryError:
+        return None
+
+
+_meter = comfy_auto.CudaMeter()
 
 
 def _measure_need(executor: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-    """Preset "auto": what this forward allocated beside the weights, kept per latent shape
-    (the largest seen) for the next plan; see [Note: auto plans]."""
+    """Preset "auto": what this forward needed beside the weights, kept per latent shape for
+    the next plan and for core's estimates; see [Note: auto plans] in ``comfy_auto``."""
     base_model = executor.class_obj
     state = _states.get(base_model.diffusion_model)
     if state is None or not _meter.applies(x.device):
@@ -518,42 +491,27 @@ def _measure_need(executor: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
     before = _meter.allocated(device)
     _meter.reset_peak(device)
     output = executor(x, *args, **kwargs)
-    peak = _meter.peak(device)
+    peaks = _meter.peaks(device)
     # Our weights in flight are not the forward's need: a streamed plan's window comes and
     # goes inside the forward; fixed slots that a first forward takes stay.
     plan = state.swap.plan
     assert plan is not None
     ours = plan.ring_bytes if plan.window_bytes else 0
     ours = max(ours, state.swap.ring_bytes_held() - held_before)
-    need = max(0, peak - before - ours)
-    needs = _measured.setdefault(base_model.diffusion_model, {})
-    key = _shape_key(x.shape)
-    if need > needs.get(key, 0):
-        needs[key] = need
+    need = comfy_auto.forward_need(before, peaks.allocated, peaks.reserved, ours)
+    options = args[4] if len(args) > 4 else kwargs.get("transformer_options")
+    uncond = 1 in (options or {}).get("cond_or_uncond", ())
+    if comfy_auto.record(base_model.diffusion_model, x.shape, need, uncond):
         logger.info(
-            "wan_blockswap auto: a forward of %s needed %.2f GiB (%.2f GiB allocated before "
-            "it; %s)",
-            key,
+            "wan_blockswap auto: a forward of %s (batch %d) needed %.2f GiB (%.2f GiB allocated "
+            "before it; %s)",
+            comfy_auto.shape_key(x.shape),
+            x.shape[0],
             need / GIB,
             before / GIB,
             _meter.describe(device),
         )
     return output
-
-
-def _available_vram(patcher: Any) -> float:
-    """VRAM the model's weights could have: free now (with what aimdo can give back), plus
-    what every loaded model on the device holds (core unloads them to make room)."""
-    mm = comfy.model_management
-    device = patcher.load_device
-    free_of = getattr(patcher, "get_free_memory", None)  # aimdo-aware where core has it
-    free = free_of(device) if callable(free_of) else mm.get_free_memory(device)
-    loaded = sum(
-        entry.model.loaded_size()
-        for entry in mm.current_loaded_models
-        if entry.model is not None and entry.device == device
-    )
-    return free + loaded
 
 
 def _fit(patcher: Any, options: SwapConfig, available: float, reserve: float) -> None:
@@ -562,9 +520,7 @@ def _fit(patcher: Any, options: SwapConfig, available: float, reserve: float) ->
     base_model = patcher.model
     diffusion_model = base_model.diffusion_model
     state = _states.get(diffusion_model)
-    sizes = state.swap.sizes if state is not None else None
-    if sizes is None:
-        sizes = measure_model(diffusion_model, model_configs.detect(diffusion_model).layout)[1]
+    sizes = _sizes_of(base_model)
     budget = available - reserve
     config = _auto_config(sizes, options, budget, available)
     plan = plan_swap(sizes, config)
@@ -601,15 +557,8 @@ def _fit(patcher: Any, options: SwapConfig, available: float, reserve: float) ->
 
 def _auto_config(sizes: Any, options: SwapConfig, budget: float, available: float) -> SwapConfig:
     """The config "auto" applies for a weight budget of ``budget`` bytes."""
-    if budget > 0:
-        config = dataclasses.replace(
-            options, vram_budget_gb=(budget + 0.5) / GIB, blocks_to_swap=None, resident_blocks=None
-        )
-        try:
-            plan_swap(sizes, config)
-            return config
-        except InsufficientMemoryError:
-            pass
+    if _plan_within(sizes, options, budget) is not None:
+        return _budget_config(options, budget)
     least = min_streamed_budget(sizes)
     if least is None:  # nothing to stream layer by layer: every block's layers in slots
         config = dataclasses.replace(

@@ -35,6 +35,7 @@ def _python_files():
 # the adapters, imported only when ComfyUI runs the nodes
 COMFY_MODULES = (
     "comfy_adapter.py",
+    "comfy_auto.py",
     "comfy_weight_patches.py",
     "comfy_lazy_load.py",
     "comfy_private.py",

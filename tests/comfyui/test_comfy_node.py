@@ -670,8 +670,10 @@ class _FakeMeter:
     def reset_peak(self, device):
         pass
 
-    def peak(self, device):
-        return 10 * 2**30 + self.need
+    def peaks(self, device):
+        from callbacks.comfy_auto import Peaks
+
+        return Peaks(10 * 2**30 + self.need, 10 * 2**30 + self.need)
 
     def describe(self, device):
         return "fake"
@@ -684,8 +686,9 @@ def test_auto_plans_from_the_measured_need_once_a_forward_of_that_shape_ran(
     shape plans from it; every forward records what it really allocated beside the weights,
     and the next run of that shape plans from that (times MEASURED_MARGIN, plus core's
     reserve)."""
-    from callbacks import comfy_adapter
-    from callbacks.comfy_adapter import MEASURED_MARGIN, _states
+    from callbacks import comfy_adapter, comfy_auto
+    from callbacks.comfy_adapter import _states
+    from callbacks.comfy_auto import MEASURED_MARGIN
 
     mm = comfy.model_management
     free = fake_free_vram(comfy, monkeypatch, 0)
@@ -734,8 +737,116 @@ def test_auto_plans_from_the_measured_need_once_a_forward_of_that_shape_ran(
     assert second.gpu_weight_bytes <= free["bytes"] - need * MEASURED_MARGIN
     assert torch.equal(run(comfy, swapped, inputs), expected)
     # kept per shape without the batch; slots the forward took are ours, not its need
-    ((key, measured),) = comfy_adapter._measured[private].items()
-    assert key == shape[1:] and 0 < measured <= need
+    ((key, measured),) = comfy_auto._needs[private].items()
+    assert key == shape[1:] and 0 < measured.per_sample <= need * MEASURED_MARGIN
+    assert not measured.uncond  # no unconditional pass ran
+
+
+def _measure(comfy, swapped, inputs, need, cond_or_uncond, monkeypatch):
+    """One forward through the node's APPLY_MODEL wrapper, whose meter says it needed
+    ``need`` bytes beside the weights; its batch is one sample per conditioning pass."""
+    from callbacks import comfy_adapter
+
+    monkeypatch.setattr(comfy_adapter, "_meter", _FakeMeter(need))
+
+    class Executor:  # core's APPLY_MODEL executor: the wrapped call and its BaseModel
+        class_obj = swapped.model
+
+        def __call__(self, x, *args, **kwargs):
+            return forward(swapped, inputs)
+
+    shape = (len(cond_or_uncond), *inputs["x"].shape[1:])
+    options = {"cond_or_uncond": list(cond_or_uncond)}
+    comfy.model_management.load_models_gpu([swapped])
+    comfy_adapter._measure_need(Executor(), torch.zeros(shape), None, None, None, None, options)
+    swapped.cleanup()
+    comfy.model_management.unload_all_models()
+
+
+def _prepare(comfy, swapped, shape):
+    options = comfy.model_patcher.create_model_options_clone(swapped.model_options)
+    comfy.sampler_helpers.prepare_model_patcher(swapped, {}, options)
+    comfy.sampler_helpers.prepare_sampling(swapped, shape, {}, options)
+
+
+def test_core_estimates_the_private_model_from_what_its_forwards_took(comfy, pack, monkeypatch):
+    """Once a forward of a latent shape ran, core's estimate for the private model (its
+    loader's free-up, its shrink rule and its cond batching all ask ``memory_required``) is
+    what that forward took per sample, times the batch asked about; the loader's model keeps
+    core's own estimate, and so does an unmeasured shape."""
+    from callbacks import comfy_auto
+    from callbacks.comfy_auto import MEASURED_MARGIN
+
+    fake_free_vram(comfy, monkeypatch, 10**12)
+    patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v")
+    inputs = make_inputs(7)
+    swapped = node(patcher, preset=pack.nodes.AUTO)
+    shape = tuple(inputs["x"].shape)
+    core_both, core_one = comfy.sampler_helpers.estimate_memory(patcher, shape, {})
+    assert comfy.sampler_helpers.estimate_memory(swapped, shape, {}) == (core_both, core_one)
+    _prepare(comfy, swapped, shape)
+    comfy.model_management.unload_all_models()
+
+    need = 3 * 2**20  # for the batch of two: cond and uncond
+    _measure(comfy, swapped, inputs, need, (1, 0), monkeypatch)
+    per_sample = -(-int(need * MEASURED_MARGIN) // 2)
+    measured = comfy_auto.measured(swapped.model.diffusion_model, shape)
+    assert measured.per_sample == per_sample and measured.uncond
+    both, one = comfy.sampler_helpers.estimate_memory(swapped, shape, {})
+    assert (both, one) == (2 * per_sample, per_sample)
+    assert comfy.sampler_helpers.estimate_memory(patcher, shape, {}) == (core_both, core_one)
+    other = (shape[0], shape[1], shape[2] + 1, *shape[3:])
+    assert swapped.model.memory_required(other) == patcher.model.memory_required(other)
+    assert "memory_required" not in vars(patcher.model)  # core's model as core made it
+    assert_untouched(patcher)
+
+
+def test_auto_reserves_for_the_cond_batch_only_where_it_moves_fewer_bytes_per_step(
+    comfy, pack, monkeypatch, caplog
+):
+    """With cfg > 1 core runs both conditionings as one batch only when 1.5x its estimate for
+    that batch is free, else two forwards a step, each moving the swapped weights. Auto keeps
+    room for the batch where that moves fewer bytes per step, else plans for one
+    conditioning per forward and more resident weights."""
+    from callbacks import comfy_auto
+    from callbacks.comfy_adapter import _states
+    from callbacks.comfy_auto import COND_BATCH_FACTOR
+
+    free = fake_free_vram(comfy, monkeypatch, 10**12)
+    patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v")
+    inputs = make_inputs(7)
+    expected = run(comfy, patcher, inputs)
+    comfy.model_management.unload_all_models()
+    swapped = node(patcher, preset=pack.nodes.AUTO)
+    private = swapped.model.diffusion_model
+    shape = tuple(inputs["x"].shape)
+    _prepare(comfy, swapped, shape)
+    sizes = _states[private].swap.sizes
+    block = max(b.nbytes for b in sizes.blocks)
+    everything = sizes.other_bytes + sum(b.nbytes for b in sizes.blocks)
+    comfy.model_management.unload_all_models()
+
+    def plan_for(per_sample):
+        comfy_auto._needs.pop(private, None)
+        _measure(comfy, swapped, inputs, per_sample * 2, (1, 0), monkeypatch)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="wan_blockswap"):
+            _prepare(comfy, swapped, shape)
+        comfy.model_management.unload_all_models()
+        return _states[private].swap.plan, caplog.text
+
+    # a small need: room for the batch costs nothing, everything stays resident
+    free["bytes"] = everything + 4 * block
+    plan, log = plan_for(block // 8)
+    assert not plan.swapped and "both conditionings in one batch" in log
+    # a large one: keeping 1.5x the batch's need free would stream blocks that fit beside
+    # one conditioning's need, and two forwards of nothing streamed move less
+    plan, log = plan_for(2 * block)
+    per_sample = comfy_auto.measured(private, shape).per_sample
+    assert COND_BATCH_FACTOR * 2 * per_sample > 4 * block >= per_sample
+    assert "one conditioning per forward" in log
+    assert plan.gpu_weight_bytes <= free["bytes"] - per_sample
+    assert torch.equal(run(comfy, swapped, inputs), expected)
 
 
 def test_a_swapped_model_loads_all_its_plan_keeps_on_the_gpu(comfy, monkeypatch):

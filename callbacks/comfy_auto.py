@@ -1,0 +1,189 @@
+"""What preset "auto" knows of a forward's VRAM beside the weights, and how it tells core.
+
+[Note: auto plans]
+Preset "auto" plans when core is about to load the model for a sampling run: only then is
+the latent known. The weights get the free VRAM (with dynamic VRAM, what aimdo can give back
+too), plus what loaded models hold (core unloads them for ours), minus a reserve for the
+forward. Core decides three things from its own estimate of that reserve
+(``BaseModel.memory_required``), and a plan that ignores them is undone by core:
+- at load, ``load_models_gpu`` frees (partially unloading loaded models, ours included) until
+  the estimate for both conditionings in one batch, plus its reserve, is free;
+- then it loads a model only as far as the estimate for one batch, and at least
+  ``minimum_inference_memory()`` (0.8 GiB plus its reserve), stays free: below that it
+  shrinks a loaded model into its slow per-use casting from RAM (on the H200 it shrank ours by
+  0.6 GiB at every cfg-5 prompt of a 1-frame run: benchmarks/results/comfyui_dynamic_h200/
+  run7_server.log);
+- while sampling, it runs the conditional and unconditional passes as one batch only when
+  1.5 times the estimate for that batch is free (``comfy/samplers.py``): otherwise every step
+  runs two forwards, and a plan that streams weights moves them twice.
+Core's estimate is generic (on Wan about twice what a forward allocates), so once a forward of
+a latent shape has run, the private model's ``memory_required`` answers with what it really
+took instead (:class:`CalibratedMemoryRequired`): per sample of the batch, the larger of the
+allocated peak above what was allocated before it times MEASURED_MARGIN and the allocator's
+reserved peak above the same (VRAM it held beyond live tensors, which on the H200 at 81
+frames was 0.9 GiB more: planning from 1.1x the allocated peak alone ran out of memory), less
+our own weights in flight. Core's load rules and cond batching then count the same figure as
+the plan, on the private model only: core's own model keeps core's estimate.
+The reserve is then what core's rules need left free (:func:`reserves`): for one batch of
+both conditionings where a run of this shape had an unconditional pass (cfg > 1), else for one
+conditioning; the adapter picks the plan that moves fewest bytes per step.
+Before any forward of a shape ran, the reserve is core's own estimate for one batch.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+
+import comfy.model_management
+import comfy.sampler_helpers
+
+GIB = 2**30
+MEASURED_MARGIN = 1.25  # on the allocated peak; see [Note: auto plans]
+# core runs conditionings as one batch when this times its estimate is free (comfy/samplers.py)
+COND_BATCH_FACTOR = 1.5
+
+
+@dataclass
+class ShapeNeed:
+    """What forwards of one latent shape (without its batch) needed beside the weights."""
+
+    per_sample: int = 0  # bytes, for each sample of a forward's batch (the largest seen)
+    uncond: bool = False  # a forward of this shape ran an unconditional pass (cfg > 1)
+
+
+# diffusion model -> latent shape without the batch -> what its forwards needed
+_needs: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, ShapeNeed]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def shape_key(shape: Any) -> tuple:
+    """A latent's shape without its batch: conditionings batch differently per run."""
+    return tuple(int(n) for n in shape[1:])
+
+
+def measured(diffusion_model: torch.nn.Module, shape: Any) -> ShapeNeed | None:
+    """What forwards of ``shape`` needed, if one ran."""
+    return _needs.get(diffusion_model, {}).get(shape_key(shape))
+
+
+def record(diffusion_model: torch.nn.Module, shape: Any, need: int, uncond: bool) -> bool:
+    """Keep one forward's ``need`` (bytes beside the weights, for its whole batch) for its
+    latent shape; True when that shape's need per sample grew."""
+    entry = _needs.setdefault(diffusion_model, {}).setdefault(shape_key(shape), ShapeNeed())
+    entry.uncond = entry.uncond or uncond
+    per_sample = -(-need // max(1, int(shape[0])))
+    if per_sample <= entry.per_sample:
+        return False
+    entry.per_sample = per_sample
+    return True
+
+
+def forward_need(before: int, allocated_peak: int, reserved_peak: int, ours: int) -> int:
+    """A forward's need beside the weights from torch's counters: see [Note: auto plans]."""
+    allocated = allocated_peak - before - ours
+    reserved = reserved_peak - before - ours
+    return max(0, int(allocated * MEASURED_MARGIN), reserved)
+
+
+class Peaks(NamedTuple):
+    allocated: int
+    reserved: int
+
+
+class CudaMeter:
+    """torch's CUDA allocation counters (host bookkeeping: reading them never syncs)."""
+
+    def applies(self, device: torch.device) -> bool:
+        return device.type == "cuda"
+
+    def allocated(self, device: torch.device) -> int:
+        return torch.cuda.memory_allocated(device)
+
+    def reset_peak(self, device: torch.device) -> None:
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def peaks(self, device: torch.device) -> Peaks:
+        return Peaks(
+            torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+        )
+
+    def describe(self, device: torch.device) -> str:
+        free, _ = torch.cuda.mem_get_info(device)
+        allocated, reserved = self.peaks(device)
+        return (
+            f"allocated peak {allocated / GIB:.2f} GiB, reserved peak {reserved / GIB:.2f} GiB, "
+            f"free now {free / GIB:.2f} GiB"
+        )
+
+
+class CalibratedMemoryRequired:
+    """The private model's ``memory_required``: what forwards of that latent shape took, per
+    sample times the batch asked about, once one ran; core's estimate before that. Holds its
+    model weakly (it lives on the model)."""
+
+    def __init__(self, base_model: Any) -> None:
+        self.model = weakref.ref(base_model)
+
+    def __call__(self, input_shape: Any, cond_shapes: Any = None, **kwargs: Any) -> float:
+        model = self.model()
+        assert model is not None, "called through a collected model"
+        need = measured(model.diffusion_model, input_shape)
+        if need is not None and need.per_sample:
+            return float(need.per_sample * int(input_shape[0]))
+        if cond_shapes is not None:
+            kwargs["cond_shapes"] = cond_shapes
+        return type(model).memory_required(model, input_shape, **kwargs)
+
+
+def calibrate(base_model: Any) -> None:
+    """Have core ask ``base_model`` (a private model) for measured needs where there are any."""
+    if not isinstance(vars(base_model).get("memory_required"), CalibratedMemoryRequired):
+        base_model.memory_required = CalibratedMemoryRequired(base_model)
+
+
+class Reserve(NamedTuple):
+    """VRAM to leave free beside the weights, and the forwards a sampling step then runs for
+    each conditioning pass of the latent batch."""
+
+    bytes: float
+    forwards_per_step: int
+    why: str
+
+
+def reserves(patcher: Any, noise_shape: Any, conds: dict) -> list[Reserve]:
+    """The reserves worth planning for this latent, best first: see [Note: auto plans]."""
+    mm = comfy.model_management
+    both, one = comfy.sampler_helpers.estimate_memory(patcher, noise_shape, conds)
+    floor = mm.minimum_inference_memory()
+    extra = mm.extra_reserved_memory()
+    single = max(floor, one + extra)
+    need = measured(patcher.model.diffusion_model, noise_shape)
+    if need is None:
+        return [Reserve(single, 1, "core's estimate")]
+    if not need.uncond:
+        return [Reserve(single, 1, "measured")]
+    batched = max(floor, both + extra, COND_BATCH_FACTOR * both)
+    return [
+        Reserve(batched, 1, "measured; both conditionings in one batch"),
+        Reserve(single, 2, "measured; one conditioning per forward"),
+    ]
+
+
+def available_vram(patcher: Any) -> float:
+    """VRAM the model's weights could have: free now (with what aimdo can give back), plus
+    what every loaded model on the device holds (core unloads them to make room)."""
+    mm = comfy.model_management
+    device = patcher.load_device
+    free_of = getattr(patcher, "get_free_memory", None)  # aimdo-aware where core has it
+    free = free_of(device) if callable(free_of) else mm.get_free_memory(device)
+    loaded = sum(
+        entry.model.loaded_size()
+        for entry in mm.current_loaded_models
+        if entry.model is not None and entry.device == device
+    )
+    return free + loaded
