@@ -209,6 +209,10 @@ def main() -> int:
     parser.add_argument("--blocks", nargs="+", type=int, default=[8])
     parser.add_argument("--frames", nargs="+", type=int, default=[81, 1])
     parser.add_argument("--free", nargs="*", type=float, default=[12, 7, 4])
+    parser.add_argument(
+        "--pairs", nargs="*", default=None,
+        help="FRAMES:FREE_GIB rows to run, in this order (default: every --frames x --free)",
+    )  # fmt: skip
     parser.add_argument("--prompts", type=int, default=3)
     parser.add_argument("--steps", type=int, default=4, help="steps per prompt")
     parser.add_argument("--floor-blocks", type=int, nargs="*", default=[])
@@ -264,31 +268,32 @@ def main() -> int:
         try:
             server.start()
             server.idle_vram = cs.process_vram(server.process.pid)
+            if args.pairs:
+                pairs = [(int(f), float(g)) for f, g in (p.split(":") for p in args.pairs)]
+            else:
+                pairs = [(f, g) for f in args.frames for g in sorted(args.free, reverse=True)]
             for blocks in args.blocks:
-                for frames in args.frames:
-                    for free_gib in sorted(args.free, reverse=True):
-                        if time.time() - started > args.deadline:
-                            row = dict(
-                                arm=arm,
-                                blocks=blocks,
-                                frames=frames,
-                                free_gib=free_gib,
-                                status="not_run",
-                            )
-                        else:
-                            row = run_config(
-                                server, hog, arm, blocks, frames, free_gib,
-                                args.prompts, args.steps, shape, idle_used,
-                            )  # fmt: skip
-                        key = (blocks, frames)
-                        if arm == "core_dynamic" and row.get("latent") and key not in references:
-                            references[key] = row["latent"]
-                        row.update(compare(row.get("latent"), references.get(key)))
-                        result["rows"].append(row)
-                        save()
-                        print(
-                            json.dumps({k: v for k, v in row.items() if k != "latent"}), flush=True
+                for frames, free_gib in pairs:
+                    if time.time() - started > args.deadline:
+                        row = dict(
+                            arm=arm,
+                            blocks=blocks,
+                            frames=frames,
+                            free_gib=free_gib,
+                            status="not_run",
                         )
+                    else:
+                        row = run_config(
+                            server, hog, arm, blocks, frames, free_gib,
+                            args.prompts, args.steps, shape, idle_used,
+                        )  # fmt: skip
+                    key = (blocks, frames)
+                    if arm == "core_dynamic" and row.get("latent") and key not in references:
+                        references[key] = row["latent"]
+                    row.update(compare(row.get("latent"), references.get(key)))
+                    result["rows"].append(row)
+                    save()
+                    print(json.dumps({k: v for k, v in row.items() if k != "latent"}), flush=True)
             for blocks in args.floor_blocks:
                 if time.time() - started > args.deadline or hog is None:
                     result["floors"].append(dict(arm=arm, blocks=blocks, status="not_run"))
