@@ -546,8 +546,8 @@ def _fit(patcher: Any, options: SwapConfig, available: float, reserve: float) ->
             plan = plan_swap(sizes, config)
             leaves_streaming = bool(current.window_bytes) and not plan.window_bytes
             gain = current.swapped_bytes - plan.swapped_bytes  # a block more, or all of it
-            if not leaves_streaming and gain < min(block, current.swapped_bytes):
-                return
+            if not leaves_streaming and (gain <= 0 or gain < min(block, current.swapped_bytes)):
+                return  # nothing to gain (nothing streams now), or less than a block
         logger.info("wan_blockswap auto: %.2f GiB for weights; re-planning", budget / GIB)
         remove_swap(base_model)  # unloads from core first: core must not hold placeholders
         _auto_options[diffusion_model] = options

@@ -579,6 +579,10 @@ def test_auto_refits_the_plan_to_each_latents_memory_estimate(comfy, pack, monke
     prepare(small)  # 100 GB free: everything resident
     state = _states[private]
     assert state.auto and not state.swap.plan.swapped
+    everything_resident = state.swap
+    mm.unload_all_models()
+    prepare(small)  # everything still fits: nothing to gain, nothing repacked
+    assert _states[private].swap is everything_resident
     sizes = state.swap.sizes
     block = max(b.nbytes for b in sizes.blocks)
     mm.unload_all_models()
