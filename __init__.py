@@ -1,17 +1,44 @@
-"""ComfyUI entry point of the wan_blockswap node pack.
+"""wan_blockswap: stream a diffusion transformer's blocks from pinned host memory.
 
-ComfyUI imports this folder as a package; the engine packages (``wan_blockswap``,
-``model_configs``, ``callbacks``) are imported by their own names, so this folder goes on
-``sys.path`` first. Importing works without ComfyUI (nothing here imports ``comfy``).
+A ComfyUI node pack first: ComfyUI imports this folder as a package (a custom node). A
+PyTorch library second: ``pip install`` puts the same folder in place as the package
+``comfyui_wan_blockswap``, the project's one import root::
+
+    from comfyui_wan_blockswap import SwapConfig, apply_block_swap
+
+Everything inside imports relatively, so both work without touching ``sys.path``. Importing
+it never imports ComfyUI (the nodes import core only when they run).
 """
 
-import os
-import sys
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from .wan_blockswap import (
+    BlockSwap,
+    BlockSwapConfigError,
+    BlockSwapError,
+    BlockSwapStateError,
+    InsufficientMemoryError,
+    SwapConfig,
+    SwapPlan,
+    apply_block_swap,
+    get_block_swap,
+    min_vram_budget_gb,
+    plan_for,
+    remove_block_swap,
+)
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
-
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
-
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+__all__ = [
+    "NODE_CLASS_MAPPINGS",
+    "NODE_DISPLAY_NAME_MAPPINGS",
+    "BlockSwap",
+    "BlockSwapConfigError",
+    "BlockSwapError",
+    "BlockSwapStateError",
+    "InsufficientMemoryError",
+    "SwapConfig",
+    "SwapPlan",
+    "apply_block_swap",
+    "get_block_swap",
+    "min_vram_budget_gb",
+    "plan_for",
+    "remove_block_swap",
+]

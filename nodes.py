@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 
-import model_configs
-from wan_blockswap import SwapConfig
-from wan_blockswap.config import MAX_PREFETCH_BLOCKS
+from . import model_configs
+from .wan_blockswap import SwapConfig
+from .wan_blockswap.config import MAX_PREFETCH_BLOCKS
 
 logger = logging.getLogger("wan_blockswap")
 
@@ -188,7 +188,7 @@ class WanBlockSwapStream:
 
     def apply(self, model, **widgets):
         """``widgets``: the swap inputs, by name (see INPUT_TYPES)."""
-        from callbacks.comfy_adapter import apply_to_patcher
+        from .callbacks.comfy_adapter import apply_to_patcher
 
         config = config_from_widgets(**widgets)
         return (apply_to_patcher(model, config, auto=widgets.get("preset") == AUTO),)
@@ -233,7 +233,7 @@ class WanBlockSwapModelLoader(WanBlockSwapStream):
     def load(self, unet_name, weight_dtype, **widgets):
         import folder_paths
 
-        from callbacks.comfy_lazy_load import load_lazily
+        from .callbacks.comfy_lazy_load import load_lazily
 
         if widgets.get("preset") == AUTO:
             raise ValueError(

@@ -14,8 +14,10 @@ recommendation per GPU size. Ctrl-C stops the sweep and keeps what was measured.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -24,21 +26,45 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = "comfyui_wan_blockswap"
 
-from callbacks.checkpoint import CheckpointError  # noqa: E402
-from callbacks.lazy_loader import load_swapped  # noqa: E402
-from callbacks.writers import random_state, write_safetensors  # noqa: E402
-from model_configs.wan import comfy_state_shapes  # noqa: E402
-from wan_blockswap import (  # noqa: E402
+
+def _import_checkout() -> None:
+    """This checkout as the package, where pip did not install it (a clone in ComfyUI's
+    custom_nodes, say): imported by its path, never through ``sys.path``."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.spec_from_file_location(
+        PACKAGE, os.path.join(here, "__init__.py"), submodule_search_locations=[here]
+    )
+    sys.modules[PACKAGE] = module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+
+try:
+    import comfyui_wan_blockswap  # noqa: F401  (pip install -e . maps it to this checkout)
+except ModuleNotFoundError as error:
+    if error.name != PACKAGE:
+        raise
+    _import_checkout()
+
+from safetensors.torch import save_file  # noqa: E402
+
+from comfyui_wan_blockswap import perf_report  # noqa: E402
+from comfyui_wan_blockswap.callbacks.checkpoint import CheckpointError  # noqa: E402
+from comfyui_wan_blockswap.callbacks.lazy_loader import load_swapped  # noqa: E402
+from comfyui_wan_blockswap.model_configs.wan import comfy_state_shapes  # noqa: E402
+from comfyui_wan_blockswap.wan_blockswap import (  # noqa: E402
     BlockSwapConfigError,
     InsufficientMemoryError,
     SwapConfig,
 )
-from wan_blockswap.api import resolve_device  # noqa: E402
-from wan_blockswap.measure import h2d_bandwidth_gbps, rss_bytes, time_forwards  # noqa: E402
-from wan_blockswap.plan import GIB  # noqa: E402
-import perf_report  # noqa: E402  (next to this script)
+from comfyui_wan_blockswap.wan_blockswap.api import resolve_device  # noqa: E402
+from comfyui_wan_blockswap.wan_blockswap.measure import (  # noqa: E402
+    h2d_bandwidth_gbps,
+    rss_bytes,
+    time_forwards,
+)
+from comfyui_wan_blockswap.wan_blockswap.plan import GIB  # noqa: E402
 
 DEFAULT_MODEL = dict(dim=768, ffn_dim=2048, num_layers=8, text_dim=512, freq_dim=256)
 GPU_SIZES_GB = (8, 12, 16, 24)
@@ -130,8 +156,8 @@ def wan_inputs(model, latent, dtype, device, seed: int = 0) -> dict:
 
 def probe(path: str) -> tuple[int, str]:
     """Block count and architecture of a checkpoint, from its header alone."""
-    from callbacks.checkpoint import open_checkpoint
-    from callbacks.skeleton import build_skeleton
+    from comfyui_wan_blockswap.callbacks.checkpoint import open_checkpoint
+    from comfyui_wan_blockswap.callbacks.skeleton import build_skeleton
 
     with open_checkpoint(path) as checkpoint:
         skeleton = build_skeleton(checkpoint)
@@ -140,9 +166,17 @@ def probe(path: str) -> tuple[int, str]:
 
 
 def write_default_model(folder: str, dtype: torch.dtype) -> str:
+    """The built-in small Wan model in ComfyUI's file layout: random weights scaled by their
+    fan-in, so activations stay finite through its blocks."""
     path = os.path.join(folder, "wan_small_comfyui.safetensors")
-    shapes = comfy_state_shapes(**DEFAULT_MODEL)
-    write_safetensors(random_state(shapes, dtype=dtype), path)
+    gen = torch.Generator().manual_seed(0)
+    state = {}
+    for key, shape in comfy_state_shapes(**DEFAULT_MODEL).items():
+        fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
+        state["model.diffusion_model." + key] = (
+            torch.randn(shape, generator=gen) / fan_in**0.5
+        ).to(dtype)
+    save_file(state, path)
     return path
 
 

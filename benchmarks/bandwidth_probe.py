@@ -21,9 +21,9 @@ import sys
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import _pack  # noqa: E402,F401  (this checkout as comfyui_wan_blockswap)
 
-from wan_blockswap.storage import HostBuffer  # noqa: E402
+from comfyui_wan_blockswap.wan_blockswap.storage import HostBuffer  # noqa: E402
 
 MIB = 2**20
 TOTAL = 2048 * MIB  # bytes moved per measurement

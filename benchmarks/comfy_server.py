@@ -51,9 +51,15 @@ class Server:
     """One ComfyUI server process with its own base directory under ``workdir``."""
 
     def __init__(
-        self, comfyui: str, workdir: str, args: tuple[str, ...] = (), env: dict | None = None
+        self,
+        comfyui: str,
+        workdir: str,
+        args: tuple[str, ...] = (),
+        env: dict | None = None,
+        frontend: bool = False,
     ) -> None:
         self.comfyui = os.path.abspath(comfyui)
+        self.frontend = frontend  # serve the installed web frontend (not an empty folder)
         self.workdir = workdir
         self.base = os.path.join(workdir, "base")
         self.args = tuple(args)
@@ -77,6 +83,8 @@ class Server:
     def start(self, timeout: float = 300) -> None:
         frontend = os.path.join(self.workdir, "frontend")
         os.makedirs(frontend, exist_ok=True)
+        # without --front-end-root core serves the comfyui_frontend_package it finds
+        front_end_root = () if self.frontend else ("--front-end-root", frontend)
         port = free_port()
         command = [
             sys.executable,
@@ -87,8 +95,7 @@ class Server:
             str(port),
             "--base-directory",
             self.base,
-            "--front-end-root",
-            frontend,
+            *front_end_root,
             "--disable-auto-launch",
             *self.args,
         ]
@@ -282,8 +289,8 @@ def write_wan(path: str, num_layers: int, dim: int, ffn_dim: int, seed: int = 0,
     streamed to ``path`` tensor by tensor, generated on the GPU when there is one."""
     import torch
 
-    sys.path.insert(0, ROOT)
-    from model_configs.wan import comfy_state_shapes
+    import _pack  # noqa: F401  (this checkout as comfyui_wan_blockswap)
+    from comfyui_wan_blockswap.model_configs.wan import comfy_state_shapes
 
     shapes = comfy_state_shapes(dim=dim, ffn_dim=ffn_dim, num_layers=num_layers, **kw)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -424,14 +431,9 @@ def wan_workflow(
 
 def node_defaults() -> dict:
     """The WAN BlockSwap node's widgets as a new node in the UI has them."""
-    import importlib.util
+    import _pack
 
-    sys.path.insert(0, ROOT)
-    # by path: in a process that imported core, ``nodes`` is core's module
-    spec = importlib.util.spec_from_file_location("_wan_blockswap_nodes", f"{ROOT}/nodes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    groups = module.WanBlockSwapStream.INPUT_TYPES()
+    groups = _pack.import_pack().nodes.WanBlockSwapStream.INPUT_TYPES()
     return {
         name: options["default"]
         for group in groups.values()

@@ -35,12 +35,13 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import _pack  # noqa: E402,F401  (this checkout as comfyui_wan_blockswap)
+
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, os.path.join(ROOT, "tests", "comfyui"))  # conftest.load_pack
 
-from wan_blockswap import measure  # noqa: E402
-from wan_blockswap.measure import peak_gib, reset_peak  # noqa: E402
+from comfyui_wan_blockswap.wan_blockswap import measure  # noqa: E402
+from comfyui_wan_blockswap.wan_blockswap.measure import peak_gib, reset_peak  # noqa: E402
 
 GIB = 2**30
 DIM, FFN = 5120, 13824
@@ -60,8 +61,8 @@ def import_comfy():
 
 
 def build_patcher(comfy, blocks: int, dim: int, ffn: int):
-    from callbacks.writers import random_state
-    from model_configs.wan import comfy_state_shapes
+    from writers import random_state
+    from comfyui_wan_blockswap.model_configs.wan import comfy_state_shapes
 
     shapes = comfy_state_shapes(dim, ffn, blocks)
     generator = "cuda" if torch.cuda.is_available() else "cpu"
@@ -142,7 +143,7 @@ def core_row(comfy, patcher, inputs, tokens, fraction, repeats, device) -> dict:
 
 
 def ours_row(comfy, pack, patcher, inputs, tokens, budget_gib, repeats, compression) -> dict:
-    from callbacks.comfy_adapter import remove_from_model
+    from comfyui_wan_blockswap.callbacks.comfy_adapter import remove_from_model
 
     from test_comfy_node import WIDGETS  # the node's widgets as the ComfyUI tests set them
 
@@ -152,7 +153,7 @@ def ours_row(comfy, pack, patcher, inputs, tokens, budget_gib, repeats, compress
     started = time.perf_counter()
     swapped = pack.nodes.WanBlockSwapStream().apply(patcher, **widgets)[0]
     apply_s = time.perf_counter() - started
-    from wan_blockswap import get_block_swap
+    from comfyui_wan_blockswap.wan_blockswap import get_block_swap
 
     reset_peak(patcher.load_device)
     comfy.model_management.load_models_gpu([swapped])
@@ -203,7 +204,7 @@ def matched_row(comfy, pack, patcher, inputs, core, activations, repeats, compre
     tokens). So the window widens in doubling steps while the peak stays within 5% of core's,
     and the widest such row counts. ``tries`` lists every (budget, peak, ms) tried.
     """
-    from wan_blockswap import min_vram_budget_gb
+    from comfyui_wan_blockswap.wan_blockswap import min_vram_budget_gb
 
     target = core["peak_vram_gib"]
     floor = min_vram_budget_gb(patcher.model.diffusion_model)

@@ -26,11 +26,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _pack  # noqa: E402,F401  (this checkout as comfyui_wan_blockswap)
 import transfer_compression_probe as codec  # noqa: E402
 
-from wan_blockswap.measure import time_forwards  # noqa: E402
-from wan_blockswap.storage import HostBuffer  # noqa: E402
+from comfyui_wan_blockswap.wan_blockswap.measure import time_forwards  # noqa: E402
+from comfyui_wan_blockswap.wan_blockswap.storage import HostBuffer  # noqa: E402
 
 DIM, FFN, BLOCKS = 5120, 13824, 8
 

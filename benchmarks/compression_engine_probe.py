@@ -19,13 +19,17 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _pack  # noqa: E402,F401  (this checkout as comfyui_wan_blockswap)
 
 import wan_shapes  # noqa: E402
 
-from wan_blockswap import apply_block_swap, compressed_transfer, streams  # noqa: E402
-from wan_blockswap.measure import time_forwards  # noqa: E402
+from comfyui_wan_blockswap.wan_blockswap import (
+    apply_block_swap,
+    compressed_transfer,
+    streams,
+)  # noqa: E402
+from comfyui_wan_blockswap.wan_blockswap.measure import time_forwards  # noqa: E402
 
 
 def main() -> None:

@@ -16,13 +16,13 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _pack  # noqa: E402,F401  (this checkout as comfyui_wan_blockswap)
 
 import wan_shapes  # noqa: E402
 
-from wan_blockswap import apply_block_swap, min_vram_budget_gb  # noqa: E402
-from wan_blockswap.measure import (  # noqa: E402
+from comfyui_wan_blockswap.wan_blockswap import apply_block_swap, min_vram_budget_gb  # noqa: E402
+from comfyui_wan_blockswap.wan_blockswap.measure import (  # noqa: E402
     h2d_bandwidth_gbps,
     peak_gib,
     reset_peak,

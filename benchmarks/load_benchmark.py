@@ -17,10 +17,11 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import _pack  # noqa: E402,F401  (this checkout as comfyui_wan_blockswap)
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from wan_blockswap.measure import rss_bytes  # noqa: E402
+from comfyui_wan_blockswap.wan_blockswap.measure import rss_bytes  # noqa: E402
 
 GIB = 2**30
 FORMATS = {
@@ -151,9 +152,9 @@ def summarize(results: dict) -> dict:
 
 
 def write_files(folder: str, blocks: int, formats: tuple[str, ...]) -> dict:
-    from callbacks.writers import random_state, to_fp8, write_gguf, write_safetensors
+    from writers import random_state, to_fp8, write_gguf, write_safetensors
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
-    from model_configs.wan import comfy_state_shapes
+    from comfyui_wan_blockswap.model_configs.wan import comfy_state_shapes
 
     os.makedirs(folder, exist_ok=True)
     shapes = comfy_state_shapes(5120, 13824, blocks)
@@ -189,8 +190,8 @@ def child(args: argparse.Namespace) -> None:
     import wan_shapes
     from diffusers import WanTransformer3DModel
 
-    from callbacks.lazy_loader import load_swapped
-    from wan_blockswap.measure import time_forwards
+    from comfyui_wan_blockswap.callbacks.lazy_loader import load_swapped
+    from comfyui_wan_blockswap.wan_blockswap.measure import time_forwards
 
     device = torch.device("cuda")
     torch.empty(1, device=device)  # CUDA context before the baseline
@@ -245,7 +246,7 @@ def child(args: argparse.Namespace) -> None:
 
 def _read_all(path: str) -> dict:
     if path.endswith(".gguf"):
-        from callbacks.checkpoint import open_checkpoint
+        from comfyui_wan_blockswap.callbacks.checkpoint import open_checkpoint
 
         with open_checkpoint(path) as checkpoint:
             return {name: checkpoint.read(name) for name in checkpoint.records}

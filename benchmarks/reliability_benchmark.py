@@ -21,25 +21,29 @@ import tempfile
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import _pack  # noqa: E402,F401  (this checkout as comfyui_wan_blockswap)
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import wan_shapes  # noqa: E402
 
-from callbacks.checkpoint import CheckpointError, open_checkpoint  # noqa: E402
-from callbacks.lazy_loader import load_swapped  # noqa: E402
-from callbacks.writers import random_state, write_safetensors  # noqa: E402
-from model_configs.wan import comfy_state_shapes  # noqa: E402
-from wan_blockswap import (  # noqa: E402
+from comfyui_wan_blockswap.callbacks.checkpoint import (
+    CheckpointError,
+    open_checkpoint,
+)  # noqa: E402
+from comfyui_wan_blockswap.callbacks.lazy_loader import load_swapped  # noqa: E402
+from writers import random_state, write_safetensors  # noqa: E402
+from comfyui_wan_blockswap.model_configs.wan import comfy_state_shapes  # noqa: E402
+from comfyui_wan_blockswap.wan_blockswap import (  # noqa: E402
     BlockSwapStateError,
     InsufficientMemoryError,
     apply_block_swap,
     min_vram_budget_gb,
     registered_host_bytes,
 )
-from wan_blockswap.measure import rss_bytes  # noqa: E402
-from wan_blockswap.slot_pool import pooled_bytes  # noqa: E402
-from wan_blockswap.storage import return_freed_host_memory  # noqa: E402
+from comfyui_wan_blockswap.wan_blockswap.measure import rss_bytes  # noqa: E402
+from comfyui_wan_blockswap.wan_blockswap.slot_pool import pooled_bytes  # noqa: E402
+from comfyui_wan_blockswap.wan_blockswap.storage import return_freed_host_memory  # noqa: E402
 
 GIB = 2**30
 DIM, FFN, BLOCKS = 3072, 8192, 8  # Wan 2.2 5B-wide blocks: large enough for leaks to show

@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import comfyui_benchmark as bench  # noqa: E402
 
-from wan_blockswap.measure import time_forwards  # noqa: E402
+from comfyui_wan_blockswap.wan_blockswap.measure import time_forwards  # noqa: E402
 
 
 def copy_timeline(prof: profile, forwards: int) -> dict:
@@ -106,9 +106,9 @@ def main() -> None:
     result["core"] = core
 
     # ours at core's peak
-    from callbacks.comfy_adapter import remove_from_model
+    from comfyui_wan_blockswap.callbacks.comfy_adapter import remove_from_model
     from test_comfy_node import WIDGETS
-    from wan_blockswap import get_block_swap, min_vram_budget_gb
+    from comfyui_wan_blockswap.wan_blockswap import get_block_swap, min_vram_budget_gb
 
     widgets = dict(WIDGETS)
     floor = min_vram_budget_gb(patcher.model.diffusion_model)

@@ -26,10 +26,10 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import _pack  # noqa: E402,F401  (this checkout as comfyui_wan_blockswap)
 
-from wan_blockswap.measure import time_forwards  # noqa: E402
-from wan_blockswap.storage import HostBuffer  # noqa: E402
+from comfyui_wan_blockswap.wan_blockswap.measure import time_forwards  # noqa: E402
+from comfyui_wan_blockswap.wan_blockswap.storage import HostBuffer  # noqa: E402
 
 CHUNK = 8 * 2**20  # weights decoded per eager step (bounds the temporaries)
 

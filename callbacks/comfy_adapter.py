@@ -35,15 +35,15 @@ import torch
 import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
-import model_configs
-from wan_blockswap import (
+from .. import model_configs
+from ..wan_blockswap import (
     BlockSwap,
     InsufficientMemoryError,
     SwapConfig,
     get_block_swap,
 )
-from wan_blockswap.engine import measure_model
-from wan_blockswap.plan import min_streamed_budget, plan_swap
+from ..wan_blockswap.engine import measure_model
+from ..wan_blockswap.plan import min_streamed_budget, plan_swap
 
 from . import comfy_auto
 from .comfy_private import (

@@ -10,8 +10,8 @@ import torch
 
 import comfy.model_management
 import comfy.model_patcher
-import model_configs
-from wan_blockswap import BlockSwap, SwapConfig
+from .. import model_configs
+from ..wan_blockswap import BlockSwap, SwapConfig
 
 from .comfy_adapter import install_callbacks, register_swap, resident_bytes
 
@@ -24,8 +24,8 @@ def load_lazily(path: str, config: SwapConfig, dtype: torch.dtype | None = None)
     import comfy.model_detection
     import comfy.utils
 
-    from callbacks.checkpoint import open_checkpoint
-    from callbacks.lazy_loader import Entry, stream_into
+    from .checkpoint import open_checkpoint
+    from .lazy_loader import Entry, stream_into
 
     mm = comfy.model_management
     with open_checkpoint(path) as checkpoint:

@@ -18,8 +18,8 @@ import comfy.float
 import comfy.lora
 import comfy.model_management
 import comfy.model_patcher
-from wan_blockswap import BlockSwap, BlockSwapConfigError
-from wan_blockswap.units import leaves
+from ..wan_blockswap import BlockSwap, BlockSwapConfigError
+from ..wan_blockswap.units import leaves
 
 logger = logging.getLogger("wan_blockswap")
 

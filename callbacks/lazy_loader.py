@@ -23,12 +23,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-import model_configs
+from .. import model_configs
 
-from wan_blockswap import BlockSwap, SwapConfig
-from wan_blockswap.api import resolve_device
-from wan_blockswap.storage import HostBuffer
-from wan_blockswap.stored_unit import StoredUnit
+from ..wan_blockswap import BlockSwap, SwapConfig
+from ..wan_blockswap.api import resolve_device
+from ..wan_blockswap.storage import HostBuffer
+from ..wan_blockswap.stored_unit import StoredUnit
 
 from .checkpoint import Checkpoint, TensorRecord, open_checkpoint
 from .gguf_dequant import SUPPORTED_TYPES, UnsupportedQuantTypeError, dequantize

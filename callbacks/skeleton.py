@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-import model_configs
-from model_configs.base import ArchConfig
+from .. import model_configs
+from ..model_configs.base import ArchConfig
 
 from .checkpoint import Checkpoint, CheckpointError
 

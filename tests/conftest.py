@@ -5,11 +5,11 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
-    sys.path.insert(0, HERE)
+    sys.path.insert(0, HERE)  # the tests' helpers: tiny models, writers
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import _pack  # noqa: E402,F401  (this checkout as comfyui_wan_blockswap, installed or not)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -23,7 +23,7 @@ def pytest_collection_modifyitems(config, items):
 def _clean_swaps():
     """Leave no block swap applied between tests, whatever a test did."""
     yield
-    from wan_blockswap.engine import _active
+    from comfyui_wan_blockswap.wan_blockswap.engine import _active
 
     for swap in list(_active.values()):
         swap.remove()

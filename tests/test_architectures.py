@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
-import model_configs
+from comfyui_wan_blockswap import model_configs
 import tiny_models
-from wan_blockswap import apply_block_swap, min_vram_budget_gb
+from comfyui_wan_blockswap.wan_blockswap import apply_block_swap, min_vram_budget_gb
 
 EXPECTED_CONFIG = {
     "diffusers/wan_t2v": "wan.diffusers",

@@ -11,14 +11,15 @@ PACKAGES = ("wan_blockswap", "model_configs", "callbacks")
 
 def test_engine_imports_without_comfyui():
     code = (
-        "import sys, wan_blockswap, model_configs, callbacks\n"
+        f"import sys; sys.path.insert(0, {os.path.join(ROOT, 'benchmarks')!r}); import _pack\n"
+        "from comfyui_wan_blockswap import wan_blockswap, model_configs, callbacks, nodes\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in "
         "('comfy', 'folder_paths', 'nodes', 'comfy_extras', 'server')]\n"
         "assert not bad, bad\n"
         "print('ok')\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
     assert "ok" in result.stdout

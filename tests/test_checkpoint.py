@@ -26,14 +26,18 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import quantize
 from safetensors.torch import load_file, save_file
 
-from callbacks.checkpoint import (
+from comfyui_wan_blockswap.callbacks.checkpoint import (
     Checkpoint,
     CheckpointError,
     CheckpointNotFoundError,
     TensorRecord,
     open_checkpoint,
 )
-from callbacks.gguf_dequant import SUPPORTED_TYPES, dequantize, quantized_nbytes
+from comfyui_wan_blockswap.callbacks.gguf_dequant import (
+    SUPPORTED_TYPES,
+    dequantize,
+    quantized_nbytes,
+)
 
 try:
     import resource
@@ -276,7 +280,7 @@ def test_data_gap_is_accepted_with_warning(tmp_path, caplog):
     header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}})
     path = tmp_path / "gap.safetensors"
     path.write_bytes(struct.pack("<Q", len(header)) + header.encode() + bytes(4) + b"\1\0\0\0")
-    with caplog.at_level(logging.WARNING, logger="callbacks.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="comfyui_wan_blockswap.callbacks.checkpoint"):
         with open_checkpoint(path) as ckpt:
             assert ckpt.read("w").tolist() == [1, 0, 0, 0]
     assert "belong to no tensor" in caplog.text
@@ -447,7 +451,7 @@ def test_sharded_duplicate_across_shards(tmp_path):
 def test_sharded_unlisted_key_is_kept_with_warning(tmp_path, caplog):
     extra = {"diffusion_pytorch_model-00002-of-00002.safetensors": {"extra": torch.ones(2)}}
     _sharded(tmp_path, extra_shard_tensors=extra)
-    with caplog.at_level(logging.WARNING, logger="callbacks.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="comfyui_wan_blockswap.callbacks.checkpoint"):
         with open_checkpoint(tmp_path) as ckpt:
             assert "extra" in ckpt.records
     assert "not listed in the index" in caplog.text
@@ -618,14 +622,15 @@ def test_gguf_large_sparse_tensor_opens_without_reading_data(tmp_path):
 def test_gguf_module_is_only_imported_for_gguf(st_file):
     """Opening safetensors must not need (or pay for) the gguf package."""
     path, _ = st_file
+    benchmarks = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks")
     code = (
-        "import sys\n"
-        "from callbacks.checkpoint import open_checkpoint\n"
+        f"import sys; sys.path.insert(0, {benchmarks!r}); import _pack\n"
+        "from comfyui_wan_blockswap.callbacks.checkpoint import open_checkpoint\n"
         f"open_checkpoint({str(path)!r}).close()\n"
-        "assert 'gguf' not in sys.modules and 'callbacks.gguf_reader' not in sys.modules\n"
+        "assert 'gguf' not in sys.modules\n"
+        "assert 'comfyui_wan_blockswap.callbacks.gguf_reader' not in sys.modules\n"
     )
     import subprocess
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -35,9 +35,13 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load, save
 
-import callbacks.gguf_reader  # noqa: F401  (imported up front: keep import cost out of traces)
-from callbacks.checkpoint import SAFETENSORS_DTYPES, CheckpointError, open_checkpoint
-from callbacks.gguf_dequant import quantized_nbytes
+import comfyui_wan_blockswap.callbacks.gguf_reader  # noqa: F401  (imported up front: keep import cost out of traces)
+from comfyui_wan_blockswap.callbacks.checkpoint import (
+    SAFETENSORS_DTYPES,
+    CheckpointError,
+    open_checkpoint,
+)
+from comfyui_wan_blockswap.callbacks.gguf_dequant import quantized_nbytes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 _spec = importlib.util.spec_from_file_location(

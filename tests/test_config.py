@@ -1,6 +1,6 @@
 import pytest
 
-from wan_blockswap import BlockSwapConfigError, SwapConfig
+from comfyui_wan_blockswap.wan_blockswap import BlockSwapConfigError, SwapConfig
 
 
 def test_defaults_are_valid():

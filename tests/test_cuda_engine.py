@@ -11,8 +11,12 @@ import pytest
 import torch
 
 from toy_models import make_toy, streamed_budget_gb, toy_inputs, toy_layout
-from wan_blockswap.measure import rss_bytes
-from wan_blockswap import apply_block_swap, compressed_transfer, registered_host_bytes
+from comfyui_wan_blockswap.wan_blockswap.measure import rss_bytes
+from comfyui_wan_blockswap.wan_blockswap import (
+    apply_block_swap,
+    compressed_transfer,
+    registered_host_bytes,
+)
 
 pytestmark = pytest.mark.cuda
 
@@ -186,7 +190,7 @@ def test_100_forwards_keep_memory_flat(compress, streamed):
 
 
 def test_two_models_alternating_on_shared_slots_with_fresh_inputs():
-    from wan_blockswap.slot_pool import pooled_bytes
+    from comfyui_wan_blockswap.wan_blockswap.slot_pool import pooled_bytes
 
     high, low = cuda_toy(), make_toy(seed=5, dim=DIM, ffn=FFN).to(torch.bfloat16).requires_grad_(
         False
@@ -230,7 +234,7 @@ def test_a_model_dropped_without_remove_gives_back_pinned_and_device_memory():
 def test_auto_compression_decides_after_the_second_forward(monkeypatch, margin, keeps):
     """With a huge margin every forward counts as copy-bound (keep compressing), with none as
     compute-bound (switch to raw, pinned); outputs stay equal across the switch."""
-    from wan_blockswap import compression_switch
+    from comfyui_wan_blockswap.wan_blockswap import compression_switch
 
     monkeypatch.setattr(compressed_transfer, "CHUNK_ELEMENTS", 1 << 16)
     monkeypatch.setattr(compression_switch, "COMPUTE_BOUND_MARGIN", margin)
@@ -261,7 +265,7 @@ def test_shared_slots_with_one_model_switched_to_raw_never_race(monkeypatch):
     """Wan 2.2 A14B-like: two models share one slot pool, one compressed, the other switched
     to raw (what auto does). Slow decodes (a sleep before each) make a compressed unit's last
     writes outlast the next raw copy into the same slot unless that copy waits for them."""
-    from wan_blockswap import bf16_codec
+    from comfyui_wan_blockswap.wan_blockswap import bf16_codec
 
     monkeypatch.setattr(compressed_transfer, "CHUNK_ELEMENTS", 1 << 16)
     decode = bf16_codec.decode_chunk

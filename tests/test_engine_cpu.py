@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from toy_models import make_toy, streamed_budget_gb, toy_inputs, toy_layout
-from wan_blockswap import (
+from comfyui_wan_blockswap.wan_blockswap import (
     BlockSwapConfigError,
     BlockSwapStateError,
     SwapConfig,
@@ -203,7 +203,7 @@ def test_bad_options_leave_the_model_untouched():
 
 
 def test_failure_while_placing_rolls_back(monkeypatch):
-    from wan_blockswap import stored_unit
+    from comfyui_wan_blockswap.wan_blockswap import stored_unit
 
     model = make_toy()
     before = snapshot(model)
@@ -278,7 +278,7 @@ def test_repeated_runs_keep_memory_flat():
 
 def test_two_models_of_one_shape_share_slots_and_alternate_correctly():
     """Wan 2.2 A14B: high- and low-noise models run one after the other on shared slots."""
-    from wan_blockswap.slot_pool import pooled_bytes
+    from comfyui_wan_blockswap.wan_blockswap.slot_pool import pooled_bytes
 
     high, low = make_toy(seed=1), make_toy(seed=2)
     expected = {
@@ -308,7 +308,7 @@ def test_two_models_of_one_shape_share_slots_and_alternate_correctly():
 
 
 def test_a_layer_budget_keeps_layers_of_swapped_blocks_and_streams_the_rest():
-    from wan_blockswap import plan_for
+    from comfyui_wan_blockswap.wan_blockswap import plan_for
 
     model = make_toy()
     expected = reference(model, 1)
@@ -345,8 +345,8 @@ def test_a_model_dropped_without_remove_is_freed_with_its_buffers_and_slots():
     the model, its host buffers and its slots back: nothing global holds it."""
     import weakref
 
-    from wan_blockswap.engine import _active
-    from wan_blockswap.slot_pool import pooled_bytes
+    from comfyui_wan_blockswap.wan_blockswap.engine import _active
+    from comfyui_wan_blockswap.wan_blockswap.slot_pool import pooled_bytes
 
     model = make_toy()
     swap = apply_block_swap(model, layout=toy_layout(model), blocks_to_swap=4, device="cpu")
@@ -380,7 +380,7 @@ def test_a_handle_outliving_its_model_frees_on_remove():
 @pytest.mark.parametrize("window", [1, 14_000, 30_000])
 @pytest.mark.parametrize("vace", [0, 3])
 def test_a_streamed_plan_holds_at_most_its_window_and_matches(window, vace, monkeypatch):
-    from wan_blockswap.window_ring import WindowRing
+    from comfyui_wan_blockswap.wan_blockswap.window_ring import WindowRing
 
     model = make_toy(vace_depth=vace)
     before = snapshot(model)
@@ -420,7 +420,7 @@ def test_a_streamed_plan_holds_at_most_its_window_and_matches(window, vace, monk
 
 @pytest.mark.parametrize("streamed", [False, True], ids=["slots", "streamed"])
 def test_a_failing_copy_hands_its_slot_back(streamed):
-    from wan_blockswap import min_vram_budget_gb
+    from comfyui_wan_blockswap.wan_blockswap import min_vram_budget_gb
 
     model = make_toy()
     expected = reference(model, 4)
@@ -456,7 +456,7 @@ def test_a_failing_copy_hands_its_slot_back(streamed):
 
 
 def test_a_streamed_plan_takes_a_new_window_in_place():
-    from wan_blockswap import BlockSwapStateError, plan_for
+    from comfyui_wan_blockswap.wan_blockswap import BlockSwapStateError, plan_for
 
     model = make_toy()
     expected = reference(model, 5)
@@ -483,7 +483,7 @@ def test_wrapper_tensor_weights_swap_as_their_inner_tensors():
     are stored and streamed, it is rebuilt over them for each use, and remove() gives the
     same weights back ([Note: wrapper tensors])."""
     tensor_module = pytest.importorskip("comfy_kitchen.tensor")
-    from wan_blockswap.units import leaves
+    from comfyui_wan_blockswap.wan_blockswap.units import leaves
 
     model = make_toy(depth=4)
     for block in model.blocks:

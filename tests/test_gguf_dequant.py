@@ -17,7 +17,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf.quants import quant_shape_to_byte_shape
 
-from callbacks.gguf_dequant import (
+from comfyui_wan_blockswap.callbacks.gguf_dequant import (
     SUPPORTED_TYPES,
     UnsupportedQuantTypeError,
     dequantize,

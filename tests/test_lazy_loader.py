@@ -7,13 +7,16 @@ import os
 import pytest
 import torch
 
-from callbacks.checkpoint import CheckpointError, open_checkpoint
-from callbacks.gguf_dequant import dequantize
-from callbacks.lazy_loader import load_swapped
-from callbacks.skeleton import CheckpointMismatchError
-from callbacks.writers import random_state, to_fp8, write_gguf, write_safetensors
-from model_configs.wan import comfy_state_shapes, diffusers_config_from_comfy_shapes
-from wan_blockswap import get_block_swap, registered_host_bytes
+from comfyui_wan_blockswap.callbacks.checkpoint import CheckpointError, open_checkpoint
+from comfyui_wan_blockswap.callbacks.gguf_dequant import dequantize
+from comfyui_wan_blockswap.callbacks.lazy_loader import load_swapped
+from comfyui_wan_blockswap.callbacks.skeleton import CheckpointMismatchError
+from writers import random_state, to_fp8, write_gguf, write_safetensors
+from comfyui_wan_blockswap.model_configs.wan import (
+    comfy_state_shapes,
+    diffusers_config_from_comfy_shapes,
+)
+from comfyui_wan_blockswap.wan_blockswap import get_block_swap, registered_host_bytes
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.loaders.single_file_utils import (  # noqa: E402
@@ -84,7 +87,7 @@ def test_safetensors_formats_equal_the_ordinary_load(tmp_path, state, prefix, st
 
 
 def test_lazy_load_with_transfer_compression_packs_each_filled_unit(tmp_path, state, monkeypatch):
-    from wan_blockswap import compressed_transfer
+    from comfyui_wan_blockswap.wan_blockswap import compressed_transfer
 
     monkeypatch.setattr(compressed_transfer, "CHUNK_ELEMENTS", 4096)
     monkeypatch.setattr(compressed_transfer, "MIN_PACKED_ELEMENTS", 256)
@@ -169,7 +172,7 @@ def test_remove_after_lazy_load_gives_cpu_weights(tmp_path, state):
 
 def _assert_nothing_left(baseline):
     assert registered_host_bytes() == baseline
-    from wan_blockswap.engine import _active
+    from comfyui_wan_blockswap.wan_blockswap.engine import _active
 
     assert not list(_active.keys())
 
@@ -234,7 +237,7 @@ def test_unknown_layout_without_skeleton_says_what_to_do(tmp_path):
 
 
 def test_ram_shortage_is_refused_before_allocating(tmp_path, state, monkeypatch):
-    from wan_blockswap import InsufficientMemoryError, memory
+    from comfyui_wan_blockswap.wan_blockswap import InsufficientMemoryError, memory
 
     baseline = registered_host_bytes()
     path = tmp_path / "wan.safetensors"
@@ -282,7 +285,7 @@ def test_lazy_load_on_cuda_equals_reference(tmp_path, state, stored):
 def test_terminal_progress_bar_draws_per_block(tmp_path, state):
     import io
 
-    from callbacks.progress import TerminalProgress
+    from comfyui_wan_blockswap.callbacks.progress import TerminalProgress
 
     path = tmp_path / "wan.safetensors"
     write_safetensors(state, path)
@@ -298,7 +301,7 @@ def test_terminal_progress_bar_draws_per_block(tmp_path, state):
 def test_decode_into_goes_a_few_rows_at_a_time_and_equals_whole_decode(
     tmp_path, monkeypatch, qtype, shape
 ):
-    import callbacks.lazy_loader as lazy_loader
+    from comfyui_wan_blockswap.callbacks import lazy_loader as lazy_loader
 
     weight = torch.randn(shape) / 20
     if qtype is None:

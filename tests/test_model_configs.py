@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-import model_configs
-from model_configs.wan import comfy_state_shapes
+from comfyui_wan_blockswap import model_configs
+from comfyui_wan_blockswap.model_configs.wan import comfy_state_shapes
 from toy_models import make_toy, toy_inputs
-from wan_blockswap import SwapConfig, apply_block_swap
+from comfyui_wan_blockswap.wan_blockswap import SwapConfig, apply_block_swap
 
 
 def test_every_record_is_well_formed():

@@ -4,7 +4,7 @@ swap can change without the original seeing it ([Note: private model])."""
 import torch
 from torch import nn
 
-from callbacks.module_alias import alias_module, rebind_to_origins
+from comfyui_wan_blockswap.callbacks.module_alias import alias_module, rebind_to_origins
 
 
 class SelfDetaching(torch.Tensor):

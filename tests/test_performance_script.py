@@ -94,8 +94,7 @@ def test_cuda_requested_without_cuda(tmp_path):
 
 
 def test_interrupt_keeps_what_was_measured(tmp_path, monkeypatch):
-    sys.path.insert(0, ROOT)
-    import test_performance
+    from comfyui_wan_blockswap import test_performance
 
     calls = {"n": 0}
     real = test_performance.measure
@@ -114,9 +113,8 @@ def test_interrupt_keeps_what_was_measured(tmp_path, monkeypatch):
 
 
 def test_model_path_gguf_is_detected_and_measured(tmp_path):
-    sys.path.insert(0, ROOT)
-    from callbacks.writers import random_state, write_gguf
-    from model_configs.wan import comfy_state_shapes
+    from writers import random_state, write_gguf
+    from comfyui_wan_blockswap.model_configs.wan import comfy_state_shapes
 
     path = tmp_path / "tiny.gguf"
     write_gguf(random_state(comfy_state_shapes(256, 512, 4, text_dim=64, freq_dim=256)), path)
@@ -138,8 +136,7 @@ def test_model_path_gguf_is_detected_and_measured(tmp_path):
 
 
 def test_transfer_compression_flag_reaches_every_swapped_setting(tmp_path):
-    sys.path.insert(0, ROOT)
-    import test_performance
+    from comfyui_wan_blockswap import test_performance
 
     output = str(tmp_path / "compressed_results.json")
     argv = ["--tokens", "8", "--iters", "1", "--dtype", "bf16", "--device", "cpu"]

@@ -1,6 +1,6 @@
 import pytest
 
-from wan_blockswap import (
+from comfyui_wan_blockswap.wan_blockswap import (
     BlockSizes,
     BlockSwapConfigError,
     InsufficientMemoryError,
@@ -8,7 +8,7 @@ from wan_blockswap import (
     SwapConfig,
     plan_swap,
 )
-from wan_blockswap.plan import GIB
+from comfyui_wan_blockswap.wan_blockswap.plan import GIB
 
 MB = 2**20
 
@@ -41,7 +41,7 @@ def test_blocks_to_swap_spreads_swapped_blocks_evenly_ending_with_the_last():
 
 @pytest.mark.parametrize("n", [1, 5, 8, 40])
 def test_spread_picks_count_distinct_blocks_including_the_last(n):
-    from wan_blockswap.plan import spread
+    from comfyui_wan_blockswap.wan_blockswap.plan import spread
 
     for count in range(n + 1):
         chosen = spread(count, n)

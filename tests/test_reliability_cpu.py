@@ -7,13 +7,17 @@ import gc
 import pytest
 import torch
 
-from callbacks.lazy_loader import load_swapped
-from callbacks.writers import random_state, write_safetensors
-from model_configs.wan import comfy_state_shapes
+from comfyui_wan_blockswap.callbacks.lazy_loader import load_swapped
+from writers import random_state, write_safetensors
+from comfyui_wan_blockswap.model_configs.wan import comfy_state_shapes
 from toy_models import make_toy, toy_inputs, toy_layout
-from wan_blockswap.measure import rss_bytes
-from wan_blockswap import InsufficientMemoryError, apply_block_swap, registered_host_bytes
-from wan_blockswap.slot_pool import pooled_bytes
+from comfyui_wan_blockswap.wan_blockswap.measure import rss_bytes
+from comfyui_wan_blockswap.wan_blockswap import (
+    InsufficientMemoryError,
+    apply_block_swap,
+    registered_host_bytes,
+)
+from comfyui_wan_blockswap.wan_blockswap.slot_pool import pooled_bytes
 
 
 def settle() -> int:
@@ -64,7 +68,7 @@ def test_load_unload_cycles_return_to_baseline(tmp_path):
 
 
 def test_slot_allocation_failure_is_clear_and_the_model_stays_usable(monkeypatch):
-    from wan_blockswap import slot_pool
+    from comfyui_wan_blockswap.wan_blockswap import slot_pool
 
     model = make_toy()
     x = toy_inputs(1)
@@ -87,7 +91,7 @@ def test_slot_allocation_failure_is_clear_and_the_model_stays_usable(monkeypatch
 
 
 def test_placement_failure_is_clear_and_changes_nothing(monkeypatch):
-    from wan_blockswap import stored_unit
+    from comfyui_wan_blockswap.wan_blockswap import stored_unit
 
     model = make_toy()
     before = {k: v.clone() for k, v in model.state_dict().items()}

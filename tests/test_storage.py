@@ -1,6 +1,6 @@
 import torch
 
-from wan_blockswap.storage import ALIGNMENT, HostBuffer, PackedLayout
+from comfyui_wan_blockswap.wan_blockswap.storage import ALIGNMENT, HostBuffer, PackedLayout
 
 
 def test_layout_aligns_every_tensor_and_round_trips_mixed_dtypes():

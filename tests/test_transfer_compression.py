@@ -5,8 +5,13 @@ import pytest
 import torch
 
 from toy_models import make_toy, toy_inputs, toy_layout
-from wan_blockswap import SwapConfig, apply_block_swap, bf16_codec, compressed_transfer
-from wan_blockswap.storage import PackedLayout
+from comfyui_wan_blockswap.wan_blockswap import (
+    SwapConfig,
+    apply_block_swap,
+    bf16_codec,
+    compressed_transfer,
+)
+from comfyui_wan_blockswap.wan_blockswap.storage import PackedLayout
 
 
 def bits(tensor):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model_configs.base import BlockListLayout, ModelLayout
+from comfyui_wan_blockswap.model_configs.base import BlockListLayout, ModelLayout
 
 
 class ToyBlock(nn.Module):
@@ -90,7 +90,7 @@ def toy_layout(model: ToyDiT) -> ModelLayout:
 
 def streamed_budget_gb(model: ToyDiT, window: int) -> float:
     """A ``vram_budget_gb`` that streams every layer of ``model`` with ``window`` bytes."""
-    from wan_blockswap import SwapConfig, min_vram_budget_gb, plan_for
+    from comfyui_wan_blockswap.wan_blockswap import SwapConfig, min_vram_budget_gb, plan_for
 
     layout = toy_layout(model)
     floor = plan_for(model, SwapConfig(vram_budget_gb=min_vram_budget_gb(model, layout)), layout)

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-import model_configs
-from model_configs.base import ModelLayout
+from .. import model_configs
+from ..model_configs.base import ModelLayout
 
 from .config import SwapConfig
 from .engine import BlockSwap, active_swap, measure_model

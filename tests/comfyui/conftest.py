@@ -6,23 +6,11 @@ import pytest
 
 
 def load_pack():
-    """Import the node pack the way ComfyUI's custom-node loader does (a package named after
-    its path), so ``pack.nodes`` is ours and not ComfyUI's own ``nodes`` module."""
-    import importlib.util
-    import os
-    import sys
+    """The node pack, as ComfyUI imports it: a package whose modules import each other
+    relatively (here under its one import root, the name an installed copy has)."""
+    import _pack
 
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    name = root.replace(".", "_x_")
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(
-        name, os.path.join(root, "__init__.py"), submodule_search_locations=[root]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return _pack.import_pack()
 
 
 @pytest.fixture(scope="session")

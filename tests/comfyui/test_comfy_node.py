@@ -71,7 +71,7 @@ def node(model, **options):
 
 def swap_of(model):
     """The block swap behind one of the node's MODEL outputs (on its private model)."""
-    from wan_blockswap import get_block_swap
+    from comfyui_wan_blockswap.wan_blockswap import get_block_swap
 
     return get_block_swap(model.model.diffusion_model)
 
@@ -127,7 +127,7 @@ def test_core_sees_only_resident_weights_and_counts_the_ring(comfy):
     patcher, _ = tiny_models.comfy_load_tiny("wan_t2v")
     full = patcher.model_size()
     swapped = node(patcher, blocks_to_swap=4)
-    from callbacks.comfy_adapter import _states
+    from comfyui_wan_blockswap.callbacks.comfy_adapter import _states
 
     state = _states[swapped.model.diffusion_model]
     resident = sum(p.numel() * p.element_size() for p in swapped.model.parameters())
@@ -174,8 +174,8 @@ def test_weight_patches_equal_core(comfy, order):
 
 @pytest.mark.parametrize("order", ["lora_before_node", "lora_after_node"])
 def test_transfer_compression_equals_core_with_and_without_patches(comfy, order, monkeypatch):
-    from callbacks.comfy_adapter import _states
-    from wan_blockswap import compressed_transfer
+    from comfyui_wan_blockswap.callbacks.comfy_adapter import _states
+    from comfyui_wan_blockswap.wan_blockswap import compressed_transfer
 
     monkeypatch.setattr(compressed_transfer, "CHUNK_ELEMENTS", 1024)
     monkeypatch.setattr(compressed_transfer, "MIN_PACKED_ELEMENTS", 256)
@@ -210,8 +210,8 @@ def test_a_budget_below_every_slot_plan_streams_every_layer_and_equals_core(
 ):
     """Core at a zero weight budget keeps no layer resident; below our slot plans the node
     streams every large layer too, the time projection and embeddings included."""
-    from callbacks.comfy_adapter import _states
-    from wan_blockswap import compressed_transfer, min_vram_budget_gb
+    from comfyui_wan_blockswap.callbacks.comfy_adapter import _states
+    from comfyui_wan_blockswap.wan_blockswap import compressed_transfer, min_vram_budget_gb
 
     monkeypatch.setattr(compressed_transfer, "CHUNK_ELEMENTS", 1024)
     monkeypatch.setattr(compressed_transfer, "MIN_PACKED_ELEMENTS", 256)
@@ -256,9 +256,9 @@ def resident_size(patcher):
 def test_weight_patches_on_a_vram_budget_plan_equal_core(comfy):
     """A budget plan streams a few layers of every block and keeps the rest resident (inside
     swapped blocks): patches on both kinds of layer still equal core's."""
-    import model_configs
-    from wan_blockswap import SwapConfig, get_block_swap, plan_for
-    from wan_blockswap.engine import measure_model
+    from comfyui_wan_blockswap import model_configs
+    from comfyui_wan_blockswap.wan_blockswap import SwapConfig, get_block_swap, plan_for
+    from comfyui_wan_blockswap.wan_blockswap.engine import measure_model
 
     patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v")
     inputs = make_inputs(3)
@@ -322,7 +322,7 @@ def test_new_settings_reapply_cleanly_and_remove_restores(comfy):
         assert torch.equal(run(comfy, swapped, inputs), expected)
         assert torch.equal(run(comfy, patcher, inputs), expected)  # core's own, in between
         assert_untouched(patcher)
-    from callbacks.comfy_adapter import remove_from_model
+    from comfyui_wan_blockswap.callbacks.comfy_adapter import remove_from_model
 
     remove_from_model(patcher)
     assert swap_of(swapped) is None
@@ -403,7 +403,7 @@ def test_lazy_loader_node_equals_core_loader(comfy, pack, tmp_path, weight_dtype
 
     # a VRAM budget: every block streams some layers and keeps the others, which the loader
     # puts on the offload device for core to load like any resident weight
-    from wan_blockswap import get_block_swap
+    from comfyui_wan_blockswap.wan_blockswap import get_block_swap
 
     gib = round(0.7 * core.model_size() / 2**30, 6)  # between the smallest plan and all
     budget = {**WIDGETS, "blocks_to_swap": 0, "vram_budget_gb": gib}
@@ -414,7 +414,7 @@ def test_lazy_loader_node_equals_core_loader(comfy, pack, tmp_path, weight_dtype
 
 
 def test_wan22_two_models_share_slots_and_unload_frees_them(comfy):
-    from wan_blockswap.slot_pool import pooled_bytes
+    from comfyui_wan_blockswap.wan_blockswap.slot_pool import pooled_bytes
 
     high, make_inputs = tiny_models.comfy_load_tiny("wan_t2v", seed=1)
     low, _ = tiny_models.comfy_load_tiny("wan_t2v", seed=2)
@@ -437,8 +437,8 @@ def test_a_workflow_that_drops_the_model_frees_it(comfy):
     the node: the diffusion model, its host buffers and its slots must all be freed."""
     import weakref
 
-    from callbacks.comfy_adapter import _states
-    from wan_blockswap.slot_pool import pooled_bytes
+    from comfyui_wan_blockswap.callbacks.comfy_adapter import _states
+    from comfyui_wan_blockswap.wan_blockswap.slot_pool import pooled_bytes
 
     patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v")
     swapped = node(patcher, blocks_to_swap=4)
@@ -459,7 +459,7 @@ def test_a_workflow_that_drops_the_model_frees_it(comfy):
 
 
 def test_wan22_shared_slots_are_counted_once_and_the_count_moves_on_unload(comfy):
-    from callbacks.comfy_adapter import _states
+    from comfyui_wan_blockswap.callbacks.comfy_adapter import _states
 
     mm = comfy.model_management
     high, make_inputs = tiny_models.comfy_load_tiny("wan_t2v", seed=1)
@@ -552,9 +552,9 @@ def test_auto_refits_the_plan_to_each_latents_memory_estimate(comfy, pack, monke
     """'auto' packs nothing when the node runs; before sampling (core's PREPARE_SAMPLING step,
     which knows the latent) it plans for what that latent leaves, as core's loader counts it:
     free VRAM plus loaded models, minus core's estimate for one batch and its reserve."""
-    from callbacks.comfy_adapter import _states
-    from wan_blockswap import InsufficientMemoryError, SwapConfig
-    from wan_blockswap.plan import min_streamed_budget, plan_swap
+    from comfyui_wan_blockswap.callbacks.comfy_adapter import _states
+    from comfyui_wan_blockswap.wan_blockswap import InsufficientMemoryError, SwapConfig
+    from comfyui_wan_blockswap.wan_blockswap.plan import min_streamed_budget, plan_swap
 
     mm = comfy.model_management
     free = fake_free_vram(comfy, monkeypatch, 100 * 2**30)
@@ -675,7 +675,7 @@ class _FakeMeter:
         pass
 
     def peaks(self, device):
-        from callbacks.comfy_auto import Peaks
+        from comfyui_wan_blockswap.callbacks.comfy_auto import Peaks
 
         return Peaks(10 * 2**30 + self.need, 10 * 2**30 + self.need)
 
@@ -690,9 +690,9 @@ def test_auto_plans_from_the_measured_need_once_a_forward_of_that_shape_ran(
     shape plans from it; every forward records what it really allocated beside the weights,
     and the next run of that shape plans from that (times MEASURED_MARGIN, plus core's
     reserve)."""
-    from callbacks import comfy_adapter, comfy_auto
-    from callbacks.comfy_adapter import _states
-    from callbacks.comfy_auto import MEASURED_MARGIN
+    from comfyui_wan_blockswap.callbacks import comfy_adapter, comfy_auto
+    from comfyui_wan_blockswap.callbacks.comfy_adapter import _states
+    from comfyui_wan_blockswap.callbacks.comfy_auto import MEASURED_MARGIN
 
     mm = comfy.model_management
     free = fake_free_vram(comfy, monkeypatch, 0)
@@ -749,7 +749,7 @@ def test_auto_plans_from_the_measured_need_once_a_forward_of_that_shape_ran(
 def _measure(comfy, swapped, inputs, need, cond_or_uncond, monkeypatch):
     """One forward through the node's APPLY_MODEL wrapper, whose meter says it needed
     ``need`` bytes beside the weights; its batch is one sample per conditioning pass."""
-    from callbacks import comfy_adapter
+    from comfyui_wan_blockswap.callbacks import comfy_adapter
 
     monkeypatch.setattr(comfy_adapter, "_meter", _FakeMeter(need))
 
@@ -778,8 +778,8 @@ def test_core_estimates_the_private_model_from_what_its_forwards_took(comfy, pac
     loader's free-up, its shrink rule and its cond batching all ask ``memory_required``) is
     what that forward took per sample, times the batch asked about; the loader's model keeps
     core's own estimate, and so does an unmeasured shape."""
-    from callbacks import comfy_auto
-    from callbacks.comfy_auto import MEASURED_MARGIN
+    from comfyui_wan_blockswap.callbacks import comfy_auto
+    from comfyui_wan_blockswap.callbacks.comfy_auto import MEASURED_MARGIN
 
     fake_free_vram(comfy, monkeypatch, 10**12)
     patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v")
@@ -812,9 +812,9 @@ def test_auto_reserves_for_the_cond_batch_only_where_it_moves_fewer_bytes_per_st
     that batch is free, else two forwards a step, each moving the swapped weights. Auto keeps
     room for the batch where that moves fewer bytes per step, else plans for one
     conditioning per forward and more resident weights."""
-    from callbacks import comfy_auto
-    from callbacks.comfy_adapter import _states
-    from callbacks.comfy_auto import COND_BATCH_FACTOR
+    from comfyui_wan_blockswap.callbacks import comfy_auto
+    from comfyui_wan_blockswap.callbacks.comfy_adapter import _states
+    from comfyui_wan_blockswap.callbacks.comfy_auto import COND_BATCH_FACTOR
 
     free = fake_free_vram(comfy, monkeypatch, 10**12)
     patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v")
@@ -934,8 +934,8 @@ def test_hook_patches_on_swapped_weights_equal_core(comfy):
 
 def test_hook_patches_on_swapped_gguf_weights_are_a_clear_error(comfy, monkeypatch):
     """Refused before core patches anything: nothing half-applied."""
-    import callbacks.comfy_weight_patches as weight_patches
-    from wan_blockswap import BlockSwapConfigError
+    from comfyui_wan_blockswap.callbacks import comfy_weight_patches as weight_patches
+    from comfyui_wan_blockswap.wan_blockswap import BlockSwapConfigError
 
     patcher, _ = tiny_models.comfy_load_tiny("wan_t2v")
     swapped = node(patcher, blocks_to_swap=2).clone()  # the override survives cloning
@@ -959,12 +959,12 @@ def test_auto_below_the_least_plan_warns_or_refuses_with_the_numbers(comfy, capl
     refuses, naming what can be had and what is needed."""
     import logging
 
-    from callbacks.comfy_adapter import _auto_config
-    from wan_blockswap import InsufficientMemoryError, SwapConfig
-    from wan_blockswap.engine import measure_model
-    from wan_blockswap.plan import min_streamed_budget, plan_swap
+    from comfyui_wan_blockswap.callbacks.comfy_adapter import _auto_config
+    from comfyui_wan_blockswap.wan_blockswap import InsufficientMemoryError, SwapConfig
+    from comfyui_wan_blockswap.wan_blockswap.engine import measure_model
+    from comfyui_wan_blockswap.wan_blockswap.plan import min_streamed_budget, plan_swap
 
-    import model_configs
+    from comfyui_wan_blockswap import model_configs
 
     patcher, _ = tiny_models.comfy_load_tiny("wan_t2v")
     model = patcher.model.diffusion_model

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tiny_models
-from callbacks.writers import write_gguf
+from writers import write_gguf
 from test_comfy_node import node, run
 
 

@@ -89,7 +89,7 @@ def test_core_alone_after_new_settings_an_unload_and_an_interrupt(comfy):
     inputs = make_inputs(12)
     core = CoreAlone(comfy, patcher, inputs)
     mm.unload_all_models()
-    from wan_blockswap import min_vram_budget_gb
+    from comfyui_wan_blockswap.wan_blockswap import min_vram_budget_gb
 
     least = round(min_vram_budget_gb(patcher.model.diffusion_model) + 1e-6, 7)
     for settings in (

@@ -57,7 +57,10 @@ def cuda_report(limit: int = 6) -> dict:
             }
             for entry in mm.current_loaded_models
         ]
-    adapter = sys.modules.get("callbacks.comfy_adapter")
+    # the pack's adapter, under whatever package name ComfyUI gave the pack's folder
+    adapter = next(
+        (m for n, m in list(sys.modules.items()) if n.endswith(".callbacks.comfy_adapter")), None
+    )
     if adapter is not None:
         report["swaps"] = [
             {
