@@ -149,7 +149,13 @@ def _diffusers_from_config(config_path: str) -> nn.Module | None:
 
 
 def _empty(cls: type, kwargs: dict | None, config: dict | None = None) -> nn.Module:
-    from accelerate import init_empty_weights
+    try:
+        from accelerate import init_empty_weights
+    except ImportError as error:  # optional: only diffusers skeletons need it
+        raise CheckpointError(
+            "building a diffusers model without allocating its weights needs accelerate: "
+            "pip install accelerate (or pip install 'comfyui-wan-blockswap[diffusers]')"
+        ) from error
     from diffusers.models.modeling_utils import no_init_weights
 
     # no_init_weights: the random init would run on meta tensors for nothing (a fifth of the
