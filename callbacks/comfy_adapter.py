@@ -197,7 +197,7 @@ def register_swap(
         "wan_blockswap on %s (%s):\n%s",
         type(diffusion_model).__name__,
         arch,
-        swap.plan.describe(),
+        swap.describe(),
     )
     return state
 

@@ -101,7 +101,9 @@ def test_debug_mode_logs_plan_and_per_forward_report(caplog):
         )
         with torch.no_grad():
             model(**toy_inputs(0))
-    assert "blocks 0-1, 3-4 on GPU, 2, 5 in host memory" in caplog.text
+    # the device it runs on, not "GPU"
+    assert "blocks 0-1, 3-4 on cpu, 2, 5 in host memory" in caplog.text
+    assert swap.describe() == swap.plan.describe("cpu") and "GPU" not in swap.describe()
     assert "block swap forward" in caplog.text and "hidden behind compute" in caplog.text
     assert swap.stats.last_report is not None
     swap.remove()

@@ -4,6 +4,7 @@ never edits ``sys.path``."""
 
 import ast
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -18,12 +19,14 @@ RUNTIME = ("wan_blockswap", "model_configs", "callbacks")
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("wheel")
-    build = tmp_path_factory.mktemp("build")  # setuptools' build folder, not the checkout's
+    # built from a copy: setuptools writes its build folders into the source tree
+    source = tmp_path_factory.mktemp("source") / "checkout"
+    skip = shutil.ignore_patterns(".git", ".carry", ".whl", "build", "*.egg-info", "__pycache__")
+    shutil.copytree(ROOT, source, ignore=skip, symlinks=True)
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(out), ROOT],
-        capture_output=True, text=True, timeout=300, cwd=build,
-        env={**os.environ, "PIP_NO_INDEX": "1"},
+         "-w", str(out), str(source)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PIP_NO_INDEX": "1"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     (name,) = [n for n in os.listdir(out) if n.endswith(".whl")]

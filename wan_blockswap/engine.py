@@ -130,7 +130,7 @@ class BlockSwap:
             "block swap plan for %s (%s):\n%s",
             type(model).__name__,
             layout.name,
-            swap.plan.describe(),
+            swap.describe(),
         )
         memory.check_fits(model, chosen, swap.plan, device, check_vram=move_resident)
         swap.move_resident = move_resident
@@ -158,6 +158,11 @@ class BlockSwap:
     def model(self) -> nn.Module | None:
         """The swapped module; None after :meth:`remove` or once the module was collected."""
         return self._model() if self._model is not None else None
+
+    def describe(self) -> str:
+        """Where the plan puts each block, named by the device this swap computes on."""
+        assert self.plan is not None, "describe() of a swap that was never applied"
+        return self.plan.describe(self.device)
 
     # -- place ----------------------------------------------------------------------------
 

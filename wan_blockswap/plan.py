@@ -7,7 +7,10 @@ Presets, ``vram_budget_gb``, the CLI's advice and ComfyUI's "auto" mode all go t
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Iterable, Literal
+from typing import TYPE_CHECKING, Iterable, Literal
+
+if TYPE_CHECKING:
+    import torch
 
 from .compressed_transfer import staging_bytes
 from .config import SwapConfig
@@ -107,8 +110,11 @@ class SwapPlan:
             return self.resident_bytes + self.window_bytes
         return self.gpu_weight_bytes
 
-    def describe(self) -> str:
-        """One line per block list: ``blocks 0-27 on GPU, 28-39 in host memory``."""
+    def describe(self, device: "torch.device | str | None" = None) -> str:
+        """One line per block list: ``blocks 0-27 on cuda:0, 28-39 in host memory`` (swapped
+        blocks are spread through the list, so ranges alternate); "GPU" where the plan's
+        ``device`` is not given. :meth:`BlockSwap.describe` gives the device it runs on."""
+        on = f"on {device}" if device is not None else "on GPU"
         swapped = set(self.swapped)
         partly = {name for name, _ in self.kept_layers}
         lines = []
@@ -119,7 +125,7 @@ class SwapPlan:
         for path, entries in lists.items():
             parts = []
             for where, text in (
-                ("gpu", "on GPU"),
+                ("gpu", on),
                 ("host", "in host memory"),
                 ("partly", "partly in host memory (their largest layers on GPU)"),
             ):
@@ -135,12 +141,12 @@ class SwapPlan:
         if extras:
             lines.append(f"{' and '.join(extras)} embedding streamed from host memory")
         if self.kept_layers:
-            lines.append(f"{len(self.kept_layers)} layers of swapped blocks kept on GPU")
+            lines.append(f"{len(self.kept_layers)} layers of swapped blocks kept {on}")
         if self.window_bytes:
             lines.append(
                 f"streamed layer by layer, outside the blocks too: at most "
-                f"{self.window_bytes / 2**20:.0f} MiB of layers on GPU at once (a larger layer "
-                f"alone, up to {self.slot_bytes / 2**20:.0f} MiB); weights on GPU "
+                f"{self.window_bytes / 2**20:.0f} MiB of layers {on} at once (a larger layer "
+                f"alone, up to {self.slot_bytes / 2**20:.0f} MiB); weights {on} "
                 f"{self.gpu_weight_bytes / GIB:.2f} GiB at most, in host memory "
                 f"{self.swapped_bytes / GIB:.2f} GiB"
             )
@@ -153,7 +159,7 @@ class SwapPlan:
                 if self.staging_bytes
                 else ""
             )
-            + "; weights on GPU "
+            + f"; weights {on} "
             f"{self.gpu_weight_bytes / GIB:.2f} GiB, in host memory "
             f"{self.swapped_bytes / GIB:.2f} GiB"
         )
