@@ -1,5 +1,6 @@
 """Report, chart and advice for ``test_performance.py`` (kept apart so the script stays a
-readable sequence of measurements)."""
+readable sequence of measurements). Sizes are GiB throughout; cards are named by the GB they
+are sold with (an "8 GB" card has 8 GiB)."""
 
 from __future__ import annotations
 
@@ -65,10 +66,48 @@ class ProgressBar:
         sys.stderr.write("\n")
 
 
+LEGEND = (
+    ("swap", "blocks kept in host memory and streamed to the device for each forward"),
+    ("pf", "prefetch_blocks: how many swapped blocks are copied ahead of use"),
+    ("load s", "seconds to load the file with this plan"),
+    ("dev wts", "GiB of weights on the device: resident blocks and layers plus the slots"),
+    ("saved", "GiB of device memory saved against no swapping"),
+    ("peak fwd", "peak GiB allocated on the device during a forward (GPU only)"),
+    ("RAM +", "GiB the process' resident host memory grew while loading"),
+    ("ms", "median milliseconds per forward"),
+    ("x", "slowdown against no swapping (1.00 = as fast)"),
+    ("floor", "ms the swapped bytes take to copy at the measured host-to-device rate (GPU)"),
+    ("hidden", "% of that copy time hidden behind compute (100 = swapping costs nothing)"),
+)
+
+
+def advice_section(file_model, latent, dtype, sizes: tuple[int, ...]) -> dict:
+    """Advice per card size for a real file, before anything is measured (perf_advice)."""
+    from dataclasses import asdict
+
+    from .perf_advice import advise, assumptions, comfyui_hint
+
+    frames, height, width = latent
+    tokens = frames * (height // 2) * (width // 2)
+    compute_bytes = 4 if dtype == torch.float32 else 2
+    rows = advise(file_model, tokens, compute_bytes, sizes)
+    return {
+        "estimated": True,
+        "assumptions": assumptions(file_model, tokens, compute_bytes),
+        "model": file_model.variant.display_name if file_model.variant else None,
+        "weights_gib": (
+            file_model.sizes.other_bytes + sum(b.nbytes for b in file_model.sizes.blocks)
+        )
+        / 2**30,
+        "per_gpu": [{**asdict(row), "comfyui": comfyui_hint(row)} for row in rows],
+    }
+
+
 def recommend(report: dict, sizes: tuple[int, ...]) -> list[dict]:
-    """The fastest measured setting that fits each GPU size."""
+    """The fastest measured setting that fits each GPU size (none for the built-in model:
+    its numbers say nothing of what a real model needs)."""
     rows = [r for r in report["results"] if "ms" in r]
-    if not rows:
+    if not rows or report["model"].startswith("built-in"):
         return []
     base = next((r for r in rows if r["blocks_to_swap"] == 0), rows[0])
     if base.get("peak_vram_forward_gib") is not None:
@@ -116,11 +155,45 @@ def finish(report: dict, output: str, sizes: tuple[int, ...]) -> None:
     with open(output, "w") as handle:
         json.dump(report, handle, indent=2)
     chart = chart_path(output)
-    drew = draw_chart(report, chart)
-    print_table(report)
+    drew = any("ms" in r for r in report["results"]) and draw_chart(report, chart)
+    if "advice" in report:
+        print_advice(report)
+    if report["results"]:
+        print_table(report)
+    if report["model"].startswith("built-in"):
+        print(
+            "\nno advice per GPU size: the built-in model is small and random. Pass a real "
+            "model's file with --model-path for advice (no GPU needed)."
+        )
+    if not drew:
+        print(
+            f"\nwrote {output}"
+            + (" (install matplotlib for the chart)" if report["results"] else "")
+        )
+    else:
+        print(f"\nwrote {output} and {chart}")
+
+
+def print_advice(report: dict) -> None:
+    advice = report["advice"]
+    latent = report["latent"]
+    name = advice["model"] or report["architecture"]
     print(
-        f"\nwrote {output}" + (f" and {chart}" if drew else " (install matplotlib for the chart)")
+        f"\nadvice for {report['model']} ({name}, {report['num_blocks']} blocks, "
+        f"{advice['weights_gib']:.1f} GiB of weights) at {latent['tokens']:,} tokens"
     )
+    print(f"({advice['assumptions']})")
+    pad = " " * 14
+    for row in advice["per_gpu"]:
+        print(f"  {row['vram_gb']:>2} GB card: {row['advice']}")
+        if row["fits"] and row["moved_gib"]:
+            print(pad + row["comfyui"])
+            print(
+                f"{pad}about {row['vram_gib']:.1f} GiB in use; each forward copies "
+                f"{row['moved_gib']:.1f} GiB: at least {row['transfer_s']:.2f} s of transfer"
+            )
+        elif row["fits"]:
+            print(f"{pad}about {row['vram_gib']:.1f} GiB in use")
 
 
 def chart_path(output: str) -> str:
@@ -139,23 +212,32 @@ def draw_chart(report: dict, path: str) -> bool:
     except ImportError:
         return False
     rows = [r for r in report["results"] if "ms" in r]
-    fig, left = plt.subplots(figsize=(8, 4.5), dpi=100)
+    fig, left = plt.subplots(figsize=(8, 5), dpi=100)
     right = left.twinx()
-    for prefetch in sorted({r["prefetch"] for r in rows}):
-        line = sorted(
-            (r for r in rows if r["prefetch"] == prefetch or r["blocks_to_swap"] == 0),
+    depths = sorted({r["prefetch"] for r in rows if r["blocks_to_swap"]}) or [1]
+    width = 0.8 / len(depths)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    base = [r for r in rows if r["blocks_to_swap"] == 0]
+    for i, prefetch in enumerate(depths):
+        colour = colours[i % len(colours)]
+        series = sorted(
+            base + [r for r in rows if r["blocks_to_swap"] and r["prefetch"] == prefetch],
             key=lambda r: r["blocks_to_swap"],
         )
-        xs = [r["blocks_to_swap"] for r in line]
-        right.plot(
-            xs, [r["ms"] for r in line], marker="o", label=f"ms/forward, prefetch {prefetch}"
+        xs = [r["blocks_to_swap"] for r in series]
+        offset = (i - (len(depths) - 1) / 2) * width
+        left.bar(
+            [x + offset for x in xs],
+            [r.get("vram_saved_gib", 0.0) for r in series],
+            width=width,
+            color=colour,
+            alpha=0.35,
+            label=f"VRAM saved (GiB), prefetch {prefetch}",
         )
-    saved = sorted(
-        {(r["blocks_to_swap"], r["vram_saved_gib"]) for r in rows if "vram_saved_gib" in r}
-    )
-    left.bar(
-        [x for x, _ in saved], [y for _, y in saved], color="#9ecae1", label="VRAM saved (GiB)"
-    )
+        right.plot(
+            xs, [r["ms"] for r in series], marker="o", color=colour,
+            label=f"ms/forward, prefetch {prefetch}",
+        )  # fmt: skip
     left.set_xlabel("blocks swapped")
     left.set_ylabel("VRAM saved (GiB)")
     right.set_ylabel("ms per forward")
@@ -163,8 +245,8 @@ def draw_chart(report: dict, path: str) -> bool:
     left.set_title(f"{report['model']} on {report['device']} ({report['latent']['tokens']} tokens)")
     handles = left.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
     labels = left.get_legend_handles_labels()[1] + right.get_legend_handles_labels()[1]
-    left.legend(handles, labels, loc="upper left", fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.16, 1, 1))  # the legend goes under the plot, off the data
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.savefig(path)
     plt.close(fig)
     return True
@@ -180,7 +262,7 @@ def print_table(report: dict) -> None:
         "swap",
         "pf",
         "load s",
-        "GPU wts",
+        "dev wts",
         "saved",
         "peak fwd",
         "RAM +",
@@ -211,6 +293,10 @@ def print_table(report: dict) -> None:
             fmt(r.get("copy_hidden_share") and 100 * r["copy_hidden_share"], ".0f"),
         )
         print(" ".join(f"{c!s:>8}" for c in cells))
-    print("\nrecommendation (GiB of VRAM):")
-    for advice in report["recommendations"]:
-        print(f"  {advice['vram_gb']:>3} GB: {advice['advice']}")
+    print("\ncolumns:")
+    for name, meaning in LEGEND:
+        print(f"  {name:>8}  {meaning}")
+    if report["recommendations"]:
+        print("\nrecommendation per card, from these measurements:")
+        for advice in report["recommendations"]:
+            print(f"  {advice['vram_gb']:>2} GB card: {advice['advice']}")

@@ -1,14 +1,18 @@
-"""How much VRAM each block-swap setting saves on your machine, and what it costs in speed.
+"""How much VRAM each block-swap setting saves on your machine, what it costs in speed, and
+which setting to use on each GPU size.
 
     python test_performance.py                      # built-in small Wan model, a minute on CPU
-    python test_performance.py --model-path wan2.1_t2v_14B_bf16.safetensors --test-all
-    python test_performance.py --model-path wan.gguf --frames 81 --height 480 --width 832
+    python test_performance.py --model-path wan2.1_t2v_14B_bf16.safetensors --frames 81
+    python test_performance.py --model-path wan.gguf --test-all --height 480 --width 832
 
-Each configuration loads the checkpoint lazily with its plan (swapped blocks go from disk to
-pinned host memory), runs forwards, and records load time, peak VRAM (load and forward),
-VRAM saved, host RAM growth, ms per forward, slowdown, the transfer floor and the share of
-copy time hidden behind compute. Writes a JSON report and a PNG chart and ends with a
-recommendation per GPU size. Ctrl-C stops the sweep and keeps what was measured.
+With ``--model-path`` it first prints advice per GPU size (8, 12, 16 and 24 GB) from the file's
+real block sizes and the activation memory of the chosen frame size: the planner needs no GPU,
+so this works on any machine (the figures are estimates and say so). Then, on a GPU (or with
+``--device cpu``), each configuration loads the checkpoint lazily with its plan (swapped blocks
+go from disk to pinned host memory), runs forwards, and records load time, peak VRAM, VRAM
+saved, host RAM growth, ms per forward, slowdown, the transfer floor and the share of copy time
+hidden behind compute; a legend under the table explains each column. Writes a JSON report and
+a PNG chart. Ctrl-C stops the sweep and keeps what was measured.
 """
 
 from __future__ import annotations
@@ -50,8 +54,15 @@ except ModuleNotFoundError as error:
 from safetensors.torch import save_file  # noqa: E402
 
 from comfyui_wan_blockswap import perf_report  # noqa: E402
-from comfyui_wan_blockswap.callbacks.checkpoint import CheckpointError  # noqa: E402
-from comfyui_wan_blockswap.callbacks.lazy_loader import load_swapped  # noqa: E402
+from comfyui_wan_blockswap.callbacks.checkpoint import (  # noqa: E402
+    CheckpointError,
+    open_checkpoint,
+)
+from comfyui_wan_blockswap.callbacks.lazy_loader import (  # noqa: E402
+    load_swapped,
+    read_file_model,
+)
+from comfyui_wan_blockswap.callbacks.skeleton import file_arch  # noqa: E402
 from comfyui_wan_blockswap.model_configs.wan import comfy_state_shapes  # noqa: E402
 from comfyui_wan_blockswap.wan_blockswap import (  # noqa: E402
     BlockSwapConfigError,
@@ -64,11 +75,20 @@ from comfyui_wan_blockswap.wan_blockswap.measure import (  # noqa: E402
     rss_bytes,
     time_forwards,
 )
-from comfyui_wan_blockswap.wan_blockswap.plan import GIB  # noqa: E402
+from comfyui_wan_blockswap.wan_blockswap.plan import GIB, plan_swap  # noqa: E402
 
 DEFAULT_MODEL = dict(dim=768, ffn_dim=2048, num_layers=8, text_dim=512, freq_dim=256)
 GPU_SIZES_GB = (8, 12, 16, 24)
 TEXT_TOKENS = 64
+WAN_FAMILIES = ("wan", "wan_vace")
+BUILT_IN_NAME = "built-in small Wan (random weights)"
+BUILT_IN_NOTE = (
+    "Measuring a small built-in Wan model (8 blocks, random weights, about 0.3 GiB): it shows "
+    "what swapping costs on this machine, not what a real model needs. For advice for a real "
+    "model, pass its file, e.g.\n"
+    "  python test_performance.py --model-path wan2.1_t2v_14B_bf16.safetensors "
+    "--frames 81 --height 480 --width 832"
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -111,9 +131,10 @@ def latent_shape(args: argparse.Namespace, default: tuple[int, int, int]):
         if args.tokens % 1560 == 0:  # whole 480p latent frames, as the benchmarks use
             return args.tokens // 1560, 60, 104
         return 1, 2, 2 * args.tokens  # patch 2x2: exactly ``tokens`` tokens
-    frames = args.frames or default[0]
-    height = args.height or default[1]
-    width = args.width or default[2]
+    frames, height, width = (
+        given if given is not None else fallback
+        for given, fallback in zip((args.frames, args.height, args.width), default)
+    )
     for name, value in (("--frames", frames), ("--height", height), ("--width", width)):
         if value <= 0:
             raise BlockSwapConfigError(f"{name} must be positive, got {value}")
@@ -152,17 +173,6 @@ def wan_inputs(model, latent, dtype, device, seed: int = 0) -> dict:
         )
         for k, v in x.items()
     }
-
-
-def probe(path: str) -> tuple[int, str]:
-    """Block count and architecture of a checkpoint, from its header alone."""
-    from comfyui_wan_blockswap.callbacks.checkpoint import open_checkpoint
-    from comfyui_wan_blockswap.callbacks.skeleton import build_skeleton
-
-    with open_checkpoint(path) as checkpoint:
-        skeleton = build_skeleton(checkpoint)
-    arch = skeleton.arch.name if skeleton.arch else "unknown"
-    return len(skeleton.model.blocks), arch
 
 
 def write_default_model(folder: str, dtype: torch.dtype) -> str:
@@ -269,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    _check_output(args.output)
     device = resolve_device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")
@@ -276,6 +287,8 @@ def run(args: argparse.Namespace) -> int:
     if args.prefetch < 0 or args.blocks_to_swap is not None and args.blocks_to_swap < 0:
         raise BlockSwapConfigError("--prefetch and --blocks-to-swap must be >= 0")
     SwapConfig(prefetch_blocks=args.prefetch)  # validates the range up front
+    if args.iters < 1:
+        raise BlockSwapConfigError(f"--iters must be at least 1, got {args.iters}")
     with tempfile.TemporaryDirectory() as folder:
         if args.model_path:
             if not os.path.exists(args.model_path):
@@ -283,49 +296,110 @@ def run(args: argparse.Namespace) -> int:
             path, model_name = args.model_path, os.path.basename(args.model_path)
             latent = latent_shape(args, (81, 480, 832))
         else:
-            path, model_name = write_default_model(folder, dtype), "built-in small Wan (random)"
+            print(BUILT_IN_NOTE, file=sys.stderr)
+            path, model_name = write_default_model(folder, dtype), BUILT_IN_NAME
             latent = latent_shape(args, (5, 128, 128))
-        num_blocks, arch = probe(path)
-        if args.blocks_to_swap is not None and args.blocks_to_swap > num_blocks:
-            raise BlockSwapConfigError(
-                f"--blocks-to-swap must be in 0..{num_blocks} for this model "
-                f"({num_blocks} blocks), got {args.blocks_to_swap}"
-            )
+        # the header alone, nothing allocated yet; advice is for a GPU, which computes in bf16
+        # unless told otherwise
+        _check_is_wan(path, model_name)
+        file_model = read_file_model(path, file_model_dtype(args, device, dtype))
+        num_blocks = sum(1 for b in file_model.sizes.blocks if b.role == "main")
+        _check_against_model(args, num_blocks, file_model)
         bandwidth = None
         if device.type == "cuda":
             bandwidth = h2d_bandwidth_gbps(256 * 2**20, device)
         report = perf_report.new_report(
-            device, dtype, model_name, arch, num_blocks, latent, bandwidth
+            device, dtype, model_name, file_model.arch.name, num_blocks, latent, bandwidth
         )
-        runs = settings(args, num_blocks)
-        bar = perf_report.ProgressBar(len(runs))
-        baseline_ms = None
-        try:
-            for options in runs:
-                bar.step(str(options))
-                row = measure(
-                    path,
-                    options,
-                    latent,
-                    dtype,
-                    device,
-                    args.iters,
-                    baseline_ms,
-                    bandwidth,
-                    progress=bool(args.model_path),  # real checkpoints take a while
-                )
-                if options == dict(blocks_to_swap=0):
-                    baseline_ms = row["ms"]
-                    row["slowdown"] = 1.0
-                    base_weights = row["weights_on_device_gib"]
-                row["vram_saved_gib"] = base_weights - row["weights_on_device_gib"]
-                report["results"].append(row)
-        except KeyboardInterrupt:
-            report["interrupted"] = True
-            print("\ninterrupted: writing what was measured", file=sys.stderr)
-        bar.close()
+        if args.model_path:
+            report["advice"] = perf_report.advice_section(
+                file_model, latent, file_model_dtype(args, device, dtype), GPU_SIZES_GB
+            )
+        if args.model_path and device.type == "cpu" and args.device is None:
+            report["measured"] = False
+            print(
+                "no CUDA device here, so nothing was timed (a real model's forwards take long "
+                "on a CPU); pass --device cpu to time them anyway",
+                file=sys.stderr,
+            )
+            perf_report.finish(report, args.output, GPU_SIZES_GB)
+            return 0
+        measure_all(args, report, path, latent, dtype, device, bandwidth)
     perf_report.finish(report, args.output, GPU_SIZES_GB)
     return 0
+
+
+def measure_all(args, report, path, latent, dtype, device, bandwidth) -> None:
+    """Every setting of the sweep, in order; Ctrl-C keeps what was measured."""
+    runs = settings(args, report["num_blocks"])
+    bar = perf_report.ProgressBar(len(runs))
+    baseline_ms = None
+    try:
+        for options in runs:
+            bar.step(str(options))
+            row = measure(
+                path,
+                options,
+                latent,
+                dtype,
+                device,
+                args.iters,
+                baseline_ms,
+                bandwidth,
+                progress=bool(args.model_path),  # real checkpoints take a while
+            )
+            if options == dict(blocks_to_swap=0):
+                baseline_ms = row["ms"]
+                row["slowdown"] = 1.0
+                base_weights = row["weights_on_device_gib"]
+            row["vram_saved_gib"] = base_weights - row["weights_on_device_gib"]
+            report["results"].append(row)
+    except KeyboardInterrupt:
+        report["interrupted"] = True
+        print("\ninterrupted: writing what was measured", file=sys.stderr)
+    bar.close()
+
+
+def file_model_dtype(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    """The dtype the advice plans weights in: a GPU's (bf16) unless one was asked for."""
+    return dtype if device.type == "cuda" or args.dtype else torch.bfloat16
+
+
+def _check_is_wan(path: str, name: str) -> None:
+    """This script builds Wan inputs: any other model gets told so, by name, before anything
+    is built."""
+    with open_checkpoint(path) as checkpoint:
+        arch = file_arch(checkpoint)
+    family = arch.family if arch is not None else None
+    if family not in WAN_FAMILIES:
+        what = f"a {arch.family} model" if arch is not None else "no model this script knows"
+        raise CheckpointError(
+            f"{name} holds {what}; this script measures Wan 2.1/2.2 and VACE files (it builds "
+            f"their inputs). Other models swap through the ComfyUI node or the library "
+            f"(apply_block_swap)"
+        )
+
+
+def _check_output(output: str) -> None:
+    """The report's folder must exist and be writable before anything is measured."""
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise BlockSwapConfigError(
+            f"--output {output}: the folder {folder} does not exist; create it or choose another"
+        )
+    if not os.access(folder, os.W_OK):
+        raise BlockSwapConfigError(f"--output {output}: the folder {folder} is not writable")
+
+
+def _check_against_model(args: argparse.Namespace, num_blocks: int, file_model) -> None:
+    """Options that depend on the model, checked from its header before the first forward."""
+    if args.blocks_to_swap is not None and args.blocks_to_swap > num_blocks:
+        raise BlockSwapConfigError(
+            f"--blocks-to-swap must be in 0..{num_blocks} for this model "
+            f"({num_blocks} blocks), got {args.blocks_to_swap}"
+        )
+    if args.vram_budget_gb is not None:  # the planner is pure: a budget below it fails now
+        plan_swap(file_model.sizes, SwapConfig(vram_budget_gb=args.vram_budget_gb))
 
 
 if __name__ == "__main__":

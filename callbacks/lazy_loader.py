@@ -27,6 +27,8 @@ from .. import model_configs
 
 from ..wan_blockswap import BlockSwap, SwapConfig
 from ..wan_blockswap.api import resolve_device
+from ..wan_blockswap.engine import measure_model
+from ..wan_blockswap.plan import ModelSizes
 from ..wan_blockswap.storage import HostBuffer
 from ..wan_blockswap.stored_unit import StoredUnit
 
@@ -156,6 +158,41 @@ def load_swapped(
         report.swapped_bytes / 2**30,
     )
     return plan.model, swap, report
+
+
+@dataclass(frozen=True)
+class FileModel:
+    """What a checkpoint's header says of the model it holds, nothing allocated: the sizes the
+    planner sees once :func:`load_swapped` stored its weights, and the architecture."""
+
+    sizes: ModelSizes
+    arch: model_configs.ArchConfig
+    variant: model_configs.Variant | None
+    hidden_size: int
+
+
+def read_file_model(
+    path: str | os.PathLike, compute_dtype: torch.dtype = torch.bfloat16
+) -> FileModel:
+    """The planner's view of the model in ``path`` (safetensors, GGUF or a diffusers folder),
+    from its header and a meta skeleton: a plan for it needs no GPU and no weights read.
+
+    Raises:
+        CheckpointError: the file cannot be read, or no skeleton can be built for it.
+    """
+    with open_checkpoint(path) as checkpoint:
+        plan = build_skeleton(checkpoint)
+        _prepare(plan, checkpoint, compute_dtype)
+    built = model_configs.detect(plan.model)  # the skeleton's own class's record
+    arch = plan.arch or built  # the file's, whose layout load_swapped plans with
+    sizes = measure_model(plan.model, arch.layout)[1]
+    variant = model_configs.variant_of(built, plan.model)
+    main = [b for b in sizes.blocks if b.role == "main"]
+    hidden = variant.hidden_size if variant is not None else 0
+    if not hidden and main and built.hidden_param:
+        block = plan.model.get_submodule(main[0].name)
+        hidden = int(block.get_parameter(built.hidden_param).shape[-1])
+    return FileModel(sizes, arch, variant, hidden)
 
 
 def _prepare(plan: Skeleton, checkpoint: Checkpoint, compute_dtype: torch.dtype) -> list[Entry]:

@@ -70,8 +70,7 @@ def build_skeleton(checkpoint: Checkpoint) -> Skeleton:
         model = _diffusers_from_config(config_path)
         if model is not None:
             return match_skeleton(model, checkpoint)
-    prefix = _common_prefix(checkpoint)
-    stripped = {name[len(prefix) :]: name for name in checkpoint.records}
+    stripped = _stripped_keys(checkpoint)
     arch = model_configs.detect_from_keys(stripped)
     if arch is None or arch.skeleton is None:
         what = f"a {arch.family} checkpoint in {arch.layout_kind} layout" if arch else "it"
@@ -123,6 +122,17 @@ def check_keys(
         f"{checkpoint.paths[0]} does not fit the model: {'; '.join(parts)}. Is this the right "
         f"architecture and variant for this model?"
     )
+
+
+def file_arch(checkpoint: Checkpoint) -> model_configs.ArchConfig | None:
+    """The architecture a file's keys name, building nothing (None: no record knows them)."""
+    return model_configs.detect_from_keys(_stripped_keys(checkpoint))
+
+
+def _stripped_keys(checkpoint: Checkpoint) -> dict[str, str]:
+    """The file's keys without the prefix they all share, to their full names."""
+    prefix = _common_prefix(checkpoint)
+    return {name[len(prefix) :]: name for name in checkpoint.records}
 
 
 def _common_prefix(checkpoint: Checkpoint) -> str:

@@ -115,6 +115,9 @@ class ArchConfig:
         hidden_param: parameter of a block whose last dimension is the hidden size.
         variants: known sizes, for presets and logs.
         skeleton: how the lazy loader builds this model outside ComfyUI, if it can.
+        activation_bytes_per_token_channel: VRAM one forward needs beside the weights, per
+            token of the latent and channel of the hidden size, at 16-bit compute (0: not
+            measured); the performance script's advice for a file estimates from it.
     """
 
     name: str
@@ -128,3 +131,4 @@ class ArchConfig:
     hidden_param: str = ""
     variants: tuple[Variant, ...] = field(default_factory=tuple)
     skeleton: SkeletonRecipe | None = None
+    activation_bytes_per_token_channel: float = 0.0

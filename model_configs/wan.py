@@ -4,6 +4,11 @@ from typing import Mapping
 
 from .base import ArchConfig, BlockListLayout, ModelLayout, SkeletonRecipe, Variant
 
+# A forward of ComfyUI's Wan code peaked 20.3 (32,760 tokens) and 20.8 (1,560 tokens) bytes
+# per token and hidden channel beside the weights, at fp16 on an H200, batch 1; self-attention
+# sets the peak (benchmarks/results/activation_peaks_h200.json).
+ACTIVATION_BYTES_PER_TOKEN_CHANNEL = 21.0
+
 VARIANTS = (
     Variant("wan2.1-1.3b", "Wan 2.1 1.3B", num_blocks=30, hidden_size=1536),
     Variant("wan2.2-5b", "Wan 2.2 5B", num_blocks=30, hidden_size=3072),
@@ -72,6 +77,7 @@ COMFYUI = ArchConfig(
     detect_keys=("head.modulation", "blocks.0.self_attn.q.weight"),
     hidden_param="self_attn.q.weight",
     variants=VARIANTS,
+    activation_bytes_per_token_channel=ACTIVATION_BYTES_PER_TOKEN_CHANNEL,
     skeleton=SkeletonRecipe(
         "WanTransformer3DModel", diffusers_config_from_comfy_shapes, _CONVERTER
     ),
@@ -98,6 +104,7 @@ COMFYUI_VACE = ArchConfig(
     detect_keys=("head.modulation", "vace_patch_embedding.weight"),
     hidden_param="self_attn.q.weight",
     variants=VARIANTS,
+    activation_bytes_per_token_channel=ACTIVATION_BYTES_PER_TOKEN_CHANNEL,
     skeleton=SkeletonRecipe(
         "WanVACETransformer3DModel", diffusers_config_from_comfy_shapes, _CONVERTER
     ),
@@ -119,6 +126,7 @@ DIFFUSERS = ArchConfig(
     detect_keys=("condition_embedder.text_embedder.linear_1.weight", "blocks.0.attn1.to_q.weight"),
     hidden_param="attn1.to_q.weight",
     variants=VARIANTS,
+    activation_bytes_per_token_channel=ACTIVATION_BYTES_PER_TOKEN_CHANNEL,
 )
 
 # diffusers VACE runs all vace blocks first, then the main blocks.
@@ -144,6 +152,7 @@ DIFFUSERS_VACE = ArchConfig(
     ),
     hidden_param="attn1.to_q.weight",
     variants=VARIANTS,
+    activation_bytes_per_token_channel=ACTIVATION_BYTES_PER_TOKEN_CHANNEL,
 )
 
 CONFIGS = (COMFYUI_VACE, COMFYUI, DIFFUSERS_VACE, DIFFUSERS)

@@ -4,9 +4,10 @@ the Chrome DevTools Protocol (a websocket through aiohttp; no browser-automation
 
 Every example workflow (an API-format prompt) loads into the graph editor with our nodes,
 each showing a widget per input, and without a missing-node marker, an error dialog or a node
-flagged with errors. The Wan 2.1 14B one is also the README's picture, ``docs/comfyui_node.png``:
-``WAN_BLOCKSWAP_UPDATE_SCREENSHOT=1`` rewrites it, otherwise the test checks it is a PNG of
-the size the frontend renders now.
+flagged with errors. The Wan 2.1 14B one is also the README's picture,
+``docs/comfyui_node.png``: ``WAN_BLOCKSWAP_UPDATE_SCREENSHOT=1`` rewrites it, otherwise the
+test checks it is a PNG of the size the frontend renders now. The other screenshots (the
+whole graph) stay in pytest's tmp_path.
 
 Skipped without a Chromium on PATH, the frontend package or a ComfyUI core tree
 (``COMFYUI_PATH``, else ``../shared/comfyui/v0.33.0`` next to this repository). Everything
@@ -82,9 +83,8 @@ def missing_requirement() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(
-    missing_requirement() is not None, reason=str(missing_requirement())
-)
+MISSING = missing_requirement()
+pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
 
 
 # -- the server ---------------------------------------------------------------------------
@@ -182,7 +182,11 @@ class DevTools:
         self.http, self.ws = self.loop.run_until_complete(connect())
 
     def call(
-        self, method: str, params: dict | None = None, session: str | None = None, timeout=30.0
+        self,
+        method: str,
+        params: dict | None = None,
+        session: str | None = None,
+        timeout: float = 30.0,
     ) -> dict:
         return self.loop.run_until_complete(self._call(method, params or {}, session, timeout))
 
@@ -267,15 +271,15 @@ class Page:
         return base64.b64decode(self.call("Page.captureScreenshot", {"format": "png"})["data"])
 
     def exceptions(self) -> list[str]:
-        """Uncaught page exceptions reported so far (drained)."""
-        found, kept = [], []
-        for event in self.devtools.events:
-            if event.get("method") == "Runtime.exceptionThrown":
+        """Uncaught exceptions this tab reported since the last call; drains the events."""
+        events, self.devtools.events[:] = list(self.devtools.events), []
+        found = []
+        for event in events:
+            if event.get("sessionId") == self.session and (
+                event.get("method") == "Runtime.exceptionThrown"
+            ):
                 details = event["params"]["exceptionDetails"]
                 found.append(details.get("exception", {}).get("description") or details["text"])
-            elif event.get("method") != "Runtime.consoleAPICalled":
-                kept.append(event)
-        self.devtools.events[:] = kept  # console chatter is not kept either: it only grows
         return found
 
 
@@ -496,15 +500,17 @@ def test_workflow_in_the_frontend(page: Page, object_info: dict, tmp_path: Any, 
     assert not state["dialogs"], f"a dialog is open: {state['dialogs']}"
     assert not state["error_overlay"], f"error overlay (missing nodes?): {state['error_overlay']}"
     assert not state["error_toasts"], f"error toasts: {state['error_toasts']}"
-    assert not page.exceptions(), "uncaught exceptions in the page"
+    exceptions = page.exceptions()
+    assert not exceptions, f"uncaught exceptions in the page: {exceptions}"
 
     ours = [node_id for node_id, node in prompt.items() if node["class_type"] in OUR_NODES]
     assert ours, f"{name} uses none of our nodes"
     for node_id in ours:
         check_our_node(nodes[node_id], prompt[node_id], object_info[prompt[node_id]["class_type"]])
 
-    picture = page.screenshot()
-    (tmp_path / f"{name}.png").write_bytes(picture)
+    # the whole graph, for whoever looks into a failure (pytest keeps tmp_path)
+    frame_nodes(page, list(prompt), margin=20.0, max_scale=1.0)
+    (tmp_path / f"{name}.png").write_bytes(page.screenshot())
     if name == README_WORKFLOW:
         readme_screenshot(page, prompt, ours[0], tmp_path)
 
@@ -539,8 +545,14 @@ def check_our_node(node: dict, api: dict, declared: dict) -> None:
 
 def readme_screenshot(page: Page, prompt: dict, node_id: str, tmp_path: Any) -> None:
     """The README's picture: our node with what feeds it and what it feeds, zoomed to fill
-    the view. Written with WAN_BLOCKSWAP_UPDATE_SCREENSHOT=1, else compared by size."""
+    the view, selected (outlined, its model links lit). Written with
+    WAN_BLOCKSWAP_UPDATE_SCREENSHOT=1, else compared by size."""
     frame_nodes(page, model_neighbours(prompt, node_id))
+    select = "(id => { app.canvas.select(app.graph.getNodeById(isNaN(+id) ? id : +id)); return 1 })"
+    page.evaluate(f"{select}({json.dumps(node_id)})")
+    # the selection toolbox fades in
+    page.evaluate("new Promise(done => setTimeout(() => done(true), 500))")
+    page.evaluate(REDRAW)
     picture = page.screenshot()
     (tmp_path / "comfyui_node.png").write_bytes(picture)
     assert png_size(picture) == (WIDTH, HEIGHT)

@@ -131,7 +131,12 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
             if torch.cuda.is_available()
             else torch.device("cpu")
         )
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise BlockSwapConfigError(
+            f"device {device!r} is not a device name: use 'cuda', 'cuda:N' or 'cpu'"
+        ) from error
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise BlockSwapConfigError(
