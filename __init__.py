@@ -10,35 +10,8 @@ Everything inside imports relatively, so both work without touching ``sys.path``
 it never imports ComfyUI (the nodes import core only when they run).
 """
 
+from . import wan_blockswap as _engine
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-from .wan_blockswap import (
-    BlockSwap,
-    BlockSwapConfigError,
-    BlockSwapError,
-    BlockSwapStateError,
-    InsufficientMemoryError,
-    SwapConfig,
-    SwapPlan,
-    apply_block_swap,
-    get_block_swap,
-    min_vram_budget_gb,
-    plan_for,
-    remove_block_swap,
-)
+from .wan_blockswap import *  # noqa: F401,F403  (the library API)
 
-__all__ = [
-    "NODE_CLASS_MAPPINGS",
-    "NODE_DISPLAY_NAME_MAPPINGS",
-    "BlockSwap",
-    "BlockSwapConfigError",
-    "BlockSwapError",
-    "BlockSwapStateError",
-    "InsufficientMemoryError",
-    "SwapConfig",
-    "SwapPlan",
-    "apply_block_swap",
-    "get_block_swap",
-    "min_vram_budget_gb",
-    "plan_for",
-    "remove_block_swap",
-]
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", *_engine.__all__]

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -292,24 +291,13 @@ def write_wan(path: str, num_layers: int, dim: int, ffn_dim: int, seed: int = 0,
     import _pack  # noqa: F401  (this checkout as comfyui_wan_blockswap)
     from comfyui_wan_blockswap.model_configs.wan import comfy_state_shapes
 
+    from writers import bf16_header
+
     shapes = comfy_state_shapes(dim=dim, ffn_dim=ffn_dim, num_layers=num_layers, **kw)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    header: dict[str, Any] = {}
-    offset = 0
-    for key, shape in shapes.items():
-        nbytes = 2 * _numel(shape)
-        header["model.diffusion_model." + key] = {
-            "dtype": "BF16",
-            "shape": list(shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-    blob = json.dumps(header).encode()
-    blob += b" " * (-len(blob) % 8)
     gen = torch.Generator(device=device).manual_seed(seed)
     with open(path, "wb") as out:
-        out.write(struct.pack("<Q", len(blob)))
-        out.write(blob)
+        out.write(bf16_header(shapes)[0])
         for key, shape in shapes.items():
             fan_in = shape[1] * shape[2] * shape[3] * shape[4] if len(shape) == 5 else shape[-1]
             tensor = torch.randn(shape, generator=gen, device=device) / max(fan_in, 1) ** 0.5
@@ -340,13 +328,6 @@ def write_lora(path: str, dim: int, blocks: list[int], rank: int = 4, seed: int 
             state[base + ".alpha"] = torch.tensor(float(rank))
     save_file(state, path)
     return os.path.getsize(path)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 # -- workflows ---------------------------------------------------------------------------

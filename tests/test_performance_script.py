@@ -100,25 +100,15 @@ def test_clear_errors(tmp_path, args, message):
     assert not os.path.exists(tmp_path / "block_swap_performance_results.json")
 
 
-def write_header_only(path, shapes, prefix="model.diffusion_model."):
+def write_header_only(path, shapes):
     """A safetensors file whose header describes ``shapes`` in bf16 and whose data is a hole
     (a sparse file): a 14B model's advice reads only the header."""
-    import struct
+    from writers import bf16_header
 
-    header, offset = {}, 0
-    for key, shape in shapes.items():
-        nbytes = 2 * math.prod(shape)
-        header[prefix + key] = {
-            "dtype": "BF16",
-            "shape": list(shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-    blob = json.dumps(header).encode()
-    blob += b" " * (-len(blob) % 8)
+    header, data_bytes = bf16_header(shapes)
     with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(blob)) + blob)
-        handle.truncate(8 + len(blob) + offset)
+        handle.write(header)
+        handle.truncate(len(header) + data_bytes)
 
 
 def test_a_real_14b_file_gets_advice_per_gpu_size_without_a_gpu(tmp_path):

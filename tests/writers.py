@@ -3,7 +3,10 @@ benchmarks and the tests: ComfyUI single-file safetensors (bf16 or fp8) and GGUF
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import struct
 from typing import Mapping
 
 import torch
@@ -40,6 +43,26 @@ def write_safetensors(
     default); returns the file size."""
     save_file({prefix + k: v.contiguous() for k, v in state.items()}, str(path))
     return os.path.getsize(path)
+
+
+def bf16_header(
+    shapes: Mapping[str, tuple[int, ...]], prefix: str = COMFY_PREFIX
+) -> tuple[bytes, int]:
+    """A safetensors header for bf16 tensors of ``shapes`` in that order (its 8-byte length
+    first), and the size of the data that follows it: for files written tensor by tensor, or
+    left as a hole (a sparse file whose header alone is read)."""
+    header, offset = {}, 0
+    for key, shape in shapes.items():
+        nbytes = 2 * math.prod(shape)
+        header[prefix + key] = {
+            "dtype": "BF16",
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob, offset
 
 
 def to_fp8(
