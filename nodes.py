@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 from . import model_configs
-from .wan_blockswap import SwapConfig
+from .wan_blockswap import BlockSwapConfigError, SwapConfig
 from .wan_blockswap.config import MAX_PREFETCH_BLOCKS
 
 logger = logging.getLogger("wan_blockswap")
@@ -48,9 +48,19 @@ def config_from_widgets(
         transfer_compression=TRANSFER_COMPRESSION.get(transfer_compression, transfer_compression),
         debug=block_swap_debug,
     )
+    if not vram_budget_gb >= 0:  # NaN too: never a silent fall back to blocks_to_swap
+        raise BlockSwapConfigError(
+            f"vram_budget_gb must be 0 (use blocks_to_swap) or a positive number of GB, got "
+            f"{vram_budget_gb}"
+        )
     if preset == AUTO:
         return SwapConfig(**common)
     if preset not in (CUSTOM, ""):
+        if preset not in model_configs.preset_names():
+            raise BlockSwapConfigError(
+                f"preset {preset!r} does not exist; choose {AUTO!r}, {CUSTOM!r} or one of "
+                f"{model_configs.preset_names()}"
+            )
         options = {**common, **model_configs.get_preset(preset).as_dict()}
         return SwapConfig.from_options(**options)
     if vram_budget_gb > 0:

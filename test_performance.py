@@ -287,6 +287,10 @@ def run(args: argparse.Namespace) -> int:
     if args.prefetch < 0 or args.blocks_to_swap is not None and args.blocks_to_swap < 0:
         raise BlockSwapConfigError("--prefetch and --blocks-to-swap must be >= 0")
     SwapConfig(prefetch_blocks=args.prefetch)  # validates the range up front
+    if args.blocks_to_swap is not None and args.vram_budget_gb is not None:
+        raise BlockSwapConfigError(
+            "give --blocks-to-swap or --vram-budget-gb, not both (a budget picks the blocks)"
+        )
     if args.iters < 1:
         raise BlockSwapConfigError(f"--iters must be at least 1, got {args.iters}")
     with tempfile.TemporaryDirectory() as folder:

@@ -234,6 +234,12 @@ def _prepare(plan: Skeleton, checkpoint: Checkpoint, compute_dtype: torch.dtype)
         elif record.dtype in FP8_DTYPES and tensor.dtype == record.dtype:  # CastLinear weight
             target, raw = record.dtype, True
         elif record.dtype is not None and not record.dtype.is_floating_point:
+            if tensor.is_floating_point():  # a float weight stored as integers reads as junk
+                raise CheckpointMismatchError(
+                    f"{record.path}: tensor {record.name} is stored as {record.dtype} but the "
+                    f"model's {name} holds floating-point weights; the file is not a "
+                    f"checkpoint of this model, or it is damaged"
+                )
             target, raw = record.dtype, True
         else:
             target = torch.float32 if _keeps_fp32(name) else compute_dtype

@@ -52,3 +52,25 @@ def test_replace_validates_and_resident_blocks_are_sorted():
     with pytest.raises(BlockSwapConfigError):
         config.replace(prefetch_blocks=99)
     assert config.replace(prefetch_blocks=3).num_slots == 4
+
+
+@pytest.mark.parametrize(
+    "widgets, message",
+    [
+        (dict(preset="Wan 14B, 13 GB"), "preset 'Wan 14B, 13 GB' does not exist"),
+        (dict(vram_budget_gb=float("nan")), "vram_budget_gb must be"),
+        (dict(vram_budget_gb=-2.0), "vram_budget_gb must be"),
+    ],
+)
+def test_bad_widget_values_name_the_widget_and_never_fall_back(widgets, message):
+    """The node's widgets: an unknown preset or a budget that is not a number of GB is our
+    error naming it, not a KeyError or a silent fall back to blocks_to_swap."""
+    from comfyui_wan_blockswap.nodes import config_from_widgets
+    from comfyui_wan_blockswap.wan_blockswap import BlockSwapConfigError
+
+    base = dict(
+        blocks_to_swap=2, offload_txt_emb=False, offload_img_emb=False, use_non_blocking=True,
+        vace_blocks_to_swap=0, prefetch_blocks=1, block_swap_debug=False,
+    )  # fmt: skip
+    with pytest.raises(BlockSwapConfigError, match=message):
+        config_from_widgets(**base, **widgets)

@@ -320,3 +320,17 @@ def test_decode_into_goes_a_few_rows_at_a_time_and_equals_whole_decode(
     dest = torch.full(shape, float("nan"), dtype=torch.bfloat16)
     lazy_loader.decode_into(dest, raw, record, torch.bfloat16)
     assert torch.equal(dest, whole)
+
+
+def test_a_float_weight_stored_as_integers_is_refused(state, tmp_path):
+    """Integers in the file where the model holds floating-point weights would load as junk:
+    refused by name before anything is allocated."""
+    key = "blocks.0.ffn.0.weight"
+    bad = dict(state)
+    bad[key] = state[key].float().mul(100).to(torch.int32)
+    path = tmp_path / "int_weight.safetensors"
+    write_safetensors(bad, path)
+    before = registered_host_bytes()
+    with pytest.raises(CheckpointMismatchError, match=r"blocks\.0\.ffn\.0\.weight.*int32"):
+        load_swapped(path, blocks_to_swap=2, device="cpu")
+    assert registered_host_bytes() == before
