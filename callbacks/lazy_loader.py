@@ -82,7 +82,7 @@ def load_swapped(
     *,
     skeleton: nn.Module | None = None,
     device: torch.device | str | None = None,
-    compute_dtype: torch.dtype = torch.bfloat16,
+    compute_dtype: torch.dtype | None = None,
     progress: Progress | bool | None = None,
     **options: object,
 ) -> tuple[nn.Module, BlockSwap, LoadReport]:
@@ -95,7 +95,8 @@ def load_swapped(
         skeleton: the model to load into, parameters on the meta device; ``None`` builds one
             from the file (diffusers folders; ComfyUI/original Wan files).
         device: compute device (default ``cuda`` if available).
-        compute_dtype: dtype fp32/fp16 weights are cast to.
+        compute_dtype: dtype fp32/fp16 weights are cast to; default bf16, with a warning
+            naming the cast when the file holds weights of another float dtype.
         progress: ``True`` draws a progress bar on stderr; a callable is called as
             ``progress(done_bytes, total_bytes, label)`` after each tensor (label: the block).
 
@@ -125,7 +126,9 @@ def load_swapped(
         plan = (
             build_skeleton(checkpoint) if skeleton is None else match_skeleton(skeleton, checkpoint)
         )
-        entries = _prepare(plan, checkpoint, compute_dtype)
+        entries = _prepare(plan, checkpoint, compute_dtype or torch.bfloat16)
+        if compute_dtype is None:
+            _warn_default_cast(path, entries)
         layout = (plan.arch or model_configs.detect(plan.model)).layout
         phase_done("skeleton")
         swap = BlockSwap.apply(plan.model, config, layout, device, allocate_empty=False)
@@ -158,6 +161,22 @@ def load_swapped(
         report.swapped_bytes / 2**30,
     )
     return plan.model, swap, report
+
+
+def _warn_default_cast(path: object, entries: list[Entry]) -> None:
+    """The default compute dtype is not silent where it changes the file's weights."""
+    cast = {
+        str(e.record.dtype).replace("torch.", "")
+        for e in entries
+        if e.target == torch.bfloat16 and e.record.dtype not in (None, torch.bfloat16)
+    }
+    if cast:
+        logger.warning(
+            "%s: %s weights are cast to bfloat16, the default compute_dtype; pass "
+            "compute_dtype= to choose another",
+            path,
+            " and ".join(sorted(cast)),
+        )
 
 
 @dataclass(frozen=True)

@@ -334,3 +334,26 @@ def test_a_float_weight_stored_as_integers_is_refused(state, tmp_path):
     with pytest.raises(CheckpointMismatchError, match=r"blocks\.0\.ffn\.0\.weight.*int32"):
         load_swapped(path, blocks_to_swap=2, device="cpu")
     assert registered_host_bytes() == before
+
+
+def test_the_default_compute_dtype_says_when_it_casts(state, tmp_path, caplog):
+    """fp32 weights loaded without a compute_dtype become bf16, with a warning naming it; a
+    bf16 file, or an explicit dtype, loads quietly."""
+    import logging
+
+    path = tmp_path / "fp32.safetensors"
+    write_safetensors({k: v.float() for k, v in state.items()}, path)
+    with caplog.at_level(logging.WARNING):
+        _, swap, _ = load_swapped(path, blocks_to_swap=1, device="cpu")
+    swap.remove()
+    assert "float32 weights are cast to bfloat16, the default compute_dtype" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _, swap, _ = load_swapped(path, blocks_to_swap=1, device="cpu", compute_dtype=torch.float32)
+    swap.remove()
+    bf16 = tmp_path / "bf16.safetensors"
+    write_safetensors(state, bf16)
+    with caplog.at_level(logging.WARNING):
+        _, swap, _ = load_swapped(bf16, blocks_to_swap=1, device="cpu")
+    swap.remove()
+    assert "compute_dtype" not in caplog.text
