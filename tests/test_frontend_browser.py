@@ -1,13 +1,24 @@
 """The node pack in ComfyUI's real web frontend: a CPU ComfyUI server with this pack in its
-custom_nodes and the installed ``comfyui_frontend_package``, driven by headless Chromium over
-the Chrome DevTools Protocol (a websocket through aiohttp; no browser-automation package).
+custom_nodes and the installed ``comfyui_frontend_package``, driven by headless Chromium
+(``tests/frontend_driver.py``).
 
-Every example workflow (an API-format prompt) loads into the graph editor with our nodes,
-each showing a widget per input, and without a missing-node marker, an error dialog or a node
-flagged with errors. The Wan 2.1 14B one is also the README's picture,
-``docs/comfyui_node.png``: ``WAN_BLOCKSWAP_UPDATE_SCREENSHOT=1`` rewrites it, otherwise the
-test checks it is a PNG of the size the frontend renders now. The other screenshots (the
-whole graph) stay in pytest's tmp_path.
+Each example workflow comes in two formats: ``example_workflows/api/<name>.json``, an
+API-format prompt, and ``example_workflows/<name>.json``, the same workflow in the UI format
+that ComfyUI's Templates browser serves and loads. Checked here:
+
+* every API file loads as a dropped prompt does (``app.loadApiJson``) with our nodes, each
+  showing a widget per input with the file's value, and without a missing-node marker, an
+  error dialog or a node flagged with errors;
+* the server lists exactly the UI files as this pack's templates, and serves each unchanged;
+* every UI file opens from the Templates browser (a click on its card) as the same graph: the
+  API file's nodes, links, and our nodes' widget values, with nothing missing or flagged.
+
+``WAN_BLOCKSWAP_UPDATE_WORKFLOWS=1`` writes the UI files from the API files, through the
+frontend itself (loaded with ``app.loadApiJson``, laid out by its ``graph.arrange()``,
+exported as its Workflow > Export does). The Wan 2.1 14B workflow is also the README's
+picture, ``docs/comfyui_node.png``: ``WAN_BLOCKSWAP_UPDATE_SCREENSHOT=1`` rewrites it,
+otherwise the test checks it is a PNG of the size the frontend renders now. The other
+screenshots (the whole graph) stay in pytest's tmp_path.
 
 Skipped without a Chromium on PATH, the frontend package or a ComfyUI core tree
 (``COMFYUI_PATH``, else ``../shared/comfyui/v0.33.0`` next to this repository). Everything
@@ -16,31 +27,47 @@ talks to 127.0.0.1 only.
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import glob
 import importlib.util
 import json
 import os
-import re
-import shutil
-import signal
-import struct
-import subprocess
-import time
-import zlib
+from collections import Counter
 from types import ModuleType
 from typing import Any, Iterator
 
 import pytest
+from frontend_driver import (
+    HEIGHT,
+    INSPECT,
+    REDRAW,
+    WIDTH,
+    DevTools,
+    Page,
+    chromium_binary,
+    frame_nodes,
+    launch_chromium,
+    load_api_json,
+    model_neighbours,
+    open_template,
+    png_size,
+    stop_chromium,
+    tiny_png,
+    ui_workflow_from_api,
+    write_workflow,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKFLOWS = sorted(glob.glob(os.path.join(ROOT, "example_workflows", "*.json")))
+UI_DIR = os.path.join(ROOT, "example_workflows")
+API_DIR = os.path.join(UI_DIR, "api")
+NAMES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(API_DIR, "*.json")))
+# the custom_nodes folder the server has this pack in (benchmarks/comfy_server.py): the
+# module name the Templates browser files our workflows under
+MODULE = "wan_blockswap"
 OUR_NODES = ("WanBlockSwapStream", "WanBlockSwapModelLoader")
 README_WORKFLOW = "wan21_t2v_14b_blockswap.json"
 README_SCREENSHOT = os.path.join(ROOT, "docs", "comfyui_node.png")
 UPDATE_SCREENSHOT = os.environ.get("WAN_BLOCKSWAP_UPDATE_SCREENSHOT") == "1"
-WIDTH, HEIGHT = 1600, 1000
+UPDATE_WORKFLOWS = os.environ.get("WAN_BLOCKSWAP_UPDATE_WORKFLOWS") == "1"
 # Inputs that name a file, and the models folder it is in (as in
 # tests/comfyui/test_example_workflows.py): a name the server does not list is flagged as a
 # missing model (a red node), so each gets an empty stand-in.
@@ -68,10 +95,6 @@ def core_path() -> str:
     return os.path.abspath(os.environ.get("COMFYUI_PATH") or default)
 
 
-def chromium_binary() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-headless-shell")
-
-
 def missing_requirement() -> str | None:
     """Why this machine cannot run the test, or None. Cheap: runs at collection."""
     if chromium_binary() is None:
@@ -87,6 +110,11 @@ MISSING = missing_requirement()
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
 
 
+def api_prompt(name: str) -> dict:
+    with open(os.path.join(API_DIR, name)) as handle:
+        return json.load(handle)
+
+
 # -- the server ---------------------------------------------------------------------------
 
 
@@ -99,42 +127,17 @@ def load_comfy_server() -> ModuleType:
     return module
 
 
-def tiny_png(width: int = 8, height: int = 8) -> bytes:
-    """A grey RGB PNG, from the stdlib: the VACE workflow's LoadImage previews a real image."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    rows = b"".join(b"\x00" + b"\x80" * (3 * width) for _ in range(height))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(rows))
-        + chunk(b"IEND", b"")
-    )
-
-
-def png_size(data: bytes) -> tuple[int, int]:
-    """Width and height from a PNG's IHDR; fails on anything else."""
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", "not a PNG"
-    return struct.unpack(">II", data[16:24])
-
-
 def write_base_files(base: str) -> None:
     """Empty stand-ins for every model file the workflows name, their input image, and the
     user settings (the server's default user)."""
-    for path in WORKFLOWS:
-        with open(path) as handle:
-            prompt = json.load(handle)
-        for node in prompt.values():
-            for name, value in node["inputs"].items():
-                if name in FILE_INPUTS and isinstance(value, str):
-                    folder = os.path.join(base, "models", FILE_INPUTS[name])
+    for name in NAMES:
+        for node in api_prompt(name).values():
+            for key, value in node["inputs"].items():
+                if key in FILE_INPUTS and isinstance(value, str):
+                    folder = os.path.join(base, "models", FILE_INPUTS[key])
                     os.makedirs(folder, exist_ok=True)
                     open(os.path.join(folder, value), "wb").close()
-                if node["class_type"] == "LoadImage" and name == "image":
+                if node["class_type"] == "LoadImage" and key == "image":
                     os.makedirs(os.path.join(base, "input"), exist_ok=True)
                     with open(os.path.join(base, "input", value), "wb") as image:
                         image.write(tiny_png())
@@ -159,182 +162,22 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         instance.stop()
 
 
+def server_get(server: Any, path: str) -> bytes:
+    import urllib.request
+
+    with urllib.request.urlopen(server.url + path, timeout=30) as response:
+        return response.read()
+
+
+@pytest.fixture(scope="module")
+def object_info(server: Any) -> dict:
+    """Our nodes as the server declares them to the frontend."""
+    return {
+        name: json.loads(server_get(server, f"/object_info/{name}"))[name] for name in OUR_NODES
+    }
+
+
 # -- the browser --------------------------------------------------------------------------
-
-
-class DevTools:
-    """One Chrome DevTools Protocol connection (the browser's websocket), used synchronously:
-    each call runs a private event loop until its answer comes; events that arrive meanwhile
-    are kept in ``events``."""
-
-    def __init__(self, url: str) -> None:
-        import aiohttp
-
-        self.loop = asyncio.new_event_loop()
-        self.next_id = 0
-        self.events: list[dict] = []
-
-        async def connect() -> tuple[Any, Any]:
-            http = aiohttp.ClientSession()
-            # max_msg_size=0: a screenshot comes back as one large base64 message
-            return http, await http.ws_connect(url, max_msg_size=0)
-
-        self.http, self.ws = self.loop.run_until_complete(connect())
-
-    def call(
-        self,
-        method: str,
-        params: dict | None = None,
-        session: str | None = None,
-        timeout: float = 30.0,
-    ) -> dict:
-        return self.loop.run_until_complete(self._call(method, params or {}, session, timeout))
-
-    async def _call(self, method: str, params: dict, session: str | None, timeout: float) -> dict:
-        import aiohttp
-
-        self.next_id += 1
-        message: dict[str, Any] = {"id": self.next_id, "method": method, "params": params}
-        if session is not None:
-            message["sessionId"] = session
-        await self.ws.send_str(json.dumps(message))
-        deadline = time.monotonic() + timeout
-        while True:
-            received = await asyncio.wait_for(self.ws.receive(), deadline - time.monotonic())
-            if received.type != aiohttp.WSMsgType.TEXT:
-                raise RuntimeError(f"DevTools connection closed during {method}")
-            data = json.loads(received.data)
-            if data.get("id") != self.next_id:
-                self.events.append(data)
-                continue
-            if "error" in data:
-                raise RuntimeError(f"{method}: {data['error']}")
-            return data["result"]
-
-    def close(self) -> None:
-        async def close() -> None:
-            await self.ws.close()
-            await self.http.close()
-
-        try:
-            self.loop.run_until_complete(close())
-        finally:
-            self.loop.close()
-
-
-class Page:
-    """A browser tab (a flat DevTools session) of ``WIDTH`` x ``HEIGHT`` CSS pixels."""
-
-    def __init__(self, devtools: DevTools) -> None:
-        self.devtools = devtools
-        self.target = devtools.call("Target.createTarget", {"url": "about:blank"})["targetId"]
-        self.session = devtools.call(
-            "Target.attachToTarget", {"targetId": self.target, "flatten": True}
-        )["sessionId"]
-        self.call("Runtime.enable")
-        self.call("Page.enable")
-        # the screenshot's size, whatever the window decorations leave of --window-size
-        metrics = {"width": WIDTH, "height": HEIGHT, "deviceScaleFactor": 1, "mobile": False}
-        self.call("Emulation.setDeviceMetricsOverride", metrics)
-
-    def call(self, method: str, params: dict | None = None, timeout: float = 30.0) -> dict:
-        return self.devtools.call(method, params, self.session, timeout)
-
-    def evaluate(self, expression: str, timeout: float = 30.0) -> Any:
-        """The expression's value (promises awaited), as JSON; a page exception raises."""
-        params = {"expression": expression, "returnByValue": True, "awaitPromise": True}
-        result = self.call("Runtime.evaluate", params, timeout)
-        if "exceptionDetails" in result:
-            details = result["exceptionDetails"]
-            text = details.get("exception", {}).get("description") or details.get("text")
-            raise RuntimeError(f"page exception: {text}")
-        return result["result"].get("value")
-
-    def wait_for(self, expression: str, timeout: float = 60.0) -> Any:
-        """Poll until ``expression`` is truthy (errors while the page loads count as not)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                value = self.evaluate(expression)
-            except RuntimeError:
-                value = None
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"page never satisfied: {expression}")
-            time.sleep(0.2)
-
-    def navigate(self, url: str) -> None:
-        self.call("Page.navigate", {"url": url})
-
-    def screenshot(self) -> bytes:
-        return base64.b64decode(self.call("Page.captureScreenshot", {"format": "png"})["data"])
-
-    def exceptions(self) -> list[str]:
-        """Uncaught exceptions this tab reported since the last call; drains the events."""
-        events, self.devtools.events[:] = list(self.devtools.events), []
-        found = []
-        for event in events:
-            if event.get("sessionId") == self.session and (
-                event.get("method") == "Runtime.exceptionThrown"
-            ):
-                details = event["params"]["exceptionDetails"]
-                found.append(details.get("exception", {}).get("description") or details["text"])
-        return found
-
-
-def launch_chromium(binary: str, workdir: str, timeout: float = 60.0) -> tuple[Any, str]:
-    """Headless Chromium with a DevTools port of its choosing; returns the process and the
-    browser's websocket URL (printed on stderr, which goes to a file: nothing to drain)."""
-    log_path = os.path.join(workdir, "chromium.log")
-    command = [
-        binary,
-        "--headless=new",
-        "--remote-debugging-port=0",
-        "--no-sandbox",
-        "--disable-gpu",
-        f"--window-size={WIDTH},{HEIGHT}",
-        f"--user-data-dir={os.path.join(workdir, 'profile')}",
-        "--no-first-run",
-        "--no-default-browser-check",
-        "--disable-background-networking",
-        "--disable-component-update",
-        # no host name resolves but localhost: the page (or Chromium) reaches nothing else
-        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE localhost",
-        "about:blank",
-    ]
-    with open(log_path, "wb") as log:
-        # a session of its own: teardown ends Chromium's helper processes by its group id
-        process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + timeout
-    while True:
-        with open(log_path, errors="replace") as log:
-            match = re.search(r"DevTools listening on (ws://\S+)", log.read())
-        if match:
-            return process, match.group(1)
-        if process.poll() is not None or time.monotonic() > deadline:
-            stop_chromium(process)
-            raise RuntimeError(f"chromium did not start; see {log_path}")
-        time.sleep(0.1)
-
-
-def stop_chromium(process: Any) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    try:  # helpers the browser left behind: its process group is ours alone
-        os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -374,125 +217,81 @@ def page(server: Any, browser: DevTools) -> Iterator[Page]:
         browser.call("Target.closeTarget", {"targetId": tab.target})
 
 
-# -- in the page --------------------------------------------------------------------------
-
-# Everything the assertions need, read from the live graph and DOM after a load.
-INSPECT = """(() => {
-  const shown = e => !!(e.offsetWidth || e.offsetHeight || e.getClientRects().length);
-  const text = e => (e.innerText || '').trim().slice(0, 500);
-  return {
-    nodes: app.graph.nodes.map(n => ({
-      id: String(n.id),
-      type: n.type,
-      title: n.title,
-      registered: !!LiteGraph.registered_node_types[n.type],
-      has_errors: !!n.has_errors,
-      collapsed: !!(n.flags && n.flags.collapsed),
-      size: Array.from(n.size),
-      inputs: (n.inputs || []).map(i => ({name: i.name, linked: i.link != null})),
-      widgets: (n.widgets || []).map(w => ({
-        name: w.name,
-        value: w.value,
-        hidden: !!(w.hidden || (w.options && w.options.hidden) || w.advanced),
-        y: w.y,
-        height: w.computedHeight || LiteGraph.NODE_WIDGET_HEIGHT,
-      })),
-    })),
-    dialogs: [...document.querySelectorAll('.p-dialog, [role="dialog"]')].filter(shown).map(text),
-    error_overlay: [...document.querySelectorAll('[data-testid="error-overlay"]')]
-      .filter(shown).map(text),
-    error_toasts: [...document.querySelectorAll('.p-toast-message-error')]
-      .filter(shown).map(text),
-  };
-})()"""
-
-# Wait for the canvas to have drawn what changed (two animation frames).
-REDRAW = """new Promise(done => {
-  app.canvas.setDirty(true, true);
-  requestAnimationFrame(() => requestAnimationFrame(() => done(true)));
-})"""
+# -- the tests ----------------------------------------------------------------------------
 
 
-def load_api_json(page: Page, prompt: dict, name: str) -> None:
-    """What dropping an API-format prompt on the page does (the frontend's
-    ``app.loadApiJson``: a node per entry, links, then ``graph.arrange()``), then let it
-    settle: the node count, a little time for the stores' watchers, and a redraw."""
-    page.evaluate(f"app.loadApiJson({json.dumps(prompt)}, {json.dumps(name)}).then(() => true)")
-    page.wait_for(f"app.graph.nodes.length === {len(prompt)}", timeout=30)
-    page.evaluate("new Promise(done => setTimeout(() => done(true), 500))")
-    page.evaluate(REDRAW)
-
-
-def frame_nodes(page: Page, ids: list[str], margin: float = 60.0, max_scale: float = 1.6) -> None:
-    """Zoom and pan the canvas so that nodes ``ids`` fill the view below the top bar and
-    right of the side bar, centred: legible widgets for the README's picture."""
-    script = """((ids, margin, maxScale) => {
-      const nodes = ids.map(id => app.graph.getNodeById(isNaN(+id) ? id : +id));
-      const title = LiteGraph.NODE_TITLE_HEIGHT;
-      const x0 = Math.min(...nodes.map(n => n.pos[0]));
-      const y0 = Math.min(...nodes.map(n => n.pos[1] - title));
-      const x1 = Math.max(...nodes.map(n => n.pos[0] + n.size[0]));
-      const y1 = Math.max(...nodes.map(n => n.pos[1] + n.size[1]));
-      const el = app.canvas.canvas;
-      // the page's chrome over the canvas: side bar left, tabs and run bar on top
-      const left = 60, top = 110, width = el.clientWidth - left, height = el.clientHeight - top;
-      const scale = Math.min(maxScale, (width - 2 * margin) / (x1 - x0),
-                             (height - 2 * margin) / (y1 - y0));
-      const ds = app.canvas.ds;
-      ds.scale = scale;
-      // screen = (graph + offset) * scale: centre the box horizontally, top-align it
-      ds.offset = [left / scale + (width / scale - (x1 - x0)) / 2 - x0,
-                   (top + margin) / scale - y0];
-      return scale;
-    })(%s, %s, %s)""" % (
-        json.dumps(ids),
-        margin,
-        max_scale,
-    )
-    page.evaluate(script)
-    page.evaluate(REDRAW)
-
-
-def model_neighbours(prompt: dict, node_id: str) -> list[str]:
-    """``node_id`` and the nodes linked straight to it, either way."""
-    ids = [node_id]
-    ids += [v[0] for v in prompt[node_id]["inputs"].values() if isinstance(v, list)]
-    ids += [
-        other
-        for other, node in prompt.items()
-        if any(isinstance(v, list) and v[0] == node_id for v in node["inputs"].values())
-    ]
-    return list(dict.fromkeys(ids))
-
-
-# -- the test -----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def object_info(server: Any) -> dict:
-    """Our nodes as the server declares them to the frontend."""
-    return {name: server_json(server, f"/object_info/{name}")[name] for name in OUR_NODES}
-
-
-def server_json(server: Any, path: str) -> Any:
-    import urllib.request
-
-    with urllib.request.urlopen(server.url + path, timeout=30) as response:
-        return json.loads(response.read())
-
-
-@pytest.mark.parametrize("path", WORKFLOWS, ids=os.path.basename)
-def test_workflow_in_the_frontend(page: Page, object_info: dict, tmp_path: Any, path: str) -> None:
-    name = os.path.basename(path)
-    with open(path) as handle:
-        prompt = json.load(handle)
+@pytest.mark.parametrize("name", NAMES)
+def test_api_workflow_in_the_frontend(
+    page: Page, object_info: dict, tmp_path: Any, name: str
+) -> None:
+    """The API file as a dropped prompt. With WAN_BLOCKSWAP_UPDATE_WORKFLOWS=1 the graph it
+    gives, laid out by the frontend, is exported as the UI file of the same name."""
+    prompt = api_prompt(name)
     load_api_json(page, prompt, name)
     state = page.evaluate(INSPECT)
-    nodes = {node["id"]: node for node in state["nodes"]}
+    check_graph(page, state, prompt, object_info, name)
 
-    # every node of the file, none a placeholder for an unknown type or flagged red (a
-    # missing model, a bad value)
+    # the whole graph, for whoever looks into a failure (pytest keeps tmp_path)
+    frame_nodes(page, list(prompt), margin=20.0, max_scale=1.0)
+    (tmp_path / f"{name}.png").write_bytes(page.screenshot())
+    if name == README_WORKFLOW:
+        ours = [node_id for node_id, node in prompt.items() if node["class_type"] in OUR_NODES]
+        readme_screenshot(page, prompt, ours[0], tmp_path)
+    if UPDATE_WORKFLOWS:
+        write_workflow(os.path.join(UI_DIR, name), ui_workflow_from_api(page, prompt, name))
+
+
+def test_the_templates_are_the_ui_workflows(server: Any) -> None:
+    """The Templates browser's list (``/workflow_templates``): this pack's entries are the UI
+    files (the top level of example_workflows/, not api/), one per API file; each is served
+    unchanged from ``/api/workflow_templates/<module>/<name>.json``."""
+    templates = json.loads(server_get(server, "/workflow_templates"))
+    assert sorted(templates.get(MODULE, [])) == sorted(n[: -len(".json")] for n in NAMES), (
+        templates,
+        "(WAN_BLOCKSWAP_UPDATE_WORKFLOWS=1 writes the UI files)",
+    )
+    for name in NAMES:
+        served = json.loads(server_get(server, f"/api/workflow_templates/{MODULE}/{name}"))
+        with open(os.path.join(UI_DIR, name)) as handle:
+            assert served == json.load(handle), name
+        assert "nodes" in served and "links" in served, f"{name} is not a UI-format workflow"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_workflow_from_the_templates_browser(
+    page: Page, object_info: dict, tmp_path: Any, name: str
+) -> None:
+    """The UI file opened as a user opens it: the Templates browser, a click on its card
+    (the frontend fetches it from the server and loads it with ``app.loadGraphData``). The
+    graph is the API file's: its nodes and links, our nodes' widgets with its values."""
+    path = os.path.join(UI_DIR, name)
+    assert os.path.isfile(path), f"{path} is missing: run with WAN_BLOCKSWAP_UPDATE_WORKFLOWS=1"
+    prompt = api_prompt(name)
+    open_template(page, name[: -len(".json")], len(prompt))
+    state = page.evaluate(INSPECT)
+    check_graph(page, state, prompt, object_info, name)
+    nodes = {node["id"]: node for node in state["nodes"]}
+    for node_id, api in prompt.items():
+        sockets = {socket["name"]: socket for socket in nodes[node_id]["inputs"]}
+        for input_name, value in api["inputs"].items():
+            if isinstance(value, list):  # a link: the socket is connected to that output
+                where = f"{name}: node {node_id} ({api['class_type']}).{input_name}"
+                assert sockets.get(input_name, {}).get("origin") == value, (where, sockets)
+    check_no_overlap(state["nodes"], name)
+
+    frame_nodes(page, list(prompt), margin=20.0, max_scale=1.0)
+    (tmp_path / f"template_{name}.png").write_bytes(page.screenshot())
+
+
+def check_graph(page: Page, state: dict, prompt: dict, object_info: dict, name: str) -> None:
+    """The graph on the page is ``prompt``'s: every node of it (same ids, same types), none a
+    placeholder for an unknown type or flagged red (a missing model, a bad value), no dialog,
+    error overlay or toast, no uncaught exception; our nodes show the file's values."""
+    nodes = {node["id"]: node for node in state["nodes"]}
     assert set(nodes) == set(prompt), (sorted(nodes), sorted(prompt))
+    assert Counter(n["type"] for n in state["nodes"]) == Counter(
+        n["class_type"] for n in prompt.values()
+    )
     for node_id, node in nodes.items():
         assert node["type"] == prompt[node_id]["class_type"], node
         assert node["registered"], f"missing node type in the frontend: {node['type']}"
@@ -507,12 +306,6 @@ def test_workflow_in_the_frontend(page: Page, object_info: dict, tmp_path: Any, 
     assert ours, f"{name} uses none of our nodes"
     for node_id in ours:
         check_our_node(nodes[node_id], prompt[node_id], object_info[prompt[node_id]["class_type"]])
-
-    # the whole graph, for whoever looks into a failure (pytest keeps tmp_path)
-    frame_nodes(page, list(prompt), margin=20.0, max_scale=1.0)
-    (tmp_path / f"{name}.png").write_bytes(page.screenshot())
-    if name == README_WORKFLOW:
-        readme_screenshot(page, prompt, ours[0], tmp_path)
 
 
 def check_our_node(node: dict, api: dict, declared: dict) -> None:
@@ -541,6 +334,19 @@ def check_our_node(node: dict, api: dict, declared: dict) -> None:
     sockets = {socket["name"]: socket for socket in node["inputs"]}
     for name in linked:
         assert sockets.get(name, {}).get("linked"), f"{where}.{name} is not connected"
+
+
+def check_no_overlap(nodes: list[dict], name: str) -> None:
+    """No two nodes (title bar included) cover each other: the layout is readable."""
+    boxes = [
+        (node["id"], node["pos"][0], node["pos"][1] - node["title_height"])
+        + (node["pos"][0] + node["size"][0], node["pos"][1] + node["size"][1])
+        for node in nodes
+    ]
+    for i, (a, ax0, ay0, ax1, ay1) in enumerate(boxes):
+        for b, bx0, by0, bx1, by1 in boxes[i + 1 :]:
+            apart = ax1 <= bx0 or bx1 <= ax0 or ay1 <= by0 or by1 <= ay0
+            assert apart, f"{name}: nodes {a} and {b} overlap"
 
 
 def readme_screenshot(page: Page, prompt: dict, node_id: str, tmp_path: Any) -> None:

@@ -1,5 +1,7 @@
 """Every example workflow passes ComfyUI's own prompt validation (node types, required
-inputs, links, widget ranges and choices), with empty stand-ins for the model files."""
+inputs, links, widget ranges and choices), with empty stand-ins for the model files: the
+API-format files in example_workflows/api/ (the UI-format ones beside them are the same
+workflows: tests/test_example_workflows_formats.py)."""
 
 import asyncio
 import glob
@@ -9,7 +11,7 @@ import os
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-WORKFLOWS = sorted(glob.glob(os.path.join(ROOT, "example_workflows", "*.json")))
+WORKFLOWS = sorted(glob.glob(os.path.join(ROOT, "example_workflows", "api", "*.json")))
 FILE_INPUTS = {
     "unet_name": "diffusion_models",
     "clip_name": "text_encoders",
