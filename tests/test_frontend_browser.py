@@ -36,6 +36,7 @@ from types import ModuleType
 from typing import Any, Iterator
 
 import pytest
+from workflow_files import FILE_INPUTS
 from frontend_driver import (
     HEIGHT,
     INSPECT,
@@ -68,16 +69,6 @@ README_WORKFLOW = "wan21_t2v_14b_blockswap.json"
 README_SCREENSHOT = os.path.join(ROOT, "docs", "comfyui_node.png")
 UPDATE_SCREENSHOT = os.environ.get("WAN_BLOCKSWAP_UPDATE_SCREENSHOT") == "1"
 UPDATE_WORKFLOWS = os.environ.get("WAN_BLOCKSWAP_UPDATE_WORKFLOWS") == "1"
-# Inputs that name a file, and the models folder it is in (as in
-# tests/comfyui/test_example_workflows.py): a name the server does not list is flagged as a
-# missing model (a red node), so each gets an empty stand-in.
-FILE_INPUTS = {
-    "unet_name": "diffusion_models",
-    "clip_name": "text_encoders",
-    "clip_name1": "text_encoders",
-    "clip_name2": "text_encoders",
-    "vae_name": "vae",
-}
 # User settings the server hands the page: no first-run template browser over the graph, no
 # workflow restored from an earlier tab (each test's tab starts alike, whatever ran before),
 # and no minimap or canvas statistics in the README's picture.

@@ -9,16 +9,10 @@ import json
 import os
 
 import pytest
+from workflow_files import FILE_INPUTS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKFLOWS = sorted(glob.glob(os.path.join(ROOT, "example_workflows", "api", "*.json")))
-FILE_INPUTS = {
-    "unet_name": "diffusion_models",
-    "clip_name": "text_encoders",
-    "clip_name1": "text_encoders",
-    "clip_name2": "text_encoders",
-    "vae_name": "vae",
-}
 
 
 @pytest.fixture(scope="module")
