@@ -447,7 +447,7 @@ def _fit_to_latent(executor: Any, patcher: Any, noise_shape: Any, conds: dict, *
             reserve.bytes / GIB,
             reserve.why,
         )
-        _fit(patcher, options, available, reserve.bytes)
+        _fit(patcher, options, sizes, available, reserve.bytes)
     return executor(patcher, noise_shape, conds, **kwargs)
 
 
@@ -514,13 +514,12 @@ def _measure_need(executor: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
     return output
 
 
-def _fit(patcher: Any, options: SwapConfig, available: float, reserve: float) -> None:
+def _fit(patcher: Any, options: SwapConfig, sizes: Any, available: float, reserve: float) -> None:
     """Apply, keep or re-plan the swap of ``patcher``'s model for ``available - reserve``
     bytes of weights; below the least plan, a clear error with the numbers."""
     base_model = patcher.model
     diffusion_model = base_model.diffusion_model
     state = _states.get(diffusion_model)
-    sizes = _sizes_of(base_model)
     budget = available - reserve
     config = _auto_config(sizes, options, budget, available)
     plan = plan_swap(sizes, config)
