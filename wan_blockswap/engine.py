@@ -39,8 +39,10 @@ from .units import (
     SwapUnit,
     TensorRef,
     block_unit,
+    copy_with_strides,
     embedding_unit,
     find_blocks,
+    kept_strides,
     layer_units,
     leaves,
     resolve,
@@ -84,7 +86,8 @@ class BlockSwap:
         self.stats = SwapStats()
         self.units: list[StoredUnit] = []
         self.ring: SlotRing | None = None
-        self._moved: list[tuple[TensorRef, torch.device]] = []  # resident tensors we moved
+        # resident tensors we moved: where from, and the strides to give back
+        self._moved: list[tuple[TensorRef, torch.device, tuple[int, ...] | None]] = []
         self._hooks: list[Any] = []
         self._swapped_index: dict[str, tuple[StoredUnit, int]] = {}
         self.move_resident = True
@@ -136,9 +139,24 @@ class BlockSwap:
         swap.move_resident = move_resident
         swap.allocate_empty = allocate_empty
         swap._on_packed = on_packed
+        # [Note: apply is a transaction]
+        # Everything up to here only reads the model. From here on, whatever stops apply (a
+        # failed allocation, Ctrl-C between any two lines) is undone before it propagates:
+        # the model gets its weights back bit for bit and nothing stays registered. Each unit
+        # knows how far it got ([Note: unit states]); a resident tensor is recorded before it
+        # moves and moved back only if it did; registering in ``_active`` is the last step,
+        # so a swap is either found there whole or not at all. tests/test_transactional_apply.py
+        # interrupts every line of this path.
         try:
             swap._place(chosen)
             swap._attach_hooks()
+            if (
+                config.transfer_compression == "auto"
+                and swap.plan.compressed
+                and device.type == "cuda"
+            ):
+                swap._auto = CompressionAutoSwitch(device)
+            _active[model] = swap
         except torch.cuda.OutOfMemoryError as error:
             swap._undo()
             raise InsufficientMemoryError(
@@ -149,9 +167,6 @@ class BlockSwap:
         except BaseException:
             swap._undo()
             raise
-        if config.transfer_compression == "auto" and swap.plan.compressed and device.type == "cuda":
-            swap._auto = CompressionAutoSwitch(device)
-        _active[model] = swap
         return swap
 
     @property
@@ -192,7 +207,7 @@ class BlockSwap:
                 tensor = ref.get()
                 if id(tensor) in swapped_ids or tensor.device == self.device:
                     continue
-                self._moved.append((ref, tensor.device))
+                self._moved.append((ref, tensor.device, kept_strides(tensor)))
                 if tensor.device.type == "meta":  # a skeleton: the loader fills it
                     ref.replace(torch.empty(tensor.size(), dtype=tensor.dtype, device=self.device))
                 else:
@@ -237,12 +252,14 @@ class BlockSwap:
     def _attach_hooks(self) -> None:
         assert self.model is not None and self.ring is not None
         ring = self.ring
+        # One registration per line, its handle kept in the same line ([Note: apply is a
+        # transaction]): a statement over several lines gives an interrupt a place between
+        # registering a hook and keeping its handle, and the hook would outlive the undo.
         for index, stored in enumerate(self.units):
             module = stored.unit.module
-            self._hooks.append(module.register_forward_pre_hook(_unit_pre_hook(ring, index)))
-            self._hooks.append(
-                module.register_forward_hook(_unit_post_hook(ring, index), always_call=True)
-            )
+            before, after = _unit_pre_hook(ring, index), _unit_post_hook(ring, index)
+            self._hooks.append(module.register_forward_pre_hook(before))
+            self._hooks.append(module.register_forward_hook(after, always_call=True))
             self._hooks.append(_register_state_dict_hook(module, stored.state_dict_hook))
         self._hooks.append(self.model.register_forward_pre_hook(self._begin_forward))
         self._hooks.append(self.model.register_forward_hook(self._end_forward, always_call=True))
@@ -345,13 +362,17 @@ class BlockSwap:
 
     @torch.compiler.disable
     def _begin_forward(self, module: nn.Module, args: Any) -> None:
-        if torch.is_grad_enabled() and any(
-            t.requires_grad for stored in self.units for t in stored.tensors[:1]
-        ):
-            raise BlockSwapStateError(
-                "block swap is for inference: run the model under torch.no_grad() or "
-                "torch.inference_mode(), or call model.requires_grad_(False)"
+        if torch.is_grad_enabled():  # only then: the check costs a pass over every tensor
+            needs_grad = next(
+                (r.qualname for u in self.units for r in u.unit.tensors if r.get().requires_grad),
+                None,
             )
+            if needs_grad is not None:
+                raise BlockSwapStateError(
+                    f"block swap is for inference, but {needs_grad} (swapped) requires grad: "
+                    f"run the model under torch.no_grad() or torch.inference_mode(), or call "
+                    f"model.requires_grad_(False)"
+                )
         assert self.ring is not None
         if self._auto is not None:
             if self._auto.keep_compression() is False:
@@ -399,26 +420,29 @@ class BlockSwap:
         with torch.no_grad():
             for stored in self.units:
                 stored.restore() if restore else stored.discard()
-            for ref, device in self._moved:
+            for ref, device, strides in self._moved:
                 tensor = ref.get()
+                if tensor.device == device:  # recorded, but apply stopped before it moved
+                    continue
                 if not restore:
                     tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
                 else:  # a lazily loaded skeleton's weights come back on the CPU
-                    _move(ref, torch.device("cpu") if device.type == "meta" else device)
+                    _move(ref, torch.device("cpu") if device.type == "meta" else device, strides)
         self.units.clear()
         self._moved.clear()
         self._swapped_index.clear()
 
 
-def _move(ref: TensorRef, device: torch.device) -> None:
+def _move(ref: TensorRef, device: torch.device, strides: tuple[int, ...] | None = None) -> None:
     """Move one resident tensor, keeping its object where ``.data`` can be rebound; a wrapper
-    tensor, whose device is fixed when it is made, is replaced ([Note: wrapper tensors])."""
+    tensor, whose device is fixed when it is made, is replaced ([Note: wrapper tensors]).
+    ``strides``: the layout to give it there (moving back what apply moved)."""
     tensor = ref.get()
     with torch.inference_mode(tensor.is_inference()):
         if is_traceable_wrapper_subclass(tensor):
             ref.replace(tensor.to(device))
         else:
-            tensor.data = tensor.data.to(device)
+            tensor.data = copy_with_strides(tensor.data, device, strides, copy=False)
 
 
 def _allocate_empty_units(units: list[StoredUnit], pin: bool) -> None:

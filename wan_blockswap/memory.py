@@ -49,7 +49,10 @@ def check_fits(
                 swapped_on_host += nbytes
         elif tensor.device != device:  # meta tensors (a skeleton) are allocated there too
             to_device += nbytes
-    _check_host(plan, swapped_on_host, max((_raw_bytes(u) for u in chosen), default=0))
+    largest_unit = max((_raw_bytes(u) for u in chosen), default=0)
+    # On the CPU the resident weights live in host RAM too: one check covers both.
+    resident_on_host = to_device if device.type == "cpu" else 0
+    _check_host(plan, swapped_on_host, largest_unit, resident_on_host)
     if device.type == "cuda" and check_vram:
         _check_vram(plan, to_device, device)
 
@@ -58,25 +61,39 @@ def _raw_bytes(unit: SwapUnit) -> int:
     return sum(stored_nbytes(ref.get()) for ref in unit.tensors)
 
 
-def _check_host(plan: SwapPlan, swapped_on_host: int, largest_unit: int) -> None:
+def _check_host(
+    plan: SwapPlan, swapped_on_host: int, largest_unit: int, resident_on_host: int
+) -> None:
+    """Everything the plan adds to host RAM: swapped weights that come from elsewhere (the
+    GPU, a skeleton) plus one unit (packing one that sits in RAM allocates its buffer
+    before the old tensor is freed), the packed copies of compressed transfers, and, when
+    computing on the CPU, the resident weights that come from elsewhere."""
     available = available_host_bytes()
     if available is None:
         return
-    # Packing a unit that already sits in RAM allocates its new buffer before the old tensor
-    # is freed, so RAM grows by the bytes coming from elsewhere plus one unit.
-    needed = plan.swapped_bytes - swapped_on_host + largest_unit
+    swapped = plan.swapped_bytes - swapped_on_host + largest_unit if plan.swapped_bytes else 0
+    needed = swapped + resident_on_host
     if plan.compressed:
         # Compressed transfers keep the raw weights and add a pinned packed copy: ~0.77x for
         # bf16 (exceptions included), more where a unit holds other dtypes.
         needed += int(PACKED_SHARE * plan.swapped_bytes)
-    if needed > available:
-        raise InsufficientMemoryError(
-            f"the swap plan needs {needed / GIB:.2f} GiB more host RAM for "
-            f"{plan.swapped_bytes / GIB:.2f} GiB of swapped weights, but only "
-            f"{available / GIB:.2f} GiB is available. Swap fewer blocks (blocks_to_swap, "
-            f"vram_budget_gb), free RAM, turn transfer_compression off, or use a smaller "
-            f"(fp8/GGUF) checkpoint."
+    if needed <= available:
+        return
+    if resident_on_host:  # on the CPU swapping saves no RAM: every weight is in RAM anyway
+        fix = (
+            "On the CPU every weight lives in host RAM whatever is swapped: free RAM, use a "
+            "smaller (fp8/GGUF) checkpoint, or run on a GPU."
         )
+    else:
+        fix = (
+            "Swap fewer blocks (blocks_to_swap, vram_budget_gb), free RAM, turn "
+            "transfer_compression off, or use a smaller (fp8/GGUF) checkpoint."
+        )
+    raise InsufficientMemoryError(
+        f"the plan needs {needed / GIB:.2f} GiB more host RAM ({plan.swapped_bytes / GIB:.2f} "
+        f"GiB of swapped weights, {resident_on_host / GIB:.2f} GiB of resident weights on "
+        f"the CPU), but only {available / GIB:.2f} GiB is available. {fix}"
+    )
 
 
 def _check_vram(plan: SwapPlan, to_device: int, device: torch.device) -> None:

@@ -12,13 +12,36 @@ hook fails loudly on the empty weight instead of reading another block's memory.
 
 from __future__ import annotations
 
+import enum
+
 import torch
 
 from .compressed_transfer import CompressedTransfer, is_packable
 from .storage import HostBuffer, PackedLayout
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from .units import SwapUnit, leaves, rebuild
+from .units import SwapUnit, copy_with_strides, kept_strides, leaves, rebuild
+
+
+class UnitState(enum.IntEnum):
+    """Where a unit's weights are. [Note: unit states]
+
+    ``OWN``: the tensors hold their own weights; nothing of ours is allocated (a skeleton's
+    tensors hold nothing yet). ``ALLOCATED``: a host buffer is reserved, its contents are
+    not the weights. ``FILLED``: the host buffer holds the weights; the tensors may already
+    point at placeholders. ``SEALED``: filled, and the compressed transfer is built.
+
+    Only a FILLED or SEALED unit may copy its host weights back over the tensors: an
+    interrupt (Ctrl-C) or a failed allocation can stop ``pack`` half way, and copying a
+    half-filled buffer back would silently corrupt weights that were never moved. Units of a
+    skeleton are the exception: their tensors have no weights of their own, so whatever a
+    loader wrote into the buffer is all there is.
+    """
+
+    OWN = 0
+    ALLOCATED = 1
+    FILLED = 2
+    SEALED = 3
 
 
 class Placeholders:
@@ -68,6 +91,7 @@ class StoredUnit:
         # a packed copy of raw pieces would only double its pinned memory.
         self.compress = compress and any(map(is_packable, self.pieces))
         self.original_devices = [t.device for t in self.pieces]
+        self.original_strides = [kept_strides(t) for t in self.pieces]
         self.placeholders = [placeholders.get(t.dtype, device) for t in self.pieces]
         for i, (ref, tensor) in enumerate(zip(unit.tensors, self.tensors)):
             if tensor.device.type == "meta" and self.templates[i] is None:
@@ -80,6 +104,7 @@ class StoredUnit:
         self.local_names = [ref.qualname[prefix:] for ref in unit.tensors]
         self.host: HostBuffer | None = None
         self.host_views: list[torch.Tensor] = []
+        self.state = UnitState.OWN
 
     def as_tensors(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
         """One tensor per unit tensor over the piece ``views``: the view of a plain tensor, a
@@ -116,26 +141,29 @@ class StoredUnit:
         """Reserve the host buffer (contents undefined until :meth:`pack` or a loader fills it)."""
         self.pin = pin
         if self.host is None and not self.host_views:
+            assert self.state == UnitState.OWN, self.state
             # Compressed units never copy from this buffer: pinning it would only lock RAM.
             self.host = HostBuffer(self.layout.nbytes, pin and not self.compress)
             self.host_views = self.layout.views(self.host.tensor)
+            self.state = UnitState.ALLOCATED
 
     def pack(self, pin: bool) -> None:
         """Copy the unit's current weights into its host buffer and leave placeholders.
 
         Compressed, weights already in RAM stay where they are (no second raw copy); the
         caller then :meth:`seal`s the unit."""
+        assert self.state <= UnitState.ALLOCATED, self.state
         if self.compress and not self.awaits_data:
             self.pin = pin
             self.host_views = [
                 t.detach().to("cpu").contiguous() for t in self.pieces  # CPU: no copy
             ]
-            self.unbind()
-            return
-        self.allocate(pin)
-        for view, tensor, device in zip(self.host_views, self.pieces, self.original_devices):
-            if device.type != "meta":  # skeleton tensors have no data yet: a loader fills them
-                view.copy_(tensor.detach())
+        else:
+            self.allocate(pin)
+            for view, tensor, device in zip(self.host_views, self.pieces, self.original_devices):
+                if device.type != "meta":  # skeleton tensors have no data: a loader fills them
+                    view.copy_(tensor.detach())
+        self.state = UnitState.FILLED  # before unbind: see [Note: unit states]
         self.unbind()
 
     def seal(self, work_device: torch.device) -> None:
@@ -145,6 +173,7 @@ class StoredUnit:
                 self.transfer = CompressedTransfer.encode(
                     self.layout, self.host_views, self.pin, work_device
                 )
+            self.state = UnitState.SEALED
 
     def unseal(self) -> None:
         """Free the packed copy (its weights are about to change); :meth:`seal` makes it anew.
@@ -152,6 +181,7 @@ class StoredUnit:
         if self.transfer is not None:
             self.transfer.free()
             self.transfer = None
+            self.state = UnitState.FILLED
 
     def drop_compression(self) -> None:
         """Keep only the raw weights, in a pinned buffer of their own, and free the packed
@@ -198,15 +228,21 @@ class StoredUnit:
         """Give every tensor its own memory again on its original device; free the host buffer.
 
         Tensors that started on the meta device (lazy-loaded skeletons) come back on the CPU.
+        A unit stopped before its buffer was filled only frees it ([Note: unit states]).
         """
-        if self.host is None and not self.host_views:
+        filled = self.state >= UnitState.FILLED or (self.awaits_data and self.host_views)
+        if not filled or len(self.host_views) != len(self.pieces):
+            self._free_host()
+            self.host_views = []
             return
         restored = []
-        for tensor, view, device in zip(self.pieces, self.host_views, self.original_devices):
+        for tensor, view, device, strides in zip(
+            self.pieces, self.host_views, self.original_devices, self.original_strides
+        ):
             target = torch.device("cpu") if device.type == "meta" else device
             with torch.inference_mode(tensor.is_inference()):  # [Note: inference tensors]
                 # Views of our buffer are copied out; weights kept in place (compressed) return
-                restored.append(view.to(target, copy=self.host is not None))
+                restored.append(copy_with_strides(view, target, strides, self.host is not None))
         self._point_at(restored, self.as_tensors(restored) if self._wraps else None)
         self.host_views = []
         self._free_host()
@@ -216,6 +252,7 @@ class StoredUnit:
         if self.host is not None:
             self.host.free()
             self.host = None
+        self.state = UnitState.OWN
 
     def discard(self) -> None:
         """Free the host buffer and leave every tensor a placeholder: drop the weights."""

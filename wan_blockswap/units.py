@@ -95,6 +95,12 @@ def resolve(root: nn.Module, path: str) -> nn.Module:
 def find_blocks(root: nn.Module, layout: ModelLayout) -> list[BlockRef]:
     """Every block of every list in ``layout``, lists in layout order."""
     blocks = []
+    # Each block is one unit: a block reached twice (a list named twice in the layout, a
+    # block repeated in its list, a list inside another) would be packed twice, the second
+    # time from placeholders. (A submodule shared by two blocks is fine: its tensors are
+    # shared, and shared tensors stay resident.)
+    under: dict[int, str] = {}  # every module inside a block found so far -> that block
+    found: dict[int, str] = {}  # the blocks found so far
     for list_layout in layout.block_lists:
         container = resolve(root, list_layout.path)
         if not isinstance(container, (nn.ModuleList, nn.ModuleDict, nn.Sequential)):
@@ -102,9 +108,22 @@ def find_blocks(root: nn.Module, layout: ModelLayout) -> list[BlockRef]:
                 f"{list_layout.path!r} is a {type(container).__name__}, not a list of blocks"
             )
         for position, (key, module) in enumerate(container._modules.items()):
-            if module is not None:
-                qualname = f"{list_layout.path}.{key}"
-                blocks.append(BlockRef(list_layout, key, position, module, qualname))
+            if module is None:
+                continue
+            qualname = f"{list_layout.path}.{key}"
+            blocks_inside = [found[id(m)] for m in module.modules() if id(m) in found]
+            if id(module) in under or blocks_inside:
+                other = under.get(id(module)) or blocks_inside[0]
+                raise BlockSwapConfigError(
+                    f"{qualname} and {other} are the same module, or one holds the other: "
+                    f"every block must be a module of its own. If the layout names one block "
+                    f"list twice, or one list inside another, name it once; a model that "
+                    f"runs one block at several positions cannot be swapped block by block."
+                )
+            for sub in module.modules():
+                under.setdefault(id(sub), qualname)
+            found[id(module)] = qualname
+            blocks.append(BlockRef(list_layout, key, position, module, qualname))
     return blocks
 
 
@@ -249,3 +268,31 @@ def _nbytes(tensor: torch.Tensor) -> int:
 def stored_nbytes(tensor: torch.Tensor) -> int:
     """Bytes ``tensor``'s data takes (see [Note: wrapper tensors])."""
     return _nbytes(tensor)
+
+
+def kept_strides(tensor: torch.Tensor) -> tuple[int, ...] | None:
+    """The strides ``remove()`` must give ``tensor`` back, or None where any contiguous copy
+    will do. A transposed, sliced or expanded parameter keeps its strides: code that checks
+    them (or relies on an expanded tensor staying small) must see the model as it was."""
+    if tensor.device.type == "meta" or tensor.is_contiguous():
+        return None
+    return tuple(tensor.stride())
+
+
+def copy_with_strides(
+    values: torch.Tensor, device: torch.device, strides: tuple[int, ...] | None, copy: bool
+) -> torch.Tensor:
+    """``values`` on ``device`` laid out with ``strides`` (storage offset 0). Overlapping
+    strides (an expanded tensor) get storage for their distinct elements only."""
+    if strides is None or (not copy and values.device == device and values.stride() == strides):
+        return values.to(device, copy=copy)
+    size = values.size()
+    extent = 1 + sum((n - 1) * s for n, s in zip(size, strides)) if values.numel() else 0
+    storage = torch.empty(extent, dtype=values.dtype, device=device)
+    # An expanded dimension (stride 0) repeats one slice: write that slice once.
+    distinct = values[tuple(slice(0, 1) if s == 0 else slice(None) for s in strides)]
+    try:
+        filled = torch.as_strided_scatter(storage, distinct.to(device), distinct.size(), strides)
+    except RuntimeError:  # overlapping in some other way: no layout to keep, a copy will do
+        return values.to(device, copy=copy)
+    return filled.as_strided(size, strides)

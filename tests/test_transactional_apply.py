@@ -1,0 +1,200 @@
+"""Applying a swap is a transaction: an interrupt (Ctrl-C) or a failed allocation at any step
+leaves the model either fully swapped or bit-identical to before, with nothing registered.
+
+The interrupt is injected at every line the engine executes during ``apply_block_swap``: a
+trace function counts the line events of frames in the package and raises at the k-th one,
+for every k (CPython delivers Ctrl-C between bytecodes, so every line boundary is a place
+where it can land). An allocation failure is injected the same way at every host-buffer
+allocation.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+import pytest
+import torch
+
+import comfyui_wan_blockswap
+from comfyui_wan_blockswap.wan_blockswap import apply_block_swap
+from comfyui_wan_blockswap.wan_blockswap import get_block_swap as active_swap
+from comfyui_wan_blockswap.wan_blockswap import storage
+from comfyui_wan_blockswap.wan_blockswap.storage import registered_host_bytes
+from toy_models import make_toy, streamed_budget_gb, toy_inputs, toy_layout
+
+PACKAGE = os.path.dirname(os.path.abspath(comfyui_wan_blockswap.__file__))
+TEST_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+class Injected(BaseException):
+    """Stands for KeyboardInterrupt without upsetting pytest if it escapes."""
+
+
+def _in_package(frame) -> bool:
+    name = frame.f_code.co_filename
+    return name.startswith(PACKAGE) and not name.startswith(TEST_DIR)
+
+
+class LineInterrupter:
+    """Raise ``error`` at the ``at``-th line event in the package's frames (0: only count).
+
+    With ``from_place`` only lines from the start of ``BlockSwap._place`` on are traced and
+    counted (in the frame that called it too): before it, apply only reads the model, and
+    tracing those ~15,000 lines in every trial would make the test take minutes."""
+
+    def __init__(self, at: int, error: BaseException, from_place: bool = False) -> None:
+        self.at, self.error, self.lines = at, error, 0
+        self.tracing = not from_place
+
+    def __enter__(self) -> "LineInterrupter":
+        sys.settrace(self._global)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sys.settrace(None)
+
+    def _global(self, frame, event, arg):
+        if not _in_package(frame):
+            return None
+        if not self.tracing and frame.f_code.co_name == "_place":
+            self.tracing = True
+            frame.f_back.f_trace = self._local  # BlockSwap.apply: what follows _place
+        return self._local if self.tracing else None
+
+    def _local(self, frame, event, arg):
+        if event == "line":
+            self.lines += 1
+            if self.lines == self.at:
+                raise self.error
+        return self._local
+
+
+def snapshot(model: torch.nn.Module) -> dict:
+    state = {}
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        state[name] = (
+            tensor,  # the same object must come back (a Parameter others hold)
+            tensor.detach().clone(),
+            tensor.stride(),
+            tensor.storage_offset(),
+            tensor.device,
+            tensor.requires_grad,
+        )
+    return state
+
+
+def assert_untouched(model: torch.nn.Module, before: dict) -> None:
+    now = dict(list(model.named_parameters()) + list(model.named_buffers()))
+    assert now.keys() == before.keys()
+    for name, (obj, values, stride, offset, device, grad) in before.items():
+        tensor = now[name]
+        assert tensor is obj, name
+        assert tensor.device == device and tensor.requires_grad == grad, name
+        assert tensor.stride() == stride and tensor.storage_offset() == offset, name
+        assert torch.equal(tensor, values), f"{name} changed"
+    for module in model.modules():
+        assert not module._forward_pre_hooks and not module._forward_hooks, module
+        assert not getattr(module, "_state_dict_hooks", None), module
+        assert not getattr(module, "_state_dict_pre_hooks", None), module
+    assert active_swap(model) is None
+
+
+READ_PHASE_STRIDE = 97
+
+PLANS = {
+    "blocks": dict(blocks_to_swap=2, prefetch_blocks=1),
+    "layers_and_embeddings": dict(blocks_to_swap=2, swap_unit="layer", offload_txt_emb=True),
+    "compressed": dict(blocks_to_swap=2, transfer_compression=True),
+    "streamed": "streamed",
+}
+
+
+def _options(model, plan) -> dict:
+    if plan == "streamed":
+        return dict(vram_budget_gb=streamed_budget_gb(model, 64 * 2**10))
+    return plan
+
+
+@pytest.fixture(scope="module")
+def base():
+    model = make_toy(dim=16, ffn=32, depth=3, vace_depth=0).to(torch.bfloat16)
+    inputs = {k: v.to(torch.bfloat16) for k, v in toy_inputs(0, dim=16).items()}
+    with torch.no_grad():
+        expected = model(**inputs)
+    return model, inputs, expected
+
+
+def _check_trial(model, before, inputs, expected) -> str:
+    """What an interrupted apply left: 'applied' or 'untouched' (each asserted whole)."""
+    swap = active_swap(model)
+    if swap is None:
+        assert_untouched(model, before)
+        assert registered_host_bytes() == 0
+        return "untouched"
+    with torch.no_grad():
+        assert torch.equal(model(**inputs), expected)
+    swap.remove()
+    assert_untouched(model, before)
+    return "applied"
+
+
+@pytest.mark.parametrize("plan", sorted(PLANS))
+def test_an_interrupt_at_any_line_of_apply_leaves_the_model_whole(base, plan):
+    template, inputs, expected = base
+    options = _options(template, PLANS[plan])
+
+    def apply_on(model):
+        return lambda: apply_block_swap(model, layout=toy_layout(model), device="cpu", **options)
+
+    # Before _place apply only reads (measure, plan, check): every READ_PHASE_STRIDE-th line
+    # there is enough; from _place on, every line.
+    trials = []
+    for from_place, stride in ((False, READ_PHASE_STRIDE), (True, 1)):
+        probe = copy.deepcopy(template)
+        with LineInterrupter(0, Injected(), from_place) as counter:
+            apply_on(probe)()
+        active_swap(probe).remove()
+        assert counter.lines > 50, counter.lines
+        trials += [(from_place, at) for at in range(1, counter.lines + 1, stride)]
+    # One model for every trial: each trial leaves it untouched or asserts why not.
+    model = copy.deepcopy(template)
+    before = snapshot(model)
+    outcomes = {"applied": 0, "untouched": 0}
+    for from_place, at in trials:
+        with LineInterrupter(at, Injected(), from_place):
+            try:
+                apply_on(model)()
+            except Injected:
+                pass
+        outcomes[_check_trial(model, before, inputs, expected)] += 1
+    # an interrupt before the commit point leaves it untouched, after it applied
+    assert outcomes["applied"] <= 5 and outcomes["untouched"] >= len(trials) - 5, outcomes
+
+
+@pytest.mark.parametrize("plan", sorted(PLANS))
+def test_a_failed_host_allocation_at_any_unit_leaves_the_model_whole(base, plan, monkeypatch):
+    template, inputs, expected = base
+    options = _options(template, PLANS[plan])
+    real = storage.HostBuffer.__init__
+    calls = {"n": 0, "fail_at": 0}
+
+    def counting(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == calls["fail_at"]:
+            raise RuntimeError("injected: out of host memory")
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(storage.HostBuffer, "__init__", counting)
+    probe = copy.deepcopy(template)
+    apply_block_swap(probe, layout=toy_layout(probe), device="cpu", **options).remove()
+    total = calls["n"]
+    for fail_at in range(1, total + 1):
+        calls.update(n=0, fail_at=fail_at)
+        model = copy.deepcopy(template)
+        before = snapshot(model)
+        with pytest.raises(RuntimeError, match="injected"):
+            apply_block_swap(model, layout=toy_layout(model), device="cpu", **options)
+        assert_untouched(model, before)
+        assert registered_host_bytes() == 0
