@@ -1,7 +1,8 @@
 """Declarative records that describe an architecture to the engine and the loaders.
 
-Nothing here imports torch: a record is data. ``model_configs.registry`` matches records
-against a module or a checkpoint's keys.
+A record is data. The layout types it holds are the engine's (``wan_blockswap.layout``):
+data depends on the engine's types, not the engine on the data. ``model_configs.registry``
+matches records against a module or a checkpoint's keys.
 """
 
 from __future__ import annotations
@@ -9,53 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
-
-@dataclass(frozen=True)
-class BlockListLayout:
-    """One list of transformer blocks inside a model.
-
-    Attributes:
-        path: dotted attribute path from the model root to a ``ModuleList``/``ModuleDict``.
-        role: ``"main"`` lists are counted by ``blocks_to_swap`` (in the order given, e.g.
-            double then single blocks); ``"vace"`` lists by ``vace_blocks_to_swap``;
-            ``"txt_emb"`` lists (text token refiners) are swapped with ``offload_txt_emb``.
-        key_prefix: checkpoint key prefix of one block, with ``{index}`` (position in the
-            list) or ``{key}`` (name in a ``ModuleDict``); ``""`` means ``"{path}.{key}."``.
-    """
-
-    path: str
-    role: str = "main"
-    key_prefix: str = ""
-
-    def block_key_prefix(self, key: str) -> str:
-        """The checkpoint key prefix of the block stored under ``key`` in this list."""
-        template = self.key_prefix or f"{self.path}.{{key}}."
-        return template.format(key=key, index=key)
-
-
-@dataclass(frozen=True)
-class ModelLayout:
-    """Where the swappable parts of a model are.
-
-    Attributes:
-        name: architecture name for logs (``"wan"``, ``"flux"``, ``"generic"`` ...).
-        block_lists: the block lists, main lists in execution order.
-        txt_emb: modules streamed when ``offload_txt_emb`` is set.
-        img_emb: modules streamed when ``offload_img_emb`` is set.
-        stream_modules: other modules outside the blocks whose large leaf layers stream one
-            by one in a streamed plan (a budget below every slot plan); the ``txt_emb`` and
-            ``img_emb`` modules always do. Only modules whose layers' weights are used
-            through the layers' own forward belong here.
-    """
-
-    name: str
-    block_lists: tuple[BlockListLayout, ...]
-    txt_emb: tuple[str, ...] = ()
-    img_emb: tuple[str, ...] = ()
-    stream_modules: tuple[str, ...] = ()
-
-    def lists_with_role(self, role: str) -> tuple[BlockListLayout, ...]:
-        return tuple(bl for bl in self.block_lists if bl.role == role)
+from ..wan_blockswap.layout import BlockListLayout, ModelLayout
 
 
 @dataclass(frozen=True)

@@ -80,3 +80,28 @@ def test_nothing_unpickles():
                         for k in node.keywords
                     )
                     assert safe, f"{path}:{node.lineno} torch.load without weights_only=True"
+
+
+def test_the_engine_imports_nothing_from_the_data_or_the_adapters():
+    """Data depends on the engine's types, not the engine on the data: nothing under
+    wan_blockswap/ imports model_configs or callbacks (relatively or by name)."""
+    folder = os.path.join(ROOT, "wan_blockswap")
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".py"):
+            continue
+        path = os.path.join(folder, name)
+        tree = ast.parse(open(path, encoding="utf-8").read())
+        for node in ast.walk(tree):
+            modules = []
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level >= 2:  # from .. import x / from ..x import y: outside the engine
+                    modules = [node.module or alias.name for alias in node.names]
+                elif node.module and not node.level:
+                    modules = [node.module]
+            for module in modules:
+                parts = set(module.split("."))
+                assert not parts & {"model_configs", "callbacks", "nodes"}, (name, module)
+                if node.__class__ is ast.ImportFrom and node.level >= 2:
+                    raise AssertionError(f"{name} imports {module} from outside the engine")

@@ -18,16 +18,19 @@ from .errors import (
     BlockSwapStateError,
     InsufficientMemoryError,
 )
+from .layout import BlockListLayout, ModelLayout
 from .plan import BlockSizes, ModelSizes, SwapPlan, plan_swap
 from .storage import registered_host_bytes
 
 __all__ = [
+    "BlockListLayout",
     "BlockSizes",
     "BlockSwap",
     "BlockSwapConfigError",
     "BlockSwapError",
     "BlockSwapStateError",
     "InsufficientMemoryError",
+    "ModelLayout",
     "ModelSizes",
     "SwapConfig",
     "SwapPlan",

@@ -8,12 +8,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import model_configs
-from ..model_configs.base import ModelLayout
 
 from .config import SwapConfig
 from .engine import BlockSwap, active_swap, measure_model
 from .errors import BlockSwapConfigError, BlockSwapStateError
+from .layout import ModelLayout, detect_layout
 from .plan import GIB, ModelSizes, SwapPlan, min_streamed_budget, plan_swap
 
 logger = logging.getLogger("wan_blockswap")
@@ -42,7 +41,7 @@ def apply_block_swap(
         model: the transformer (a ComfyUI ``diffusion_model``, a diffusers transformer, or any
             module with lists of blocks).
         config: the options; ``None`` means ``SwapConfig(**options)``.
-        layout: where the blocks are; ``None`` detects it through ``model_configs`` (known
+        layout: where the blocks are; ``None`` detects it through the architecture records (known
             architectures by class and structure, others by the generic rule).
         device: where compute runs; ``None`` picks ``cuda`` when available, else ``cpu`` (where
             the engine still runs the whole mechanism, useful for tests).
@@ -76,7 +75,7 @@ def apply_block_swap(
     if replace:
         remove_block_swap(model)
     if layout is None:
-        layout = model_configs.detect(model).layout
+        layout = detect_layout(model)
     return BlockSwap.apply(model, config, layout, resolve_device(device))
 
 
@@ -119,7 +118,7 @@ def _sizes_of(model: nn.Module, layout: ModelLayout | None) -> ModelSizes:
     if swap is not None and swap.sizes is not None:  # placeholders hide the sizes now
         return swap.sizes
     if layout is None:
-        layout = model_configs.detect(model).layout
+        layout = detect_layout(model)
     return measure_model(model, layout)[1]
 
 

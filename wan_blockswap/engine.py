@@ -17,11 +17,10 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from ..model_configs.base import ModelLayout
-
 from . import compressed_transfer, memory
 from .compression_switch import CompressionAutoSwitch
 from .config import SwapConfig
+from .layout import ModelLayout
 from .errors import (
     BlockSwapConfigError,
     BlockSwapError,

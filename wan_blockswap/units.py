@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from ..model_configs.base import BlockListLayout, ModelLayout
+from .layout import BlockListLayout, ModelLayout
 
 from .errors import BlockSwapConfigError
 
