@@ -57,7 +57,7 @@ class SwapConfig:
             hidden anyway. ``"auto"``: compressed, until the second forward shows compute
             hiding the raw copies; then raw from pinned memory (see ``compression_switch``).
             Costs 52 MiB of VRAM for staging; while compressed, the swapped weights stay in
-            pageable RAM beside the pinned packed copy (about 0.75x). No effect on other
+            pageable RAM beside the pinned packed copy (about 0.77x). No effect on other
             dtypes.
         debug: log the plan and per-block copy/compute times each forward (adds a host sync
             per forward).

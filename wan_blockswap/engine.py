@@ -2,7 +2,9 @@
 
 ``BlockSwap.apply`` works in phases so that a failure leaves the module as it was:
 measure (units and sizes) -> plan -> check memory -> place (pack swapped units, move
-resident tensors, allocate the ring) -> hook. ``remove`` undoes every phase.
+resident tensors, create the ring) -> hook. ``remove`` undoes every phase (see [Note: apply
+is a transaction]). The ring takes its GPU slots at the first forward, not here: running
+out of VRAM for them is reported there (``SlotRing.allocate``), with the model unchanged.
 """
 
 from __future__ import annotations

@@ -16,7 +16,9 @@ logger = logging.getLogger("wan_blockswap")
 
 # Headroom the check leaves for the allocator's fragmentation and the CUDA context.
 VRAM_MARGIN_BYTES = 256 * 2**20
-PACKED_SHARE = 0.8  # host bytes of a compressed transfer per raw byte, bounded generously
+# host bytes of a compressed transfer per raw byte, bounded generously (typically
+# compressed_transfer.TYPICAL_PACKED_SHARE; more where a unit holds other dtypes)
+PACKED_SHARE = 0.8
 
 
 def available_host_bytes() -> int | None:
@@ -74,8 +76,7 @@ def _check_host(
     swapped = plan.swapped_bytes - swapped_on_host + largest_unit if plan.swapped_bytes else 0
     needed = swapped + resident_on_host
     if plan.compressed:
-        # Compressed transfers keep the raw weights and add a pinned packed copy: ~0.77x for
-        # bf16 (exceptions included), more where a unit holds other dtypes.
+        # Compressed transfers keep the raw weights and add a pinned packed copy.
         needed += int(PACKED_SHARE * plan.swapped_bytes)
     if needed <= available:
         return

@@ -8,9 +8,13 @@ Two streams touch a slot: the copy stream X writes it, the compute stream C read
   release(u): C records ``freed[s]``; u's tensors go back to placeholders. No copy back:
       weights are read-only at inference.
 Every wait is a GPU-side ``wait_event``; the host never synchronises on the hot path. Slots
-are allocated once and never freed while the ring lives, so no memory crosses streams
-through the caching allocator (the hazard that crashes ComfyUI core's async offload under
-``cudaMallocAsync``). Waiting on a never-recorded event is a no-op, which covers fresh slots.
+are taken at the first forward (``allocate``) and kept across forwards; only
+``release_memory`` (a host unloading the model, ``remove``) lets them go, after synchronising
+every stream. So no memory crosses streams through the caching allocator while copies are in
+flight (the hazard that crashes ComfyUI core's async offload under ``cudaMallocAsync``).
+Waiting on a never-recorded event is a no-op, which covers fresh slots.
+tests/test_stream_order.py checks this order on the CPU with a recording stand-in for the
+streams, and that dropping either wait is caught.
 
 [Note: schedule]
 The ring prefetches in ``schedule`` order, cyclically: when the last units of one forward are
