@@ -496,7 +496,7 @@ def _measure_need(executor: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
     # goes inside the forward; fixed slots that a first forward takes stay.
     plan = state.swap.plan
     assert plan is not None
-    ours = plan.ring_bytes if plan.window_bytes else 0
+    ours = plan.ring_bytes if plan.kind == "streamed" else 0
     ours = max(ours, state.swap.ring_bytes_held() - held_before)
     need = comfy_auto.forward_need(before, peaks.allocated, peaks.reserved, ours)
     options = args[4] if len(args) > 4 else kwargs.get("transformer_options")
@@ -526,7 +526,8 @@ def _fit(patcher: Any, options: SwapConfig, sizes: Any, available: float, reserv
     if state is not None:
         current = state.swap.plan
         assert current is not None
-        if plan.window_bytes and current.window_bytes and plan.swapped == current.swapped:
+        streamed = plan.kind == current.kind == "streamed"
+        if streamed and plan.swapped == current.swapped:
             if plan.window_bytes != current.window_bytes:  # a streamed plan's new window
                 unload_everywhere(base_model)  # core counts the window as loaded
                 state.swap.set_window(plan, config)

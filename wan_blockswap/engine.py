@@ -214,7 +214,7 @@ class BlockSwap:
                 else:
                     _move(ref, self.device)
         streams = DeviceStreams(self.device, timing=self.config.debug)
-        if self.plan.window_bytes:
+        if self.plan.kind == "streamed":
             self.ring = WindowRing(
                 streams,
                 self.units,
@@ -306,7 +306,7 @@ class BlockSwap:
         packed stays as decided at apply time."""
         current = self.plan
         assert current is not None and isinstance(self.ring, WindowRing)
-        if not plan.window_bytes or plan.swapped != current.swapped:
+        if plan.kind != "streamed" or plan.swapped != current.swapped:
             raise BlockSwapStateError("set_window takes a streamed plan of the same layers")
         self.plan, self.config = plan, config
         self.ring.window_bytes = plan.window_bytes
@@ -555,7 +555,7 @@ def measure_model(model: nn.Module, layout: ModelLayout) -> tuple[dict[str, Any]
 
 def _choose_units(units: dict[str, Any], plan: SwapPlan) -> list[SwapUnit]:
     chosen: list[SwapUnit] = []
-    if plan.window_bytes:  # streamed: the layers outside the blocks too
+    if plan.kind == "streamed":  # the layers outside the blocks too
         chosen.extend(units["stream_layers"])
     if plan.offload_txt_emb:
         chosen.extend(units["embeddings"]["txt"])

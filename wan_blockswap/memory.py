@@ -104,7 +104,7 @@ def _check_vram(plan: SwapPlan, to_device: int, device: torch.device) -> None:
     needed = to_device + plan.ring_bytes
     if needed + VRAM_MARGIN_BYTES <= available:
         return
-    if plan.window_bytes:
+    if plan.kind == "streamed":
         ring = f"up to {plan.ring_bytes / 2**20:.0f} MiB of layers streaming"
         fix = "Lower vram_budget_gb or free VRAM."
     else:

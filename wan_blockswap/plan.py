@@ -93,6 +93,16 @@ class SwapPlan:
     window_bytes: int = 0
 
     @property
+    def kind(self) -> Literal["streamed", "slots", "none"]:
+        """``"streamed"``: every large layer (embeddings included, whatever
+        ``offload_*_emb`` say) gets GPU memory of its own size within ``window_bytes``;
+        ``"slots"``: swapped units take turns in ``num_slots`` fixed slots; ``"none"``:
+        nothing is swapped."""
+        if self.window_bytes:
+            return "streamed"
+        return "slots" if self.num_slots else "none"
+
+    @property
     def ring_bytes(self) -> int:
         """VRAM of the slot ring: its slots and (compressed transfers) staging buffers."""
         return self.num_slots * self.slot_bytes + self.staging_bytes
@@ -106,7 +116,7 @@ class SwapPlan:
     def budgeted_bytes(self) -> int:
         """What the plan counts against ``vram_budget_gb``: its weight VRAM, except that a
         streamed plan counts its window, beside which a larger layer may briefly sit alone."""
-        if self.window_bytes:
+        if self.kind == "streamed":
             return self.resident_bytes + self.window_bytes
         return self.gpu_weight_bytes
 
@@ -142,7 +152,7 @@ class SwapPlan:
             lines.append(f"{' and '.join(extras)} embedding streamed from host memory")
         if self.kept_layers:
             lines.append(f"{len(self.kept_layers)} layers of swapped blocks kept {on}")
-        if self.window_bytes:
+        if self.kind == "streamed":
             lines.append(
                 f"streamed layer by layer, outside the blocks too: at most "
                 f"{self.window_bytes / 2**20:.0f} MiB of layers {on} at once (a larger layer "
