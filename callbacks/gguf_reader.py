@@ -1,27 +1,35 @@
-"""GGUF header parsing for :mod:`callbacks.checkpoint`: validated first, then ``GGUFReader``.
+"""GGUF header parsing for :mod:`callbacks.checkpoint`: one bounded pass, decoded here.
 
 ``gguf.GGUFReader`` is the reference parser, but it trusts the file: it memory-maps it and
 loops over whatever counts the header claims, so a corrupt or hostile file makes it raise
-anything from ``KeyError`` to ``RecursionError`` (nested arrays), build one numpy view per
-array element (~700 bytes and ~12 us each, so a bogus billion-element array exhausts RAM),
-or silently wrap ``np.prod`` of huge dims to a wrong byte count.  Hence a cheap streaming
-pre-scan walks the same structure with bounded reads first, checking every count and offset
-against the file size and limits, and only then is ``GGUFReader`` asked for the metadata
-values; its tensor table is cross-checked against the pre-scan.  Neither touches tensor
-data: the pre-scan only reads the header, and the reader's memmap views are never read and
-are dropped before returning, so no file pages stay mapped.
+anything from ``KeyError`` to ``RecursionError`` (nested arrays), or silently wrap ``np.prod``
+of huge dims to a wrong byte count.  It is also slow on honest files: it builds one numpy
+view per array element (~700 bytes and ~12 us each: a 2M-entry tokenizer array costs 44 s
+and 1.7 GB) and memmap views per field and per tensor info.  So we parse the header
+ourselves, in one streaming pass with bounded reads: every count, length and offset is
+checked against the bytes left in the file and the limits below before anything is read or
+allocated from it, and values are decoded as they are read (scalars with ``struct``, an array
+of scalars with one ``numpy.frombuffer(...).tolist()``, strings as strict UTF-8).  Time is
+linear in the header's size and memory a small multiple of it (a Python object per array
+element).  The tests keep ``GGUFReader`` as the oracle: on valid files our metadata values
+and tensor table must equal its.  Tensor data is never read: the pass stops at the end of the
+tensor table, and only the ``gguf`` enums are used at run time.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import struct
 from dataclasses import dataclass, field
+from operator import attrgetter
+from typing import NoReturn
 
+import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf import GGMLQuantizationType, GGUFValueType
 
 from .checkpoint import TensorRecord, checkpoint_error, sniff
 from .gguf_dequant import SUPPORTED_TYPES, quantized_nbytes
@@ -31,8 +39,14 @@ __all__ = ["read_gguf_header", "GGUF_PLAIN_DTYPES"]
 logger = logging.getLogger(__name__)
 
 MAX_ARRAY_ITEMS = 2_000_000
-"""Total metadata array elements accepted: LLM tokenizers hold under 1M; GGUFReader needs
-~700 bytes per element, so this bounds it to ~1.4 GB."""
+"""Total metadata array elements accepted.  LLM tokenizers hold under 1M (a 256k vocabulary
+with scores and types is 0.8M).  Each element becomes a Python object of up to ~60 bytes
+(an int, a float or a short string, plus its list slot), so this bounds the decoded arrays
+to ~120 MB however the file's bytes are spent."""
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+"""Longest header (metadata plus tensor table) accepted, as for safetensors: real ones, an
+embedded tokenizer included, stay well under 20 MB.  It bounds what strings can cost."""
+_LIMIT = "the 100 MiB header limit"
 MAX_TENSORS = 1_000_000
 """Tensor infos accepted; real models have a few thousand."""
 MAX_NAME_BYTES = 65_535
@@ -40,7 +54,7 @@ MAX_NAME_BYTES = 65_535
 MAX_DIMS = 8
 """ggml itself stops at 4, but GGUFWriter writes any rank (5-D conv weights do occur)."""
 MAX_ARRAY_DEPTH = 8
-"""Nested arrays deeper than this are refused (GGUFReader recurses once per level)."""
+"""Nested arrays deeper than this are refused (decoding recurses once per level)."""
 SUPPORTED_VERSIONS = (2, 3)
 _FIX = "The GGUF file is corrupt or truncated: re-download or re-convert it."
 
@@ -56,25 +70,30 @@ GGUF_PLAIN_DTYPES: dict[GGMLQuantizationType, torch.dtype] = {
 }
 """GGML types that are plain arrays of one scalar type: recorded with a torch dtype."""
 
-_SCALAR_SIZES = {
-    GGUFValueType.UINT8: 1,
-    GGUFValueType.INT8: 1,
-    GGUFValueType.BOOL: 1,
-    GGUFValueType.UINT16: 2,
-    GGUFValueType.INT16: 2,
-    GGUFValueType.UINT32: 4,
-    GGUFValueType.INT32: 4,
-    GGUFValueType.FLOAT32: 4,
-    GGUFValueType.UINT64: 8,
-    GGUFValueType.INT64: 8,
-    GGUFValueType.FLOAT64: 8,
+_SCALARS = {  # little-endian struct formats, which numpy also reads as dtypes
+    GGUFValueType.UINT8: struct.Struct("<B"),
+    GGUFValueType.INT8: struct.Struct("<b"),
+    GGUFValueType.BOOL: struct.Struct("<?"),
+    GGUFValueType.UINT16: struct.Struct("<H"),
+    GGUFValueType.INT16: struct.Struct("<h"),
+    GGUFValueType.UINT32: struct.Struct("<I"),
+    GGUFValueType.INT32: struct.Struct("<i"),
+    GGUFValueType.FLOAT32: struct.Struct("<f"),
+    GGUFValueType.UINT64: struct.Struct("<Q"),
+    GGUFValueType.INT64: struct.Struct("<q"),
+    GGUFValueType.FLOAT64: struct.Struct("<d"),
 }
+# Dict lookups instead of enum calls: these run once per key, array and tensor info.
+_VALUE_TYPES = {int(t): t for t in GGUFValueType}
+_QTYPES = {int(t): t for t in GGMLQuantizationType}
+_U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
+_INFO_TAILS = [struct.Struct(f"<{n}QIQ") for n in range(MAX_DIMS + 1)]  # dims, type, offset
 _MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, smallest value
 _MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # name length, n_dims, type, offset
 _FIXED_HEADER_BYTES = 4 + 4 + 8 + 8  # magic, version, tensor count, kv count
 
 
-@dataclass
+@dataclass(slots=True)
 class _TensorInfo:
     name: str
     dims: tuple[int, ...]  # GGUF order: innermost first
@@ -84,9 +103,9 @@ class _TensorInfo:
 
 @dataclass
 class _Scan:
-    """What the pre-scan learned: enough to validate every tensor without GGUFReader."""
+    """What the pass learned: decoded metadata and the tensor table, not yet validated."""
 
-    keys: list[str] = field(default_factory=list)
+    metadata: dict[str, object] = field(default_factory=dict)
     tensors: list[_TensorInfo] = field(default_factory=list)
     alignment: int = 32
     data_start: int = 0
@@ -94,86 +113,107 @@ class _Scan:
 
 
 class _Cursor:
-    """Bounded sequential reads: every length is checked against the bytes left first."""
+    """Bounded sequential reads: every length is checked against the bytes left first.
+
+    ``what`` and ``key`` only label errors; they are passed apart so that the hot loops
+    (one call per string of a tokenizer array) never format a message that is not raised.
+    """
 
     def __init__(self, f: io.BufferedReader, path: str, size: int) -> None:
         self.f, self.path, self.size, self.pos = f, path, size, 0
+        self.limit = min(size, MAX_HEADER_BYTES)
 
-    def need(self, n: int, what: str) -> None:
+    def need(self, n: int, what: str, key: str | None = None) -> None:
+        if n > self.limit - self.pos:
+            self.short(n, what, key)
+
+    def short(self, n: int, what: str, key: str | None) -> NoReturn:
+        """Raise the error for a read of ``n`` bytes that the file or the limit cannot hold."""
+        where = what if key is None else f"{what} of {key!r}"
         if n > self.size - self.pos:
-            raise checkpoint_error(
-                self.path,
-                f"{what} at byte {self.pos} needs {n} bytes, but only {self.size - self.pos} "
-                "remain in the file",
-                _FIX,
+            problem = (
+                f"{where} at byte {self.pos} needs {n} bytes, but only "
+                f"{self.size - self.pos} remain in the file"
             )
+        else:
+            problem = f"{where} at byte {self.pos} would take the header past {_LIMIT}"
+        raise checkpoint_error(self.path, problem, _FIX)
 
-    def take(self, n: int, what: str) -> bytes:
-        self.need(n, what)
+    def take(self, n: int, what: str, key: str | None = None) -> bytes:
+        if n > self.limit - self.pos:  # need(), inlined: this runs once per field
+            self.short(n, what, key)
         data = self.f.read(n)
         if len(data) != n:
             raise checkpoint_error(self.path, "the file shrank while being read", _FIX)
         self.pos += n
         return data
 
-    def skip(self, n: int, what: str) -> None:
-        self.need(n, what)
-        self.f.seek(n, io.SEEK_CUR)
-        self.pos += n
+    def u32(self, what: str, key: str | None = None) -> int:
+        return _U32.unpack(self.take(4, what, key))[0]
 
-    def u32(self, what: str) -> int:
-        return struct.unpack("<I", self.take(4, what))[0]
+    def u64(self, what: str, key: str | None = None) -> int:
+        return _U64.unpack(self.take(8, what, key))[0]
 
-    def u64(self, what: str) -> int:
-        return struct.unpack("<Q", self.take(8, what))[0]
-
-    def name(self, what: str) -> str:
-        length = self.u64(f"{what} length")
-        if length > MAX_NAME_BYTES:
+    def text(self, what: str, key: str | None = None, max_bytes: int | None = None) -> str:
+        """A GGUF string (u64 length, then bytes) decoded as strict UTF-8."""
+        length = self.u64(what, key)
+        if max_bytes is not None and length > max_bytes:
             raise checkpoint_error(self.path, f"{what} is {length} bytes long", _FIX)
-        raw = self.take(length, what)
+        raw = self.take(length, what, key)
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise checkpoint_error(self.path, f"{what} {raw[:64]!r} is not UTF-8", _FIX) from None
+            where = what if key is None else f"{what} of {key!r}"
+            raise checkpoint_error(self.path, f"{where} {raw[:64]!r} is not UTF-8", _FIX) from None
+
+    def name(self, what: str) -> str:
+        return self.text(what, max_bytes=MAX_NAME_BYTES)
 
 
 def _value_type(cur: _Cursor, raw: int, key: str) -> GGUFValueType:
-    try:
-        return GGUFValueType(raw)
-    except ValueError:
+    vtype = _VALUE_TYPES.get(raw)
+    if vtype is None:
         raise checkpoint_error(cur.path, f"metadata {key!r} has unknown value type {raw}", _FIX)
+    return vtype
 
 
-def _skip_value(cur: _Cursor, scan: _Scan, vtype: GGUFValueType, key: str, depth: int) -> None:
-    """Step over one metadata value, bounding array lengths by the bytes left and limits."""
-    if vtype in _SCALAR_SIZES:
-        cur.skip(_SCALAR_SIZES[vtype], f"value of {key!r}")
-    elif vtype == GGUFValueType.STRING:
-        cur.skip(cur.u64(f"string length of {key!r}"), f"string value of {key!r}")
-    else:  # ARRAY: GGUFValueType() only knows these three kinds
-        if depth >= MAX_ARRAY_DEPTH:
-            raise checkpoint_error(cur.path, f"metadata {key!r} nests arrays too deeply", _FIX)
-        itype = _value_type(cur, cur.u32(f"array type of {key!r}"), key)
-        count = cur.u64(f"array length of {key!r}")
-        scan.array_items += count
-        if scan.array_items > MAX_ARRAY_ITEMS:
-            raise checkpoint_error(
-                cur.path,
-                f"metadata arrays hold more than {MAX_ARRAY_ITEMS} elements (at {key!r})",
-                "Such a file is either corrupt or not a model checkpoint.",
-            )
-        if itype in _SCALAR_SIZES:
-            cur.skip(count * _SCALAR_SIZES[itype], f"array {key!r} of {count} {itype.name}")
-            return
-        min_item = 8 if itype == GGUFValueType.STRING else 12
-        cur.need(count * min_item, f"array {key!r} of {count} {itype.name}")
-        for _ in range(count):
-            _skip_value(cur, scan, itype, key, depth + 1)
+def _read_value(cur: _Cursor, scan: _Scan, vtype: GGUFValueType, key: str, depth: int) -> object:
+    """Decode one metadata value; array lengths are bounded by the bytes left and limits.
+
+    Values come out as GGUFReader's ``contents()`` gives them (int, float, bool, str, list),
+    except that nested arrays stay nested lists where GGUFReader flattens them.
+    """
+    scalar = _SCALARS.get(vtype)
+    if scalar is not None:
+        return scalar.unpack(cur.take(scalar.size, "value", key))[0]
+    if vtype == GGUFValueType.STRING:
+        return cur.text("string value", key)
+    # ARRAY: _VALUE_TYPES only knows these three kinds
+    if depth >= MAX_ARRAY_DEPTH:
+        raise checkpoint_error(cur.path, f"metadata {key!r} nests arrays too deeply", _FIX)
+    itype = _value_type(cur, cur.u32("array type", key), key)
+    count = cur.u64("array length", key)
+    scan.array_items += count
+    if scan.array_items > MAX_ARRAY_ITEMS:
+        raise checkpoint_error(
+            cur.path,
+            f"metadata arrays hold more than {MAX_ARRAY_ITEMS} elements (at {key!r})",
+            "Such a file is either corrupt or not a model checkpoint.",
+        )
+    scalar = _SCALARS.get(itype)
+    if scalar is not None:  # one read and one conversion for the whole array
+        raw = cur.take(count * scalar.size, f"array of {count} {itype.name}", key)
+        return np.frombuffer(raw, dtype=scalar.format).tolist()
+    min_item = 8 if itype == GGUFValueType.STRING else 12  # a length / a type and a length
+    cur.need(count * min_item, f"array of {count} {itype.name}", key)
+    if itype == GGUFValueType.STRING:
+        text = cur.text
+        return [text("string in array", key) for _ in range(count)]
+    return [_read_value(cur, scan, itype, key, depth + 1) for _ in range(count)]
 
 
 def _scan_header(path: str, f: io.BufferedReader, size: int) -> _Scan:
-    """Walk the whole GGUF header with bounded reads, validating structure and counts."""
+    """Read the whole GGUF header with bounded reads, validating structure and counts."""
     cur = _Cursor(f, path, size)
     head = f.read(_FIXED_HEADER_BYTES)
     if len(head) < _FIXED_HEADER_BYTES or head[:4] != b"GGUF":
@@ -203,19 +243,19 @@ def _scan_header(path: str, f: io.BufferedReader, size: int) -> _Scan:
             _FIX,
         )
     scan = _Scan()
+    metadata = scan.metadata
     for _ in range(n_kv):
         key = cur.name("metadata key")
-        if key in scan.keys:
+        if key in metadata:
             raise checkpoint_error(path, f"metadata key {key!r} appears twice", _FIX)
-        vtype = _value_type(cur, cur.u32(f"value type of {key!r}"), key)
+        vtype = _value_type(cur, cur.u32("value type", key), key)
         if key == "general.alignment":
-            align = cur.u32("general.alignment") if vtype == GGUFValueType.UINT32 else 0
+            align = cur.u32("value", key) if vtype == GGUFValueType.UINT32 else 0
             if align == 0 or align & (align - 1):
                 raise checkpoint_error(path, "general.alignment is not a power-of-two UINT32", _FIX)
-            scan.alignment = align
+            scan.alignment = metadata[key] = align
         else:
-            _skip_value(cur, scan, vtype, key, 0)
-        scan.keys.append(key)
+            metadata[key] = _read_value(cur, scan, vtype, key, 0)
     names: set[str] = set()
     for _ in range(n_tensors):
         name = cur.name("tensor name")
@@ -225,31 +265,33 @@ def _scan_header(path: str, f: io.BufferedReader, size: int) -> _Scan:
         n_dims = cur.u32("tensor n_dims")
         if n_dims > MAX_DIMS:
             raise checkpoint_error(path, f"{n_dims} dimensions (max {MAX_DIMS})", _FIX, tensor=name)
-        dims = struct.unpack(f"<{n_dims}Q", cur.take(8 * n_dims, "tensor dims"))
-        if any(dim >= 1 << 63 for dim in dims):  # no int64 shape could hold it
+        tail = _INFO_TAILS[n_dims]  # dims, type and offset in one read: a big table is slow
+        if tail.size > cur.limit - cur.pos:  # cut short: read field by field to name the field
+            cur.take(8 * n_dims, "tensor dims")
+            cur.u32("tensor type")
+            cur.short(8, "tensor offset", None)
+        fields = tail.unpack(cur.take(tail.size, "tensor info"))
+        dims, raw_type, rel_offset = fields[:n_dims], fields[-2], fields[-1]
+        if dims and max(dims) >= 1 << 63:  # no int64 shape could hold it
             raise checkpoint_error(path, f"dimension in {dims} is absurd", _FIX, tensor=name)
-        raw_type = cur.u32("tensor type")
-        try:
-            qtype = GGMLQuantizationType(raw_type)
-        except ValueError:
+        qtype = _QTYPES.get(raw_type)
+        if qtype is None:
             raise checkpoint_error(
                 path,
                 f"GGML type id {raw_type} is unknown to the installed gguf package, so its "
                 "size cannot be computed",
                 "Upgrade gguf (pip install -U gguf) or re-quantize to a known type.",
                 tensor=name,
-            ) from None
-        scan.tensors.append(_TensorInfo(name, dims, qtype, cur.u64("tensor offset")))
+            )
+        scan.tensors.append(_TensorInfo(name, dims, qtype, rel_offset))
     scan.data_start = -(-cur.pos // scan.alignment) * scan.alignment
     return scan
 
 
 def _record(path: str, size: int, scan: _Scan, info: _TensorInfo) -> TensorRecord:
     """Validate one tensor's size and extent against the file; return its record."""
-    shape = tuple(reversed(info.dims))
-    numel = 1
-    for dim in shape:
-        numel *= dim
+    shape = info.dims[::-1]
+    numel = math.prod(shape)
     dtype = GGUF_PLAIN_DTYPES.get(info.qtype)
     if dtype is not None:
         nbytes, qtype = numel * dtype.itemsize, None
@@ -284,35 +326,6 @@ def _check_overlaps(path: str, records: dict[str, TensorRecord]) -> None:
             )
 
 
-def _reader_metadata(path: str, scan: _Scan, records: dict[str, TensorRecord]) -> dict[str, object]:
-    """Let ``GGUFReader`` decode the metadata values, turning whatever it raises into ours.
-
-    Its tensor table must agree with the pre-scan (names, types, absolute offsets, sizes);
-    ``ReaderTensor.data_offset`` is absolute in the file, like ``TensorRecord.offset``.
-    Nested arrays come back flattened: that is what ``ReaderField.contents`` returns.
-    """
-    failure = ""
-    try:
-        reader = GGUFReader(path, "r")
-        values = {key: reader.fields[key].contents() for key in scan.keys}
-        table = [(t.name, int(t.tensor_type), t.data_offset, t.n_bytes) for t in reader.tensors]
-        reader_start = reader.data_offset
-    except Exception as exc:  # untrusted input into a third-party parser: anything can escape
-        failure = f"{type(exc).__name__}: {str(exc)[:200]}"
-    reader = None  # drop the memmap and every view into it now, not at some later GC
-    if failure:  # raised out here so no exception context pins the reader's frames
-        raise checkpoint_error(path, f"the gguf package cannot parse it ({failure})", _FIX)
-    expected = [
-        (r.name, int(r.qtype if r.qtype is not None else info.qtype), r.offset, r.nbytes)
-        for r, info in zip(records.values(), scan.tensors)
-    ]
-    if reader_start != scan.data_start or table != expected:
-        raise checkpoint_error(
-            path, "the gguf package reads the tensor table differently from the header", _FIX
-        )
-    return values
-
-
 def read_gguf_header(path: str) -> tuple[dict[str, TensorRecord], dict[str, object], int]:
     """Parse a GGUF file's header; returns (records in data order, metadata, file size).
 
@@ -326,8 +339,8 @@ def read_gguf_header(path: str) -> tuple[dict[str, TensorRecord], dict[str, obje
     for info in scan.tensors:
         records[info.name] = _record(path, size, scan, info)
     _check_overlaps(path, records)
-    metadata = _reader_metadata(path, scan, records)
-    records = dict(sorted(records.items(), key=lambda item: item[1].offset))  # data order
+    in_order = sorted(records.values(), key=attrgetter("offset"))
+    records = {record.name: record for record in in_order}  # data order
     unsupported = {
         r.qtype.name
         for r in records.values()
@@ -335,4 +348,4 @@ def read_gguf_header(path: str) -> tuple[dict[str, TensorRecord], dict[str, obje
     }
     if unsupported:
         logger.info("%s: quant types without a dequantizer: %s", path, sorted(unsupported))
-    return records, metadata, size
+    return records, scan.metadata, size
