@@ -6,9 +6,11 @@ Node ids are not ``wanBlockSwap``: newer ComfyUI core turns that id into a no-op
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 from . import model_configs
+from .callbacks.checkpoint import CheckpointError, CheckpointNotFoundError
 from .wan_blockswap import BlockSwapConfigError, SwapConfig
 from .wan_blockswap.config import MAX_PREFETCH_BLOCKS
 
@@ -19,6 +21,18 @@ CUSTOM = "custom (use the widgets)"
 AUTO = "auto (free VRAM now)"
 # The transfer_compression widget's choices and the SwapConfig values they stand for.
 TRANSFER_COMPRESSION = {"off": False, "auto": "auto", "on": True}
+PRESET_TOOLTIP = "A tested setting per model and GPU size. Replaces blocks_to_swap."
+
+
+# The numeric widgets' ranges, shared by INPUT_TYPES and the checks (ComfyUI's own validation
+# does not run when a node is called directly, from a script or another node pack).
+RANGES = {
+    "blocks_to_swap": (0, 200),
+    "vace_blocks_to_swap": (0, 64),
+    "prefetch_blocks": (0, MAX_PREFETCH_BLOCKS),
+    "vram_budget_gb": (0.0, 512.0),
+}
+SWITCHES = ("offload_txt_emb", "offload_img_emb", "use_non_blocking", "block_swap_debug")
 
 
 def config_from_widgets(
@@ -37,8 +51,11 @@ def config_from_widgets(
 
     ``vram_budget_gb > 0`` or a preset replaces ``blocks_to_swap`` (the tooltip says so).
     With ``auto`` the config carries the options only: the adapter plans at the first
-    sampling run, for the VRAM that run's latent leaves.
+    sampling run, for the VRAM that run's latent leaves. Every bad value is refused by its
+    widget's name before anything is applied; none is replaced by a default.
     """
+    widgets = dict(locals())
+    _check_widgets(widgets)
     common = dict(
         offload_txt_emb=offload_txt_emb,
         offload_img_emb=offload_img_emb,
@@ -48,24 +65,66 @@ def config_from_widgets(
         transfer_compression=TRANSFER_COMPRESSION.get(transfer_compression, transfer_compression),
         debug=block_swap_debug,
     )
-    if not vram_budget_gb >= 0:  # NaN too: never a silent fall back to blocks_to_swap
-        raise BlockSwapConfigError(
-            f"vram_budget_gb must be 0 (use blocks_to_swap) or a positive number of GB, got "
-            f"{vram_budget_gb}"
-        )
     if preset == AUTO:
         return SwapConfig(**common)
     if preset not in (CUSTOM, ""):
-        if preset not in model_configs.preset_names():
-            raise BlockSwapConfigError(
-                f"preset {preset!r} does not exist; choose {AUTO!r}, {CUSTOM!r} or one of "
-                f"{model_configs.preset_names()}"
-            )
-        options = {**common, **model_configs.get_preset(preset).as_dict()}
+        # the preset picks the budget; the other widgets, prefetch_blocks included, stay
+        # the user's
+        options = {**model_configs.get_preset(preset).as_dict(), **common}
         return SwapConfig.from_options(**options)
     if vram_budget_gb > 0:
         return SwapConfig(vram_budget_gb=vram_budget_gb, **common)
     return SwapConfig(blocks_to_swap=blocks_to_swap, **common)
+
+
+def _config(widgets: dict) -> SwapConfig:
+    """:func:`config_from_widgets` for a node's keyword inputs: a widget that is missing or
+    unknown (a workflow from another version, a script's typo) is named, not a TypeError."""
+    known = inspect.signature(config_from_widgets).parameters
+    unknown = sorted(set(widgets) - set(known))
+    missing = [n for n, p in known.items() if p.default is p.empty and n not in widgets]
+    if unknown or missing:
+        raise BlockSwapConfigError(
+            f"the node's widgets do not match this version of the node (unknown: {unknown}, "
+            f"missing: {missing}); recreate the node, or pass exactly {list(known)}"
+        )
+    return config_from_widgets(**widgets)
+
+
+def _check_widgets(widgets: dict) -> None:
+    """Each widget's type and range (INPUT_TYPES'), and the combinations that contradict."""
+    for name in SWITCHES:
+        if not isinstance(widgets[name], bool):
+            raise BlockSwapConfigError(f"{name} must be True or False, got {widgets[name]!r}")
+    for name, (low, high) in RANGES.items():
+        value = widgets[name]
+        whole = name != "vram_budget_gb"
+        kind = (int,) if whole else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            what = "a whole number" if whole else "a number of GB"
+            raise BlockSwapConfigError(f"{name} must be {what} in {low}..{high}, got {value!r}")
+        if not low <= value <= high:  # NaN too: never a silent fall back to blocks_to_swap
+            fix = " (0 = use blocks_to_swap)" if name == "vram_budget_gb" else ""
+            raise BlockSwapConfigError(f"{name} must be in {low}..{high}{fix}, got {value}")
+    compression = widgets["transfer_compression"]
+    if not (isinstance(compression, bool) or compression in list(TRANSFER_COMPRESSION)):
+        raise BlockSwapConfigError(
+            f"transfer_compression must be one of {list(TRANSFER_COMPRESSION)}, got "
+            f"{compression!r}"
+        )
+    preset = widgets["preset"]
+    choices = [CUSTOM, AUTO, *model_configs.preset_names()]
+    if preset != "" and preset not in choices:
+        raise BlockSwapConfigError(
+            f"preset {preset!r} does not exist; choose {AUTO!r}, {CUSTOM!r} or one of "
+            f"{model_configs.preset_names()}"
+        )
+    if preset not in (CUSTOM, "") and widgets["vram_budget_gb"] > 0:
+        raise BlockSwapConfigError(
+            f"vram_budget_gb {widgets['vram_budget_gb']} and preset {preset!r} both choose "
+            f"the blocks: set preset to {CUSTOM!r} to use the budget, or vram_budget_gb to 0 "
+            f"to use the preset"
+        )
 
 
 class WanBlockSwapStream:
@@ -97,8 +156,8 @@ class WanBlockSwapStream:
                     "INT",
                     {
                         "default": 20,
-                        "min": 0,
-                        "max": 200,
+                        "min": RANGES["blocks_to_swap"][0],
+                        "max": RANGES["blocks_to_swap"][1],
                         "tooltip": "Blocks kept in host memory (spread evenly through the "
                         "model). 40 of Wan 14B's 40 blocks is the least VRAM. Ignored when a "
                         "preset or vram_budget_gb is set.",
@@ -131,8 +190,8 @@ class WanBlockSwapStream:
                     "INT",
                     {
                         "default": 0,
-                        "min": 0,
-                        "max": 64,
+                        "min": RANGES["vace_blocks_to_swap"][0],
+                        "max": RANGES["vace_blocks_to_swap"][1],
                         "tooltip": "VACE blocks kept in host "
                         "memory; 0 = automatic (the same share as the main blocks).",
                     },
@@ -141,8 +200,8 @@ class WanBlockSwapStream:
                     "INT",
                     {
                         "default": 1,
-                        "min": 0,
-                        "max": MAX_PREFETCH_BLOCKS,
+                        "min": RANGES["prefetch_blocks"][0],
+                        "max": RANGES["prefetch_blocks"][1],
                         "tooltip": "How many blocks are copied ahead. The GPU holds prefetch_blocks "
                         "+ 1 block-sized slots; 1 is enough to hide copies behind compute.",
                     },
@@ -171,13 +230,14 @@ class WanBlockSwapStream:
                     "FLOAT",
                     {
                         "default": 0.0,
-                        "min": 0.0,
-                        "max": 512.0,
+                        "min": RANGES["vram_budget_gb"][0],
+                        "max": RANGES["vram_budget_gb"][1],
                         "step": 0.5,
                         "tooltip": "GB of VRAM the weights may use (resident blocks, other weights, "
                         "slots); the node picks the blocks. Below what fixed slots need, every "
                         "large layer streams in turn, each in memory of its own size (like "
-                        "core's low-VRAM mode, with prefetch). 0 = use blocks_to_swap.",
+                        "core's low-VRAM mode, with prefetch). 0 = use blocks_to_swap. With preset "
+                        "'custom' only: a preset chooses the budget itself.",
                     },
                 ),
                 "transfer_compression": (
@@ -198,9 +258,9 @@ class WanBlockSwapStream:
 
     def apply(self, model, **widgets):
         """``widgets``: the swap inputs, by name (see INPUT_TYPES)."""
+        config = _config(widgets)  # refused by name before the model is touched
         from .callbacks.comfy_adapter import apply_to_patcher
 
-        config = config_from_widgets(**widgets)
         return (apply_to_patcher(model, config, auto=widgets.get("preset") == AUTO),)
 
 
@@ -221,6 +281,10 @@ class WanBlockSwapModelLoader(WanBlockSwapStream):
 
         inputs = super().INPUT_TYPES()
         del inputs["required"]["model"]
+        # "auto" plans from a loaded model, which this node has yet to make: not offered here
+        choices, options = inputs["optional"]["preset"]
+        options = {**options, "default": CUSTOM, "tooltip": PRESET_TOOLTIP}
+        inputs["optional"]["preset"] = ([c for c in choices if c != AUTO], options)
         files = [
             name
             for name in folder_paths.get_filename_list("diffusion_models")
@@ -241,16 +305,31 @@ class WanBlockSwapModelLoader(WanBlockSwapStream):
         return inputs
 
     def load(self, unet_name, weight_dtype, **widgets):
+        if widgets.get("preset") == AUTO:
+            raise BlockSwapConfigError(
+                f"preset {AUTO!r} needs a loaded model: choose another preset here, or load "
+                f"with the core loader and use {AUTO!r} on the WAN BlockSwap node after it"
+            )
+        config = _config(widgets)
+        if not isinstance(weight_dtype, str) or weight_dtype not in WEIGHT_DTYPES:
+            raise BlockSwapConfigError(
+                f"weight_dtype must be one of {list(WEIGHT_DTYPES)}, got {weight_dtype!r}"
+            )
+        if not isinstance(unet_name, str) or not unet_name.strip():
+            raise CheckpointError(
+                f"unet_name must name a .safetensors file in models/diffusion_models, got "
+                f"{unet_name!r}"
+            )
         import folder_paths
 
+        path = folder_paths.get_full_path("diffusion_models", unet_name)
+        if path is None:
+            raise CheckpointNotFoundError(
+                f"unet_name {unet_name!r}: no such file in models/diffusion_models; put it "
+                f"there (or in a folder extra_model_paths.yaml adds) and refresh"
+            )
         from .callbacks.comfy_lazy_load import load_lazily
 
-        if widgets.get("preset") == AUTO:
-            raise ValueError(
-                "preset 'auto' needs a loaded model; use it on the WAN BlockSwap node instead"
-            )
-        config = config_from_widgets(**widgets)
-        path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         return (load_lazily(path, config, WEIGHT_DTYPES[weight_dtype]),)
 
 

@@ -11,6 +11,8 @@ import sys
 
 import torch
 
+from .wan_blockswap import BlockSwapConfigError
+
 SCHEMA_VERSION = 1
 # Besides weights and activations a card holds the CUDA context and allocator slack.
 RESERVE_GB = 1.0
@@ -152,10 +154,16 @@ def recommend(report: dict, sizes: tuple[int, ...]) -> list[dict]:
 
 def finish(report: dict, output: str, sizes: tuple[int, ...]) -> None:
     report["recommendations"] = recommend(report, sizes)
-    with open(output, "w") as handle:
-        json.dump(report, handle, indent=2)
     chart = chart_path(output)
-    drew = any("ms" in r for r in report["results"]) and draw_chart(report, chart)
+    try:  # the script checked the folder; a full disk or a special file still fails here
+        with open(output, "w") as handle:
+            json.dump(report, handle, indent=2)
+        drew = any("ms" in r for r in report["results"]) and draw_chart(report, chart)
+    except OSError as error:
+        raise BlockSwapConfigError(
+            f"--output {output}: cannot write {error.filename or output} ({error.strerror}); "
+            f"choose another file"
+        ) from None
     if "advice" in report:
         print_advice(report)
     if report["results"]:

@@ -24,13 +24,14 @@ def load_lazily(path: str, config: SwapConfig, dtype: torch.dtype | None = None)
     import comfy.model_detection
     import comfy.utils
 
-    from .checkpoint import open_checkpoint
+    from .checkpoint import CheckpointError, open_checkpoint
+    from .skeleton import CheckpointMismatchError
     from .lazy_loader import Entry, stream_into
 
     mm = comfy.model_management
     with open_checkpoint(path) as checkpoint:
         if checkpoint.format != "safetensors":
-            raise ValueError(
+            raise CheckpointError(
                 f"{path}: the lazy loader reads safetensors; load GGUF files with "
                 f"ComfyUI-GGUF's loader and add the WAN BlockSwap node after it"
             )
@@ -45,7 +46,7 @@ def load_lazily(path: str, config: SwapConfig, dtype: torch.dtype | None = None)
         sd = {key: shapes[name] for key, name in file_key.items()}
         model_config = comfy.model_detection.model_config_from_unet(sd, "")
         if model_config is None:
-            raise ValueError(
+            raise CheckpointError(
                 f"{path}: not a diffusion model in ComfyUI's key layout that core can detect; "
                 f"load it with the core loader and add the WAN BlockSwap node after it"
             )
@@ -70,7 +71,7 @@ def load_lazily(path: str, config: SwapConfig, dtype: torch.dtype | None = None)
         missing = [n for n in names if n not in file_key]
         unexpected = [k for k in file_key if k not in names]
         if missing or unexpected:
-            raise ValueError(
+            raise CheckpointMismatchError(
                 f"{path}: keys do not match {type(diffusion_model).__name__} (missing "
                 f"{missing[:5]}, unexpected {unexpected[:5]}); load it with the core loader "
                 f"and add the WAN BlockSwap node after it"

@@ -86,7 +86,7 @@ def test_reduced_test_all_sweeps_every_setting(tmp_path):
         (["--device", "gpu"], "not a device name"),
         (["--iters", "0"], "--iters"),
         (["--vram-budget-gb", "0.0001"], "raise vram_budget_gb"),
-        (["--vram-budget-gb", "nan"], "vram_budget_gb"),
+        (["--vram-budget-gb", "nan"], "--vram-budget-gb"),
         (["--frames", "0"], "--frames"),
         (["--blocks-to-swap", "2", "--vram-budget-gb", "1"], "not both"),
     ],

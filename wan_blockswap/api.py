@@ -144,6 +144,12 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
             )
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
+        elif not 0 <= device.index < torch.cuda.device_count():
+            raise BlockSwapConfigError(
+                f"device {str(device)!r} does not exist: this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s), cuda:0 to "
+                f"cuda:{torch.cuda.device_count() - 1}"
+            )
     elif device.type != "cpu":
         raise BlockSwapConfigError(f"device type {device.type!r} is not supported (cuda or cpu)")
     return device
