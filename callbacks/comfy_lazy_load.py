@@ -44,17 +44,21 @@ def load_lazily(path: str, config: SwapConfig, dtype: torch.dtype | None = None)
         if not file_key:
             file_key = {name: name for name in shapes}
         sd = {key: shapes[name] for key, name in file_key.items()}
-        model_config = comfy.model_detection.model_config_from_unet(sd, "")
+        # LTX-2 files keep their config in the metadata, as core's loader reads it
+        model_config = comfy.model_detection.model_config_from_unet(
+            sd, "", metadata=checkpoint.metadata
+        )
         if model_config is None:
             raise CheckpointError(
                 f"{path}: not a diffusion model in ComfyUI's key layout that core can detect; "
                 f"load it with the core loader and add the WAN BlockSwap node after it"
             )
+        file_key = _core_key_names(model_config, sd, file_key, path)
         load_device = mm.get_torch_device()
         offload_device = mm.unet_offload_device()
         if dtype is None:
             weight_dtype = comfy.utils.weight_dtype(sd)
-            if model_config.scaled_fp8 is not None:
+            if _quantized(model_config):
                 weight_dtype = None
             dtype = mm.unet_dtype(
                 model_params=comfy.utils.calculate_parameters(sd),
@@ -109,6 +113,43 @@ def load_lazily(path: str, config: SwapConfig, dtype: torch.dtype | None = None)
     install_callbacks(patcher)
     patcher.size = resident_bytes(patcher.model, swap) + state.ring_bytes
     return patcher
+
+
+def _core_key_names(
+    model_config: Any, sd: dict[str, torch.Tensor], file_key: dict[str, str], path: str
+) -> dict[str, str]:
+    """The model's key -> file key, after the renames core's loader applies to this family
+    (``process_unet_state_dict``: Flux's and Flux.2's ``*.scale`` norms, HunyuanVideo 1.5's
+    original names, ...). The renames carry the (meta) tensors along, so each new key is
+    traced back to its file key by the tensor object; a family whose conversion makes new
+    tensors cannot be read lazily."""
+    from .checkpoint import CheckpointError
+
+    source = {id(tensor): file_key[key] for key, tensor in sd.items()}
+    renamed = model_config.process_unet_state_dict(dict(sd))
+    out = {}
+    for key, tensor in renamed.items():
+        name = source.get(id(tensor))
+        if name is None:
+            raise CheckpointError(
+                f"{path}: ComfyUI converts this file's tensors while loading ({key}), which "
+                f"the lazy loader cannot stream; load it with the core loader and add the "
+                f"WAN BlockSwap node after it"
+            )
+        out[key] = name
+    return out
+
+
+def _quantized(model_config: Any) -> bool:
+    """Whether core marks the file's weights as quantized: ``quant_config`` on current core,
+    ``scaled_fp8`` on 0.3.x. Looked up statically: current core warns on every read of an
+    attribute it no longer has."""
+    import inspect
+
+    return any(
+        inspect.getattr_static(model_config, name, None) is not None
+        for name in ("quant_config", "scaled_fp8")
+    )
 
 
 def _set_tensor(root: torch.nn.Module, name: str, value: torch.Tensor) -> None:

@@ -16,12 +16,16 @@ from ..wan_blockswap.layout import BlockListLayout, ModelLayout
 @dataclass(frozen=True)
 class Variant:
     """A named size of an architecture, told apart by its first main list's block count and
-    hidden size (see ``ArchConfig.hidden_param``)."""
+    hidden size (see ``ArchConfig.hidden_param``). ``reserve_gb``: what the rest of a
+    generation needs on the card beside the weights (activations at typical resolutions,
+    the CUDA context, ComfyUI's headroom); the variant gets one preset per GPU size
+    (``presets.GPU_SIZES_GB``) when it is set."""
 
     name: str
     display_name: str
     num_blocks: int
     hidden_size: int
+    reserve_gb: float | None = None
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,9 @@
 from .base import ArchConfig, BlockListLayout, ModelLayout, Variant
 
 VARIANTS = (
-    Variant("cosmos-2b", "Cosmos 2B", num_blocks=28, hidden_size=2048),
-    Variant("cosmos-7b", "Cosmos 7B", num_blocks=28, hidden_size=4096),
-    Variant("cosmos-14b", "Cosmos 14B", num_blocks=36, hidden_size=5120),
+    Variant("cosmos-2b", "Cosmos 2B", num_blocks=28, hidden_size=2048, reserve_gb=3.0),
+    Variant("cosmos-7b", "Cosmos 7B", num_blocks=28, hidden_size=4096, reserve_gb=4.0),
+    Variant("cosmos-14b", "Cosmos 14B", num_blocks=36, hidden_size=5120, reserve_gb=4.5),
 )
 
 # Layers outside the blocks that a streamed plan streams (the positional embedders are left

@@ -2,7 +2,14 @@
 
 from .base import ArchConfig, BlockListLayout, ModelLayout, Variant
 
-VARIANTS = (Variant("flux-12b", "Flux 12B", num_blocks=19, hidden_size=3072),)
+VARIANTS = (
+    Variant("flux-12b", "Flux 12B", num_blocks=19, hidden_size=3072, reserve_gb=3.0),
+    # Core builds LongCat-Image with Flux's class: 10 double + 20 single blocks (inferred from
+    # the published 6B size, not read from a released config)
+    Variant(
+        "longcat-image-6b", "LongCat-Image 6B", num_blocks=10, hidden_size=3072, reserve_gb=3.0
+    ),
+)
 
 COMFYUI = ArchConfig(
     name="flux.comfyui",

@@ -2,7 +2,11 @@
 
 from .base import ArchConfig, BlockListLayout, ModelLayout, Variant
 
-VARIANTS = (Variant("hunyuan-video-13b", "HunyuanVideo 13B", num_blocks=20, hidden_size=3072),)
+VARIANTS = (
+    Variant(
+        "hunyuan-video-13b", "HunyuanVideo 13B", num_blocks=20, hidden_size=3072, reserve_gb=4.5
+    ),
+)
 
 # The token refiner's blocks are real transformer blocks that only process text: they are
 # swapped with the text embedding (offload_txt_emb), not counted by blocks_to_swap.

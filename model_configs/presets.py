@@ -9,34 +9,30 @@ and the headroom ComfyUI keeps.
 
 from __future__ import annotations
 
-from .base import Preset
+from .base import Preset, Variant
 
 GPU_SIZES_GB = (8, 12, 16, 24)
 
-# variant name -> (display name, GB to leave for everything but the weights)
-RESERVE_GB: dict[str, tuple[str, float]] = {
-    "wan2.1-1.3b": ("Wan 2.1 1.3B", 3.0),
-    "wan2.2-5b": ("Wan 2.2 5B", 4.0),
-    "wan-14b": ("Wan 2.1/2.2 14B", 4.5),
-    "hunyuan-video-13b": ("HunyuanVideo 13B", 4.5),
-    "flux-12b": ("Flux 12B", 3.0),
-    "cosmos-2b": ("Cosmos 2B", 3.0),
-    "cosmos-7b": ("Cosmos 7B", 4.0),
-    "cosmos-14b": ("Cosmos 14B", 4.5),
-}
-
 
 def _build() -> tuple[Preset, ...]:
+    """One preset per GPU size for every variant of every record that sets ``reserve_gb``."""
+    from .registry import IN_FAMILY_ORDER  # the records import base, not this module
+
+    variants: dict[str, Variant] = {}
+    for config in IN_FAMILY_ORDER:  # the dropdown lists families as the registry orders them
+        for variant in config.variants:
+            if variant.reserve_gb is not None:
+                variants.setdefault(variant.name, variant)
     presets = []
-    for variant, (display, reserve) in RESERVE_GB.items():
+    for variant in variants.values():
         for gpu_gb in GPU_SIZES_GB:
-            budget = round(gpu_gb - reserve, 1)
+            budget = round(gpu_gb - variant.reserve_gb, 1)
             if budget <= 0.5:
                 continue
             presets.append(
                 Preset(
-                    name=f"{display}, {gpu_gb} GB",
-                    variant=variant,
+                    name=f"{variant.display_name}, {gpu_gb} GB",
+                    variant=variant.name,
                     vram_gb=gpu_gb,
                     options=(("vram_budget_gb", budget), ("prefetch_blocks", 1)),
                 )

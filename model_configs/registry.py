@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import os
+import pkgutil
 from typing import Iterable
 
 from torch import nn
@@ -10,13 +13,32 @@ from . import cosmos, flux, hunyuan_video, wan
 from .base import ArchConfig, Variant
 from .generic import generic_config
 
-# Order matters only among records of one class family: records with required paths
-# (VACE) are tried before the plain ones.
-CONFIGS: tuple[ArchConfig, ...] = (
-    *wan.CONFIGS,
-    *hunyuan_video.CONFIGS,
-    *flux.CONFIGS,
-    *cosmos.CONFIGS,
+# Every module of this package that defines CONFIGS is a family of records: a new
+# architecture is a new module here, not an edit of this list. Known families first, in
+# the order presets are listed; new ones after, by module name.
+_KNOWN = (wan, hunyuan_video, flux, cosmos)
+
+
+def _families() -> list:
+    modules = list(_KNOWN)
+    for info in sorted(pkgutil.iter_modules(_package_path())):
+        module = importlib.import_module(f"{__package__}.{info.name}")
+        if hasattr(module, "CONFIGS") and module not in modules:
+            modules.append(module)
+    return modules
+
+
+def _package_path() -> list[str]:
+    return [os.path.dirname(os.path.abspath(__file__))]
+
+
+# Records with required paths (VACE) must be tried before the plain ones of the same class;
+# the sort is stable, so otherwise family order holds.
+IN_FAMILY_ORDER: tuple[ArchConfig, ...] = tuple(
+    config for module in _families() for config in module.CONFIGS
+)
+CONFIGS: tuple[ArchConfig, ...] = tuple(
+    sorted(IN_FAMILY_ORDER, key=lambda config: -len(config.required_paths))
 )
 
 

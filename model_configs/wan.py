@@ -10,49 +10,79 @@ from .base import ArchConfig, BlockListLayout, ModelLayout, SkeletonRecipe, Vari
 ACTIVATION_BYTES_PER_TOKEN_CHANNEL = 21.0
 
 VARIANTS = (
-    Variant("wan2.1-1.3b", "Wan 2.1 1.3B", num_blocks=30, hidden_size=1536),
-    Variant("wan2.2-5b", "Wan 2.2 5B", num_blocks=30, hidden_size=3072),
+    Variant("wan2.1-1.3b", "Wan 2.1 1.3B", num_blocks=30, hidden_size=1536, reserve_gb=3.0),
+    Variant("wan2.2-5b", "Wan 2.2 5B", num_blocks=30, hidden_size=3072, reserve_gb=4.0),
     # Wan 2.1 14B and each of Wan 2.2 A14B's two experts share this shape.
-    Variant("wan-14b", "Wan 2.1/2.2 14B", num_blocks=40, hidden_size=5120),
+    Variant("wan-14b", "Wan 2.1/2.2 14B", num_blocks=40, hidden_size=5120, reserve_gb=4.5),
 )
 
 HEAD_DIM = 128  # every Wan size uses 128-wide attention heads
 
 
 def _count(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> int:
-    indices = {int(k[len(prefix) :].split(".")[0]) for k in shapes if k.startswith(prefix)}
-    return max(indices) + 1 if indices else 0
+    """How many blocks ``prefix`` holds: its indices must be exactly 0..n-1. Counting the
+    distinct indices, not the largest, keeps a stray ``blocks.100000000.x`` from asking for
+    10**8 blocks; keys whose index is no plain number are left for the key check to name."""
+    indices = set()
+    for key in shapes:
+        if key.startswith(prefix):
+            index = key[len(prefix) :].split(".")[0]
+            if index.isascii() and index.isdigit() and str(int(index)) == index:
+                indices.add(int(index))
+    count = len(indices)
+    if indices and max(indices) != count - 1:  # then one of 0..count-1 is missing
+        gap = [i for i in range(count) if i not in indices][:5]
+        missing = ", ".join(f"{prefix}{i}" for i in gap)
+        raise ValueError(
+            f"{count} {prefix}N blocks are numbered up to {max(indices)}: no {missing}"
+        )
+    return count
+
+
+def _shape(shapes: Mapping[str, tuple[int, ...]], key: str, ndim: int) -> tuple[int, ...]:
+    shape = tuple(shapes[key])
+    if len(shape) != ndim:
+        raise ValueError(f"tensor {key!r} has shape {list(shape)[:8]}, not {ndim} dimensions")
+    return shape
 
 
 def diffusers_config_from_comfy_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict:
     """``WanTransformer3DModel`` / ``WanVACETransformer3DModel`` arguments for a checkpoint in
-    the original (ComfyUI) key layout, the way ComfyUI's model detection reads them."""
-    dim = shapes["head.modulation"][-1]
-    patch = shapes["patch_embedding.weight"]
+    the original (ComfyUI) key layout, the way ComfyUI's model detection reads them.
+
+    Raises:
+        ValueError: the shapes describe no Wan model (a missing key raises ``KeyError``).
+    """
+    dim = _shape(shapes, "head.modulation", 3)[-1]
+    if dim % HEAD_DIM:
+        raise ValueError(f"hidden size {dim} (head.modulation) is no multiple of {HEAD_DIM}")
+    patch = _shape(shapes, "patch_embedding.weight", 5)
     config = dict(
         patch_size=tuple(patch[2:]),
         num_attention_heads=dim // HEAD_DIM,
         attention_head_dim=HEAD_DIM,
         in_channels=patch[1],
-        out_channels=shapes["head.head.weight"][0] // (patch[2] * patch[3] * patch[4]),
-        text_dim=shapes["text_embedding.0.weight"][1],
-        freq_dim=shapes["time_embedding.0.weight"][1],
-        ffn_dim=shapes["blocks.0.ffn.0.weight"][0],
+        out_channels=_shape(shapes, "head.head.weight", 2)[0] // (patch[2] * patch[3] * patch[4]),
+        text_dim=_shape(shapes, "text_embedding.0.weight", 2)[1],
+        freq_dim=_shape(shapes, "time_embedding.0.weight", 2)[1],
+        ffn_dim=_shape(shapes, "blocks.0.ffn.0.weight", 2)[0],
         num_layers=_count(shapes, "blocks."),
         cross_attn_norm="blocks.0.norm3.weight" in shapes,
         qk_norm="rms_norm_across_heads" if "blocks.0.self_attn.norm_q.weight" in shapes else None,
         eps=1e-6,
     )
     if "img_emb.proj.0.weight" in shapes:  # i2v / FLF: CLIP image projection
-        config["image_dim"] = shapes["img_emb.proj.0.weight"][0]
+        config["image_dim"] = _shape(shapes, "img_emb.proj.0.weight", 1)[0]
         config["added_kv_proj_dim"] = dim
         if "img_emb.emb_pos" in shapes:
-            config["pos_embed_seq_len"] = shapes["img_emb.emb_pos"][1]
+            config["pos_embed_seq_len"] = _shape(shapes, "img_emb.emb_pos", 3)[1]
     vace = _count(shapes, "vace_blocks.")
     if vace:  # vace block n feeds main block n * stride, as ComfyUI maps them
+        if vace > config["num_layers"]:
+            raise ValueError(f"{vace} vace blocks for {config['num_layers']} main blocks")
         stride = config["num_layers"] // vace
         config["vace_layers"] = list(range(0, config["num_layers"], stride))[:vace]
-        config["vace_in_channels"] = shapes["vace_patch_embedding.weight"][1]
+        config["vace_in_channels"] = _shape(shapes, "vace_patch_embedding.weight", 5)[1]
     return config
 
 
