@@ -12,6 +12,7 @@ import logging
 
 from torch import nn
 
+from ..wan_blockswap.errors import BlockSwapConfigError
 from .base import ArchConfig, BlockListLayout, ModelLayout
 
 logger = logging.getLogger("wan_blockswap")
@@ -40,9 +41,12 @@ def generic_config(model: nn.Module) -> ArchConfig:
         if not any(path.startswith(other + ".") for other, _, _ in candidates)
     ]
     if not chosen:
-        raise ValueError(
-            f"found no list of alike blocks in {type(model).__name__}: pass a ModelLayout "
-            f"(layout=...) naming its block lists"
+        raise BlockSwapConfigError(
+            f"found no block list in {type(model).__name__}: no architecture record matches "
+            f"it, and the generic rule (a ModuleList, ModuleDict or Sequential of at least "
+            f"two modules of one class holding at least {MIN_LIST_SHARE:.0%} of the weights) "
+            f"found none. Pass layout=ModelLayout(name=..., block_lists="
+            f"(BlockListLayout('path.to.blocks'),)) naming its block lists"
         )
     logger.info(
         "no model config matches %s; generic rule found block lists: %s",

@@ -107,3 +107,17 @@ def test_debug_mode_logs_plan_and_per_forward_report(caplog):
     assert "block swap forward" in caplog.text and "hidden behind compute" in caplog.text
     assert swap.stats.last_report is not None
     swap.remove()
+
+
+def test_a_model_with_no_record_and_no_block_list_is_told_what_was_looked_for():
+    import pytest
+    from torch import nn
+
+    from comfyui_wan_blockswap.model_configs import detect
+    from comfyui_wan_blockswap.wan_blockswap import BlockSwapConfigError
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 4))
+    model.add_module("odd", nn.ModuleList([nn.Linear(4, 4), nn.LayerNorm(4)]))
+    with pytest.raises(BlockSwapConfigError, match="no architecture record matches") as info:
+        detect(model.odd)
+    assert "generic rule" in str(info.value) and "BlockListLayout" in str(info.value)
