@@ -151,6 +151,12 @@ class Checkpoint:
     def __repr__(self) -> str:
         return f"<Checkpoint {self.format}: {len(self.records)} tensors, {len(self.paths)} file(s)>"
 
+    @property
+    def total_bytes(self) -> int:
+        """The size of the checkpoint's files together, as seen when they were opened: what a
+        model built from the file is bounded by."""
+        return sum(self._file_sizes.values())
+
     def __enter__(self) -> Checkpoint:
         return self
 
