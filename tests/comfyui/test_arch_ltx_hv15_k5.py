@@ -4,13 +4,12 @@ record, and the node's outputs equal core's over block, layer and streamed plans
 without a LoRA-style patch, through core's loader and our lazy loader. Each test skips on a
 core without the family's class (0.3.64 has LTX-Video only)."""
 
-import gc
-
 import pytest
 import torch
 
 import tiny_ltx_hv15_k5 as tiny
-from test_comfy_node import WIDGETS, lora_like, node
+from arch_fixtures import _one_thread, _unload  # noqa: F401  (autouse fixtures)
+from test_comfy_node import WIDGETS, lora_like, node, swap_of
 
 ARCHS = list(tiny.SPECS)
 
@@ -54,33 +53,10 @@ LORA_KEYS = {
 LORA_KEYS["kandinsky5_image"] = LORA_KEYS["kandinsky5"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny matmuls on a busy 2-core machine: OpenMP hand-off costs more than the work
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _unload(request):
-    yield
-    if "comfy" in request.fixturenames:  # as test_comfy_node's fixture, for these tests
-        gc.collect()
-        request.getfixturevalue("comfy").model_management.unload_all_models()
-
-
 def load(arch, **kwargs):
     if not tiny.has_class(arch):
         pytest.skip(f"this core has no {tiny.SPECS[arch].model_config} ({arch})")
     return tiny.load_tiny(arch, **kwargs)
-
-
-def swap_of(model):
-    from comfyui_wan_blockswap.wan_blockswap import get_block_swap
-
-    return get_block_swap(model.model.diffusion_model)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -6,13 +6,12 @@ blocks, on the modules the variants run between the blocks (S2V's audio injector
 face adapters, the camera adapter) and on HuMo's audio cross-attention inside them, through
 core's loader and our lazy loader. Each test skips on a core without the family's class."""
 
-import gc
-
 import pytest
 import torch
 
 import tiny_minimax_wan22 as tiny
-from test_comfy_node import WIDGETS, lora_like, node
+from arch_fixtures import _one_thread, _unload  # noqa: F401  (autouse fixtures)
+from test_comfy_node import WIDGETS, lora_like, node, swap_of
 
 ARCHS = list(tiny.SPECS)
 
@@ -84,33 +83,10 @@ EXTRAS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny matmuls on a busy 2-core machine: OpenMP hand-off costs more than the work
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _unload(request):
-    yield
-    if "comfy" in request.fixturenames:  # as test_comfy_node's fixture, for these tests
-        gc.collect()
-        request.getfixturevalue("comfy").model_management.unload_all_models()
-
-
 def load(arch, **kwargs):
     if not tiny.has_class(arch):
         pytest.skip(f"this core has no {tiny.SPECS[arch].model_config} ({arch})")
     return tiny.load_tiny(arch, **kwargs)
-
-
-def swap_of(model):
-    from comfyui_wan_blockswap.wan_blockswap import get_block_swap
-
-    return get_block_swap(model.model.diffusion_model)
 
 
 def without_face(inputs):

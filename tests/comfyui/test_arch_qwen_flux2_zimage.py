@@ -12,51 +12,10 @@ import pytest
 import torch
 
 import tiny_qwen_flux2_zimage as tiny
+from arch_fixtures import _one_thread  # noqa: F401  (autouse fixture)
+from test_comfy_node import WIDGETS, lora_like, node, swap_of
 
 NAMES = list(tiny.SPECS)
-
-WIDGETS = dict(
-    blocks_to_swap=2,
-    offload_txt_emb=False,
-    offload_img_emb=False,
-    use_non_blocking=True,
-    vace_blocks_to_swap=0,
-    prefetch_blocks=1,
-    block_swap_debug=False,
-)
-
-
-def node(model, **options):
-    from conftest import load_pack
-
-    return load_pack().nodes.WanBlockSwapStream().apply(model, **{**WIDGETS, **options})[0]
-
-
-def swap_of(model):
-    from comfyui_wan_blockswap.wan_blockswap import get_block_swap
-
-    return get_block_swap(model.model.diffusion_model)
-
-
-def lora_like(patcher, keys, seed=0):
-    """A clone with 'diff' weight patches on ``keys`` (core applies them like a LoRA)."""
-    gen = torch.Generator().manual_seed(seed)
-    clone = patcher.clone()
-    state = patcher.model.state_dict()
-    patches = {
-        key: ("diff", (0.05 * torch.randn(state[key].shape, generator=gen),)) for key in keys
-    }
-    clone.add_patches(patches, 1.0)
-    return clone
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matmuls on a busy 2-core box: OpenMP hand-off costs more than the work
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
