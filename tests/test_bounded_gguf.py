@@ -18,11 +18,9 @@ Budget: ~30 s on two cores; hypothesis' database is off, so nothing is written t
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import itertools
 import os
-import signal
 import struct
 import time
 import tracemalloc
@@ -32,6 +30,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_checkpoint_fuzz import _watchdog
 
 from comfyui_wan_blockswap.callbacks.checkpoint import CheckpointError
 from comfyui_wan_blockswap.callbacks.gguf_reader import (
@@ -66,25 +65,6 @@ SETTINGS = dict(deadline=None, database=None, suppress_health_check=list(HealthC
 # ---------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _watchdog(seconds: int):
-    """Fail instead of hanging (POSIX main thread only; elsewhere a no-op)."""
-    if not hasattr(signal, "SIGALRM"):
-        yield
-        return
-
-    def on_alarm(signum, frame):
-        raise TimeoutError(f"parsing took over {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def _parse(path: str):
     try:
         return read_gguf_header(path)
@@ -98,7 +78,7 @@ def _parse_bounded(path: str, blob: bytes):
     assert len(blob) <= MAX_FILE_BYTES
     with open(path, "wb") as f:
         f.write(blob)
-    with _watchdog(WATCHDOG_S):
+    with _watchdog(WATCHDOG_S, "parsing"):
         start = time.thread_time()
         result = _parse(path)
         cpu = time.thread_time() - start

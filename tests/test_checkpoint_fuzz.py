@@ -66,14 +66,14 @@ WATCHDOG_S = 10
 
 
 @contextlib.contextmanager
-def _watchdog(seconds: int):
+def _watchdog(seconds: int, what: str = "open/read"):
     """Fail instead of hanging (POSIX main thread only; elsewhere a no-op)."""
     if not hasattr(signal, "SIGALRM"):
         yield
         return
 
     def on_alarm(signum, frame):
-        raise TimeoutError(f"open/read took over {seconds} s")
+        raise TimeoutError(f"{what} took over {seconds} s")
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
     signal.alarm(seconds)
