@@ -56,6 +56,7 @@ class Server:
         args: tuple[str, ...] = (),
         env: dict | None = None,
         frontend: bool = False,
+        probe: bool = False,
     ) -> None:
         self.comfyui = os.path.abspath(comfyui)
         self.frontend = frontend  # serve the installed web frontend (not an empty folder)
@@ -71,8 +72,14 @@ class Server:
         test_node = os.path.join(self.base, "custom_nodes", "blockswap_test_conditioning")
         if not os.path.exists(test_node):
             shutil.copytree(TEST_NODE, test_node)
+        if probe:  # the host-memory route (see memory_report)
+            probe_node = os.path.join(self.base, "custom_nodes", "blockswap_test_memory_probe")
+            os.makedirs(probe_node, exist_ok=True)
+            with open(os.path.join(probe_node, "__init__.py"), "w") as handle:
+                handle.write(_MEMORY_PROBE)
         self.models = os.path.join(self.base, "models", "diffusion_models")
         self.loras = os.path.join(self.base, "models", "loras")
+        self.probe = probe
         self.process: subprocess.Popen | None = None
         self.log_path = os.path.join(workdir, "server.log")
         self.url = ""
@@ -198,9 +205,12 @@ class Server:
     def free(self, settle: float = 20.0) -> None:
         """What the UI's "unload models" does: every model unloaded, node caches and memory
         emptied. The server does it on its worker thread: wait until its VRAM stops
-        changing (NVML), or a second on a CPU."""
+        changing (NVML), or a second on a CPU (with the probe: until the worker is done)."""
         request(self.url + "/free", {"unload_models": True, "free_memory": True})
-        time.sleep(1.0)
+        # a second was not always enough on a busy CPU: with the probe, wait for the worker
+        time.sleep(0.2 if self.probe else 1.0)
+        if self.probe:
+            self.wait_idle(settle)
         deadline, last, steady = time.time() + settle, -1, 0
         while time.time() < deadline and _nvml_handle() is not None:
             used = process_vram(self.process.pid)
@@ -215,6 +225,34 @@ class Server:
         core's loaded models, our swaps, the largest live CUDA storages and their holders."""
         try:
             return request(self.url + "/blockswap_test/cuda_report", timeout=120)
+        except OSError as error:
+            return {"error": str(error)}
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Wait until the prompt worker is idle (a server made with ``probe=True``): nothing
+        queued or running, no /free left half done. False on timeout."""
+        deadline = time.time() + timeout
+        while time.time() < deadline and self.alive:
+            try:
+                if request(self.url + "/blockswap_test/worker_idle").get("idle"):
+                    return True
+            except OSError:
+                pass
+            time.sleep(0.1)
+        return False
+
+    def memory_report(
+        self, start: bool = False, tracemalloc: bool = False, trim: bool = False
+    ) -> dict:
+        """Where the server's host memory is (a server made with ``probe=True``), after a GC:
+        RSS split into anonymous and file pages, glibc's heap (in use, free but kept), live
+        CPU tensors. ``start``: the baseline later reports compare with (objects by type, new
+        tensor storages and, with ``tracemalloc``, Python allocations by source line, traced
+        from then on). ``trim``: then malloc_trim(0) and the RSS again: what the heap kept
+        without using it."""
+        query = f"?start={int(start)}&tracemalloc={int(tracemalloc)}&trim={int(trim)}"
+        try:
+            return request(self.url + "/blockswap_test/memory" + query, timeout=600)
         except OSError as error:
             return {"error": str(error)}
 
@@ -410,6 +448,105 @@ def wan_workflow(
     return prompt
 
 
+def wan22_a14b_workflow(
+    high_file: str,
+    low_file: str,
+    *,
+    frames: int,
+    width: int,
+    height: int,
+    steps: int,
+    switch_step: int,
+    seed: int,
+    cfg: float = 3.5,
+    shift: float = 8.0,
+    node_high: dict | None = None,
+    node_low: dict | None = None,
+    lora: tuple[str, float] | None = None,
+    prefix: str = "a14b",
+) -> dict:
+    """Wan 2.2 A14B as its template runs it: two UNETLoaders (high-noise and low-noise
+    experts), each -> [LoRA] -> [WAN BlockSwap] -> ModelSamplingSD3, and two KSamplerAdvanced:
+    the high-noise model takes steps 0..switch_step and hands its leftover noise to the
+    low-noise model for the rest; then SaveLatent. ``node_high`` / ``node_low``: the WAN
+    BlockSwap widgets of each model, or None (core alone)."""
+    prompt: dict[str, Any] = {
+        "3": {
+            "class_type": "WanBlockSwapTestConditioning",
+            "inputs": {"seed": 1, "tokens": 8, "dim": 4096, "nonce": next(_NONCES)},
+        },
+        "4": {
+            "class_type": "WanBlockSwapTestConditioning",
+            "inputs": {"seed": 2, "tokens": 8, "dim": 4096, "nonce": next(_NONCES)},
+        },
+        "5": {
+            "class_type": "EmptyHunyuanLatentVideo",
+            "inputs": {"width": width, "height": height, "length": frames, "batch_size": 1},
+        },
+        "7": {
+            "class_type": "SaveLatent",
+            "inputs": {"samples": ["31", 0], "filename_prefix": prefix},
+        },
+    }
+    sampler = {
+        "noise_seed": seed,
+        "steps": steps,
+        "cfg": cfg,
+        "sampler_name": "euler",
+        "scheduler": "simple",
+        "positive": ["3", 0],
+        "negative": ["4", 0],
+    }
+    # node ids: 1x the high-noise chain, 2x the low-noise chain, 30 and 31 the samplers
+    for first, file, node in (("1", high_file, node_high), ("2", low_file, node_low)):
+        prompt[first + "1"] = {
+            "class_type": "UNETLoader",
+            "inputs": {"unet_name": file, "weight_dtype": "default"},
+        }
+        model: list = [first + "1", 0]
+        if lora is not None:
+            prompt[first + "2"] = {
+                "class_type": "LoraLoaderModelOnly",
+                "inputs": {"model": model, "lora_name": lora[0], "strength_model": lora[1]},
+            }
+            model = [first + "2", 0]
+        if node is not None:
+            prompt[first + "3"] = {
+                "class_type": "WanBlockSwapStream",
+                "inputs": {"model": model, **node},
+            }
+            model = [first + "3", 0]
+        prompt[first + "4"] = {
+            "class_type": "ModelSamplingSD3",
+            "inputs": {"model": model, "shift": shift},
+        }
+    prompt["30"] = {
+        "class_type": "KSamplerAdvanced",
+        "inputs": {
+            "model": ["14", 0],
+            "add_noise": "enable",
+            **sampler,
+            "latent_image": ["5", 0],
+            "start_at_step": 0,
+            "end_at_step": switch_step,
+            "return_with_leftover_noise": "enable",
+        },
+    }
+    prompt["31"] = {
+        "class_type": "KSamplerAdvanced",
+        "inputs": {
+            "model": ["24", 0],
+            "add_noise": "disable",
+            **sampler,
+            "latent_image": ["30", 0],
+            "start_at_step": switch_step,
+            "end_at_step": 10000,
+            "return_with_leftover_noise": "disable",
+        },
+    }
+    return prompt
+
+
 def node_defaults() -> dict:
     """The WAN BlockSwap node's widgets as a new node in the UI has them."""
     import _pack
@@ -441,6 +578,166 @@ def latest_latent(server: Server, prefix: str) -> str | None:
         key=lambda n: os.path.getmtime(os.path.join(folder, n)),
     )
     return os.path.join(folder, names[-1]) if names else None
+
+
+# -- a host-memory probe -----------------------------------------------------------------
+
+# A test-only node pack (no nodes, two routes) that Server(probe=True) writes into the base
+# directory: it tells a leak (grows with prompts) from one-time costs and allocator caches.
+_MEMORY_PROBE = r"""
+import collections
+import ctypes
+import gc
+import tracemalloc
+import weakref
+
+NODE_CLASS_MAPPINGS = {}
+PACK = "/custom_nodes/wan_blockswap/"  # where the node pack's modules are imported from
+_baseline = {}
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                     "uordblks", "fordblks", "keepcost")
+    ]
+
+
+try:
+    _libc = ctypes.CDLL("libc.so.6")
+    _libc.mallinfo2.restype = _Mallinfo2
+except (OSError, AttributeError):  # not glibc, or older than 2.33
+    _libc = None
+
+
+def _status():
+    out = {}
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmLck", "VmPin"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def _heap():
+    if _libc is None:
+        return {}
+    info = _libc.mallinfo2()  # summed over all arenas
+    return {"in_use": info.uordblks, "free_kept": info.fordblks, "mmapped": info.hblkhd,
+            "arenas_bytes": info.arena}
+
+
+def _objects():
+    import torch
+
+    types, storages = collections.Counter(), {}
+    for obj in gc.get_objects():
+        kind = type(obj)
+        types[f"{kind.__module__}.{kind.__qualname__}"] += 1
+        if isinstance(obj, torch.Tensor):
+            try:
+                if obj.device.type == "cpu":
+                    storage = obj.untyped_storage()
+                    storages[storage.data_ptr()] = storage.nbytes()
+            except Exception:  # a subclass without plain storage
+                pass
+    return types, storages
+
+
+def _snapshot():
+    return tracemalloc.take_snapshot().filter_traces(
+        (tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, __file__))
+    )
+
+
+def report(start, trace, trim):
+    gc.collect()
+    types, storages = _objects()
+    out = {"status": _status(), "heap": _heap(), "cpu_tensors": len(storages),
+           "cpu_tensor_bytes": sum(storages.values()), "objects": sum(types.values()),
+           "pack_objects": {k: n for k, n in types.items() if "wan_blockswap" in k},
+           "finalizers": len(weakref.finalize._registry)}
+    try:  # core's prompt history: grows with prompts by design (up to 10000)
+        from server import PromptServer
+
+        out["history"] = len(PromptServer.instance.prompt_queue.history)
+    except Exception:
+        pass
+    if start:
+        _baseline.clear()
+        _baseline.update(types=types, storages=storages)
+        if trace and not tracemalloc.is_tracing():
+            tracemalloc.start(12)
+        if tracemalloc.is_tracing():
+            _baseline["snapshot"] = _snapshot()
+    elif _baseline:
+        out["types_grown"] = dict((types - _baseline["types"]).most_common(12))
+        new = set(storages) - set(_baseline["storages"])
+        out["new_tensor_storages"] = len(new)
+        out["new_tensor_bytes"] = sum(storages[ptr] for ptr in new)
+        if "snapshot" in _baseline:
+            diffs = _snapshot().compare_to(_baseline["snapshot"], "traceback")
+            out["traced_bytes"] = tracemalloc.get_traced_memory()[0]
+            out["tracemalloc_own_bytes"] = tracemalloc.get_tracemalloc_memory()
+            ours = [d for d in diffs if any(PACK in f.filename for f in d.traceback)]
+            out["traced_growth_pack"] = sum(d.size_diff for d in ours)
+            out["traced_growth_all"] = sum(d.size_diff for d in diffs)
+            out["top_growth"] = [
+                {"bytes": d.size_diff, "count": d.count_diff,
+                 "where": [f"{f.filename}:{f.lineno}" for f in d.traceback[-5:]]}
+                for d in sorted(diffs, key=lambda d: -d.size_diff)[:10]
+            ]
+            out["top_growth_pack"] = [
+                {"bytes": d.size_diff, "count": d.count_diff,
+                 "where": [f"{f.filename}:{f.lineno}" for f in d.traceback[-5:]]}
+                for d in sorted(ours, key=lambda d: -d.size_diff)[:6]
+            ]
+    if trim and _libc is not None:
+        _libc.malloc_trim(0)
+        out["status_after_trim"] = _status()
+        out["heap_after_trim"] = _heap()
+    return out
+
+
+def worker_idle():
+    # True once the prompt worker has nothing left to do: no prompt queued or running, no
+    # /free flag left to act on, and the thread back waiting in the queue's get()
+    import sys
+    from server import PromptServer
+
+    queue = PromptServer.instance.prompt_queue
+    with queue.mutex:
+        if queue.queue or queue.currently_running or queue.flags:
+            return False
+    for frame in sys._current_frames().values():
+        names = []
+        while frame is not None:
+            names.append(frame.f_code.co_name)
+            frame = frame.f_back
+        if "prompt_worker" in names:
+            return names[:3] == ["wait", "get", "prompt_worker"]
+    return False
+
+
+try:  # the routes, where this runs inside a server
+    from aiohttp import web
+    from server import PromptServer
+
+    @PromptServer.instance.routes.get("/blockswap_test/memory")
+    async def _memory_route(request):
+        query = request.rel_url.query
+        flag = lambda name: query.get(name) == "1"  # noqa: E731
+        return web.json_response(report(flag("start"), flag("tracemalloc"), flag("trim")))
+
+    @PromptServer.instance.routes.get("/blockswap_test/worker_idle")
+    async def _idle_route(request):
+        return web.json_response({"idle": worker_idle()})
+
+except Exception:  # imported outside a server
+    pass
+"""
 
 
 # -- a smaller card ------------------------------------------------------------------------
