@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tiny_ltx_hv15_k5 as tiny
-from arch_fixtures import _one_thread, _unload  # noqa: F401  (autouse fixtures)
+from arch_fixtures import _one_thread, _unload, plan_options  # noqa: F401  (fixtures)
 from test_comfy_node import WIDGETS, lora_like, node, swap_of
 
 ARCHS = list(tiny.SPECS)
@@ -103,24 +103,12 @@ def test_hunyuan_video_and_1_5_each_get_their_own_record(comfy, arch):
 
 
 def _plans(model, record):
-    """Node options for a block plan, a layer plan that keeps some layers of every swapped
-    block resident, and a streamed plan (a budget below every slot plan)."""
-    from comfyui_wan_blockswap.wan_blockswap import SwapConfig, min_vram_budget_gb, plan_for
+    """Room for half of every main block beside the every-layer plan: some layers of every
+    swapped block stay resident."""
     from comfyui_wan_blockswap.wan_blockswap.engine import measure_model
 
-    gib = 2**30
-    layout = record.layout
-    _, sizes = measure_model(model, layout)
-    every_layer = plan_for(model, SwapConfig(swap_unit="layer"), layout).gpu_weight_bytes
-    layers = (every_layer + sum(b.nbytes for b in sizes.with_role("main")) // 2) / gib
-    largest = max(n for block in sizes.blocks for n in block.layer_bytes)
-    streamed = min_vram_budget_gb(model, layout) + 4 * largest / gib
-    base = dict(blocks_to_swap=0, offload_txt_emb=False, offload_img_emb=False)
-    return {
-        "blocks": dict(blocks_to_swap=2, offload_txt_emb=True, offload_img_emb=True),
-        "layers": dict(base, vram_budget_gb=round(layers, 6)),
-        "streamed": dict(base, vram_budget_gb=round(streamed, 6)),
-    }
+    _, sizes = measure_model(model, record.layout)
+    return plan_options(model, record, sum(b.nbytes for b in sizes.with_role("main")) // 2)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tiny_minimax_wan22 as tiny
-from arch_fixtures import _one_thread, _unload  # noqa: F401  (autouse fixtures)
+from arch_fixtures import _one_thread, _unload, plan_options  # noqa: F401  (fixtures)
 from test_comfy_node import WIDGETS, lora_like, node, swap_of
 
 ARCHS = list(tiny.SPECS)
@@ -138,28 +138,6 @@ def test_core_detects_it_and_our_record_finds_the_blocks_in_forward_order(comfy,
         assert all(not b.name.startswith(extra + ".") for b in sizes.blocks)
 
 
-def _plans(model, record):
-    """Node options for a block plan, a layer plan that keeps some layers of every swapped
-    block resident, and a streamed plan (a budget below every slot plan)."""
-    from comfyui_wan_blockswap.wan_blockswap import SwapConfig, min_vram_budget_gb, plan_for
-    from comfyui_wan_blockswap.wan_blockswap.engine import measure_model
-
-    gib = 2**30
-    layout = record.layout
-    _, sizes = measure_model(model, layout)
-    every_layer = plan_for(model, SwapConfig(swap_unit="layer"), layout).gpu_weight_bytes
-    # room for about half a block's layers beside the every-layer plan
-    layers = (every_layer + max(b.nbytes for b in sizes.with_role("main")) // 2) / gib
-    largest = max(n for block in sizes.blocks for n in block.layer_bytes)
-    streamed = min_vram_budget_gb(model, layout) + 4 * largest / gib
-    base = dict(blocks_to_swap=0, offload_txt_emb=False, offload_img_emb=False)
-    return {
-        "blocks": dict(blocks_to_swap=2, offload_txt_emb=True, offload_img_emb=True),
-        "layers": dict(base, vram_budget_gb=round(layers, 6)),
-        "streamed": dict(base, vram_budget_gb=round(streamed, 6)),
-    }
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_node_equals_core_over_block_layer_and_streamed_plans_with_a_lora(comfy, arch):
     from comfyui_wan_blockswap import model_configs
@@ -177,7 +155,7 @@ def test_node_equals_core_over_block_layer_and_streamed_plans_with_a_lora(comfy,
     comfy.model_management.unload_all_models()
     assert not torch.equal(plain, expected)
     text_lists = {bl.path for bl in record.layout.block_lists if bl.role == "txt_emb"}
-    for kind, options in _plans(model, record).items():
+    for kind, options in plan_options(model, record).items():
         swapped = node(lora_like(patcher, keys), **options)
         swap = swap_of(swapped)
         names = {unit.name for unit in swap.units}
@@ -192,7 +170,7 @@ def test_node_equals_core_over_block_layer_and_streamed_plans_with_a_lora(comfy,
         for _ in range(2):  # the second run follows the learned order
             assert torch.equal(tiny.run(comfy, swapped, inputs), expected), kind
         comfy.model_management.unload_all_models()
-    blocks = _plans(model, record)["blocks"]
+    blocks = plan_options(model, record)["blocks"]
     assert torch.equal(tiny.run(comfy, lora_like(node(patcher, **blocks), keys), inputs), expected)
     comfy.model_management.unload_all_models()
     assert torch.equal(tiny.run(comfy, node(patcher, **blocks), inputs), plain)
@@ -215,7 +193,7 @@ def test_minimax_bf16_with_its_fp32_layers_equals_core(comfy, arch):
     keys = [f"diffusion_model.{key}" for key in LORA_KEYS[arch]]
     expected = tiny.run(comfy, lora_like(patcher, keys), inputs)
     comfy.model_management.unload_all_models()
-    plans = _plans(model, model_configs.detect(model))
+    plans = plan_options(model, model_configs.detect(model))
     for kind in ("blocks", "streamed"):
         swapped = node(lora_like(patcher, keys), **plans[kind])
         assert torch.equal(tiny.run(comfy, swapped, inputs), expected), kind
@@ -235,7 +213,7 @@ def test_animate_face_adapters_between_streamed_blocks_equal_core(comfy):
     assert not torch.equal(expected, tiny.run(comfy, patcher, without_face(inputs)))
     comfy.model_management.unload_all_models()
     record = model_configs.detect(patcher.model.diffusion_model)
-    options = _plans(patcher.model.diffusion_model, record)["streamed"]
+    options = plan_options(patcher.model.diffusion_model, record)["streamed"]
     swapped = node(lora_like(patcher, keys), **options)
     names = {unit.name for unit in swap_of(swapped).units}
     assert {"motion_encoder", "face_adapter"} <= {n.split(".")[0] for n in names}
