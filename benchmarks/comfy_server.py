@@ -657,7 +657,8 @@ def report(start, trace, trim):
     types, storages = _objects()
     out = {"status": _status(), "heap": _heap(), "cpu_tensors": len(storages),
            "cpu_tensor_bytes": sum(storages.values()), "objects": sum(types.values()),
-           "pack_objects": {k: n for k, n in types.items() if "wan_blockswap" in k},
+           "pack_objects": {k.split("/custom_nodes/")[-1]: n for k, n in types.items()
+                            if "wan_blockswap" in k},
            "finalizers": len(weakref.finalize._registry)}
     try:  # core's prompt history: grows with prompts by design (up to 10000)
         from server import PromptServer
