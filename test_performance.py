@@ -18,6 +18,7 @@ a PNG chart. Ctrl-C stops the sweep and keeps what was measured.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import logging
@@ -386,40 +387,59 @@ def run(args: argparse.Namespace) -> int:
 
 
 def measure_all(args, report, path, latent, dtype, device, bandwidth) -> None:
-    """Every setting of the sweep, in order; Ctrl-C keeps what was measured."""
+    """Every setting of the sweep, in order; Ctrl-C keeps what was measured. A setting that runs
+    out of device memory (no swapping on a small card, say) is recorded as such and the sweep
+    goes on; only when none ran is it an error."""
     runs = settings(args, report["num_blocks"])
     bar = perf_report.ProgressBar(len(runs))
-    baseline_ms = None
+    baseline_ms = base_weights = None
     try:
         for options in runs:
             bar.step(str(options))
-            row = measure(
-                path,
-                options,
-                latent,
-                dtype,
-                device,
-                DEFAULT_ITERS if args.iters is None else args.iters,
-                baseline_ms,
-                bandwidth,
-                progress=bool(args.model_path),  # real checkpoints take a while
-            )
+            try:
+                row = measure(
+                    path,
+                    options,
+                    latent,
+                    dtype,
+                    device,
+                    DEFAULT_ITERS if args.iters is None else args.iters,
+                    baseline_ms,
+                    bandwidth,
+                    progress=bool(args.model_path),  # real checkpoints take a while
+                )
+            except torch.OutOfMemoryError:
+                report["results"].append(_out_of_memory_row(options, device))
+                continue
             if options == dict(blocks_to_swap=0):
                 baseline_ms = row["ms"]
                 row["slowdown"] = 1.0
                 base_weights = row["weights_on_device_gib"]
-            row["vram_saved_gib"] = base_weights - row["weights_on_device_gib"]
+            if base_weights is not None:
+                row["vram_saved_gib"] = base_weights - row["weights_on_device_gib"]
             report["results"].append(row)
     except KeyboardInterrupt:
         report["interrupted"] = True
         print("\ninterrupted: writing what was measured", file=sys.stderr)
-    except torch.OutOfMemoryError:  # past the estimates checked before: still our error
-        bar.close()
-        raise InsufficientMemoryError(
-            f"{options} ran out of {device} memory: use a smaller latent (--frames, --height, "
-            f"--width or --tokens) or swap more (--blocks-to-swap, --vram-budget-gb)"
-        ) from None
     bar.close()
+    if runs and not any("ms" in row for row in report["results"]) and not report.get("interrupted"):
+        raise InsufficientMemoryError(
+            f"every setting ran out of {device} memory: use a smaller latent (--frames, "
+            f"--height, --width or --tokens) or swap more (--blocks-to-swap, --vram-budget-gb)"
+        )
+
+
+def _out_of_memory_row(options: dict, device: torch.device) -> dict:
+    """A setting the device could not hold; what it allocated is given back first."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    print(f"\n{options}: out of {device} memory, skipped", file=sys.stderr)
+    return {
+        "options": options,
+        "blocks_to_swap": options.get("blocks_to_swap"),
+        "status": "out of memory",
+    }
 
 
 def file_model_dtype(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):

@@ -23,7 +23,8 @@ COMFYUI = ArchConfig(
             BlockListLayout("single_blocks", key_prefix="single_blocks.{index}."),
         ),
         txt_emb=("txt_in",),
-        stream_modules=("img_in", "time_in", "vector_in", "guidance_in", "final_layer"),
+        # not img_in: core reads its width between forwards (tests/comfyui/test_shapes_core_reads.py)
+        stream_modules=("time_in", "vector_in", "guidance_in", "final_layer"),
     ),
     # (not the norm keys: current core names them .weight, older files and cores .scale)
     detect_keys=("double_blocks.0.img_attn.qkv.weight", "img_in.weight"),

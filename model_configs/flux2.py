@@ -42,9 +42,9 @@ COMFYUI = ArchConfig(
             BlockListLayout("single_blocks", key_prefix="single_blocks.{index}."),
         ),
         txt_emb=("txt_in",),
-        # every one runs through its own forward (Modulation calls its ``lin``)
+        # every one runs through its own forward (Modulation calls its ``lin``); not img_in:
+        # core reads its width between forwards (tests/comfyui/test_shapes_core_reads.py)
         stream_modules=(
-            "img_in",
             "time_in",
             "guidance_in",
             "double_stream_modulation_img",

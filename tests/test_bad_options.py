@@ -17,6 +17,8 @@ import subprocess
 import sys
 import types
 
+import json
+
 import pytest
 import torch
 
@@ -335,6 +337,35 @@ def test_running_out_of_device_memory_mid_sweep_is_our_error(files, tmp_path, ca
     last = err.strip().splitlines()[-1]
     assert status == 2 and last.startswith("error: ") and "Traceback" not in err
     assert "ran out of cpu memory" in last and "--tokens" in last and "--blocks-to-swap" in last
+
+
+def test_a_baseline_too_large_for_the_card_is_skipped_and_the_sweep_goes_on(
+    files, tmp_path, capsys, monkeypatch
+):
+    """On a small card the default sweep's first setting (nothing swapped) does not fit: that
+    row says so, and the swapped settings are still measured."""
+    from comfyui_wan_blockswap import test_performance
+
+    measure = test_performance.measure
+
+    def no_room_without_swapping(path, options, *args, **kwargs):
+        if options.get("blocks_to_swap") == 0:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return measure(path, options, *args, **kwargs)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(test_performance, "measure", no_room_without_swapping)
+    model = str(files / "wan_small.safetensors")
+    argv = ["--model-path", model, "--device", "cpu", "--tokens", "8", "--iters", "1"]
+    status, err = run_main([*argv, "--output", "r.json"], capsys)
+    assert status == 0, err
+    rows = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert rows[0] == {
+        "options": {"blocks_to_swap": 0},
+        "blocks_to_swap": 0,
+        "status": "out of memory",
+    }
+    assert len(rows) == 3 and all("ms" in row and "slowdown" not in row for row in rows[1:])
 
 
 def test_a_report_that_cannot_be_written_is_our_error(tmp_path):
