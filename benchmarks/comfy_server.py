@@ -646,6 +646,22 @@ def _objects():
     return types, storages
 
 
+def _pinned():
+    # Page-locked host memory that /proc's VmLck does not count: CUDA's registrations
+    # (cudaHostRegister pins through the driver, not mlock). Ours from the pack's own count,
+    # core's from its pin accounting (v0.33; absent in older cores).
+    import sys
+
+    out = {}
+    for name, module in list(sys.modules.items()):
+        if name.endswith("wan_blockswap.storage") and hasattr(module, "registered_host_bytes"):
+            out["ours"] = module.registered_host_bytes()
+    management = sys.modules.get("comfy.model_management")
+    if management is not None and hasattr(management, "TOTAL_PINNED_MEMORY"):
+        out["core"] = int(management.TOTAL_PINNED_MEMORY)
+    return out
+
+
 def _snapshot():
     return tracemalloc.take_snapshot().filter_traces(
         (tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, __file__))
@@ -660,6 +676,7 @@ def report(start, trace, trim):
            "pack_objects": {k.split("/custom_nodes/")[-1]: n for k, n in types.items()
                             if "wan_blockswap" in k},
            "finalizers": len(weakref.finalize._registry)}
+    out["pinned"] = _pinned()
     try:  # core's prompt history: grows with prompts by design (up to 10000)
         from server import PromptServer
 

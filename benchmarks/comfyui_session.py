@@ -123,6 +123,8 @@ def memory(server: cs.Server, probe: bool = False, trim: bool = False, **probe_a
         reading["worker_busy"] = True  # read anyway, but not after the worker was done
     if probe or trim:
         report = server.memory_report(trim=trim, **probe_args)
+        for holder, nbytes in report.get("pinned", {}).items():  # not in VmLck (CUDA's pins)
+            reading[f"pinned_{holder}_gib"] = round(nbytes / cs.GIB, 4)
         if "heap" in report:
             reading["heap_in_use_gib"] = round(report["heap"].get("in_use", 0) / cs.GIB, 4)
         if "status_after_trim" in report:
