@@ -260,8 +260,13 @@ def main() -> int:
             }
     references: dict[tuple[int, int], str] = {}
     for arm in args.arms:
+        # probe: /free returns before the worker has unloaded (a static model's weights take
+        # seconds to copy back), so wait for the worker, not for NVML to look steady
         server = cs.Server(
-            args.comfyui, workdir, ARMS[arm]["args"] + (("--cpu",) if args.cpu else ())
+            args.comfyui,
+            workdir,
+            ARMS[arm]["args"] + (("--cpu",) if args.cpu else ()),
+            probe=True,
         )
         if not args.cpu and hog is None:
             hog = cs.VramHog()

@@ -21,6 +21,8 @@ first-use caches). ``--probe`` adds where the memory is at each reading (anonymo
 pages, glibc's heap in use and kept free, live CPU tensors, objects by type; ``--tracemalloc``:
 Python allocations by source line since the start) from a test-only route in the server.
 ``--trim`` adds the RSS after glibc's malloc_trim(0) at each reading (see memory()).
+``--static-reference`` (a dynamic-VRAM core on a GPU) checks node prompts with a LoRA against
+core alone in a second server with static loading: [Note: LoRA under dynamic VRAM].
 """
 
 from __future__ import annotations
@@ -176,6 +178,7 @@ def run(
     probe: bool = False,
     trace: bool = False,
     trim: bool = False,
+    static_reference: bool = False,
 ) -> dict:
     # the probe's routes: readings wait for the worker to be idle (a /free done, say)
     server = cs.Server(
@@ -193,6 +196,12 @@ def run(
     events: list[dict] = []
     readings: list[dict] = []
     references: dict[tuple[str, int, bool], Any] = {}
+    # [Note: LoRA under dynamic VRAM] core's dynamic VRAM applies a LoRA at each cast in the
+    # compute dtype, and rounds it into the resident copy only once the layer stays resident,
+    # so its outputs with a LoRA depend on residency; core's static loader (which loads the
+    # node's private model) patches once and rounds. Node prompts with a LoRA are then checked
+    # against core alone in a --disable-dynamic-vram server: the same kernels.
+    static_refs: dict[tuple[str, int, bool], Any] = {}
 
     def prompt_for(step: Step, seed: int, prefix: str) -> dict:
         steps = INTERRUPT_STEPS if step.kind == "interrupt" else STEPS
@@ -209,10 +218,7 @@ def run(
         return cs.wan_workflow(MODEL, **shape, cfg=1.0, node=high, lora=lora, prefix=prefix)
 
     def latent(prefix: str) -> Any:
-        from safetensors.torch import load_file
-
-        path = cs.latest_latent(server, prefix)
-        return None if path is None else load_file(path)["latent_tensor"]
+        return _latent(server, prefix)
 
     def play(step: Step, index: int, prefix: str) -> dict:
         seed = 1 + index % 2
@@ -237,6 +243,9 @@ def run(
             result = server.queue(prompt_for(step, seed, prefix))
             out = latent(prefix) if result["status"] == "success" else None
             reference = references[(step.model, seed, step.lora)]
+            if step.kind == "node" and step.lora and static_refs:
+                reference = static_refs[(step.model, seed, step.lora)]
+                event["reference"] = "core alone, static loading"
             event["ok"] = out is not None and bool((out == reference).all())
             if out is not None and not event["ok"]:
                 event["max_abs_diff"] = (out.float() - reference.float()).abs().max().item()
@@ -250,6 +259,8 @@ def run(
         return event
 
     started = time.time()
+    if static_reference:
+        static_refs.update(_static_references(comfyui, workdir, server, prompt_for))
     with server:
         # core alone first: the outputs every later prompt must give. A warm-up prompt before
         # them: on a GPU, core's very first prompt after start came out a little different
@@ -288,6 +299,13 @@ def run(
             readings.append({"after": "free", **memory(server, probe, trim)})
         session_seconds = time.time() - session_started
     start, end = readings[0], readings[-1]
+    dynamic_vs_static = {
+        f"{model} seed {seed}{' lora' if lora else ''}": (
+            (references[key].float() - static_refs[key].float()).abs().max().item()
+        )
+        for key in static_refs
+        for model, seed, lora in [key]
+    }
     failed = [e for e in warmup_events + events if not e["ok"]]
     return {
         "prompts": len(events),
@@ -307,12 +325,49 @@ def run(
             if trim
             else {}
         ),
+        **({"core_dynamic_vs_static_max_abs_diff": dynamic_vs_static} if static_refs else {}),
         "warmup": [e["kind"] + ("/" + e["model"]) for e in warmup_events] if warmup else None,
         "seconds": round(time.time() - started, 1),  # references and warm-up included
         "session_seconds": round(session_seconds, 1),
         "events": events,
         "warmup_events": warmup_events,
     }
+
+
+def _latent(server: cs.Server, prefix: str) -> Any:
+    from safetensors.torch import load_file
+
+    path = cs.latest_latent(server, prefix)
+    return None if path is None else load_file(path)["latent_tensor"]
+
+
+def _static_references(comfyui: str, workdir: str, source: cs.Server, prompt_for: Any) -> dict:
+    """Core alone's outputs with static loading (``--disable-dynamic-vram``), from the same
+    files: see [Note: LoRA under dynamic VRAM]. The same warm-up and prompts as the session's
+    own references."""
+    import shutil
+
+    server = cs.Server(
+        comfyui,
+        os.path.join(workdir, "static"),
+        source.args + ("--disable-dynamic-vram",),
+        probe=True,
+    )
+    for folder, target in ((source.models, server.models), (source.loras, server.loras)):
+        os.makedirs(target, exist_ok=True)
+        for name in os.listdir(folder):
+            shutil.copy(os.path.join(folder, name), os.path.join(target, name))
+    refs = {}
+    with server:
+        server.queue(prompt_for(Step("plain"), 999, "warmup"))
+        for model in ("wan", "a14b"):
+            for seed in (1, 2):
+                for lora in (False, True):
+                    prefix = f"static_{model}_{seed}_{int(lora)}"
+                    result = server.queue(prompt_for(Step("plain", model, lora=lora), seed, prefix))
+                    assert result["status"] == "success", result
+                    refs[(model, seed, lora)] = _latent(server, prefix)
+    return refs
 
 
 def cpu_name() -> str:
@@ -356,6 +411,12 @@ def main() -> int:
     parser.add_argument("--core", default=None, help="a label for the core (default: its path)")
     parser.add_argument("--keep-log", default=None, help="copy the server's log here")
     parser.add_argument("--server-arg", action="append", default=[], help="passed to main.py")
+    parser.add_argument(
+        "--static-reference",
+        action="store_true",
+        help="check node prompts with a LoRA against core alone with static loading "
+        "(a second server with --disable-dynamic-vram): see [Note: LoRA under dynamic VRAM]",
+    )
     args = parser.parse_args()
     if not (args.output or args.results):
         parser.error("give --output, --results or both")
@@ -366,6 +427,7 @@ def main() -> int:
             result = run(
                 args.comfyui, workdir, args.prompts, args.cpu, tuple(args.server_arg),
                 warmup=args.warmup, probe=args.probe, trace=args.tracemalloc, trim=args.trim,
+                static_reference=args.static_reference,
             )  # fmt: skip
         finally:
             if args.keep_log:
