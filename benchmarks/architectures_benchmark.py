@@ -52,6 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _pack  # noqa: E402,F401  (this checkout as comfyui_wan_blockswap; tests/ on the path)
 
 import tiny_ltx_hv15_k5 as tiny_ltx  # noqa: E402
+from tiny_minimax_wan22 import fresh  # noqa: E402
 import tiny_minimax_wan22 as tiny_wan  # noqa: E402
 import tiny_models  # noqa: E402
 import tiny_qwen_flux2_zimage as tiny_image  # noqa: E402
@@ -429,17 +430,6 @@ def _to(value: Any, device: torch.device, dtype: torch.dtype, key: str = "") -> 
     return value
 
 
-def _fresh(value: Any) -> Any:
-    """A copy: forwards write into their inputs (NextDiT into ``transformer_options``)."""
-    if torch.is_tensor(value):
-        return value.clone()
-    if isinstance(value, (list, tuple)):
-        return type(value)(_fresh(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _fresh(v) for k, v in value.items()}
-    return value
-
-
 @dataclass(frozen=True)
 class Options:
     """How a run measures: ``warmup`` untimed and ``runs`` timed forwards per row kind."""
@@ -472,7 +462,7 @@ def timed(model: torch.nn.Module, family: Family, inputs: dict, opts: Options, k
     outputs: list[Any] = []
 
     def forward() -> None:
-        kwargs = _fresh(template)
+        kwargs = fresh(template)  # forwards write into their inputs (NextDiT)
         with torch.inference_mode():
             outputs.append(model(**kwargs))
             del outputs[:-1]

@@ -240,14 +240,14 @@ def _wan_inputs(name: str, model):
 # -- running ------------------------------------------------------------------------------
 
 
-def _fresh(value: Any) -> Any:
+def fresh(value: Any) -> Any:
     """A copy: forwards write into their inputs."""
     if torch.is_tensor(value):
         return value.clone()
     if isinstance(value, (list, tuple)):
-        return type(value)(_fresh(v) for v in value)
+        return type(value)(fresh(v) for v in value)
     if isinstance(value, dict):
-        return {k: _fresh(v) for k, v in value.items()}
+        return {k: fresh(v) for k, v in value.items()}
     return value
 
 
@@ -255,7 +255,7 @@ def call(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
     """One forward as core makes it; MiniMax H3's text goes through the token refiner first,
     as ``model_base.MiniMaxH3.extra_conds`` runs it. Outputs of several streams are
     flattened into one tensor."""
-    kwargs = _fresh(inputs)
+    kwargs = fresh(inputs)
     raw = kwargs.pop("raw_context", None)
     with torch.inference_mode():
         if raw is not None:
