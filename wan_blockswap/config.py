@@ -123,7 +123,7 @@ class SwapConfig:
 
     @property
     def num_slots(self) -> int:
-        """GPU swap slots in the ring: the block in use plus the look-ahead."""
+        """Fixed GPU swap slots: the block in use plus the look-ahead."""
         return self.prefetch_blocks + 1
 
     def replace(self, **changes: Any) -> "SwapConfig":

@@ -2,9 +2,9 @@
 
 ``BlockSwap.apply`` works in phases so that a failure leaves the module as it was:
 measure (units and sizes) -> plan -> check memory -> place (pack swapped units, move
-resident tensors, create the ring) -> hook. ``remove`` undoes every phase (see [Note: apply
-is a transaction]). The ring takes its GPU slots at the first forward, not here: running
-out of VRAM for them is reported there (``SlotRing.allocate``), with the model unchanged.
+resident tensors, create the scheduler) -> hook. ``remove`` undoes every phase (see [Note:
+apply is a transaction]). Fixed slots are taken at the first forward, not here: running out
+of VRAM for them is reported there (``FixedSlots.allocate``), with the model unchanged.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from .errors import (
     InsufficientMemoryError,
 )
 from .plan import BlockSizes, ModelSizes, SwapPlan, plan_swap
-from .ring import SlotRing
+from .scheduler import PrefetchScheduler
+from .fixed_slots import FixedSlots
 from .stats import SwapStats
 from .storage import PackedLayout, return_freed_host_memory
 from .stored_unit import Placeholders, StoredUnit
@@ -51,7 +52,7 @@ from .units import (
     stream_layer_units,
     tensor_refs,
 )
-from .window_ring import WindowRing
+from .window_allocator import WindowAllocator
 
 logger = logging.getLogger("wan_blockswap")
 
@@ -60,7 +61,7 @@ logger = logging.getLogger("wan_blockswap")
 # (ComfyUI does this when a workflow switches models) would keep it and its pinned host
 # buffers alive forever: this registry's values and a BlockSwap's ``model`` are weak. The
 # model keeps its BlockSwap alive through its forward hooks, and nothing of ours points back
-# (the hooks on swapped blocks hold the ring weakly), so dropping the last reference to the
+# (the hooks on swapped blocks hold the scheduler weakly), so dropping the last reference to the
 # model frees it at once, with its host buffers and slots, without waiting for the cycle
 # collector.
 _active: "weakref.WeakKeyDictionary[nn.Module, BlockSwap]" = weakref.WeakKeyDictionary()
@@ -86,7 +87,7 @@ class BlockSwap:
         self.sizes: ModelSizes | None = None
         self.stats = SwapStats()
         self.units: list[StoredUnit] = []
-        self.ring: SlotRing | None = None
+        self.scheduler: PrefetchScheduler | None = None
         # resident tensors we moved: where from, and the strides to give back
         self._moved: list[tuple[TensorRef, torch.device, tuple[int, ...] | None]] = []
         self._hooks: list[Any] = []
@@ -214,26 +215,26 @@ class BlockSwap:
                 else:
                     _move(ref, self.device)
         streams = DeviceStreams(self.device, timing=self.config.debug)
+        provider: FixedSlots | WindowAllocator
         if self.plan.kind == "streamed":
-            self.ring = WindowRing(
+            provider = WindowAllocator(
+                streams, self.units, self.plan.window_bytes, self.config.prefetch_blocks
+            )
+        else:
+            provider = FixedSlots(
                 streams,
                 self.units,
-                self.plan.window_bytes,
-                self.config.prefetch_blocks,
-                self.config.non_blocking,
-                self.stats,
-                debug=self.config.debug,
+                self.plan.num_slots,
+                self.plan.slot_bytes,
+                staging_bytes=self.plan.staging_bytes,
             )
-            return
-        self.ring = SlotRing(
+        self.scheduler = PrefetchScheduler(
             streams,
             self.units,
-            self.plan.num_slots,
-            self.plan.slot_bytes,
+            provider,
             self.config.non_blocking,
             self.stats,
             debug=self.config.debug,
-            staging_bytes=self.plan.staging_bytes,
         )
 
     def _compresses(self, unit: SwapUnit, previous: SwapUnit) -> bool:
@@ -251,19 +252,24 @@ class BlockSwap:
         return not window or needed <= window
 
     def _attach_hooks(self) -> None:
-        assert self.model is not None and self.ring is not None
-        ring = self.ring
+        assert self.model is not None and self.scheduler is not None
+        scheduler = self.scheduler
         # One registration per line, its handle kept in the same line ([Note: apply is a
         # transaction]): a statement over several lines gives an interrupt a place between
         # registering a hook and keeping its handle, and the hook would outlive the undo.
         for index, stored in enumerate(self.units):
             module = stored.unit.module
-            before, after = _unit_pre_hook(ring, index), _unit_post_hook(ring, index)
+            before, after = _unit_pre_hook(scheduler, index), _unit_post_hook(scheduler, index)
             self._hooks.append(module.register_forward_pre_hook(before))
             self._hooks.append(module.register_forward_hook(after, always_call=True))
             self._hooks.append(_register_state_dict_hook(module, stored.state_dict_hook))
         self._hooks.append(self.model.register_forward_pre_hook(self._begin_forward))
         self._hooks.append(self.model.register_forward_hook(self._end_forward, always_call=True))
+
+    @property
+    def ring(self) -> PrefetchScheduler | None:
+        """The former name of :attr:`scheduler` (benchmarks read it)."""
+        return self.scheduler
 
     @property
     def swapped_modules(self) -> set[nn.Module]:
@@ -272,16 +278,16 @@ class BlockSwap:
 
     def set_transform(self, transform: Any) -> None:
         """Run ``transform(unit_name, views)`` on the copy stream after each unit is copied
-        into a slot (e.g. to apply LoRA patches to the weights in the slot). Clears the slots'
-        cached contents, which were made under the previous transform."""
-        assert self.ring is not None
-        self.ring.transform = transform
-        self.ring.invalidate()
+        to the GPU (e.g. to apply LoRA patches to the weights there). Clears what fixed slots
+        cache, which was made under the previous transform."""
+        assert self.scheduler is not None
+        self.scheduler.transform = transform
+        self.scheduler.invalidate()
 
     def slot_pool_key(self) -> tuple | None:
         """Swaps with equal keys share one set of GPU slots (see [Note: shared slots]); a host
         that counts VRAM per model should count those slots once. None without slots."""
-        return self.ring.pool_key() if self.ring is not None else None
+        return self.scheduler.pool_key() if self.scheduler is not None else None
 
     @property
     def compressed(self) -> bool:
@@ -291,8 +297,8 @@ class BlockSwap:
     def drop_compression(self) -> None:
         """Send every unit raw from now on, from pinned memory (see ``compression_switch``).
         Slots keep their contents: the weights are the same."""
-        if self.ring is not None:
-            self.ring.streams.synchronize()  # no copy may still read a packed buffer
+        if self.scheduler is not None:
+            self.scheduler.streams.synchronize()  # no copy may still read a packed buffer
         try:
             for stored in self.units:
                 stored.drop_compression()
@@ -305,31 +311,32 @@ class BlockSwap:
         window (a new budget), without repacking anything. Whether each layer travels
         packed stays as decided at apply time."""
         current = self.plan
-        assert current is not None and isinstance(self.ring, WindowRing)
-        if plan.kind != "streamed" or plan.swapped != current.swapped:
+        assert current is not None and self.scheduler is not None
+        provider = self.scheduler.provider
+        if (
+            plan.kind != "streamed"
+            or plan.swapped != current.swapped
+            or not isinstance(provider, WindowAllocator)
+        ):
             raise BlockSwapStateError("set_window takes a streamed plan of the same layers")
         self.plan, self.config = plan, config
-        self.ring.window_bytes = plan.window_bytes
+        provider.window_bytes = plan.window_bytes
 
     def ring_bytes_held(self) -> int:
-        """GPU bytes the ring holds now: its fixed slots once taken, or a streamed plan's
+        """GPU bytes swapped units take now: fixed slots once taken, or a streamed plan's
         layers in flight."""
-        ring = self.ring
-        if ring is None:
-            return 0
-        if isinstance(ring, WindowRing):
-            return ring.held_bytes
-        return sum(slot.numel() * slot.element_size() for slot in ring.slots)
+        return self.scheduler.provider.held_bytes if self.scheduler is not None else 0
 
     def release_vram(self) -> None:
-        """Free the GPU slots until the next forward (e.g. when a host unloads the model)."""
-        if self.ring is not None:
-            self.ring.release_memory()
+        """Free the GPU memory of swapped units until the next forward (e.g. when a host
+        unloads the model)."""
+        if self.scheduler is not None:
+            self.scheduler.release_memory()
 
     def release_all(self) -> None:
         """Release whatever an interrupted forward left bound (idempotent)."""
-        if self.ring is not None:
-            self.ring.end_forward(completed=False)
+        if self.scheduler is not None:
+            self.scheduler.end_forward(completed=False)
 
     def swapped_tensor(self, name: str) -> "tuple[StoredUnit, int] | None":
         """The unit holding the parameter or buffer ``name`` and its index there, if swapped."""
@@ -351,9 +358,9 @@ class BlockSwap:
             if not stored.host_views:
                 raise BlockSwapStateError(f"{stored.name} has no host buffer yet (allocate it)")
             if stored.transfer is not None:  # the caller writes: the packed copy goes stale
-                if self.ring is not None:
-                    self.ring.streams.synchronize()  # no copy may still read it
-                    self.ring.invalidate()
+                if self.scheduler is not None:
+                    self.scheduler.streams.synchronize()  # no copy may still read it
+                    self.scheduler.invalidate()
                 stored.unseal()
             return stored.host_views[index]
         module_path, _, attr = name.rpartition(".")
@@ -374,22 +381,24 @@ class BlockSwap:
                     f"run the model under torch.no_grad() or torch.inference_mode(), or call "
                     f"model.requires_grad_(False)"
                 )
-        assert self.ring is not None
+        scheduler = self.scheduler
+        assert scheduler is not None
         if self._auto is not None:
             if self._auto.keep_compression() is False:
                 self.drop_compression()
-            self._auto.begin(self.stats.raw_bytes_copied, self.ring)
-        self.ring.begin_forward()
+            self._auto.begin(self.stats.raw_bytes_copied, scheduler)
+        scheduler.begin_forward()
 
     @torch.compiler.disable
     def _end_forward(self, module: nn.Module, args: Any, output: Any) -> None:
-        assert self.ring is not None
-        self.ring.end_forward(completed=output is not None)
+        scheduler = self.scheduler
+        assert scheduler is not None
+        scheduler.end_forward(completed=output is not None)
         if self._auto is not None:
-            self._auto.end(self.stats.raw_bytes_copied, output is not None, self.ring)
+            self._auto.end(self.stats.raw_bytes_copied, output is not None, scheduler)
         self.stats.forwards += 1
         if self.config.debug:
-            self.stats.finish_forward(self.ring.streams.synchronize)
+            self.stats.finish_forward(scheduler.streams.synchronize)
 
     # -- remove ---------------------------------------------------------------------------
 
@@ -411,10 +420,10 @@ class BlockSwap:
         return_freed_host_memory()
 
     def _undo(self, restore: bool = True) -> None:
-        if self.ring is not None:
-            self.ring.end_forward(completed=False)
-            self.ring.close()
-            self.ring = None
+        if self.scheduler is not None:
+            self.scheduler.end_forward(completed=False)
+            self.scheduler.close()
+            self.scheduler = None
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
@@ -459,32 +468,33 @@ def _allocate_empty_units(units: list[StoredUnit], pin: bool) -> None:
             future.result()
 
 
-# Hooks on swapped modules reach the ring and units weakly: a block holding its ring
-# strongly would close a cycle (ring -> unit -> block -> hook -> ring), and the model could
-# then only be freed by the cycle collector, late (see [Note: no strong path to the model]).
-# The model's own hooks hold the BlockSwap, which holds the ring and the units.
+# Hooks on swapped modules reach the scheduler and units weakly: a block holding its
+# scheduler strongly would close a cycle (scheduler -> unit -> block -> hook -> scheduler),
+# and the model could then only be freed by the cycle collector, late (see [Note: no strong
+# path to the model]). The model's own hooks hold the BlockSwap, which holds the scheduler
+# and the units.
 
 
-def _unit_pre_hook(ring: SlotRing, index: int) -> Any:
-    ring_ref = weakref.ref(ring)
+def _unit_pre_hook(scheduler: PrefetchScheduler, index: int) -> Any:
+    scheduler_ref = weakref.ref(scheduler)
 
     @torch.compiler.disable
     def hook(module: nn.Module, args: Any) -> None:
-        ring = ring_ref()
-        if ring is not None:
-            ring.wait(index)
+        scheduler = scheduler_ref()
+        if scheduler is not None:
+            scheduler.wait(index)
 
     return hook
 
 
-def _unit_post_hook(ring: SlotRing, index: int) -> Any:
-    ring_ref = weakref.ref(ring)
+def _unit_post_hook(scheduler: PrefetchScheduler, index: int) -> Any:
+    scheduler_ref = weakref.ref(scheduler)
 
     @torch.compiler.disable
     def hook(module: nn.Module, args: Any, output: Any) -> None:
-        ring = ring_ref()
-        if ring is not None:
-            ring.release(index)
+        scheduler = scheduler_ref()
+        if scheduler is not None:
+            scheduler.release(index)
 
     return hook
 

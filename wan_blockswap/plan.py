@@ -72,7 +72,7 @@ class SwapPlan:
     blocks and out, gets its GPU memory when it is prefetched and gives it back when it has
     run, with at most ``window_bytes`` of them on the GPU at once (a larger layer alone). It
     is one slot of ``max(window_bytes, largest layer)`` as far as VRAM is concerned. See
-    [Note: streamed plans] in ``window_ring.py``.
+    [Note: streamed plans] in ``window_allocator.py``.
     """
 
     swapped: tuple[str, ...]
@@ -104,12 +104,12 @@ class SwapPlan:
 
     @property
     def ring_bytes(self) -> int:
-        """VRAM of the slot ring: its slots and (compressed transfers) staging buffers."""
+        """VRAM of the fixed slots and (compressed transfers) their staging buffers."""
         return self.num_slots * self.slot_bytes + self.staging_bytes
 
     @property
     def gpu_weight_bytes(self) -> int:
-        """VRAM for weights: everything resident plus the slot ring."""
+        """VRAM for weights: everything resident plus the fixed slots."""
         return self.resident_bytes + self.ring_bytes
 
     @property
@@ -274,11 +274,11 @@ def _swapped_main(config: SwapConfig, n_main: int) -> set[int]:
 def spread(count: int, n: int) -> set[int]:
     """``count`` of ``n`` block indices, evenly spaced, the last block always among them.
 
-    Why not the last ``count``: the ring holds only a few units, so while a run of resident
+    Why not the last ``count``: the slots hold only a few units, so while a run of resident
     blocks computes the copy engine idles once the slots are full. Spread out, every resident
     block's compute hides the copy of the next swapped unit (on the H100 with 3 of 8 blocks
     swapped at 1,560 tokens the last-blocks layout left about 11 ms of copy time exposed
-    per forward). The last block is swapped so the ring wraps into the next forward early.
+    per forward). The last block is swapped so prefetching wraps into the next forward early.
     """
     return {(i + 1) * n // count - 1 for i in range(count)} if count else set()
 
