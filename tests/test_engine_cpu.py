@@ -512,3 +512,22 @@ def test_wrapper_tensor_weights_swap_as_their_inner_tensors():
         assert all(torch.equal(a, b) for a, b in zip(leaves(weight), stored[name])), name
     with torch.no_grad():
         assert torch.equal(model(**inputs), expected)
+
+
+def test_each_memory_provider_names_its_own_fix_when_it_is_full():
+    """Fixed slots run out when modules nest deeper than the look-ahead; a window has no
+    prefetch_blocks to raise, so it must not suggest it."""
+    from types import SimpleNamespace
+
+    from comfyui_wan_blockswap.wan_blockswap import BlockSwapError
+    from comfyui_wan_blockswap.wan_blockswap.fixed_slots import FixedSlots
+    from comfyui_wan_blockswap.wan_blockswap.streams import DeviceStreams
+    from comfyui_wan_blockswap.wan_blockswap.window_allocator import WindowAllocator
+
+    streams = DeviceStreams(torch.device("cpu"))
+    unit = SimpleNamespace(name="blocks.0")
+    with pytest.raises(BlockSwapError, match="raise prefetch_blocks"):
+        FixedSlots(streams, [unit], num_slots=2, slot_bytes=64).take(0)
+    with pytest.raises(BlockSwapError, match="vram_budget_gb") as error:
+        WindowAllocator(streams, [unit], window_bytes=1024, lookahead=1).take(0)
+    assert "prefetch_blocks" not in str(error.value)

@@ -10,48 +10,29 @@ of VRAM for them is reported there (``FixedSlots.allocate``), with the model unc
 from __future__ import annotations
 
 import logging
-import os
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from . import compressed_transfer, memory
+from . import memory
 from .compression_switch import CompressionAutoSwitch
 from .config import SwapConfig
-from .layout import ModelLayout
-from .errors import (
-    BlockSwapConfigError,
-    BlockSwapError,
-    BlockSwapStateError,
-    InsufficientMemoryError,
-)
-from .plan import BlockSizes, ModelSizes, SwapPlan, plan_swap
-from .scheduler import PrefetchScheduler
+from .errors import BlockSwapError, BlockSwapStateError, InsufficientMemoryError
 from .fixed_slots import FixedSlots
+from .hooks import register_state_dict_hook, unit_post_hook, unit_pre_hook
+from .layout import ModelLayout
+from .model_sizes import choose_units, measure_model, packed_bytes
+from .plan import plan_swap
+from .swap_plan import ModelSizes, SwapPlan
+from .scheduler import PrefetchScheduler
 from .stats import SwapStats
-from .storage import PackedLayout, return_freed_host_memory
-from .stored_unit import Placeholders, StoredUnit
+from .storage import return_freed_host_memory
+from .stored_unit import Placeholders, StoredUnit, allocate_empty
 from .streams import DeviceStreams
-from .units import (
-    LAYER_UNIT_MIN_SHARE,
-    SwapUnit,
-    TensorRef,
-    block_unit,
-    copy_with_strides,
-    embedding_unit,
-    find_blocks,
-    kept_strides,
-    layer_units,
-    leaves,
-    resolve,
-    shared_tensor_ids,
-    stream_layer_units,
-    tensor_refs,
-)
+from .swapped_weights import SwappedWeights
+from .units import SwapUnit, TensorRef, kept_strides, move_tensor, tensor_refs
 from .window_allocator import WindowAllocator
 
 logger = logging.getLogger("wan_blockswap")
@@ -72,7 +53,7 @@ def active_swap(module: nn.Module) -> "BlockSwap | None":
     return _active.get(module)
 
 
-class BlockSwap:
+class BlockSwap(SwappedWeights):
     """A module with some of its blocks streamed from pinned host memory.
 
     Create with :meth:`apply` (or :func:`wan_blockswap.apply_block_swap`); undo with
@@ -128,7 +109,7 @@ class BlockSwap:
         units, sizes = measure_model(model, layout)
         swap.sizes = sizes
         swap.plan = plan_swap(sizes, config)
-        chosen = _choose_units(units, swap.plan)
+        chosen = choose_units(units, swap.plan)
         level = logging.INFO if config.debug else logging.DEBUG
         logger.log(
             level,
@@ -194,7 +175,7 @@ class BlockSwap:
                 stored = StoredUnit(unit, self.device, placeholders, compress)
                 self.units.append(stored)  # before pack, so _undo restores a half-packed unit
             if self.allocate_empty:
-                _allocate_empty_units(self.units, pin)
+                allocate_empty(self.units, pin)
             for stored in self.units:
                 if stored.is_empty and not self.allocate_empty:
                     stored.unbind()  # placeholders now; the loader allocates and fills it
@@ -213,7 +194,7 @@ class BlockSwap:
                 if tensor.device.type == "meta":  # a skeleton: the loader fills it
                     ref.replace(torch.empty(tensor.size(), dtype=tensor.dtype, device=self.device))
                 else:
-                    _move(ref, self.device)
+                    move_tensor(ref, self.device)
         streams = DeviceStreams(self.device, timing=self.config.debug)
         provider: FixedSlots | WindowAllocator
         if self.plan.kind == "streamed":
@@ -248,7 +229,7 @@ class BlockSwap:
         if not self.plan.compressed:
             return False
         window = self.plan.window_bytes
-        needed = _packed(previous) + _packed(unit) * (1 + memory.PACKED_SHARE)
+        needed = packed_bytes(previous) + packed_bytes(unit) * (1 + memory.PACKED_SHARE)
         return not window or needed <= window
 
     def _attach_hooks(self) -> None:
@@ -259,10 +240,10 @@ class BlockSwap:
         # registering a hook and keeping its handle, and the hook would outlive the undo.
         for index, stored in enumerate(self.units):
             module = stored.unit.module
-            before, after = _unit_pre_hook(scheduler, index), _unit_post_hook(scheduler, index)
+            before, after = unit_pre_hook(scheduler, index), unit_post_hook(scheduler, index)
             self._hooks.append(module.register_forward_pre_hook(before))
             self._hooks.append(module.register_forward_hook(after, always_call=True))
-            self._hooks.append(_register_state_dict_hook(module, stored.state_dict_hook))
+            self._hooks.append(register_state_dict_hook(module, stored.state_dict_hook))
         self._hooks.append(self.model.register_forward_pre_hook(self._begin_forward))
         self._hooks.append(self.model.register_forward_hook(self._end_forward, always_call=True))
 
@@ -338,36 +319,6 @@ class BlockSwap:
         if self.scheduler is not None:
             self.scheduler.end_forward(completed=False)
 
-    def swapped_tensor(self, name: str) -> "tuple[StoredUnit, int] | None":
-        """The unit holding the parameter or buffer ``name`` and its index there, if swapped."""
-        if not self._swapped_index:
-            self._swapped_index = {
-                ref.qualname: (stored, index)
-                for stored in self.units
-                for index, ref in enumerate(stored.unit.tensors)
-            }
-        return self._swapped_index.get(name)
-
-    def destination(self, name: str) -> torch.Tensor:
-        """Where the weights of the parameter or buffer ``name`` live now: its host-buffer view
-        if swapped, else the tensor itself. Loaders write checkpoint data here."""
-        assert self.model is not None
-        found = self.swapped_tensor(name)
-        if found is not None:
-            stored, index = found
-            if not stored.host_views:
-                raise BlockSwapStateError(f"{stored.name} has no host buffer yet (allocate it)")
-            if stored.transfer is not None:  # the caller writes: the packed copy goes stale
-                if self.scheduler is not None:
-                    self.scheduler.streams.synchronize()  # no copy may still read it
-                    self.scheduler.invalidate()
-                stored.unseal()
-            return stored.host_views[index]
-        module_path, _, attr = name.rpartition(".")
-        owner = self.model.get_submodule(module_path) if module_path else self.model
-        tensor = owner._parameters.get(attr)
-        return tensor if tensor is not None else owner._buffers[attr]
-
     @torch.compiler.disable
     def _begin_forward(self, module: nn.Module, args: Any) -> None:
         if torch.is_grad_enabled():  # only then: the check costs a pass over every tensor
@@ -437,169 +388,9 @@ class BlockSwap:
                 if not restore:
                     tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
                 else:  # a lazily loaded skeleton's weights come back on the CPU
-                    _move(ref, torch.device("cpu") if device.type == "meta" else device, strides)
+                    move_tensor(
+                        ref, torch.device("cpu") if device.type == "meta" else device, strides
+                    )
         self.units.clear()
         self._moved.clear()
         self._swapped_index.clear()
-
-
-def _move(ref: TensorRef, device: torch.device, strides: tuple[int, ...] | None = None) -> None:
-    """Move one resident tensor, keeping its object where ``.data`` can be rebound; a wrapper
-    tensor, whose device is fixed when it is made, is replaced ([Note: wrapper tensors]).
-    ``strides``: the layout to give it there (moving back what apply moved)."""
-    tensor = ref.get()
-    with torch.inference_mode(tensor.is_inference()):
-        if is_traceable_wrapper_subclass(tensor):
-            ref.replace(tensor.to(device))
-        else:
-            tensor.data = copy_with_strides(tensor.data, device, strides, copy=False)
-
-
-def _allocate_empty_units(units: list[StoredUnit], pin: bool) -> None:
-    """Allocate the host buffers of units that have no data yet (a skeleton being loaded) on
-    several threads: page-locking faults in and pins every page, which one core does at only
-    a few GB/s, and the loader then fills the buffers in parallel too."""
-    empty = [u for u in units if u.is_empty and u.host is None]
-    if len(empty) < 2:
-        return
-    workers = min(8, os.cpu_count() or 1, len(empty))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blockswap-alloc") as pool:
-        for future in [pool.submit(u.allocate, pin) for u in empty]:
-            future.result()
-
-
-# Hooks on swapped modules reach the scheduler and units weakly: a block holding its
-# scheduler strongly would close a cycle (scheduler -> unit -> block -> hook -> scheduler),
-# and the model could then only be freed by the cycle collector, late (see [Note: no strong
-# path to the model]). The model's own hooks hold the BlockSwap, which holds the scheduler
-# and the units.
-
-
-def _unit_pre_hook(scheduler: PrefetchScheduler, index: int) -> Any:
-    scheduler_ref = weakref.ref(scheduler)
-
-    @torch.compiler.disable
-    def hook(module: nn.Module, args: Any) -> None:
-        scheduler = scheduler_ref()
-        if scheduler is not None:
-            scheduler.wait(index)
-
-    return hook
-
-
-def _unit_post_hook(scheduler: PrefetchScheduler, index: int) -> Any:
-    scheduler_ref = weakref.ref(scheduler)
-
-    @torch.compiler.disable
-    def hook(module: nn.Module, args: Any, output: Any) -> None:
-        scheduler = scheduler_ref()
-        if scheduler is not None:
-            scheduler.release(index)
-
-    return hook
-
-
-def _register_state_dict_hook(module: nn.Module, hook: Any) -> Any:
-    register = getattr(module, "register_state_dict_post_hook", None)
-    if register is None:  # torch < 2.5
-        register = module._register_state_dict_hook
-    method = weakref.WeakMethod(hook)
-
-    def state_dict_hook(*args: Any) -> None:  # a plain function: torch tags it
-        bound = method()
-        if bound is not None:
-            bound(*args)
-
-    return register(state_dict_hook)
-
-
-def measure_model(model: nn.Module, layout: ModelLayout) -> tuple[dict[str, Any], ModelSizes]:
-    """Candidate units of every granularity, and the sizes the planner needs."""
-    shared = shared_tensor_ids(model)
-    blocks = find_blocks(model, layout)
-    block_units = {b.qualname: block_unit(b, shared) for b in blocks}
-    layers = {b.qualname: layer_units(b, shared) for b in blocks}
-    embeddings = {
-        kind: [embedding_unit(model, path, shared) for path in paths if _exists(model, path)]
-        for kind, paths in (("txt", layout.txt_emb), ("img", layout.img_emb))
-    }
-    total = sum(_packed(u) for u in (_whole_model_unit(model),))
-    block_bytes = {name: _packed(unit) for name, unit in block_units.items()}
-    # Outside the blocks, layers as large as a block's own streamed layers are worth a copy.
-    smallest_block = min(block_bytes.values(), default=0)
-    stream_layers = stream_layer_units(
-        model,
-        layout.stream_modules + layout.txt_emb + layout.img_emb,
-        blocks,
-        shared,
-        max(1, int(smallest_block * LAYER_UNIT_MIN_SHARE)),
-    )
-    sizes = ModelSizes(
-        txt_emb_packable_bytes=sum(_packable(u) for u in embeddings["txt"]),
-        img_emb_packable_bytes=sum(_packable(u) for u in embeddings["img"]),
-        blocks=tuple(
-            BlockSizes(
-                name=b.qualname,
-                list_path=b.list_layout.path,
-                role=b.role,
-                nbytes=block_bytes[b.qualname],
-                layer_bytes=tuple(_packed(u) for u in layers[b.qualname]),
-                packable_bytes=_packable(block_units[b.qualname]),
-            )
-            for b in blocks
-        ),
-        other_bytes=max(0, total - sum(block_bytes.values())),
-        txt_emb_bytes=sum(_packed(u) for u in embeddings["txt"]),
-        img_emb_bytes=sum(_packed(u) for u in embeddings["img"]),
-        stream_layer_bytes=tuple(_packed(u) for u in stream_layers),
-        stream_layer_packable_bytes=sum(_packable(u) for u in stream_layers),
-    )
-    candidates = {
-        "blocks": block_units,
-        "layers": layers,
-        "embeddings": embeddings,
-        "stream_layers": stream_layers,
-    }
-    return candidates, sizes
-
-
-def _choose_units(units: dict[str, Any], plan: SwapPlan) -> list[SwapUnit]:
-    chosen: list[SwapUnit] = []
-    if plan.kind == "streamed":  # the layers outside the blocks too
-        chosen.extend(units["stream_layers"])
-    if plan.offload_txt_emb:
-        chosen.extend(units["embeddings"]["txt"])
-    if plan.offload_img_emb:
-        chosen.extend(units["embeddings"]["img"])
-    kept = set(plan.kept_layers)
-    for name in plan.swapped:
-        if plan.swap_unit == "layer":
-            chosen.extend(
-                unit for i, unit in enumerate(units["layers"][name]) if (name, i) not in kept
-            )
-        else:
-            chosen.append(units["blocks"][name])
-    return chosen
-
-
-def _exists(model: nn.Module, path: str) -> bool:
-    try:
-        resolve(model, path)
-    except BlockSwapConfigError:
-        return False
-    return True
-
-
-def _whole_model_unit(model: nn.Module) -> SwapUnit:
-    return SwapUnit("", model, tensor_refs(model, "", set()), "model")
-
-
-def _packable(unit: SwapUnit) -> int:
-    """bf16 bytes in tensors large enough to travel compressed."""
-    tensors = (leaf for ref in unit.tensors for leaf in leaves(ref.get()))
-    return sum(2 * t.numel() for t in tensors if compressed_transfer.is_packable(t))
-
-
-def _packed(unit: SwapUnit) -> int:
-    pieces = (leaf for ref in unit.tensors for leaf in leaves(ref.get()))
-    return PackedLayout.of((leaf.size(), leaf.dtype) for leaf in pieces).nbytes

@@ -15,7 +15,7 @@ import torch
 
 from . import slot_pool
 from .errors import BlockSwapError, InsufficientMemoryError
-from .scheduler import InFlight
+from .memory_provider import InFlight
 from .stored_unit import StoredUnit
 from .streams import DeviceStreams
 

@@ -40,7 +40,7 @@ import torch
 
 from .errors import BlockSwapError, InsufficientMemoryError
 from .memory import PACKED_SHARE
-from .scheduler import InFlight
+from .memory_provider import InFlight
 from .storage import _align
 from .stored_unit import StoredUnit
 from .streams import DeviceStreams
