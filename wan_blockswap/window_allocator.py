@@ -69,6 +69,7 @@ class WindowAllocator:
         self.inference = False
         self.flights: list[InFlight] = []
         self.free: deque[InFlight] = deque()
+        self.held = 0  # GPU bytes of every record together (kept, not summed per prefetch)
 
     def pool_key(self, inference: bool) -> tuple | None:
         return None  # nothing fixed to share with another model
@@ -80,7 +81,7 @@ class WindowAllocator:
     @property
     def held_bytes(self) -> int:
         """GPU bytes the units in flight hold now."""
-        return sum(f.held for f in self.flights)
+        return self.held
 
     def allocate(self, user: Any, inference: bool) -> None:
         if self.flights:
@@ -97,6 +98,7 @@ class WindowAllocator:
         """Called with every stream synchronised: each buffer can go at once."""
         self.flights = []
         self.free = deque()
+        self.held = 0
 
     def let_go(self, user: Any) -> None:
         pass  # the buffers went with the records
@@ -112,7 +114,7 @@ class WindowAllocator:
         return stored.nbytes
 
     def admits(self, stored: StoredUnit, ahead: int) -> bool:
-        held = self.held_bytes
+        held = self.held
         if not held:
             return True
         if ahead >= self.lookahead:  # see [Note: streamed plans] for why both limits
@@ -150,6 +152,7 @@ class WindowAllocator:
         flight.staging = staging
         flight.staged = 0
         flight.held = stored.nbytes + (staging.numel() if staging is not None else 0)
+        self.held += flight.held
         # The writers on other streams start after this point of C (see the note)
         compute = self.streams.compute_stream()
         flight.allocated_on = compute
@@ -177,6 +180,7 @@ class WindowAllocator:
         staging = flight.staging
         if staging is not None:  # C waits for the decodes from here on: staging is done
             flight.held -= staging.numel()
+            self.held -= staging.numel()
             flight.staging = None
 
     def released(self, flight: InFlight) -> None:
@@ -205,6 +209,7 @@ class WindowAllocator:
         flight.buffer = None
         flight.views = None
         flight.staging = None
+        self.held -= flight.held
         flight.held = 0
         flight.index = None
         flight.allocated_on = None
