@@ -150,8 +150,7 @@ def resident_bytes(model: torch.nn.Module, swap: BlockSwap) -> int:
     ``module_size`` sums ``state_dict()``, where our state-dict hook puts the swapped weights
     back (so saving and merging see real weights); subtract those.
     """
-    swapped = sum(v.numel() * v.element_size() for u in swap.units for v in u.host_views)
-    return comfy.model_management.module_size(model) - swapped
+    return comfy.model_management.module_size(model) - swap.swapped_host_bytes()
 
 
 def _reported_size(patcher: Any) -> int:
@@ -404,7 +403,7 @@ def _on_detach(patcher: Any, unpatch_all: bool) -> None:
     if state is not None:
         state.swap.release_vram()
         _pass_ring_count_on(state)
-        swapped = {id(t) for stored in state.swap.units for t in stored.tensors}
+        swapped = state.swap.swapped_tensor_ids()
     rebind_unloaded(patcher.model, swapped)
     _report_left_on_gpu(patcher.model)
 

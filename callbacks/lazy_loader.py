@@ -18,19 +18,17 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from .. import model_configs
 
-from ..wan_blockswap import BlockSwap, SwapConfig
+from ..wan_blockswap import BlockSwap, HostBuffer, SwapConfig
 from ..wan_blockswap.api import resolve_device
 from ..wan_blockswap.engine import measure_model
 from ..wan_blockswap.plan import ModelSizes
-from ..wan_blockswap.storage import HostBuffer
-from ..wan_blockswap.stored_unit import StoredUnit
 
 from .checkpoint import Checkpoint, TensorRecord, open_checkpoint
 from .gguf_dequant import SUPPORTED_TYPES, UnsupportedQuantTypeError, dequantize
@@ -285,7 +283,7 @@ def stream_into(
     staging buffer on this thread meanwhile.
     """
     entries = sorted(entries, key=lambda e: (e.record.path, e.record.offset))
-    units: dict[int, tuple[StoredUnit, list[tuple[Entry, int]]]] = {}
+    units: dict[int, tuple[Any, list[tuple[Entry, int]]]] = {}  # a swap's unit, its entries
     others: list[Entry] = []
     for entry in entries:
         found = swap.swapped_tensor(entry.name)
@@ -305,18 +303,18 @@ def stream_into(
         if progress is not None:
             progress(done, total, _label(entry.name))
 
-    def fill(stored: StoredUnit, items: list[tuple[Entry, int]]) -> None:
-        stored.allocate(pin)
-        with torch.no_grad():
+    def fill(unit: Any, items: list[tuple[Entry, int]]) -> None:
+        def write(views: list[torch.Tensor]) -> None:
             for entry, index in items:
-                view = stored.host_views[index]
+                view = views[index]
                 if entry.raw:
                     checkpoint.read_into(entry.record.name, view.reshape(-1).view(torch.uint8))
                 else:
                     raw = torch.empty(entry.record.nbytes, dtype=torch.uint8)
                     checkpoint.read_into(entry.record.name, raw)
                     view.copy_(_decode(raw, entry.record, entry.target, entry.raw))
-        stored.seal(device)  # transfer compression: pack the filled unit (no-op otherwise)
+
+        swap.fill_unit(unit, write)
 
     workers = min(READ_THREADS, os.cpu_count() or 1)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blockswap-load")

@@ -2,7 +2,7 @@
 and compute step, checked on the CPU.
 
 On the CPU every operation runs at once, so a missing ``wait_event`` cannot show as a wrong
-output. Here the ring runs against :class:`RecordingStreams`, which keeps a vector clock per
+output. Here the scheduler runs against :class:`RecordingStreams`, which keeps a vector clock per
 stream the way CUDA orders work: operations on one stream are ordered, ``record`` snapshots a
 stream's clock into an event, ``wait`` joins an event into a stream, ``synchronize`` joins
 everything. A dispatch mode logs every aten operation with the bytes it reads and writes and
@@ -146,10 +146,17 @@ class RecordingStreams(DeviceStreams):
         return name, dict(clock)
 
 
-def tag_events(ring: Any) -> None:
-    """Name the ring's events by their role, for ``skip_waits``."""
-    for tag in ("ready", "freed", "copied", "landed", "consumed"):
-        for event in getattr(ring, tag, None) or getattr(ring.pool, tag, None) or ():
+def tag_events(scheduler: Any) -> None:
+    """Name the events of the scheduler's memory by their role, for ``skip_waits``."""
+    provider = scheduler.provider
+    for flight in provider.flights:
+        for tag in ("ready", "freed", "copied"):
+            event = getattr(flight, tag)
+            if isinstance(event, FakeEvent):
+                event.tag = tag
+    pool = getattr(provider, "pool", None)  # fixed slots: the pool's staging events
+    for tag in ("landed", "consumed"):
+        for event in getattr(pool, tag, None) or ():
             if isinstance(event, FakeEvent):
                 event.tag = tag
 

@@ -256,7 +256,7 @@ def test_auto_compression_decides_after_the_second_forward(monkeypatch, margin, 
         assert pinned == sum(u.transfer.host.nbytes for u in swap.units)
     else:
         assert pinned == sum(u.host.nbytes for u in swap.units) >= swap.plan.swapped_bytes
-    assert swap.ring.copy_clock is None  # only the timed forward's copies were clocked
+    assert swap.scheduler.copy_clock is None  # only the timed forward's copies were clocked
     swap.remove()
     assert registered_host_bytes() == host_baseline
 

@@ -160,9 +160,9 @@ def test_exception_inside_a_block_releases_and_next_run_is_correct(streamed):
         with pytest.raises(Interrupted):
             model(**toy_inputs(7))
         handle.remove()
-        assert not swap.ring.in_use
+        assert not swap.scheduler.in_use
         if streamed:
-            assert swap.ring.held_bytes <= swap.plan.window_bytes
+            assert swap.scheduler.provider.held_bytes <= swap.plan.window_bytes
         assert torch.equal(model(**toy_inputs(7)), expected)
 
 
@@ -296,7 +296,8 @@ def test_two_models_of_one_shape_share_slots_and_alternate_correctly():
                 for seed in (1, 2):
                     assert torch.equal(m(**toy_inputs(seed)), expected[(name, seed)])
             assert pooled_bytes() == swaps[0].plan.num_slots * swaps[0].plan.slot_bytes
-    assert swaps[0].ring.slots == [] or swaps[1].ring.slots == []  # one holder at a time
+    held = [swap.scheduler.provider.flights for swap in swaps]
+    assert held[0] == [] or held[1] == []  # one holder at a time
     swaps[0].release_vram()
     swaps[1].release_vram()
     assert pooled_bytes() == 0
@@ -373,26 +374,26 @@ def test_a_handle_outliving_its_model_frees_on_remove():
     gc.collect()
     assert swap.model is None
     swap.remove()  # frees what the handle still holds; no error
-    assert not swap.units and swap.ring is None
+    assert not swap.units and swap.scheduler is None
     swap.remove()  # idempotent
 
 
 @pytest.mark.parametrize("window", [1, 14_000, 30_000])
 @pytest.mark.parametrize("vace", [0, 3])
 def test_a_streamed_plan_holds_at_most_its_window_and_matches(window, vace, monkeypatch):
-    from comfyui_wan_blockswap.wan_blockswap.window_ring import WindowRing
+    from comfyui_wan_blockswap.wan_blockswap.window_allocator import WindowAllocator
 
     model = make_toy(vace_depth=vace)
     before = snapshot(model)
     expected = {seed: reference(model, seed) for seed in (1, 2, 3)}
     held = []  # (bytes on the GPU after each prefetch, that unit's bytes)
-    prepare = WindowRing._prepare
+    prepare = WindowAllocator.prepare
 
-    def recording(ring, unit, slot):
-        prepare(ring, unit, slot)
-        held.append((ring.held_bytes, ring.held[slot]))
+    def recording(provider, flight, stored):
+        prepare(provider, flight, stored)
+        held.append((provider.held_bytes, flight.held))
 
-    monkeypatch.setattr(WindowRing, "_prepare", recording)
+    monkeypatch.setattr(WindowAllocator, "prepare", recording)
     budget = streamed_budget_gb(model, window)
     swap = apply_block_swap(model, layout=toy_layout(model), device="cpu", vram_budget_gb=budget)
     assert swap.plan.window_bytes == pytest.approx(window, abs=2)
@@ -431,7 +432,6 @@ def test_a_failing_copy_hands_its_slot_back(streamed):
     )
     assert bool(swap.plan.window_bytes) == streamed
     assert min_vram_budget_gb(model, toy_layout(model)) == floor  # sizes from before apply
-    free = len(swap.ring.free_slots)
 
     def failing(name, views):
         if name in ("blocks.3", "blocks.3.ffn.2"):  # a block, or a layer of one
@@ -444,12 +444,14 @@ def test_a_failing_copy_hands_its_slot_back(streamed):
                 model(**toy_inputs(4))
             swap.set_transform(None)
             assert torch.equal(model(**toy_inputs(4)), expected)
-            ring = swap.ring  # no slot lost: each is free, prefetched or in use
-            assert len(ring.free_slots) + len(ring.ahead) + len(ring.in_use) == ring.num_slots
+            scheduler = swap.scheduler  # no record lost: each is free, prefetched or in use
+            provider = scheduler.provider
+            taken = len(scheduler.ahead) + len(scheduler.in_use)
+            assert provider.flights and len(provider.free) + taken == len(provider.flights)
     swap.release_vram()
-    assert len(swap.ring.free_slots) == free and not swap.ring.pending
-    if streamed:
-        assert swap.ring.held_bytes == 0
+    scheduler = swap.scheduler
+    assert not (scheduler.pending or scheduler.ahead or scheduler.in_use)
+    assert scheduler.provider.held_bytes == 0 and not scheduler.provider.flights
     with torch.no_grad():
         assert torch.equal(model(**toy_inputs(4)), expected)
     swap.remove()
@@ -469,7 +471,9 @@ def test_a_streamed_plan_takes_a_new_window_in_place():
     )
     units = list(swap.units)
     swap.set_window(plan, wider)
-    assert swap.units == units and swap.ring.window_bytes == plan.window_bytes == 30_000
+    assert (
+        swap.units == units and swap.scheduler.provider.window_bytes == plan.window_bytes == 30_000
+    )
     with torch.no_grad():
         for _ in range(2):
             assert torch.equal(model(**toy_inputs(5)), expected)
@@ -508,3 +512,22 @@ def test_wrapper_tensor_weights_swap_as_their_inner_tensors():
         assert all(torch.equal(a, b) for a, b in zip(leaves(weight), stored[name])), name
     with torch.no_grad():
         assert torch.equal(model(**inputs), expected)
+
+
+def test_each_memory_provider_names_its_own_fix_when_it_is_full():
+    """Fixed slots run out when modules nest deeper than the look-ahead; a window has no
+    prefetch_blocks to raise, so it must not suggest it."""
+    from types import SimpleNamespace
+
+    from comfyui_wan_blockswap.wan_blockswap import BlockSwapError
+    from comfyui_wan_blockswap.wan_blockswap.fixed_slots import FixedSlots
+    from comfyui_wan_blockswap.wan_blockswap.streams import DeviceStreams
+    from comfyui_wan_blockswap.wan_blockswap.window_allocator import WindowAllocator
+
+    streams = DeviceStreams(torch.device("cpu"))
+    unit = SimpleNamespace(name="blocks.0")
+    with pytest.raises(BlockSwapError, match="raise prefetch_blocks"):
+        FixedSlots(streams, [unit], num_slots=2, slot_bytes=64).take(0)
+    with pytest.raises(BlockSwapError, match="vram_budget_gb") as error:
+        WindowAllocator(streams, [unit], window_bytes=1024, lookahead=1).take(0)
+    assert "prefetch_blocks" not in str(error.value)

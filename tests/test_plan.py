@@ -92,6 +92,29 @@ def test_vace_automatic_follows_main_share_and_explicit_count():
     assert sum(name.startswith("vace") for name in plan.swapped) == 8
 
 
+def test_a_block_list_of_a_new_role_is_planned_as_data():
+    """A third block list needs no planner change: automatic share, or counted by role."""
+    sizes = wan14b_like(n=8, vace=4)
+    audio = tuple(
+        BlockSizes(f"audio_blocks.{i}", "audio_blocks", "audio", 300 * MB, (100 * MB,))
+        for i in range(4)
+    )
+    sizes = ModelSizes(sizes.blocks + audio, other_bytes=sizes.other_bytes)
+    plan = plan_swap(sizes, SwapConfig(blocks_to_swap=4))
+    assert sum(name.startswith("audio") for name in plan.swapped) == 2  # half, like main
+    config = SwapConfig(blocks_to_swap=4, role_blocks_to_swap={"audio": 4, "vace": 1})
+    assert config.role_counts == {"audio": 4, "vace": 1}
+    plan = plan_swap(sizes, config)
+    assert sum(name.startswith("audio") for name in plan.swapped) == 4
+    assert sum(name.startswith("vace") for name in plan.swapped) == 1
+    with pytest.raises(BlockSwapConfigError, match=r"role_blocks_to_swap\['audio'\] must be"):
+        plan_swap(sizes, SwapConfig(role_blocks_to_swap={"audio": 5}))
+    with pytest.raises(BlockSwapConfigError, match="disagree"):
+        SwapConfig(vace_blocks_to_swap=2, role_blocks_to_swap={"vace": 3})
+    with pytest.raises(BlockSwapConfigError, match="other than 'main'"):
+        SwapConfig(role_blocks_to_swap={"main": 3})
+
+
 def test_vram_budget_keeps_as_many_blocks_as_fit():
     sizes = wan14b_like()
     for budget_gb in (3.0, 8.0, 12.0, 20.0):

@@ -1,8 +1,8 @@
 """Stream ordering, checked on the CPU (see ``stream_order``): for fixed-slot, streamed,
 compressed and VACE plans every read of a GPU buffer comes after its copy finished and every
-overwrite after its last reader. Mutation check: with either of the ring's waits dropped
+overwrite after its last reader. Mutation check: with either of the scheduler's waits dropped
 (the compute stream's wait on ``ready``, the copy stream's wait on ``freed``), the checker
-finds the race."""
+finds the race, with fixed slots and with a streamed plan's window."""
 
 from __future__ import annotations
 
@@ -63,12 +63,12 @@ def run_recorded(plan: str, skip_waits=(), forwards: int = 3):
     same = True
     with torch.no_grad():
         for _ in range(forwards):
-            swap.ring.allocate()
-            tag_events(swap.ring)
+            swap.scheduler.allocate()
+            tag_events(swap.scheduler)
             with log:
                 out = model(**inputs)
             same = same and torch.equal(out, expected)
-    assert all(isinstance(e, FakeEvent) for e in swap.ring.ready if e is not None)
+    assert all(isinstance(f.ready, FakeEvent) for f in swap.scheduler.provider.flights)
     stats = swap.stats
     swap.remove()
     return log, recording, same, stats
@@ -100,7 +100,7 @@ def test_every_buffer_is_read_after_its_copy_and_overwritten_after_its_readers(p
         ("streamed, compressed", ("compute", "ready")),
     ],
 )
-def test_without_a_ring_wait_the_checker_finds_the_race(plan, dropped):
+def test_without_a_scheduler_wait_the_checker_finds_the_race(plan, dropped):
     """The mutation check: outputs are still right on the CPU, but the order is not."""
     log, streams, same, _ = run_recorded(plan, skip_waits=[dropped])
     assert streams.skipped > 0, f"no {dropped} wait happened"

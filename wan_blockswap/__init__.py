@@ -20,7 +20,7 @@ from .errors import (
 )
 from .layout import BlockListLayout, ModelLayout
 from .plan import BlockSizes, ModelSizes, SwapPlan, plan_swap
-from .storage import registered_host_bytes
+from .storage import HostBuffer, registered_host_bytes
 
 __all__ = [
     "BlockListLayout",
@@ -29,6 +29,7 @@ __all__ = [
     "BlockSwapConfigError",
     "BlockSwapError",
     "BlockSwapStateError",
+    "HostBuffer",
     "InsufficientMemoryError",
     "ModelLayout",
     "ModelSizes",

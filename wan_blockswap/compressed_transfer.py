@@ -8,7 +8,7 @@ as one copy. The pieces sit back to back in one pinned host buffer.
 
 Chunks keep the GPU staging small: a packed chunk lands in one of a few staging buffers of
 :func:`staging_buffer_bytes` and is decoded from there into the slot, so staging costs a few
-MiB of VRAM instead of a second slot (see [Note: compressed copies] in ``ring.py``).
+MiB of VRAM instead of a second slot (see [Note: compressed copies] in ``scheduler.py``).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def staging_buffer_bytes() -> int:
 
 
 def staging_bytes() -> int:
-    """VRAM of all staging buffers of one slot ring."""
+    """VRAM of all staging buffers of one set of fixed slots."""
     return STAGING_BUFFERS * staging_buffer_bytes()
 
 

@@ -42,13 +42,13 @@ class CompressionAutoSwitch:
         self.raw_bytes = 0
         self.copies: list = []  # (start, end, bytes) of the timed forward's unit copies
 
-    def begin(self, raw_bytes_copied: int, ring: Any) -> None:
+    def begin(self, raw_bytes_copied: int, scheduler: Any) -> None:
         if self.decided:
             return
         if self.events is not None and not self.ended:
             # The timed forward never reached its end hook (KeyboardInterrupt skips
             # always_call hooks): time this one instead.
-            self._restart(ring)
+            self._restart(scheduler)
         self.forwards += 1
         if self.forwards == TIMED_FORWARD:
             stream = torch.cuda.current_stream(self.device)
@@ -56,21 +56,21 @@ class CompressionAutoSwitch:
             start.record(stream)
             self.events = (start, torch.cuda.Event(enable_timing=True))
             self.raw_bytes_at_start = raw_bytes_copied
-            ring.copy_clock = self.copies = []
+            scheduler.copy_clock = self.copies = []
 
-    def end(self, raw_bytes_copied: int, completed: bool, ring: Any) -> None:
+    def end(self, raw_bytes_copied: int, completed: bool, scheduler: Any) -> None:
         if self.decided or self.events is None or self.ended:
             return
-        ring.copy_clock = None
+        scheduler.copy_clock = None
         if not completed:  # interrupted: time a later forward instead
-            self._restart(ring)
+            self._restart(scheduler)
             return
         self.events[1].record(torch.cuda.current_stream(self.device))
         self.ended = True
         self.raw_bytes = raw_bytes_copied - self.raw_bytes_at_start
 
-    def _restart(self, ring: Any) -> None:
-        ring.copy_clock = None
+    def _restart(self, scheduler: Any) -> None:
+        scheduler.copy_clock = None
         self.events, self.ended, self.copies = None, False, []
         self.forwards = TIMED_FORWARD - 1
 

@@ -9,13 +9,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 from .errors import BlockSwapConfigError
+from .layout import MAIN_ROLE, TXT_EMB_ROLE
 
 SwapUnitMode = Literal["auto", "block", "layer"]
 SWAP_UNIT_MODES: tuple[str, ...] = ("auto", "block", "layer")
 MAX_PREFETCH_BLOCKS = 16
+# The option that counts a role's blocks for the user, where it has one of its own
+ROLE_OPTIONS = {"vace": "vace_blocks_to_swap"}
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,10 @@ class SwapConfig:
             over all main lists together, e.g. Flux double then single blocks) that live in host
             memory, spread evenly (the last block included). ``None``: decided by the other options.
         vace_blocks_to_swap: VACE blocks to swap; ``0`` means automatic (the same fraction as
-            the main blocks).
+            the main blocks). Short for ``role_blocks_to_swap={"vace": n}``.
+        role_blocks_to_swap: blocks to swap of each block list role other than ``"main"``
+            and ``"txt_emb"`` (``{"vace": 4}``); a role not named, or ``0``, is automatic
+            (the same fraction as the main blocks).
         offload_txt_emb: stream the text embedding from host memory too.
         offload_img_emb: stream the image embedding (i2v CLIP projection) from host memory too.
         prefetch_blocks: look-ahead depth; the GPU holds ``prefetch_blocks + 1`` swap slots.
@@ -74,8 +80,23 @@ class SwapConfig:
     swap_unit: SwapUnitMode = "auto"
     transfer_compression: bool | Literal["auto"] = False
     debug: bool = False
+    role_blocks_to_swap: Mapping[str, int] | tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
+        roles = self.role_blocks_to_swap
+        if not isinstance(roles, (Mapping, tuple)):
+            raise BlockSwapConfigError(
+                f"role_blocks_to_swap must map block list roles to counts, got {roles!r}"
+            )
+        pairs = tuple(sorted(dict(roles).items()))  # a tuple: the config stays hashable
+        for role, count in pairs:
+            if not isinstance(role, str) or role in (MAIN_ROLE, TXT_EMB_ROLE):
+                raise BlockSwapConfigError(
+                    f"role_blocks_to_swap takes roles other than {MAIN_ROLE!r} (see "
+                    f"blocks_to_swap) and {TXT_EMB_ROLE!r} (see offload_txt_emb), got {role!r}"
+                )
+            _check_int(f"role_blocks_to_swap[{role!r}]", count, 0, None)
+        object.__setattr__(self, "role_blocks_to_swap", pairs)
         _check_optional_int("blocks_to_swap", self.blocks_to_swap)
         _check_int("vace_blocks_to_swap", self.vace_blocks_to_swap, 0, None)
         _check_int("prefetch_blocks", self.prefetch_blocks, 0, MAX_PREFETCH_BLOCKS)
@@ -110,6 +131,13 @@ class SwapConfig:
             raise BlockSwapConfigError(
                 f"swap_unit must be one of {SWAP_UNIT_MODES}, got {self.swap_unit!r}"
             )
+        for role, option in ROLE_OPTIONS.items():  # the edge: an option names the role
+            value, given = getattr(self, option), dict(pairs).get(role, 0)
+            if value and given and given != value:
+                raise BlockSwapConfigError(
+                    f"{option}={value} and role_blocks_to_swap[{role!r}]={given} disagree; "
+                    f"give one of them"
+                )
         chosen = [
             name
             for name in ("blocks_to_swap", "resident_blocks", "vram_budget_gb")
@@ -122,8 +150,22 @@ class SwapConfig:
             )
 
     @property
+    def role_counts(self) -> dict[str, int]:
+        """Blocks to swap per role other than main and txt_emb (0: automatic), with the
+        options that name a role (``vace_blocks_to_swap``) folded in."""
+        counts = dict(self.role_blocks_to_swap)
+        for role, option in ROLE_OPTIONS.items():
+            counts[role] = getattr(self, option) or counts.get(role, 0)
+        return counts
+
+    @staticmethod
+    def role_option(role: str) -> str:
+        """The option a user sets to count ``role``'s blocks."""
+        return ROLE_OPTIONS.get(role, f"role_blocks_to_swap[{role!r}]")
+
+    @property
     def num_slots(self) -> int:
-        """GPU swap slots in the ring: the block in use plus the look-ahead."""
+        """Fixed GPU swap slots: the block in use plus the look-ahead."""
         return self.prefetch_blocks + 1
 
     def replace(self, **changes: Any) -> "SwapConfig":

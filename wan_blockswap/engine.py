@@ -2,56 +2,38 @@
 
 ``BlockSwap.apply`` works in phases so that a failure leaves the module as it was:
 measure (units and sizes) -> plan -> check memory -> place (pack swapped units, move
-resident tensors, create the ring) -> hook. ``remove`` undoes every phase (see [Note: apply
-is a transaction]). The ring takes its GPU slots at the first forward, not here: running
-out of VRAM for them is reported there (``SlotRing.allocate``), with the model unchanged.
+resident tensors, create the scheduler) -> hook. ``remove`` undoes every phase (see [Note:
+apply is a transaction]). Fixed slots are taken at the first forward, not here: running out
+of VRAM for them is reported there (``FixedSlots.allocate``), with the model unchanged.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from . import compressed_transfer, memory
+from . import memory
 from .compression_switch import CompressionAutoSwitch
 from .config import SwapConfig
+from .errors import BlockSwapError, BlockSwapStateError, InsufficientMemoryError
+from .fixed_slots import FixedSlots
+from .hooks import register_state_dict_hook, unit_post_hook, unit_pre_hook
 from .layout import ModelLayout
-from .errors import (
-    BlockSwapConfigError,
-    BlockSwapError,
-    BlockSwapStateError,
-    InsufficientMemoryError,
-)
-from .plan import BlockSizes, ModelSizes, SwapPlan, plan_swap
-from .ring import SlotRing
+from .model_sizes import choose_units, measure_model, packed_bytes
+from .plan import plan_swap
+from .swap_plan import ModelSizes, SwapPlan
+from .scheduler import PrefetchScheduler
 from .stats import SwapStats
-from .storage import PackedLayout, return_freed_host_memory
-from .stored_unit import Placeholders, StoredUnit
+from .storage import return_freed_host_memory
+from .stored_unit import Placeholders, StoredUnit, allocate_empty
 from .streams import DeviceStreams
-from .units import (
-    LAYER_UNIT_MIN_SHARE,
-    SwapUnit,
-    TensorRef,
-    block_unit,
-    copy_with_strides,
-    embedding_unit,
-    find_blocks,
-    kept_strides,
-    layer_units,
-    leaves,
-    resolve,
-    shared_tensor_ids,
-    stream_layer_units,
-    tensor_refs,
-)
-from .window_ring import WindowRing
+from .swapped_weights import SwappedWeights
+from .units import SwapUnit, TensorRef, kept_strides, move_tensor, tensor_refs
+from .window_allocator import WindowAllocator
 
 logger = logging.getLogger("wan_blockswap")
 
@@ -60,7 +42,7 @@ logger = logging.getLogger("wan_blockswap")
 # (ComfyUI does this when a workflow switches models) would keep it and its pinned host
 # buffers alive forever: this registry's values and a BlockSwap's ``model`` are weak. The
 # model keeps its BlockSwap alive through its forward hooks, and nothing of ours points back
-# (the hooks on swapped blocks hold the ring weakly), so dropping the last reference to the
+# (the hooks on swapped blocks hold the scheduler weakly), so dropping the last reference to the
 # model frees it at once, with its host buffers and slots, without waiting for the cycle
 # collector.
 _active: "weakref.WeakKeyDictionary[nn.Module, BlockSwap]" = weakref.WeakKeyDictionary()
@@ -71,7 +53,7 @@ def active_swap(module: nn.Module) -> "BlockSwap | None":
     return _active.get(module)
 
 
-class BlockSwap:
+class BlockSwap(SwappedWeights):
     """A module with some of its blocks streamed from pinned host memory.
 
     Create with :meth:`apply` (or :func:`wan_blockswap.apply_block_swap`); undo with
@@ -86,7 +68,7 @@ class BlockSwap:
         self.sizes: ModelSizes | None = None
         self.stats = SwapStats()
         self.units: list[StoredUnit] = []
-        self.ring: SlotRing | None = None
+        self.scheduler: PrefetchScheduler | None = None
         # resident tensors we moved: where from, and the strides to give back
         self._moved: list[tuple[TensorRef, torch.device, tuple[int, ...] | None]] = []
         self._hooks: list[Any] = []
@@ -127,7 +109,7 @@ class BlockSwap:
         units, sizes = measure_model(model, layout)
         swap.sizes = sizes
         swap.plan = plan_swap(sizes, config)
-        chosen = _choose_units(units, swap.plan)
+        chosen = choose_units(units, swap.plan)
         level = logging.INFO if config.debug else logging.DEBUG
         logger.log(
             level,
@@ -193,7 +175,7 @@ class BlockSwap:
                 stored = StoredUnit(unit, self.device, placeholders, compress)
                 self.units.append(stored)  # before pack, so _undo restores a half-packed unit
             if self.allocate_empty:
-                _allocate_empty_units(self.units, pin)
+                allocate_empty(self.units, pin)
             for stored in self.units:
                 if stored.is_empty and not self.allocate_empty:
                     stored.unbind()  # placeholders now; the loader allocates and fills it
@@ -212,28 +194,28 @@ class BlockSwap:
                 if tensor.device.type == "meta":  # a skeleton: the loader fills it
                     ref.replace(torch.empty(tensor.size(), dtype=tensor.dtype, device=self.device))
                 else:
-                    _move(ref, self.device)
+                    move_tensor(ref, self.device)
         streams = DeviceStreams(self.device, timing=self.config.debug)
+        provider: FixedSlots | WindowAllocator
         if self.plan.kind == "streamed":
-            self.ring = WindowRing(
+            provider = WindowAllocator(
+                streams, self.units, self.plan.window_bytes, self.config.prefetch_blocks
+            )
+        else:
+            provider = FixedSlots(
                 streams,
                 self.units,
-                self.plan.window_bytes,
-                self.config.prefetch_blocks,
-                self.config.non_blocking,
-                self.stats,
-                debug=self.config.debug,
+                self.plan.num_slots,
+                self.plan.slot_bytes,
+                staging_bytes=self.plan.staging_bytes,
             )
-            return
-        self.ring = SlotRing(
+        self.scheduler = PrefetchScheduler(
             streams,
             self.units,
-            self.plan.num_slots,
-            self.plan.slot_bytes,
+            provider,
             self.config.non_blocking,
             self.stats,
             debug=self.config.debug,
-            staging_bytes=self.plan.staging_bytes,
         )
 
     def _compresses(self, unit: SwapUnit, previous: SwapUnit) -> bool:
@@ -247,23 +229,28 @@ class BlockSwap:
         if not self.plan.compressed:
             return False
         window = self.plan.window_bytes
-        needed = _packed(previous) + _packed(unit) * (1 + memory.PACKED_SHARE)
+        needed = packed_bytes(previous) + packed_bytes(unit) * (1 + memory.PACKED_SHARE)
         return not window or needed <= window
 
     def _attach_hooks(self) -> None:
-        assert self.model is not None and self.ring is not None
-        ring = self.ring
+        assert self.model is not None and self.scheduler is not None
+        scheduler = self.scheduler
         # One registration per line, its handle kept in the same line ([Note: apply is a
         # transaction]): a statement over several lines gives an interrupt a place between
         # registering a hook and keeping its handle, and the hook would outlive the undo.
         for index, stored in enumerate(self.units):
             module = stored.unit.module
-            before, after = _unit_pre_hook(ring, index), _unit_post_hook(ring, index)
+            before, after = unit_pre_hook(scheduler, index), unit_post_hook(scheduler, index)
             self._hooks.append(module.register_forward_pre_hook(before))
             self._hooks.append(module.register_forward_hook(after, always_call=True))
-            self._hooks.append(_register_state_dict_hook(module, stored.state_dict_hook))
+            self._hooks.append(register_state_dict_hook(module, stored.state_dict_hook))
         self._hooks.append(self.model.register_forward_pre_hook(self._begin_forward))
         self._hooks.append(self.model.register_forward_hook(self._end_forward, always_call=True))
+
+    @property
+    def ring(self) -> PrefetchScheduler | None:
+        """The former name of :attr:`scheduler` (benchmarks read it)."""
+        return self.scheduler
 
     @property
     def swapped_modules(self) -> set[nn.Module]:
@@ -272,16 +259,16 @@ class BlockSwap:
 
     def set_transform(self, transform: Any) -> None:
         """Run ``transform(unit_name, views)`` on the copy stream after each unit is copied
-        into a slot (e.g. to apply LoRA patches to the weights in the slot). Clears the slots'
-        cached contents, which were made under the previous transform."""
-        assert self.ring is not None
-        self.ring.transform = transform
-        self.ring.invalidate()
+        to the GPU (e.g. to apply LoRA patches to the weights there). Clears what fixed slots
+        cache, which was made under the previous transform."""
+        assert self.scheduler is not None
+        self.scheduler.transform = transform
+        self.scheduler.invalidate()
 
     def slot_pool_key(self) -> tuple | None:
         """Swaps with equal keys share one set of GPU slots (see [Note: shared slots]); a host
         that counts VRAM per model should count those slots once. None without slots."""
-        return self.ring.pool_key() if self.ring is not None else None
+        return self.scheduler.pool_key() if self.scheduler is not None else None
 
     @property
     def compressed(self) -> bool:
@@ -291,8 +278,8 @@ class BlockSwap:
     def drop_compression(self) -> None:
         """Send every unit raw from now on, from pinned memory (see ``compression_switch``).
         Slots keep their contents: the weights are the same."""
-        if self.ring is not None:
-            self.ring.streams.synchronize()  # no copy may still read a packed buffer
+        if self.scheduler is not None:
+            self.scheduler.streams.synchronize()  # no copy may still read a packed buffer
         try:
             for stored in self.units:
                 stored.drop_compression()
@@ -305,61 +292,32 @@ class BlockSwap:
         window (a new budget), without repacking anything. Whether each layer travels
         packed stays as decided at apply time."""
         current = self.plan
-        assert current is not None and isinstance(self.ring, WindowRing)
-        if plan.kind != "streamed" or plan.swapped != current.swapped:
+        assert current is not None and self.scheduler is not None
+        provider = self.scheduler.provider
+        if (
+            plan.kind != "streamed"
+            or plan.swapped != current.swapped
+            or not isinstance(provider, WindowAllocator)
+        ):
             raise BlockSwapStateError("set_window takes a streamed plan of the same layers")
         self.plan, self.config = plan, config
-        self.ring.window_bytes = plan.window_bytes
+        provider.window_bytes = plan.window_bytes
 
     def ring_bytes_held(self) -> int:
-        """GPU bytes the ring holds now: its fixed slots once taken, or a streamed plan's
+        """GPU bytes swapped units take now: fixed slots once taken, or a streamed plan's
         layers in flight."""
-        ring = self.ring
-        if ring is None:
-            return 0
-        if isinstance(ring, WindowRing):
-            return ring.held_bytes
-        return sum(slot.numel() * slot.element_size() for slot in ring.slots)
+        return self.scheduler.provider.held_bytes if self.scheduler is not None else 0
 
     def release_vram(self) -> None:
-        """Free the GPU slots until the next forward (e.g. when a host unloads the model)."""
-        if self.ring is not None:
-            self.ring.release_memory()
+        """Free the GPU memory of swapped units until the next forward (e.g. when a host
+        unloads the model)."""
+        if self.scheduler is not None:
+            self.scheduler.release_memory()
 
     def release_all(self) -> None:
         """Release whatever an interrupted forward left bound (idempotent)."""
-        if self.ring is not None:
-            self.ring.end_forward(completed=False)
-
-    def swapped_tensor(self, name: str) -> "tuple[StoredUnit, int] | None":
-        """The unit holding the parameter or buffer ``name`` and its index there, if swapped."""
-        if not self._swapped_index:
-            self._swapped_index = {
-                ref.qualname: (stored, index)
-                for stored in self.units
-                for index, ref in enumerate(stored.unit.tensors)
-            }
-        return self._swapped_index.get(name)
-
-    def destination(self, name: str) -> torch.Tensor:
-        """Where the weights of the parameter or buffer ``name`` live now: its host-buffer view
-        if swapped, else the tensor itself. Loaders write checkpoint data here."""
-        assert self.model is not None
-        found = self.swapped_tensor(name)
-        if found is not None:
-            stored, index = found
-            if not stored.host_views:
-                raise BlockSwapStateError(f"{stored.name} has no host buffer yet (allocate it)")
-            if stored.transfer is not None:  # the caller writes: the packed copy goes stale
-                if self.ring is not None:
-                    self.ring.streams.synchronize()  # no copy may still read it
-                    self.ring.invalidate()
-                stored.unseal()
-            return stored.host_views[index]
-        module_path, _, attr = name.rpartition(".")
-        owner = self.model.get_submodule(module_path) if module_path else self.model
-        tensor = owner._parameters.get(attr)
-        return tensor if tensor is not None else owner._buffers[attr]
+        if self.scheduler is not None:
+            self.scheduler.end_forward(completed=False)
 
     @torch.compiler.disable
     def _begin_forward(self, module: nn.Module, args: Any) -> None:
@@ -374,22 +332,24 @@ class BlockSwap:
                     f"run the model under torch.no_grad() or torch.inference_mode(), or call "
                     f"model.requires_grad_(False)"
                 )
-        assert self.ring is not None
+        scheduler = self.scheduler
+        assert scheduler is not None
         if self._auto is not None:
             if self._auto.keep_compression() is False:
                 self.drop_compression()
-            self._auto.begin(self.stats.raw_bytes_copied, self.ring)
-        self.ring.begin_forward()
+            self._auto.begin(self.stats.raw_bytes_copied, scheduler)
+        scheduler.begin_forward()
 
     @torch.compiler.disable
     def _end_forward(self, module: nn.Module, args: Any, output: Any) -> None:
-        assert self.ring is not None
-        self.ring.end_forward(completed=output is not None)
+        scheduler = self.scheduler
+        assert scheduler is not None
+        scheduler.end_forward(completed=output is not None)
         if self._auto is not None:
-            self._auto.end(self.stats.raw_bytes_copied, output is not None, self.ring)
+            self._auto.end(self.stats.raw_bytes_copied, output is not None, scheduler)
         self.stats.forwards += 1
         if self.config.debug:
-            self.stats.finish_forward(self.ring.streams.synchronize)
+            self.stats.finish_forward(scheduler.streams.synchronize)
 
     # -- remove ---------------------------------------------------------------------------
 
@@ -411,10 +371,10 @@ class BlockSwap:
         return_freed_host_memory()
 
     def _undo(self, restore: bool = True) -> None:
-        if self.ring is not None:
-            self.ring.end_forward(completed=False)
-            self.ring.close()
-            self.ring = None
+        if self.scheduler is not None:
+            self.scheduler.end_forward(completed=False)
+            self.scheduler.close()
+            self.scheduler = None
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
@@ -428,168 +388,9 @@ class BlockSwap:
                 if not restore:
                     tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
                 else:  # a lazily loaded skeleton's weights come back on the CPU
-                    _move(ref, torch.device("cpu") if device.type == "meta" else device, strides)
+                    move_tensor(
+                        ref, torch.device("cpu") if device.type == "meta" else device, strides
+                    )
         self.units.clear()
         self._moved.clear()
         self._swapped_index.clear()
-
-
-def _move(ref: TensorRef, device: torch.device, strides: tuple[int, ...] | None = None) -> None:
-    """Move one resident tensor, keeping its object where ``.data`` can be rebound; a wrapper
-    tensor, whose device is fixed when it is made, is replaced ([Note: wrapper tensors]).
-    ``strides``: the layout to give it there (moving back what apply moved)."""
-    tensor = ref.get()
-    with torch.inference_mode(tensor.is_inference()):
-        if is_traceable_wrapper_subclass(tensor):
-            ref.replace(tensor.to(device))
-        else:
-            tensor.data = copy_with_strides(tensor.data, device, strides, copy=False)
-
-
-def _allocate_empty_units(units: list[StoredUnit], pin: bool) -> None:
-    """Allocate the host buffers of units that have no data yet (a skeleton being loaded) on
-    several threads: page-locking faults in and pins every page, which one core does at only
-    a few GB/s, and the loader then fills the buffers in parallel too."""
-    empty = [u for u in units if u.is_empty and u.host is None]
-    if len(empty) < 2:
-        return
-    workers = min(8, os.cpu_count() or 1, len(empty))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blockswap-alloc") as pool:
-        for future in [pool.submit(u.allocate, pin) for u in empty]:
-            future.result()
-
-
-# Hooks on swapped modules reach the ring and units weakly: a block holding its ring
-# strongly would close a cycle (ring -> unit -> block -> hook -> ring), and the model could
-# then only be freed by the cycle collector, late (see [Note: no strong path to the model]).
-# The model's own hooks hold the BlockSwap, which holds the ring and the units.
-
-
-def _unit_pre_hook(ring: SlotRing, index: int) -> Any:
-    ring_ref = weakref.ref(ring)
-
-    @torch.compiler.disable
-    def hook(module: nn.Module, args: Any) -> None:
-        ring = ring_ref()
-        if ring is not None:
-            ring.wait(index)
-
-    return hook
-
-
-def _unit_post_hook(ring: SlotRing, index: int) -> Any:
-    ring_ref = weakref.ref(ring)
-
-    @torch.compiler.disable
-    def hook(module: nn.Module, args: Any, output: Any) -> None:
-        ring = ring_ref()
-        if ring is not None:
-            ring.release(index)
-
-    return hook
-
-
-def _register_state_dict_hook(module: nn.Module, hook: Any) -> Any:
-    register = getattr(module, "register_state_dict_post_hook", None)
-    if register is None:  # torch < 2.5
-        register = module._register_state_dict_hook
-    method = weakref.WeakMethod(hook)
-
-    def state_dict_hook(*args: Any) -> None:  # a plain function: torch tags it
-        bound = method()
-        if bound is not None:
-            bound(*args)
-
-    return register(state_dict_hook)
-
-
-def measure_model(model: nn.Module, layout: ModelLayout) -> tuple[dict[str, Any], ModelSizes]:
-    """Candidate units of every granularity, and the sizes the planner needs."""
-    shared = shared_tensor_ids(model)
-    blocks = find_blocks(model, layout)
-    block_units = {b.qualname: block_unit(b, shared) for b in blocks}
-    layers = {b.qualname: layer_units(b, shared) for b in blocks}
-    embeddings = {
-        kind: [embedding_unit(model, path, shared) for path in paths if _exists(model, path)]
-        for kind, paths in (("txt", layout.txt_emb), ("img", layout.img_emb))
-    }
-    total = sum(_packed(u) for u in (_whole_model_unit(model),))
-    block_bytes = {name: _packed(unit) for name, unit in block_units.items()}
-    # Outside the blocks, layers as large as a block's own streamed layers are worth a copy.
-    smallest_block = min(block_bytes.values(), default=0)
-    stream_layers = stream_layer_units(
-        model,
-        layout.stream_modules + layout.txt_emb + layout.img_emb,
-        blocks,
-        shared,
-        max(1, int(smallest_block * LAYER_UNIT_MIN_SHARE)),
-    )
-    sizes = ModelSizes(
-        txt_emb_packable_bytes=sum(_packable(u) for u in embeddings["txt"]),
-        img_emb_packable_bytes=sum(_packable(u) for u in embeddings["img"]),
-        blocks=tuple(
-            BlockSizes(
-                name=b.qualname,
-                list_path=b.list_layout.path,
-                role=b.role,
-                nbytes=block_bytes[b.qualname],
-                layer_bytes=tuple(_packed(u) for u in layers[b.qualname]),
-                packable_bytes=_packable(block_units[b.qualname]),
-            )
-            for b in blocks
-        ),
-        other_bytes=max(0, total - sum(block_bytes.values())),
-        txt_emb_bytes=sum(_packed(u) for u in embeddings["txt"]),
-        img_emb_bytes=sum(_packed(u) for u in embeddings["img"]),
-        stream_layer_bytes=tuple(_packed(u) for u in stream_layers),
-        stream_layer_packable_bytes=sum(_packable(u) for u in stream_layers),
-    )
-    candidates = {
-        "blocks": block_units,
-        "layers": layers,
-        "embeddings": embeddings,
-        "stream_layers": stream_layers,
-    }
-    return candidates, sizes
-
-
-def _choose_units(units: dict[str, Any], plan: SwapPlan) -> list[SwapUnit]:
-    chosen: list[SwapUnit] = []
-    if plan.kind == "streamed":  # the layers outside the blocks too
-        chosen.extend(units["stream_layers"])
-    if plan.offload_txt_emb:
-        chosen.extend(units["embeddings"]["txt"])
-    if plan.offload_img_emb:
-        chosen.extend(units["embeddings"]["img"])
-    kept = set(plan.kept_layers)
-    for name in plan.swapped:
-        if plan.swap_unit == "layer":
-            chosen.extend(
-                unit for i, unit in enumerate(units["layers"][name]) if (name, i) not in kept
-            )
-        else:
-            chosen.append(units["blocks"][name])
-    return chosen
-
-
-def _exists(model: nn.Module, path: str) -> bool:
-    try:
-        resolve(model, path)
-    except BlockSwapConfigError:
-        return False
-    return True
-
-
-def _whole_model_unit(model: nn.Module) -> SwapUnit:
-    return SwapUnit("", model, tensor_refs(model, "", set()), "model")
-
-
-def _packable(unit: SwapUnit) -> int:
-    """bf16 bytes in tensors large enough to travel compressed."""
-    tensors = (leaf for ref in unit.tensors for leaf in leaves(ref.get()))
-    return sum(2 * t.numel() for t in tensors if compressed_transfer.is_packable(t))
-
-
-def _packed(unit: SwapUnit) -> int:
-    pieces = (leaf for ref in unit.tensors for leaf in leaves(ref.get()))
-    return PackedLayout.of((leaf.size(), leaf.dtype) for leaf in pieces).nbytes

@@ -14,6 +14,12 @@ from torch import nn
 
 from .errors import BlockSwapConfigError
 
+# Roles of block lists the options name: ``blocks_to_swap`` counts the main lists, and
+# ``offload_txt_emb`` swaps the text-embedding lists. Any other role (``"vace"``, or a new
+# architecture's third list) is counted by ``SwapConfig.role_blocks_to_swap``.
+MAIN_ROLE = "main"
+TXT_EMB_ROLE = "txt_emb"
+
 
 @dataclass(frozen=True)
 class BlockListLayout:
@@ -22,14 +28,15 @@ class BlockListLayout:
     Attributes:
         path: dotted attribute path from the model root to a ``ModuleList``/``ModuleDict``.
         role: ``"main"`` lists are counted by ``blocks_to_swap`` (in the order given, e.g.
-            double then single blocks); ``"vace"`` lists by ``vace_blocks_to_swap``;
-            ``"txt_emb"`` lists (text token refiners) are swapped with ``offload_txt_emb``.
+            double then single blocks); ``"txt_emb"`` lists (text token refiners) are swapped
+            with ``offload_txt_emb``; lists of any other role (``"vace"``) by
+            ``SwapConfig.role_blocks_to_swap`` (``vace_blocks_to_swap`` for ``"vace"``).
         key_prefix: checkpoint key prefix of one block, with ``{index}`` (position in the
             list) or ``{key}`` (name in a ``ModuleDict``); ``""`` means ``"{path}.{key}."``.
     """
 
     path: str
-    role: str = "main"
+    role: str = MAIN_ROLE
     key_prefix: str = ""
 
     def block_key_prefix(self, key: str) -> str:

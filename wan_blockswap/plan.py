@@ -6,174 +6,20 @@ Presets, ``vram_budget_gb``, the CLI's advice and ComfyUI's "auto" mode all go t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Iterable, Literal
-
-if TYPE_CHECKING:
-    import torch
+from dataclasses import replace
+from typing import Literal
 
 from .compressed_transfer import staging_bytes
 from .config import SwapConfig
 from .errors import BlockSwapConfigError, InsufficientMemoryError
+from .layout import MAIN_ROLE, TXT_EMB_ROLE
 
-GIB = 2**30
+# BlockSizes too: callers import the plan's types from here
+from .swap_plan import GIB, BlockSizes, ModelSizes, SwapPlan  # noqa: F401
+
 # The window of the least-VRAM streamed plan: smaller than any layer worth streaming, so
 # layers stream one at a time
 MIN_STREAM_WINDOW = 1024
-
-
-@dataclass(frozen=True)
-class BlockSizes:
-    """Bytes of one block, and of its large layers for layer-granularity swapping."""
-
-    name: str
-    list_path: str
-    role: str
-    nbytes: int
-    layer_bytes: tuple[int, ...] = ()
-    packable_bytes: int = 0  # bf16 bytes that transfer compression would pack
-
-
-@dataclass(frozen=True)
-class ModelSizes:
-    """Byte counts of a model's parts, as the planner sees them.
-
-    ``other_bytes`` counts everything outside blocks, embeddings included; an offloaded
-    embedding is subtracted from it by the planner.
-    """
-
-    blocks: tuple[BlockSizes, ...]
-    other_bytes: int
-    txt_emb_bytes: int = 0
-    img_emb_bytes: int = 0
-    # bf16 bytes of the embeddings that transfer compression would pack: where nothing
-    # swapped has any, the plan reserves no staging VRAM
-    txt_emb_packable_bytes: int = 0
-    img_emb_packable_bytes: int = 0
-    # Large leaf layers outside the blocks (the layout's stream_modules and embeddings), which
-    # a streamed plan streams too, and their bf16 bytes that compression would pack
-    stream_layer_bytes: tuple[int, ...] = ()
-    stream_layer_packable_bytes: int = 0
-
-    def with_role(self, role: str) -> tuple[BlockSizes, ...]:
-        return tuple(block for block in self.blocks if block.role == role)
-
-
-@dataclass(frozen=True)
-class SwapPlan:
-    """Where every block goes, and the VRAM that costs.
-
-    ``resident_bytes`` is every weight byte kept on the GPU (non-block weights, resident
-    blocks, and in layer mode the small tensors of swapped blocks); ``swapped_bytes`` is what
-    lives in host memory; the GPU also holds ``num_slots`` slots of ``slot_bytes``, and with
-    transfer compression ``staging_bytes`` of staging buffers.
-
-    A streamed plan (``window_bytes`` > 0) has no fixed slots: every large layer, inside the
-    blocks and out, gets its GPU memory when it is prefetched and gives it back when it has
-    run, with at most ``window_bytes`` of them on the GPU at once (a larger layer alone). It
-    is one slot of ``max(window_bytes, largest layer)`` as far as VRAM is concerned. See
-    [Note: streamed plans] in ``window_ring.py``.
-    """
-
-    swapped: tuple[str, ...]
-    resident: tuple[str, ...]
-    offload_txt_emb: bool
-    offload_img_emb: bool
-    swap_unit: Literal["block", "layer"]
-    num_slots: int
-    slot_bytes: int
-    resident_bytes: int
-    swapped_bytes: int
-    block_order: tuple[tuple[str, str], ...] = ()  # (list path, block name) for describe()
-    # Layer mode only: (block name, layer index) of layers of swapped blocks kept on the GPU,
-    # filling a VRAM budget that whole resident blocks leave partly unused.
-    kept_layers: tuple[tuple[str, int], ...] = ()
-    staging_bytes: int = 0
-    compressed: bool = False  # bf16 weights travel packed (transfer_compression)
-    window_bytes: int = 0
-
-    @property
-    def kind(self) -> Literal["streamed", "slots", "none"]:
-        """``"streamed"``: every large layer (embeddings included, whatever
-        ``offload_*_emb`` say) gets GPU memory of its own size within ``window_bytes``;
-        ``"slots"``: swapped units take turns in ``num_slots`` fixed slots; ``"none"``:
-        nothing is swapped."""
-        if self.window_bytes:
-            return "streamed"
-        return "slots" if self.num_slots else "none"
-
-    @property
-    def ring_bytes(self) -> int:
-        """VRAM of the slot ring: its slots and (compressed transfers) staging buffers."""
-        return self.num_slots * self.slot_bytes + self.staging_bytes
-
-    @property
-    def gpu_weight_bytes(self) -> int:
-        """VRAM for weights: everything resident plus the slot ring."""
-        return self.resident_bytes + self.ring_bytes
-
-    @property
-    def budgeted_bytes(self) -> int:
-        """What the plan counts against ``vram_budget_gb``: its weight VRAM, except that a
-        streamed plan counts its window, beside which a larger layer may briefly sit alone."""
-        if self.kind == "streamed":
-            return self.resident_bytes + self.window_bytes
-        return self.gpu_weight_bytes
-
-    def describe(self, device: "torch.device | str | None" = None) -> str:
-        """One line per block list: ``blocks 0-27 on cuda:0, 28-39 in host memory`` (swapped
-        blocks are spread through the list, so ranges alternate); "GPU" where the plan's
-        ``device`` is not given. :meth:`BlockSwap.describe` gives the device it runs on."""
-        on = f"on {device}" if device is not None else "on GPU"
-        swapped = set(self.swapped)
-        partly = {name for name, _ in self.kept_layers}
-        lines = []
-        lists: dict[str, list[tuple[int, str]]] = {}
-        for path, name in self.block_order:
-            where = "partly" if name in partly else "host" if name in swapped else "gpu"
-            lists.setdefault(path, []).append((len(lists.get(path, [])), where))
-        for path, entries in lists.items():
-            parts = []
-            for where, text in (
-                ("gpu", on),
-                ("host", "in host memory"),
-                ("partly", "partly in host memory (their largest layers on GPU)"),
-            ):
-                indices = [i for i, w in entries if w == where]
-                if indices:
-                    parts.append(f"{_ranges(indices)} {text}")
-            lines.append(f"{path} {', '.join(parts)}")
-        extras = [
-            name
-            for name, flag in (("text", self.offload_txt_emb), ("image", self.offload_img_emb))
-            if flag
-        ]
-        if extras:
-            lines.append(f"{' and '.join(extras)} embedding streamed from host memory")
-        if self.kept_layers:
-            lines.append(f"{len(self.kept_layers)} layers of swapped blocks kept {on}")
-        if self.kind == "streamed":
-            lines.append(
-                f"streamed layer by layer, outside the blocks too: at most "
-                f"{self.window_bytes / 2**20:.0f} MiB of layers {on} at once (a larger layer "
-                f"alone, up to {self.slot_bytes / 2**20:.0f} MiB); weights {on} "
-                f"{self.gpu_weight_bytes / GIB:.2f} GiB at most, in host memory "
-                f"{self.swapped_bytes / GIB:.2f} GiB"
-            )
-            return "\n".join(lines)
-        lines.append(
-            f"{self.swap_unit} swapping, {self.num_slots} slots of "
-            f"{self.slot_bytes / 2**20:.1f} MiB"
-            + (
-                f" + {self.staging_bytes / 2**20:.0f} MiB compressed-transfer staging"
-                if self.staging_bytes
-                else ""
-            )
-            + f"; weights {on} "
-            f"{self.gpu_weight_bytes / GIB:.2f} GiB, in host memory "
-            f"{self.swapped_bytes / GIB:.2f} GiB"
-        )
-        return "\n".join(lines)
 
 
 def plan_swap(sizes: ModelSizes, config: SwapConfig) -> SwapPlan:
@@ -184,14 +30,13 @@ def plan_swap(sizes: ModelSizes, config: SwapConfig) -> SwapPlan:
             allowed range and the model's block count).
         InsufficientMemoryError: ``vram_budget_gb`` is below what any plan needs.
     """
-    main = sizes.with_role("main")
-    vace = sizes.with_role("vace")
-    _check_against_model(config, len(main), len(vace))
+    main = sizes.with_role(MAIN_ROLE)
+    _check_against_model(config, sizes)
     units = ("layer",) if config.swap_unit == "layer" else ("block",)
     if config.vram_budget_gb is None:
         swapped_main = _swapped_main(config, len(main))
         return _build(
-            sizes, config, swapped_main, _swapped_vace(config, swapped_main, main, vace), units[0]
+            sizes, config, swapped_main, _swapped_others(config, swapped_main, sizes), units[0]
         )
     if config.swap_unit == "auto":
         units = ("block", "layer")
@@ -203,9 +48,8 @@ def plan_swap(sizes: ModelSizes, config: SwapConfig) -> SwapPlan:
         # layers of swapped blocks on the GPU too, so the whole budget cuts transfers.
         for swapped_count in range(len(main) + 1):
             swapped_main = spread(swapped_count, len(main))
-            plan = _build(
-                sizes, config, swapped_main, _swapped_vace(config, swapped_main, main, vace), unit
-            )
+            others = _swapped_others(config, swapped_main, sizes)
+            plan = _build(sizes, config, swapped_main, others, unit)
             if plan.gpu_weight_bytes <= budget:
                 plan = _fill_with_layers(sizes, plan, budget) if unit == "layer" else plan
                 # Fewest bytes copied per forward wins; at a tie whole blocks (fewer copies).
@@ -244,7 +88,8 @@ def plan_swap(sizes: ModelSizes, config: SwapConfig) -> SwapPlan:
     )
 
 
-def _check_against_model(config: SwapConfig, n_main: int, n_vace: int) -> None:
+def _check_against_model(config: SwapConfig, sizes: ModelSizes) -> None:
+    n_main = len(sizes.with_role(MAIN_ROLE))
     if config.blocks_to_swap is not None and config.blocks_to_swap > n_main:
         raise BlockSwapConfigError(
             f"blocks_to_swap must be in 0..{n_main} for this model ({n_main} blocks), "
@@ -257,11 +102,13 @@ def _check_against_model(config: SwapConfig, n_main: int, n_vace: int) -> None:
                 f"resident_blocks entries must be in 0..{n_main - 1} for this model "
                 f"({n_main} blocks), got {bad}"
             )
-    if config.vace_blocks_to_swap > n_vace:
-        raise BlockSwapConfigError(
-            f"vace_blocks_to_swap must be in 0..{n_vace} for this model ({n_vace} VACE blocks; "
-            f"0 means automatic), got {config.vace_blocks_to_swap}"
-        )
+    for role, count in config.role_counts.items():
+        n = len(sizes.with_role(role))
+        if count > n:
+            raise BlockSwapConfigError(
+                f"{config.role_option(role)} must be in 0..{n} for this model ({n} {role} "
+                f"blocks; 0 means automatic), got {count}"
+            )
 
 
 def _swapped_main(config: SwapConfig, n_main: int) -> set[int]:
@@ -274,40 +121,44 @@ def _swapped_main(config: SwapConfig, n_main: int) -> set[int]:
 def spread(count: int, n: int) -> set[int]:
     """``count`` of ``n`` block indices, evenly spaced, the last block always among them.
 
-    Why not the last ``count``: the ring holds only a few units, so while a run of resident
+    Why not the last ``count``: the slots hold only a few units, so while a run of resident
     blocks computes the copy engine idles once the slots are full. Spread out, every resident
     block's compute hides the copy of the next swapped unit (on the H100 with 3 of 8 blocks
     swapped at 1,560 tokens the last-blocks layout left about 11 ms of copy time exposed
-    per forward). The last block is swapped so the ring wraps into the next forward early.
+    per forward). The last block is swapped so prefetching wraps into the next forward early.
     """
     return {(i + 1) * n // count - 1 for i in range(count)} if count else set()
 
 
-def _swapped_vace(
-    config: SwapConfig,
-    swapped_main: set[int],
-    main: tuple[BlockSizes, ...],
-    vace: tuple[BlockSizes, ...],
-) -> set[int]:
-    if not vace:
-        return set()
-    count = config.vace_blocks_to_swap
-    if count == 0:  # automatic: the same share of VACE blocks as of main blocks
-        share = len(swapped_main) / len(main) if main else 1.0
-        count = round(share * len(vace))
-    return spread(count, len(vace))
+def _swapped_others(
+    config: SwapConfig, swapped_main: set[int], sizes: ModelSizes
+) -> dict[str, set[int]]:
+    """Indices swapped in each role's lists besides main and txt_emb (VACE): as many as
+    ``config`` counts for the role, or automatically the same share as of main blocks."""
+    counts = config.role_counts
+    main = len(sizes.with_role(MAIN_ROLE))
+    swapped = {}
+    for role in sizes.other_roles():
+        n = len(sizes.with_role(role))
+        count = counts.get(role, 0)
+        if count == 0:  # automatic
+            share = len(swapped_main) / main if main else 1.0
+            count = round(share * n)
+        swapped[role] = spread(count, n)
+    return swapped
 
 
 def _build(
     sizes: ModelSizes,
     config: SwapConfig,
     swapped_main: set[int],
-    swapped_vace: set[int],
+    swapped_others: dict[str, set[int]],
     unit: Literal["block", "layer"],
 ) -> SwapPlan:
-    swapped_names = {b.name for i, b in enumerate(sizes.with_role("main")) if i in swapped_main}
-    swapped_names |= {b.name for i, b in enumerate(sizes.with_role("vace")) if i in swapped_vace}
-    txt_blocks = sizes.with_role("txt_emb")
+    swapped_names = {b.name for i, b in enumerate(sizes.with_role(MAIN_ROLE)) if i in swapped_main}
+    for role, indices in swapped_others.items():
+        swapped_names |= {b.name for i, b in enumerate(sizes.with_role(role)) if i in indices}
+    txt_blocks = sizes.with_role(TXT_EMB_ROLE)
     if config.offload_txt_emb:
         swapped_names |= {b.name for b in txt_blocks}
     swapped = [b for b in sizes.blocks if b.name in swapped_names]
@@ -403,9 +254,8 @@ def _interleaved(sizes: ModelSizes, config: SwapConfig, budget: int) -> SwapPlan
     its own few copies. Keeping every large layer resident also shrinks the slots to the
     largest layer still streamed, which leaves room for more resident layers.
     """
-    main, vace = sizes.with_role("main"), sizes.with_role("vace")
-    every = set(range(len(main)))
-    plan = _build(sizes, config, every, _swapped_vace(config, every, main, vace), "layer")
+    every = set(range(len(sizes.with_role(MAIN_ROLE))))
+    plan = _build(sizes, config, every, _swapped_others(config, every, sizes), "layer")
     if not plan.swapped or plan.gpu_weight_bytes > budget:
         return None
     return _fill_with_layers(sizes, plan, budget)
@@ -466,18 +316,3 @@ def _fill_with_layers(sizes: ModelSizes, plan: SwapPlan, budget: int) -> SwapPla
         resident_bytes=plan.resident_bytes + kept_bytes,
         swapped_bytes=plan.swapped_bytes - kept_bytes,
     )
-
-
-def _ranges(indices: Iterable[int]) -> str:
-    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
-    out: list[str] = []
-    items = sorted(indices)
-    start = prev = items[0]
-    for i in items[1:] + [None]:  # type: ignore[list-item]
-        if i is not None and i == prev + 1:
-            prev = i
-            continue
-        out.append(str(start) if start == prev else f"{start}-{prev}")
-        if i is not None:
-            start = prev = i
-    return ", ".join(out)

@@ -3,12 +3,13 @@
 [Note: shared slots]
 Wan 2.2 A14B samples with two models one after the other (high noise, then low noise), with
 identical block shapes. Only one of them runs at a time, so they can share one set of slots:
-the second model does not double the ring's VRAM. A pool holds the slot buffers and their
-events; the ring that runs takes the pool over ("acquire"), and the previous holder forgets
+the second model does not double the slots' VRAM. A pool holds the slot buffers and their
+events; the model that runs takes the pool over ("acquire"), and the previous holder forgets
 what the slots held ("evict") and reacquires when it runs again. Ordering stays correct
 because the events travel with the slots: a copy into a slot still waits for the ``freed``
 event the previous holder recorded, and all copies on a device share one copy stream.
-The pool is freed when its last ring closes or lets go of its VRAM.
+The pool is freed when its last user closes or lets go of its VRAM. A user is a
+:class:`~.scheduler.PrefetchScheduler` whose memory is :class:`~.fixed_slots.FixedSlots`.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ _pools: dict[tuple, SlotPool] = {}
 def pool_key(
     device: torch.device, num_slots: int, slot_bytes: int, inference: bool, staging_bytes: int = 0
 ) -> tuple:
-    """Rings with equal keys share one pool (one set of slots in VRAM)."""
+    """Users with equal keys share one pool (one set of slots in VRAM)."""
     return (str(device), num_slots, slot_bytes, inference, staging_bytes)
 
 
@@ -108,7 +109,7 @@ def let_go(user: PoolUser, pool: SlotPool) -> None:
 
 
 def prune() -> None:
-    """Free the pools whose rings were all garbage-collected without letting go (a model
+    """Free the pools whose users were all garbage-collected without letting go (a model
     dropped without ``remove()``). A copy into a slot may still be running: wait for the
     device first, or the allocator could hand that memory out while the copy writes it."""
     with _lock:

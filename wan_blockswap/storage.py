@@ -150,7 +150,8 @@ def _element_size(dtype: torch.dtype) -> int:
 
 
 class HostBuffer:
-    """Exact-size host memory for one swap unit, page-locked when ``pin`` is true.
+    """Exact-size host memory (a swap unit's, or a loader's staging), page-locked when ``pin``
+    is true.
 
     ``free()`` unregisters before the memory is released; it is idempotent. The caller must
     make sure no copy still reads the buffer (the engine synchronises its copy stream first).

@@ -13,6 +13,8 @@ hook fails loudly on the empty weight instead of reading another block's memory.
 from __future__ import annotations
 
 import enum
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -270,3 +272,16 @@ class StoredUnit:
             key = prefix + name
             if key in state_dict:
                 state_dict[key] = view
+
+
+def allocate_empty(units: list[StoredUnit], pin: bool) -> None:
+    """Allocate the host buffers of units that have no data yet (a skeleton being loaded) on
+    several threads: page-locking faults in and pins every page, which one core does at only
+    a few GB/s, and the loader then fills the buffers in parallel too."""
+    empty = [u for u in units if u.is_empty and u.host is None]
+    if len(empty) < 2:
+        return
+    workers = min(8, os.cpu_count() or 1, len(empty))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blockswap-alloc") as pool:
+        for future in [pool.submit(u.allocate, pin) for u in empty]:
+            future.result()

@@ -1,4 +1,5 @@
-"""Streams and events behind one small interface, so the ring code is the same on CUDA and CPU.
+"""Streams and events behind one small interface, so the scheduler's code is the same on
+CUDA and CPU.
 
 On CUDA there is one copy stream per device, shared by every swapped model on it, so copies
 of two models (Wan 2.2 high/low noise) queue instead of competing. On CPU every operation is

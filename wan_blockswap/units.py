@@ -296,3 +296,17 @@ def copy_with_strides(
     except RuntimeError:  # overlapping in some other way: no layout to keep, a copy will do
         return values.to(device, copy=copy)
     return filled.as_strided(size, strides)
+
+
+def move_tensor(
+    ref: TensorRef, device: torch.device, strides: tuple[int, ...] | None = None
+) -> None:
+    """Move one resident tensor, keeping its object where ``.data`` can be rebound; a wrapper
+    tensor, whose device is fixed when it is made, is replaced ([Note: wrapper tensors]).
+    ``strides``: the layout to give it there (moving back what apply moved)."""
+    tensor = ref.get()
+    with torch.inference_mode(tensor.is_inference()):
+        if is_traceable_wrapper_subclass(tensor):
+            ref.replace(tensor.to(device))
+        else:
+            tensor.data = copy_with_strides(tensor.data, device, strides, copy=False)

@@ -642,7 +642,7 @@ def test_auto_refits_the_plan_to_each_latents_memory_estimate(comfy, pack, monke
     prepare(large)
     streamed = _states[private].swap
     assert streamed is smallest_swap and streamed.plan.window_bytes == block // 4
-    assert streamed.ring.window_bytes == block // 4
+    assert streamed.scheduler.provider.window_bytes == block // 4
     assert swapped.size == resident_size(swapped) + streamed.plan.ring_bytes
     assert torch.equal(run(comfy, swapped, inputs), expected)
     mm.unload_all_models()

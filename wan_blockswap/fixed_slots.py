@@ -1,0 +1,165 @@
+"""Fixed slots: a few GPU buffers, each as large as the largest unit, that units take turns in.
+
+The slots come from a pool shared by every model of the same slot shape on the device (see
+[Note: shared slots] in ``slot_pool.py``), taken at the first forward and kept across
+forwards. A slot keeps its contents after release, so a unit still in a free slot is reused
+without a copy (see [Note: schedule] in ``scheduler.py``).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Sequence
+
+import torch
+
+from . import slot_pool
+from .errors import BlockSwapError, InsufficientMemoryError
+from .memory_provider import InFlight
+from .stored_unit import StoredUnit
+from .streams import DeviceStreams
+
+
+class FixedSlots:
+    """``num_slots`` device buffers of ``slot_bytes`` each (a :class:`MemoryProvider`), and
+    ``staging_bytes`` of staging buffers for compressed transfers."""
+
+    def __init__(
+        self,
+        streams: DeviceStreams,
+        units: Sequence[StoredUnit],
+        num_slots: int,
+        slot_bytes: int,
+        staging_bytes: int = 0,
+    ) -> None:
+        self.streams = streams
+        self.units = list(units)
+        self.num_slots = num_slots
+        self.slot_bytes = slot_bytes
+        self.staging_bytes = staging_bytes
+        self.pool: slot_pool.SlotPool | None = None
+        self.flights: list[InFlight] = []
+        self.free: deque[InFlight] = deque()
+        # views[unit index][slot number]: made once per holding, so binding costs only .data
+        self.views_of: list[list[list[torch.Tensor]]] = []
+        # (id of a compressed unit, slot number) -> its pieces' destinations in that slot
+        self.piece_targets: dict[tuple[int, int], list[torch.Tensor]] = {}
+
+    def pool_key(self, inference: bool) -> tuple | None:
+        if not self.num_slots:
+            return None
+        return slot_pool.pool_key(
+            self.streams.device, self.num_slots, self.slot_bytes, inference, self.staging_bytes
+        )
+
+    @property
+    def holds_memory(self) -> bool:
+        return self.pool is not None
+
+    @property
+    def held_bytes(self) -> int:
+        """The slots' bytes while this model holds them (staging not counted)."""
+        return sum(f.buffer.numel() for f in self.flights if f.buffer is not None)
+
+    def allocate(self, user: Any, inference: bool) -> None:
+        if self.flights or not self.num_slots:
+            return
+        try:
+            self.pool = pool = slot_pool.acquire(
+                user,
+                self.streams,
+                self.num_slots,
+                self.slot_bytes,
+                inference,
+                self.staging_bytes,
+            )
+        except torch.cuda.OutOfMemoryError as error:
+            streams = self.streams
+            free = torch.cuda.mem_get_info(streams.device)[0] if streams.is_cuda else 0
+            raise InsufficientMemoryError(
+                f"no room for {self.num_slots} swap slots of {self.slot_bytes / 2**20:.0f} MiB "
+                f"({self.num_slots * self.slot_bytes / 2**30:.2f} GiB; {free / 2**30:.2f} GiB "
+                f"free on {streams.device}): swap more blocks (fewer resident), lower "
+                f"prefetch_blocks (now {self.num_slots - 1}), or use swap_unit='layer'. The "
+                f"model is unchanged and usable once memory is freed."
+            ) from error
+        # The events travel with the slots: the previous holder's last ``freed`` still orders
+        # the next copy into each slot.
+        self.flights = [
+            InFlight(number, buffer, ready, freed, copied)
+            for number, (buffer, ready, freed, copied) in enumerate(
+                zip(pool.slots, pool.ready, pool.freed, pool.copied)
+            )
+        ]
+        self.free = deque(self.flights)
+        with torch.inference_mode(inference), torch.no_grad():
+            self.views_of = [[u.layout.views(slot) for slot in pool.slots] for u in self.units]
+
+    def forget(self) -> None:
+        self.flights = []
+        self.free = deque()
+        self.views_of = []
+        self.piece_targets.clear()
+
+    def let_go(self, user: Any) -> None:
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            slot_pool.let_go(user, pool)
+
+    def invalidate(self) -> None:
+        self.piece_targets.clear()
+
+    def admits(self, stored: StoredUnit, ahead: int) -> bool:
+        return True  # a free slot is enough
+
+    def take(self, index: int) -> InFlight:
+        free = self.free
+        if not free:
+            raise BlockSwapError(
+                f"all {self.num_slots} swap slots are in use while loading "
+                f"{self.units[index].name}: swapped modules are nested deeper than the slots "
+                f"go; raise prefetch_blocks"
+            )
+        for flight in free:  # the slot still holding it, else an empty one, else the oldest
+            if flight.index == index:
+                break
+        else:
+            flight = next((f for f in free if f.index is None), None)
+            if flight is None:
+                flight = free[0]
+        free.remove(flight)
+        return flight
+
+    def prepare(self, flight: InFlight, stored: StoredUnit) -> None:
+        pass  # slots always are
+
+    def views(self, flight: InFlight, index: int) -> list[torch.Tensor]:
+        return self.views_of[index][flight.number]
+
+    def targets(self, flight: InFlight, stored: StoredUnit) -> list[torch.Tensor]:
+        assert stored.transfer is not None
+        key = (id(stored), flight.number)
+        targets = self.piece_targets.get(key)
+        if targets is None:
+            targets = self.piece_targets[key] = stored.transfer.targets(flight.buffer)
+        return targets
+
+    def staging(self, flight: InFlight, nbytes: int) -> tuple[torch.Tensor, Any, Any]:
+        """The pool's staging buffers, in turn."""
+        assert self.pool is not None
+        pool = self.pool
+        k = pool.next_staging
+        pool.next_staging = (k + 1) % len(pool.staging)
+        return pool.staging[k][:nbytes], pool.consumed[k], pool.landed[k]
+
+    def bound(self, flight: InFlight) -> None:
+        pass
+
+    def released(self, flight: InFlight) -> None:
+        self.free.append(flight)
+
+    def dropped(self, flight: InFlight) -> None:
+        self.free.appendleft(flight)
+
+    def abandoned(self, flight: InFlight) -> None:
+        self.free.appendleft(flight)

@@ -1,0 +1,215 @@
+"""Streaming layer by layer with no fixed slots: each unit gets GPU memory of its own size
+when it is prefetched and gives it back when it has run.
+
+[Note: streamed plans]
+Fixed slots are each as large as the largest unit, and weights outside the blocks stay
+resident, so fixed slots cannot go below a few of the largest layers plus those weights
+(Wan 14B: 0.61 GiB). ComfyUI core at a zero weight budget holds one layer at a time, sized to
+that layer, and peaks at its activations plus its largest layer (0.35 GiB at 1,560 tokens,
+where Wan's 315 MB ``time_projection`` is that layer). A streamed plan does the same with
+prefetch: at most ``window_bytes`` of units are on the GPU at once, prefetched or in use, at
+most ``prefetch_blocks`` of them ahead of the one in use, and a unit larger than the window
+loads alone. Both limits matter. The window bounds the peak where a large layer is the peak
+(Wan's time projection at 1,560 tokens). The depth bounds it where activations are: at
+32,760 tokens Wan peaks inside self-attention, between its projections, and a window that
+lets both FFN layers sit on the GPU at once (270 MiB, one copy hidden behind the other's
+matmul) would there fill with four attention projections instead; one layer ahead keeps that
+to one (H100, comfyui benchmark: the peak stayed 2% above core's).
+
+Memory crosses streams safely without fixed slots:
+  prefetch(u): the buffer is allocated on the compute stream C (like any activation), C
+      records its ``freed`` right after, and the copy stream X waits on it before writing:
+      the allocator only hands out memory whose previous users on C are ordered before that
+      point.
+  wait(u): C waits on ``ready`` as with fixed slots.
+  release(u): the buffer is dropped on C, after C's last use. X and D (decode) wrote it
+      before ``ready``, which C waited for, so nothing else still uses it.
+  a prefetched unit that is never used: C waits on its ``ready`` before dropping it.
+A compressed unit's packed chunks land in one staging buffer of the unit's own, allocated
+with it and dropped once C has waited for the decodes (at wait(u)), so it takes memory only
+while the unit is in flight. Under ``cudaMallocAsync`` the same holds: allocation and free
+are ordered on C, and every other stream's use is fenced by those events.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Sequence
+
+import torch
+
+from .errors import BlockSwapError, InsufficientMemoryError
+from .memory import PACKED_SHARE
+from .memory_provider import InFlight
+from .storage import _align
+from .stored_unit import StoredUnit
+from .streams import DeviceStreams
+
+# Records for units in flight, each with its events; the window and the look-ahead, not
+# this, bound how many are taken (at most MAX_PREFETCH_BLOCKS ahead plus the one in use).
+RECORDS = 32
+
+
+class WindowAllocator:
+    """GPU memory per unit (a :class:`MemoryProvider`): at most ``lookahead`` units ahead of
+    the one in use, and at most ``window_bytes`` of them on the GPU; with nothing on the GPU
+    the next unit always loads (alone, if larger than the window)."""
+
+    def __init__(
+        self,
+        streams: DeviceStreams,
+        units: Sequence[StoredUnit],
+        window_bytes: int,
+        lookahead: int,
+    ) -> None:
+        self.streams = streams
+        self.units = list(units)
+        self.window_bytes = window_bytes
+        self.lookahead = lookahead
+        self.inference = False
+        self.flights: list[InFlight] = []
+        self.free: deque[InFlight] = deque()
+        self.held = 0  # GPU bytes of every record together (kept, not summed per prefetch)
+
+    def pool_key(self, inference: bool) -> tuple | None:
+        return None  # nothing fixed to share with another model
+
+    @property
+    def holds_memory(self) -> bool:
+        return bool(self.flights)
+
+    @property
+    def held_bytes(self) -> int:
+        """GPU bytes the units in flight hold now."""
+        return self.held
+
+    def allocate(self, user: Any, inference: bool) -> None:
+        if self.flights:
+            return
+        self.inference = inference
+        new_event = self.streams.new_event
+        self.flights = [
+            InFlight(number, None, new_event(), new_event(), new_event())
+            for number in range(RECORDS)
+        ]
+        self.free = deque(self.flights)
+
+    def forget(self) -> None:
+        """Called with every stream synchronised: each buffer can go at once."""
+        self.flights = []
+        self.free = deque()
+        self.held = 0
+
+    def let_go(self, user: Any) -> None:
+        pass  # the buffers went with the records
+
+    def invalidate(self) -> None:
+        pass  # pieces' places are worked out per copy
+
+    def _cost(self, stored: StoredUnit) -> int:
+        if stored.transfer is not None:
+            return stored.nbytes + stored.transfer.staging_nbytes
+        if stored.compress:  # sealed when it loads (a loader filled it after apply)
+            return stored.nbytes + int(PACKED_SHARE * stored.nbytes)
+        return stored.nbytes
+
+    def admits(self, stored: StoredUnit, ahead: int) -> bool:
+        held = self.held
+        if not held:
+            return True
+        if ahead >= self.lookahead:  # see [Note: streamed plans] for why both limits
+            return False
+        return held + self._cost(stored) <= self.window_bytes
+
+    def take(self, index: int) -> InFlight:
+        if not self.free:
+            raise BlockSwapError(
+                f"{RECORDS} streamed layers are in flight while loading "
+                f"{self.units[index].name}: swapped modules are nested deeper than a streamed "
+                f"plan follows; use fixed slots (a larger vram_budget_gb)"
+            )
+        return self.free.popleft()  # every free record is empty: any will do
+
+    def prepare(self, flight: InFlight, stored: StoredUnit) -> None:
+        device = self.streams.device
+        try:
+            with torch.inference_mode(self.inference), torch.no_grad():
+                buffer = torch.empty(stored.nbytes, dtype=torch.uint8, device=device)
+                staging = None
+                if stored.transfer is not None:
+                    staging = torch.empty(
+                        stored.transfer.staging_nbytes, dtype=torch.uint8, device=device
+                    )
+                flight.views = stored.layout.views(buffer)
+        except torch.cuda.OutOfMemoryError as error:
+            raise InsufficientMemoryError(
+                f"out of VRAM streaming {stored.name} ({stored.nbytes / 2**20:.0f} MiB, with "
+                f"{self.held_bytes / 2**20:.0f} MiB of layers already on {device}): lower "
+                f"vram_budget_gb (a smaller window) or free VRAM. The model is unchanged and "
+                f"usable."
+            ) from error
+        flight.buffer = buffer
+        flight.staging = staging
+        flight.staged = 0
+        flight.held = stored.nbytes + (staging.numel() if staging is not None else 0)
+        self.held += flight.held
+        # The writers on other streams start after this point of C (see the note)
+        compute = self.streams.compute_stream()
+        flight.allocated_on = compute
+        self.streams.record(flight.freed, compute)
+
+    def views(self, flight: InFlight, index: int) -> list[torch.Tensor]:
+        views = flight.views
+        assert views is not None
+        return views
+
+    def targets(self, flight: InFlight, stored: StoredUnit) -> list[torch.Tensor]:
+        assert stored.transfer is not None
+        return stored.transfer.targets(flight.buffer)
+
+    def staging(self, flight: InFlight, nbytes: int) -> tuple[torch.Tensor, Any, Any]:
+        """A place in the unit's own staging buffer: every chunk has its own, so no chunk
+        waits for the previous one's decode."""
+        staging = flight.staging
+        assert staging is not None
+        offset = flight.staged
+        flight.staged = _align(offset + nbytes)
+        return staging[offset : offset + nbytes], None, self.streams.new_event(timing=False)
+
+    def bound(self, flight: InFlight) -> None:
+        staging = flight.staging
+        if staging is not None:  # C waits for the decodes from here on: staging is done
+            flight.held -= staging.numel()
+            self.held -= staging.numel()
+            flight.staging = None
+
+    def released(self, flight: InFlight) -> None:
+        self.free.append(flight)
+        allocated_on, compute = flight.allocated_on, self.streams.compute_stream()
+        if allocated_on is not None and allocated_on != compute:
+            # used on another stream than the one it came from (a forward under a different
+            # torch.cuda.stream): the allocator may hand it out again on the first one
+            done = self.streams.new_event(timing=False)
+            self.streams.record(done, compute)
+            self.streams.wait(allocated_on, done)
+        self._empty(flight)
+
+    def dropped(self, flight: InFlight) -> None:
+        self.free.appendleft(flight)
+        # Never used, so C never waited for its writers: it does before the memory goes.
+        if flight.allocated_on is not None:
+            self.streams.wait(flight.allocated_on, flight.ready)
+        self._empty(flight)
+
+    def abandoned(self, flight: InFlight) -> None:
+        self.free.appendleft(flight)
+        self._empty(flight)
+
+    def _empty(self, flight: InFlight) -> None:
+        flight.buffer = None
+        flight.views = None
+        flight.staging = None
+        self.held -= flight.held
+        flight.held = 0
+        flight.index = None
+        flight.allocated_on = None
