@@ -12,7 +12,7 @@ import logging
 from . import model_configs
 from .callbacks.checkpoint import CheckpointError, CheckpointNotFoundError
 from .wan_blockswap import BlockSwapConfigError, SwapConfig
-from .wan_blockswap.compressed_transfer import TYPICAL_PACKED_SHARE
+from .wan_blockswap.compressed_transfer import TYPICAL_PACKED_SHARE, staging_bytes
 from .wan_blockswap.config import MAX_PREFETCH_BLOCKS
 
 logger = logging.getLogger("wan_blockswap")
@@ -250,7 +250,8 @@ class WanBlockSwapStream:
                         "(images, short or low-resolution clips: up to a quarter off each "
                         "step), 1-2.5% slower on long videos, where copies are hidden "
                         "anyway. 'auto': compressed, until the second step shows compute "
-                        "hiding the copies, then raw. Uses 52 MiB more VRAM; while compressed, "
+                        f"hiding the copies, then raw. Uses {staging_bytes() / 2**20:.0f} MiB more VRAM; "
+                        "while compressed, "
                         f"needs ~{TYPICAL_PACKED_SHARE:.2f}x the swapped size in RAM on top.",
                     },
                 ),

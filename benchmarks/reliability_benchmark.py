@@ -200,7 +200,7 @@ def main() -> None:
         except ZeroDivisionError:
             pass
         handle.remove()
-        return not swap.ring.in_use
+        return not swap.scheduler.in_use
 
     def double_apply(swap):
         try:

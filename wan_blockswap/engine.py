@@ -248,11 +248,6 @@ class BlockSwap(SwappedWeights):
         self._hooks.append(self.model.register_forward_hook(self._end_forward, always_call=True))
 
     @property
-    def ring(self) -> PrefetchScheduler | None:
-        """The former name of :attr:`scheduler` (benchmarks read it)."""
-        return self.scheduler
-
-    @property
     def swapped_modules(self) -> set[nn.Module]:
         """Every module whose tensors (or whose descendants' tensors) this swap streams."""
         return {m for stored in self.units for m in stored.unit.module.modules()}
