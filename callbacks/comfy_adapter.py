@@ -58,7 +58,7 @@ from .comfy_private import (
 )
 from .comfy_weight_patches import (
     attach_gguf_patches,
-    patch_transform,
+    set_patch_transform,
     swapped_hook_patches,
     swapped_tensor_at,
 )
@@ -272,7 +272,7 @@ def _patch_hooks(self: Any, hooks: Any) -> None:
 
 
 def _set_transform(patcher: Any, state: _State, hooks: Any, hook_patches: dict) -> None:
-    state.swap.set_transform(patch_transform(patcher, state.swap, hook_patches))
+    set_patch_transform(patcher, state.swap, hook_patches)
     state.patches_uuid = patcher.patches_uuid
     state.hooks = hooks
 

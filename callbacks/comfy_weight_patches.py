@@ -2,8 +2,8 @@
 them to weights it loads itself.
 
 Core patches a weight when it moves it to the GPU; it never moves our swapped weights, so
-:func:`patch_transform` builds the slot transform the engine runs on the copy stream right
-after each unit lands in a slot. ComfyUI-GGUF patches quantized weights while dequantizing
+:func:`set_patch_transform` gives the engine a slot transform it runs on the copy stream right
+after each unit with patches lands in a slot. ComfyUI-GGUF patches quantized weights while dequantizing
 them instead, from an attribute on the weight: :func:`attach_gguf_patches` sets it.
 """
 
@@ -27,24 +27,24 @@ MODEL_PREFIX = "diffusion_model."
 FP32 = torch.float32
 
 
-def patch_transform(
+def set_patch_transform(
     patcher: Any, swap: BlockSwap, hook_patches: dict[str, list] | None = None
-) -> Any:
+) -> None:
     """Apply ``patcher``'s weight patches to swapped weights as they land in a slot, with the
     recipe core uses for weights it patches at load time; then ``hook_patches`` (scheduled
     LoRA hooks active now, see :func:`swapped_hook_patches`) with core's hook recipe, which
-    patches the already patched weight again."""
+    patches the already patched weight again. Sets (or clears) ``swap``'s slot transform."""
     hook_patches = hook_patches or {}
     wanted: dict[str, list[tuple[int, str]]] = {}
-    for stored in swap.units:
-        for index, (ref, tensor) in enumerate(zip(stored.unit.tensors, stored.tensors)):
-            key = MODEL_PREFIX + ref.qualname
-            if key not in patcher.patches and key not in hook_patches:
-                continue
-            if not _is_gguf_quantized(tensor):  # those: attach_gguf_patches
-                wanted.setdefault(stored.name, []).append((index, key))
+    for unit_name, index, qualname, tensor in swap.swapped_parameters():
+        key = MODEL_PREFIX + qualname
+        if key not in patcher.patches and key not in hook_patches:
+            continue
+        if not _is_gguf_quantized(tensor):  # those: attach_gguf_patches
+            wanted.setdefault(unit_name, []).append((index, key))
     if not wanted:
-        return None
+        swap.set_transform(None)
+        return
     # (patches, the dtype core computes them in): a regular patch in core's LoRA compute
     # dtype for the device (fp16 on most GPUs in current core, fp32 in older ones), a hook's
     # in fp32, as core's two recipes do
@@ -66,39 +66,35 @@ def patch_transform(
     }
     # Units whose patched ops read their own tensors (their scale): bound to the slot meanwhile.
     scaled = {
-        stored.name: stored
-        for stored in swap.units
-        if any(funcs[key] != (None, None) for _, key in wanted.get(stored.name, ()))
+        unit_name
+        for unit_name, entries in wanted.items()
+        if any(funcs[key] != (None, None) for _, key in entries)
     }
+    bound = swap.unit_binder() if scaled else None  # holds the units, not the swap
 
-    units = {stored.name: stored for stored in swap.units if stored.name in wanted}
+    def patch(entries: list[tuple[int, str]], tensors: list[torch.Tensor]) -> None:
+        for index, key in entries:
+            for patches, dtype in stages[key]:
+                _patch_view(tensors[index], key, patches, dtype, *funcs[key])
 
-    def transform(unit_name: str, views: list[torch.Tensor]) -> None:
-        entries = wanted.get(unit_name, ())
-        if not entries:
-            return
-        tensors = units[unit_name].as_tensors(views)  # views are per piece
-        stored = scaled.get(unit_name)
-        if stored is not None:
-            stored.bind(views)
-        try:
-            for index, key in entries:
-                for patches, dtype in stages[key]:
-                    _patch_view(tensors[index], key, patches, dtype, *funcs[key])
-        finally:
-            if stored is not None:
-                stored.unbind()
+    def transform(unit_name: str, tensors: list[torch.Tensor]) -> None:
+        entries = wanted[unit_name]  # the engine calls it for these units only
+        if unit_name in scaled:
+            with bound(unit_name, tensors):
+                patch(entries, tensors)
+        else:
+            patch(entries, tensors)
 
     logger.info("wan_blockswap: applying patches to %d swapped weights per copy", len(stages))
-    return transform
+    swap.set_transform(transform, wanted)
 
 
-def swapped_tensor_at(swap: BlockSwap, key: str) -> tuple[Any, int] | None:
-    """``(unit, index)`` of the swapped tensor behind core's key ``key``
-    (``diffusion_model.…``), or ``None`` for a resident or non-model key."""
+def swapped_tensor_at(swap: BlockSwap, key: str) -> torch.Tensor | None:
+    """The swapped tensor behind core's key ``key`` (``diffusion_model.…``), or ``None`` for
+    a resident or non-model key."""
     if not key.startswith(MODEL_PREFIX):
         return None
-    return swap.swapped_tensor(key[len(MODEL_PREFIX) :])
+    return swap.swapped_parameter(key[len(MODEL_PREFIX) :])
 
 
 def swapped_hook_patches(patcher: Any, swap: BlockSwap, hooks: Any) -> dict[str, list]:
@@ -114,11 +110,10 @@ def swapped_hook_patches(patcher: Any, swap: BlockSwap, hooks: Any) -> dict[str,
         return {}
     found = {}
     for key, patches in patcher.get_combined_hook_patches(hooks=hooks).items():
-        located = swapped_tensor_at(swap, key)
-        if located is None:
+        tensor = swapped_tensor_at(swap, key)
+        if tensor is None:
             continue
-        stored, index = located
-        if _is_gguf_quantized(stored.tensors[index]):
+        if _is_gguf_quantized(tensor):
             raise BlockSwapConfigError(
                 f"a scheduled LoRA hook patches {key}, a GGUF-quantized weight that WAN "
                 "BlockSwap streams from host memory; hooks on those are not supported. Load "
@@ -172,12 +167,10 @@ def attach_gguf_patches(patcher: Any, swap: BlockSwap) -> None:
     attribute its patcher sets on each weight it loads (and clears on unpatch). Core never
     loads our swapped weights, so set it on them at every load; the tensor objects survive
     every slot rebinding."""
-    for stored in swap.units:
-        for ref in stored.unit.tensors:
-            key = MODEL_PREFIX + ref.qualname
-            tensor = ref.get()
-            if _is_gguf_quantized(tensor):
-                tensor.patches = [(patcher.patches[key], key)] if key in patcher.patches else []
+    for _, _, qualname, tensor in swap.swapped_parameters():
+        key = MODEL_PREFIX + qualname
+        if _is_gguf_quantized(tensor):
+            tensor.patches = [(patcher.patches[key], key)] if key in patcher.patches else []
 
 
 def _is_gguf_quantized(tensor: torch.Tensor) -> bool:

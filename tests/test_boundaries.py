@@ -105,3 +105,59 @@ def test_the_engine_imports_nothing_from_the_data_or_the_adapters():
                 assert not parts & {"model_configs", "callbacks", "nodes"}, (name, module)
                 if node.__class__ is ast.ImportFrom and node.level >= 2:
                     raise AssertionError(f"{name} imports {module} from outside the engine")
+
+
+# What a swap keeps inside: its stored units and their storage. Attribute names of
+# ``StoredUnit`` (and ``BlockSwap.units``, the list of them) that no adapter may use; the
+# public ``BlockSwap`` methods (swapped_parameters, set_transform, unit_binder, fill_unit,
+# destination, ...) are all the adapters need.
+STORAGE_ATTRIBUTES = {
+    "units",
+    "unit",
+    "host",
+    "host_views",
+    "pieces",
+    "placeholders",
+    "parked",
+    "templates",
+    "as_tensors",
+    "bind",
+    "bind_tensors",
+    "unbind",
+    "seal",
+    "unseal",
+    "transfer",
+    "scheduler",
+    "provider",
+    "_swapped_index",
+}
+STORAGE_MODULES = {
+    "stored_unit",
+    "storage",
+    "scheduler",
+    "memory_provider",
+    "fixed_slots",
+    "window_allocator",
+}
+STORAGE_NAMES = {"StoredUnit", "UnitState", "Placeholders", "PrefetchScheduler"}
+
+
+def test_adapters_use_only_the_public_swap():
+    """callbacks/ and nodes.py reach a swap's weights through public BlockSwap methods only:
+    no engine storage module imported, no stored unit's attribute touched."""
+    paths = [p for p in _python_files() if os.sep + "callbacks" + os.sep in p]
+    paths.append(os.path.join(ROOT, "nodes.py"))
+    for path in paths:
+        tree = ast.parse(open(path, encoding="utf-8").read())
+        where = os.path.relpath(path, ROOT)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute):
+                assert node.attr not in STORAGE_ATTRIBUTES, f"{where}:{node.lineno} .{node.attr}"
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    parts = set(alias.name.split("."))
+                    assert not parts & STORAGE_MODULES, f"{where}:{node.lineno} {alias.name}"
+            elif isinstance(node, ast.ImportFrom):
+                parts = set((node.module or "").split("."))
+                parts |= {alias.name for alias in node.names}
+                assert not parts & (STORAGE_MODULES | STORAGE_NAMES), f"{where}:{node.lineno}"

@@ -252,14 +252,6 @@ class BlockSwap(SwappedWeights):
         """Every module whose tensors (or whose descendants' tensors) this swap streams."""
         return {m for stored in self.units for m in stored.unit.module.modules()}
 
-    def set_transform(self, transform: Any) -> None:
-        """Run ``transform(unit_name, views)`` on the copy stream after each unit is copied
-        to the GPU (e.g. to apply LoRA patches to the weights there). Clears what fixed slots
-        cache, which was made under the previous transform."""
-        assert self.scheduler is not None
-        self.scheduler.transform = transform
-        self.scheduler.invalidate()
-
     def slot_pool_key(self) -> tuple | None:
         """Swaps with equal keys share one set of GPU slots (see [Note: shared slots]); a host
         that counts VRAM per model should count those slots once. None without slots."""

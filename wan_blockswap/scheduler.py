@@ -94,6 +94,7 @@ class PrefetchScheduler:
         self.observed: list[int] = []
         self.misses_this_forward = 0
         self.transform = None  # see BlockSwap.set_transform
+        self.transformed: frozenset[str] | None = None  # the units it runs on; None: all
         # When a list: (start, end, bytes) of each unit's copies on the copy stream (the
         # link's real rate, for transfer_compression="auto")
         self.copy_clock: list | None = None
@@ -305,8 +306,12 @@ class PrefetchScheduler:
             if clock is not None:
                 self.copy_clock.append((clock, self._mark(copy_stream), stored.copy_nbytes))
         with streams.on(last), torch.inference_mode(self.inference):
-            if self.transform is not None:  # after the copy, before the ready event
-                self.transform(stored.name, self.provider.views(flight, flight.index))
+            transform = self.transform  # after the copy, before the ready event
+            if transform is not None and (
+                self.transformed is None or stored.name in self.transformed
+            ):
+                views = self.provider.views(flight, flight.index)  # one per piece
+                transform(stored.name, stored.as_tensors(views))
             streams.record(flight.ready, last)
             if timing is not None:
                 timing.copy_end = self._mark(last)

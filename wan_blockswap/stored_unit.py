@@ -206,6 +206,14 @@ class StoredUnit:
         """Point the unit's tensors at ``views`` (one per piece)."""
         self._point_at(views, self.as_tensors(views) if self._wraps else None)
 
+    def bind_tensors(self, tensors: list[torch.Tensor]) -> None:
+        """Point the unit's tensors at ``tensors``, one per unit tensor (:meth:`as_tensors`)."""
+        for ref, template, tensor in zip(self.unit.tensors, self.templates, tensors):
+            if template is None:
+                ref.get().data = tensor
+            else:
+                ref.replace(tensor)
+
     def unbind(self) -> None:
         self._point_at(self.placeholders, self.parked)
 

@@ -1,11 +1,12 @@
 """What loaders and hosts may do with a swap's stored weights: find a swapped tensor, fill a
-unit of a skeleton, write into a tensor's weights, count host bytes. Callers never touch the
-units' storage themselves.
+unit of a skeleton, write into a tensor's weights, count host bytes, transform each unit as it
+lands on the GPU. Callers never touch the units' storage themselves.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+import contextlib
+from typing import TYPE_CHECKING, Any, Callable, Collection, ContextManager, Iterator
 
 import torch
 from torch import nn
@@ -35,6 +36,53 @@ class SwappedWeights:
                 for index, ref in enumerate(stored.unit.tensors)
             }
         return self._swapped_index.get(name)
+
+    def swapped_parameters(self) -> Iterator[tuple[str, int, str, torch.Tensor]]:
+        """``(unit_name, index, qualname, tensor)`` for every swapped parameter and buffer: the
+        unit that streams it, its index there (the order a transform gets a unit's tensors
+        in), its name in the model and the tensor object registered under it now (its weights
+        are a 0-element placeholder between uses)."""
+        for stored in self.units:
+            for index, ref in enumerate(stored.unit.tensors):
+                yield stored.name, index, ref.qualname, ref.get()
+
+    def swapped_parameter(self, name: str) -> torch.Tensor | None:
+        """The swapped parameter or buffer ``name`` as registered now; None if not swapped."""
+        found = self.swapped_tensor(name)
+        if found is None:
+            return None
+        stored, index = found
+        return stored.unit.tensors[index].get()
+
+    def set_transform(self, transform: Any, unit_names: Collection[str] | None = None) -> None:
+        """Run ``transform(unit_name, tensors)`` on the copy stream right after each unit in
+        ``unit_names`` (every unit when None) lands on the GPU: ``tensors`` are the unit's
+        tensors there, one per tensor in :meth:`swapped_parameters`' index order, and the
+        transform may rewrite them in place (e.g. apply LoRA patches). Units not named get no
+        call at all. Clears what fixed slots cache, made under the previous transform."""
+        assert self.scheduler is not None
+        self.scheduler.transform = transform
+        self.scheduler.transformed = None if unit_names is None else frozenset(unit_names)
+        self.scheduler.invalidate()
+
+    def unit_binder(self) -> Callable[[str, list[torch.Tensor]], ContextManager[None]]:
+        """``bound(unit_name, tensors)``: a context manager that points the unit's tensors
+        at ``tensors`` (what a transform was given) meanwhile, and back at placeholders after,
+        for a transform whose code reads weights through the module (a scaled op's scale).
+        It holds the units, not this swap: a transform keeping it makes no reference cycle
+        through the swap ([Note: no strong path to the model] in ``engine``)."""
+        units = {stored.name: stored for stored in self.units}
+
+        @contextlib.contextmanager
+        def bound(unit_name: str, tensors: list[torch.Tensor]) -> Iterator[None]:
+            stored = units[unit_name]
+            stored.bind_tensors(tensors)
+            try:
+                yield
+            finally:
+                stored.unbind()
+
+        return bound
 
     def fill_unit(self, unit: StoredUnit, write: Callable[[list[torch.Tensor]], None]) -> None:
         """Fill ``unit`` (from :meth:`swapped_tensor`), a unit of a skeleton that awaits its
