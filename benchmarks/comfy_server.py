@@ -345,9 +345,11 @@ def write_wan(path: str, num_layers: int, dim: int, ffn_dim: int, seed: int = 0,
     return os.path.getsize(path)
 
 
-def write_lora(path: str, dim: int, blocks: list[int], rank: int = 4, seed: int = 1) -> int:
-    """A small LoRA on the attention projections of ``blocks`` (core's ``lora_up`` /
-    ``lora_down`` key form)."""
+def write_lora(
+    path: str, dim: int, ffn_dim: int, blocks: list[int], rank: int = 4, seed: int = 1
+) -> int:
+    """A small LoRA on two attention projections and the FFN's output layer of ``blocks``
+    (core's ``lora_up`` / ``lora_down`` key form)."""
     import torch
     from safetensors.torch import save_file
 
@@ -356,7 +358,7 @@ def write_lora(path: str, dim: int, blocks: list[int], rank: int = 4, seed: int 
     for block in blocks:
         for name in ("self_attn.q", "self_attn.o", "ffn.2"):
             base = f"diffusion_model.blocks.{block}.{name}"
-            columns = dim
+            columns = ffn_dim if name == "ffn.2" else dim  # ffn.2: ffn_dim in, dim out
             state[base + ".lora_down.weight"] = (
                 torch.randn(rank, columns, generator=gen) / columns**0.5
             ).to(torch.bfloat16)

@@ -190,7 +190,7 @@ def run(
     cs.write_wan(os.path.join(server.models, MODEL), blocks, **dims)
     cs.write_wan(os.path.join(server.models, HIGH), blocks, seed=1, **dims)
     cs.write_wan(os.path.join(server.models, LOW), blocks, seed=2, **dims)
-    cs.write_lora(os.path.join(server.loras, LORA), dims["dim"], blocks=[1, 5, 7])
+    cs.write_lora(os.path.join(server.loras, LORA), dims["dim"], dims["ffn_dim"], blocks=[1, 5, 7])
     frames, size = (5, (64, 64)) if cpu else (9, (320, 192))
     defaults = cs.node_defaults()
     events: list[dict] = []
