@@ -198,6 +198,10 @@ class AccessLog(TorchDispatchMode):
         return out
 
     def _log(self, tensor: torch.Tensor, stream: str, clock: dict, write: bool, what: str):
+        # ``.data =`` under inference mode (core's sampling) dispatches this shallow-copy
+        # check: it compares tensor types and reads no bytes, so it is no access
+        if what == "_has_compatible_shallow_copy_type":
+            return
         if tensor.device.type != "cpu" or tensor.numel() == 0:
             return
         self.keep.append(tensor)  # no address is reused while the log lives
