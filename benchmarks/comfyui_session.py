@@ -262,17 +262,8 @@ def run(
     if static_reference:
         static_refs.update(_static_references(comfyui, workdir, server, prompt_for))
     with server:
-        # core alone first: the outputs every later prompt must give. A warm-up prompt before
-        # them: on a GPU, core's very first prompt after start came out a little different
-        # from later ones (dynamic VRAM, H200: up to 0.012 at cfg 1).
-        server.queue(prompt_for(Step("plain"), 999, "warmup"))
-        for model in ("wan", "a14b"):
-            for seed in (1, 2):
-                for lora in (False, True):
-                    prefix = f"ref_{model}_{seed}_{int(lora)}"
-                    result = server.queue(prompt_for(Step("plain", model, lora=lora), seed, prefix))
-                    assert result["status"] == "success", result
-                    references[(model, seed, lora)] = latent(prefix)
+        # core alone first: the outputs every later prompt must give
+        references.update(_core_alone(server, prompt_for, "ref"))
         warmup_events = []
         if warmup:
             for index, step in enumerate(warmup_plan()):
@@ -357,16 +348,23 @@ def _static_references(comfyui: str, workdir: str, source: cs.Server, prompt_for
         os.makedirs(target, exist_ok=True)
         for name in os.listdir(folder):
             shutil.copy(os.path.join(folder, name), os.path.join(target, name))
-    refs = {}
     with server:
-        server.queue(prompt_for(Step("plain"), 999, "warmup"))
-        for model in ("wan", "a14b"):
-            for seed in (1, 2):
-                for lora in (False, True):
-                    prefix = f"static_{model}_{seed}_{int(lora)}"
-                    result = server.queue(prompt_for(Step("plain", model, lora=lora), seed, prefix))
-                    assert result["status"] == "success", result
-                    refs[(model, seed, lora)] = _latent(server, prefix)
+        return _core_alone(server, prompt_for, "static")
+
+
+def _core_alone(server: cs.Server, prompt_for: Any, label: str) -> dict:
+    """Core alone's latents for every model, seed and LoRA the session uses. A warm-up prompt
+    first: on a GPU, core's very first prompt after start came out a little different from
+    later ones (dynamic VRAM, H200: up to 0.012 at cfg 1)."""
+    server.queue(prompt_for(Step("plain"), 999, "warmup"))
+    refs = {}
+    for model in ("wan", "a14b"):
+        for seed in (1, 2):
+            for lora in (False, True):
+                prefix = f"{label}_{model}_{seed}_{int(lora)}"
+                result = server.queue(prompt_for(Step("plain", model, lora=lora), seed, prefix))
+                assert result["status"] == "success", result
+                refs[(model, seed, lora)] = _latent(server, prefix)
     return refs
 
 
