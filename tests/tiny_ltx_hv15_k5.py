@@ -12,14 +12,14 @@ for Flux. Needs ``COMFYUI_PATH``; ``SPECS`` and the builders import without Comf
 
 from __future__ import annotations
 
-import importlib
 import json
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
-from tiny_models import _build_comfy, _gen, _rand, _randn, import_comfy
+from tiny_models import _gen, _rand, _randn, build_meta, comfy_state_dict, forward_streams
+from tiny_models import fresh, has_comfy_class, load_detected, load_undetected, run_loaded
 
 
 @dataclass(frozen=True)
@@ -213,39 +213,21 @@ REAL: dict[str, tuple[str, dict, float]] = {
 
 def build_real(name: str) -> torch.nn.Module:
     """A released size of ``name`` on the meta device, in bf16 (no weights)."""
-    import comfy.ops
-
     spec, config, _ = REAL[name]
-    module, _, cls = SPECS[spec].dotted.rpartition(".")
-    return getattr(importlib.import_module(module), cls)(
-        **config,
-        operations=comfy.ops.disable_weight_init,
-        device=torch.device("meta"),
-        dtype=torch.bfloat16,
-    )
+    return build_meta(SPECS[spec].dotted, config)
 
 
 def has_class(name: str) -> bool:
     """Whether this core has ``name``'s model class (older cores lack LTX-2, 1.5 and K5)."""
-    import comfy.supported_models
-
-    spec = SPECS[name]
-    module, _, cls = spec.dotted.rpartition(".")
-    try:
-        found = hasattr(importlib.import_module(module), cls)
-    except ImportError:
-        return False
     # HunyuanVideo 1.5 reuses HunyuanVideo's class: its supported_models entry tells
-    return found and hasattr(comfy.supported_models, spec.model_config)
+    return has_comfy_class(SPECS[name].dotted, SPECS[name].model_config)
 
 
 def state_dict_for(
     name: str, seed: int = 0, prefix: str = "", dtype: torch.dtype = torch.float32
 ) -> dict[str, torch.Tensor]:
     """A random state dict of ``name`` in ComfyUI's key layout (``prefix`` before each key)."""
-    spec = SPECS[name]
-    model = _build_comfy(spec.dotted, spec.config, seed)
-    return {prefix + k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}
+    return comfy_state_dict(SPECS[name].dotted, SPECS[name].config, seed, prefix, dtype)
 
 
 def metadata_for(name: str) -> dict[str, str] | None:
@@ -256,30 +238,15 @@ def metadata_for(name: str) -> dict[str, str] | None:
 
 def load_tiny(name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     """``(ModelPatcher, make_inputs)`` for ``name``, loaded through core's own loader."""
-    comfy = import_comfy()
     spec = SPECS[name]
     sd = state_dict_for(name, seed, dtype=dtype)
     if spec.detectable:
         # (older cores take no metadata; only LTX-2 needs it)
         extra = {"metadata": metadata_for(name)} if spec.metadata else {}
-        patcher = comfy.sd.load_diffusion_model_state_dict(
-            sd, model_options={"dtype": dtype}, **extra
-        )
-        if patcher is None:
-            raise RuntimeError(f"ComfyUI did not detect the {name} state dict")
+        patcher = load_detected(sd, name, dtype, **extra)
     else:
-        import comfy.model_patcher
-        import comfy.supported_models
-
-        mm = comfy.model_management
         unet_config = {"image_model": "kandinsky5", **spec.config}  # the only one here
-        model_config = getattr(comfy.supported_models, spec.model_config)(unet_config)
-        model_config.set_inference_dtype(dtype, None)
-        model = model_config.get_model({}, "")
-        model.load_model_weights(sd, "")
-        patcher = comfy.model_patcher.ModelPatcher(
-            model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
-        )
+        patcher = load_undetected(spec.model_config, unet_config, sd, dtype)
     return patcher, make_inputs_for(name, patcher.model.diffusion_model)
 
 
@@ -394,38 +361,19 @@ def _k5_inputs(model, image: bool):
 # -- running ------------------------------------------------------------------------------
 
 
-def _fresh(value: Any, device: torch.device) -> Any:
-    """A copy on ``device``: forwards write into their inputs (Kandinsky 5's first frame)."""
-    if torch.is_tensor(value):
-        return value.to(device).clone()
-    if isinstance(value, (list, tuple)):
-        return type(value)(_fresh(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _fresh(v, device) for k, v in value.items()}
-    return value
-
-
 def call(model: torch.nn.Module, inputs: dict, device: torch.device) -> torch.Tensor:
     """One forward as core makes it; LTX-2's text goes through the connectors first, as
     ``model_base.LTXAV.extra_conds`` runs them. Outputs of several streams are flattened
     into one tensor."""
-    kwargs = _fresh(inputs, device)
-    raw = kwargs.pop("raw_context", None)
-    with torch.inference_mode():
-        if raw is not None:
-            kwargs["context"] = model.preprocess_text_embeds(raw, unprocessed=True)
-        out = model(**kwargs)
-    parts = out if isinstance(out, (list, tuple)) else [out]
-    return torch.cat([p.float().flatten().cpu() for p in parts])
+    # a fresh copy: forwards write into their inputs (Kandinsky 5's first frame)
+    return forward_streams(model, fresh(inputs, device), unprocessed=True)
 
 
 def run(comfy, patcher, inputs: dict) -> torch.Tensor:
     """Load ``patcher`` as sampling does, run one forward, and clean up as core does."""
-    comfy.model_management.load_models_gpu([patcher])
-    try:
-        return call(patcher.model.diffusion_model, inputs, patcher.load_device)
-    finally:
-        patcher.cleanup()
+    return run_loaded(
+        comfy, patcher, lambda: call(patcher.model.diffusion_model, inputs, patcher.load_device)
+    )
 
 
 __all__ = [

@@ -12,13 +12,14 @@ text width at 4,096, so the Wan models are 128 wide with one head. Needs ``COMFY
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
-from tiny_models import _build_comfy, _gen, _rand, _randn, import_comfy
+# fresh: benchmarks/architectures_benchmark.py imports it from here
+from tiny_models import _build_comfy, _gen, _rand, _randn, forward_streams, fresh
+from tiny_models import has_comfy_class, keyed, load_detected, run_loaded
 
 
 @dataclass(frozen=True)
@@ -106,15 +107,7 @@ SPECS: dict[str, Spec] = {
 def has_class(name: str) -> bool:
     """Whether this core has ``name``'s model class and ``supported_models`` config (0.3.64
     has the Wan variants but no MiniMax H3)."""
-    import comfy.supported_models
-
-    spec = SPECS[name]
-    module, _, cls = spec.dotted.rpartition(".")
-    try:
-        found = hasattr(importlib.import_module(module), cls)
-    except ImportError:
-        return False
-    return found and hasattr(comfy.supported_models, spec.model_config)
+    return has_comfy_class(SPECS[name].dotted, SPECS[name].model_config)
 
 
 def state_dict_for(
@@ -131,16 +124,12 @@ def state_dict_for(
             grid, k = sd["adaln_t_table"].shape
             t = torch.linspace(0, 1, grid).unsqueeze(1)
             sd["adaln_t_table"] = torch.sin(t * torch.arange(1, k + 1)).float()
-    return {prefix + k: v.to(dtype).contiguous() for k, v in sd.items()}
+    return keyed(sd, prefix, dtype)
 
 
 def load_tiny(name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     """``(ModelPatcher, make_inputs)`` for ``name``, loaded through core's own loader."""
-    comfy = import_comfy()
-    sd = state_dict_for(name, seed, dtype=dtype)
-    patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": dtype})
-    if patcher is None:
-        raise RuntimeError(f"ComfyUI did not detect the {name} state dict")
+    patcher = load_detected(state_dict_for(name, seed, dtype=dtype), name, dtype)
     return patcher, make_inputs_for(name, patcher.model.diffusion_model)
 
 
@@ -240,38 +229,25 @@ def _wan_inputs(name: str, model):
 # -- running ------------------------------------------------------------------------------
 
 
-def fresh(value: Any) -> Any:
-    """A copy: forwards write into their inputs."""
-    if torch.is_tensor(value):
-        return value.clone()
-    if isinstance(value, (list, tuple)):
-        return type(value)(fresh(v) for v in value)
-    if isinstance(value, dict):
-        return {k: fresh(v) for k, v in value.items()}
-    return value
-
-
 def call(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
     """One forward as core makes it; MiniMax H3's text goes through the token refiner first,
     as ``model_base.MiniMaxH3.extra_conds`` runs it. Outputs of several streams are
     flattened into one tensor."""
-    kwargs = fresh(inputs)
-    raw = kwargs.pop("raw_context", None)
-    with torch.inference_mode():
-        if raw is not None:
-            kwargs["context"] = model.preprocess_text_embeds(raw)
-        out = model(**kwargs)
-    parts = out if isinstance(out, (list, tuple)) else [out]
-    return torch.cat([p.float().flatten().cpu() for p in parts])
+    return forward_streams(model, fresh(inputs))  # a copy: forwards write into their inputs
 
 
 def run(comfy, patcher, inputs: dict) -> torch.Tensor:
     """Load ``patcher`` as sampling does, run one forward, and clean up as core does."""
-    comfy.model_management.load_models_gpu([patcher])
-    try:
-        return call(patcher.model.diffusion_model, inputs)
-    finally:
-        patcher.cleanup()
+    return run_loaded(comfy, patcher, lambda: call(patcher.model.diffusion_model, inputs))
 
 
-__all__ = ["SPECS", "call", "has_class", "load_tiny", "make_inputs_for", "run", "state_dict_for"]
+__all__ = [
+    "SPECS",
+    "call",
+    "fresh",
+    "has_class",
+    "load_tiny",
+    "make_inputs_for",
+    "run",
+    "state_dict_for",
+]

@@ -41,7 +41,7 @@ import importlib
 import os
 import sys
 import types
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -468,6 +468,113 @@ def _build_comfy(dotted: str, config: dict, seed: int) -> torch.nn.Module:
     return _finish(model, seed)
 
 
+# Helpers the per-family tiny modules (tiny_ltx_hv15_k5, tiny_qwen_flux2_zimage,
+# tiny_minimax_wan22) share with the builders below.
+
+
+def keyed(
+    sd: dict[str, torch.Tensor], prefix: str = "", dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """``sd`` as a checkpoint holds it: ``prefix`` before each key, contiguous ``dtype``."""
+    return {prefix + k: v.to(dtype).contiguous() for k, v in sd.items()}
+
+
+def comfy_state_dict(
+    dotted: str, config: dict, seed: int = 0, prefix: str = "", dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """A random state dict of core's ``dotted`` class built with ``config`` (see ``keyed``)."""
+    return keyed(_build_comfy(dotted, config, seed).state_dict(), prefix, dtype)
+
+
+def has_comfy_class(dotted: str, model_config: str) -> bool:
+    """Whether this core has the class ``dotted`` and the ``supported_models`` config
+    ``model_config`` (older cores lack newer families, or reuse a class for them)."""
+    import comfy.supported_models
+
+    module, _, cls = dotted.rpartition(".")
+    try:
+        found = hasattr(importlib.import_module(module), cls)
+    except ImportError:
+        return False
+    return found and hasattr(comfy.supported_models, model_config)
+
+
+def load_detected(sd: dict, name: str, dtype: torch.dtype = torch.float32, **kwargs):
+    """A ``ModelPatcher`` from core's ``load_diffusion_model_state_dict``, which must detect
+    ``sd`` (``kwargs`` go to the loader, e.g. ``metadata``)."""
+    comfy = import_comfy()
+    patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": dtype}, **kwargs)
+    if patcher is None:
+        raise RuntimeError(f"ComfyUI did not detect the {name} state dict")
+    return patcher
+
+
+def load_undetected(config_name: str, unet_config: dict, sd: dict, dtype: torch.dtype):
+    """A ``ModelPatcher`` built by the steps core takes after detection, for a config its
+    detection cannot describe: the ``supported_models`` class ``config_name`` with
+    ``unet_config``, ``get_model``, ``load_model_weights``."""
+    import_comfy()
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    model_config = getattr(comfy.supported_models, config_name)(unet_config)
+    model_config.set_inference_dtype(dtype, None)
+    model = model_config.get_model({}, "")
+    model.load_model_weights(sd, "")
+    return comfy.model_patcher.ModelPatcher(
+        model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+    )
+
+
+def build_meta(dotted: str, config: dict) -> torch.nn.Module:
+    """Core's ``dotted`` class with ``config`` (a released size), in bf16 on the meta device
+    (no memory)."""
+    comfy = import_comfy()
+    return _comfy_class(dotted)(
+        **config,
+        operations=comfy.ops.disable_weight_init,
+        device=torch.device("meta"),
+        dtype=torch.bfloat16,
+    )
+
+
+def fresh(value: Any, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Any:
+    """A copy of ``value`` (tensors in lists, tuples and dicts), on ``device`` and with floats
+    in ``dtype`` where given: forwards write into their inputs (Kandinsky 5's first frame,
+    NextDiT's ``transformer_options``)."""
+    if torch.is_tensor(value):
+        cast = dtype if torch.is_floating_point(value) else None
+        return value.to(device=device, dtype=cast).clone()
+    if isinstance(value, (list, tuple)):
+        return type(value)(fresh(v, device, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: fresh(v, device, dtype) for k, v in value.items()}
+    return value
+
+
+def forward_streams(model: torch.nn.Module, kwargs: dict, **text: Any) -> torch.Tensor:
+    """One forward of ``model(**kwargs)``; a ``raw_context`` goes through the model's
+    ``preprocess_text_embeds(raw, **text)`` first, as core's ``extra_conds`` runs it. Outputs
+    of several streams (audio and video) are flattened into one tensor."""
+    raw = kwargs.pop("raw_context", None)
+    with torch.inference_mode():
+        if raw is not None:
+            kwargs["context"] = model.preprocess_text_embeds(raw, **text)
+        out = model(**kwargs)
+    parts = out if isinstance(out, (list, tuple)) else [out]
+    return torch.cat([p.float().flatten().cpu() for p in parts])
+
+
+def run_loaded(comfy, patcher, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Load ``patcher`` as sampling does, run ``forward()``, and clean up as core does."""
+    comfy.model_management.load_models_gpu([patcher])
+    try:
+        return forward()
+    finally:
+        patcher.cleanup()
+
+
 # ComfyUI class and constructor kwargs per architecture. "tiny" is what the builders use;
 # "detectable" is the smallest config that comfy/model_detection.py maps back to itself (it
 # hard-codes some dims, e.g. Wan/Hunyuan heads = hidden // 128, Wan text_dim 4096, the CLIP
@@ -817,8 +924,7 @@ def comfy_state_dict_for(
             "(Flux: hidden 3072, 24 heads, context 4096; Cosmos predict1: 28/36 blocks of "
             "4096/5120), so no small state dict is detected as it; use comfy_load_tiny()"
         )
-    model = _build_comfy(dotted, detectable, seed)
-    return {prefix + k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}
+    return comfy_state_dict(dotted, detectable, seed, prefix, dtype)
 
 
 def comfy_load_tiny(
@@ -833,28 +939,17 @@ def comfy_load_tiny(
     ``get_model``, ``load_model_weights``, ``ModelPatcher``. ``make_inputs`` is for
     ``patcher.model.diffusion_model(**inputs)``.
     """
-    comfy = import_comfy()
+    import_comfy()
     short = _short(name)
     dotted, tiny, detectable, config_name = _COMFY_SPECS[short]
-    mm = comfy.model_management
     if detectable is not None:
         sd = dict(state_dict if state_dict is not None else comfy_state_dict_for(short, seed))
-        patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": dtype})
-        if patcher is None:
-            raise RuntimeError(f"ComfyUI did not detect the {short} state dict")
+        patcher = load_detected(sd, short, dtype)
     else:
         if state_dict is None:
             state_dict = _build_comfy(dotted, tiny, seed).state_dict()
-        import comfy.supported_models
-
         unet_config = _with_newer_fields(_comfy_class(dotted), dict(tiny))
-        model_config = getattr(comfy.supported_models, config_name)(unet_config)
-        model_config.set_inference_dtype(torch.float32, None)
-        model = model_config.get_model({}, "")
-        model.load_model_weights(dict(state_dict), "")
-        patcher = comfy.model_patcher.ModelPatcher(
-            model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
-        )
+        patcher = load_undetected(config_name, unet_config, dict(state_dict), torch.float32)
     return patcher, comfy_make_inputs(patcher.model.diffusion_model)
 
 

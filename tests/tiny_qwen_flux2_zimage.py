@@ -23,7 +23,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from tiny_models import _build_comfy, _gen, _rand, _randn, import_comfy
+from tiny_models import _gen, _rand, _randn, build_meta, comfy_state_dict, fresh
+from tiny_models import load_detected, run_loaded
 
 
 @dataclass(frozen=True)
@@ -271,9 +272,7 @@ def state_dict_for(
     name: str, seed: int = 0, prefix: str = "", dtype: torch.dtype = torch.float32
 ) -> dict[str, torch.Tensor]:
     """A random state dict of ``name`` in ComfyUI's key layout (``prefix`` before each key)."""
-    spec = SPECS[name]
-    model = _build_comfy(spec.dotted, spec.config, seed)
-    return {prefix + k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}
+    return comfy_state_dict(SPECS[name].dotted, SPECS[name].config, seed, prefix, dtype)
 
 
 @contextlib.contextmanager
@@ -310,12 +309,9 @@ def detection(name: str) -> Iterator[list[str]]:
 
 def load_tiny(name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     """``(ModelPatcher, make_inputs)`` for ``name``, loaded by core's own loader."""
-    comfy = import_comfy()
     sd = state_dict_for(name, seed, dtype=dtype)
     with detection(name) as found:
-        patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": dtype})
-    if patcher is None:
-        raise RuntimeError(f"ComfyUI did not detect the {name} state dict")
+        patcher = load_detected(sd, name, dtype)
     if not SPECS[name].detectable and not found:
         raise RuntimeError(f"core's detection did not recognise the {name} keys")
     return patcher, make_inputs_for(name, patcher.model.diffusion_model)
@@ -431,26 +427,13 @@ def _zimage_inputs(model, omni: bool, pixel: bool):
 # -- running ------------------------------------------------------------------------------
 
 
-def _fresh(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
-    """A copy on ``device``, floats in ``dtype``: forwards write into their inputs (NextDiT
-    into ``transformer_options``)."""
-    if torch.is_tensor(value):
-        if torch.is_floating_point(value):
-            return value.to(device, dtype).clone()
-        return value.to(device).clone()
-    if isinstance(value, (list, tuple)):
-        return type(value)(_fresh(v, device, dtype) for v in value)
-    if isinstance(value, dict):
-        return {k: _fresh(v, device, dtype) for k, v in value.items()}
-    return value
-
-
 def call(patcher, inputs: dict) -> torch.Tensor:
     """One forward of the loaded diffusion model, as core's apply_model makes it."""
     dtype = patcher.model.manual_cast_dtype or patcher.model.get_dtype()
-    # core casts the conditioning to the model's dtype and keeps the timestep in float32
+    # core casts the conditioning to the model's dtype and keeps the timestep in float32;
+    # fresh copies: forwards write into their inputs (NextDiT into transformer_options)
     kwargs = {
-        k: _fresh(v, patcher.load_device, torch.float32 if k.startswith("timestep") else dtype)
+        k: fresh(v, patcher.load_device, torch.float32 if k.startswith("timestep") else dtype)
         for k, v in inputs.items()
     }
     with torch.inference_mode():
@@ -460,11 +443,7 @@ def call(patcher, inputs: dict) -> torch.Tensor:
 
 def run(comfy, patcher, inputs: dict) -> torch.Tensor:
     """Load ``patcher`` as sampling does, run one forward, and clean up as core does."""
-    comfy.model_management.load_models_gpu([patcher])
-    try:
-        return call(patcher, inputs)
-    finally:
-        patcher.cleanup()
+    return run_loaded(comfy, patcher, lambda: call(patcher, inputs))
 
 
 # -- real sizes ---------------------------------------------------------------------------
@@ -561,16 +540,8 @@ REAL: dict[str, tuple[str, dict, str, str]] = {
 
 def build_real(variant: str) -> torch.nn.Module:
     """``variant``'s released config, in bf16 on the meta device (no memory)."""
-    comfy = import_comfy()
     dotted, config, _, _ = REAL[variant]
-    module, _, cls_name = dotted.rpartition(".")
-    cls = getattr(importlib.import_module(module), cls_name)
-    return cls(
-        **config,
-        operations=comfy.ops.disable_weight_init,
-        device=torch.device("meta"),
-        dtype=torch.bfloat16,
-    )
+    return build_meta(dotted, config)
 
 
 __all__ = [

@@ -8,8 +8,17 @@ import pytest
 import torch
 
 import tiny_ltx_hv15_k5 as tiny
-from arch_fixtures import _one_thread, _unload, plan_options  # noqa: F401  (fixtures)
-from test_comfy_node import WIDGETS, lora_like, node, swap_of
+from arch_fixtures import _one_thread, _unload  # noqa: F401  (fixtures)
+from arch_fixtures import (
+    check_detected_record,
+    check_lazy_loader_equals_core,
+    check_lora_after_the_node,
+    core_outputs_with_a_lora,
+    forced_prefetch_runs,
+    load_or_skip,
+    plan_options,
+)
+from test_comfy_node import lora_like, node, swap_of
 
 ARCHS = list(tiny.SPECS)
 
@@ -54,30 +63,15 @@ LORA_KEYS["kandinsky5_image"] = LORA_KEYS["kandinsky5"]
 
 
 def load(arch, **kwargs):
-    if not tiny.has_class(arch):
-        pytest.skip(f"this core has no {tiny.SPECS[arch].model_config} ({arch})")
-    return tiny.load_tiny(arch, **kwargs)
+    return load_or_skip(tiny, arch, **kwargs)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_core_detects_it_and_our_record_matches(comfy, arch):
-    from comfyui_wan_blockswap import model_configs
-
     patcher, _ = load(arch)
-    spec = tiny.SPECS[arch]
-    assert type(patcher.model.model_config).__name__ == spec.model_config
-    model = patcher.model.diffusion_model
-    record = model_configs.detect(model)
-    assert record.name == spec.record
-    keys = set(model.state_dict())
-    assert model_configs.detect_from_keys(keys).name == spec.record  # the lazy loader's way
-    # every block's checkpoint keys sit under the record's prefix; text-only lists hold blocks
-    for block_list in record.layout.block_lists:
-        blocks = dict(model.get_submodule(block_list.path).named_children())
-        assert blocks or block_list.path == "single_blocks", block_list.path  # 1.5 has none
-        for key, block in blocks.items():
-            prefix = block_list.block_key_prefix(key)
-            assert {prefix + name for name in block.state_dict()} <= keys
+    # every block's checkpoint keys sit under the record's prefix; text-only lists hold
+    # blocks (1.5 has no single blocks)
+    model, record, _ = check_detected_record(patcher, tiny.SPECS[arch], ("single_blocks",))
     # no typos: every module path names an attribute of current core's class (None or a
     # plain function where this variant lacks the part, which the engine skips); older cores
     # lack some (0.3.64's LTX-Video has no prompt_adaln_single)
@@ -119,14 +113,7 @@ def test_node_equals_core_over_block_layer_and_streamed_plans_with_a_lora(comfy,
     inputs = make_inputs(1)
     model = patcher.model.diffusion_model
     record = model_configs.detect(model)
-    state = patcher.model.state_dict()
-    keys = [f"diffusion_model.{key}" for key in LORA_KEYS[arch]]
-    assert all(key in state for key in keys)
-    plain = tiny.run(comfy, patcher, inputs)
-    comfy.model_management.unload_all_models()
-    expected = tiny.run(comfy, lora_like(patcher, keys), inputs)
-    comfy.model_management.unload_all_models()
-    assert not torch.equal(plain, expected)
+    keys, plain, expected = core_outputs_with_a_lora(comfy, tiny, patcher, inputs, LORA_KEYS[arch])
     text_lists = {bl.path for bl in record.layout.block_lists if bl.role == "txt_emb"}
     for kind, options in _plans(model, record).items():
         swapped = node(lora_like(patcher, keys), **options)
@@ -145,11 +132,7 @@ def test_node_equals_core_over_block_layer_and_streamed_plans_with_a_lora(comfy,
             assert torch.equal(swapped.model.concat_cond(**cond), patcher.model.concat_cond(**cond))
         comfy.model_management.unload_all_models()
     blocks = _plans(model, record)["blocks"]
-    assert torch.equal(tiny.run(comfy, lora_like(node(patcher, **blocks), keys), inputs), expected)
-    comfy.model_management.unload_all_models()
-    assert torch.equal(tiny.run(comfy, node(patcher, **blocks), inputs), plain)
-    comfy.model_management.unload_all_models()
-    assert torch.equal(tiny.run(comfy, patcher, inputs), plain)  # core's own, untouched
+    check_lora_after_the_node(comfy, tiny, patcher, blocks, keys, inputs, plain, expected)
 
 
 def test_core_prefetch_queue_leaves_swapped_ltx2_blocks_alone(comfy, monkeypatch):
@@ -157,25 +140,12 @@ def test_core_prefetch_queue_leaves_swapped_ltx2_blocks_alone(comfy, monkeypatch
     is a static patcher, so core never makes one for it; forced on here, core's queue finds
     nothing of dynamic VRAM's on our blocks and the output stays core's."""
     patcher, make_inputs = load("ltxav")
-    import comfy.model_prefetch as prefetch
-
     inputs = make_inputs(2)
     expected = tiny.run(comfy, patcher, inputs)
     comfy.model_management.unload_all_models()
     swapped = node(patcher, blocks_to_swap=2, offload_txt_emb=True)
     assert not swapped.is_dynamic()  # model_base passes prefetch_dynamic_vbars=is_dynamic()
-    made = []
-
-    def forced(queue, device, transformer_options):  # core's queue without its GPU checks
-        queue = [None] + queue + [None]
-        prefetch.PREFETCH_QUEUES.append(queue)
-        made.append(queue)
-        return queue
-
-    monkeypatch.setattr(prefetch, "make_prefetch_queue", forced)
-    for _ in range(2):
-        assert torch.equal(tiny.run(comfy, swapped, inputs), expected)
-        prefetch.cleanup_prefetch_queues()  # as execution.py does after each node
+    made = forced_prefetch_runs(comfy, monkeypatch, tiny, swapped, inputs, expected)
     assert len(made) == 2
 
 
@@ -184,29 +154,8 @@ LAZY = ["ltxv", "hunyuan_video15", "kandinsky5", "ltxav"]
 
 @pytest.mark.parametrize("arch", LAZY)
 def test_lazy_loader_node_equals_core_loader(comfy, pack, tmp_path, arch):
-    import folder_paths
-    from safetensors.torch import save_file
-
-    if not tiny.has_class(arch):
-        pytest.skip(f"this core has no {tiny.SPECS[arch].model_config} ({arch})")
-    name = f"tiny_{arch}.safetensors"
-    folder = tmp_path / "diffusion_models"
-    folder.mkdir()
-    sd = tiny.state_dict_for(arch, prefix="model.diffusion_model.")
-    save_file(sd, str(folder / name), metadata=tiny.metadata_for(arch))
-    folder_paths.add_model_folder_path("diffusion_models", str(folder))
-    core = comfy.sd.load_diffusion_model(str(folder / name))
-    inputs = tiny.make_inputs_for(arch, core.model.diffusion_model)(5)
-    expected = tiny.run(comfy, core, inputs)
-    comfy.model_management.unload_all_models()
-    widgets = {**WIDGETS, "blocks_to_swap": 2, "offload_txt_emb": True, "offload_img_emb": True}
-    (model,) = pack.nodes.WanBlockSwapModelLoader().load(name, "default", **widgets)
-    swap = swap_of(model)
-    assert swap.units and all(
-        t.numel() == 0 for unit in swap.units for t in unit.unit.module.parameters()
-    )  # swapped: never materialised on the CPU
-    for _ in range(2):
-        assert torch.equal(tiny.run(comfy, model, inputs), expected)
+    metadata = tiny.metadata_for(arch)  # LTX-2's dims travel in the file's metadata
+    check_lazy_loader_equals_core(comfy, pack, tmp_path, tiny, arch, metadata)
 
 
 def test_presets_come_from_the_real_block_sizes():
