@@ -378,6 +378,25 @@ def write_lora(
 _NONCES = iter(range(1, 2**31))
 
 
+def _conditionings_and_latent(width: int, height: int, frames: int) -> dict[str, Any]:
+    """Nodes "3" and "4" (positive and negative test conditionings, new nonces) and "5" (an
+    empty latent), shared by the workflows."""
+    return {
+        "3": {
+            "class_type": "WanBlockSwapTestConditioning",
+            "inputs": {"seed": 1, "tokens": 8, "dim": 4096, "nonce": next(_NONCES)},
+        },
+        "4": {
+            "class_type": "WanBlockSwapTestConditioning",
+            "inputs": {"seed": 2, "tokens": 8, "dim": 4096, "nonce": next(_NONCES)},
+        },
+        "5": {
+            "class_type": "EmptyHunyuanLatentVideo",
+            "inputs": {"width": width, "height": height, "length": frames, "batch_size": 1},
+        },
+    }
+
+
 def wan_workflow(
     model_file: str,
     *,
@@ -399,18 +418,7 @@ def wan_workflow(
             "class_type": "UNETLoader",
             "inputs": {"unet_name": model_file, "weight_dtype": "default"},
         },
-        "3": {
-            "class_type": "WanBlockSwapTestConditioning",
-            "inputs": {"seed": 1, "tokens": 8, "dim": 4096, "nonce": next(_NONCES)},
-        },
-        "4": {
-            "class_type": "WanBlockSwapTestConditioning",
-            "inputs": {"seed": 2, "tokens": 8, "dim": 4096, "nonce": next(_NONCES)},
-        },
-        "5": {
-            "class_type": "EmptyHunyuanLatentVideo",
-            "inputs": {"width": width, "height": height, "length": frames, "batch_size": 1},
-        },
+        **_conditionings_and_latent(width, height, frames),
         "7": {
             "class_type": "SaveLatent",
             "inputs": {"samples": ["6", 0], "filename_prefix": prefix},
@@ -473,18 +481,7 @@ def wan22_a14b_workflow(
     low-noise model for the rest; then SaveLatent. ``node_high`` / ``node_low``: the WAN
     BlockSwap widgets of each model, or None (core alone)."""
     prompt: dict[str, Any] = {
-        "3": {
-            "class_type": "WanBlockSwapTestConditioning",
-            "inputs": {"seed": 1, "tokens": 8, "dim": 4096, "nonce": next(_NONCES)},
-        },
-        "4": {
-            "class_type": "WanBlockSwapTestConditioning",
-            "inputs": {"seed": 2, "tokens": 8, "dim": 4096, "nonce": next(_NONCES)},
-        },
-        "5": {
-            "class_type": "EmptyHunyuanLatentVideo",
-            "inputs": {"width": width, "height": height, "length": frames, "batch_size": 1},
-        },
+        **_conditionings_and_latent(width, height, frames),
         "7": {
             "class_type": "SaveLatent",
             "inputs": {"samples": ["31", 0], "filename_prefix": prefix},
