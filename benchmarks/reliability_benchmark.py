@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 
 import torch
 
@@ -50,13 +51,42 @@ DIM, FFN, BLOCKS = 3072, 8192, 8  # Wan 2.2 5B-wide blocks: large enough for lea
 
 
 def memory(device) -> dict:
+    """Host and device memory now. RSS twice: as read, then after ``malloc_trim(0)``: glibc
+    keeps freed heap pages (the compressed cycles' packed buffers are malloc'd) and gives them
+    back only when trimmed, so the first reading holds memory nothing of ours holds any more.
+    Trimming here also trims for every later reading: each pass starts from a trimmed heap."""
     gc.collect()
     torch.cuda.synchronize(device)
+    as_read = rss_bytes() / GIB
+    return_freed_host_memory()
     return {
-        "rss_gib": rss_bytes() / GIB,
+        "rss_gib": as_read,
+        "rss_trimmed_gib": rss_bytes() / GIB,
         "pinned_gib": registered_host_bytes() / GIB,
         "cuda_gib": torch.cuda.memory_allocated(device) / GIB,
         "slots_gib": pooled_bytes() / GIB,
+    }
+
+
+SOAK_BAR = 1.01  # host RSS after a measured soak pass / before it
+
+
+def soak_bar(baseline: dict, after: dict, later: list[dict]) -> dict:
+    """The soak's RSS bar, as read and after malloc_trim, for the measured pass and each
+    further one (a leak grows every pass; glibc's kept heap does not)."""
+    ratio = {key: after[key] / baseline[key] for key in ("rss_gib", "rss_trimmed_gib")}
+    return {
+        "bar": f"host RSS after the measured soak pass within {SOAK_BAR - 1:.0%} of before it",
+        "as_read": round(ratio["rss_gib"], 4),
+        "trimmed": round(ratio["rss_trimmed_gib"], 4),
+        "as_read_each_extra_pass": [round(m["rss_gib"] / baseline["rss_gib"], 4) for m in later],
+        "trimmed_each_extra_pass": [
+            round(m["rss_trimmed_gib"] / baseline["rss_trimmed_gib"], 4) for m in later
+        ],
+        "met_as_read": ratio["rss_gib"] <= SOAK_BAR,
+        "met_trimmed": ratio["rss_trimmed_gib"] <= SOAK_BAR,
+        "pinned_and_cuda_back": after["pinned_gib"] <= baseline["pinned_gib"]
+        and after["cuda_gib"] <= baseline["cuda_gib"],
     }
 
 
@@ -147,6 +177,7 @@ def main() -> None:
 
     # The first pass pays one-time costs (CUDA's lazily loaded kernels for each new code
     # path, allocator pools, cuBLAS handles); it is recorded, then the same soak is measured.
+    started = time.perf_counter()
     first_before = memory(device)
     first_equal, first_phases = soak()
     first_after = memory(device)
@@ -154,12 +185,15 @@ def main() -> None:
     soak_equal, phases = soak()
     after = memory(device)
     soak_equal &= first_equal
+    pass_s = (time.perf_counter() - started) / 2
+    print(json.dumps({"baseline": baseline, "after": after, "pass_s": round(pass_s, 1)}))
     # Further passes tell a per-pass leak (grows every pass) from late one-time costs.
     later = []
     for _ in range(args.extra_passes):
         equal, _ = soak()
         soak_equal &= equal
         later.append(memory(device))
+        print(json.dumps({"extra_pass": later[-1]}), flush=True)
     # Diagnosis only: how much of any growth is freed heap that glibc has not returned yet.
     return_freed_host_memory()
     phases["rss_gib_after_malloc_trim"] = rss_bytes() / GIB
@@ -248,8 +282,11 @@ def main() -> None:
             "load_unload_cycles": 10 + 5,
             "phases": phases,
         },
+        "soak_bar": soak_bar(baseline, after, later),
         "faults": faults,
         "bad_inputs": {"tried": len(bad), "rejected_cleanly": rejected},
+        "seconds_per_soak_pass": round(pass_s, 1),
+        "seconds": round(time.perf_counter() - started, 1),
     }
     short = name.lower().replace("nvidia ", "").split()[0]
     output = args.output or os.path.join(ROOT, "benchmarks", "results", f"reliability_{short}.json")

@@ -482,11 +482,19 @@ def _measure_need(executor: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
     """Preset "auto": what this forward needed beside the weights, kept per latent shape for
     the next plan and for core's estimates; see [Note: auto plans] in ``comfy_auto``."""
     base_model = executor.class_obj
-    state = _states.get(base_model.diffusion_model)
+    diffusion_model = base_model.diffusion_model
+    state = _states.get(diffusion_model)
     if state is None or not _meter.applies(x.device):
+        return executor(x, *args, **kwargs)
+    options = args[4] if len(args) > 4 else kwargs.get("transformer_options")
+    uncond = 1 in (options or {}).get("cond_or_uncond", ())
+    if comfy_auto.is_measured(diffusion_model, x.shape):
+        if uncond:
+            comfy_auto.note_uncond(diffusion_model, x.shape)
         return executor(x, *args, **kwargs)
     device = x.device
     held_before = state.swap.ring_bytes_held()
+    _meter.release_cached(device)
     before = _meter.allocated(device)
     _meter.reset_peak(device)
     output = executor(x, *args, **kwargs)
@@ -498,9 +506,7 @@ def _measure_need(executor: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
     ours = plan.ring_bytes if plan.kind == "streamed" else 0
     ours = max(ours, state.swap.ring_bytes_held() - held_before)
     need = comfy_auto.forward_need(before, peaks.allocated, peaks.reserved, ours)
-    options = args[4] if len(args) > 4 else kwargs.get("transformer_options")
-    uncond = 1 in (options or {}).get("cond_or_uncond", ())
-    if comfy_auto.record(base_model.diffusion_model, x.shape, need, uncond):
+    if comfy_auto.record(diffusion_model, x.shape, need, uncond):
         logger.info(
             "wan_blockswap auto: a forward of %s (batch %d) needed %.2f GiB (%.2f GiB allocated "
             "before it; %s)",

@@ -22,7 +22,12 @@ took instead (:class:`CalibratedMemoryRequired`): per sample of the batch, the l
 allocated peak above what was allocated before it times MEASURED_MARGIN and the allocator's
 reserved peak above the same (VRAM it held beyond live tensors, which on the H200 at 81
 frames was 0.9 GiB more: planning from 1.1x the allocated peak alone ran out of memory), less
-our own weights in flight. Core's load rules and cond batching then count the same figure as
+our own weights in flight. The allocator's cache is emptied before that forward: cached
+blocks that earlier work (the text encoder, the last prompt's decode) left in the pool count
+in the reserved peak but are no need of the forward. Read over a pool holding them, a 1-frame
+Wan forward's 0.31 GiB looked like 0.61 GiB (H100, comfyui_dynamic_h100/run1_server.log), and
+core's batching rule doubled the error. So each latent shape is measured once per batch size,
+on the first forward, and later forwards of it run unmetered. Core's load rules and cond batching then count the same figure as
 the plan, on the private model only: core's own model keeps core's estimate.
 The reserve is then what core's rules need left free (:func:`reserves`): for one batch of
 both conditionings where a run of this shape had an unconditional pass (cfg > 1), else for one
@@ -33,7 +38,7 @@ Before any forward of a shape ran, the reserve is core's own estimate for one ba
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -53,6 +58,7 @@ class ShapeNeed:
 
     per_sample: int = 0  # bytes, for each sample of a forward's batch (the largest seen)
     uncond: bool = False  # a forward of this shape ran an unconditional pass (cfg > 1)
+    batches: set[int] = field(default_factory=set)  # batch sizes measured
 
 
 # diffusion model -> latent shape without the batch -> what its forwards needed
@@ -71,11 +77,23 @@ def measured(diffusion_model: torch.nn.Module, shape: Any) -> ShapeNeed | None:
     return _needs.get(diffusion_model, {}).get(shape_key(shape))
 
 
+def is_measured(diffusion_model: torch.nn.Module, shape: Any) -> bool:
+    """Whether a forward of ``shape``, batch included, was measured already."""
+    need = measured(diffusion_model, shape)
+    return need is not None and int(shape[0]) in need.batches
+
+
+def note_uncond(diffusion_model: torch.nn.Module, shape: Any) -> None:
+    """A forward of ``shape`` ran an unconditional pass (measured or not)."""
+    _needs.setdefault(diffusion_model, {}).setdefault(shape_key(shape), ShapeNeed()).uncond = True
+
+
 def record(diffusion_model: torch.nn.Module, shape: Any, need: int, uncond: bool) -> bool:
     """Keep one forward's ``need`` (bytes beside the weights, for its whole batch) for its
     latent shape; True when that shape's need per sample grew."""
     entry = _needs.setdefault(diffusion_model, {}).setdefault(shape_key(shape), ShapeNeed())
     entry.uncond = entry.uncond or uncond
+    entry.batches.add(int(shape[0]))
     per_sample = -(-need // max(1, int(shape[0])))
     if per_sample <= entry.per_sample:
         return False
@@ -106,6 +124,12 @@ class CudaMeter:
 
     def reset_peak(self, device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
+
+    def release_cached(self, device: torch.device) -> None:
+        """Hand the allocator's unused cached blocks back, so the reserved peak that follows
+        counts only what the next forward holds (synchronises: once per measured shape)."""
+        with torch.cuda.device(device):
+            torch.cuda.empty_cache()
 
     def peaks(self, device: torch.device) -> Peaks:
         return Peaks(

@@ -20,7 +20,16 @@ def test_cpu_run_swaps_every_block_with_equal_outputs(tmp_path, comfy):
     # Wan 2.2 5B is in every core; Kandinsky 5 only in current ones
     families = ["WAN22"] + (["Kandinsky5"] if tiny_ltx_hv15_k5.has_class("kandinsky5") else [])
     run = subprocess.run(
-        [sys.executable, SCRIPT, "--cpu", "--output", str(output), "--families", *families],
+        [
+            sys.executable,
+            SCRIPT,
+            "--cpu",
+            "--profile",
+            "--output",
+            str(output),
+            "--families",
+            *families,
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -47,6 +56,18 @@ def test_cpu_run_swaps_every_block_with_equal_outputs(tmp_path, comfy):
     assert floor["tokens"] < compute["tokens"]
     assert floor["reference_ms"] == floor["floor_ms"]
     assert compute["reference_ms"] == compute["all_on_gpu_ms"]
+    # the all-on-GPU reference is timed on both sides of the swapped forwards
+    assert compute["all_on_gpu_before_ms"] > 0 and compute["all_on_gpu_after_ms"] > 0
+    assert compute["reference_repeatable_before"] is True
+    assert len(compute["samples_ms"]) == results["iters"]["compute"]
+    # --profile: one forward per row kind, swapped and all on the device, its busiest operators
+    profile = results["families"][families[0]]["profile"]
+    assert set(profile) == {"all_on_gpu", "swapped"}
+    for arm in profile.values():
+        assert set(arm) == {"floor", "compute"}
+        for found in arm.values():
+            assert found["clock"] == "host" and found["self_ms_total"] > 0
+            assert found["top"] and all(op["count"] >= 1 for op in found["top"])
     assert results["bars"]["judged"] is False and results["bars"]["all_met"] is None
     assert "WAN22" in run.stdout and "compute" in run.stdout
 

@@ -664,6 +664,7 @@ class _FakeMeter:
 
     def __init__(self, need: int) -> None:
         self.need = need
+        self.calls: list[str] = []
 
     def applies(self, device):
         return True
@@ -672,7 +673,10 @@ class _FakeMeter:
         return 10 * 2**30
 
     def reset_peak(self, device):
-        pass
+        self.calls.append("reset_peak")
+
+    def release_cached(self, device):
+        self.calls.append("release_cached")
 
     def peaks(self, device):
         from comfyui_wan_blockswap.callbacks.comfy_auto import Peaks
@@ -751,7 +755,8 @@ def _measure(comfy, swapped, inputs, need, cond_or_uncond, monkeypatch):
     ``need`` bytes beside the weights; its batch is one sample per conditioning pass."""
     from comfyui_wan_blockswap.callbacks import comfy_adapter
 
-    monkeypatch.setattr(comfy_adapter, "_meter", _FakeMeter(need))
+    meter = _FakeMeter(need)
+    monkeypatch.setattr(comfy_adapter, "_meter", meter)
 
     class Executor:  # core's APPLY_MODEL executor: the wrapped call and its BaseModel
         class_obj = swapped.model
@@ -765,6 +770,7 @@ def _measure(comfy, swapped, inputs, need, cond_or_uncond, monkeypatch):
     comfy_adapter._measure_need(Executor(), torch.zeros(shape), None, None, None, None, options)
     swapped.cleanup()
     comfy.model_management.unload_all_models()
+    return meter
 
 
 def _prepare(comfy, swapped, shape):
@@ -802,6 +808,40 @@ def test_core_estimates_the_private_model_from_what_its_forwards_took(comfy, pac
     other = (shape[0], shape[1], shape[2] + 1, *shape[3:])
     assert swapped.model.memory_required(other) == patcher.model.memory_required(other)
     assert "memory_required" not in vars(patcher.model)  # core's model as core made it
+    assert_untouched(patcher)
+
+
+def test_auto_measures_each_shape_and_batch_once_over_an_emptied_cache(comfy, pack, monkeypatch):
+    """Cached blocks that earlier work left in the allocator's pool are no need of the
+    forward, so the cache is released before the one metered forward of each latent shape and
+    batch size; later forwards of it run unmetered (a reading over a warm pool cannot raise
+    the reserve), while an unconditional pass among them is still noted."""
+    from comfyui_wan_blockswap.callbacks import comfy_auto
+    from comfyui_wan_blockswap.callbacks.comfy_auto import MEASURED_MARGIN
+
+    fake_free_vram(comfy, monkeypatch, 10**12)
+    patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v")
+    inputs = make_inputs(7)
+    swapped = node(patcher, preset=pack.nodes.AUTO)
+    private = swapped.model.diffusion_model
+    shape = tuple(inputs["x"].shape)
+    _prepare(comfy, swapped, shape)
+    comfy.model_management.unload_all_models()
+
+    need = 2**20
+    meter = _measure(comfy, swapped, inputs, need, (0,), monkeypatch)
+    assert meter.calls == ["release_cached", "reset_peak"]  # emptied, then metered
+    first = comfy_auto.measured(private, shape)
+    assert first.per_sample == int(need * MEASURED_MARGIN) and not first.uncond
+
+    again = _measure(comfy, swapped, inputs, 8 * need, (1,), monkeypatch)
+    assert again.calls == []  # same shape, same batch: not metered
+    assert first.per_sample == int(need * MEASURED_MARGIN) and first.uncond
+
+    both = _measure(comfy, swapped, inputs, 8 * need, (1, 0), monkeypatch)
+    assert both.calls == ["release_cached", "reset_peak"]  # a batch of two: metered once
+    assert first.per_sample == -(-int(8 * need * MEASURED_MARGIN) // 2)
+    assert first.batches == {1, 2}
     assert_untouched(patcher)
 
 
