@@ -307,9 +307,9 @@ def stream_into(
         def write(views: list[torch.Tensor]) -> None:
             for entry, index in items:
                 view = views[index]
-                if entry.raw:
+                if entry.raw and view.device.type == "cpu":
                     checkpoint.read_into(entry.record.name, view.reshape(-1).view(torch.uint8))
-                else:
+                else:  # decoded, or a unit stored on a donor GPU: through host memory
                     raw = torch.empty(entry.record.nbytes, dtype=torch.uint8)
                     checkpoint.read_into(entry.record.name, raw)
                     view.copy_(_decode(raw, entry.record, entry.target, entry.raw))

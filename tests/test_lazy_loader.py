@@ -357,3 +357,24 @@ def test_the_default_compute_dtype_says_when_it_casts(state, tmp_path, caplog):
         _, swap, _ = load_swapped(bf16, blocks_to_swap=1, device="cpu")
     swap.remove()
     assert "compute_dtype" not in caplog.text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_units_stored_on_a_gpu_are_filled_through_host_memory(tmp_path, state, monkeypatch):
+    """A unit stored on a donor GPU cannot take ``readinto``: its bytes go through host
+    memory. Stood in for by the compute GPU itself (one GPU), every other unit."""
+    from comfyui_wan_blockswap.wan_blockswap import engine
+
+    def stores(plan, units):
+        return [torch.device("cuda:0") if i % 2 else None for i in range(units)]
+
+    monkeypatch.setattr(engine, "storage_devices", stores)
+    path = tmp_path / "wan.safetensors"
+    write_safetensors(state, path)
+    model, swap, _ = load_swapped(str(path), blocks_to_swap=3, device="cuda")
+    assert any(u.host.tensor.is_cuda for u in swap.units)
+    saved = model.state_dict()
+    for key in ("blocks.0.ffn.net.0.proj.weight", "blocks.1.ffn.net.0.proj.weight"):
+        comfy_key = key.replace("ffn.net.0.proj", "ffn.0")
+        assert torch.equal(saved[key].cpu(), state[comfy_key])
+    swap.remove()

@@ -11,6 +11,15 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
+from .donor_allocation import (
+    DEFAULT_DONOR,
+    EXAMPLE,
+    AllocationEntry,
+    allocation_for_donor,
+    format_allocation,
+    normalize_device,
+    parse_allocation,
+)
 from .errors import BlockSwapConfigError
 from .layout import MAIN_ROLE, TXT_EMB_ROLE
 
@@ -67,6 +76,13 @@ class SwapConfig:
             dtypes.
         debug: log the plan and per-block copy/compute times each forward (adds a host sync
             per forward).
+        donor_device: where swapped blocks are stored: ``"cpu"`` (pinned host memory) or
+            ``"cuda:N"``, another GPU, whose copies then go peer to peer. Short for
+            ``donor_allocation="cuda:N,*"``.
+        donor_allocation: how swapped blocks are split over several stores, in DisTorch's
+            syntax: ``"cuda:1,8gb;cpu,*"`` (the first 8 GiB of swapped blocks on the second
+            GPU, the rest in host memory), percentages of the swapped bytes, ``*`` for the
+            rest (see ``donor_allocation``). Each block is stored whole on one device.
     """
 
     blocks_to_swap: int | None = None
@@ -81,8 +97,11 @@ class SwapConfig:
     transfer_compression: bool | Literal["auto"] = False
     debug: bool = False
     role_blocks_to_swap: Mapping[str, int] | tuple[tuple[str, int], ...] = ()
+    donor_device: str = DEFAULT_DONOR
+    donor_allocation: str | None = None
 
     def __post_init__(self) -> None:
+        self._check_donors()
         roles = self.role_blocks_to_swap
         if not isinstance(roles, (Mapping, tuple)):
             raise BlockSwapConfigError(
@@ -148,6 +167,41 @@ class SwapConfig:
                 f"give only one of blocks_to_swap, resident_blocks and vram_budget_gb; "
                 f"got {', '.join(chosen)}"
             )
+
+    def _check_donors(self) -> None:
+        """Validate both donor options and keep the allocation in its canonical spelling."""
+        if not isinstance(self.donor_device, str):
+            raise BlockSwapConfigError(
+                f"donor_device must be 'cpu' or 'cuda:N', got {self.donor_device!r}"
+            )
+        donor = normalize_device(self.donor_device)
+        object.__setattr__(self, "donor_device", donor)
+        if self.donor_allocation is None:
+            return
+        if not isinstance(self.donor_allocation, str):
+            raise BlockSwapConfigError(
+                f"donor_allocation must be a string such as {EXAMPLE!r}, got "
+                f"{self.donor_allocation!r}"
+            )
+        entries = parse_allocation(self.donor_allocation)
+        if donor != DEFAULT_DONOR:
+            raise BlockSwapConfigError(
+                f"give donor_device={donor!r} or donor_allocation="
+                f"{self.donor_allocation!r}, not both (donor_device={donor!r} is short for "
+                f"donor_allocation={allocation_for_donor(donor)!r})"
+            )
+        object.__setattr__(self, "donor_allocation", format_allocation(entries))
+
+    @property
+    def storage_entries(self) -> tuple[AllocationEntry, ...]:
+        """Where swapped units are stored, parsed (``cpu,*`` by default)."""
+        text = self.donor_allocation or allocation_for_donor(self.donor_device)
+        return parse_allocation(text)
+
+    @property
+    def stores_on_donor_gpus(self) -> bool:
+        """Whether any swapped unit may be stored on a GPU rather than in host memory."""
+        return any(entry.device != DEFAULT_DONOR for entry in self.storage_entries)
 
     @property
     def role_counts(self) -> dict[str, int]:

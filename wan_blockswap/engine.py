@@ -19,6 +19,8 @@ from torch import nn
 from . import memory
 from .compression_switch import CompressionAutoSwitch
 from .config import SwapConfig
+from .donor_allocation import StoragePlan
+from .donor_storage import plan_donor_storage, storage_devices
 from .errors import BlockSwapError, BlockSwapStateError, InsufficientMemoryError
 from .fixed_slots import FixedSlots
 from .hooks import register_state_dict_hook, unit_post_hook, unit_pre_hook
@@ -63,6 +65,8 @@ class BlockSwap(SwappedWeights):
     def __init__(self) -> None:  # use BlockSwap.apply
         self._model: "weakref.ref[nn.Module] | None" = None  # [Note: no strong path to the model]
         self.plan: SwapPlan | None = None
+        # where swapped units are stored when some go to a donor GPU; None: all in host memory
+        self.storage: StoragePlan | None = None
         # What the planner saw at apply time; placeholders hide the sizes afterwards, and
         # re-planning for a new budget (ComfyUI's "auto") needs them.
         self.sizes: ModelSizes | None = None
@@ -110,6 +114,7 @@ class BlockSwap(SwappedWeights):
         swap.sizes = sizes
         swap.plan = plan_swap(sizes, config)
         chosen = choose_units(units, swap.plan)
+        swap.storage = plan_donor_storage(config, [memory.unit_bytes(u) for u in chosen], device)
         level = logging.INFO if config.debug else logging.DEBUG
         logger.log(
             level,
@@ -118,7 +123,10 @@ class BlockSwap(SwappedWeights):
             layout.name,
             swap.describe(),
         )
-        memory.check_fits(model, chosen, swap.plan, device, check_vram=move_resident)
+        on_donors = [u for u, d in zip(chosen, storage_devices(swap.storage, len(chosen))) if d]
+        memory.check_fits(
+            model, chosen, swap.plan, device, check_vram=move_resident, on_donors=on_donors
+        )
         swap.move_resident = move_resident
         swap.allocate_empty = allocate_empty
         swap._on_packed = on_packed
@@ -160,7 +168,10 @@ class BlockSwap(SwappedWeights):
     def describe(self) -> str:
         """Where the plan puts each block, named by the device this swap computes on."""
         assert self.plan is not None, "describe() of a swap that was never applied"
-        return self.plan.describe(self.device)
+        text = self.plan.describe(self.device)
+        if self.storage is not None:
+            text += f"\nswapped blocks stored as {self.storage.describe()}"
+        return text
 
     # -- place ----------------------------------------------------------------------------
 
@@ -169,10 +180,11 @@ class BlockSwap(SwappedWeights):
         placeholders = Placeholders()
         pin = self.device.type == "cuda"
         swapped_ids: set[int] = set()
+        stores = storage_devices(self.storage, len(chosen))
         with torch.no_grad():
-            for previous, unit in zip(chosen[-1:] + chosen[:-1], chosen):
+            for previous, unit, store in zip(chosen[-1:] + chosen[:-1], chosen, stores):
                 compress = self._compresses(unit, previous)
-                stored = StoredUnit(unit, self.device, placeholders, compress)
+                stored = StoredUnit(unit, self.device, placeholders, compress, store)
                 self.units.append(stored)  # before pack, so _undo restores a half-packed unit
             if self.allocate_empty:
                 allocate_empty(self.units, pin)

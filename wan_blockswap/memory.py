@@ -39,9 +39,13 @@ def check_fits(
     plan: SwapPlan,
     device: torch.device,
     check_vram: bool = True,
+    on_donors: Sequence[SwapUnit] = (),
 ) -> None:
-    """Raise :class:`InsufficientMemoryError` if the plan cannot fit; allocate nothing."""
-    swapped = {id(ref.get()) for unit in chosen for ref in unit.tensors}
+    """Raise :class:`InsufficientMemoryError` if the plan cannot fit; allocate nothing.
+    ``on_donors``: swapped units stored on a donor GPU, which need no host RAM (the donor's
+    free memory was checked when they were assigned to it)."""
+    donor_ids = {id(ref.get()) for unit in on_donors for ref in unit.tensors}
+    swapped = {id(ref.get()) for unit in chosen for ref in unit.tensors} - donor_ids
     swapped_on_host = 0
     to_device = 0
     for tensor in _unique_tensors(model):
@@ -51,33 +55,41 @@ def check_fits(
                 swapped_on_host += nbytes
         elif tensor.device != device:  # meta tensors (a skeleton) are allocated there too
             to_device += nbytes
-    largest_unit = max((_raw_bytes(u) for u in chosen), default=0)
+    largest_unit = max((unit_bytes(u) for u in chosen), default=0)
     # On the CPU the resident weights live in host RAM too: one check covers both.
     resident_on_host = to_device if device.type == "cpu" else 0
-    _check_host(plan, swapped_on_host, largest_unit, resident_on_host)
+    donor_bytes = sum(map(unit_bytes, on_donors))
+    _check_host(plan, swapped_on_host, largest_unit, resident_on_host, donor_bytes)
     if device.type == "cuda" and check_vram:
         _check_vram(plan, to_device, device)
 
 
-def _raw_bytes(unit: SwapUnit) -> int:
+def unit_bytes(unit: SwapUnit) -> int:
+    """The bytes of a swap unit's tensors as they are stored."""
     return sum(stored_nbytes(ref.get()) for ref in unit.tensors)
 
 
 def _check_host(
-    plan: SwapPlan, swapped_on_host: int, largest_unit: int, resident_on_host: int
+    plan: SwapPlan,
+    swapped_on_host: int,
+    largest_unit: int,
+    resident_on_host: int,
+    donor_bytes: int = 0,
 ) -> None:
     """Everything the plan adds to host RAM: swapped weights that come from elsewhere (the
     GPU, a skeleton) plus one unit (packing one that sits in RAM allocates its buffer
     before the old tensor is freed), the packed copies of compressed transfers, and, when
-    computing on the CPU, the resident weights that come from elsewhere."""
+    computing on the CPU, the resident weights that come from elsewhere. Units stored on a
+    donor GPU (``donor_bytes``) take none."""
     available = available_host_bytes()
     if available is None:
         return
-    swapped = plan.swapped_bytes - swapped_on_host + largest_unit if plan.swapped_bytes else 0
+    host_swapped = plan.swapped_bytes - donor_bytes
+    swapped = host_swapped - swapped_on_host + largest_unit if host_swapped > 0 else 0
     needed = swapped + resident_on_host
     if plan.compressed:
         # Compressed transfers keep the raw weights and add a pinned packed copy.
-        needed += int(PACKED_SHARE * plan.swapped_bytes)
+        needed += int(PACKED_SHARE * host_swapped)
     if needed <= available:
         return
     if resident_on_host:  # on the CPU swapping saves no RAM: every weight is in RAM anyway

@@ -149,6 +149,26 @@ def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+class DeviceBuffer:
+    """Exact-size memory on a donor device (another GPU) holding a swap unit's weights: the
+    same face as :class:`HostBuffer`, never pinned. Copies from it into the compute GPU's
+    slots go peer to peer; torch runs a cross-device copy on the source device's current
+    stream, fenced both ways against the destination's (our copy stream), so the ready
+    events recorded after it cover it."""
+
+    pinned = False
+
+    def __init__(self, nbytes: int, device: torch.device) -> None:
+        self.nbytes = nbytes
+        self.tensor: torch.Tensor | None = torch.empty(
+            max(1, nbytes), dtype=torch.uint8, device=device
+        )
+
+    def free(self) -> None:
+        """Drop the memory (idempotent); the caller makes sure no copy still reads it."""
+        self.tensor = None
+
+
 class HostBuffer:
     """Exact-size host memory (a swap unit's, or a loader's staging), page-locked when ``pin``
     is true.

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from .compressed_transfer import CompressedTransfer, is_packable
-from .storage import HostBuffer, PackedLayout
+from .storage import DeviceBuffer, HostBuffer, PackedLayout
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .units import SwapUnit, copy_with_strides, kept_strides, leaves, rebuild
@@ -74,8 +74,11 @@ class StoredUnit:
         device: torch.device,
         placeholders: Placeholders,
         compress: bool = False,
+        storage: torch.device | None = None,
     ) -> None:
         self.unit = unit
+        # None: host memory; else a donor device holding the weights (see DeviceBuffer)
+        self.storage = storage
         self.transfer: CompressedTransfer | None = None
         self.pin = False
         self.name = unit.name
@@ -91,7 +94,8 @@ class StoredUnit:
         self.layout = PackedLayout.of((t.size(), t.dtype) for t in self.pieces)
         # A unit with nothing to pack (fp8, GGUF bytes, small tensors) keeps plain transfers:
         # a packed copy of raw pieces would only double its pinned memory.
-        self.compress = compress and any(map(is_packable, self.pieces))
+        # A donor GPU's copies are not the bottleneck packing relieves: stored raw.
+        self.compress = compress and storage is None and any(map(is_packable, self.pieces))
         self.original_devices = [t.device for t in self.pieces]
         self.original_strides = [kept_strides(t) for t in self.pieces]
         self.placeholders = [placeholders.get(t.dtype, device) for t in self.pieces]
@@ -104,7 +108,7 @@ class StoredUnit:
         self.parked = self.as_tensors(self.placeholders)
         prefix = len(unit.name) + 1
         self.local_names = [ref.qualname[prefix:] for ref in unit.tensors]
-        self.host: HostBuffer | None = None
+        self.host: HostBuffer | DeviceBuffer | None = None
         self.host_views: list[torch.Tensor] = []
         self.state = UnitState.OWN
 
@@ -144,8 +148,11 @@ class StoredUnit:
         self.pin = pin
         if self.host is None and not self.host_views:
             assert self.state == UnitState.OWN, self.state
-            # Compressed units never copy from this buffer: pinning it would only lock RAM.
-            self.host = HostBuffer(self.layout.nbytes, pin and not self.compress)
+            if self.storage is not None:
+                self.host = DeviceBuffer(self.layout.nbytes, self.storage)
+            else:
+                # Compressed units never copy from this buffer: pinning it would only lock RAM.
+                self.host = HostBuffer(self.layout.nbytes, pin and not self.compress)
             self.host_views = self.layout.views(self.host.tensor)
             self.state = UnitState.ALLOCATED
 
