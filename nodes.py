@@ -22,6 +22,8 @@ CUSTOM = "custom (use the widgets)"
 AUTO = "auto (free VRAM now)"
 # The transfer_compression widget's choices and the SwapConfig values they stand for.
 TRANSFER_COMPRESSION = {"off": False, "auto": "auto", "on": True}
+# the donor_allocation widget's default: every swapped block in pinned host memory
+DEFAULT_ALLOCATION = "cpu,*"
 PRESET_TOOLTIP = "A tested setting per model and GPU size. Replaces blocks_to_swap."
 
 
@@ -47,6 +49,7 @@ def config_from_widgets(
     preset: str = CUSTOM,
     vram_budget_gb: float = 0.0,
     transfer_compression: str | bool = "off",
+    donor_allocation: str = DEFAULT_ALLOCATION,
 ) -> SwapConfig:
     """The node's widgets as a validated :class:`SwapConfig`.
 
@@ -65,6 +68,7 @@ def config_from_widgets(
         prefetch_blocks=prefetch_blocks,
         transfer_compression=TRANSFER_COMPRESSION.get(transfer_compression, transfer_compression),
         debug=block_swap_debug,
+        donor_allocation=donor_allocation,
     )
     if preset == AUTO:
         return SwapConfig(**common)
@@ -112,6 +116,12 @@ def _check_widgets(widgets: dict) -> None:
         raise BlockSwapConfigError(
             f"transfer_compression must be one of {list(TRANSFER_COMPRESSION)}, got "
             f"{compression!r}"
+        )
+    allocation = widgets["donor_allocation"]
+    if not isinstance(allocation, str):
+        raise BlockSwapConfigError(
+            f"donor_allocation must be text such as {DEFAULT_ALLOCATION!r} or "
+            f"'cuda:1,8gb;cpu,*', got {allocation!r}"
         )
     preset = widgets["preset"]
     choices = [CUSTOM, AUTO, *model_configs.preset_names()]
@@ -253,6 +263,17 @@ class WanBlockSwapStream:
                         f"hiding the copies, then raw. Uses {staging_bytes() / 2**20:.0f} MiB more VRAM; "
                         "while compressed, "
                         f"needs ~{TYPICAL_PACKED_SHARE:.2f}x the swapped size in RAM on top.",
+                    },
+                ),
+                "donor_allocation": (
+                    "STRING",
+                    {
+                        "default": DEFAULT_ALLOCATION,
+                        "tooltip": "Where the swapped blocks are stored. 'cpu,*': pinned host "
+                        "memory. 'cuda:1,*': a second GPU, copied peer to peer (frees system "
+                        "RAM). 'cuda:1,8gb;cpu,*': the first 8 GB of swapped blocks on the "
+                        "second GPU, the rest in RAM; amounts in gb/mb, % of the swapped "
+                        "bytes, or * for the rest. Blocks on a GPU travel uncompressed.",
                     },
                 ),
             },

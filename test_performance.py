@@ -135,6 +135,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="off",
         help="send bf16 weights losslessly packed (see README; needs bf16); default off",
     )
+    parser.add_argument(
+        "--donor-device",
+        help="where swapped blocks are stored: cpu (pinned host memory, the default) or "
+        "cuda:N, another GPU (copies go peer to peer)",
+    )
+    parser.add_argument(
+        "--donor-allocation",
+        help="swapped blocks over several stores, e.g. 'cuda:1,8gb;cpu,*' (bytes, %% of the "
+        "swapped bytes, or * for the rest)",
+    )
     parser.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
     parser.add_argument(
         "--iters", type=int, help=f"timed forwards per setting, 1..{MAX_ITERS} (default 5)"
@@ -294,10 +304,32 @@ def measure(path, options, latent, dtype, device, iters, baseline_ms, bandwidth,
 def settings(args, num_blocks: int) -> list[dict]:
     runs = _swap_settings(args, num_blocks)
     mode = {"off": False, "on": True}.get(args.transfer_compression, args.transfer_compression)
+    donors = _donor_options(args)
     for options in runs:
-        if mode and options.get("blocks_to_swap") != 0:
-            options["transfer_compression"] = mode
+        if options.get("blocks_to_swap") != 0:
+            options.update(donors)
+            if mode:
+                options["transfer_compression"] = mode
     return runs
+
+
+def _donor_options(args: argparse.Namespace) -> dict:
+    """``--donor-device`` / ``--donor-allocation`` as swap options, checked (both at once, a
+    bad device or string: refused with the engine's message, naming the option)."""
+    options = {
+        name: value
+        for name, value in (
+            ("donor_device", args.donor_device),
+            ("donor_allocation", args.donor_allocation),
+        )
+        if value is not None
+    }
+    try:
+        SwapConfig(**options)
+    except BlockSwapConfigError as error:
+        flags = " / ".join("--" + name.replace("_", "-") for name in options)
+        raise BlockSwapConfigError(f"{flags}: {error}") from None
+    return options
 
 
 def _swap_settings(args, num_blocks: int) -> list[dict]:
@@ -498,8 +530,9 @@ def check_options(args: argparse.Namespace) -> None:
         raise BlockSwapConfigError(
             f"--vram-budget-gb must be a positive number of GiB, got {budget}"
         )
+    _donor_options(args)
     if args.blocks_to_swap == 0:
-        inert = ("--prefetch", "--transfer-compression")
+        inert = ("--prefetch", "--transfer-compression", "--donor-device", "--donor-allocation")
         _refuse_with(args, "--blocks-to-swap 0", inert, "nothing is swapped")
     if args.iters is not None and not 1 <= args.iters <= MAX_ITERS:
         raise BlockSwapConfigError(f"--iters must be in 1..{MAX_ITERS}, got {args.iters}")
@@ -541,7 +574,15 @@ def _device(name: str | None) -> torch.device:
 def _check_measuring_options(args: argparse.Namespace, dtype: torch.dtype, measuring: bool) -> None:
     """Options of the timed runs: refused where nothing is timed, and compression where the
     weights it packs (bf16) are not what the run computes in."""
-    timing = ("--blocks-to-swap", "--vram-budget-gb", "--prefetch", "--test-all", "--iters")
+    timing = (
+        "--blocks-to-swap",
+        "--vram-budget-gb",
+        "--prefetch",
+        "--test-all",
+        "--iters",
+        "--donor-device",
+        "--donor-allocation",
+    )
     for option in timing + ("--transfer-compression",):
         if not measuring and _given(args, option):
             raise BlockSwapConfigError(

@@ -434,6 +434,9 @@ BAD_WIDGETS = [
     (dict(preset="auto (free VRAM now)", vram_budget_gb=4.0), ["vram_budget_gb", "preset"]),
     (dict(preset=PRESET, vram_budget_gb=4.0), ["vram_budget_gb 4.0", "vram_budget_gb to 0"]),
     (dict(blocks_to_sawp=3), ["blocks_to_sawp", "recreate the node"]),
+    (dict(donor_allocation=None), ["donor_allocation", "cuda:1,8gb;cpu,*"]),
+    (dict(donor_allocation="cuda:1"), ["cuda:1", "cuda:1,8gb;cpu,*"]),
+    (dict(donor_allocation="cpu,50%;cpu,*"), ["both name cpu", "give each device once"]),
 ]
 
 
