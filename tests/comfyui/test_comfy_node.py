@@ -123,6 +123,26 @@ def test_node_output_equals_core_without_it(comfy, arch):
     assert torch.equal(run(comfy, patcher, inputs), expected)
 
 
+def test_donor_allocation_widget_stores_where_it_says_or_fails_by_name(comfy):
+    """``cpu,*`` (the default) is host memory; a GPU this machine lacks is refused with its
+    name and the fix, and the loader's model stays as core made it."""
+    from comfyui_wan_blockswap.wan_blockswap import BlockSwapConfigError
+
+    patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v")
+    inputs = make_inputs(1)
+    expected = run(comfy, patcher, inputs)
+    comfy.model_management.unload_all_models()
+    swapped = node(patcher, blocks_to_swap=3, donor_allocation=" CPU , * ")
+    assert torch.equal(run(comfy, swapped, inputs), expected)
+    assert swap_of(swapped).storage is None  # every block in host memory
+    comfy.model_management.unload_all_models()
+    missing = torch.cuda.device_count() + 1
+    with pytest.raises(BlockSwapConfigError, match=f"cuda:{missing} does not exist.*cpu"):
+        run(comfy, node(patcher, blocks_to_swap=3, donor_allocation=f"cuda:{missing},*"), inputs)
+    assert_untouched(patcher)
+    assert torch.equal(run(comfy, patcher, inputs), expected)
+
+
 def test_core_sees_only_resident_weights_and_counts_the_ring(comfy):
     patcher, _ = tiny_models.comfy_load_tiny("wan_t2v")
     full = patcher.model_size()
