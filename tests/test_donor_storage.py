@@ -71,6 +71,15 @@ def test_a_donor_this_machine_lacks_is_refused_before_anything_changes():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def plan_options(model, streamed: bool) -> dict:
+    """Every block swapped through fixed slots, or every layer streamed in a small window."""
+    if not streamed:
+        return dict(blocks_to_swap=6)
+    return dict(
+        vram_budget_gb=streamed_budget_gb(model, 4 * max(p.nbytes for p in model.parameters()))
+    )
+
+
 def _store_every_other_unit_on(device, monkeypatch):
     """Have the engine store every other swapped unit on ``device`` as if it were a donor
     GPU (the planner's choice is tested on its own in test_donor_allocation.py)."""
@@ -92,12 +101,7 @@ def test_units_stored_on_a_device_run_equal_and_come_back(streamed, monkeypatch)
     model = make_toy().to(torch.bfloat16).requires_grad_(False)
     before = weights(model)
     expected = outputs(model, dtype=torch.bfloat16)
-    window = 4 * max(p.nbytes for p in model.parameters())
-    options = (
-        dict(vram_budget_gb=streamed_budget_gb(model, window))
-        if streamed
-        else dict(blocks_to_swap=6)
-    )
+    options = plan_options(model, streamed)
     swap = apply_block_swap(
         model, layout=toy_layout(model), device="cpu", transfer_compression=True, **options
     )
@@ -132,12 +136,7 @@ def test_blocks_on_a_second_gpu_give_the_single_gpu_outputs(streamed):
     with torch.no_grad():
         expected = [reference(**toy_inputs(s, device="cuda:0")) for s in (1, 2, 1)]
     single.remove()
-    window = 4 * max(p.nbytes for p in model.parameters())
-    options = (
-        dict(vram_budget_gb=streamed_budget_gb(model, window))
-        if streamed
-        else dict(blocks_to_swap=6)
-    )
+    options = plan_options(model, streamed)
     swap = apply_block_swap(
         model, layout=toy_layout(model), device="cuda:0", donor_device="cuda:1", **options
     )

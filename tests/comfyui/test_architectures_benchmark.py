@@ -4,38 +4,20 @@ model; a family that fails or misses the deadline is recorded and the others sti
 
 import json
 import os
-import subprocess
-import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(ROOT, "benchmarks", "architectures_benchmark.py")
+from smoke_runs import run_cpu_smoke
 
 
 def test_cpu_run_swaps_every_block_with_equal_outputs(tmp_path, comfy):
     import tiny_ltx_hv15_k5
 
-    output = tmp_path / "arch.json"
     # Wan 2.2 5B is in every core; Kandinsky 5 only in current ones
     families = ["WAN22"] + (["Kandinsky5"] if tiny_ltx_hv15_k5.has_class("kandinsky5") else [])
-    run = subprocess.run(
-        [
-            sys.executable,
-            SCRIPT,
-            "--cpu",
-            "--profile",
-            "--output",
-            str(output),
-            "--families",
-            *families,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    run, results = run_cpu_smoke(
+        "architectures_benchmark.py", tmp_path / "arch.json", "--profile", "--families", *families
     )
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
-    results = json.loads(output.read_text())
     assert results["mode"] == "cpu" and results["device"] == "cpu"
     assert results["core"]["dynamic_vram"] is False
     assert list(results["families"]) == families

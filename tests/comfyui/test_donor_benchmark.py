@@ -2,25 +2,11 @@
 host memory, outputs equal to the unswapped model, the row fields the issue names. (The
 donor GPU rows need two GPUs: the script refuses a GPU run without a second device.)"""
 
-import json
-import os
-import subprocess
-import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(ROOT, "benchmarks", "donor_benchmark.py")
+from smoke_runs import run_cpu_smoke
 
 
 def test_cpu_smoke_run_writes_the_rows(tmp_path, comfy):
-    output = tmp_path / "donor.json"
-    run = subprocess.run(
-        [sys.executable, SCRIPT, "--cpu", "--output", str(output)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
-    results = json.loads(output.read_text())
+    _, results = run_cpu_smoke("donor_benchmark.py", tmp_path / "donor.json")
     assert results["mode"] == "cpu" and results["device"] == "cpu"
     assert results["h2d_gbps"] > 0 and results["p2p_gbps"] is None
     assert [r["source"] for r in results["rows"]] == ["cpu", "cpu"]
