@@ -440,7 +440,8 @@ class Options:
     dtype: torch.dtype
     warmup: dict[str, int]
     runs: dict[str, int]
-    profile: bool = False  # also profile one forward per kind, swapped and all on the GPU
+    profile: bool = False  # also profile forwards per kind, swapped and all on the GPU
+    trace_dir: str | None = None  # and write their Chrome traces here
 
 
 @dataclass
@@ -489,21 +490,32 @@ def timed(model: torch.nn.Module, family: Family, inputs: dict, opts: Options, k
     return Timed(timing, output, peak)
 
 
-PROFILE_TOP = 12  # operators kept per profiled forward
+PROFILE_TOP = 12  # operators kept per profiled row
+PROFILED_FORWARDS = 3  # back to back: the steady state shows from the second on
 
 
-def profile_forwards(model: torch.nn.Module, family: Family, inputs: dict, opts: Options) -> dict:
-    """One profiled forward per row kind (after one untimed): its operators with the most
-    device time, and its total, so a swapped forward's extra time can be placed."""
+def profile_forwards(
+    model: torch.nn.Module, family: Family, inputs: dict, opts: Options, arm: str
+) -> dict:
+    """PROFILED_FORWARDS forwards back to back per row kind (after one untimed): their
+    operators with the most device time, their total, and each forward's time, so a swapped
+    forward's extra time can be placed. Back to back because the first timed forward finds
+    its first blocks already copied and runs at the all-on-GPU time (MiniMax H3): the steady
+    state shows from the second on. With ``opts.trace_dir``, a Chrome trace of them too."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if opts.device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     found = {}
     for kind in KINDS:
         timed(model, family, inputs[kind], dataclasses.replace(opts, runs={kind: 1}), kind)
-        once = dataclasses.replace(opts, warmup={kind: 0}, runs={kind: 1})
+        runs = dataclasses.replace(opts, warmup={kind: 0}, runs={kind: PROFILED_FORWARDS})
         with torch.profiler.profile(activities=activities) as prof:
-            timed(model, family, inputs[kind], once, kind)
+            got = timed(model, family, inputs[kind], runs, kind)
+        if opts.trace_dir:
+            os.makedirs(opts.trace_dir, exist_ok=True)
+            prof.export_chrome_trace(
+                os.path.join(opts.trace_dir, f"{family.name}_{arm}_{kind}.json.gz")
+            )
         averages = prof.key_averages()
         # self time, so each kernel or copy counts once; on the CPU run, host time
         names = ("self_device_time_total", "self_cuda_time_total")
@@ -521,6 +533,8 @@ def profile_forwards(model: torch.nn.Module, family: Family, inputs: dict, opts:
             ],
             "self_ms_total": round(sum(map(self_us, averages)) / 1e3, 3),
             "clock": "device" if opts.device.type == "cuda" else "host",
+            "forwards": PROFILED_FORWARDS,
+            "forward_ms": [round(x, 2) for x in got.timing.samples_ms],
         }
     return found
 
@@ -581,7 +595,11 @@ def run_family(comfy: Any, family: Family, opts: Options) -> tuple[dict, list[di
     # twice on the H100, with its fastest forward at 0.997x)
     model.to(opts.device)
     before = {kind: timed(model, family, inputs[kind], opts, kind) for kind in KINDS}
-    profiles = {"all_on_gpu": profile_forwards(model, family, inputs, opts)} if opts.profile else {}
+    profiles = (
+        {"all_on_gpu": profile_forwards(model, family, inputs, opts, "all_on_gpu")}
+        if opts.profile
+        else {}
+    )
     model.to("cpu")
     _free(opts.device)
     swapped: dict[str, Timed] = {}
@@ -592,7 +610,7 @@ def run_family(comfy: Any, family: Family, opts: Options) -> tuple[dict, list[di
         for kind in KINDS:
             swapped[kind] = timed(model, family, inputs[kind], opts, kind)
         if opts.profile:
-            profiles["swapped"] = profile_forwards(model, family, inputs, opts)
+            profiles["swapped"] = profile_forwards(model, family, inputs, opts, "swapped")
     finally:
         swap.remove()
     model.to(opts.device)
@@ -755,7 +773,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="also profile one forward per row, swapped and all on the GPU (in families.*)",
+        help="also profile forwards per row, swapped and all on the GPU (in families.*)",
+    )
+    parser.add_argument(
+        "--trace-dir", default=None, help="with --profile: write Chrome traces (.json.gz) here"
     )
     return parser.parse_args(argv)
 
@@ -780,6 +801,7 @@ def main(argv: list[str] | None = None) -> int:
         warmup={"floor": 1 if args.cpu else 2, "compute": 1},
         runs={"floor": iters, "compute": iters if args.cpu else max(3, iters // 2)},
         profile=args.profile,
+        trace_dir=args.trace_dir,
     )
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     short = "cpu" if args.cpu else name.lower().replace("nvidia ", "").split()[0]

@@ -15,8 +15,15 @@ def test_cpu_run_swaps_every_block_with_equal_outputs(tmp_path, comfy):
 
     # Wan 2.2 5B is in every core; Kandinsky 5 only in current ones
     families = ["WAN22"] + (["Kandinsky5"] if tiny_ltx_hv15_k5.has_class("kandinsky5") else [])
+    traces = tmp_path / "traces"
     run, results = run_cpu_smoke(
-        "architectures_benchmark.py", tmp_path / "arch.json", "--profile", "--families", *families
+        "architectures_benchmark.py",
+        tmp_path / "arch.json",
+        "--profile",
+        "--trace-dir",
+        str(traces),
+        "--families",
+        *families,
     )
     assert results["mode"] == "cpu" and results["device"] == "cpu"
     assert results["core"]["dynamic_vram"] is False
@@ -50,6 +57,14 @@ def test_cpu_run_swaps_every_block_with_equal_outputs(tmp_path, comfy):
         for found in arm.values():
             assert found["clock"] == "host" and found["self_ms_total"] > 0
             assert found["top"] and all(op["count"] >= 1 for op in found["top"])
+            assert len(found["forward_ms"]) == found["forwards"] == 3
+    # --trace-dir: one Chrome trace per family, arm and row kind
+    assert sorted(p.name for p in traces.iterdir()) == sorted(
+        f"{name}_{arm}_{kind}.json.gz"
+        for name in families
+        for arm in ("all_on_gpu", "swapped")
+        for kind in ("floor", "compute")
+    )
     assert results["bars"]["judged"] is False and results["bars"]["all_met"] is None
     assert "WAN22" in run.stdout and "compute" in run.stdout
 
