@@ -366,6 +366,31 @@ def test_a_model_dropped_without_remove_is_freed_with_its_buffers_and_slots():
     assert pooled_bytes() == 0
 
 
+def test_a_dropped_model_hands_its_freed_heap_back_after_the_next_collection(monkeypatch):
+    """remove() trims the heap; a model dropped without it frees its buffers in __del__, and
+    one trim follows at the end of the next garbage collection, however many buffers went
+    (glibc keeps freed heap otherwise: RSS crept up in the soak)."""
+    from comfyui_wan_blockswap.wan_blockswap import storage
+
+    trims = []
+    monkeypatch.setattr(storage, "return_freed_host_memory", lambda: trims.append(1))
+    model = make_toy()
+    swap = apply_block_swap(model, layout=toy_layout(model), blocks_to_swap=4, device="cpu")
+    reference(model, 0)
+    gc.collect()
+    trims.clear()
+    gc.disable()  # dropped by reference counting: the trim waits for a collection
+    try:
+        del model, swap
+        assert trims == []
+    finally:
+        gc.enable()
+    gc.collect()
+    assert trims == [1]
+    gc.collect()
+    assert trims == [1]  # nothing freed since: no second trim
+
+
 def test_a_handle_outliving_its_model_frees_on_remove():
     model = make_toy()
     swap = apply_block_swap(model, layout=toy_layout(model), blocks_to_swap=4, device="cpu")

@@ -17,6 +17,7 @@ buffer and into any GPU slot.
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import mmap
 import sys
@@ -232,6 +233,32 @@ class HostBuffer:
         except Exception:  # interpreter shutdown, or a collection during graph capture
             pass
         try:
-            self.free()
+            if self.tensor is not None:
+                self.free()
+                _trim_after_collection()
         except Exception:  # interpreter shutdown: CUDA may already be gone
             pass
+
+
+# A model dropped without remove() frees its buffers here, in __del__, and nothing of ours
+# runs afterwards to hand the heap that its loading and packing left behind back to the OS
+# (remove() does, see return_freed_host_memory): the RSS of a session that drops models
+# creeps up although nothing is live. So a buffer freed that way asks for one trim at the
+# end of the next garbage collection (a model drop usually is one, and collections are
+# frequent), once however many buffers went.
+_trim_pending = False
+
+
+def _trim_after_collection() -> None:
+    global _trim_pending
+    _trim_pending = True
+
+
+def _trim_if_pending(phase: str, info: dict) -> None:
+    global _trim_pending
+    if phase == "stop" and _trim_pending:
+        _trim_pending = False
+        return_freed_host_memory()
+
+
+gc.callbacks.append(_trim_if_pending)
