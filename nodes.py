@@ -118,7 +118,7 @@ def _check_widgets(widgets: dict) -> None:
             f"{compression!r}"
         )
     allocation = widgets["donor_allocation"]
-    if not isinstance(allocation, str):
+    if not isinstance(allocation, str):  # SwapConfig reads None as "not given": a widget can't
         raise BlockSwapConfigError(
             f"donor_allocation must be text such as {DEFAULT_ALLOCATION!r} or "
             f"'cuda:1,8gb;cpu,*', got {allocation!r}"
