@@ -64,6 +64,7 @@ from comfyui_wan_blockswap.wan_blockswap import SwapConfig, apply_block_swap  # 
 from comfyui_wan_blockswap.wan_blockswap.engine import measure_model  # noqa: E402
 from comfyui_wan_blockswap.wan_blockswap.measure import (  # noqa: E402
     Timing,
+    allocated_gib,
     h2d_bandwidth_gbps,
     peak_gib,
     reset_peak,
@@ -220,6 +221,10 @@ class Family:
         detection: the tiny spec whose dims core's detection hard-codes (``--cpu`` only: at
             the real width detection reads them itself).
         preprocess: kwargs of ``preprocess_text_embeds`` for ``raw_context``.
+        variant: the record's variant whose preset reserve (``reserve_gb``) the compute row's
+            measured activations check.
+        typical_tokens: image/video tokens of one generation at the size that reserve was
+            estimated for (the record's comment), times the batch core runs there (cfg).
     """
 
     name: str
@@ -233,6 +238,8 @@ class Family:
     metadata: bool = False
     detection: str | None = None
     preprocess: dict | None = None
+    variant: str = ""
+    typical_tokens: int = 0
 
 
 # Wan's constructor defaults are the released ones but for the widths (text 4,096 wide, 512
@@ -255,6 +262,8 @@ FAMILIES: dict[str, Family] = {
             {"floor": (2, 4, 4), "compute": (2, 8, 8)},
             metadata=True,
             preprocess={"unprocessed": True},
+            variant="ltx-2",
+            typical_tokens=14_720,  # 1280x720 x 121 frames
         ),
         Family(
             "QwenImage",  # 20B; 0.68 GB a block
@@ -265,6 +274,8 @@ FAMILIES: dict[str, Family] = {
             {"floor": (64, 96), "compute": (256, 512)},
             {"floor": (8, 8), "compute": (16, 16)},
             detection="qwen_image",
+            variant="qwen-image-20b",
+            typical_tokens=2 * (6_889 + 2 * 4_096),  # 1328^2, two references, cfg
         ),
         Family(
             "Flux2",  # dev: 1.96 GB double blocks, 0.98 GB single blocks
@@ -275,6 +286,8 @@ FAMILIES: dict[str, Family] = {
             {"floor": (32, 48), "compute": (128, 256)},
             {"floor": (4, 4), "compute": (8, 8)},
             text=512,
+            variant="flux2-dev",
+            typical_tokens=3 * 4_096,  # 1024^2 and two references, no cfg
         ),
         Family(
             "HunyuanVideo15",  # 8.3B; 0.30 GB a block
@@ -284,6 +297,8 @@ FAMILIES: dict[str, Family] = {
             _hv15_inputs,
             {"floor": (2, 24, 32), "compute": (8, 48, 64)},
             {"floor": (2, 4, 4), "compute": (2, 8, 8)},
+            variant="hunyuan-video-1.5",
+            typical_tokens=49_290,  # 480p x 121 frames
         ),
         Family(
             "MiniMaxH3",  # core's defaults are the released dims; 1.29 GB a block
@@ -294,6 +309,8 @@ FAMILIES: dict[str, Family] = {
             {"floor": (4, 32, 48), "compute": (16, 64, 96)},
             {"floor": (2, 4, 4), "compute": (2, 8, 8)},
             preprocess={},
+            variant="minimax-h3",
+            typical_tokens=20_000,  # one packed 720p clip
         ),
         Family(
             "Kandinsky5",  # video pro; 0.61 GB a block
@@ -303,6 +320,8 @@ FAMILIES: dict[str, Family] = {
             _k5_inputs,
             {"floor": (1, 64, 96), "compute": (16, 64, 96)},
             {"floor": (1, 8, 8), "compute": (2, 8, 16)},
+            variant="kandinsky5-video-pro",
+            typical_tokens=47_616,  # 5 s of 512x768 at 24 fps
         ),
         Family(
             # Z-Image's 6B backbone (2 noise-refiner + 2 main layers, 0.36 GB each) with the
@@ -315,6 +334,8 @@ FAMILIES: dict[str, Family] = {
             {"floor": (512, 768), "compute": (2048, 2048)},
             {"floor": (8, 8), "compute": (16, 16)},
             detection="z_image_pixel",
+            variant="z-image-6b",
+            typical_tokens=2 * 4_096,  # 1024^2, cfg
         ),
         Family(
             "WAN22",  # Wan 2.2 5B (TI2V); 0.33 GB a block; 720p frames of 880 tokens
@@ -325,6 +346,8 @@ FAMILIES: dict[str, Family] = {
             {"floor": (2, 44, 80), "compute": (31, 44, 80)},
             {"floor": (1, 8, 8), "compute": (2, 8, 16)},
             text=512,
+            variant="wan2.2-5b",
+            typical_tokens=27_280,  # 720p x 121 frames
         ),
         Family(
             "WAN21",  # Wan 2.1 14B and Wan 2.2 A14B's experts; 0.70 GB a block; 480p frames
@@ -335,6 +358,8 @@ FAMILIES: dict[str, Family] = {
             {"floor": (1, 60, 104), "compute": (21, 60, 104)},
             {"floor": (1, 8, 8), "compute": (2, 8, 16)},
             text=512,
+            variant="wan-14b",
+            typical_tokens=32_760,  # 480p x 81 frames
         ),
     )
 }
@@ -451,6 +476,7 @@ class Timed:
     timing: Timing
     output: tuple[torch.Tensor, ...]  # on the CPU
     peak_gib: float
+    base_gib: float = 0.0  # allocated before the forwards: weights (or slots) and inputs
 
 
 def _equal(ours: list, reference: list) -> bool:
@@ -481,13 +507,14 @@ def timed(model: torch.nn.Module, family: Family, inputs: dict, opts: Options, k
             del outputs[:-1]
 
     reset_peak(device)
+    base = allocated_gib(device)
     timing = time_forwards(forward, device, warmup=opts.warmup[kind], iters=opts.runs[kind])
     peak = peak_gib(device)
     last = outputs[-1]
     parts = tuple(last) if isinstance(last, (list, tuple)) else (last,)
     output = tuple(p.detach().to("cpu") for p in parts)
     del outputs, template, last, parts
-    return Timed(timing, output, peak)
+    return Timed(timing, output, peak, base)
 
 
 PROFILE_TOP = 12  # operators kept per profiled row
@@ -673,10 +700,41 @@ def run_family(comfy: Any, family: Family, opts: Options) -> tuple[dict, list[di
         "build_s": round(build_s, 1),
         "seconds": round(time.perf_counter() - started, 1),
     }
+    info["reserve"] = reserve_check(
+        record, family, tokens["compute"], [before["compute"], reference["compute"]]
+    )
     if profiles:
         info["profile"] = profiles
     del swap, swapped, reference, before, model, patcher
     return info, rows
+
+
+CONTEXT_GIB = 1.0  # the records' "~1 GB of CUDA context and ComfyUI headroom"
+
+
+def reserve_check(record: Any, family: Family, tokens: int, runs: list[Timed]) -> dict:
+    """The record's preset reserve for ``family.variant`` against what the all-on-GPU compute
+    forwards (``runs``) allocated beyond their weights, scaled to the variant's typical
+    size: activations grow with the tokens (flash attention: no token-squared term)."""
+    variant = next((v for v in record.variants if v.name == family.variant), None)
+    activation = max(run.peak_gib - run.base_gib for run in runs)
+    found: dict[str, Any] = {
+        "variant": family.variant,
+        "reserve_gb": None if variant is None else variant.reserve_gb,
+        "measured_tokens": tokens,
+        "activation_gib": round(activation, 3),
+        "typical_tokens": family.typical_tokens,
+    }
+    if variant is None or not tokens or not family.typical_tokens:
+        return found
+    per_token_channel = activation * 2**30 / (tokens * variant.hidden_size)
+    estimate = activation * family.typical_tokens / tokens + CONTEXT_GIB
+    found.update(
+        bytes_per_token_channel=round(per_token_channel, 2),
+        estimated_reserve_gib=round(estimate, 2),
+        covered=bool(variant.reserve_gb is not None and variant.reserve_gb >= estimate),
+    )
+    return found
 
 
 def _jsonable(value: Any) -> Any:

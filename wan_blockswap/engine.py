@@ -44,9 +44,10 @@ logger = logging.getLogger("wan_blockswap")
 # (ComfyUI does this when a workflow switches models) would keep it and its pinned host
 # buffers alive forever: this registry's values and a BlockSwap's ``model`` are weak. The
 # model keeps its BlockSwap alive through its forward hooks, and nothing of ours points back
-# (the hooks on swapped blocks hold the scheduler weakly), so dropping the last reference to the
-# model frees it at once, with its host buffers and slots, without waiting for the cycle
-# collector.
+# (the hooks on swapped blocks hold the scheduler weakly; a ``TensorRef`` holds its owning
+# module weakly, and the model itself owns some tensors a swap moves), so dropping the last
+# reference to the model frees it at once, with its host buffers and slots, without waiting
+# for the cycle collector.
 _active: "weakref.WeakKeyDictionary[nn.Module, BlockSwap]" = weakref.WeakKeyDictionary()
 
 
@@ -381,6 +382,8 @@ class BlockSwap(SwappedWeights):
             for stored in self.units:
                 stored.restore() if restore else stored.discard()
             for ref, device, strides in self._moved:
+                if ref.owner_ref() is None:  # freed with its module: nothing to give back
+                    continue
                 tensor = ref.get()
                 if tensor.device == device:  # recorded, but apply stopped before it moved
                     continue

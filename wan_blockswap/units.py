@@ -9,6 +9,7 @@ with the block's other small tensors.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -18,7 +19,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .layout import BlockListLayout, ModelLayout
 
-from .errors import BlockSwapConfigError
+from .errors import BlockSwapConfigError, BlockSwapStateError
 
 # In layer mode a leaf becomes its own unit when it holds at least this share of its block.
 LAYER_UNIT_MIN_SHARE = 1 / 32
@@ -26,26 +27,45 @@ LAYER_UNIT_MIN_SHARE = 1 / 32
 
 @dataclass(frozen=True)
 class TensorRef:
-    """A parameter or buffer, addressed through its owning module so it can be rebound."""
+    """A parameter or buffer, addressed through its owning module so it can be rebound.
 
-    owner: nn.Module
+    The owner is held weakly ([Note: no strong path to the model] in ``engine``): a swap
+    keeps refs to resident tensors it moved, some owned by the model itself (Wan's
+    ``scale_shift_table``), and a strong owner would keep a dropped model and all its
+    pinned and device memory alive through the swap registry.
+    """
+
+    owner_ref: "weakref.ref[nn.Module]"
     attr: str
     qualname: str
     is_param: bool
 
+    @classmethod
+    def of(cls, owner: nn.Module, attr: str, qualname: str, is_param: bool) -> "TensorRef":
+        return cls(weakref.ref(owner), attr, qualname, is_param)
+
+    @property
+    def owner(self) -> nn.Module:
+        owner = self.owner_ref()
+        if owner is None:
+            raise BlockSwapStateError(f"the module that held {self.qualname} was freed")
+        return owner
+
     def get(self) -> torch.Tensor:
-        table = self.owner._parameters if self.is_param else self.owner._buffers
+        owner = self.owner
+        table = owner._parameters if self.is_param else owner._buffers
         return table[self.attr]
 
     def replace(self, value: torch.Tensor) -> torch.Tensor:
         """Put a new tensor object in the owner (a meta tensor cannot be rebound to real
         memory through ``.data``); returns the object now registered."""
         old = self.get()
+        owner = self.owner
         if self.is_param:
             value = nn.Parameter(value, requires_grad=old.requires_grad)
-            self.owner._parameters[self.attr] = value
+            owner._parameters[self.attr] = value
         else:
-            self.owner._buffers[self.attr] = value
+            owner._buffers[self.attr] = value
         return value
 
 
@@ -142,10 +162,10 @@ def tensor_refs(module: nn.Module, prefix: str, exclude: set[int]) -> tuple[Tens
     for name, owner in module.named_modules(remove_duplicate=False):
         for attr, tensor in list(owner._parameters.items()):
             if tensor is not None and id(tensor) not in exclude:
-                refs.append(TensorRef(owner, attr, _join(prefix, name, attr), True))
+                refs.append(TensorRef.of(owner, attr, _join(prefix, name, attr), True))
         for attr, tensor in list(owner._buffers.items()):
             if tensor is not None and id(tensor) not in exclude:
-                refs.append(TensorRef(owner, attr, _join(prefix, name, attr), False))
+                refs.append(TensorRef.of(owner, attr, _join(prefix, name, attr), False))
     return _dedupe(refs)
 
 

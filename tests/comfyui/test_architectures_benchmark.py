@@ -34,6 +34,10 @@ def test_cpu_run_swaps_every_block_with_equal_outputs(tmp_path, comfy):
         # every main block went to host memory
         assert family["swapped_bytes"] == sum(family["block_bytes"].values())
         assert family["blocks"] == len(family["block_bytes"]) >= 3
+        # the record's preset reserve, to be checked against the measured activations
+        reserve = family["reserve"]
+        assert reserve["reserve_gb"] >= 3.0 and reserve["typical_tokens"] > 0, reserve
+        assert reserve["estimated_reserve_gib"] >= 1.0  # on the CPU: the context alone
     assert [(r["family"], r["kind"]) for r in results["rows"]] == [
         (name, kind) for name in families for kind in ("floor", "compute")
     ]
