@@ -467,6 +467,7 @@ class Options:
     runs: dict[str, int]
     profile: bool = False  # also profile forwards per kind, swapped and all on the GPU
     trace_dir: str | None = None  # and write their Chrome traces here
+    hold: bool = False  # PrefetchScheduler.hold_at_forward_edge for the swapped forwards
 
 
 @dataclass
@@ -631,6 +632,7 @@ def run_family(comfy: Any, family: Family, opts: Options) -> tuple[dict, list[di
     _free(opts.device)
     swapped: dict[str, Timed] = {}
     swap = apply_block_swap(model, node_config(len(main)), layout=record.layout, device=opts.device)
+    swap.scheduler.hold_at_forward_edge = opts.hold
     try:
         plan = swap.plan
         rate = copy_rate_gbps(plan.slot_bytes, opts.device)
@@ -823,7 +825,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"), help="core tree")
     parser.add_argument("--output", default=None)
     parser.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
-    parser.add_argument("--iters", type=int, default=None, help="floor rows (compute: half)")
+    parser.add_argument("--iters", type=int, default=None, help="timed forwards per row")
     parser.add_argument(
         "--deadline", type=float, default=None, help="seconds; later families are not_run"
     )
@@ -835,6 +837,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--trace-dir", default=None, help="with --profile: write Chrome traces (.json.gz) here"
+    )
+    parser.add_argument(
+        "--hold-at-forward-edge",
+        action="store_true",
+        help="queue only the next forward's first unit between forwards (the scheduler's "
+        "hold_at_forward_edge; off by default until measured)",
     )
     return parser.parse_args(argv)
 
@@ -857,9 +865,11 @@ def main(argv: list[str] | None = None) -> int:
         device=device,
         dtype=torch.float32 if args.cpu else torch.bfloat16,
         warmup={"floor": 1 if args.cpu else 2, "compute": 1},
-        runs={"floor": iters, "compute": iters if args.cpu else max(3, iters // 2)},
+        # compute rows as many as floor rows: with 5, Z-Image's 1% sat inside the spread
+        runs={"floor": iters, "compute": iters},
         profile=args.profile,
         trace_dir=args.trace_dir,
+        hold=args.hold_at_forward_edge,
     )
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     short = "cpu" if args.cpu else name.lower().replace("nvidia ", "").split()[0]
@@ -880,6 +890,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": str(opts.dtype).replace("torch.", ""),
         "swap": "node widgets: blocks_to_swap = every main block, prefetch_blocks 1, "
         "embeddings resident, no compression",
+        "hold_at_forward_edge": opts.hold,
         "iters": dict(opts.runs),
         "warmup": dict(opts.warmup),
         "h2d_gbps": round(copy_rate_gbps((16 if args.cpu else 256) * 2**20, device), 2),

@@ -21,11 +21,12 @@ from .base import ArchConfig, BlockListLayout, ModelLayout, Variant
 #   Klein 9B 4,096 wide: 0.872 GB x 8 + 0.436 GB x 24 (18.2 GB in all)
 # Reserve: activations at 1024x1024 (4,096 image tokens) with two reference images of the
 # same size and the 512 text tokens core pads to, batch 1 (guidance-distilled): 12,800
-# tokens at ~30 bytes per token and hidden channel (Wan's measured 21, raised for the single
-# blocks' 5.5x-wide fused projection), plus ~1 GB of CUDA context and ComfyUI headroom,
-# rounded up; 3 GB at least, as for the other records.
+# tokens at 37 bytes per token and hidden channel (measured: core's Flux2 at dev's width, 32,768
+# image tokens, on the H100 in benchmarks/results/architectures_h100.json; Wan reads 20), plus
+# ~1 GB of CUDA context and ComfyUI headroom, rounded up; 3 GB at least, as for the other
+# records.
 VARIANTS = (
-    Variant("flux2-dev", "Flux.2 dev", num_blocks=8, hidden_size=6144, reserve_gb=3.5),
+    Variant("flux2-dev", "Flux.2 dev", num_blocks=8, hidden_size=6144, reserve_gb=4.0),
     Variant("flux2-klein-4b", "Flux.2 Klein 4B", num_blocks=5, hidden_size=3072, reserve_gb=3.0),
     Variant("flux2-klein-9b", "Flux.2 Klein 9B", num_blocks=8, hidden_size=4096, reserve_gb=3.0),
 )

@@ -170,7 +170,17 @@ def test_remove_after_lazy_load_gives_cpu_weights(tmp_path, state):
     assert torch.equal(run(model, x), expected)
 
 
-def test_a_lazily_loaded_model_dropped_without_remove_is_freed_at_once(tmp_path, state):
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+        ),
+    ],
+)
+def test_a_lazily_loaded_model_dropped_without_remove_is_freed_at_once(tmp_path, state, device):
     """[Note: no strong path to the model] A lazy load moves the skeleton's resident tensors
     (some owned by the model itself: ``scale_shift_table``) and keeps refs to them for
     remove(). Dropping the model without remove(), as ComfyUI drops a replaced model, frees
@@ -182,9 +192,16 @@ def test_a_lazily_loaded_model_dropped_without_remove_is_freed_at_once(tmp_path,
 
     path = tmp_path / "wan.safetensors"
     write_safetensors(state, path)
+    x = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs(5).items()}
+    if device == "cuda":  # once with remove() first: cuBLAS's workspace stays allocated
+        model, swap, _ = load_swapped(str(path), blocks_to_swap=2, device=device)
+        run(model, x)
+        swap.remove()
+        del model, swap, _
     baseline = registered_host_bytes()
-    model, swap, _ = load_swapped(str(path), blocks_to_swap=2, device="cpu")
-    run(model, inputs(5))
+    on_device = torch.cuda.memory_allocated() if device == "cuda" else 0
+    model, swap, _ = load_swapped(str(path), blocks_to_swap=2, device=device)
+    run(model, x)
     assert any(ref.owner is model for ref, _, _ in swap._moved)  # the case that leaked
     refs = [weakref.ref(model), weakref.ref(swap)] + [weakref.ref(u.host) for u in swap.units]
     gc.disable()  # no cycle collector: nothing may need it
@@ -195,6 +212,8 @@ def test_a_lazily_loaded_model_dropped_without_remove_is_freed_at_once(tmp_path,
         gc.enable()
     assert not any(alive), alive
     _assert_nothing_left(baseline)
+    if device == "cuda":
+        assert torch.cuda.memory_allocated() == on_device
 
 
 def _assert_nothing_left(baseline):

@@ -35,7 +35,7 @@ def _options(model, plan) -> dict:
     return options
 
 
-def run_recorded(plan: str, skip_waits=(), forwards: int = 3):
+def run_recorded(plan: str, skip_waits=(), forwards: int = 3, hold: bool = False, seen=None):
     """Apply ``plan`` to a bf16 toy
     against RecordingStreams (dims large enough that compressed transfers pack), run ``forwards`` forwards under the access log; return the
     log, the streams and whether outputs matched the unswapped model."""
@@ -59,6 +59,7 @@ def run_recorded(plan: str, skip_waits=(), forwards: int = 3):
     finally:
         patch.undo()
     recording = made[-1]
+    swap.scheduler.hold_at_forward_edge = hold
     log = AccessLog(recording)
     same = True
     with torch.no_grad():
@@ -68,6 +69,8 @@ def run_recorded(plan: str, skip_waits=(), forwards: int = 3):
             with log:
                 out = model(**inputs)
             same = same and torch.equal(out, expected)
+            if seen is not None:  # what is queued for the next forward
+                seen.append([flight.index for flight in swap.scheduler.ahead])
     assert all(isinstance(f.ready, FakeEvent) for f in swap.scheduler.provider.flights)
     stats = swap.stats
     swap.remove()
@@ -106,3 +109,19 @@ def test_without_a_scheduler_wait_the_checker_finds_the_race(plan, dropped):
     assert streams.skipped > 0, f"no {dropped} wait happened"
     assert same  # the CPU cannot see it in the outputs ...
     assert log.races  # ... the checker does
+
+
+@pytest.mark.parametrize("plan", ["fixed slots, deep prefetch", "compressed", "streamed", "vace"])
+def test_holding_copies_at_the_forward_edge_queues_one_unit_in_order(plan):
+    """[Note: holding copies at a forward's edge] Between forwards only the next forward's
+    first unit is queued; the rest follow its wait, in order, with the same outputs."""
+    queued: list = []
+    log, _, same, stats = run_recorded(plan, hold=True, seen=queued)
+    assert same
+    assert not log.races, "\n".join(map(str, log.races[:5]))
+    assert all(len(units) == 1 for units in queued), queued
+    unheld: list = []
+    _, _, _, default = run_recorded(plan, seen=unheld)
+    if plan != "streamed":  # (a streamed window here holds one layer ahead anyway)
+        assert all(len(units) > 1 for units in unheld), unheld  # the default queues more
+    assert stats.misses == default.misses  # only the first forward's, learning the order
