@@ -180,8 +180,10 @@ def run_plan(
     reference: dict[int, arch.Timed],
     opts: arch.Options,
     rounds: int,
+    hold: bool = False,
 ) -> dict[str, Side]:
-    """Both engines on ``model`` with ``options``, in rounds old, new, new, old, ..."""
+    """Both engines on ``model`` with ``options``, in rounds old, new, new, old, ...; with
+    ``hold`` the new engine's scheduler holds copies at the forward's edge."""
     sides = {
         name: Side(
             {t: [] for t in inputs}, {t: 0.0 for t in inputs}, {t: True for t in inputs}, {}, []
@@ -198,6 +200,8 @@ def run_plan(
                 model, layout=layouts[name], device=opts.device, **options
             )
             side.apply_s.append(round(time.perf_counter() - started, 2))
+            if name == "new":
+                swap.scheduler.hold_at_forward_edge = hold
             try:
                 side.plan = plan_summary(swap.plan)
                 for tokens, kwargs in inputs.items():
@@ -330,6 +334,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--compression", nargs="+", choices=COMPRESSIONS, default=list(COMPRESSIONS)
     )
     parser.add_argument("--cpu", action="store_true", help="smoke run, small dims, no bars")
+    parser.add_argument(
+        "--hold-at-forward-edge",
+        action="store_true",
+        help="the new engine's scheduler queues only the next forward's first unit between "
+        "forwards (against the old engine, which does not)",
+    )
     return parser.parse_args(argv)
 
 
@@ -397,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         "tokens": tokens,
         "text_tokens": TEXT[mode],
         "rounds": args.rounds,
+        "new_holds_at_forward_edge": args.hold_at_forward_edge,
         "iters_per_round": dict(zip(map(str, tokens), per_round)),
         "warmup_per_round": {str(t): n for t, n in opts.warmup.items()},
         "streamed_budget_gb": round(streamed_budget, 4),
@@ -441,7 +452,15 @@ def main(argv: list[str] | None = None) -> int:
             plan_started = time.perf_counter()
             try:
                 sides = run_plan(
-                    model, engines, layouts, options, inputs, reference, opts, args.rounds
+                    model,
+                    engines,
+                    layouts,
+                    options,
+                    inputs,
+                    reference,
+                    opts,
+                    args.rounds,
+                    hold=args.hold_at_forward_edge,
                 )
                 rows = rows_of(plan, compression, sides, reference, args.cpu)
                 info = {

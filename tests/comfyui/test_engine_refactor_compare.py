@@ -33,8 +33,10 @@ def _run(tmp_path, name, *args):
 
 def test_cpu_run_compares_both_engines_with_equal_outputs(tmp_path, comfy):
     plans = ["all swapped", "streamed"]
-    run, results = _run(tmp_path, "compare.json", "--plans", *plans)
+    # the new engine holding copies at the forward's edge: same plans, same outputs
+    run, results = _run(tmp_path, "compare.json", "--plans", *plans, "--hold-at-forward-edge")
     assert results["mode"] == "cpu" and results["old"] == OLD
+    assert results["new_holds_at_forward_edge"] is True
     assert list(results["configs"]) == [f"{p}, {c}" for p in plans for c in ("raw", "compressed")]
     for key, config in results["configs"].items():
         assert config["status"] == "ok" and config["same_plan"] is True, (key, config)
