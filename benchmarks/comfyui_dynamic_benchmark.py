@@ -20,6 +20,8 @@ UNETLoader -> [WAN BlockSwap] -> KSampler -> SaveLatent, Wan-14B-shaped random b
   core alone at 12 and 7 GiB free differed by up to 0.1.)
 - The least free VRAM each arm runs at, in 0.5 GiB steps down from the top of the range
   (one prompt of one step each) until a prompt fails.
+- ``log``: the server's plan and load lines of the row's prompts (ours and core's "loaded
+  completely/partially"), since the server log itself may not come back from a GPU machine.
 
 Arms: ``core_dynamic`` (core's default), ``core_legacy`` (``--disable-dynamic-vram``),
 ``ours_default`` (our node, default widgets), ``ours_auto`` (preset auto). Results are written
@@ -61,6 +63,23 @@ LEFTOVER = 512 * 2**20  # VRAM a server may keep after /free before a row restar
 GIB = cs.GIB
 NEED = re.compile(r"a forward of .* needed (\d+\.\d+) GiB")
 SEEDS = iter(range(1000, 10**9))
+# The server's lines that say what was planned and loaded, kept in each row: a run's server
+# log may not come back from the device (it returns a few files), and the plan explains a time
+KEPT_LOG = re.compile(
+    r"(\[(INFO|WARNING|ERROR)\] *)?(wan_blockswap|transfer_compression|loaded (completely|partially))"
+)
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+MAX_KEPT_LINES = 40
+
+
+def kept_log_lines(text: str) -> list[str]:
+    """The plan and load lines of a prompt's log, without colours or progress bars."""
+    lines = []
+    for line in ANSI.sub("", text).replace("\r", "\n").splitlines():
+        found = KEPT_LOG.search(line)
+        if found:
+            lines.append(line[found.start() :].strip()[:300])
+    return lines
 
 
 def model_file(blocks: int) -> str:
@@ -106,6 +125,7 @@ def run_config(
     fast = frames <= FAST_FRAMES and prompts > 1
     timed: dict[int, list[float]] = {}
     needs: list[float] = []
+    kept: list[str] = []
     if prompts == 1:  # a floor probe: the one cfg-1 prompt
         total = 1
     else:
@@ -130,6 +150,9 @@ def run_config(
         peaks_rss.append(sampler.peak_rss / GIB)
         peaks_process.append(sampler.peak_process / GIB)
         needs.extend(float(n) for n in NEED.findall(result.get("log", "")))
+        for line in kept_log_lines(result.get("log", "")):
+            if line not in kept and len(kept) < MAX_KEPT_LINES:
+                kept.append(line)
         if result["status"] != "success":
             status = "oom" if "out of memory" in result.get("error", "").lower() else "error"
             error = result.get("error", "")[:500]
@@ -158,6 +181,7 @@ def run_config(
         status=status,
         error=error,
         latent=latents[0] if latents else None,
+        log=kept,
     )
     return row
 

@@ -1,0 +1,27 @@
+"""benchmarks/comfyui_dynamic_benchmark.py keeps the server's plan and load lines in each row
+(the run's whole server log may not come back from the GPU machine)."""
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import comfyui_dynamic_benchmark as bench  # noqa: E402
+
+LOG = (
+    "\x1b[32m[INFO]\x1b[0m wan_blockswap auto: 3.24 GiB of VRAM can be had, 1.58 GiB kept\n"
+    "  0%|          | 0/4 [00:00<?, ?it/s]\r 25%|##5 | 1/4 [00:00<00:01]"
+    "\x1b[32m[INFO]\x1b[0m transfer_compression=auto: a forward took 63.9 ms\n"
+    "[INFO] loaded partially; 1969.59 MB loaded\n"
+    "[INFO] Prompt executed in 1.15 seconds\n"
+)
+
+
+def test_the_plan_and_load_lines_are_kept_without_colours_or_progress_bars():
+    lines = bench.kept_log_lines(LOG)
+    assert lines == [
+        "[INFO] wan_blockswap auto: 3.24 GiB of VRAM can be had, 1.58 GiB kept",
+        "[INFO] transfer_compression=auto: a forward took 63.9 ms",
+        "[INFO] loaded partially; 1969.59 MB loaded",
+    ]
