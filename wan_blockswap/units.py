@@ -51,21 +51,20 @@ class TensorRef:
             raise BlockSwapStateError(f"the module that held {self.qualname} was freed")
         return owner
 
-    def get(self) -> torch.Tensor:
+    def _table(self) -> dict:
         owner = self.owner
-        table = owner._parameters if self.is_param else owner._buffers
-        return table[self.attr]
+        return owner._parameters if self.is_param else owner._buffers
+
+    def get(self) -> torch.Tensor:
+        return self._table()[self.attr]
 
     def replace(self, value: torch.Tensor) -> torch.Tensor:
         """Put a new tensor object in the owner (a meta tensor cannot be rebound to real
         memory through ``.data``); returns the object now registered."""
-        old = self.get()
-        owner = self.owner
+        table = self._table()
         if self.is_param:
-            value = nn.Parameter(value, requires_grad=old.requires_grad)
-            owner._parameters[self.attr] = value
-        else:
-            owner._buffers[self.attr] = value
+            value = nn.Parameter(value, requires_grad=table[self.attr].requires_grad)
+        table[self.attr] = value
         return value
 
 
