@@ -467,7 +467,7 @@ class Options:
     runs: dict[str, int]
     profile: bool = False  # also profile forwards per kind, swapped and all on the GPU
     trace_dir: str | None = None  # and write their Chrome traces here
-    hold: bool = False  # PrefetchScheduler.hold_at_forward_edge for the swapped forwards
+    hold: bool = True  # PrefetchScheduler.hold_at_forward_edge for the swapped forwards
 
 
 @dataclass
@@ -840,9 +840,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--hold-at-forward-edge",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="queue only the next forward's first unit between forwards (the scheduler's "
-        "hold_at_forward_edge; off by default until measured)",
+        "hold_at_forward_edge, on by default; --no-hold-at-forward-edge: the old order)",
     )
     return parser.parse_args(argv)
 

@@ -180,7 +180,7 @@ def run_plan(
     reference: dict[int, arch.Timed],
     opts: arch.Options,
     rounds: int,
-    hold: bool = False,
+    hold: bool = True,
 ) -> dict[str, Side]:
     """Both engines on ``model`` with ``options``, in rounds old, new, new, old, ...; with
     ``hold`` the new engine's scheduler holds copies at the forward's edge."""
@@ -336,9 +336,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cpu", action="store_true", help="smoke run, small dims, no bars")
     parser.add_argument(
         "--hold-at-forward-edge",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="the new engine's scheduler queues only the next forward's first unit between "
-        "forwards (against the old engine, which does not)",
+        "forwards, its default (against the old engine, which does not); "
+        "--no-hold-at-forward-edge: the new engine in the old order",
     )
     return parser.parse_args(argv)
 

@@ -35,7 +35,7 @@ def _options(model, plan) -> dict:
     return options
 
 
-def run_recorded(plan: str, skip_waits=(), forwards: int = 3, hold: bool = False, seen=None):
+def run_recorded(plan: str, skip_waits=(), forwards: int = 3, hold: bool | None = None, seen=None):
     """Apply ``plan`` to a bf16 toy
     against RecordingStreams (dims large enough that compressed transfers pack), run ``forwards`` forwards under the access log; return the
     log, the streams and whether outputs matched the unswapped model."""
@@ -59,7 +59,8 @@ def run_recorded(plan: str, skip_waits=(), forwards: int = 3, hold: bool = False
     finally:
         patch.undo()
     recording = made[-1]
-    swap.scheduler.hold_at_forward_edge = hold
+    if hold is not None:  # None: the engine's default
+        swap.scheduler.hold_at_forward_edge = hold
     log = AccessLog(recording)
     same = True
     with torch.no_grad():
@@ -77,9 +78,10 @@ def run_recorded(plan: str, skip_waits=(), forwards: int = 3, hold: bool = False
     return log, recording, same, stats
 
 
+@pytest.mark.parametrize("hold", [None, False], ids=["default order", "unheld order"])
 @pytest.mark.parametrize("plan", list(PLANS))
-def test_every_buffer_is_read_after_its_copy_and_overwritten_after_its_readers(plan):
-    log, streams, same, stats = run_recorded(plan)
+def test_every_buffer_is_read_after_its_copy_and_overwritten_after_its_readers(plan, hold):
+    log, streams, same, stats = run_recorded(plan, hold=hold)
     assert same
     assert stats.copies > 0
     assert sum(len(h) for h in log.accesses.values()) > 100  # the log saw the work
@@ -113,15 +115,16 @@ def test_without_a_scheduler_wait_the_checker_finds_the_race(plan, dropped):
 
 @pytest.mark.parametrize("plan", ["fixed slots, deep prefetch", "compressed", "streamed", "vace"])
 def test_holding_copies_at_the_forward_edge_queues_one_unit_in_order(plan):
-    """[Note: holding copies at a forward's edge] Between forwards only the next forward's
-    first unit is queued; the rest follow its wait, in order, with the same outputs."""
+    """[Note: holding copies at a forward's edge] By default, between forwards only the next
+    forward's first unit is queued; the rest follow its wait, in order, with the same
+    outputs."""
     queued: list = []
-    log, _, same, stats = run_recorded(plan, hold=True, seen=queued)
+    log, _, same, stats = run_recorded(plan, seen=queued)
     assert same
     assert not log.races, "\n".join(map(str, log.races[:5]))
     assert all(len(units) == 1 for units in queued), queued
     unheld: list = []
-    _, _, _, default = run_recorded(plan, seen=unheld)
+    _, _, _, unheld_stats = run_recorded(plan, hold=False, seen=unheld)
     if plan != "streamed":  # (a streamed window here holds one layer ahead anyway)
-        assert all(len(units) > 1 for units in unheld), unheld  # the default queues more
-    assert stats.misses == default.misses  # only the first forward's, learning the order
+        assert all(len(units) > 1 for units in unheld), unheld  # unheld, more are queued
+    assert stats.misses == unheld_stats.misses  # only the first forward's, learning the order

@@ -99,14 +99,16 @@ class PrefetchScheduler:
         # link's real rate, for transfer_compression="auto")
         self.copy_clock: list | None = None
         self.inference = False  # see [Note: inference tensors]
-        # [Note: holding copies at a forward's edge] Off by default until measured on a GPU
-        # across the engine's plans: with it, from the prefetch of the next forward's first
-        # unit until that forward waits on it, no further unit is queued. A model's preamble
-        # (MiniMax H3's) copies small pageable tensors to the GPU and waits for them; the
-        # copy engine runs host-to-device copies in the order queued, so such a copy waited
-        # behind the second unit's whole copy (23 ms of 1.3 GB on the H100, with the GPU idle)
-        # on every forward. Chunking that copy did not help: its pieces were all queued first.
-        self.hold_at_forward_edge = False
+        # [Note: holding copies at a forward's edge] From the prefetch of the next forward's
+        # first unit until that forward waits on it, no further unit is queued. A model's
+        # preamble (MiniMax H3's) copies small pageable tensors to the GPU and waits for them;
+        # the copy engine runs host-to-device copies in the order queued, so such a copy
+        # waited behind the second unit's whole copy (23 ms of 1.3 GB on the H100, with the
+        # GPU idle) on every forward: 1.048x all-on-GPU. Chunking that copy did not help: its
+        # pieces were all queued first. Holding them: 1.003x, every other family and plan
+        # unchanged and bit-identical (benchmarks/results/architectures_h100.json, run4;
+        # engine_refactor_h100.json, hold). On by default; a False here restores the old order.
+        self.hold_at_forward_edge = True
         self._before_first_wait = True  # no unit of the coming forward waited on yet
         # A scheduler collected without close() (its model dropped unremoved) frees its slot
         # pool then; not at interpreter exit, when CUDA may be gone and pools die anyway.

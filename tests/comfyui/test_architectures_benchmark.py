@@ -22,13 +22,12 @@ def test_cpu_run_swaps_every_block_with_equal_outputs(tmp_path, comfy):
         "--profile",
         "--trace-dir",
         str(traces),
-        "--hold-at-forward-edge",
         "--families",
         *families,
     )
     assert results["mode"] == "cpu" and results["device"] == "cpu"
     assert results["core"]["dynamic_vram"] is False
-    assert results["hold_at_forward_edge"] is True
+    assert results["hold_at_forward_edge"] is True  # the scheduler's default
     assert list(results["families"]) == families
     for name in families:
         family = results["families"][name]

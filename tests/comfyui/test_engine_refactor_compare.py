@@ -33,8 +33,8 @@ def _run(tmp_path, name, *args):
 
 def test_cpu_run_compares_both_engines_with_equal_outputs(tmp_path, comfy):
     plans = ["all swapped", "streamed"]
-    # the new engine holding copies at the forward's edge: same plans, same outputs
-    run, results = _run(tmp_path, "compare.json", "--plans", *plans, "--hold-at-forward-edge")
+    # the new engine holds copies at the forward's edge by default: same plans, same outputs
+    run, results = _run(tmp_path, "compare.json", "--plans", *plans)
     assert results["mode"] == "cpu" and results["old"] == OLD
     assert results["new_holds_at_forward_edge"] is True
     assert list(results["configs"]) == [f"{p}, {c}" for p in plans for c in ("raw", "compressed")]
