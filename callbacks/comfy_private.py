@@ -34,6 +34,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+import comfy.float
 import comfy.model_management
 import comfy.model_patcher
 
@@ -143,10 +144,89 @@ def _match_model_dtypes(model: torch.nn.Module) -> None:
                         continue
                     if hasattr(module, "comfy_cast_weights") and name in ("weight", "bias"):
                         module.comfy_cast_weights = True
+                        _patch_in_model_dtype(module, name, dtype)
                     elif table is module._parameters:
                         table[name] = torch.nn.Parameter(tensor.to(dtype), requires_grad=False)
                     else:
                         table[name] = tensor.to(dtype)
+
+
+def model_dtype_of(module: torch.nn.Module, name: str, tensor: torch.Tensor) -> Any:
+    """The dtype a swapped ``tensor`` is stored in, for the engine: the dtype its model
+    computes in where dynamic VRAM recorded one of the same element size (a bf16 file's
+    weight computed in fp16), else None (its own). [Note: patched weights in the model
+    dtype]"""
+    dtype = getattr(module, f"{name}_comfy_model_dtype", None)
+    if dtype is None or dtype == tensor.dtype or is_traceable_wrapper_subclass(tensor):
+        return None
+    same_size = torch.empty((), dtype=dtype).element_size() == tensor.element_size()
+    return dtype if same_size else None
+
+
+# [Note: patched weights in the model dtype]
+# Core's static loading casts a model's weights to the dtype it computes in (fp16 for Wan on
+# NVIDIA GPUs, even from a bf16 file) and patches a LoRA onto that, storing the result in
+# that dtype. Dynamic VRAM keeps the file's dtype and casts at use. The private model (a
+# static patcher over the dynamic model's weights) would round a patched weight to the
+# file's dtype before the cast: 0.011 away from core in the latent (H100,
+# benchmarks/results/reliability_h100.json, lora_under_dynamic_vram_session14). So a
+# resident layer gets core's own convert and set functions (``get_key_weight``), which
+# start from the weight as the model dtype holds it and keep the patched result in that
+# dtype; swapped layers are stored in the model dtype (``model_dtype_of``) and patched
+# there. With transfer compression (bf16 only) swapped layers keep the file's dtype.
+class _ModelDtypeFunction:
+    """One of core's per-weight functions, holding its module weakly (a function stored on
+    its own module would be a reference cycle, freed only by the cycle collector)."""
+
+    def __init__(self, module: torch.nn.Module, name: str, dtype: torch.dtype) -> None:
+        self.module = weakref.ref(module)
+        self.name = name
+        self.dtype = dtype
+
+
+class _ConvertThroughModelDtype(_ModelDtypeFunction):
+    """``convert_<name>``: the weight, in the dtype core patches in, as the model dtype
+    holds it."""
+
+    def __call__(self, weight: torch.Tensor, inplace: bool = False, **kwargs: Any) -> Any:
+        if weight.dtype == self.dtype:
+            return weight
+        return weight.to(self.dtype).to(weight.dtype)
+
+
+class _SetInModelDtype(_ModelDtypeFunction):
+    """``set_<name>``: a patched weight rounded to the model dtype (core's recipe), set on
+    the module or returned."""
+
+    def __call__(
+        self,
+        weight: torch.Tensor,
+        inplace_update: bool = False,
+        seed: int | None = None,
+        return_weight: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        rounded = comfy.float.stochastic_rounding(weight, self.dtype, seed=seed or 0)
+        if return_weight:
+            return rounded
+        module = self.module()
+        if module is not None:  # a new tensor even where core asks in place: another dtype
+            setattr(module, self.name, torch.nn.Parameter(rounded, requires_grad=False))
+        return None
+
+
+def _patch_in_model_dtype(module: torch.nn.Module, name: str, dtype: torch.dtype) -> None:
+    """[Note: patched weights in the model dtype] for ``module``'s ``name``, unless its class
+    has functions of its own (quantized ops)."""
+    if hasattr(module, f"set_{name}") or hasattr(module, f"convert_{name}"):
+        return
+    setattr(module, f"convert_{name}", _ConvertThroughModelDtype(module, name, dtype))
+    setattr(module, f"set_{name}", _SetInModelDtype(module, name, dtype))
+
+
+def is_model_dtype_function(function: Any) -> bool:
+    """Whether ``function`` is one of ours from :func:`_patch_in_model_dtype`."""
+    return isinstance(function, _ModelDtypeFunction)
 
 
 def existing_private(base_model: Any) -> Any:

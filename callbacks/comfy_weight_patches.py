@@ -19,6 +19,7 @@ import comfy.lora
 import comfy.model_management
 import comfy.model_patcher
 from ..wan_blockswap import BlockSwap, BlockSwapConfigError
+from .comfy_private import is_model_dtype_function
 from ..wan_blockswap.units import leaves
 
 logger = logging.getLogger("wan_blockswap")
@@ -59,8 +60,13 @@ def set_patch_transform(
     }
     # Ops that store weights scaled (core's scaled-fp8 Linear) give core a convert function
     # (stored -> real weight) and a set function (real -> stored); core patches with them.
+    # (Ours for the model dtype are left out: a swapped weight is already stored in it, see
+    # [Note: patched weights in the model dtype].)
     funcs = {
-        key: comfy.model_patcher.get_key_weight(patcher.model, key)[1:]
+        key: tuple(
+            None if is_model_dtype_function(f) else f
+            for f in comfy.model_patcher.get_key_weight(patcher.model, key)[1:]
+        )
         for entries in wanted.values()
         for _, key in entries
     }

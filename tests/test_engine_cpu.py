@@ -556,3 +556,65 @@ def test_each_memory_provider_names_its_own_fix_when_it_is_full():
     with pytest.raises(BlockSwapError, match="vram_budget_gb") as error:
         WindowAllocator(streams, [unit], window_bytes=1024, lookahead=1).take(0)
     assert "prefetch_blocks" not in str(error.value)
+
+
+def _bf16_blocks_of_an_fp16_toy():
+    """(reference, model): an fp16 toy whose weights are bf16 values, and a copy keeping its
+    blocks' tensors in bf16 (as a host that casts at use keeps a bf16 file's weights)."""
+    import copy
+
+    reference = make_toy()
+    with torch.no_grad():
+        for tensor in list(reference.parameters()) + list(reference.buffers()):
+            tensor.data = tensor.data.to(torch.bfloat16).to(torch.float16)
+    model = copy.deepcopy(reference)
+    with torch.no_grad():
+        for tensor in list(model.blocks.parameters()) + list(model.blocks.buffers()):
+            tensor.data = tensor.data.to(torch.bfloat16)
+    return reference, model
+
+
+def _fp16_for_bf16(module, name, tensor):
+    return torch.float16 if tensor.dtype == torch.bfloat16 else None
+
+
+def test_swapped_tensors_stored_in_another_dtype_compute_as_that_dtype():
+    """[Note: stored in another dtype] bf16 block weights stored as fp16 compute exactly as
+    the model cast to fp16, between uses are fp16 placeholders, and come back as fp16."""
+    from comfyui_wan_blockswap.wan_blockswap import BlockSwap
+
+    reference, model = _bf16_blocks_of_an_fp16_toy()
+    inputs = {k: v.to(torch.float16) for k, v in toy_inputs(3).items()}
+    with torch.no_grad():
+        expected = reference(**inputs)
+    config = SwapConfig(blocks_to_swap=len(model.blocks))
+    swap = BlockSwap.apply(
+        model, config, toy_layout(model), torch.device("cpu"), store_dtype=_fp16_for_bf16
+    )
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.equal(model(**inputs), expected)
+    weight = model.blocks[0].qkv.weight
+    assert weight.dtype == torch.float16 and weight.numel() == 0  # a placeholder
+    swap.remove()
+    for (name, got), want in zip(model.named_parameters(), reference.parameters()):
+        assert got.dtype == torch.float16 and torch.equal(got, want), name
+
+
+def test_a_stored_dtype_of_another_size_is_refused_and_nothing_applied():
+    from comfyui_wan_blockswap.wan_blockswap import BlockSwap
+
+    _, model = _bf16_blocks_of_an_fp16_toy()
+    before = snapshot(model)
+    with pytest.raises(BlockSwapConfigError, match="same element size"):
+        BlockSwap.apply(
+            model,
+            SwapConfig(blocks_to_swap=2),
+            toy_layout(model),
+            torch.device("cpu"),
+            store_dtype=lambda module, name, tensor: torch.float32,
+        )
+    assert get_block_swap(model) is None
+    after = snapshot(model)
+    for name, (tensor, device, kind, grad) in before.items():
+        assert torch.equal(after[name][0], tensor) and after[name][0].dtype == tensor.dtype, name

@@ -31,7 +31,7 @@ from .swap_plan import ModelSizes, SwapPlan
 from .scheduler import PrefetchScheduler
 from .stats import SwapStats
 from .storage import return_freed_host_memory
-from .stored_unit import Placeholders, StoredUnit, allocate_empty
+from .stored_unit import Placeholders, StoreDtype, StoredUnit, allocate_empty
 from .streams import DeviceStreams
 from .swapped_weights import SwappedWeights
 from .units import SwapUnit, TensorRef, kept_strides, move_tensor, tensor_refs
@@ -81,6 +81,7 @@ class BlockSwap(SwappedWeights):
         self.move_resident = True
         self.allocate_empty = True
         self._on_packed: Any = None
+        self._store_dtype: StoreDtype | None = None
         self._auto: CompressionAutoSwitch | None = None
 
     @classmethod
@@ -93,6 +94,7 @@ class BlockSwap(SwappedWeights):
         move_resident: bool = True,
         allocate_empty: bool = True,
         on_packed: Any = None,
+        store_dtype: StoreDtype | None = None,
     ) -> "BlockSwap":
         """Apply ``config`` to ``model``. With ``move_resident=False`` weights that stay on the
         GPU are left where they are, for a host (ComfyUI core) that places them itself; the
@@ -100,7 +102,8 @@ class BlockSwap(SwappedWeights):
         meta skeleton get their host buffers only when a loader fills them
         (``StoredUnit.allocate``), so page-locking overlaps reading the file.
         ``on_packed()`` runs after each unit is packed (a host whose weights are a mapped file
-        drops the pages packing read, so RAM holds one copy, not two)."""
+        drops the pages packing read, so RAM holds one copy, not two). ``store_dtype`` names
+        another dtype to store a swapped tensor in ([Note: stored in another dtype])."""
         if model in _active:
             raise BlockSwapStateError(
                 f"{type(model).__name__} already has a block swap applied; call "
@@ -131,6 +134,7 @@ class BlockSwap(SwappedWeights):
         swap.move_resident = move_resident
         swap.allocate_empty = allocate_empty
         swap._on_packed = on_packed
+        swap._store_dtype = store_dtype
         # [Note: apply is a transaction]
         # Everything up to here only reads the model. From here on, whatever stops apply (a
         # failed allocation, Ctrl-C between any two lines) is undone before it propagates:
@@ -185,7 +189,9 @@ class BlockSwap(SwappedWeights):
         with torch.no_grad():
             for previous, unit, store in zip(chosen[-1:] + chosen[:-1], chosen, stores):
                 compress = self._compresses(unit, previous)
-                stored = StoredUnit(unit, self.device, placeholders, compress, store)
+                stored = StoredUnit(
+                    unit, self.device, placeholders, compress, store, self._store_dtype
+                )
                 self.units.append(stored)  # before pack, so _undo restores a half-packed unit
             if self.allocate_empty:
                 allocate_empty(self.units, pin)

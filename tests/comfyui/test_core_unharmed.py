@@ -187,6 +187,64 @@ def test_a_model_loaded_for_dynamic_vram_computes_in_its_model_dtype(comfy):
     assert next(model.parameters()).dtype == torch.bfloat16  # the loader's model: as it was
 
 
+def _computing_in_fp16(patcher):
+    """``patcher``'s model made to compute in fp16 on the CPU, as core's static loading
+    makes a Wan model on a GPU (its weights cast to fp16 at load): fp16 from bf16 values."""
+    model = patcher.model
+    with torch.no_grad():
+        for name, tensor in list(model.diffusion_model.named_parameters()):
+            # (Wan builds its patch embedding in fp32 whatever the model dtype)
+            dtype = torch.float32 if name.startswith("patch_embedding.") else torch.float16
+            tensor.data = tensor.data.to(torch.bfloat16).to(dtype)
+    model.diffusion_model.dtype = torch.float16
+    model.manual_cast_dtype = None
+    return patcher
+
+
+@pytest.mark.parametrize("compression", ["off", "on"])
+def test_a_lora_on_a_model_loaded_for_dynamic_vram_equals_core_static(comfy, compression):
+    """[Note: patched weights in the model dtype] Dynamic VRAM keeps a bf16 file's weights
+    and computes Wan in fp16; core's static loading casts them to fp16 and patches a LoRA
+    onto that. Through the node a LoRA on resident and swapped layers gives that output bit
+    for bit (with transfer compression, which needs bf16, swapped layers keep bf16: their
+    patched weights are rounded there, and only those differ)."""
+    mm = comfy.model_management
+    if not hasattr(mm, "archive_model_dtypes"):
+        pytest.skip("this core has no dynamic-VRAM loading")
+    reference, make_inputs = tiny_models.comfy_load_tiny("wan_t2v")
+    _computing_in_fp16(reference)
+    # LoRA-like patches on a layer of every block: blocks_to_swap=2 swaps some, keeps others
+    keys = [k for k in reference.model.state_dict() if k.endswith("self_attn.q.weight")]
+    assert len(keys) >= 4
+    inputs = make_inputs(14)
+    plain = run(comfy, reference, inputs)
+    expected = run(comfy, lora_like(reference, keys), inputs)
+    assert not torch.equal(plain, expected)  # the patches matter
+    mm.unload_all_models()
+    upstream, _ = tiny_models.comfy_load_tiny("wan_t2v")
+    _computing_in_fp16(upstream)
+    model = upstream.model.diffusion_model
+    mm.archive_model_dtypes(model)  # fp16 to compute in
+    with torch.no_grad():  # the file's bf16 kept
+        for module in model.modules():
+            for name, tensor in list(module._parameters.items()):
+                if tensor is not None:
+                    bf16 = tensor.to(torch.bfloat16)
+                    module._parameters[name] = torch.nn.Parameter(bf16, requires_grad=False)
+    swapped = node(lora_like(upstream, keys), blocks_to_swap=2, transfer_compression=compression)
+    swap = swap_of(swapped)
+    stored = {t.dtype for u in swap.units for t in u.host_views if t.dim() == 2}
+    assert stored == ({torch.float16} if compression == "off" else {torch.bfloat16})
+    got = run(comfy, swapped, inputs)
+    if compression == "off":
+        assert torch.equal(got, expected)
+    else:
+        assert not torch.equal(got, expected)
+        assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+    assert torch.equal(run(comfy, node(upstream, blocks_to_swap=2), inputs), plain)
+    assert next(model.parameters()).dtype == torch.bfloat16  # the loader's model: as it was
+
+
 def test_packing_drops_the_mapped_file_pages_it_read(comfy):
     """Dynamic VRAM loads a file's weights mapped (``_comfy_tensor_mmap_refs``); packing reads
     them through the mapping, so after each unit the swap has the mapping's pages dropped:
