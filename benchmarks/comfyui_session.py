@@ -199,8 +199,10 @@ def run(
     # [Note: LoRA under dynamic VRAM] core's dynamic VRAM applies a LoRA at each cast in the
     # compute dtype, and rounds it into the resident copy only once the layer stays resident,
     # so its outputs with a LoRA depend on residency; core's static loader (which loads the
-    # node's private model) patches once and rounds. Node prompts with a LoRA are then checked
-    # against core alone in a --disable-dynamic-vram server: the same kernels.
+    # node's private model) patches once and keeps the result in the model dtype, as the node
+    # does ([Note: patched weights in the model dtype] in callbacks/comfy_private.py). Node
+    # prompts with a LoRA are then checked against core alone in a --disable-dynamic-vram
+    # server: the same kernels.
     static_refs: dict[tuple[str, int, bool], Any] = {}
 
     def prompt_for(step: Step, seed: int, prefix: str) -> dict:

@@ -173,7 +173,9 @@ def model_dtype_of(module: torch.nn.Module, name: str, tensor: torch.Tensor) -> 
 # resident layer gets core's own convert and set functions (``get_key_weight``), which
 # start from the weight as the model dtype holds it and keep the patched result in that
 # dtype; swapped layers are stored in the model dtype (``model_dtype_of``) and patched
-# there. With transfer compression (bf16 only) swapped layers keep the file's dtype.
+# there. With transfer compression (bf16 only) swapped layers keep the file's dtype in host
+# memory, and a patched one is rewritten in the model dtype in its slot
+# (``comfy_weight_patches``; [Note: a transform may change a view's dtype]).
 class _ModelDtypeFunction:
     """One of core's per-weight functions, holding its module weakly (a function stored on
     its own module would be a reference cycle, freed only by the cycle collector)."""

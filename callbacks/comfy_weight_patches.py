@@ -19,7 +19,7 @@ import comfy.lora
 import comfy.model_management
 import comfy.model_patcher
 from ..wan_blockswap import BlockSwap, BlockSwapConfigError
-from .comfy_private import is_model_dtype_function
+from .comfy_private import is_model_dtype_function, model_dtype_of
 from ..wan_blockswap.units import leaves
 
 logger = logging.getLogger("wan_blockswap")
@@ -37,12 +37,20 @@ def set_patch_transform(
     patches the already patched weight again. Sets (or clears) ``swap``'s slot transform."""
     hook_patches = hook_patches or {}
     wanted: dict[str, list[tuple[int, str]]] = {}
+    # keys stored in another dtype than their model computes in (bf16 kept for transfer
+    # compression): patched in the model dtype, see [Note: patched weights in the model dtype]
+    model_dtypes: dict[str, torch.dtype] = {}
+    root = patcher.model.diffusion_model
     for unit_name, index, qualname, tensor in swap.swapped_parameters():
         key = MODEL_PREFIX + qualname
         if key not in patcher.patches and key not in hook_patches:
             continue
         if not _is_gguf_quantized(tensor):  # those: attach_gguf_patches
             wanted.setdefault(unit_name, []).append((index, key))
+            owner, _, name = qualname.rpartition(".")
+            dtype = model_dtype_of(root.get_submodule(owner), name, tensor)
+            if dtype is not None:
+                model_dtypes[key] = dtype
     if not wanted:
         swap.set_transform(None)
         return
@@ -78,18 +86,27 @@ def set_patch_transform(
     }
     bound = swap.unit_binder() if scaled else None  # holds the units, not the swap
 
-    def patch(entries: list[tuple[int, str]], tensors: list[torch.Tensor]) -> None:
+    def patch(entries: list[tuple[int, str]], tensors: list[torch.Tensor]) -> list | None:
+        left: list | None = None
         for index, key in entries:
+            view = tensors[index]
+            target = model_dtypes.get(key)
+            if target is not None:  # the weight as the model dtype holds it, in its own bytes
+                as_model = view.to(target)
+                view = view.view(target)
+                view.copy_(as_model)
+                left = left or [None] * len(tensors)
+                left[index] = target
             for patches, dtype in stages[key]:
-                _patch_view(tensors[index], key, patches, dtype, *funcs[key])
+                _patch_view(view, key, patches, dtype, *funcs[key])
+        return left
 
-    def transform(unit_name: str, tensors: list[torch.Tensor]) -> None:
+    def transform(unit_name: str, tensors: list[torch.Tensor]) -> list | None:
         entries = wanted[unit_name]  # the engine calls it for these units only
         if unit_name in scaled:
             with bound(unit_name, tensors):
-                patch(entries, tensors)
-        else:
-            patch(entries, tensors)
+                return patch(entries, tensors)
+        return patch(entries, tensors)
 
     logger.info("wan_blockswap: applying patches to %d swapped weights per copy", len(stages))
     swap.set_transform(transform, wanted)

@@ -618,3 +618,30 @@ def test_a_stored_dtype_of_another_size_is_refused_and_nothing_applied():
     after = snapshot(model)
     for name, (tensor, device, kind, grad) in before.items():
         assert torch.equal(after[name][0], tensor) and after[name][0].dtype == tensor.dtype, name
+
+
+def test_a_transform_may_leave_tensors_in_another_dtype_of_their_size():
+    """[Note: a transform may change a view's dtype] bf16 blocks whose transform rewrites each
+    tensor as fp16 in its own bytes compute as the fp16 model, for every copy; between uses
+    they are the layout's bf16 placeholders again."""
+    reference, model = _bf16_blocks_of_an_fp16_toy()
+    inputs = {k: v.to(torch.float16) for k, v in toy_inputs(4).items()}
+    with torch.no_grad():
+        expected = reference(**inputs)
+    swap = apply_block_swap(model, layout=toy_layout(model), device="cpu", blocks_to_swap=6)
+
+    def as_fp16(unit_name, tensors):
+        for tensor in tensors:
+            tensor.view(torch.float16).copy_(tensor.to(torch.float16))
+        return [torch.float16] * len(tensors)
+
+    swap.set_transform(as_fp16)
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(model(**inputs), expected)
+    assert model.blocks[0].qkv.weight.dtype == torch.bfloat16  # a placeholder between uses
+    swap.set_transform(lambda unit_name, tensors: [torch.float16])  # one for several
+    with pytest.raises(Exception, match="returned 1 dtypes"):
+        with torch.no_grad():
+            model(**inputs)
+    swap.remove()

@@ -32,6 +32,9 @@ class InFlight:
     copied: Any
     index: int | None = None
     timing: UnitTiming | None = None  # debug: this copy's events
+    # per piece: the dtype a transform left it in (its bytes reinterpreted), or None for the
+    # layout's; None: all the layout's ([Note: a transform may change a view's dtype])
+    view_dtypes: list | None = None
     # WindowAllocator only: the unit's views, its own staging buffer and the next free byte
     # in it, the GPU bytes held, and the stream the memory was allocated on
     views: list[torch.Tensor] | None = None

@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import weakref
 from collections import deque
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -221,7 +221,7 @@ class PrefetchScheduler:
         if timing is not None:
             timing.began = self._mark(compute)
         self.in_use[index] = flight
-        self.units[index].bind(self.provider.views(flight, index))
+        self.units[index].bind(_as_left(self.provider.views(flight, index), flight.view_dtypes))
         if not self.observed:  # the forward's first unit: queue the ones after it
             self._before_first_wait = False
         self.observed.append(index)
@@ -325,11 +325,13 @@ class PrefetchScheduler:
                 self.copy_clock.append((clock, self._mark(copy_stream), stored.copy_nbytes))
         with streams.on(last), torch.inference_mode(self.inference):
             transform = self.transform  # after the copy, before the ready event
+            flight.view_dtypes = None
             if transform is not None and (
                 self.transformed is None or stored.name in self.transformed
             ):
                 views = self.provider.views(flight, flight.index)  # one per piece
-                transform(stored.name, stored.as_tensors(views))
+                left = transform(stored.name, stored.as_tensors(views))
+                flight.view_dtypes = _piece_dtypes(stored, views, left)
             streams.record(flight.ready, last)
             if timing is not None:
                 timing.copy_end = self._mark(last)
@@ -390,3 +392,43 @@ class PrefetchScheduler:
         self.release_memory()
         self.in_use.clear()
         self.stats.pending.clear()
+
+
+# [Note: a transform may change a view's dtype]
+# A transform may leave a tensor in another dtype of the same element size, in its own bytes
+# (a weight patch kept in the dtype its model computes in, where the slot holds a bf16 file's
+# weights for the bf16 codec: [Note: patched weights in the model dtype] in the ComfyUI
+# callbacks). It returns one dtype or None per tensor; the scheduler binds that tensor's slot
+# view reinterpreted as that dtype, for this copy only: the next copy into the slot starts
+# from the layout's dtypes again.
+
+
+def _piece_dtypes(stored: StoredUnit, views: list[torch.Tensor], left: Any) -> list | None:
+    """Per piece, the dtype a transform said it left each of ``stored``'s tensors in."""
+    if left is None:
+        return None
+    if len(left) != len(stored.counts):
+        raise BlockSwapError(
+            f"the transform of {stored.name} returned {len(left)} dtypes for "
+            f"{len(stored.counts)} tensors"
+        )
+    out: list = []
+    for dtype, count in zip(left, stored.counts):
+        if dtype is not None and count != 1:
+            raise BlockSwapError(
+                f"a transform cannot change a wrapper tensor's dtype in {stored.name}"
+            )
+        out.extend([dtype] if count == 1 else [None] * count)
+    for view, dtype in zip(views, out):
+        if dtype is not None and torch.empty((), dtype=dtype).element_size() != view.element_size():
+            raise BlockSwapError(
+                f"the transform of {stored.name} left a {view.dtype} tensor as {dtype}, "
+                "of another element size"
+            )
+    return out
+
+
+def _as_left(views: list[torch.Tensor], dtypes: list | None) -> list[torch.Tensor]:
+    if dtypes is None:
+        return views
+    return [view if dtype is None else view.view(dtype) for view, dtype in zip(views, dtypes)]

@@ -58,8 +58,11 @@ class SwappedWeights:
         """Run ``transform(unit_name, tensors)`` on the copy stream right after each unit in
         ``unit_names`` (every unit when None) lands on the GPU: ``tensors`` are the unit's
         tensors there, one per tensor in :meth:`swapped_parameters`' index order, and the
-        transform may rewrite them in place (e.g. apply LoRA patches). Units not named get no
-        call at all. Clears what fixed slots cache, made under the previous transform."""
+        transform may rewrite them in place (e.g. apply LoRA patches). It returns None, or one
+        dtype (or None) per tensor: the dtype it left that tensor's bytes in, of the same
+        element size, which the unit's tensor then has for this use ([Note: a transform may
+        change a view's dtype] in ``scheduler``). Units not named get no call at all. Clears
+        what fixed slots cache, made under the previous transform."""
         assert self.scheduler is not None
         self.scheduler.transform = transform
         self.scheduler.transformed = None if unit_names is None else frozenset(unit_names)
