@@ -178,7 +178,7 @@ def _swap_loaded_weights(
         arch.layout,
         device,
         move_resident=False,
-        on_packed=file_page_dropper(base_model),
+        after_weights_read=file_page_dropper(base_model),
         # [Note: patched weights in the model dtype]; compressed transfers need bf16
         store_dtype=None if config.transfer_compression else model_dtype_of,
     )

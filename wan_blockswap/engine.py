@@ -80,7 +80,7 @@ class BlockSwap(SwappedWeights):
         self._swapped_index: dict[str, tuple[StoredUnit, int]] = {}
         self.move_resident = True
         self.allocate_empty = True
-        self._on_packed: Any = None
+        self._after_weights_read: Any = None
         self._store_dtype: StoreDtype | None = None
         self._auto: CompressionAutoSwitch | None = None
 
@@ -93,7 +93,7 @@ class BlockSwap(SwappedWeights):
         device: torch.device,
         move_resident: bool = True,
         allocate_empty: bool = True,
-        on_packed: Any = None,
+        after_weights_read: Any = None,
         store_dtype: StoreDtype | None = None,
     ) -> "BlockSwap":
         """Apply ``config`` to ``model``. With ``move_resident=False`` weights that stay on the
@@ -101,8 +101,9 @@ class BlockSwap(SwappedWeights):
         VRAM check is then the host's business too. With ``allocate_empty=False`` units of a
         meta skeleton get their host buffers only when a loader fills them
         (``StoredUnit.allocate``), so page-locking overlaps reading the file.
-        ``on_packed()`` runs after each unit is packed (a host whose weights are a mapped file
-        drops the pages packing read, so RAM holds one copy, not two). ``store_dtype`` names
+        ``after_weights_read()`` runs after each unit is packed, and after each unit's raw copy
+        is made when transfer compression is dropped (a host whose weights are a mapped file
+        drops the pages that reading faulted in, so RAM holds one copy, not two). ``store_dtype`` names
         another dtype to store a swapped tensor in ([Note: stored in another dtype])."""
         if model in _active:
             raise BlockSwapStateError(
@@ -133,7 +134,7 @@ class BlockSwap(SwappedWeights):
         )
         swap.move_resident = move_resident
         swap.allocate_empty = allocate_empty
-        swap._on_packed = on_packed
+        swap._after_weights_read = after_weights_read
         swap._store_dtype = store_dtype
         # [Note: apply is a transaction]
         # Everything up to here only reads the model. From here on, whatever stops apply (a
@@ -202,8 +203,8 @@ class BlockSwap(SwappedWeights):
                     stored.pack(pin)
                     if not stored.awaits_data:  # else a loader fills it; sealed at first use
                         stored.seal(self.device)
-                    if self._on_packed is not None:
-                        self._on_packed()
+                    if self._after_weights_read is not None:
+                        self._after_weights_read()
                 swapped_ids.update(id(ref.get()) for ref in stored.unit.tensors)
             for ref in tensor_refs(self.model, "", set()) if self.move_resident else ():
                 tensor = ref.get()
@@ -289,6 +290,10 @@ class BlockSwap(SwappedWeights):
         try:
             for stored in self.units:
                 stored.drop_compression()
+                # its raw weights were just read to make the pinned copy: a mapped file's
+                # pages stayed beside that copy (H100, 81 frames: 11.3 GiB RSS against 7.4)
+                if self._after_weights_read is not None:
+                    self._after_weights_read()
         except BlockSwapError as error:  # pinning failed: the rest stay compressed (correct)
             logger.warning("transfer_compression: could not switch every unit to raw: %s", error)
         return_freed_host_memory()

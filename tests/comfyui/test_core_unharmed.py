@@ -258,3 +258,37 @@ def test_packing_drops_the_mapped_file_pages_it_read(comfy):
         tensor.untyped_storage()._comfy_tensor_mmap_refs = (mapping, None)
     swapped = node(patcher, blocks_to_swap=3)
     assert Mapping.bounces >= len(swap_of(swapped).units) == 3
+
+
+def test_dropping_compression_drops_the_mapped_file_pages_its_raw_copy_read(comfy, monkeypatch):
+    """``transfer_compression="auto"`` switching to raw transfers makes a pinned raw copy of
+    each unit from the weights kept in place, a mapped file's under dynamic VRAM: after each
+    unit the mapping's pages are dropped, so RAM holds the pinned copy and not the file's
+    pages beside it (H100, 81 frames: 11.3 GiB RSS against core's 7.4 before)."""
+    from comfyui_wan_blockswap.wan_blockswap import compressed_transfer
+
+    monkeypatch.setattr(compressed_transfer, "CHUNK_ELEMENTS", 1024)
+    monkeypatch.setattr(compressed_transfer, "MIN_PACKED_ELEMENTS", 256)
+
+    class Mapping:
+        bounces = 0
+
+        def bounce(self):
+            Mapping.bounces += 1
+            return True
+
+    patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v", dtype=torch.bfloat16)
+    inputs = make_inputs(3)
+    plain = run(comfy, patcher, inputs)
+    comfy.model_management.unload_all_models()
+    mapping = Mapping()
+    for tensor in patcher.model.diffusion_model.parameters():
+        tensor.untyped_storage()._comfy_tensor_mmap_refs = (mapping, None)
+    swapped = node(patcher, blocks_to_swap=3, transfer_compression="auto")
+    swap = swap_of(swapped)
+    assert all(u.transfer is not None for u in swap.units)
+    before = Mapping.bounces
+    swap.drop_compression()
+    assert not swap.compressed
+    assert Mapping.bounces - before >= len(swap.units) == 3
+    assert torch.equal(run(comfy, swapped, inputs), plain)
