@@ -397,6 +397,11 @@ def _conditionings_and_latent(width: int, height: int, frames: int) -> dict[str,
     }
 
 
+def unet_loader(file: str) -> dict:
+    """A Load Diffusion Model node for ``file`` (models/diffusion_models), its own dtype."""
+    return {"class_type": "UNETLoader", "inputs": {"unet_name": file, "weight_dtype": "default"}}
+
+
 def wan_workflow(
     model_file: str,
     *,
@@ -414,10 +419,7 @@ def wan_workflow(
     """UNETLoader -> [LoRA] -> [WAN BlockSwap] -> KSampler -> SaveLatent, with random
     conditioning from the test node. ``node``: the WAN BlockSwap widgets, or None."""
     prompt: dict[str, Any] = {
-        "1": {
-            "class_type": "UNETLoader",
-            "inputs": {"unet_name": model_file, "weight_dtype": "default"},
-        },
+        "1": unet_loader(model_file),
         **_conditionings_and_latent(width, height, frames),
         "7": {
             "class_type": "SaveLatent",
@@ -498,10 +500,7 @@ def wan22_a14b_workflow(
     }
     # node ids: 1x the high-noise chain, 2x the low-noise chain, 30 and 31 the samplers
     for first, file, node in (("1", high_file, node_high), ("2", low_file, node_low)):
-        prompt[first + "1"] = {
-            "class_type": "UNETLoader",
-            "inputs": {"unet_name": file, "weight_dtype": "default"},
-        }
+        prompt[first + "1"] = unet_loader(file)
         model: list = [first + "1", 0]
         if lora is not None:
             prompt[first + "2"] = {

@@ -128,10 +128,7 @@ NODE_CLASS_MAPPINGS = {"LoraWeightProbe": LoraWeightProbe}
 
 def prompt(label: str, node: dict | None) -> dict:
     graph: dict[str, Any] = {
-        "1": {
-            "class_type": "UNETLoader",
-            "inputs": {"unet_name": MODEL, "weight_dtype": "default"},
-        },
+        "1": cs.unet_loader(MODEL),
         "2": {
             "class_type": "LoraLoaderModelOnly",
             "inputs": {"model": ["1", 0], "lora_name": LORA, "strength_model": 0.8},

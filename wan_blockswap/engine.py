@@ -103,8 +103,9 @@ class BlockSwap(SwappedWeights):
         (``StoredUnit.allocate``), so page-locking overlaps reading the file.
         ``after_weights_read()`` runs after each unit is packed, and after each unit's raw copy
         is made when transfer compression is dropped (a host whose weights are a mapped file
-        drops the pages that reading faulted in, so RAM holds one copy, not two). ``store_dtype`` names
-        another dtype to store a swapped tensor in ([Note: stored in another dtype])."""
+        drops the pages that reading faulted in, so RAM holds one copy, not two).
+        ``store_dtype`` names another dtype to store a swapped tensor in ([Note: stored in
+        another dtype])."""
         if model in _active:
             raise BlockSwapStateError(
                 f"{type(model).__name__} already has a block swap applied; call "
