@@ -32,6 +32,9 @@ def test_cpu_run_swaps_every_block_with_equal_outputs(tmp_path, comfy):
     for name in families:
         family = results["families"][name]
         assert family["status"] == "ok", family
+        # the copy rate read before and after the swapped forwards, the best one used
+        assert len(family["h2d_gbps_readings"]) == 2
+        assert family["h2d_gbps"] == max(family["h2d_gbps_readings"])
         # every main block went to host memory
         assert family["swapped_bytes"] == sum(family["block_bytes"].values())
         assert family["blocks"] == len(family["block_bytes"]) >= 3
