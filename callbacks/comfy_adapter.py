@@ -51,7 +51,6 @@ from .comfy_private import (
     existing_private,
     file_page_dropper,
     is_dynamic,
-    model_dtype_of,
     private_model,
     rebind_unloaded,
     release_file_pages,
@@ -179,8 +178,6 @@ def _swap_loaded_weights(
         device,
         move_resident=False,
         after_weights_read=file_page_dropper(base_model),
-        # [Note: patched weights in the model dtype]; compressed transfers need bf16
-        store_dtype=None if config.transfer_compression else model_dtype_of,
     )
     release_file_pages(base_model)
     return register_swap(diffusion_model, swap, config, arch.name, auto)

@@ -152,8 +152,8 @@ def _match_model_dtypes(model: torch.nn.Module) -> None:
 
 
 def model_dtype_of(module: torch.nn.Module, name: str, tensor: torch.Tensor) -> Any:
-    """The dtype a swapped ``tensor`` is stored in, for the engine: the dtype its model
-    computes in where dynamic VRAM recorded one of the same element size (a bf16 file's
+    """The dtype a patched swapped ``tensor`` is rewritten in within its slot: the dtype its
+    model computes in where dynamic VRAM recorded one of the same element size (a bf16 file's
     weight computed in fp16), else None (its own). [Note: patched weights in the model
     dtype]"""
     dtype = getattr(module, f"{name}_comfy_model_dtype", None)
@@ -172,10 +172,10 @@ def model_dtype_of(module: torch.nn.Module, name: str, tensor: torch.Tensor) -> 
 # benchmarks/results/reliability_h100.json, lora_under_dynamic_vram_session14). So a
 # resident layer gets core's own convert and set functions (``get_key_weight``), which
 # start from the weight as the model dtype holds it and keep the patched result in that
-# dtype; swapped layers are stored in the model dtype (``model_dtype_of``) and patched
-# there. With transfer compression (bf16 only) swapped layers keep the file's dtype in host
-# memory, and a patched one is rewritten in the model dtype in its slot
-# (``comfy_weight_patches``; [Note: a transform may change a view's dtype]).
+# dtype. Swapped layers keep the file's dtype in host memory (which transfer compression,
+# bf16 only, needs); a patched one is rewritten in the model dtype in its GPU slot after each
+# copy and patched there (``comfy_weight_patches``, ``model_dtype_of``; [Note: a transform
+# may change a view's dtype]).
 class _ModelDtypeFunction:
     """One of core's per-weight functions, holding its module weakly (a function stored on
     its own module would be a reference cycle, freed only by the cycle collector)."""
@@ -335,7 +335,33 @@ def rebind_unloaded(private: Any, skip: set[int]) -> int:
     entry = _by_private.get(private)
     if entry is None:
         return 0
-    return rebind_to_origins(private, entry.origins, skip)
+    freed = _rebind_set_in_model_dtype(private, entry.origins, skip)
+    return freed + rebind_to_origins(private, entry.origins, skip)
+
+
+def _rebind_set_in_model_dtype(private: Any, origins: dict, skip: set[int]) -> int:
+    """Weights our ``set_<name>`` replaced with a tensor in the model dtype (core's hook
+    recipe asks for an in-place update, which the file's dtype cannot hold), once core put
+    the original values back (``copy_to_param``) and moved them off the GPU: the shared
+    memory again. [Note: patched weights in the model dtype]"""
+    freed = 0
+    with torch.no_grad():
+        for module_name, module in private.named_modules():
+            for name in ("weight", "bias"):
+                if not is_model_dtype_function(getattr(module, f"set_{name}", None)):
+                    continue
+                tensor = getattr(module, name, None)
+                origin = origins.get(f"{module_name}.{name}" if module_name else name)
+                if tensor is None or origin is None or id(tensor) in skip:
+                    continue
+                if tensor.dtype == origin.dtype or tensor.device != origin.device:
+                    continue  # the file's dtype: rebind_to_origins' business
+                if tensor.shape != origin.shape or not torch.equal(tensor.to(origin.dtype), origin):
+                    continue  # still patched
+                freed += tensor.numel() * tensor.element_size()
+                with torch.inference_mode(origin.is_inference()):
+                    tensor.data = torch.Tensor.detach(origin)
+    return freed
 
 
 def unload_everywhere(base_model: Any) -> None:

@@ -574,52 +574,6 @@ def _bf16_blocks_of_an_fp16_toy():
     return reference, model
 
 
-def _fp16_for_bf16(module, name, tensor):
-    return torch.float16 if tensor.dtype == torch.bfloat16 else None
-
-
-def test_swapped_tensors_stored_in_another_dtype_compute_as_that_dtype():
-    """[Note: stored in another dtype] bf16 block weights stored as fp16 compute exactly as
-    the model cast to fp16, between uses are fp16 placeholders, and come back as fp16."""
-    from comfyui_wan_blockswap.wan_blockswap import BlockSwap
-
-    reference, model = _bf16_blocks_of_an_fp16_toy()
-    inputs = {k: v.to(torch.float16) for k, v in toy_inputs(3).items()}
-    with torch.no_grad():
-        expected = reference(**inputs)
-    config = SwapConfig(blocks_to_swap=len(model.blocks))
-    swap = BlockSwap.apply(
-        model, config, toy_layout(model), torch.device("cpu"), store_dtype=_fp16_for_bf16
-    )
-    with torch.no_grad():
-        for _ in range(2):
-            assert torch.equal(model(**inputs), expected)
-    weight = model.blocks[0].qkv.weight
-    assert weight.dtype == torch.float16 and weight.numel() == 0  # a placeholder
-    swap.remove()
-    for (name, got), want in zip(model.named_parameters(), reference.parameters()):
-        assert got.dtype == torch.float16 and torch.equal(got, want), name
-
-
-def test_a_stored_dtype_of_another_size_is_refused_and_nothing_applied():
-    from comfyui_wan_blockswap.wan_blockswap import BlockSwap
-
-    _, model = _bf16_blocks_of_an_fp16_toy()
-    before = snapshot(model)
-    with pytest.raises(BlockSwapConfigError, match="same element size"):
-        BlockSwap.apply(
-            model,
-            SwapConfig(blocks_to_swap=2),
-            toy_layout(model),
-            torch.device("cpu"),
-            store_dtype=lambda module, name, tensor: torch.float32,
-        )
-    assert get_block_swap(model) is None
-    after = snapshot(model)
-    for name, (tensor, device, kind, grad) in before.items():
-        assert torch.equal(after[name][0], tensor) and after[name][0].dtype == tensor.dtype, name
-
-
 def test_a_transform_may_leave_tensors_in_another_dtype_of_their_size():
     """[Note: a transform may change a view's dtype] bf16 blocks whose transform rewrites each
     tensor as fp16 in its own bytes compute as the fp16 model, for every copy; between uses

@@ -31,7 +31,7 @@ from .swap_plan import ModelSizes, SwapPlan
 from .scheduler import PrefetchScheduler
 from .stats import SwapStats
 from .storage import return_freed_host_memory
-from .stored_unit import Placeholders, StoreDtype, StoredUnit, allocate_empty
+from .stored_unit import Placeholders, StoredUnit, allocate_empty
 from .streams import DeviceStreams
 from .swapped_weights import SwappedWeights
 from .units import SwapUnit, TensorRef, kept_strides, move_tensor, tensor_refs
@@ -81,7 +81,6 @@ class BlockSwap(SwappedWeights):
         self.move_resident = True
         self.allocate_empty = True
         self._after_weights_read: Any = None
-        self._store_dtype: StoreDtype | None = None
         self._auto: CompressionAutoSwitch | None = None
 
     @classmethod
@@ -94,7 +93,6 @@ class BlockSwap(SwappedWeights):
         move_resident: bool = True,
         allocate_empty: bool = True,
         after_weights_read: Any = None,
-        store_dtype: StoreDtype | None = None,
     ) -> "BlockSwap":
         """Apply ``config`` to ``model``. With ``move_resident=False`` weights that stay on the
         GPU are left where they are, for a host (ComfyUI core) that places them itself; the
@@ -103,9 +101,7 @@ class BlockSwap(SwappedWeights):
         (``StoredUnit.allocate``), so page-locking overlaps reading the file.
         ``after_weights_read()`` runs after each unit is packed, and after each unit's raw copy
         is made when transfer compression is dropped (a host whose weights are a mapped file
-        drops the pages that reading faulted in, so RAM holds one copy, not two).
-        ``store_dtype`` names another dtype to store a swapped tensor in ([Note: stored in
-        another dtype])."""
+        drops the pages that reading faulted in, so RAM holds one copy, not two)."""
         if model in _active:
             raise BlockSwapStateError(
                 f"{type(model).__name__} already has a block swap applied; call "
@@ -136,7 +132,6 @@ class BlockSwap(SwappedWeights):
         swap.move_resident = move_resident
         swap.allocate_empty = allocate_empty
         swap._after_weights_read = after_weights_read
-        swap._store_dtype = store_dtype
         # [Note: apply is a transaction]
         # Everything up to here only reads the model. From here on, whatever stops apply (a
         # failed allocation, Ctrl-C between any two lines) is undone before it propagates:
@@ -191,9 +186,7 @@ class BlockSwap(SwappedWeights):
         with torch.no_grad():
             for previous, unit, store in zip(chosen[-1:] + chosen[:-1], chosen, stores):
                 compress = self._compresses(unit, previous)
-                stored = StoredUnit(
-                    unit, self.device, placeholders, compress, store, self._store_dtype
-                )
+                stored = StoredUnit(unit, self.device, placeholders, compress, store)
                 self.units.append(stored)  # before pack, so _undo restores a half-packed unit
             if self.allocate_empty:
                 allocate_empty(self.units, pin)
@@ -290,6 +283,8 @@ class BlockSwap(SwappedWeights):
             self.scheduler.streams.synchronize()  # no copy may still read a packed buffer
         try:
             for stored in self.units:
+                if stored.transfer is None:
+                    continue
                 stored.drop_compression()
                 # its raw weights were just read to make the pinned copy: a mapped file's
                 # pages stayed beside that copy (H100, 81 frames: 11.3 GiB RSS against 7.4)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import enum
 import os
-from typing import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -23,12 +22,7 @@ from .compressed_transfer import CompressedTransfer, is_packable
 from .storage import DeviceBuffer, HostBuffer, PackedLayout
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from .errors import BlockSwapConfigError
 from .units import SwapUnit, copy_with_strides, kept_strides, leaves, rebuild
-
-# (the module that holds a tensor, its attribute name, the tensor) -> the dtype to store and
-# compute it in, or None for its own: see [Note: stored in another dtype]
-StoreDtype = Callable[[torch.nn.Module, str, torch.Tensor], "torch.dtype | None"]
 
 
 class UnitState(enum.IntEnum):
@@ -81,7 +75,6 @@ class StoredUnit:
         placeholders: Placeholders,
         compress: bool = False,
         storage: torch.device | None = None,
-        store_dtype: StoreDtype | None = None,
     ) -> None:
         self.unit = unit
         # None: host memory; else a donor device holding the weights (see DeviceBuffer)
@@ -98,27 +91,18 @@ class StoredUnit:
         self.counts = [len(leaves(t)) for t in self.tensors]
         # ``size()``, not ``shape``: a tensor subclass may report a logical shape that is not its
         # storage (ComfyUI-GGUF's GGMLTensor: the dequantized shape of quantized bytes).
-        # [Note: stored in another dtype] plain tensors may be stored (and computed) in the
-        # dtype ``store_dtype`` names: packing converts them, and between uses and in their
-        # slots they are tensors of that dtype
-        self.dtypes = stored_dtypes(unit, self.tensors, self.templates, self.counts, store_dtype)
-        self.layout = PackedLayout.of((t.size(), d) for t, d in zip(self.pieces, self.dtypes))
+        self.layout = PackedLayout.of((t.size(), t.dtype) for t in self.pieces)
         # A unit with nothing to pack (fp8, GGUF bytes, small tensors) keeps plain transfers:
         # a packed copy of raw pieces would only double its pinned memory.
         # A donor GPU's copies are not the bottleneck packing relieves: stored raw.
-        self.compress = (
-            compress
-            and storage is None
-            and any(is_packable(t) and t.dtype == d for t, d in zip(self.pieces, self.dtypes))
-        )
+        self.compress = compress and storage is None and any(map(is_packable, self.pieces))
         self.original_devices = [t.device for t in self.pieces]
         self.original_strides = [kept_strides(t) for t in self.pieces]
-        self.placeholders = [placeholders.get(d, device) for d in self.dtypes]
+        self.placeholders = [placeholders.get(t.dtype, device) for t in self.pieces]
         for i, (ref, tensor) in enumerate(zip(unit.tensors, self.tensors)):
             if tensor.device.type == "meta" and self.templates[i] is None:
                 # a skeleton: give it a real, empty tensor object
-                dtype = self.dtypes[sum(self.counts[:i])]
-                self.tensors[i] = ref.replace(torch.empty(0, dtype=dtype, device=device))
+                self.tensors[i] = ref.replace(torch.empty(0, dtype=tensor.dtype, device=device))
                 self.pieces[sum(self.counts[:i])] = self.tensors[i]
         # wrapper tensors between uses: rebuilt over the placeholders
         self.parked = self.as_tensors(self.placeholders)
@@ -181,8 +165,7 @@ class StoredUnit:
         if self.compress and not self.awaits_data:
             self.pin = pin
             self.host_views = [
-                t.detach().to("cpu", d).contiguous()  # CPU, same dtype: no copy
-                for t, d in zip(self.pieces, self.dtypes)
+                t.detach().to("cpu").contiguous() for t in self.pieces  # CPU: no copy
             ]
         else:
             self.allocate(pin)
@@ -304,45 +287,6 @@ class StoredUnit:
             key = prefix + name
             if key in state_dict:
                 state_dict[key] = view
-
-
-def stored_dtypes(
-    unit: SwapUnit,
-    tensors: list[torch.Tensor],
-    templates: list[torch.Tensor | None],
-    counts: list[int],
-    store_dtype: StoreDtype | None,
-) -> list[torch.dtype]:
-    """The dtype each piece of ``unit`` is stored in: its own, or for a plain tensor what
-    ``store_dtype`` names.
-
-    [Note: stored in another dtype]
-    A host may compute a model in another dtype than its weights are kept in and cast each
-    weight at use (ComfyUI's dynamic VRAM keeps a bf16 file's weights and computes Wan in
-    fp16). Storing such a weight in the compute dtype gives the same forward (the cast at use
-    makes the same values) and lets a weight patch be rounded where the compute happens, as a
-    host that casts at load stores it. Only a dtype of the same element size is taken: the
-    plan's byte counts are the tensors' own. Packing converts; ``remove()`` gives the tensors
-    back in the stored dtype.
-
-    Raises:
-        BlockSwapConfigError: ``store_dtype`` named a dtype of another element size.
-    """
-    pieces: list[torch.dtype] = []
-    for ref, tensor, template, count in zip(unit.tensors, tensors, templates, counts):
-        wanted = None
-        if store_dtype is not None and template is None:
-            wanted = store_dtype(ref.owner, ref.attr, tensor)
-        if wanted is None or wanted == tensor.dtype:
-            pieces.extend(leaf.dtype for leaf in leaves(tensor))
-            continue
-        if torch.empty((), dtype=wanted).element_size() != tensor.element_size():
-            raise BlockSwapConfigError(
-                f"{ref.qualname} is {tensor.dtype}; storing it as {wanted} would change its "
-                "size: only a dtype of the same element size can be stored instead"
-            )
-        pieces.append(wanted)
-    return pieces
 
 
 def allocate_empty(units: list[StoredUnit], pin: bool) -> None:

@@ -201,13 +201,62 @@ def _computing_in_fp16(patcher):
     return patcher
 
 
+def _loaded_for_dynamic_vram(comfy):
+    """A tiny Wan as core's dynamic-VRAM loader leaves it on a GPU: fp16 recorded as the
+    dtype to compute in (``<name>_comfy_model_dtype``), the file's bf16 kept."""
+    upstream, _ = tiny_models.comfy_load_tiny("wan_t2v")
+    _computing_in_fp16(upstream)
+    model = upstream.model.diffusion_model
+    comfy.model_management.archive_model_dtypes(model)  # fp16 to compute in
+    with torch.no_grad():  # the file's bf16 kept
+        for module in model.modules():
+            for name, tensor in list(module._parameters.items()):
+                if tensor is not None:
+                    bf16 = tensor.to(torch.bfloat16)
+                    module._parameters[name] = torch.nn.Parameter(bf16, requires_grad=False)
+    return upstream
+
+
+def test_a_hooked_weight_set_in_the_model_dtype_shares_the_loaders_memory_again(comfy):
+    """[Note: patched weights in the model dtype] Core's hook recipe asks ``set_weight`` for
+    an in-place update; ours puts an fp16 tensor in instead (bf16 cannot hold the result).
+    Once core has copied the original values back and unloaded, the weight points at the
+    loader's memory again, not at an fp16 copy of it."""
+    from comfyui_wan_blockswap.callbacks.comfy_private import existing_private, rebind_unloaded
+
+    mm = comfy.model_management
+    if not hasattr(mm, "archive_model_dtypes"):
+        pytest.skip("this core has no dynamic-VRAM loading")
+    upstream = _loaded_for_dynamic_vram(comfy)
+    private = node(upstream, blocks_to_swap=2).model
+    assert existing_private(upstream.model) is private
+    key, module = next(
+        (name, m)
+        for name, m in private.named_modules()
+        if hasattr(m, "set_weight")
+        and getattr(m, "weight_comfy_model_dtype", None) == torch.float16
+        and m.weight.numel() > 64  # resident, not a placeholder
+    )
+    origin = module.weight
+    backup = origin.to(copy=True)  # core's hook backup
+    module.set_weight(origin.float() + 1, inplace_update=True, seed=0)
+    assert module.weight.dtype == torch.float16 and module.weight is not origin
+    comfy.utils.copy_to_param(private, key + ".weight", backup)  # core's unpatch_hooks
+    assert rebind_unloaded(private, set()) >= module.weight.numel() * 2
+    assert module.weight.dtype == torch.bfloat16
+    assert module.weight.data_ptr() == origin.data_ptr()
+    assert all(
+        p.dtype == torch.bfloat16 for p in upstream.model.diffusion_model.blocks.parameters()
+    )
+
+
 @pytest.mark.parametrize("compression", ["off", "on"])
 def test_a_lora_on_a_model_loaded_for_dynamic_vram_equals_core_static(comfy, compression):
     """[Note: patched weights in the model dtype] Dynamic VRAM keeps a bf16 file's weights
     and computes Wan in fp16; core's static loading casts them to fp16 and patches a LoRA
     onto that. Through the node a LoRA on resident and swapped layers gives that output bit
-    for bit; with transfer compression too, whose swapped layers stay bf16 for the codec and
-    are patched into fp16 in their slots."""
+    for bit, with and without transfer compression: swapped layers stay bf16 in host memory
+    (the codec packs bf16) and a patched one is rewritten in fp16 in its slot."""
     mm = comfy.model_management
     if not hasattr(mm, "archive_model_dtypes"):
         pytest.skip("this core has no dynamic-VRAM loading")
@@ -221,20 +270,11 @@ def test_a_lora_on_a_model_loaded_for_dynamic_vram_equals_core_static(comfy, com
     expected = run(comfy, lora_like(reference, keys), inputs)
     assert not torch.equal(plain, expected)  # the patches matter
     mm.unload_all_models()
-    upstream, _ = tiny_models.comfy_load_tiny("wan_t2v")
-    _computing_in_fp16(upstream)
+    upstream = _loaded_for_dynamic_vram(comfy)
     model = upstream.model.diffusion_model
-    mm.archive_model_dtypes(model)  # fp16 to compute in
-    with torch.no_grad():  # the file's bf16 kept
-        for module in model.modules():
-            for name, tensor in list(module._parameters.items()):
-                if tensor is not None:
-                    bf16 = tensor.to(torch.bfloat16)
-                    module._parameters[name] = torch.nn.Parameter(bf16, requires_grad=False)
     swapped = node(lora_like(upstream, keys), blocks_to_swap=2, transfer_compression=compression)
     swap = swap_of(swapped)
-    stored = {t.dtype for u in swap.units for t in u.host_views if t.dim() == 2}
-    assert stored == ({torch.float16} if compression == "off" else {torch.bfloat16})
+    assert {t.dtype for u in swap.units for t in u.host_views if t.dim() == 2} == {torch.bfloat16}
     assert torch.equal(run(comfy, swapped, inputs), expected)
     assert torch.equal(run(comfy, node(upstream, blocks_to_swap=2), inputs), plain)
     assert next(model.parameters()).dtype == torch.bfloat16  # the loader's model: as it was
