@@ -196,6 +196,21 @@ def compare(latent: str | None, reference: str | None) -> dict:
     return {"equal_to_core": bool(diff == 0.0), "max_abs_diff": diff}
 
 
+def server_env(pairs: list[str]) -> dict[str, str]:
+    """``KEY=VALUE`` strings as an environment for the servers.
+
+    Raises:
+        ValueError: an entry without ``=`` or with an empty key.
+    """
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--server-env takes KEY=VALUE, got {pair!r}")
+        env[key] = value
+    return env
+
+
 def floor_search(
     server: cs.Server,
     hog: cs.VramHog,
@@ -251,7 +266,16 @@ def main() -> int:
     )
     parser.add_argument("--size", type=int, nargs=2, default=[832, 480], help="width height")
     parser.add_argument("--cpu", action="store_true", help="a tiny smoke run on the CPU")
+    parser.add_argument(
+        "--server-env", nargs="*", default=[], metavar="KEY=VALUE",
+        help="environment for every server (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, "
+        "say: is a floor the activations or the allocator's fragments?)",
+    )  # fmt: skip
     args = parser.parse_args()
+    try:
+        env = server_env(args.server_env)
+    except ValueError as error:
+        parser.error(str(error))
     started = time.time()
     workdir = args.workdir or tempfile.mkdtemp(prefix="comfy_dyn_")
     shape = tuple(args.size)
@@ -290,6 +314,7 @@ def main() -> int:
             args.comfyui,
             workdir,
             ARMS[arm]["args"] + (("--cpu",) if args.cpu else ()),
+            env=env,
             probe=True,
         )
         if not args.cpu and hog is None:

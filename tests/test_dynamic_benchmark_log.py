@@ -25,3 +25,13 @@ def test_the_plan_and_load_lines_are_kept_without_colours_or_progress_bars():
         "[INFO] transfer_compression=auto: a forward took 63.9 ms",
         "[INFO] loaded partially; 1969.59 MB loaded",
     ]
+
+
+def test_server_env_takes_key_value_pairs_and_refuses_others():
+    import pytest
+
+    env = bench.server_env(["PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True", "A=b=c"])
+    assert env == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "A": "b=c"}
+    for bad in ("NOVALUE", "=x"):
+        with pytest.raises(ValueError, match="KEY=VALUE"):
+            bench.server_env([bad])
