@@ -37,8 +37,9 @@ def set_patch_transform(
     patches the already patched weight again. Sets (or clears) ``swap``'s slot transform."""
     hook_patches = hook_patches or {}
     wanted: dict[str, list[tuple[int, str]]] = {}
-    # keys stored in another dtype than their model computes in (bf16 kept for transfer
-    # compression): patched in the model dtype, see [Note: patched weights in the model dtype]
+    # keys kept in another dtype than their model computes in (a bf16 file's, in host
+    # memory): rewritten and patched in the model dtype in their slot, see [Note: patched
+    # weights in the model dtype]
     model_dtypes: dict[str, torch.dtype] = {}
     root = patcher.model.diffusion_model
     for unit_name, index, qualname, tensor in swap.swapped_parameters():
@@ -68,8 +69,8 @@ def set_patch_transform(
     }
     # Ops that store weights scaled (core's scaled-fp8 Linear) give core a convert function
     # (stored -> real weight) and a set function (real -> stored); core patches with them.
-    # (Ours for the model dtype are left out: a swapped weight is already stored in it, see
-    # [Note: patched weights in the model dtype].)
+    # (Ours for the model dtype are left out: ``patch`` rewrites such a weight in the model
+    # dtype in its slot before patching it, see [Note: patched weights in the model dtype].)
     funcs = {
         key: tuple(
             None if is_model_dtype_function(f) else f
