@@ -220,11 +220,13 @@ class Server:
             last = used
             time.sleep(0.3)
 
-    def cuda_report(self) -> dict:
+    def cuda_report(self, reset_peaks: bool = False) -> dict:
         """What holds GPU memory in the server (the test node's route): torch's counters,
-        core's loaded models, our swaps, the largest live CUDA storages and their holders."""
+        core's loaded models, our swaps, the largest live CUDA storages and their holders.
+        ``reset_peaks``: torch's peak counters start again after this report."""
+        query = "?reset_peaks=1" if reset_peaks else ""
         try:
-            return request(self.url + "/blockswap_test/cuda_report", timeout=120)
+            return request(self.url + "/blockswap_test/cuda_report" + query, timeout=120)
         except OSError as error:
             return {"error": str(error)}
 

@@ -115,6 +115,7 @@ def run_config(
             server.idle_vram = server_vram = cs.process_vram(server.process.pid)
         hog.leave_free(int(free_gib * GIB) - server_vram)
         hog_vram = cs.process_vram(hog.process.pid)
+    server.cuda_report(reset_peaks=True)  # a failure report's peaks are this row's
     node = ARMS[arm]["node"]
     if node is not None and node.get("blocks_to_swap") == "all":
         node = {**node, "blocks_to_swap": blocks}
@@ -156,6 +157,9 @@ def run_config(
         if result["status"] != "success":
             status = "oom" if "out of memory" in result.get("error", "").lower() else "error"
             error = result.get("error", "")[:500]
+            # torch's peaks and fragments then, to tell activations from the allocator's
+            # split pieces and from memory held outside torch (dynamic VRAM's pages)
+            row["failure_report"] = server.cuda_report()
             break
         if fast and index > 1 and result.get("executed_s") is not None:
             timed.setdefault(prompt_steps, []).append(result["executed_s"])

@@ -24,6 +24,7 @@ the only code that imports core.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import logging
 import weakref
@@ -491,7 +492,23 @@ def _measure_need(executor: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
     if comfy_auto.is_measured(diffusion_model, x.shape):
         if uncond:
             comfy_auto.note_uncond(diffusion_model, x.shape)
-        return executor(x, *args, **kwargs)
+        try:
+            return executor(x, *args, **kwargs)
+        except torch.cuda.OutOfMemoryError as error:
+            message = str(error).splitlines()[0]
+        # Out of the except block its traceback, which held the failed forward's frames and
+        # their activations, is gone. See [Note: a forward out of memory] in comfy_auto.
+        gc.collect()  # frames that traceback held in a reference cycle
+        comfy_auto.grow_after_oom(diffusion_model, x.shape)
+        logger.warning(
+            "wan_blockswap auto: a forward of %s ran out of VRAM (%s); running it again over an "
+            "emptied allocator cache, and the next plan keeps %.0f%% more for it",
+            comfy_auto.shape_key(x.shape),
+            message,
+            (comfy_auto.OOM_GROWTH - 1) * 100,
+        )
+        _meter.release_cached(x.device)
+        return executor(x, *args, **kwargs)  # a second failure goes to core as it is
     device = x.device
     held_before = state.swap.ring_bytes_held()
     _meter.release_cached(device)
@@ -556,6 +573,10 @@ def _fit(patcher: Any, options: SwapConfig, sizes: Any, available: float, reserv
         logger.info("wan_blockswap auto: %.2f GiB for weights; re-planning", budget / GIB)
         remove_swap(base_model)  # unloads from core first: core must not hold placeholders
         _auto_options[diffusion_model] = options
+    if _meter.applies(patcher.load_device):
+        # The weights about to load get segments of their own, not pieces of the last
+        # forwards' cached ones: see [Note: a forward out of memory] in comfy_auto
+        _meter.release_cached(patcher.load_device)
     _swap_loaded_weights(base_model, config, patcher.load_device, auto=True)
     patcher.size = _reported_size(patcher)
 

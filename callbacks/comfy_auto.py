@@ -48,6 +48,7 @@ import comfy.sampler_helpers
 
 GIB = 2**30
 MEASURED_MARGIN = 1.25  # on the allocated peak; see [Note: auto plans]
+OOM_GROWTH = 1.25  # a shape's need after one of its forwards ran out of memory; see below
 # core runs conditionings as one batch when this times its estimate is free (comfy/samplers.py)
 COND_BATCH_FACTOR = 1.5
 
@@ -99,6 +100,33 @@ def record(diffusion_model: torch.nn.Module, shape: Any, need: int, uncond: bool
         return False
     entry.per_sample = per_sample
     return True
+
+
+# [Note: a forward out of memory]
+# A forward's reserved peak depends on how the allocator's cached segments were cut before it,
+# and the one metered forward cannot bound every later one. On an H100 (8 Wan-14B blocks, 81
+# frames, 7 GiB free, comfyui_dynamic_h100.json) a shape measured at 3.72 GiB ran its later
+# forwards in 4.11 GiB until one stopped with 3.68 GiB allocated, asking for 864 MiB more, and
+# 2 GiB held in split cached pieces. Two things keep that from ending a prompt:
+# - a re-plan empties the cache before the weights load (``comfy_adapter._fit``), so resident
+#   blocks and slots get segments of their own instead of pieces of cached activation
+#   segments, which they would otherwise keep cut for as long as the model stays loaded;
+# - an unmetered forward that runs out of memory runs once more over an emptied cache (its
+#   activations are all freed by then, so every segment it cut goes back), and the shape's
+#   need grows by OOM_GROWTH for the next plan. That second run is not metered: with resident
+#   weights loaded, the reserved peak counts their segments too (a metered retry on the H100
+#   read about 1.6x the first need and streamed every layer from then on). A metered forward that
+#   runs out of memory already ran over an emptied cache: its error goes to core as it is,
+#   and so does a second failure.
+# On the H100 run above, each arm's retry fired once (in its third prompt) and every prompt
+# finished.
+
+
+def grow_after_oom(diffusion_model: torch.nn.Module, shape: Any) -> None:
+    """A forward of ``shape`` ran out of memory: plan more for it from now on."""
+    entry = measured(diffusion_model, shape)
+    if entry is not None:
+        entry.per_sample = int(entry.per_sample * OOM_GROWTH)
 
 
 def forward_need(before: int, allocated_peak: int, reserved_peak: int, ours: int) -> int:

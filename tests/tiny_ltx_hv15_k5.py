@@ -361,18 +361,28 @@ def _k5_inputs(model, image: bool):
 # -- running ------------------------------------------------------------------------------
 
 
-def call(model: torch.nn.Module, inputs: dict, device: torch.device) -> torch.Tensor:
+def call(
+    model: torch.nn.Module, inputs: dict, device: torch.device, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """One forward as core makes it; LTX-2's text goes through the connectors first, as
     ``model_base.LTXAV.extra_conds`` runs them. Outputs of several streams are flattened
-    into one tensor."""
+    into one tensor. ``dtype``: the model's compute dtype, which core's ``apply_model`` casts
+    every floating input to but the timestep (on a GPU, core may pick bf16 for the model)."""
     # a fresh copy: forwards write into their inputs (Kandinsky 5's first frame)
-    return forward_streams(model, fresh(inputs, device), unprocessed=True)
+    kwargs = {
+        k: fresh(v, device, torch.float32 if k.startswith("timestep") else dtype)
+        for k, v in inputs.items()
+    }
+    return forward_streams(model, kwargs, unprocessed=True)
 
 
 def run(comfy, patcher, inputs: dict) -> torch.Tensor:
     """Load ``patcher`` as sampling does, run one forward, and clean up as core does."""
+    dtype = patcher.model.manual_cast_dtype or patcher.model.get_dtype()
     return run_loaded(
-        comfy, patcher, lambda: call(patcher.model.diffusion_model, inputs, patcher.load_device)
+        comfy,
+        patcher,
+        lambda: call(patcher.model.diffusion_model, inputs, patcher.load_device, dtype),
     )
 
 

@@ -3,6 +3,7 @@
 the same model without the node, with and without a LoRA-style weight patch."""
 
 import gc
+import logging
 
 import pytest
 import torch
@@ -862,6 +863,56 @@ def test_auto_measures_each_shape_and_batch_once_over_an_emptied_cache(comfy, pa
     assert both.calls == ["release_cached", "reset_peak"]  # a batch of two: metered once
     assert first.per_sample == -(-int(8 * need * MEASURED_MARGIN) // 2)
     assert first.batches == {1, 2}
+    assert_untouched(patcher)
+
+
+def test_auto_runs_a_forward_out_of_memory_again_metered_and_plans_more_for_it(
+    comfy, pack, monkeypatch, caplog
+):
+    """An unmetered forward that runs out of VRAM (the allocator's cached segments cut up by
+    earlier ones) runs once more over an emptied cache, with the same output; the shape's
+    need grows by OOM_GROWTH for the next plan. See [Note: a forward out of memory]."""
+    from comfyui_wan_blockswap.callbacks import comfy_adapter, comfy_auto
+    from comfyui_wan_blockswap.callbacks.comfy_auto import MEASURED_MARGIN, OOM_GROWTH
+
+    fake_free_vram(comfy, monkeypatch, 10**12)
+    patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v")
+    inputs = make_inputs(7)
+    expected = run(comfy, patcher, inputs)
+    swapped = node(patcher, preset=pack.nodes.AUTO)
+    private = swapped.model.diffusion_model
+    shape = tuple(inputs["x"].shape)
+    _prepare(comfy, swapped, shape)
+    comfy.model_management.unload_all_models()
+    need = 2**20
+    _measure(comfy, swapped, inputs, need, (0,), monkeypatch)
+    first = int(need * MEASURED_MARGIN)
+    assert comfy_auto.measured(private, shape).per_sample == first
+
+    meter = _FakeMeter(need)
+    monkeypatch.setattr(comfy_adapter, "_meter", meter)
+    calls = []
+
+    class Executor:  # the first call runs out of memory, as core's forward would
+        class_obj = swapped.model
+
+        def __call__(self, x, *args, **kwargs):
+            calls.append(len(meter.calls))
+            if len(calls) == 1:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 864 MiB")
+            return forward(swapped, inputs)
+
+    comfy.model_management.load_models_gpu([swapped])
+    with caplog.at_level(logging.WARNING, logger="wan_blockswap"):
+        out = comfy_adapter._measure_need(Executor(), torch.zeros(shape))
+    swapped.cleanup()
+    comfy.model_management.unload_all_models()
+    assert torch.equal(out, expected)
+    assert calls == [0, 1]  # then once more after emptying the cache, unmetered
+    assert meter.calls == ["release_cached"]
+    assert comfy_auto.measured(private, shape).per_sample == int(first * OOM_GROWTH)
+    assert "ran out of VRAM" in caplog.text and "864 MiB" in caplog.text
+    assert comfy_auto.is_measured(private, shape)
     assert_untouched(patcher)
 
 

@@ -46,6 +46,19 @@ def cuda_report(limit: int = 6) -> dict:
     if torch.cuda.is_available():
         report["allocated"] = torch.cuda.memory_allocated()
         report["reserved"] = torch.cuda.memory_reserved()
+        # after an out-of-memory error: how far torch's own counters got, and how much of
+        # what it reserved sat in split, unused pieces (fragments) rather than in tensors
+        stats = torch.cuda.memory_stats()
+        for key in (
+            "allocated_bytes.all.peak",
+            "reserved_bytes.all.peak",
+            "inactive_split_bytes.all.current",
+            "inactive_split_bytes.all.peak",
+            "num_alloc_retries",
+            "num_ooms",
+        ):
+            report[key] = stats.get(key)
+        report["cuda_free"], report["cuda_total"] = torch.cuda.mem_get_info()
     mm = sys.modules.get("comfy.model_management")
     if mm is not None:
         report["loaded_models"] = [
@@ -133,7 +146,10 @@ try:  # a route, where this node runs inside a server
     async def _cuda_report_route(request):
         import json
 
-        return web.json_response(json.loads(json.dumps(cuda_report(), default=str)))
+        report = cuda_report()
+        if request.query.get("reset_peaks") and torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()  # the next report's peaks are the next prompt's
+        return web.json_response(json.loads(json.dumps(report, default=str)))
 
 except Exception:  # no server (core imported in a test process)
     pass
