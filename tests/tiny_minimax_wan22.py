@@ -229,16 +229,37 @@ def _wan_inputs(name: str, model):
 # -- running ------------------------------------------------------------------------------
 
 
-def call(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+def call(
+    model: torch.nn.Module,
+    inputs: dict,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """One forward as core makes it; MiniMax H3's text goes through the token refiner first,
     as ``model_base.MiniMaxH3.extra_conds`` runs it. Outputs of several streams are
-    flattened into one tensor."""
-    return forward_streams(model, fresh(inputs))  # a copy: forwards write into their inputs
+    flattened into one tensor. Inputs go to ``device``; ``dtype``: the model's compute dtype,
+    which core's ``apply_model`` casts the latents and every floating tensor (or list of
+    them) it is given to, but not the timestep or what a dict carries (on a GPU core may
+    pick fp16 or bf16 for the model)."""
+
+    def cast(key: str, value):
+        if key.startswith("timestep"):
+            return torch.float32
+        return None if isinstance(value, dict) else dtype
+
+    # fresh copies: forwards write into their inputs
+    kwargs = {k: fresh(v, device, cast(k, v)) for k, v in inputs.items()}
+    return forward_streams(model, kwargs)
 
 
 def run(comfy, patcher, inputs: dict) -> torch.Tensor:
     """Load ``patcher`` as sampling does, run one forward, and clean up as core does."""
-    return run_loaded(comfy, patcher, lambda: call(patcher.model.diffusion_model, inputs))
+    dtype = patcher.model.manual_cast_dtype or patcher.model.get_dtype()
+    return run_loaded(
+        comfy,
+        patcher,
+        lambda: call(patcher.model.diffusion_model, inputs, patcher.load_device, dtype),
+    )
 
 
 __all__ = [

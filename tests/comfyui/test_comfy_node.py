@@ -4,6 +4,7 @@ the same model without the node, with and without a LoRA-style weight patch."""
 
 import gc
 import logging
+from typing import Any
 
 import pytest
 import torch
@@ -683,8 +684,10 @@ class _FakeMeter:
     """Stands in for torch's CUDA allocation counters on the CPU: each forward "needs"
     ``need`` bytes beside what was allocated before it."""
 
-    def __init__(self, need: int) -> None:
+    def __init__(self, need: int, held: Any = None) -> None:
         self.need = need
+        self.held = held  # our GPU bytes now: the peak counts what the forward adds to them
+        self.held_at_reset = held() if held is not None else 0
         self.calls: list[str] = []
 
     def applies(self, device):
@@ -695,6 +698,8 @@ class _FakeMeter:
 
     def reset_peak(self, device):
         self.calls.append("reset_peak")
+        if self.held is not None:
+            self.held_at_reset = self.held()
 
     def release_cached(self, device):
         self.calls.append("release_cached")
@@ -702,7 +707,9 @@ class _FakeMeter:
     def peaks(self, device):
         from comfyui_wan_blockswap.callbacks.comfy_auto import Peaks
 
-        return Peaks(10 * 2**30 + self.need, 10 * 2**30 + self.need)
+        taken = self.held() - self.held_at_reset if self.held is not None else 0
+        peak = 10 * 2**30 + self.need + taken
+        return Peaks(peak, peak)
 
     def describe(self, device):
         return "fake"
@@ -732,12 +739,18 @@ def test_auto_plans_from_the_measured_need_once_a_forward_of_that_shape_ran(
         comfy.sampler_helpers.prepare_model_patcher(swapped, {}, options)
         comfy.sampler_helpers.prepare_sampling(swapped, shape, {}, options)
 
-    required = comfy.sampler_helpers.estimate_memory(swapped, shape, {})[1]
     free["bytes"] = 10**12
     prepare()  # only to learn the sizes
     sizes = _states[private].swap.sizes
     block = max(b.nbytes for b in sizes.blocks)
     mm.unload_all_models()
+    # Core's estimate for this tiny latent is below a block on a GPU (its formula there is a
+    # quarter of the CPU's), and a re-plan must gain a whole block beyond a block of slack:
+    # the estimate is made three blocks here, as for a real latent, on every device
+    base = type(patcher.model)
+    monkeypatch.setattr(base, "memory_required", lambda self, *a, **k: 3.0 * block)
+    required = comfy.sampler_helpers.estimate_memory(swapped, shape, {})[1]
+    assert required == 3 * block
     free["bytes"] = required + sizes.other_bytes + 3 * block + block // 2
     # core's attention on the CPU splits its work by the free memory: the same figure for all
     expected = run(comfy, patcher, inputs)
@@ -747,7 +760,10 @@ def test_auto_plans_from_the_measured_need_once_a_forward_of_that_shape_ran(
     assert first.gpu_weight_bytes <= free["bytes"] - required
 
     need = required // 4
-    monkeypatch.setattr(comfy_adapter, "_meter", _FakeMeter(need))
+    # torch's counters count the slots this forward takes in its peak (the adapter takes them
+    # off again): left out, a small need read as none
+    held = _states[private].swap.ring_bytes_held
+    monkeypatch.setattr(comfy_adapter, "_meter", _FakeMeter(need, held))
 
     class Executor:  # core's APPLY_MODEL executor: the wrapped call and its BaseModel
         class_obj = swapped.model
