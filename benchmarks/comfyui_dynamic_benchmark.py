@@ -157,8 +157,10 @@ def run_config(
         if result["status"] != "success":
             status = "oom" if "out of memory" in result.get("error", "").lower() else "error"
             error = result.get("error", "")[:500]
-            # torch's peaks and fragments then, to tell activations from the allocator's
-            # split pieces and from memory held outside torch (dynamic VRAM's pages)
+            # torch's peaks over the row, to tell activations from the allocator's split
+            # pieces; read after core's own OOM handling (it unloads every model and empties
+            # the cache), so only the peaks and counts describe the failure, not the current
+            # allocated/reserved/free figures
             row["failure_report"] = server.cuda_report()
             break
         if fast and index > 1 and result.get("executed_s") is not None:

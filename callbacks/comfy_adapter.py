@@ -447,6 +447,7 @@ def _fit_to_latent(executor: Any, patcher: Any, noise_shape: Any, conds: dict, *
             reserve.bytes / GIB,
             reserve.why,
         )
+        comfy_auto.new_plan(base_model.diffusion_model)
         _fit(patcher, options, sizes, available, reserve.bytes)
     return executor(patcher, noise_shape, conds, **kwargs)
 
@@ -494,8 +495,10 @@ def _measure_need(executor: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
             comfy_auto.note_uncond(diffusion_model, x.shape)
         try:
             return executor(x, *args, **kwargs)
-        except torch.cuda.OutOfMemoryError as error:
-            message = str(error).splitlines()[0]
+        except (torch.cuda.OutOfMemoryError, InsufficientMemoryError) as error:
+            if not comfy_auto.is_vram_oom(error):
+                raise
+            message = str(error).partition("\n")[0] or type(error).__name__
         # Out of the except block its traceback, which held the failed forward's frames and
         # their activations, is gone. See [Note: a forward out of memory] in comfy_auto.
         gc.collect()  # frames that traceback held in a reference cycle
@@ -573,11 +576,12 @@ def _fit(patcher: Any, options: SwapConfig, sizes: Any, available: float, reserv
         logger.info("wan_blockswap auto: %.2f GiB for weights; re-planning", budget / GIB)
         remove_swap(base_model)  # unloads from core first: core must not hold placeholders
         _auto_options[diffusion_model] = options
-    if _meter.applies(patcher.load_device):
-        # The weights about to load get segments of their own, not pieces of the last
-        # forwards' cached ones: see [Note: a forward out of memory] in comfy_auto
-        _meter.release_cached(patcher.load_device)
     _swap_loaded_weights(base_model, config, patcher.load_device, auto=True)
+    if _meter.applies(patcher.load_device):
+        # Core loads the resident weights next: they get segments of their own, not pieces of
+        # cached ones (the last forwards', or what unloading and sealing just left); see
+        # [Note: a forward out of memory] in comfy_auto
+        _meter.release_cached(patcher.load_device)
     patcher.size = _reported_size(patcher)
 
 

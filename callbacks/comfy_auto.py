@@ -60,6 +60,7 @@ class ShapeNeed:
     per_sample: int = 0  # bytes, for each sample of a forward's batch (the largest seen)
     uncond: bool = False  # a forward of this shape ran an unconditional pass (cfg > 1)
     batches: set[int] = field(default_factory=set)  # batch sizes measured
+    grown: bool = False  # grown after running out of memory since the last plan
 
 
 # diffusion model -> latent shape without the batch -> what its forwards needed
@@ -118,15 +119,36 @@ def record(diffusion_model: torch.nn.Module, shape: Any, need: int, uncond: bool
 #   read about 1.6x the first need and streamed every layer from then on). A metered forward that
 #   runs out of memory already ran over an emptied cache: its error goes to core as it is,
 #   and so does a second failure.
+# The need grows once per plan: retries in one sampling run all ran on the plan the growth is
+# for. Not transparent to every wrapper: a stateful one inside ours (core's EasyCache updates
+# its change rate before calling on) sees the step twice, so that step may come out as a run
+# without the failure would not. The grown need also answers core's cond batching at once.
 # On the H100 run above, each arm's retry fired once (in its third prompt) and every prompt
 # finished.
 
 
+def is_vram_oom(error: BaseException) -> bool:
+    """Whether ``error`` is CUDA running out of memory: torch's own error, or the engine's
+    ``InsufficientMemoryError`` raised from it (a streamed layer's buffer, slots taken at a
+    forward). Core's other OOM kinds (an AcceleratorError with code 2) are left to core."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(error.__cause__, torch.cuda.OutOfMemoryError)
+
+
 def grow_after_oom(diffusion_model: torch.nn.Module, shape: Any) -> None:
-    """A forward of ``shape`` ran out of memory: plan more for it from now on."""
+    """A forward of ``shape`` ran out of memory: plan more for it from now on; once per
+    plan, since the plan (what the growth is for) changes only at the next one."""
     entry = measured(diffusion_model, shape)
-    if entry is not None:
+    if entry is not None and not entry.grown:
         entry.per_sample = int(entry.per_sample * OOM_GROWTH)
+        entry.grown = True
+
+
+def new_plan(diffusion_model: torch.nn.Module) -> None:
+    """A plan is being made for ``diffusion_model``: its shapes may grow once more."""
+    for entry in _needs.get(diffusion_model, {}).values():
+        entry.grown = False
 
 
 def forward_need(before: int, allocated_peak: int, reserved_peak: int, ours: int) -> int:

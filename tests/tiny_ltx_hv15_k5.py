@@ -368,11 +368,14 @@ def call(
     ``model_base.LTXAV.extra_conds`` runs them. Outputs of several streams are flattened
     into one tensor. ``dtype``: the model's compute dtype, which core's ``apply_model`` casts
     every floating input to but the timestep (on a GPU, core may pick bf16 for the model)."""
+
     # a fresh copy: forwards write into their inputs (Kandinsky 5's first frame)
-    kwargs = {
-        k: fresh(v, device, torch.float32 if k.startswith("timestep") else dtype)
-        for k, v in inputs.items()
-    }
+    def cast(key: str, value: object) -> torch.dtype | None:
+        if key.startswith("timestep"):
+            return torch.float32
+        return None if isinstance(value, dict) else dtype  # core passes dicts through
+
+    kwargs = {k: fresh(v, device, cast(k, v)) for k, v in inputs.items()}
     return forward_streams(model, kwargs, unprocessed=True)
 
 

@@ -882,16 +882,43 @@ def test_auto_measures_each_shape_and_batch_once_over_an_emptied_cache(comfy, pa
     assert_untouched(patcher)
 
 
-def test_auto_runs_a_forward_out_of_memory_again_metered_and_plans_more_for_it(
-    comfy, pack, monkeypatch, caplog
+def _vram_oom() -> BaseException:
+    return torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 864 MiB")
+
+
+def _engine_oom() -> BaseException:
+    from comfyui_wan_blockswap.wan_blockswap import InsufficientMemoryError
+
+    try:  # raised from torch's error, as a streamed layer's buffer raises it
+        raise _vram_oom()
+    except torch.cuda.OutOfMemoryError as cause:
+        error = InsufficientMemoryError("no VRAM for a streamed layer's buffer")
+        error.__cause__ = cause
+        return error
+
+
+@pytest.mark.parametrize(
+    "failures, retried",
+    [
+        ((_vram_oom,), True),
+        ((_engine_oom,), True),
+        ((_vram_oom, _vram_oom), False),  # a second failure goes to core
+        ((lambda: RuntimeError("not memory"),), False),
+    ],
+    ids=["oom", "engine_oom", "oom_twice", "other_error"],
+)
+def test_auto_runs_a_forward_out_of_memory_again_over_an_emptied_cache_and_plans_more_for_it(
+    comfy, pack, monkeypatch, caplog, failures, retried
 ):
-    """An unmetered forward that runs out of VRAM (the allocator's cached segments cut up by
-    earlier ones) runs once more over an emptied cache, with the same output; the shape's
-    need grows by OOM_GROWTH for the next plan. See [Note: a forward out of memory]."""
+    """A forward of a measured shape that runs out of VRAM inside a swapped block (the
+    allocator's cached segments cut up by earlier ones) runs once more over an emptied cache,
+    with core's output; the shape's need grows by OOM_GROWTH, once per plan. A second
+    failure, and any other error, go to core. See [Note: a forward out of memory]."""
     from comfyui_wan_blockswap.callbacks import comfy_adapter, comfy_auto
+    from comfyui_wan_blockswap.callbacks.comfy_adapter import _states
     from comfyui_wan_blockswap.callbacks.comfy_auto import MEASURED_MARGIN, OOM_GROWTH
 
-    fake_free_vram(comfy, monkeypatch, 10**12)
+    free = fake_free_vram(comfy, monkeypatch, 10**12)
     patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v")
     inputs = make_inputs(7)
     expected = run(comfy, patcher, inputs)
@@ -904,31 +931,63 @@ def test_auto_runs_a_forward_out_of_memory_again_metered_and_plans_more_for_it(
     _measure(comfy, swapped, inputs, need, (0,), monkeypatch)
     first = int(need * MEASURED_MARGIN)
     assert comfy_auto.measured(private, shape).per_sample == first
+    sizes = _states[private].swap.sizes
+    block = max(b.nbytes for b in sizes.blocks)
+    free["bytes"] = first + sizes.other_bytes + 2 * block + block // 2
+    _prepare(comfy, swapped, shape)  # a plan that swaps blocks, from the measured need
+    plan = _states[private].swap.plan
+    assert plan.swapped, plan
 
+    left = list(failures)
+
+    def fail_in_a_swapped_block(module, args):
+        if left:
+            raise left.pop(0)()
+
+    layer = private.get_submodule(plan.swapped[0]).ffn[0]  # a swapped block's first FFN layer
+    handle = layer.register_forward_pre_hook(fail_in_a_swapped_block)
     meter = _FakeMeter(need)
     monkeypatch.setattr(comfy_adapter, "_meter", meter)
-    calls = []
 
-    class Executor:  # the first call runs out of memory, as core's forward would
+    class Executor:  # core's APPLY_MODEL executor
         class_obj = swapped.model
 
         def __call__(self, x, *args, **kwargs):
-            calls.append(len(meter.calls))
-            if len(calls) == 1:
-                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 864 MiB")
             return forward(swapped, inputs)
 
     comfy.model_management.load_models_gpu([swapped])
-    with caplog.at_level(logging.WARNING, logger="wan_blockswap"):
-        out = comfy_adapter._measure_need(Executor(), torch.zeros(shape))
-    swapped.cleanup()
-    comfy.model_management.unload_all_models()
-    assert torch.equal(out, expected)
-    assert calls == [0, 1]  # then once more after emptying the cache, unmetered
-    assert meter.calls == ["release_cached"]
-    assert comfy_auto.measured(private, shape).per_sample == int(first * OOM_GROWTH)
-    assert "ran out of VRAM" in caplog.text and "864 MiB" in caplog.text
-    assert comfy_auto.is_measured(private, shape)
+    try:
+        with caplog.at_level(logging.WARNING, logger="wan_blockswap"):
+            if retried:
+                out = comfy_adapter._measure_need(Executor(), torch.zeros(shape))
+                assert torch.equal(out, expected)
+            else:
+                with pytest.raises(type(failures[-1]())):
+                    comfy_adapter._measure_need(Executor(), torch.zeros(shape))
+        if failures[0] in (_vram_oom, _engine_oom):
+            assert comfy_auto.measured(private, shape).per_sample == int(first * OOM_GROWTH)
+            assert "ran out of VRAM" in caplog.text and meter.calls == ["release_cached"]
+        else:
+            assert comfy_auto.measured(private, shape).per_sample == first
+            assert "ran out of VRAM" not in caplog.text and meter.calls == []
+        assert comfy_auto.is_measured(private, shape)  # later forwards run unmetered
+        if retried:  # another failure on the same plan: retried, but no more growth
+            left.append(_vram_oom)
+            assert torch.equal(
+                comfy_adapter._measure_need(Executor(), torch.zeros(shape)), expected
+            )
+            assert comfy_auto.measured(private, shape).per_sample == int(first * OOM_GROWTH)
+            comfy_auto.new_plan(private)  # a new plan may grow it again
+            left.append(_vram_oom)
+            comfy_adapter._measure_need(Executor(), torch.zeros(shape))
+            assert comfy_auto.measured(private, shape).per_sample == int(
+                int(first * OOM_GROWTH) * OOM_GROWTH
+            )
+    finally:
+        handle.remove()
+        swapped.cleanup()
+        comfy.model_management.unload_all_models()
+    assert torch.equal(run(comfy, swapped, inputs), expected)  # the swap still works
     assert_untouched(patcher)
 
 
