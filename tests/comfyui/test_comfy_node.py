@@ -816,6 +816,19 @@ def _prepare(comfy, swapped, shape):
     comfy.sampler_helpers.prepare_sampling(swapped, shape, {}, options)
 
 
+def _prepared_auto_node(comfy, pack, monkeypatch):
+    """A tiny Wan's loader model, an "auto" node over it prepared for sampling once (with
+    VRAM to spare, nothing loaded after), its inputs, and the fake free VRAM."""
+    free = fake_free_vram(comfy, monkeypatch, 10**12)
+    patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v")
+    inputs = make_inputs(7)
+    swapped = node(patcher, preset=pack.nodes.AUTO)
+    shape = tuple(inputs["x"].shape)
+    _prepare(comfy, swapped, shape)
+    comfy.model_management.unload_all_models()
+    return free, patcher, inputs, swapped, swapped.model.diffusion_model, shape
+
+
 def test_core_estimates_the_private_model_from_what_its_forwards_took(comfy, pack, monkeypatch):
     """Once a forward of a latent shape ran, core's estimate for the private model (its
     loader's free-up, its shrink rule and its cond batching all ask ``memory_required``) is
@@ -856,14 +869,7 @@ def test_auto_measures_each_shape_and_batch_once_over_an_emptied_cache(comfy, pa
     from comfyui_wan_blockswap.callbacks import comfy_auto
     from comfyui_wan_blockswap.callbacks.comfy_auto import MEASURED_MARGIN
 
-    fake_free_vram(comfy, monkeypatch, 10**12)
-    patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v")
-    inputs = make_inputs(7)
-    swapped = node(patcher, preset=pack.nodes.AUTO)
-    private = swapped.model.diffusion_model
-    shape = tuple(inputs["x"].shape)
-    _prepare(comfy, swapped, shape)
-    comfy.model_management.unload_all_models()
+    _, patcher, inputs, swapped, private, shape = _prepared_auto_node(comfy, pack, monkeypatch)
 
     need = 2**20
     meter = _measure(comfy, swapped, inputs, need, (0,), monkeypatch)
@@ -918,15 +924,8 @@ def test_auto_runs_a_forward_out_of_memory_again_over_an_emptied_cache_and_plans
     from comfyui_wan_blockswap.callbacks.comfy_adapter import _states
     from comfyui_wan_blockswap.callbacks.comfy_auto import MEASURED_MARGIN, OOM_GROWTH
 
-    free = fake_free_vram(comfy, monkeypatch, 10**12)
-    patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v")
-    inputs = make_inputs(7)
+    free, patcher, inputs, swapped, private, shape = _prepared_auto_node(comfy, pack, monkeypatch)
     expected = run(comfy, patcher, inputs)
-    swapped = node(patcher, preset=pack.nodes.AUTO)
-    private = swapped.model.diffusion_model
-    shape = tuple(inputs["x"].shape)
-    _prepare(comfy, swapped, shape)
-    comfy.model_management.unload_all_models()
     need = 2**20
     _measure(comfy, swapped, inputs, need, (0,), monkeypatch)
     first = int(need * MEASURED_MARGIN)
