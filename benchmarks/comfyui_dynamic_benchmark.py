@@ -277,6 +277,11 @@ def main() -> int:
         help="environment for every server (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, "
         "say: is a floor the activations or the allocator's fragments?)",
     )  # fmt: skip
+    parser.add_argument(
+        "--server-arg", action="append", default=[], metavar="ARG",
+        help="one more main.py argument for every server (repeatable): --enable-triton-backend, "
+        "say, for a fused rope in every arm",
+    )  # fmt: skip
     args = parser.parse_args()
     try:
         env = server_env(args.server_env)
@@ -319,7 +324,7 @@ def main() -> int:
         server = cs.Server(
             args.comfyui,
             workdir,
-            ARMS[arm]["args"] + (("--cpu",) if args.cpu else ()),
+            ARMS[arm]["args"] + tuple(args.server_arg) + (("--cpu",) if args.cpu else ()),
             env=env,
             probe=True,
         )
