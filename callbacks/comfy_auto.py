@@ -27,8 +27,9 @@ blocks that earlier work (the text encoder, the last prompt's decode) left in th
 in the reserved peak but are no need of the forward. Read over a pool holding them, a 1-frame
 Wan forward's 0.31 GiB looked like 0.61 GiB (H100, comfyui_dynamic_h100/run1_server.log), and
 core's batching rule doubled the error. So each latent shape is measured once per batch size,
-on the first forward, and later forwards of it run unmetered. Core's load rules and cond batching then count the same figure as
-the plan, on the private model only: core's own model keeps core's estimate.
+on the first forward, and later forwards of it run unmetered (but see [Note: a forward out of
+memory]). Core's load rules and cond batching then count the same figure as the plan, on the
+private model only: core's own model keeps core's estimate.
 The reserve is then what core's rules need left free (:func:`reserves`): for one batch of
 both conditionings where a run of this shape had an unconditional pass (cfg > 1), else for one
 conditioning; the adapter picks the plan that moves fewest bytes per step.
@@ -116,15 +117,15 @@ def record(diffusion_model: torch.nn.Module, shape: Any, need: int, uncond: bool
 #   activations are all freed by then, so every segment it cut goes back), and the shape's
 #   need grows by OOM_GROWTH for the next plan. That second run is not metered: with resident
 #   weights loaded, the reserved peak counts their segments too (a metered retry on the H100
-#   read about 1.6x the first need and streamed every layer from then on). A metered forward that
-#   runs out of memory already ran over an emptied cache: its error goes to core as it is,
-#   and so does a second failure.
+#   read about 1.6x the first need and streamed every layer from then on). A metered forward
+#   that runs out of memory already ran over an emptied cache: its error goes to core as it
+#   is, and so does a second failure.
 # The need grows once per plan: retries in one sampling run all ran on the plan the growth is
 # for. Not transparent to every wrapper: a stateful one inside ours (core's EasyCache updates
 # its change rate before calling on) sees the step twice, so that step may come out as a run
 # without the failure would not. The grown need also answers core's cond batching at once.
-# On the H100 run above, each arm's retry fired once (in its third prompt) and every prompt
-# finished.
+# On the H100 run above, a first form of the retry (metered) fired once in each of ours' arms
+# (in its third prompt) and every prompt finished; the final form is tested on the CPU.
 
 
 def is_vram_oom(error: BaseException) -> bool:
