@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from tiny_models import _gen, _rand, _randn, build_meta, comfy_state_dict, forward_streams
-from tiny_models import fresh, has_comfy_class, load_detected, load_undetected, run_loaded
+from tiny_models import core_inputs, has_comfy_class, load_detected, load_undetected, run_loaded
 
 
 @dataclass(frozen=True)
@@ -369,14 +369,8 @@ def call(
     into one tensor. ``dtype``: the model's compute dtype, which core's ``apply_model`` casts
     every floating input to but the timestep (on a GPU, core may pick bf16 for the model)."""
 
-    # a fresh copy: forwards write into their inputs (Kandinsky 5's first frame)
-    def cast(key: str, value: object) -> torch.dtype | None:
-        if key.startswith("timestep"):
-            return torch.float32
-        return None if isinstance(value, dict) else dtype  # core passes dicts through
-
-    kwargs = {k: fresh(v, device, cast(k, v)) for k, v in inputs.items()}
-    return forward_streams(model, kwargs, unprocessed=True)
+    # fresh copies: forwards write into their inputs (Kandinsky 5's first frame)
+    return forward_streams(model, core_inputs(inputs, device, dtype), unprocessed=True)
 
 
 def run(comfy, patcher, inputs: dict) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 
 # fresh: benchmarks/architectures_benchmark.py imports it from here
 from tiny_models import _build_comfy, _gen, _rand, _randn, forward_streams, fresh
-from tiny_models import has_comfy_class, keyed, load_detected, run_loaded
+from tiny_models import core_inputs, has_comfy_class, keyed, load_detected, run_loaded
 
 
 @dataclass(frozen=True)
@@ -241,15 +241,7 @@ def call(
     which core's ``apply_model`` casts the latents and every floating tensor (or list of
     them) it is given to, but not the timestep or what a dict carries (on a GPU core may
     pick fp16 or bf16 for the model)."""
-
-    def cast(key: str, value):
-        if key.startswith("timestep"):
-            return torch.float32
-        return None if isinstance(value, dict) else dtype
-
-    # fresh copies: forwards write into their inputs
-    kwargs = {k: fresh(v, device, cast(k, v)) for k, v in inputs.items()}
-    return forward_streams(model, kwargs)
+    return forward_streams(model, core_inputs(inputs, device, dtype))  # fresh: forwards write
 
 
 def run(comfy, patcher, inputs: dict) -> torch.Tensor:

@@ -553,6 +553,19 @@ def fresh(value: Any, device: torch.device | None = None, dtype: torch.dtype | N
     return value
 
 
+def core_inputs(inputs: dict, device: Any = None, dtype: torch.dtype | None = None) -> dict:
+    """Fresh copies of a forward's keyword inputs as core's ``apply_model`` passes them: on
+    ``device``, floats in the model's compute ``dtype``, but the timestep in float32 and what
+    a dict carries as it is (on a GPU core may compute in fp16 or bf16)."""
+
+    def cast(key: str, value: Any) -> torch.dtype | None:
+        if key.startswith("timestep"):
+            return torch.float32
+        return None if isinstance(value, dict) else dtype
+
+    return {k: fresh(v, device, cast(k, v)) for k, v in inputs.items()}
+
+
 def forward_streams(model: torch.nn.Module, kwargs: dict, **text: Any) -> torch.Tensor:
     """One forward of ``model(**kwargs)``; a ``raw_context`` goes through the model's
     ``preprocess_text_embeds(raw, **text)`` first, as core's ``extra_conds`` runs it. Outputs
