@@ -48,7 +48,7 @@ def config_from_widgets(
     block_swap_debug: bool,
     preset: str = CUSTOM,
     vram_budget_gb: float = 0.0,
-    transfer_compression: str | bool = "off",
+    transfer_compression: str | bool = "auto",
     donor_allocation: str = DEFAULT_ALLOCATION,
 ) -> SwapConfig:
     """The node's widgets as a validated :class:`SwapConfig`.
@@ -254,13 +254,14 @@ class WanBlockSwapStream:
                 "transfer_compression": (
                     list(TRANSFER_COMPRESSION),
                     {
-                        "default": "off",
+                        "default": "auto",
                         "tooltip": "Send bf16 weights losslessly packed (1.5 bytes per weight, "
                         "decoded on the GPU bit for bit). 'on': faster when copies dominate "
                         "(images, short or low-resolution clips: up to a quarter off each "
                         "step), 1-2.5% slower on long videos, where copies are hidden "
-                        "anyway. 'auto': compressed, until the second step shows compute "
-                        f"hiding the copies, then raw. Uses {staging_bytes() / 2**20:.0f} MiB more VRAM; "
+                        "anyway. 'auto' (default): compressed, until the second step shows "
+                        "compute hiding the copies, then raw; raw from the start where the "
+                        f"packed copy does not fit in RAM. Uses {staging_bytes() / 2**20:.0f} MiB more VRAM; "
                         "while compressed, "
                         f"needs ~{TYPICAL_PACKED_SHARE:.2f}x the swapped size in RAM on top.",
                     },

@@ -15,7 +15,7 @@ UNETLoader -> [WAN BlockSwap] -> KSampler -> SaveLatent, Wan-14B-shaped random b
 - Steady-state s/it: ComfyUI's own progress-bar rate, over ``--prompts`` prompts with
   different seeds (ComfyUI caches identical prompts), the first (which loads) left out; cfg 5.
 - Outputs: the first prompt of every row runs at cfg 1 with one seed, and its latent is
-  compared with core's default at the same shape. (At cfg > 1 core decides from the free
+  compared with core's default at the same shape and free VRAM. (At cfg > 1 core decides from the free
   VRAM whether the two conditionings run as one batch, which changes the numbers a little:
   core alone at 12 and 7 GiB free differed by up to 0.1.)
 - The least free VRAM each arm runs at, in 0.5 GiB steps down from the top of the range
@@ -317,7 +317,7 @@ def main() -> int:
                 "bytes": size,
                 "write_s": round(time.time() - t0, 1),
             }
-    references: dict[tuple[int, int], str] = {}
+    references: dict[tuple[int, int, float], str] = {}
     for arm in args.arms:
         # probe: /free returns before the worker has unloaded (a static model's weights take
         # seconds to copy back), so wait for the worker, not for NVML to look steady
@@ -352,7 +352,10 @@ def main() -> int:
                             server, hog, arm, blocks, frames, free_gib,
                             args.prompts, args.steps, shape, idle_used,
                         )  # fmt: skip
-                    key = (blocks, frames)
+                    # core's own output moves with free VRAM (12 against 7 GiB differed by 0.014
+                    # on the H100, session 16: comfyui_dynamic_h100.json), so each row is
+                    # compared with core's at the same free VRAM
+                    key = (blocks, frames, free_gib)
                     if arm == "core_dynamic" and row.get("latent") and key not in references:
                         references[key] = row["latent"]
                     row.update(compare(row.get("latent"), references.get(key)))

@@ -118,10 +118,12 @@ def import_old_engine(root: str) -> ModuleType:
 
 def layout_in(engine: ModuleType, layout: Any) -> Any:
     """``layout`` rebuilt, field by field, from ``engine``'s own layout classes (each engine
-    gets the same record's layout in the types it knows)."""
+    gets the same record's layout in the types it knows; a field the older engine's class
+    lacks, such as ``token_wise``, is left out)."""
     if dataclasses.is_dataclass(layout) and not isinstance(layout, type):
         cls = getattr(engine, type(layout).__name__)
-        fields = [f.name for f in dataclasses.fields(layout) if f.init]
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        fields = [f.name for f in dataclasses.fields(layout) if f.init and f.name in known]
         return cls(**{name: layout_in(engine, getattr(layout, name)) for name in fields})
     if isinstance(layout, tuple):
         return tuple(layout_in(engine, v) for v in layout)
@@ -377,7 +379,15 @@ def main(argv: list[str] | None = None) -> int:
     record = model_configs.match(model)
     if record is None:
         raise RuntimeError(f"no architecture record matches {type(model).__name__}")
-    layouts = {"new": record.layout, "old": layout_in(old_engine, record.layout)}
+    # like for like: the new engine without token chunks, which the old one may not have
+    # (they change the units and the activations, [Note: token chunks])
+    plain = dataclasses.replace(
+        record.layout,
+        block_lists=tuple(
+            dataclasses.replace(bl, token_wise=()) for bl in record.layout.block_lists
+        ),
+    )
+    layouts = {"new": plain, "old": layout_in(old_engine, plain)}
     inputs, tokens = {}, []
     for i, shape in enumerate(SHAPES[mode]):
         g = torch.Generator("cpu").manual_seed(1 + i)

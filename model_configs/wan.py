@@ -17,6 +17,9 @@ VARIANTS = (
 )
 
 HEAD_DIM = 128  # every Wan size uses 128-wide attention heads
+# A block's parts that work on each token alone, in both layouts (ComfyUI's Sequential and
+# diffusers' FeedForward): streamed plans run them a few tokens at a time ([Note: token chunks])
+TOKEN_WISE = ("ffn",)
 
 
 def _count(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> int:
@@ -97,7 +100,9 @@ COMFYUI = ArchConfig(
     class_names=("WanModel",),
     layout=ModelLayout(
         name="wan",
-        block_lists=(BlockListLayout("blocks", key_prefix="blocks.{index}."),),
+        block_lists=(
+            BlockListLayout("blocks", key_prefix="blocks.{index}.", token_wise=TOKEN_WISE),
+        ),
         txt_emb=("text_embedding",),
         img_emb=("img_emb",),
         # time_projection alone is 315 MB at 14B: a streamed plan must not keep it resident
@@ -122,8 +127,10 @@ COMFYUI_VACE = ArchConfig(
     layout=ModelLayout(
         name="wan_vace",
         block_lists=(
-            BlockListLayout("blocks", key_prefix="blocks.{index}."),
-            BlockListLayout("vace_blocks", role="vace", key_prefix="vace_blocks.{index}."),
+            BlockListLayout("blocks", key_prefix="blocks.{index}.", token_wise=TOKEN_WISE),
+            BlockListLayout(
+                "vace_blocks", role="vace", key_prefix="vace_blocks.{index}.", token_wise=TOKEN_WISE
+            ),
         ),
         txt_emb=("text_embedding",),
         img_emb=("img_emb",),
@@ -147,7 +154,9 @@ DIFFUSERS = ArchConfig(
     class_names=("WanTransformer3DModel",),
     layout=ModelLayout(
         name="wan",
-        block_lists=(BlockListLayout("blocks", key_prefix="blocks.{index}."),),
+        block_lists=(
+            BlockListLayout("blocks", key_prefix="blocks.{index}.", token_wise=TOKEN_WISE),
+        ),
         txt_emb=("condition_embedder.text_embedder",),
         img_emb=("condition_embedder.image_embedder",),
         stream_modules=("condition_embedder",),
@@ -168,8 +177,10 @@ DIFFUSERS_VACE = ArchConfig(
     layout=ModelLayout(
         name="wan_vace",
         block_lists=(
-            BlockListLayout("blocks", key_prefix="blocks.{index}."),
-            BlockListLayout("vace_blocks", role="vace", key_prefix="vace_blocks.{index}."),
+            BlockListLayout("blocks", key_prefix="blocks.{index}.", token_wise=TOKEN_WISE),
+            BlockListLayout(
+                "vace_blocks", role="vace", key_prefix="vace_blocks.{index}.", token_wise=TOKEN_WISE
+            ),
         ),
         txt_emb=("condition_embedder.text_embedder",),
         img_emb=("condition_embedder.image_embedder",),

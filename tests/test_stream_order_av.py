@@ -74,11 +74,12 @@ def _load(arch, monkeypatch):
     )
     patcher, make_inputs = tiny.load_tiny(arch, dtype=torch.bfloat16)
     model = patcher.model.diffusion_model
+    # the dtype core's apply_model (and extra_conds, for the raw text) casts inputs to: on a
+    # GPU core picks bf16 weights with no manual cast, on the CPU float32 compute
+    dtype = patcher.model.manual_cast_dtype or patcher.model.get_dtype()
 
     def call(inputs):
-        if arch.startswith("ltx"):
-            return tiny.call(model, inputs, torch.device("cpu"))
-        return tiny.call(model, inputs)
+        return tiny.call(model, inputs, torch.device("cpu"), dtype)
 
     return model, make_inputs, call
 

@@ -11,6 +11,7 @@ allocation.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import sys
 
@@ -101,6 +102,7 @@ def assert_untouched(model: torch.nn.Module, before: dict) -> None:
         assert torch.equal(tensor, values), f"{name} changed"
     for module in model.modules():
         assert not module._forward_pre_hooks and not module._forward_hooks, module
+        assert "forward" not in module.__dict__, module  # a token chunker left behind
         assert not getattr(module, "_state_dict_hooks", None), module
         assert not getattr(module, "_state_dict_pre_hooks", None), module
     assert active_swap(model) is None
@@ -113,7 +115,17 @@ PLANS = {
     "layers_and_embeddings": dict(blocks_to_swap=2, swap_unit="layer", offload_txt_emb=True),
     "compressed": dict(blocks_to_swap=2, transfer_compression=True),
     "streamed": "streamed",
+    # each block's FFN one layer unit, run 4 tokens at a time ([Note: token chunks])
+    "token_chunks": dict(blocks_to_swap=2, swap_unit="layer", chunk_tokens=4),
 }
+
+
+def _layout(model, plan):
+    layout = toy_layout(model)
+    if plan != "token_chunks":
+        return layout
+    lists = tuple(dataclasses.replace(bl, token_wise=("ffn",)) for bl in layout.block_lists)
+    return dataclasses.replace(layout, block_lists=lists)
 
 
 def _options(model, plan) -> dict:
@@ -151,7 +163,8 @@ def test_an_interrupt_at_any_line_of_apply_leaves_the_model_whole(base, plan):
     options = _options(template, PLANS[plan])
 
     def apply_on(model):
-        return lambda: apply_block_swap(model, layout=toy_layout(model), device="cpu", **options)
+        layout = _layout(model, plan)
+        return lambda: apply_block_swap(model, layout=layout, device="cpu", **options)
 
     # Before _place apply only reads (measure, plan, check): every READ_PHASE_STRIDE-th line
     # there is enough; from _place on, every line.
@@ -198,13 +211,13 @@ def test_a_failed_host_allocation_at_any_unit_leaves_the_model_whole(base, plan,
 
     monkeypatch.setattr(storage.HostBuffer, "__init__", counting)
     probe = copy.deepcopy(template)
-    apply_block_swap(probe, layout=toy_layout(probe), device="cpu", **options).remove()
+    apply_block_swap(probe, layout=_layout(probe, plan), device="cpu", **options).remove()
     total = calls["n"]
     for fail_at in range(1, total + 1):
         calls.update(n=0, fail_at=fail_at)
         model = copy.deepcopy(template)
         before = snapshot(model)
         with pytest.raises(RuntimeError, match="injected"):
-            apply_block_swap(model, layout=toy_layout(model), device="cpu", **options)
+            apply_block_swap(model, layout=_layout(model, plan), device="cpu", **options)
         assert_untouched(model, before)
         assert registered_host_bytes() == 0

@@ -10,6 +10,7 @@ from comfyui_wan_blockswap.wan_blockswap import (
     apply_block_swap,
     bf16_codec,
     compressed_transfer,
+    get_block_swap,
 )
 from comfyui_wan_blockswap.wan_blockswap.storage import PackedLayout
 
@@ -224,6 +225,65 @@ def test_auto_on_cpu_stays_compressed(small_chunks):
         for seed in (1, 2, 3):
             model(**bf16_inputs(seed))
     assert swap.compressed and swap.plan.staging_bytes > 0
+
+
+@pytest.mark.parametrize("setting", ["auto", True])
+def test_auto_sends_raw_where_the_packed_copies_would_not_fit_in_ram(
+    small_chunks, monkeypatch, caplog, setting
+):
+    """The node's default is "auto": a plan whose packed copies do not fit in host RAM
+    beside the weights runs raw, with a warning, instead of failing the prompt; "on" is a
+    demand and still fails, naming the widget, with nothing applied."""
+    from comfyui_wan_blockswap.wan_blockswap import InsufficientMemoryError, memory
+
+    model = bf16_toy()
+    with torch.no_grad():
+        expected = model(**bf16_inputs(1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    swapped = sum(t.numel() * t.element_size() for t in model.blocks.parameters())
+    # room for one unit in flight (what a raw plan adds), not for the packed copies
+    monkeypatch.setattr(memory, "available_host_bytes", lambda: swapped // 4)
+    if setting is True:
+        with pytest.raises(InsufficientMemoryError, match="transfer_compression off"):
+            swap_toy(model, blocks_to_swap=6, transfer_compression=True)
+        assert get_block_swap(model) is None
+        assert all(not m._forward_pre_hooks for m in model.modules())
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, before[key]), key
+        return
+    with caplog.at_level("WARNING", logger="wan_blockswap"):
+        swap = swap_toy(model, blocks_to_swap=6, transfer_compression=setting)
+    assert not swap.plan.compressed and not swap.compressed and swap.plan.staging_bytes == 0
+    assert swap.config.transfer_compression is False
+    assert "host RAM" in caplog.text and "raw instead" in caplog.text
+    with torch.no_grad():
+        assert torch.equal(model(**bf16_inputs(1)), expected)
+    swap.remove()
+
+
+def test_a_new_window_keeps_the_raw_transfers_auto_fell_back_to(small_chunks, monkeypatch):
+    """ComfyUI's auto re-plans a streamed swap's window with the node's config ("auto"): the
+    swap keeps sending raw, and says so in its plan and config."""
+    from comfyui_wan_blockswap.wan_blockswap import memory, min_vram_budget_gb, plan_for
+    from toy_models import streamed_budget_gb
+
+    model = bf16_toy()
+    swapped = sum(t.numel() * t.element_size() for t in model.blocks.parameters())
+    monkeypatch.setattr(memory, "available_host_bytes", lambda: swapped // 4)
+    budget = streamed_budget_gb(model, 20_000)
+    swap = swap_toy(model, vram_budget_gb=budget, transfer_compression="auto")
+    assert swap.plan.kind == "streamed" and not swap.plan.compressed
+    wider = SwapConfig(
+        vram_budget_gb=streamed_budget_gb(model, 21_000), transfer_compression="auto"
+    )
+    plan = plan_for(model, wider, toy_layout(model))
+    assert plan.kind == "streamed" and plan.compressed and plan.window_bytes
+    swap.set_window(plan, wider)
+    assert swap.plan.window_bytes == plan.window_bytes
+    assert not swap.plan.compressed and swap.plan.staging_bytes == 0
+    assert swap.config.transfer_compression is False and not swap.compressed
+    assert min_vram_budget_gb(model, toy_layout(model)) <= budget
+    swap.remove()
 
 
 def test_a_skeleton_filled_after_apply_is_packed_from_what_was_filled(small_chunks):

@@ -16,6 +16,7 @@ from .errors import (
     BlockSwapConfigError,
     BlockSwapError,
     BlockSwapStateError,
+    InsufficientHostMemoryError,
     InsufficientMemoryError,
 )
 from .layout import BlockListLayout, ModelLayout
@@ -30,6 +31,7 @@ __all__ = [
     "BlockSwapError",
     "BlockSwapStateError",
     "HostBuffer",
+    "InsufficientHostMemoryError",
     "InsufficientMemoryError",
     "ModelLayout",
     "ModelSizes",

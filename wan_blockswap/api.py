@@ -96,7 +96,7 @@ def get_block_swap(model: nn.Module) -> BlockSwap | None:
 def plan_for(model: nn.Module, config: SwapConfig, layout: ModelLayout | None = None) -> SwapPlan:
     """The plan :func:`apply_block_swap` would use, without changing anything (for a model
     already swapped: the sizes it had before)."""
-    return plan_swap(_sizes_of(model, layout), config)
+    return plan_swap(_sizes_of(model, layout, config.chunk_tokens > 0), config)
 
 
 def min_vram_budget_gb(model: nn.Module, layout: ModelLayout | None = None) -> float:
@@ -113,13 +113,14 @@ def min_vram_budget_gb(model: nn.Module, layout: ModelLayout | None = None) -> f
     return least / GIB
 
 
-def _sizes_of(model: nn.Module, layout: ModelLayout | None) -> ModelSizes:
+def _sizes_of(model: nn.Module, layout: ModelLayout | None, token_wise: bool = True) -> ModelSizes:
+    """``token_wise``: as ``SwapConfig.chunk_tokens > 0`` (the default) makes the units."""
     swap = active_swap(model)
     if swap is not None and swap.sizes is not None:  # placeholders hide the sizes now
         return swap.sizes
     if layout is None:
         layout = detect_layout(model)
-    return measure_model(model, layout)[1]
+    return measure_model(model, layout, token_wise)[1]
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:

@@ -26,6 +26,10 @@ from .layout import MAIN_ROLE, TXT_EMB_ROLE
 SwapUnitMode = Literal["auto", "block", "layer"]
 SWAP_UNIT_MODES: tuple[str, ...] = ("auto", "block", "layer")
 MAX_PREFETCH_BLOCKS = 16
+# Tokens per chunk of a block's token-wise parts: Wan-14B's FFN intermediate
+# for 8,192 tokens is 216 MiB at 16 bits, against 864 MiB for 81 frames of 832x480 at once,
+# and its matrix products stay large enough to run at full rate ([Note: token chunks]).
+DEFAULT_CHUNK_TOKENS = 8192
 # The option that counts a role's blocks for the user, where it has one of its own
 ROLE_OPTIONS = {"vace": "vace_blocks_to_swap"}
 
@@ -74,6 +78,11 @@ class SwapConfig:
             Costs 52 MiB of VRAM for staging; while compressed, the swapped weights stay in
             pageable RAM beside the pinned packed copy (about 0.77x). No effect on other
             dtypes.
+        chunk_tokens: run each block's token-wise parts (``BlockListLayout.token_wise``:
+            Wan's feed-forward network) over at most this many tokens at a time, without
+            autograd, so their intermediate (2.7x the hidden size on Wan) never exists for every
+            token at once; each such part then swaps as one unit. Outputs equal the whole's
+            (measured; see [Note: token chunks]). ``0``: never.
         debug: log the plan and per-block copy/compute times each forward (adds a host sync
             per forward).
         donor_device: where swapped blocks are stored: ``"cpu"`` (pinned host memory) or
@@ -95,6 +104,7 @@ class SwapConfig:
     vram_budget_gb: float | None = None
     swap_unit: SwapUnitMode = "auto"
     transfer_compression: bool | Literal["auto"] = False
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     debug: bool = False
     role_blocks_to_swap: Mapping[str, int] | tuple[tuple[str, int], ...] = ()
     donor_device: str = DEFAULT_DONOR
@@ -119,6 +129,7 @@ class SwapConfig:
         _check_optional_int("blocks_to_swap", self.blocks_to_swap)
         _check_int("vace_blocks_to_swap", self.vace_blocks_to_swap, 0, None)
         _check_int("prefetch_blocks", self.prefetch_blocks, 0, MAX_PREFETCH_BLOCKS)
+        _check_int("chunk_tokens", self.chunk_tokens, 0, None)
         if not (isinstance(self.transfer_compression, bool) or self.transfer_compression == "auto"):
             raise BlockSwapConfigError(
                 f"transfer_compression must be True, False or 'auto', got "

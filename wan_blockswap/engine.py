@@ -9,6 +9,7 @@ of VRAM for them is reported there (``FixedSlots.allocate``), with the model unc
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import weakref
 from typing import Any
@@ -21,7 +22,12 @@ from .compression_switch import CompressionAutoSwitch
 from .config import SwapConfig
 from .donor_allocation import StoragePlan
 from .donor_storage import plan_donor_storage, storage_devices
-from .errors import BlockSwapError, BlockSwapStateError, InsufficientMemoryError
+from .errors import (
+    BlockSwapError,
+    BlockSwapStateError,
+    InsufficientHostMemoryError,
+    InsufficientMemoryError,
+)
 from .fixed_slots import FixedSlots
 from .hooks import register_state_dict_hook, unit_post_hook, unit_pre_hook
 from .layout import ModelLayout
@@ -34,7 +40,16 @@ from .storage import return_freed_host_memory
 from .stored_unit import Placeholders, StoredUnit, allocate_empty
 from .streams import DeviceStreams
 from .swapped_weights import SwappedWeights
-from .units import SwapUnit, TensorRef, kept_strides, move_tensor, tensor_refs
+from .token_chunks import TokenChunkedForward
+from .units import (
+    SwapUnit,
+    TensorRef,
+    find_blocks,
+    kept_strides,
+    move_tensor,
+    tensor_refs,
+    token_wise_modules,
+)
 from .window_allocator import WindowAllocator
 
 logger = logging.getLogger("wan_blockswap")
@@ -110,25 +125,22 @@ class BlockSwap(SwappedWeights):
         swap = cls()
         swap._model = weakref.ref(model)
         swap.device = device
-        swap.config = config
         swap.layout = layout
-        units, sizes = measure_model(model, layout)
+        units, sizes = measure_model(model, layout, token_wise=config.chunk_tokens > 0)
         swap.sizes = sizes
-        swap.plan = plan_swap(sizes, config)
-        chosen = choose_units(units, swap.plan)
-        swap.storage = plan_donor_storage(config, [memory.unit_bytes(u) for u in chosen], device)
-        level = logging.INFO if config.debug else logging.DEBUG
-        logger.log(
-            level,
-            "block swap plan for %s (%s):\n%s",
-            type(model).__name__,
-            layout.name,
-            swap.describe(),
-        )
-        on_donors = [u for u, d in zip(chosen, storage_devices(swap.storage, len(chosen))) if d]
-        memory.check_fits(
-            model, chosen, swap.plan, device, check_vram=move_resident, on_donors=on_donors
-        )
+        try:
+            chosen = swap._plan_and_check(model, units, config, move_resident)
+        except InsufficientHostMemoryError as error:
+            if not (config.transfer_compression == "auto" and swap.plan and swap.plan.compressed):
+                raise
+            # "auto" is a choice of speed, not a demand: where the packed copies do not fit
+            # in host RAM beside the weights, the swap runs raw (every prompt still works)
+            logger.warning(
+                "transfer_compression auto: %s Sending every swapped weight raw instead.",
+                str(error).split(". ")[0] + ".",
+            )
+            config = dataclasses.replace(config, transfer_compression=False)
+            chosen = swap._plan_and_check(model, units, config, move_resident)
         swap.move_resident = move_resident
         swap.allocate_empty = allocate_empty
         swap._after_weights_read = after_weights_read
@@ -161,6 +173,31 @@ class BlockSwap(SwappedWeights):
             swap._undo()
             raise
         return swap
+
+    def _plan_and_check(
+        self, model: nn.Module, units: list[SwapUnit], config: SwapConfig, move_resident: bool
+    ) -> list[SwapUnit]:
+        """Plan ``config`` for ``model`` and check that it fits; the units to swap. Only reads
+        the model."""
+        self.config = config
+        self.plan = plan_swap(self.sizes, config)
+        chosen = choose_units(units, self.plan)
+        self.storage = plan_donor_storage(
+            config, [memory.unit_bytes(u) for u in chosen], self.device
+        )
+        level = logging.INFO if config.debug else logging.DEBUG
+        logger.log(
+            level,
+            "block swap plan for %s (%s):\n%s",
+            type(model).__name__,
+            self.layout.name,
+            self.describe(),
+        )
+        on_donors = [u for u, d in zip(chosen, storage_devices(self.storage, len(chosen))) if d]
+        memory.check_fits(
+            model, chosen, self.plan, self.device, check_vram=move_resident, on_donors=on_donors
+        )
+        return chosen
 
     @property
     def model(self) -> nn.Module | None:
@@ -258,6 +295,10 @@ class BlockSwap(SwappedWeights):
             self._hooks.append(module.register_forward_pre_hook(before))
             self._hooks.append(module.register_forward_hook(after, always_call=True))
             self._hooks.append(register_state_dict_hook(module, stored.state_dict_hook))
+        for block in find_blocks(self.model, self.layout) if self.config.chunk_tokens else ():
+            for part in token_wise_modules(block):  # [Note: token chunks]
+                self._hooks.append(TokenChunkedForward(part, self.config.chunk_tokens))
+                self._hooks[-1].install()  # recorded first: the undo can always take it back
         self._hooks.append(self.model.register_forward_pre_hook(self._begin_forward))
         self._hooks.append(self.model.register_forward_hook(self._end_forward, always_call=True))
 
@@ -307,6 +348,11 @@ class BlockSwap(SwappedWeights):
             or not isinstance(provider, WindowAllocator)
         ):
             raise BlockSwapStateError("set_window takes a streamed plan of the same layers")
+        # compression stays as apply left it (raw where "auto" gave way to RAM, see apply)
+        config = dataclasses.replace(config, transfer_compression=self.config.transfer_compression)
+        plan = dataclasses.replace(
+            plan, compressed=current.compressed, staging_bytes=current.staging_bytes
+        )
         self.plan, self.config = plan, config
         provider.window_bytes = plan.window_bytes
 

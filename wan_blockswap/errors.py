@@ -13,5 +13,9 @@ class InsufficientMemoryError(BlockSwapError, MemoryError):
     """The plan does not fit in host RAM or VRAM; raised before anything is allocated."""
 
 
+class InsufficientHostMemoryError(InsufficientMemoryError):
+    """The plan does not fit in host RAM (what transfer compression "auto" gives way to)."""
+
+
 class BlockSwapStateError(BlockSwapError):
     """The module is in the wrong state for the call (already swapped, not swapped, ...)."""

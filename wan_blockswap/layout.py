@@ -33,11 +33,17 @@ class BlockListLayout:
             ``SwapConfig.role_blocks_to_swap`` (``vace_blocks_to_swap`` for ``"vace"``).
         key_prefix: checkpoint key prefix of one block, with ``{index}`` (position in the
             list) or ``{key}`` (name in a ``ModuleDict``); ``""`` means ``"{path}.{key}."``.
+        token_wise: paths, inside one block, of submodules that work on each token on its
+            own (a feed-forward network): called with ``(batch, tokens, channels)`` alone,
+            they give for any slice of the tokens that slice of their output. The engine may
+            run them over a few tokens at a time (``SwapConfig.chunk_tokens``); a path a
+            block lacks is passed over.
     """
 
     path: str
     role: str = MAIN_ROLE
     key_prefix: str = ""
+    token_wise: tuple[str, ...] = ()
 
     def block_key_prefix(self, key: str) -> str:
         """The checkpoint key prefix of the block stored under ``key`` in this list."""

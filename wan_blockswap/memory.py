@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .errors import InsufficientMemoryError
+from .errors import InsufficientHostMemoryError, InsufficientMemoryError
 from .plan import GIB, SwapPlan
 from .units import SwapUnit, stored_nbytes
 
@@ -102,7 +102,7 @@ def _check_host(
             "Swap fewer blocks (blocks_to_swap, vram_budget_gb), free RAM, turn "
             "transfer_compression off, or use a smaller (fp8/GGUF) checkpoint."
         )
-    raise InsufficientMemoryError(
+    raise InsufficientHostMemoryError(
         f"the plan needs {needed / GIB:.2f} GiB more host RAM ({plan.swapped_bytes / GIB:.2f} "
         f"GiB of swapped weights, {resident_on_host / GIB:.2f} GiB of resident weights on "
         f"the CPU), but only {available / GIB:.2f} GiB is available. {fix}"

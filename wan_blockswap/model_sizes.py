@@ -27,12 +27,16 @@ from .units import (
 )
 
 
-def measure_model(model: nn.Module, layout: ModelLayout) -> tuple[dict[str, Any], ModelSizes]:
-    """Candidate units of every granularity, and the sizes the planner needs."""
+def measure_model(
+    model: nn.Module, layout: ModelLayout, token_wise: bool = True
+) -> tuple[dict[str, Any], ModelSizes]:
+    """Candidate units of every granularity, and the sizes the planner needs. With
+    ``token_wise`` (as ``SwapConfig.chunk_tokens`` is by default) each block's token-wise
+    parts are one layer unit each."""
     shared = shared_tensor_ids(model)
     blocks = find_blocks(model, layout)
     block_units = {b.qualname: block_unit(b, shared) for b in blocks}
-    layers = {b.qualname: layer_units(b, shared) for b in blocks}
+    layers = {b.qualname: layer_units(b, shared, token_wise) for b in blocks}
     embeddings = {
         kind: [embedding_unit(model, path, shared) for path in paths if _exists(model, path)]
         for kind, paths in (("txt", layout.txt_emb), ("img", layout.img_emb))

@@ -174,15 +174,31 @@ def block_unit(block: BlockRef, exclude: set[int]) -> SwapUnit:
     )
 
 
-def layer_units(block: BlockRef, exclude: set[int]) -> list[SwapUnit]:
+def layer_units(block: BlockRef, exclude: set[int], token_wise: bool = True) -> list[SwapUnit]:
     """The block's large leaf layers as separate units; smaller tensors stay with the block.
 
     Only true leaves (no child modules) become units, so a unit never runs inside another
-    unit's forward and one slot per unit in use is enough.
+    unit's forward and one slot per unit in use is enough. With ``token_wise`` the block's
+    token-wise parts (``BlockListLayout.token_wise``) count as leaves: one unit each, since
+    their layers run once per chunk of tokens ([Note: token chunks]).
     """
     total = sum(_nbytes(ref.get()) for ref in tensor_refs(block.module, "", exclude))
     threshold = max(1, int(total * LAYER_UNIT_MIN_SHARE))
-    return _large_leaves(block.module, block.qualname, exclude, threshold, {id(block.module)})
+    whole = {id(m) for m in token_wise_modules(block)} if token_wise else set()
+    return _large_leaves(
+        block.module, block.qualname, exclude, threshold, {id(block.module)}, whole
+    )
+
+
+def token_wise_modules(block: BlockRef) -> list[nn.Module]:
+    """The block's token-wise parts that it has (see ``BlockListLayout.token_wise``)."""
+    found = []
+    for path in block.list_layout.token_wise:
+        try:
+            found.append(resolve(block.module, path))
+        except BlockSwapConfigError:
+            continue  # a part this block lacks
+    return found
 
 
 def stream_layer_units(
@@ -207,15 +223,23 @@ def stream_layer_units(
 
 
 def _large_leaves(
-    module: nn.Module, prefix: str, exclude: set[int], min_bytes: int, skip: set[int]
+    module: nn.Module,
+    prefix: str,
+    exclude: set[int],
+    min_bytes: int,
+    skip: set[int],
+    whole: set[int] = frozenset(),  # type: ignore[assignment]
 ) -> list[SwapUnit]:
     """Leaf modules under ``module`` holding at least ``min_bytes``, each a layer unit; those
-    in ``skip`` are passed over, and every leaf seen is added to it."""
+    in ``skip`` are passed over, and every leaf seen is added to it. A module in ``whole``
+    counts as a leaf, its descendants with it."""
     units = []
     for name, leaf in module.named_modules():
-        if leaf._modules or id(leaf) in skip:
+        if id(leaf) in skip or (leaf._modules and id(leaf) not in whole):
             continue
         skip.add(id(leaf))
+        if id(leaf) in whole:
+            skip.update(id(m) for m in leaf.modules())
         qualname = _join(prefix, name)
         refs = tensor_refs(leaf, qualname, exclude)
         if refs and sum(_nbytes(ref.get()) for ref in refs) >= min_bytes:

@@ -1,0 +1,93 @@
+"""Running a block's token-wise parts over a few tokens at a time: a lower activation peak.
+
+[Note: token chunks]
+In a streamed plan (the least VRAM) the weights in flight are a layer or two, and a forward's
+activations set the peak. With comfy-kitchen's fused rope (its triton backend; real installs
+have its CUDA one), core and ours alike ran out of memory at 5.5 GiB free on an H100 (40
+Wan-14B blocks, 81 frames of 832x480) asking for the 864 MiB of the feed-forward network's
+intermediate (benchmarks/results/comfyui_dynamic_h100/session16_floor40_triton_rope.json): that
+intermediate, and its GELU beside it, are 2.7x the hidden size each, for every token at once.
+A feed-forward network works on each token on its own, so running it over slices of the tokens
+gives the same numbers while its intermediate exists for one slice at a time (on the H200,
+Wan-14B's FFN at 32,760 tokens in 4 and 8 chunks equalled the whole bit for bit,
+benchmarks/results/activation_peaks_h200.json). With it ours ran at 4.0 GiB free there, where
+it had needed 6.0 like core (session16_floor40_token_chunks_triton_rope.json).
+The layout names such parts (``BlockListLayout.token_wise``, Wan's ``ffn``), and the engine:
+- chunks in every plan (``SwapConfig.chunk_tokens`` > 0): ComfyUI's auto measures a latent
+  shape's need once and plans slot and streamed plans alike from it, so the forward must need
+  the same in both; only without autograd (a slice-assigned output is not what training
+  wants), and only a call with one ``(batch, tokens, channels)`` tensor of more tokens than a
+  chunk; anything else calls through. The matrix products over 8,192 rows stay large enough to
+  run at full rate;
+- makes each such part one swap unit (``units.layer_units``): its layers run once per chunk,
+  and a unit's hooks fetch before the part and release after it, once per call;
+- puts the chunking in the part's ``forward`` as an instance attribute, which ``remove``
+  takes back; a part whose ``forward`` someone else replaced already is left alone. The handle
+  is recorded before the attribute is set ([Note: apply is a transaction]).
+Equal outputs are measured, not promised by cuBLAS: a different number of rows may pick
+another kernel. The suite checks them on the CPU.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import BlockSwapConfigError
+
+
+class TokenChunkedForward:
+    """A token-wise module's ``forward`` while a swap is applied: its class's forward over
+    ``chunk_tokens`` tokens at a time. Holds the module weakly (the module holds this)."""
+
+    def __init__(self, module: nn.Module, chunk_tokens: int) -> None:
+        self._module = weakref.ref(module)
+        self.chunk_tokens = chunk_tokens
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        module = self._module()
+        assert module is not None, "called through a collected module"
+        forward = type(module).forward
+        x = args[0] if len(args) == 1 and not kwargs else None
+        if (
+            not isinstance(x, torch.Tensor)
+            or x.dim() != 3
+            or x.shape[1] <= self.chunk_tokens
+            or torch.is_grad_enabled()
+        ):
+            return forward(module, *args, **kwargs)
+        batch, tokens = x.shape[:2]
+        contiguous = x.is_contiguous()
+        out = None
+        for start in range(0, tokens, self.chunk_tokens):
+            piece = x[:, start : start + self.chunk_tokens]
+            if contiguous:  # then so is each piece: a strided one (batch > 1) would take
+                piece = piece.contiguous()  # F.linear's unfused bias add, rounding twice
+            part = forward(module, piece)
+            if not isinstance(part, torch.Tensor) or part.shape[:2] != piece.shape[:2]:
+                raise BlockSwapConfigError(
+                    f"{type(module).__name__} is named token-wise in the model layout "
+                    f"(BlockListLayout.token_wise) but gave {type(part).__name__} "
+                    f"{tuple(getattr(part, 'shape', ()))} for {tuple(x.shape)} input sliced "
+                    f"along its tokens; take it out of token_wise, or pass chunk_tokens=0"
+                )
+            if out is None:
+                out = part.new_empty((batch, tokens, *part.shape[2:]))
+            out[:, start : start + part.shape[1]] = part
+            del part  # before the next slice's intermediate exists
+        return out
+
+    def install(self) -> None:
+        """Become the module's ``forward``, unless someone else's forward is there already."""
+        module = self._module()
+        if module is not None and "forward" not in module.__dict__:
+            module.forward = self  # type: ignore[method-assign]
+
+    def remove(self) -> None:
+        """Give the module its class's forward back."""
+        module = self._module()
+        if module is not None and module.__dict__.get("forward") is self:
+            del module.forward
