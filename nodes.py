@@ -261,8 +261,8 @@ class WanBlockSwapStream:
                         "step), 1-2.5% slower on long videos, where copies are hidden "
                         "anyway. 'auto' (default): compressed, until the second step shows "
                         "compute hiding the copies, then raw; raw from the start where the "
-                        f"packed copy does not fit in RAM. Uses {staging_bytes() / 2**20:.0f} MiB more VRAM; "
-                        "while compressed, "
+                        "packed copy does not fit in RAM. "
+                        f"Uses {staging_bytes() / 2**20:.0f} MiB more VRAM; while compressed, "
                         f"needs ~{TYPICAL_PACKED_SHARE:.2f}x the swapped size in RAM on top.",
                     },
                 ),

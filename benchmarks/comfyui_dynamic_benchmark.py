@@ -15,9 +15,10 @@ UNETLoader -> [WAN BlockSwap] -> KSampler -> SaveLatent, Wan-14B-shaped random b
 - Steady-state s/it: ComfyUI's own progress-bar rate, over ``--prompts`` prompts with
   different seeds (ComfyUI caches identical prompts), the first (which loads) left out; cfg 5.
 - Outputs: the first prompt of every row runs at cfg 1 with one seed, and its latent is
-  compared with core's default at the same shape and free VRAM. (At cfg > 1 core decides from the free
-  VRAM whether the two conditionings run as one batch, which changes the numbers a little:
-  core alone at 12 and 7 GiB free differed by up to 0.1.)
+  compared with core's default at the same shape and free VRAM: core's own output moves with
+  the free VRAM (at cfg 1, 12 against 7 GiB differed by up to 0.014 on an H100). (At cfg > 1
+  core also decides from the free VRAM whether the two conditionings run as one batch, which
+  changes the numbers a little: core alone at 12 and 7 GiB free differed by up to 0.1.)
 - The least free VRAM each arm runs at, in 0.5 GiB steps down from the top of the range
   (one prompt of one step each) until a prompt fails.
 - ``log``: the server's plan and load lines of the row's prompts (ours and core's "loaded

@@ -28,8 +28,8 @@ allocates through ``backend:cudaMallocAsync`` (``cuda_malloc.py``), whose pool a
 large activations fragment: on the H100 at 81 frames (8 Wan-14B blocks, 7 GiB free) a forward
 measured at 3.28 GiB allocated and 3.74 GiB reserved ran out of memory with 4.11 GiB (1.25x)
 kept for it, and ran with 5.05 GiB (about 1.54x) kept, as fast as core
-(comfyui_dynamic_h100.json, session 16). The allocator's cache is emptied before that forward: cached
-blocks that earlier work (the text encoder, the last prompt's decode) left in the pool count
+(comfyui_dynamic_h100.json, session 16). The allocator's cache is emptied before that forward:
+cached blocks that earlier work (the text encoder, the last prompt's decode) left in the pool count
 in the reserved peak but are no need of the forward. Read over a pool holding them, a 1-frame
 Wan forward's 0.31 GiB looked like 0.61 GiB (H100, comfyui_dynamic_h100/run1_server.log), and
 core's batching rule doubled the error. So each latent shape is measured once per batch size,

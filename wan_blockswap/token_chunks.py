@@ -64,8 +64,8 @@ class TokenChunkedForward:
         out = None
         for start in range(0, tokens, self.chunk_tokens):
             piece = x[:, start : start + self.chunk_tokens]
-            if contiguous:  # then so is each piece: a strided one (batch > 1) would take
-                piece = piece.contiguous()  # F.linear's unfused bias add, rounding twice
+            if contiguous:  # as the whole was: a strided piece (batch > 1) takes F.linear's
+                piece = piece.contiguous()  # unfused bias add, which rounds twice in bf16
             part = forward(module, piece)
             if not isinstance(part, torch.Tensor) or part.shape[:2] != piece.shape[:2]:
                 raise BlockSwapConfigError(
