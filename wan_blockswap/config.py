@@ -82,7 +82,8 @@ class SwapConfig:
             Wan's feed-forward network) over at most this many tokens at a time, without
             autograd, so their intermediate (2.7x the hidden size on Wan) never exists for every
             token at once; each such part then swaps as one unit. Outputs equal the whole's
-            (measured; see [Note: token chunks]). ``0``: never.
+            where the shorter matrix products round alike: measured on the H200, not promised
+            (see [Note: token chunks]). ``0``: never, and outputs bit-identical as before.
         debug: log the plan and per-block copy/compute times each forward (adds a host sync
             per forward).
         donor_device: where swapped blocks are stored: ``"cpu"`` (pinned host memory) or

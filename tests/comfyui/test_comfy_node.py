@@ -1161,3 +1161,41 @@ def test_auto_below_the_least_plan_warns_or_refuses_with_the_numbers(comfy, capl
     assert plan_swap(sizes, config).window_bytes and "lower the resolution" in caplog.text
     with pytest.raises(InsufficientMemoryError, match=r"streaming every layer needs"):
         _auto_config(sizes, options, budget=0, available=needed + extra - 1)
+
+
+@pytest.mark.parametrize("plan", [dict(blocks_to_swap=2), dict(vram_budget_gb=1e-4)])
+def test_core_wans_ffn_in_token_chunks_equals_core(comfy, monkeypatch, plan):
+    """Core's own WanFeedForward (its GELU folded into the down-projection's call) run a few
+    tokens at a time by the node's swap gives core's output ([Note: token chunks]); the node
+    chunks at 8,192 tokens, more than a tiny model has, so the test chunks at 5."""
+    import dataclasses
+    import functools
+
+    from conftest import load_pack
+
+    patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v")
+    inputs = make_inputs(3)
+    expected = run(comfy, patcher, inputs)
+    comfy.model_management.unload_all_models()
+    nodes = load_pack().nodes
+    widgets = nodes.config_from_widgets
+
+    @functools.wraps(widgets)  # the node checks its widgets against this signature
+    def chunked(**w):
+        return dataclasses.replace(widgets(**w), chunk_tokens=20)
+
+    monkeypatch.setattr(nodes, "config_from_widgets", chunked)
+    ffn = type(patcher.model.diffusion_model.blocks[0].ffn)
+    original, calls = ffn.forward, []
+
+    def counting(self, x):
+        calls.append(x.shape[1])
+        return original(self, x)
+
+    monkeypatch.setattr(ffn, "forward", counting)
+    model = node(patcher, **{"blocks_to_swap": 0, **plan})
+    swap = swap_of(model)
+    assert swap.config.chunk_tokens == 20
+    assert torch.equal(run(comfy, model, inputs), expected)
+    blocks = len(model.model.diffusion_model.blocks)
+    assert calls == [16, 16, 16] * blocks, calls
