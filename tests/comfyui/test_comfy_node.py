@@ -1167,7 +1167,8 @@ def test_auto_below_the_least_plan_warns_or_refuses_with_the_numbers(comfy, capl
 def test_core_wans_ffn_in_token_chunks_equals_core(comfy, monkeypatch, plan):
     """Core's own WanFeedForward (its GELU folded into the down-projection's call) run a few
     tokens at a time by the node's swap gives core's output ([Note: token chunks]); the node
-    chunks at 8,192 tokens, more than a tiny model has, so the test chunks at 5."""
+    chunks at 8,192 tokens, more than a tiny model has, so the test chunks at 20: equal chunks
+    of 16 of its 48 tokens, a row count the CPU's BLAS rounds as it does 48."""
     import dataclasses
     import functools
 
@@ -1189,11 +1190,13 @@ def test_core_wans_ffn_in_token_chunks_equals_core(comfy, monkeypatch, plan):
     original, calls = ffn.forward, []
 
     def counting(self, x):
-        calls.append(x.shape[1])
+        if self in ffns:  # core 0.3.64's FFN is a plain Sequential, as other parts are
+            calls.append(x.shape[1])
         return original(self, x)
 
     monkeypatch.setattr(ffn, "forward", counting)
     model = node(patcher, **{"blocks_to_swap": 0, **plan})
+    ffns = [block.ffn for block in model.model.diffusion_model.blocks]
     swap = swap_of(model)
     assert swap.config.chunk_tokens == 20
     assert torch.equal(run(comfy, model, inputs), expected)
