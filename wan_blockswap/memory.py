@@ -98,9 +98,10 @@ def _check_host(
             "smaller (fp8/GGUF) checkpoint, or run on a GPU."
         )
     else:
+        compression = "turn transfer_compression off, " if plan.compressed else ""
         fix = (
-            "Swap fewer blocks (blocks_to_swap, vram_budget_gb), free RAM, turn "
-            "transfer_compression off, or use a smaller (fp8/GGUF) checkpoint."
+            f"Swap fewer blocks (blocks_to_swap, vram_budget_gb), free RAM, {compression}"
+            "or use a smaller (fp8/GGUF) checkpoint."
         )
     raise InsufficientHostMemoryError(
         f"the plan needs {needed / GIB:.2f} GiB more host RAM ({plan.swapped_bytes / GIB:.2f} "

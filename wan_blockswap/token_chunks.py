@@ -8,9 +8,11 @@ Wan-14B blocks, 81 frames of 832x480) asking for the 864 MiB of the feed-forward
 intermediate (benchmarks/results/comfyui_dynamic_h100/session16_floor40_triton_rope.json): that
 intermediate, and its GELU beside it, are 2.7x the hidden size each, for every token at once.
 A feed-forward network works on each token on its own, so running it over slices of the tokens
-gives the same numbers while its intermediate exists for one slice at a time (on the H200,
-Wan-14B's FFN at 32,760 tokens in 4 and 8 chunks equalled the whole bit for bit,
-benchmarks/results/activation_peaks_h200.json). With it ours ran at 4.0 GiB free there, where
+gives the same numbers while its intermediate exists for one slice at a time (on the H200, a
+2-block core WanModel of Wan-14B's shapes, random fp16 weights, batch 1, 32,760 tokens cut by
+torch.tensor_split into 4 and 8 chunks, equalled the whole bit for bit:
+benchmarks/results/activation_peaks_h200.json; bf16, a batch of two and this class's own cut
+are not yet measured on a GPU). With it ours ran at 4.0 GiB free there, where
 it had needed 6.0 like core (session16_floor40_token_chunks_triton_rope.json).
 The layout names such parts (``BlockListLayout.token_wise``, Wan's ``ffn``), and the engine:
 - chunks in every plan (``SwapConfig.chunk_tokens`` > 0): ComfyUI's auto measures a latent
@@ -26,8 +28,8 @@ The layout names such parts (``BlockListLayout.token_wise``, Wan's ``ffn``), and
   is recorded before the attribute is set ([Note: apply is a transaction]).
 Equal outputs are measured, not promised: a matrix product of fewer rows may run another
 kernel, whose rounding of the last bit can differ. The tokens are cut into chunks of nearly
-equal size (32,760 into four of 8,190, as measured on the H200), never a large chunk and a
-small tail, whose few rows are the likeliest to get a kernel of their own. On the CPU, BLAS
+equal size by torch.tensor_split's rule (32,760 into four of 8,190, as measured on the H200),
+never a large chunk and a small tail, whose few rows are the likeliest to get a kernel of their own. On the CPU, BLAS
 rounds differently for some row counts (an fp32 FFN cut into 5-row chunks differed by 1e-6;
 16 and 24 rows matched), so the suite's equality tests use row counts that match there.
 """
@@ -65,10 +67,13 @@ class TokenChunkedForward:
             return forward(module, *args, **kwargs)
         batch, tokens = x.shape[:2]
         contiguous = x.is_contiguous()
+        # chunks of nearly equal size, the longer first (torch.tensor_split's rule): no tail
         count = -(-tokens // self.chunk_tokens)
-        size = -(-tokens // count)  # chunks of nearly equal size: no small tail
+        base, longer = divmod(tokens, count)
         out = None
-        for start in range(0, tokens, size):
+        start = 0
+        for index in range(count):
+            size = base + (index < longer)
             piece = x[:, start : start + size]
             if contiguous:  # as the whole was: a strided piece (batch > 1) takes F.linear's
                 piece = piece.contiguous()  # unfused bias add, which rounds twice in bf16
@@ -82,7 +87,8 @@ class TokenChunkedForward:
                 )
             if out is None:
                 out = part.new_empty((batch, tokens, *part.shape[2:]))
-            out[:, start : start + part.shape[1]] = part
+            out[:, start : start + size] = part
+            start += size
             del part  # before the next slice's intermediate exists
         return out
 
