@@ -11,7 +11,6 @@ allocation.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 import sys
 
@@ -121,11 +120,7 @@ PLANS = {
 
 
 def _layout(model, plan):
-    layout = toy_layout(model)
-    if plan != "token_chunks":
-        return layout
-    lists = tuple(dataclasses.replace(bl, token_wise=("ffn",)) for bl in layout.block_lists)
-    return dataclasses.replace(layout, block_lists=lists)
+    return toy_layout(model, token_wise=("ffn",) if plan == "token_chunks" else ())
 
 
 def _options(model, plan) -> dict:

@@ -4,6 +4,8 @@ text embedding, and a VACE-like second block list run interleaved with the main 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -84,8 +86,14 @@ def toy_inputs(seed: int, device="cpu", dtype=torch.float32, dim: int = 32, toke
     return {"x": x, "context": context}
 
 
-def toy_layout(model: ToyDiT) -> ModelLayout:
-    return TOY_LAYOUT if hasattr(model, "vace_blocks") else TOY_LAYOUT_NO_VACE
+def toy_layout(model: ToyDiT, token_wise: tuple[str, ...] = ()) -> ModelLayout:
+    """The toy's layout; ``token_wise``: parts of every block run in token chunks
+    ([Note: token chunks]), ``("ffn",)`` as Wan's records have it."""
+    layout = TOY_LAYOUT if hasattr(model, "vace_blocks") else TOY_LAYOUT_NO_VACE
+    if not token_wise:
+        return layout
+    lists = tuple(dataclasses.replace(b, token_wise=token_wise) for b in layout.block_lists)
+    return dataclasses.replace(layout, block_lists=lists)
 
 
 def streamed_budget_gb(model: ToyDiT, window: int) -> float:
