@@ -40,6 +40,7 @@ from .. import model_configs
 from ..wan_blockswap import (
     BlockSwap,
     InsufficientMemoryError,
+    ModelLayout,
     SwapConfig,
     get_block_swap,
 )
@@ -164,9 +165,14 @@ def _reported_size(patcher: Any) -> int:
 
 
 def _swap_loaded_weights(
-    base_model: Any, config: SwapConfig, device: torch.device, auto: bool
+    base_model: Any,
+    config: SwapConfig,
+    device: torch.device,
+    auto: bool,
+    layout: ModelLayout | None = None,
 ) -> _State:
-    """Apply the engine to a (private) model whose weights exist, not a skeleton being loaded."""
+    """Apply the engine to a (private) model whose weights exist, not a skeleton being loaded;
+    ``layout``: the architecture's own unless given."""
     # Core may hold this model loaded: give its weights back to the offload device first,
     # so packing reads them from there and core's accounting starts again from zero.
     unload_everywhere(base_model)
@@ -175,7 +181,7 @@ def _swap_loaded_weights(
     swap = BlockSwap.apply(
         diffusion_model,
         config,
-        arch.layout,
+        layout or arch.layout,
         device,
         move_resident=False,
         after_weights_read=file_page_dropper(base_model),
@@ -432,7 +438,11 @@ def _fit_to_latent(executor: Any, patcher: Any, noise_shape: Any, conds: dict, *
     options = _auto_options.get(base_model.diffusion_model)
     if options is not None:
         available = comfy_auto.available_vram(patcher)
-        sizes = _sizes_of(base_model)
+        diffusion_model = base_model.diffusion_model
+        layout = comfy_auto.planning_layout(
+            diffusion_model, noise_shape, model_configs.detect(diffusion_model).layout, options
+        )
+        sizes = _sizes_of(base_model, layout)
         choices = comfy_auto.reserves(patcher, noise_shape, conds)
         reserve, least_moved = choices[-1], None  # below every plan: the smallest reserve
         for choice in choices:
@@ -447,18 +457,32 @@ def _fit_to_latent(executor: Any, patcher: Any, noise_shape: Any, conds: dict, *
             reserve.bytes / GIB,
             reserve.why,
         )
-        comfy_auto.new_plan(base_model.diffusion_model)
-        _fit(patcher, options, sizes, available, reserve.bytes)
+        comfy_auto.new_plan(diffusion_model)
+        _fit(patcher, options, layout, available, reserve.bytes)
     return executor(patcher, noise_shape, conds, **kwargs)
 
 
-def _sizes_of(base_model: Any) -> Any:
-    """The planner's sizes of ``base_model``'s diffusion model (as before any swap)."""
-    state = _states.get(base_model.diffusion_model)
-    if state is not None and state.swap.sizes is not None:
-        return state.swap.sizes
+# A private model's sizes as before any swap, per layout "auto" may plan it with (placeholders
+# hide them while it is swapped): measured whenever no swap is applied
+_unswapped_sizes: "weakref.WeakKeyDictionary[torch.nn.Module, dict[ModelLayout, Any]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _sizes_of(base_model: Any, layout: ModelLayout) -> Any:
+    """The planner's sizes of ``base_model``'s diffusion model (as before any swap), its units
+    cut by ``layout``: the architecture's layout or the same without token-wise parts."""
     diffusion_model = base_model.diffusion_model
-    return measure_model(diffusion_model, model_configs.detect(diffusion_model).layout)[1]
+    state = _states.get(diffusion_model)
+    if state is not None and state.swap.sizes is not None and state.swap.layout == layout:
+        return state.swap.sizes
+    if state is None:
+        full = model_configs.detect(diffusion_model).layout
+        _unswapped_sizes[diffusion_model] = {
+            each: measure_model(diffusion_model, each)[1]
+            for each in (full, full.without_token_wise())
+        }
+    return _unswapped_sizes[diffusion_model][layout]
 
 
 def _budget_config(options: SwapConfig, budget: float) -> SwapConfig:
@@ -514,6 +538,7 @@ def _measure_need(executor: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
         return executor(x, *args, **kwargs)  # a second failure goes to core as it is
     device = x.device
     held_before = state.swap.ring_bytes_held()
+    chunked_before = state.swap.chunked_calls()
     _meter.release_cached(device)
     before = _meter.allocated(device)
     _meter.reset_peak(device)
@@ -526,7 +551,8 @@ def _measure_need(executor: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
     ours = plan.ring_bytes if plan.kind == "streamed" else 0
     ours = max(ours, state.swap.ring_bytes_held() - held_before)
     need = comfy_auto.forward_need(before, peaks.allocated, peaks.reserved, ours)
-    if comfy_auto.record(diffusion_model, x.shape, need, uncond):
+    chunked = state.swap.chunked_calls() > chunked_before
+    if comfy_auto.record(diffusion_model, x.shape, need, uncond, chunked):
         logger.info(
             "wan_blockswap auto: a forward of %s (batch %d) needed %.2f GiB (%.2f GiB allocated "
             "before it; %s)",
@@ -539,16 +565,37 @@ def _measure_need(executor: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
     return output
 
 
-def _fit(patcher: Any, options: SwapConfig, sizes: Any, available: float, reserve: float) -> None:
-    """Apply, keep or re-plan the swap of ``patcher``'s model for ``available - reserve``
-    bytes of weights; below the least plan, a clear error with the numbers."""
+def _fit(
+    patcher: Any,
+    options: SwapConfig,
+    layout: ModelLayout,
+    available: float,
+    reserve: float,
+) -> None:
+    """Apply, keep or re-plan the swap of ``patcher``'s model, its units cut by ``layout``,
+    for ``available - reserve`` bytes of weights; below the least plan, a clear error with
+    the numbers."""
     base_model = patcher.model
     diffusion_model = base_model.diffusion_model
     state = _states.get(diffusion_model)
+    sizes = _sizes_of(base_model, layout)
     budget = available - reserve
     config = _auto_config(sizes, options, budget, available)
     plan = plan_swap(sizes, config)
-    if state is not None:
+    if state is not None and state.swap.layout != layout:
+        chunks = any(bl.token_wise for bl in layout.block_lists)
+        logger.info(
+            "wan_blockswap auto: re-planning with %s ([Note: token chunks])",
+            (
+                "token-wise parts in chunks"
+                if chunks
+                else "each large layer a unit of its own "
+                "(a forward of this latent cut no part into chunks)"
+            ),
+        )
+        remove_swap(base_model)
+        _auto_options[diffusion_model] = options
+    elif state is not None:
         current = state.swap.plan
         assert current is not None
         streamed = plan.kind == current.kind == "streamed"
@@ -576,7 +623,7 @@ def _fit(patcher: Any, options: SwapConfig, sizes: Any, available: float, reserv
         logger.info("wan_blockswap auto: %.2f GiB for weights; re-planning", budget / GIB)
         remove_swap(base_model)  # unloads from core first: core must not hold placeholders
         _auto_options[diffusion_model] = options
-    _swap_loaded_weights(base_model, config, patcher.load_device, auto=True)
+    _swap_loaded_weights(base_model, config, patcher.load_device, auto=True, layout=layout)
     if _meter.applies(patcher.load_device):
         # Core loads the resident weights next: they get segments of their own, not pieces of
         # cached ones (the last forwards', or what unloading and sealing just left); see

@@ -53,6 +53,8 @@ import torch
 import comfy.model_management
 import comfy.sampler_helpers
 
+from ..wan_blockswap import ModelLayout, SwapConfig
+
 GIB = 2**30
 MEASURED_MARGIN = 1.6  # on the allocated peak; see [Note: auto plans]
 OOM_GROWTH = 1.25  # a shape's need after one of its forwards ran out of memory; see below
@@ -68,6 +70,7 @@ class ShapeNeed:
     uncond: bool = False  # a forward of this shape ran an unconditional pass (cfg > 1)
     batches: set[int] = field(default_factory=set)  # batch sizes measured
     grown: bool = False  # grown after running out of memory since the last plan
+    chunked: bool = False  # a measured forward ran token-wise parts in chunks
 
 
 # diffusion model -> latent shape without the batch -> what its forwards needed
@@ -92,16 +95,34 @@ def is_measured(diffusion_model: torch.nn.Module, shape: Any) -> bool:
     return need is not None and int(shape[0]) in need.batches
 
 
+def planning_layout(
+    diffusion_model: torch.nn.Module, shape: Any, layout: ModelLayout, options: SwapConfig
+) -> ModelLayout:
+    """The layout to plan ``shape`` with: the architecture's ``layout`` until a forward of
+    it was measured, then without token-wise parts if that forward cut none into chunks (or
+    if ``options`` cut none). A part that runs whole needs no unit of its own, and its layers
+    as units of their own leave more of the budget to resident weights ([Note: token
+    chunks])."""
+    need = measured(diffusion_model, shape)
+    if options.chunk_tokens and (need is None or need.chunked):
+        return layout
+    return layout.without_token_wise()
+
+
 def note_uncond(diffusion_model: torch.nn.Module, shape: Any) -> None:
     """A forward of ``shape`` ran an unconditional pass (measured or not)."""
     _needs.setdefault(diffusion_model, {}).setdefault(shape_key(shape), ShapeNeed()).uncond = True
 
 
-def record(diffusion_model: torch.nn.Module, shape: Any, need: int, uncond: bool) -> bool:
+def record(
+    diffusion_model: torch.nn.Module, shape: Any, need: int, uncond: bool, chunked: bool = False
+) -> bool:
     """Keep one forward's ``need`` (bytes beside the weights, for its whole batch) for its
-    latent shape; True when that shape's need per sample grew."""
+    latent shape, and whether it ran token-wise parts in chunks; True when that shape's need
+    per sample grew."""
     entry = _needs.setdefault(diffusion_model, {}).setdefault(shape_key(shape), ShapeNeed())
     entry.uncond = entry.uncond or uncond
+    entry.chunked = entry.chunked or chunked
     entry.batches.add(int(shape[0]))
     per_sample = -(-need // max(1, int(shape[0])))
     if per_sample <= entry.per_sample:

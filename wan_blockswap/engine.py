@@ -356,6 +356,10 @@ class BlockSwap(SwappedWeights):
         self.plan, self.config = plan, config
         provider.window_bytes = plan.window_bytes
 
+    def chunked_calls(self) -> int:
+        """How many calls of token-wise parts ran in chunks so far ([Note: token chunks])."""
+        return sum(h.chunked_calls for h in self._hooks if isinstance(h, TokenChunkedForward))
+
     def ring_bytes_held(self) -> int:
         """GPU bytes swapped units take now: fixed slots once taken, or a streamed plan's
         layers in flight."""

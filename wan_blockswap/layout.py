@@ -7,7 +7,7 @@ registered (:func:`register_layout_detector`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from torch import nn
@@ -74,6 +74,12 @@ class ModelLayout:
 
     def lists_with_role(self, role: str) -> tuple[BlockListLayout, ...]:
         return tuple(bl for bl in self.block_lists if bl.role == role)
+
+    def without_token_wise(self) -> "ModelLayout":
+        """This layout with no token-wise parts: nothing runs in chunks, and every large
+        layer is a swap unit of its own (smaller units: see [Note: token chunks])."""
+        lists = tuple(replace(bl, token_wise=()) for bl in self.block_lists)
+        return replace(self, block_lists=lists)
 
 
 LayoutDetector = Callable[[nn.Module], ModelLayout]

@@ -22,7 +22,15 @@ The layout names such parts (``BlockListLayout.token_wise``, Wan's ``ffn``), and
   chunk; anything else calls through. The matrix products over 8,192 rows stay large enough to
   run at full rate;
 - makes each such part one swap unit (``units.layer_units``): its layers run once per chunk,
-  and a unit's hooks fetch before the part and release after it, once per call;
+  and a unit's hooks fetch before the part and release after it, once per call. That unit
+  costs where nothing is cut: a streamed plan's window holds its largest unit, so on an H100
+  at 1 frame (1,560 tokens; 8 Wan-14B blocks, 4 GiB free) the whole FFN as one unit left
+  914 MB of weights resident where its two layers as units had left 1,169, and a step took
+  0.0887 s instead of 0.0776 (comfyui_dynamic_h100/session17_8blocks_token_chunks.json).
+  A layout without token-wise parts (``ModelLayout.without_token_wise``) cuts the units as
+  before; ComfyUI's auto plans with it a latent whose measured forward cut nothing
+  (``chunked_calls``), and a library user whose sequences stay under a chunk can pass
+  ``chunk_tokens=0``;
 - puts the chunking in the part's ``forward`` as an instance attribute, which ``remove``
   takes back; a part whose ``forward`` someone else replaced already is left alone. The handle
   is recorded before the attribute is set ([Note: apply is a transaction]).
@@ -52,6 +60,7 @@ class TokenChunkedForward:
     def __init__(self, module: nn.Module, chunk_tokens: int) -> None:
         self._module = weakref.ref(module)
         self.chunk_tokens = chunk_tokens
+        self.chunked_calls = 0  # calls cut into chunks: whether a latent's tokens reach this
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         module = self._module()
@@ -65,6 +74,7 @@ class TokenChunkedForward:
             or torch.is_grad_enabled()
         ):
             return forward(module, *args, **kwargs)
+        self.chunked_calls += 1
         batch, tokens = x.shape[:2]
         contiguous = x.is_contiguous()
         # chunks of nearly equal size, the longer first (torch.tensor_split's rule): no tail
