@@ -439,10 +439,9 @@ def _fit_to_latent(executor: Any, patcher: Any, noise_shape: Any, conds: dict, *
     if options is not None:
         available = comfy_auto.available_vram(patcher)
         diffusion_model = base_model.diffusion_model
-        layout = comfy_auto.planning_layout(
-            diffusion_model, noise_shape, model_configs.detect(diffusion_model).layout, options
-        )
-        sizes = _sizes_of(base_model, layout)
+        unswapped = _unswapped_of(base_model)
+        wanted = comfy_auto.planning_layout(diffusion_model, noise_shape, unswapped.layout, options)
+        sizes = unswapped.sizes[wanted]
         choices = comfy_auto.reserves(patcher, noise_shape, conds)
         reserve, least_moved = choices[-1], None  # below every plan: the smallest reserve
         for choice in choices:
@@ -458,31 +457,62 @@ def _fit_to_latent(executor: Any, patcher: Any, noise_shape: Any, conds: dict, *
             reserve.why,
         )
         comfy_auto.new_plan(diffusion_model)
-        _fit(patcher, options, layout, available, reserve.bytes)
+        _fit(patcher, options, unswapped, wanted, available, reserve.bytes)
     return executor(patcher, noise_shape, conds, **kwargs)
 
 
-# A private model's sizes as before any swap, per layout "auto" may plan it with (placeholders
-# hide them while it is swapped): measured whenever no swap is applied
-_unswapped_sizes: "weakref.WeakKeyDictionary[torch.nn.Module, dict[ModelLayout, Any]]" = (
-    weakref.WeakKeyDictionary()
-)
+@dataclass(frozen=True)
+class _Unswapped:
+    """A private model as auto's planner sees it, measured while no swap is applied:
+    placeholders hide a swapped block's bytes, from the planner and from the generic
+    architecture rule alike (which would then find other block lists, or none)."""
+
+    layout: ModelLayout  # the architecture's
+    sizes: dict  # ModelLayout -> ModelSizes, for it and for it without token-wise parts
 
 
-def _sizes_of(base_model: Any, layout: ModelLayout) -> Any:
-    """The planner's sizes of ``base_model``'s diffusion model (as before any swap), its units
-    cut by ``layout``: the architecture's layout or the same without token-wise parts."""
+_unswapped: "weakref.WeakKeyDictionary[torch.nn.Module, _Unswapped]" = weakref.WeakKeyDictionary()
+
+
+def _unswapped_of(base_model: Any) -> _Unswapped:
+    """``base_model``'s diffusion model as before any swap (measured now if none is applied)."""
     diffusion_model = base_model.diffusion_model
-    state = _states.get(diffusion_model)
-    if state is not None and state.swap.sizes is not None and state.swap.layout == layout:
-        return state.swap.sizes
-    if state is None:
-        full = model_configs.detect(diffusion_model).layout
-        _unswapped_sizes[diffusion_model] = {
-            each: measure_model(diffusion_model, each)[1]
-            for each in (full, full.without_token_wise())
-        }
-    return _unswapped_sizes[diffusion_model][layout]
+    if diffusion_model not in _states:
+        layout = model_configs.detect(diffusion_model).layout
+        variants = (layout, layout.without_token_wise())
+        sizes = {each: measure_model(diffusion_model, each)[1] for each in variants}
+        _unswapped[diffusion_model] = _Unswapped(layout, sizes)
+    found = _unswapped.get(diffusion_model)
+    assert found is not None, "auto measures a model before it swaps it"
+    return found
+
+
+def _has_token_wise(layout: ModelLayout) -> bool:
+    return any(bl.token_wise for bl in layout.block_lists)
+
+
+def _layout_to_plan(
+    state: _State | None,
+    unswapped: _Unswapped,
+    wanted: ModelLayout,
+    options: SwapConfig,
+    budget: float,
+) -> ModelLayout:
+    """The layout to cut the units by: ``wanted`` (see ``comfy_auto.planning_layout``), but a
+    swap whose token-wise parts are units keeps them where dropping them would move no fewer
+    bytes (nothing streams in layer units, say): a re-plan repacks the model, and their
+    chunker cuts nothing for a latent that needs none. A swap without them always gets them
+    back when wanted: a latent that is cut, or not measured yet, needs the lower peak."""
+    if state is None or state.swap.layout == wanted or _has_token_wise(wanted):
+        return wanted
+    kept = state.swap.layout
+    with_wanted = _plan_within(unswapped.sizes[wanted], options, budget)
+    with_kept = _plan_within(unswapped.sizes[kept], options, budget)
+    if with_wanted is None:  # below both slot plans: the smaller least window, if either
+        return wanted if with_kept is None else kept
+    if with_kept is None or with_wanted.swapped_bytes < with_kept.swapped_bytes:
+        return wanted
+    return kept
 
 
 def _budget_config(options: SwapConfig, budget: float) -> SwapConfig:
@@ -568,29 +598,31 @@ def _measure_need(executor: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
 def _fit(
     patcher: Any,
     options: SwapConfig,
-    layout: ModelLayout,
+    unswapped: _Unswapped,
+    wanted: ModelLayout,
     available: float,
     reserve: float,
 ) -> None:
-    """Apply, keep or re-plan the swap of ``patcher``'s model, its units cut by ``layout``,
-    for ``available - reserve`` bytes of weights; below the least plan, a clear error with
-    the numbers."""
+    """Apply, keep or re-plan the swap of ``patcher``'s model, its units cut by ``wanted``
+    (or as they are: :func:`_layout_to_plan`), for ``available - reserve`` bytes of weights;
+    below the least plan, a clear error with the numbers."""
     base_model = patcher.model
     diffusion_model = base_model.diffusion_model
     state = _states.get(diffusion_model)
-    sizes = _sizes_of(base_model, layout)
     budget = available - reserve
+    layout = _layout_to_plan(state, unswapped, wanted, options, budget)
+    sizes = unswapped.sizes[layout]
     config = _auto_config(sizes, options, budget, available)
     plan = plan_swap(sizes, config)
     if state is not None and state.swap.layout != layout:
-        chunks = any(bl.token_wise for bl in layout.block_lists)
         logger.info(
             "wan_blockswap auto: re-planning with %s ([Note: token chunks])",
             (
-                "token-wise parts in chunks"
-                if chunks
-                else "each large layer a unit of its own "
-                "(a forward of this latent cut no part into chunks)"
+                "token-wise parts as units that run in chunks (this latent was cut into "
+                "chunks, or is not measured yet)"
+                if _has_token_wise(layout)
+                else "each large layer a unit of its own (a forward of this latent cut no "
+                "part into chunks)"
             ),
         )
         remove_swap(base_model)

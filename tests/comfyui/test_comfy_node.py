@@ -78,7 +78,7 @@ def assert_chunked_equals(out: torch.Tensor, expected: torch.Tensor) -> None:
     48 rows, so on a GPU they are compared up to that rounding; at Wan's real 8,190-row chunks
     the benchmark measured them bit-identical on an H100
     (benchmarks/results/comfyui_dynamic_h100/session17_8blocks_token_chunks.json)."""
-    if out.device.type == "cpu" and not torch.cuda.is_available():
+    if not torch.cuda.is_available():  # run() hands back CPU tensors on any device
         assert torch.equal(out, expected)
         return
     diff = (out.float() - expected.float()).abs().max().item()
@@ -843,50 +843,162 @@ def _prepared_auto_node(comfy, pack, monkeypatch):
     return free, patcher, inputs, swapped, swapped.model.diffusion_model, shape
 
 
-@pytest.mark.parametrize("chunk_tokens", [None, 20], ids=["default", "chunks_of_20"])
-def test_auto_plans_a_latent_whose_forward_cut_nothing_with_each_layer_a_unit(
-    comfy, pack, monkeypatch, chunk_tokens
-):
-    """A token-wise part is one swap unit so that its layers run once per chunk; where a
-    latent's forward cut nothing into chunks (its tokens fit one chunk: 1 frame of Wan), its
-    layers as units of their own leave more VRAM to resident weights, so auto's next plan
-    for that latent drops the token-wise parts from the layout. A latent that was cut keeps
-    them. See [Note: token chunks]."""
+def _chunk_at(pack, monkeypatch, chunk_tokens: int) -> None:
+    """The node's configs cut token-wise parts at ``chunk_tokens`` (8,192 by default: more
+    than a tiny model has)."""
     import dataclasses
     import functools
 
+    widgets = pack.nodes.config_from_widgets
+
+    @functools.wraps(widgets)  # the node checks its widgets against this signature
+    def chunked(**w):
+        return dataclasses.replace(widgets(**w), chunk_tokens=chunk_tokens)
+
+    monkeypatch.setattr(pack.nodes, "config_from_widgets", chunked)
+
+
+def _token_wise(swap) -> bool:
+    return any(bl.token_wise for bl in swap.layout.block_lists)
+
+
+def _free_for_weights(comfy, swapped, sizes, shape, blocks: float) -> int:
+    """Free VRAM that leaves a latent of ``shape`` ``blocks`` blocks' worth for the swapped
+    blocks' weights: below two blocks the tiny Wan's plans put layers in slots, below about
+    two thirds of a block they stream every layer."""
+    block = max(b.nbytes for b in sizes.blocks)
+    estimate = comfy.sampler_helpers.estimate_memory(swapped, shape, {})[1]
+    return sizes.other_bytes + int(blocks * block) + int(estimate)
+
+
+def test_auto_plans_a_latent_whose_forward_cut_nothing_with_each_layer_a_unit(
+    comfy, pack, monkeypatch, caplog
+):
+    """A token-wise part is one swap unit so that its layers run once per chunk; a streamed
+    window then holds that larger unit. Where a latent's measured forward cut nothing into
+    chunks (its tokens fit one chunk: 1 frame of Wan), auto's next plan for it cuts the units
+    without token-wise parts, and the same budget keeps more weights resident. A latent not
+    measured yet gets the token-wise units (and their chunker) back. See [Note: token
+    chunks]."""
+    from comfyui_wan_blockswap.callbacks import comfy_auto
+    from comfyui_wan_blockswap.callbacks.comfy_adapter import _states, _unswapped
+    from comfyui_wan_blockswap.wan_blockswap.plan import plan_swap
+
+    free, patcher, inputs, swapped, private, small = _prepared_auto_node(comfy, pack, monkeypatch)
+    expected = run(comfy, patcher, inputs)
+    comfy.model_management.unload_all_models()
+    unswapped = _unswapped[private]
+    full = unswapped.layout
+    sizes = unswapped.sizes[full]
+    free["bytes"] = _free_for_weights(comfy, swapped, sizes, small, 1)
+    _prepare(comfy, swapped, small)
+    comfy.model_management.unload_all_models()
+    first = _states[private].swap
+    assert first.plan.swapped and _token_wise(first)  # not measured yet
+    _measure(comfy, swapped, inputs, 2**10, (0,), monkeypatch)
+    assert comfy_auto.measured(private, small).chunked is False
+
+    with caplog.at_level(logging.INFO, logger="wan_blockswap"):
+        _prepare(comfy, swapped, small)
+    swap = _states[private].swap
+    assert swap is not first and not _token_wise(swap)
+    assert "each large layer a unit of its own" in caplog.text
+    reduced = full.without_token_wise()
+    assert swap.layout == reduced and swap.sizes == unswapped.sizes[reduced]
+    # the FFN's two layers are units of their own: the window is smaller, more stays resident
+    layers = {len(b.layer_bytes) for b in swap.sizes.blocks}
+    assert layers == {len(b.layer_bytes) + 1 for b in sizes.blocks}, layers
+    budget = swap.plan.budgeted_bytes
+    with_chunk_units = plan_swap(sizes, swap.config)
+    assert swap.plan.swapped_bytes < with_chunk_units.swapped_bytes, (swap.plan, budget)
+    assert torch.equal(run(comfy, swapped, inputs), expected)
+    comfy.model_management.unload_all_models()
+    _prepare(comfy, swapped, small)
+    assert _states[private].swap is swap  # the same latent again: the plan stays
+    comfy.model_management.unload_all_models()
+
+    # a latent of another shape, not measured: its forward may need the chunks' lower peak
+    large = (small[0], small[1], small[2] * 2, *small[3:])
+    free["bytes"] = _free_for_weights(comfy, swapped, sizes, large, 1)
+    _prepare(comfy, swapped, large)
+    again = _states[private].swap
+    assert again is not swap and _token_wise(again) and again.layout == full
+    comfy.model_management.unload_all_models()
+    assert torch.equal(run(comfy, swapped, inputs), expected)
+    assert_untouched(patcher)
+
+
+@pytest.mark.parametrize("chunk_tokens", [None, 20], ids=["uncut", "cut_into_16s"])
+def test_auto_keeps_the_token_wise_units_where_dropping_them_gains_nothing(
+    comfy, pack, monkeypatch, chunk_tokens
+):
+    """A re-plan repacks the model, so a latent whose forward cut nothing keeps a swap with
+    token-wise units where its plan moves no fewer bytes without them (here nothing streams:
+    every block fits); a latent that was cut keeps them in any case."""
     from comfyui_wan_blockswap.callbacks import comfy_auto
     from comfyui_wan_blockswap.callbacks.comfy_adapter import _states
 
-    if chunk_tokens is not None:  # the node cuts at 8,192 tokens: more than a tiny model has
-        widgets = pack.nodes.config_from_widgets
-
-        @functools.wraps(widgets)  # the node checks its widgets against this signature
-        def chunked(**w):
-            return dataclasses.replace(widgets(**w), chunk_tokens=chunk_tokens)
-
-        monkeypatch.setattr(pack.nodes, "config_from_widgets", chunked)
+    if chunk_tokens is not None:
+        _chunk_at(pack, monkeypatch, chunk_tokens)
     free, patcher, inputs, swapped, private, shape = _prepared_auto_node(comfy, pack, monkeypatch)
     expected = run(comfy, patcher, inputs)
+    comfy.model_management.unload_all_models()
     first = _states[private].swap
-    assert first.layout.block_lists[0].token_wise == ("ffn",)  # not measured yet: as recorded
+    assert _token_wise(first) and not first.plan.swapped
+    calls = first.chunked_calls()
     _measure(comfy, swapped, inputs, 2**20, (0,), monkeypatch)
     assert comfy_auto.measured(private, shape).chunked == (chunk_tokens is not None)
+    assert (first.chunked_calls() > calls) == (chunk_tokens is not None)
+    _prepare(comfy, swapped, shape)
+    assert _states[private].swap is first
+    assert_chunked_equals(run(comfy, swapped, inputs), expected)
+    assert_untouched(patcher)
 
+
+def test_auto_without_chunks_plans_each_large_layer_a_unit_from_the_start(comfy, pack, monkeypatch):
+    """``chunk_tokens=0``: nothing runs in chunks, so auto never makes token-wise units (the
+    engine's own sizes, measured with the config's chunk_tokens, agree with the plan's)."""
+    from comfyui_wan_blockswap.callbacks.comfy_adapter import _states, _unswapped
+
+    _chunk_at(pack, monkeypatch, 0)
+    free, patcher, inputs, swapped, private, shape = _prepared_auto_node(comfy, pack, monkeypatch)
+    expected = run(comfy, patcher, inputs)
+    comfy.model_management.unload_all_models()
+    sizes = _unswapped[private].sizes[_unswapped[private].layout]
+    free["bytes"] = _free_for_weights(comfy, swapped, sizes, shape, 0.25)
     _prepare(comfy, swapped, shape)
     swap = _states[private].swap
-    if chunk_tokens is None:
-        assert swap is not first and not any(bl.token_wise for bl in swap.layout.block_lists)
-        # the FFN's two layers are units of their own now
-        layers = {len(b.layer_bytes) for b in swap.sizes.blocks}
-        assert layers == {len(b.layer_bytes) + 1 for b in first.sizes.blocks}, layers
-        assert swap.chunked_calls() == 0
-    else:
-        assert swap is first  # nothing to gain: kept
-    assert_chunked_equals(run(comfy, swapped, inputs), expected)
+    assert swap.plan.kind == "streamed" and not _token_wise(swap)
+    assert swap.config.chunk_tokens == 0 and swap.chunked_calls() == 0
     comfy.model_management.unload_all_models()
+    assert torch.equal(run(comfy, swapped, inputs), expected)
+    assert_untouched(patcher)
+
+
+def test_auto_detects_an_unrecorded_architecture_before_it_swaps_anything(comfy, pack, monkeypatch):
+    """A model without a record is found by the generic rule, which weighs each module list
+    by its bytes; swapped blocks are placeholders, so auto detects the layout once, while no
+    swap is applied, and plans every later latent from it (a review found the next prompt
+    failing with "found no block list" once every block streamed)."""
+    from comfyui_wan_blockswap.callbacks.comfy_adapter import _states, _unswapped
+    from comfyui_wan_blockswap.model_configs import registry
+
+    monkeypatch.setattr(registry, "match", lambda model: None)  # as if no record matched
+    free, patcher, inputs, swapped, private, shape = _prepared_auto_node(comfy, pack, monkeypatch)
+    expected = run(comfy, patcher, inputs)
+    comfy.model_management.unload_all_models()
+    layout = _unswapped[private].layout
+    assert layout.name == "generic"
+    sizes = _unswapped[private].sizes[layout]
+    free["bytes"] = _free_for_weights(comfy, swapped, sizes, shape, 0.25)
     _prepare(comfy, swapped, shape)
-    assert _states[private].swap is swap  # the same latent again: the plan stays
+    swap = _states[private].swap
+    assert swap.plan.kind == "streamed" and swap.plan.swapped
+    comfy.model_management.unload_all_models()
+    _prepare(comfy, swapped, shape)  # the same latent again, every block a placeholder
+    assert _states[private].swap is swap and _unswapped[private].layout == layout
+    comfy.model_management.unload_all_models()
+    assert torch.equal(run(comfy, swapped, inputs), expected)
     assert_untouched(patcher)
 
 
