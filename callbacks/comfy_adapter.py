@@ -461,7 +461,7 @@ def _fit_to_latent(executor: Any, patcher: Any, noise_shape: Any, conds: dict, *
     return executor(patcher, noise_shape, conds, **kwargs)
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Unswapped:
     """A private model as auto's planner sees it, measured while no swap is applied:
     placeholders hide a swapped block's bytes, from the planner and from the generic
@@ -469,6 +469,9 @@ class _Unswapped:
 
     layout: ModelLayout  # the architecture's
     sizes: dict  # ModelLayout -> ModelSizes, for it and for it without token-wise parts
+    # The token-wise units came back after auto had dropped them: latents that are cut and
+    # latents that are not take turns, and each turn would repack the model, so they stay
+    keeps_token_wise: bool = False
 
 
 _unswapped: "weakref.WeakKeyDictionary[torch.nn.Module, _Unswapped]" = weakref.WeakKeyDictionary()
@@ -481,7 +484,9 @@ def _unswapped_of(base_model: Any) -> _Unswapped:
         layout = model_configs.detect(diffusion_model).layout
         variants = (layout, layout.without_token_wise())
         sizes = {each: measure_model(diffusion_model, each)[1] for each in variants}
-        _unswapped[diffusion_model] = _Unswapped(layout, sizes)
+        previous = _unswapped.get(diffusion_model)
+        keeps = previous is not None and previous.keeps_token_wise
+        _unswapped[diffusion_model] = _Unswapped(layout, sizes, keeps)
     found = _unswapped.get(diffusion_model)
     assert found is not None, "auto measures a model before it swaps it"
     return found
@@ -500,15 +505,21 @@ def _layout_to_plan(
 ) -> ModelLayout:
     """The layout to cut the units by: ``wanted`` (see ``comfy_auto.planning_layout``), but a
     swap whose token-wise parts are units keeps them where dropping them would move no fewer
-    bytes (nothing streams in layer units, say): a re-plan repacks the model, and their
-    chunker cuts nothing for a latent that needs none. A swap without them always gets them
-    back when wanted: a latent that is cut, or not measured yet, needs the lower peak."""
-    if state is None or state.swap.layout == wanted or _has_token_wise(wanted):
+    bytes (nothing streams in layer units, say), or where they came back once already: a
+    re-plan repacks the model, and their chunker cuts nothing for a latent that needs none.
+    A swap without them always gets them back when wanted: a latent that is cut, or not
+    measured yet, needs the lower peak."""
+    if state is None or state.swap.layout == wanted:
+        return wanted
+    if _has_token_wise(wanted):
+        unswapped.keeps_token_wise = True
         return wanted
     kept = state.swap.layout
+    if unswapped.keeps_token_wise:
+        return kept
     with_wanted = _plan_within(unswapped.sizes[wanted], options, budget)
     with_kept = _plan_within(unswapped.sizes[kept], options, budget)
-    if with_wanted is None:  # below both slot plans: the smaller least window, if either
+    if with_wanted is None:  # below every plan of either cut: the smaller least window
         return wanted if with_kept is None else kept
     if with_kept is None or with_wanted.swapped_bytes < with_kept.swapped_bytes:
         return wanted

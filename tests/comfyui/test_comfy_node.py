@@ -955,6 +955,36 @@ def test_auto_keeps_the_token_wise_units_where_dropping_them_gains_nothing(
     assert_untouched(patcher)
 
 
+def test_auto_keeps_the_token_wise_units_once_they_came_back(comfy, pack, monkeypatch):
+    """Where latents cut into chunks and latents that are not take turns, every turn would
+    repack the model; once the token-wise units came back after auto dropped them, they stay
+    (a review counted 6 repacks in 6 prompts without this)."""
+    from comfyui_wan_blockswap.callbacks import comfy_auto
+    from comfyui_wan_blockswap.callbacks.comfy_adapter import _states, _unswapped
+
+    free, patcher, inputs, swapped, private, small = _prepared_auto_node(comfy, pack, monkeypatch)
+    expected = run(comfy, patcher, inputs)
+    comfy.model_management.unload_all_models()
+    sizes = _unswapped[private].sizes[_unswapped[private].layout]
+    large = (small[0], small[1], small[2] * 2, *small[3:])
+    # the large latent's forward was cut into chunks (the tiny model's never is at 8,192)
+    comfy_auto.record(private, large, 2**10, uncond=False, chunked=True)
+    swaps = [_states[private].swap]  # planned before any forward: token-wise units
+    _measure(comfy, swapped, inputs, 2**10, (0,), monkeypatch)  # the small one's was not cut
+    for shape in [small, small, large, small, large, small]:
+        free["bytes"] = _free_for_weights(comfy, swapped, sizes, shape, 1)
+        _prepare(comfy, swapped, shape)
+        swap = _states[private].swap
+        if swaps[-1] is not swap:
+            swaps.append(swap)
+        comfy.model_management.unload_all_models()
+    # each layer a unit for the small latent, the token-wise units back for the large one,
+    # and kept from then on
+    assert [_token_wise(swap) for swap in swaps] == [True, False, True], swaps
+    assert torch.equal(run(comfy, swapped, inputs), expected)
+    assert_untouched(patcher)
+
+
 def test_auto_without_chunks_plans_each_large_layer_a_unit_from_the_start(comfy, pack, monkeypatch):
     """``chunk_tokens=0``: nothing runs in chunks, so auto never makes token-wise units (the
     engine's own sizes, measured with the config's chunk_tokens, agree with the plan's)."""
