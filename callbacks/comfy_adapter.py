@@ -39,6 +39,7 @@ import comfy.patcher_extension
 from .. import model_configs
 from ..wan_blockswap import (
     BlockSwap,
+    BlockSwapConfigError,
     InsufficientMemoryError,
     ModelLayout,
     SwapConfig,
@@ -102,6 +103,7 @@ def apply_to_patcher(patcher: Any, config: SwapConfig, auto: bool = False) -> An
     ``auto``: ``config`` carries every option but the plan; before each sampling run the plan
     is fitted to the free VRAM left by that latent's memory estimate (:func:`_fit_to_latent`).
     """
+    _refuse_a_swapped_input(patcher)
     upstream_kind = "dynamic VRAM" if is_dynamic(patcher) else "static"
     private = private_model(patcher)
     comfy_auto.calibrate(private)  # core's estimates: measured ones once a forward ran
@@ -130,6 +132,24 @@ def apply_to_patcher(patcher: Any, config: SwapConfig, auto: bool = False) -> An
         ", planned at the first sampling run (preset auto)" if auto else "",
     )
     return clone
+
+
+def _refuse_a_swapped_input(patcher: Any) -> None:
+    """The node swaps a private copy that shares the input's weights; an input whose blocks
+    some other swap already holds (WAN BlockSwap Model Loader's, or the library's on a model
+    handed in) has placeholders where those weights belong, which a copy would share."""
+    base_model = patcher.model
+    if existing_private(base_model) is not None:  # one of ours: re-planned as it is
+        return
+    if get_block_swap(base_model.diffusion_model) is None:
+        return
+    raise BlockSwapConfigError(
+        f"WAN BlockSwap got a {type(base_model).__name__} whose blocks are swapped already "
+        f"(by WAN BlockSwap Model Loader, which keeps them out of RAM until they are used), "
+        f"so it has no weights to share with a swapped copy. Set the plan on the loader (its "
+        f"preset and block widgets) and leave this node out, or load the model with core's "
+        f"Load Diffusion Model node to swap it here."
+    )
 
 
 # Options of an "auto" node whose plan is not made yet (it is made at the first sampling run)

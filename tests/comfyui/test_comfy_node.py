@@ -447,6 +447,20 @@ def test_lazy_loader_node_equals_core_loader(comfy, pack, tmp_path, weight_dtype
             break
     assert plan.kept_layers and len(plan.swapped) == len(model.model.diffusion_model.blocks)
     assert torch.equal(run(comfy, model, inputs), expected)
+    comfy.model_management.unload_all_models()
+
+    # its output into the node: refused by name, before anything changed (a review found it
+    # aliasing the loader's placeholders and failing in the forward with a shape error)
+    from comfyui_wan_blockswap.callbacks.comfy_private import existing_private
+    from comfyui_wan_blockswap.wan_blockswap import BlockSwapConfigError
+
+    swap = get_block_swap(model.model.diffusion_model)
+    for options in ({"preset": pack.nodes.AUTO}, {"blocks_to_swap": 1}):
+        with pytest.raises(BlockSwapConfigError, match="Model Loader.*Load Diffusion Model"):
+            node(model, **options)
+    assert existing_private(model.model) is None
+    assert get_block_swap(model.model.diffusion_model) is swap
+    assert torch.equal(run(comfy, model, inputs), expected)
 
 
 def test_wan22_two_models_share_slots_and_unload_frees_them(comfy):
