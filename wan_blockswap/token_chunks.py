@@ -11,9 +11,11 @@ A feed-forward network works on each token on its own, so running it over slices
 gives the same numbers while its intermediate exists for one slice at a time (on the H200, a
 2-block core WanModel of Wan-14B's shapes, random fp16 weights, batch 1, 32,760 tokens cut by
 torch.tensor_split into 4 and 8 chunks, equalled the whole bit for bit:
-benchmarks/results/activation_peaks_h200.json; bf16, a batch of two and this class's own cut
-are not yet measured on a GPU). With it ours ran at 4.0 GiB free there, where
-it had needed 6.0 like core (session16_floor40_token_chunks_triton_rope.json).
+benchmarks/results/activation_peaks_h200.json; and this class's cut, in the ComfyUI node on an
+H100, 8 blocks, bf16, batch 1, into 4 chunks of 8,190, equalled core's output:
+comfyui_dynamic_h100/session17_8blocks_token_chunks.json; a batch of two is not yet measured
+on a GPU). With it ours ran at 4.0 GiB free there, where it had needed 6.0 like core
+(session16_floor40_token_chunks_triton_rope.json), and at 3.5 in session 17.
 The layout names such parts (``BlockListLayout.token_wise``, Wan's ``ffn``), and the engine:
 - chunks in every plan (``SwapConfig.chunk_tokens`` > 0): ComfyUI's auto measures a latent
   shape's need once and plans slot and streamed plans alike from it, so the forward must need
