@@ -31,8 +31,9 @@ The layout names such parts (``BlockListLayout.token_wise``, Wan's ``ffn``), and
   0.0887 s instead of 0.0776 (comfyui_dynamic_h100/session17_8blocks_token_chunks.json).
   A layout without token-wise parts (``ModelLayout.without_token_wise``) cuts the units as
   before; ComfyUI's auto plans with it a latent whose measured forward cut nothing
-  (``chunked_calls``), and a library user whose sequences stay under a chunk can pass
-  ``chunk_tokens=0``;
+  (``chunked_calls``) where that moves fewer bytes, and keeps the token-wise units once they
+  came back (latents cut and uncut taking turns would repack the model every prompt); a
+  library user whose sequences stay under a chunk can pass ``chunk_tokens=0``;
 - puts the chunking in the part's ``forward`` as an instance attribute, which ``remove``
   takes back; a part whose ``forward`` someone else replaced already is left alone. The handle
   is recorded before the attribute is set ([Note: apply is a transaction]).
