@@ -46,7 +46,12 @@ LOW = "wan22_session_low_noise.safetensors"
 LORA = "wan_session_lora.safetensors"
 AUTO = "auto (free VRAM now)"
 CUSTOM = "custom (use the widgets)"
-STEPS, INTERRUPT_STEPS = 4, 8  # an interrupted prompt samples longer: time to land mid-way
+STEPS = 4
+# An interrupted prompt samples longer, so the /interrupt lands mid-way: on the CPU 8 steps of
+# the tiny model are time enough; on an H100 a whole prompt took about a second, and 17 of the
+# 20 interrupts of two current-core sessions arrived after sampling had finished, all 3 of a
+# legacy one too (reliability_h100.json, "missed")
+INTERRUPT_STEPS = {"cpu": 8, "gpu": 64}
 
 
 class Step(NamedTuple):
@@ -206,7 +211,8 @@ def run(
     static_refs: dict[tuple[str, int, bool], Any] = {}
 
     def prompt_for(step: Step, seed: int, prefix: str) -> dict:
-        steps = INTERRUPT_STEPS if step.kind == "interrupt" else STEPS
+        device = "cpu" if cpu else "gpu"
+        steps = INTERRUPT_STEPS[device] if step.kind == "interrupt" else STEPS
         nodes = step.node if isinstance(step.node, tuple) else (step.node, step.node)
         high, low = (None if n is None else {**defaults, **n} for n in nodes)
         lora = (LORA, 0.8) if step.lora else None
