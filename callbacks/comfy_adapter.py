@@ -145,10 +145,10 @@ def _refuse_a_swapped_input(patcher: Any) -> None:
         return
     raise BlockSwapConfigError(
         f"WAN BlockSwap got a {type(base_model).__name__} whose blocks are swapped already "
-        f"(by WAN BlockSwap Model Loader, which keeps them out of RAM until they are used), "
-        f"so it has no weights to share with a swapped copy. Set the plan on the loader (its "
-        f"preset and block widgets) and leave this node out, or load the model with core's "
-        f"Load Diffusion Model node to swap it here."
+        f"(by WAN BlockSwap Model Loader, which keeps them out of RAM until they are used, or "
+        f"by apply_block_swap), so it has no weights to share with a swapped copy. Set the "
+        f"plan on the loader (its preset and block widgets) and leave this node out, or load "
+        f"the model with core's Load Diffusion Model node to swap it here."
     )
 
 
