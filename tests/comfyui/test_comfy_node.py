@@ -888,8 +888,8 @@ def _free_for_weights(comfy, swapped, sizes, shape, blocks: float) -> int:
 def test_auto_plans_a_latent_whose_forward_cut_nothing_with_each_layer_a_unit(
     comfy, pack, monkeypatch, caplog
 ):
-    """A token-wise part is one swap unit so that its layers run once per chunk; a streamed
-    window then holds that larger unit. Where a latent's measured forward cut nothing into
+    """A token-wise part is one swap unit so that its layers run once per chunk; a layer slot
+    or a streamed window then holds that larger unit. Where a latent's measured forward cut nothing into
     chunks (its tokens fit one chunk: 1 frame of Wan), auto's next plan for it cuts the units
     without token-wise parts, and the same budget keeps more weights resident. A latent not
     measured yet gets the token-wise units (and their chunker) back. See [Note: token
