@@ -661,12 +661,9 @@ def _fit(
     elif state is not None:
         current = state.swap.plan
         assert current is not None
-        streamed = plan.kind == current.kind == "streamed"
-        if streamed and plan.swapped == current.swapped:
+        if _same_streamed(plan, current):
             if plan.window_bytes != current.window_bytes:  # a streamed plan's new window
-                unload_everywhere(base_model)  # core counts the window as loaded
-                state.swap.set_window(plan, config)
-                state.config = config
+                _set_window(patcher, state, plan, config)
             patcher.size = _reported_size(patcher)
             return
         block = max((b.nbytes for b in sizes.blocks), default=0)
@@ -679,6 +676,19 @@ def _fit(
                 return
             config = _auto_config(sizes, options, budget - block, available)
             plan = plan_swap(sizes, config)
+            if _same_streamed(plan, current):
+                # The same layers stream through a wider window: no repack, and copies run
+                # further ahead. On an H100 at 81 frames (8 Wan-14B blocks, 7 GiB free) the
+                # first plan, from core's estimate, had a 0.15 GiB window (the FFN's 270 MB
+                # sits alone beyond one that small, so its copy waits for the layers before
+                # it); the measured need then left 1.35 GiB, whose plan (layer slots) the
+                # slack kept out, and every prompt ran on that window, at 1.036x core (the
+                # window replanned on the CPU from the same sizes; how much of the gap it
+                # was is not yet measured).
+                if plan.window_bytes > current.window_bytes:
+                    _set_window(patcher, state, plan, config)
+                    patcher.size = _reported_size(patcher)
+                return
             leaves_streaming = bool(current.window_bytes) and not plan.window_bytes
             gain = current.swapped_bytes - plan.swapped_bytes  # a block more, or all of it
             if not leaves_streaming and (gain <= 0 or gain < min(block, current.swapped_bytes)):
@@ -693,6 +703,19 @@ def _fit(
         # [Note: a forward out of memory] in comfy_auto
         _meter.release_cached(patcher.load_device)
     patcher.size = _reported_size(patcher)
+
+
+def _same_streamed(plan: Any, current: Any) -> bool:
+    """Whether ``plan`` streams the same units as ``current`` (only its window may differ)."""
+    return plan.kind == current.kind == "streamed" and plan.swapped == current.swapped
+
+
+def _set_window(patcher: Any, state: _State, plan: Any, config: SwapConfig) -> None:
+    """Give a streamed swap ``plan``'s window; core counts the window as loaded, so it
+    unloads the model first."""
+    unload_everywhere(patcher.model)
+    state.swap.set_window(plan, config)
+    state.config = config
 
 
 def _auto_config(sizes: Any, options: SwapConfig, budget: float, available: float) -> SwapConfig:

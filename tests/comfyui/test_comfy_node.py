@@ -999,6 +999,35 @@ def test_auto_keeps_the_token_wise_units_once_they_came_back(comfy, pack, monkey
     assert_untouched(patcher)
 
 
+def test_auto_widens_a_streamed_window_within_the_slack_without_repacking(comfy, pack, monkeypatch):
+    """A first plan from core's estimate may stream every layer through a small window; when
+    the measured need leaves a budget whose own plan (layer slots) the block of slack keeps
+    out, the plan within the slack streams the same layers through a wider window: auto
+    widens the window of the swap it has (no repack), so copies run further ahead."""
+    from comfyui_wan_blockswap.callbacks.comfy_adapter import _states, _unswapped
+
+    free, patcher, inputs, swapped, private, shape = _prepared_auto_node(comfy, pack, monkeypatch)
+    expected = run(comfy, patcher, inputs)
+    comfy.model_management.unload_all_models()
+    sizes = _unswapped[private].sizes[_unswapped[private].layout]
+    free["bytes"] = _free_for_weights(comfy, swapped, sizes, shape, 0.25)
+    _prepare(comfy, swapped, shape)
+    comfy.model_management.unload_all_models()
+    swap = _states[private].swap
+    first = swap.plan
+    assert first.kind == "streamed" and first.window_bytes
+    free["bytes"] = _free_for_weights(comfy, swapped, sizes, shape, 1.5)
+    _prepare(comfy, swapped, shape)
+    assert _states[private].swap is swap  # not repacked
+    assert swap.plan.kind == "streamed" and swap.plan.swapped == first.swapped
+    assert swap.plan.window_bytes > first.window_bytes
+    assert swap.scheduler.provider.window_bytes == swap.plan.window_bytes
+    assert swapped.size == resident_size(swapped) + swap.plan.ring_bytes
+    comfy.model_management.unload_all_models()
+    assert torch.equal(run(comfy, swapped, inputs), expected)
+    assert_untouched(patcher)
+
+
 def test_auto_without_chunks_plans_each_large_layer_a_unit_from_the_start(comfy, pack, monkeypatch):
     """``chunk_tokens=0``: nothing runs in chunks, so auto never makes token-wise units (the
     engine's own sizes, measured with the config's chunk_tokens, agree with the plan's)."""
