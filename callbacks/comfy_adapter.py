@@ -141,7 +141,8 @@ def _refuse_a_swapped_input(patcher: Any) -> None:
     base_model = patcher.model
     if existing_private(base_model) is not None:  # one of ours: re-planned as it is
         return
-    if get_block_swap(base_model.diffusion_model) is None:
+    diffusion_model = getattr(base_model, "diffusion_model", None)
+    if diffusion_model is None or get_block_swap(diffusion_model) is None:
         return
     raise BlockSwapConfigError(
         f"WAN BlockSwap got a {type(base_model).__name__} whose blocks are swapped already "
@@ -716,6 +717,7 @@ def _set_window(patcher: Any, state: _State, plan: Any, config: SwapConfig) -> N
     unload_everywhere(patcher.model)
     state.swap.set_window(plan, config)
     state.config = config
+    logger.info("wan_blockswap auto: streaming through a %.2f GiB window", plan.window_bytes / GIB)
 
 
 def _auto_config(sizes: Any, options: SwapConfig, budget: float, available: float) -> SwapConfig:

@@ -1004,7 +1004,10 @@ def test_auto_widens_a_streamed_window_within_the_slack_without_repacking(comfy,
     the measured need leaves a budget whose own plan (layer slots) the block of slack keeps
     out, the plan within the slack streams the same layers through a wider window: auto
     widens the window of the swap it has (no repack), so copies run further ahead."""
+    import dataclasses
+
     from comfyui_wan_blockswap.callbacks.comfy_adapter import _states, _unswapped
+    from comfyui_wan_blockswap.wan_blockswap.plan import plan_swap
 
     free, patcher, inputs, swapped, private, shape = _prepared_auto_node(comfy, pack, monkeypatch)
     expected = run(comfy, patcher, inputs)
@@ -1016,13 +1019,29 @@ def test_auto_widens_a_streamed_window_within_the_slack_without_repacking(comfy,
     swap = _states[private].swap
     first = swap.plan
     assert first.kind == "streamed" and first.window_bytes
-    free["bytes"] = _free_for_weights(comfy, swapped, sizes, shape, 1.5)
+    block = max(b.nbytes for b in sizes.blocks)
+    budget = sizes.other_bytes + 3 * block // 2
+    whole = plan_swap(sizes, dataclasses.replace(swap.config, vram_budget_gb=budget / 2**30))
+    assert whole.kind == "slots"  # the budget's own plan: a repack, which the slack keeps out
+    comfy.model_management.load_models_gpu([swapped])  # loaded: core's count must follow
+    # auto counts what loaded models hold as VRAM it can have (core unloads them for it)
+    loaded = swapped.loaded_size()
+    assert loaded > 0
+    free["bytes"] = _free_for_weights(comfy, swapped, sizes, shape, 1.5) - loaded
     _prepare(comfy, swapped, shape)
     assert _states[private].swap is swap  # not repacked
-    assert swap.plan.kind == "streamed" and swap.plan.swapped == first.swapped
-    assert swap.plan.window_bytes > first.window_bytes
-    assert swap.scheduler.provider.window_bytes == swap.plan.window_bytes
-    assert swapped.size == resident_size(swapped) + swap.plan.ring_bytes
+    widened = swap.plan
+    assert widened.kind == "streamed" and widened.swapped == first.swapped
+    assert first.window_bytes < widened.window_bytes
+    assert widened.budgeted_bytes <= budget - block + 1  # within the slack
+    assert swap.scheduler.provider.window_bytes == widened.window_bytes
+    assert swapped.size == resident_size(swapped) + widened.ring_bytes
+    # core unloaded the model for the new window and loaded it again as it is now
+    assert swapped.model.model_loaded_weight_memory == swapped.size
+    comfy.model_management.unload_all_models()
+    free["bytes"] = _free_for_weights(comfy, swapped, sizes, shape, 1.5)  # nothing loaded now
+    _prepare(comfy, swapped, shape)  # the same budget again: nothing changes
+    assert _states[private].swap is swap and swap.plan == widened
     comfy.model_management.unload_all_models()
     assert torch.equal(run(comfy, swapped, inputs), expected)
     assert_untouched(patcher)
