@@ -999,15 +999,11 @@ def test_auto_keeps_the_token_wise_units_once_they_came_back(comfy, pack, monkey
     assert_untouched(patcher)
 
 
-def test_auto_widens_a_streamed_window_within_the_slack_without_repacking(comfy, pack, monkeypatch):
-    """A first plan from core's estimate may stream every layer through a small window; when
-    the measured need leaves a budget whose own plan (layer slots) the block of slack keeps
-    out, the plan within the slack streams the same layers through a wider window: auto
-    widens the window of the swap it has (no repack), so copies run further ahead."""
-    import dataclasses
-
-    from comfyui_wan_blockswap.callbacks.comfy_adapter import _states, _unswapped
-    from comfyui_wan_blockswap.wan_blockswap.plan import plan_swap
+def _streaming_auto_node(comfy, pack, monkeypatch):
+    """``_prepared_auto_node``, then planned for a quarter of a block's worth of weights (a
+    plan that streams every layer), unloaded; with core's output for its inputs and the
+    sizes of its architecture's layout."""
+    from comfyui_wan_blockswap.callbacks.comfy_adapter import _unswapped
 
     free, patcher, inputs, swapped, private, shape = _prepared_auto_node(comfy, pack, monkeypatch)
     expected = run(comfy, patcher, inputs)
@@ -1016,6 +1012,22 @@ def test_auto_widens_a_streamed_window_within_the_slack_without_repacking(comfy,
     free["bytes"] = _free_for_weights(comfy, swapped, sizes, shape, 0.25)
     _prepare(comfy, swapped, shape)
     comfy.model_management.unload_all_models()
+    return free, patcher, inputs, swapped, private, shape, expected, sizes
+
+
+def test_auto_widens_a_streamed_window_within_the_slack_without_repacking(comfy, pack, monkeypatch):
+    """A first plan from core's estimate may stream every layer through a small window; when
+    the measured need leaves a budget whose own plan (layer slots) the block of slack keeps
+    out, the plan within the slack streams the same layers through a wider window: auto
+    widens the window of the swap it has (no repack), so copies run further ahead."""
+    import dataclasses
+
+    from comfyui_wan_blockswap.callbacks.comfy_adapter import _states
+    from comfyui_wan_blockswap.wan_blockswap.plan import plan_swap
+
+    free, patcher, inputs, swapped, private, shape, expected, sizes = _streaming_auto_node(
+        comfy, pack, monkeypatch
+    )
     swap = _states[private].swap
     first = swap.plan
     assert first.kind == "streamed" and first.window_bytes
@@ -1050,19 +1062,15 @@ def test_auto_widens_a_streamed_window_within_the_slack_without_repacking(comfy,
 def test_auto_without_chunks_plans_each_large_layer_a_unit_from_the_start(comfy, pack, monkeypatch):
     """``chunk_tokens=0``: nothing runs in chunks, so auto never makes token-wise units (the
     engine's own sizes, measured with the config's chunk_tokens, agree with the plan's)."""
-    from comfyui_wan_blockswap.callbacks.comfy_adapter import _states, _unswapped
+    from comfyui_wan_blockswap.callbacks.comfy_adapter import _states
 
     _chunk_at(pack, monkeypatch, 0)
-    free, patcher, inputs, swapped, private, shape = _prepared_auto_node(comfy, pack, monkeypatch)
-    expected = run(comfy, patcher, inputs)
-    comfy.model_management.unload_all_models()
-    sizes = _unswapped[private].sizes[_unswapped[private].layout]
-    free["bytes"] = _free_for_weights(comfy, swapped, sizes, shape, 0.25)
-    _prepare(comfy, swapped, shape)
+    _, patcher, inputs, swapped, private, _, expected, _ = _streaming_auto_node(
+        comfy, pack, monkeypatch
+    )
     swap = _states[private].swap
     assert swap.plan.kind == "streamed" and not _token_wise(swap)
     assert swap.config.chunk_tokens == 0 and swap.chunked_calls() == 0
-    comfy.model_management.unload_all_models()
     assert torch.equal(run(comfy, swapped, inputs), expected)
     assert_untouched(patcher)
 
