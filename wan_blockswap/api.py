@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 
-from .config import SwapConfig
+from .config import DEFAULT_CHUNK_TOKENS, SwapConfig
 from .engine import BlockSwap, active_swap, measure_model
+from .model_sizes import unit_layout
 from .errors import BlockSwapConfigError, BlockSwapStateError
 from .layout import ModelLayout, detect_layout
 from .plan import GIB, ModelSizes, SwapPlan, min_streamed_budget, plan_swap
@@ -96,7 +97,7 @@ def get_block_swap(model: nn.Module) -> BlockSwap | None:
 def plan_for(model: nn.Module, config: SwapConfig, layout: ModelLayout | None = None) -> SwapPlan:
     """The plan :func:`apply_block_swap` would use, without changing anything (for a model
     already swapped: the sizes it had before)."""
-    return plan_swap(_sizes_of(model, layout, config.chunk_tokens > 0), config)
+    return plan_swap(_sizes_of(model, layout, config.chunk_tokens), config)
 
 
 def min_vram_budget_gb(model: nn.Module, layout: ModelLayout | None = None) -> float:
@@ -113,14 +114,16 @@ def min_vram_budget_gb(model: nn.Module, layout: ModelLayout | None = None) -> f
     return least / GIB
 
 
-def _sizes_of(model: nn.Module, layout: ModelLayout | None, token_wise: bool = True) -> ModelSizes:
-    """``token_wise``: as ``SwapConfig.chunk_tokens > 0`` (the default) makes the units."""
+def _sizes_of(
+    model: nn.Module, layout: ModelLayout | None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+) -> ModelSizes:
+    """The planner's sizes, the units cut as a swap with ``chunk_tokens`` cuts them."""
     swap = active_swap(model)
     if swap is not None and swap.sizes is not None:  # placeholders hide the sizes now
         return swap.sizes
     if layout is None:
         layout = detect_layout(model)
-    return measure_model(model, layout, token_wise)[1]
+    return measure_model(model, unit_layout(layout, chunk_tokens))[1]
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:

@@ -31,7 +31,7 @@ from .errors import (
 from .fixed_slots import FixedSlots
 from .hooks import register_state_dict_hook, unit_post_hook, unit_pre_hook
 from .layout import ModelLayout
-from .model_sizes import choose_units, measure_model, packed_bytes
+from .model_sizes import choose_units, measure_model, packed_bytes, unit_layout
 from .plan import plan_swap
 from .swap_plan import ModelSizes, SwapPlan
 from .scheduler import PrefetchScheduler
@@ -125,8 +125,8 @@ class BlockSwap(SwappedWeights):
         swap = cls()
         swap._model = weakref.ref(model)
         swap.device = device
-        swap.layout = layout
-        units, sizes = measure_model(model, layout, token_wise=config.chunk_tokens > 0)
+        swap.layout = layout = unit_layout(layout, config.chunk_tokens)
+        units, sizes = measure_model(model, layout)
         swap.sizes = sizes
         try:
             chosen = swap._plan_and_check(model, units, config, move_resident)

@@ -27,16 +27,20 @@ from .units import (
 )
 
 
-def measure_model(
-    model: nn.Module, layout: ModelLayout, token_wise: bool = True
-) -> tuple[dict[str, Any], ModelSizes]:
-    """Candidate units of every granularity, and the sizes the planner needs. With
-    ``token_wise`` (as ``SwapConfig.chunk_tokens`` is by default) each block's token-wise
-    parts are one layer unit each."""
+def unit_layout(layout: ModelLayout, chunk_tokens: int) -> ModelLayout:
+    """The layout a swap cuts its units by: ``layout``, or without token-wise parts where
+    nothing runs in chunks (``SwapConfig.chunk_tokens`` 0), whose parts then need no unit of
+    their own ([Note: token chunks])."""
+    return layout if chunk_tokens else layout.without_token_wise()
+
+
+def measure_model(model: nn.Module, layout: ModelLayout) -> tuple[dict[str, Any], ModelSizes]:
+    """Candidate units of every granularity, and the sizes the planner needs; each block's
+    token-wise parts (see :func:`unit_layout`) are one layer unit each."""
     shared = shared_tensor_ids(model)
     blocks = find_blocks(model, layout)
     block_units = {b.qualname: block_unit(b, shared) for b in blocks}
-    layers = {b.qualname: layer_units(b, shared, token_wise) for b in blocks}
+    layers = {b.qualname: layer_units(b, shared) for b in blocks}
     embeddings = {
         kind: [embedding_unit(model, path, shared) for path in paths if _exists(model, path)]
         for kind, paths in (("txt", layout.txt_emb), ("img", layout.img_emb))

@@ -174,17 +174,17 @@ def block_unit(block: BlockRef, exclude: set[int]) -> SwapUnit:
     )
 
 
-def layer_units(block: BlockRef, exclude: set[int], token_wise: bool = True) -> list[SwapUnit]:
+def layer_units(block: BlockRef, exclude: set[int]) -> list[SwapUnit]:
     """The block's large leaf layers as separate units; smaller tensors stay with the block.
 
     Only true leaves (no child modules) become units, so a unit never runs inside another
-    unit's forward and one slot per unit in use is enough. With ``token_wise`` the block's
-    token-wise parts (``BlockListLayout.token_wise``) count as leaves: one unit each, since
-    their layers run once per chunk of tokens ([Note: token chunks]).
+    unit's forward and one slot per unit in use is enough. The block's token-wise parts
+    (``BlockListLayout.token_wise``) count as leaves: one unit each, since their layers run
+    once per chunk of tokens ([Note: token chunks]).
     """
     total = sum(_nbytes(ref.get()) for ref in tensor_refs(block.module, "", exclude))
     threshold = max(1, int(total * LAYER_UNIT_MIN_SHARE))
-    whole = {id(m) for m in token_wise_modules(block)} if token_wise else set()
+    whole = {id(m) for m in token_wise_modules(block)}
     return _large_leaves(
         block.module, block.qualname, exclude, threshold, {id(block.module)}, whole
     )
