@@ -436,6 +436,21 @@ def _on_detach(patcher: Any, unpatch_all: bool) -> None:
     _report_left_on_gpu(patcher.model)
 
 
+def _counted_not_held(device: torch.device) -> int:
+    """Bytes that core counts as loaded for our models on ``device`` but that the GPU does not
+    hold now, so free VRAM has them already: a streamed window between forwards (its layers
+    come and go inside each forward), slots not taken yet. Counted as loaded and as free,
+    they were counted twice: on an H100 at 81 frames (8 Wan-14B blocks, 7 GiB free) a 0.80 GiB
+    window made auto see 7.03 GiB where 6.23 could be had, plan for 1.97 GiB of weights, then
+    for 1.17 at the next prompt, and repack the model at every prompt, at 1.45x core's s/it
+    (benchmarks/results/comfyui_dynamic_h100/session18_8blocks.json)."""
+    return sum(
+        max(0, state.ring_bytes - state.swap.ring_bytes_held())
+        for state in list(_states.values())
+        if state.counts_ring and _is_loaded(state) and state.swap.device == torch.device(device)
+    )
+
+
 def _report_left_on_gpu(model: torch.nn.Module) -> None:
     """A warning when weights stay on a GPU after core unloaded the model. On the H200 a server
     that ran the node kept about 5 GiB of VRAM after /free (benchmarks/results/
@@ -458,7 +473,7 @@ def _fit_to_latent(executor: Any, patcher: Any, noise_shape: Any, conds: dict, *
     base_model = patcher.model
     options = _auto_options.get(base_model.diffusion_model)
     if options is not None:
-        available = comfy_auto.available_vram(patcher)
+        available = comfy_auto.available_vram(patcher) - _counted_not_held(patcher.load_device)
         diffusion_model = base_model.diffusion_model
         unswapped = _unswapped_of(base_model)
         wanted = comfy_auto.planning_layout(diffusion_model, noise_shape, unswapped.layout, options)

@@ -138,3 +138,53 @@ def test_a_batch_of_two_in_bf16_stays_bit_identical():
     assert all("forward" in b.ffn.__dict__ for b in model.blocks)
     assert torch.equal(run(model, inputs), expected)
     swap.remove()
+
+
+class _FfnBlock(torch.nn.Module):
+    """A Wan-14B block's FFN as core builds it (``comfy/ldm/wan/model.py``), with a residual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ffn = torch.nn.Sequential(
+            torch.nn.Linear(5120, 13824),
+            torch.nn.GELU(approximate="tanh"),
+            torch.nn.Linear(13824, 5120),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.ffn(x)
+
+
+class _FfnStack(torch.nn.Module):
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_FfnBlock() for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_wan14b_widths_in_bf16_with_a_batch_of_two_stay_bit_identical_on_the_gpu(monkeypatch):
+    """What the CPU tests cannot show: cuBLAS at Wan-14B's widths and 81 frames' 32,760 tokens,
+    cut by the default ``chunk_tokens`` into four chunks of 8,190, in bf16, for the batch of two
+    core runs when both conditionings fit in one forward."""
+    from comfyui_wan_blockswap.model_configs.base import BlockListLayout, ModelLayout
+
+    torch.manual_seed(0)
+    model = _FfnStack(depth=3).to("cuda", torch.bfloat16).requires_grad_(False)
+    x = torch.randn(2, 32760, 5120, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = model(x)
+    layout = ModelLayout(
+        name="wan ffn", block_lists=(BlockListLayout("blocks", token_wise=("ffn",)),)
+    )
+    swap = apply_block_swap(model, layout=layout, blocks_to_swap=2, device="cuda")
+    calls = ffn_calls(model, monkeypatch)
+    with torch.no_grad():
+        out = model(x)
+    assert calls == [8190] * 4 * 3
+    swap.remove()
+    assert torch.equal(out, expected), (out.float() - expected.float()).abs().max().item()

@@ -325,3 +325,54 @@ def test_nothing_is_packed_when_only_resident_weights_are_bf16(small_chunks):
     )
     assert swap.plan.staging_bytes == 0
     assert all(u.transfer is None and not u.compress for u in swap.units)
+
+
+class _Clock:
+    """A stand-in for a CUDA event recorded ``at`` ms after a common origin."""
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, end: "_Clock") -> float:
+        return end.at - self.at
+
+
+def _timed(switch, forward_ms: float, copies_ms: float, raw_bytes: int = 100) -> bool | None:
+    """What ``switch`` says after a timed forward of ``forward_ms`` whose copies of
+    ``raw_bytes`` (sent raw) took ``copies_ms``."""
+    switch.forwards = 2  # as begin() leaves it for the timed forward
+    switch.events = (_Clock(0.0), _Clock(forward_ms))
+    switch.copies = [(_Clock(0.0), _Clock(copies_ms), raw_bytes)]
+    switch.raw_bytes, switch.ended = raw_bytes, True
+    return switch.keep_compression()
+
+
+@pytest.mark.parametrize(
+    "forwards, verdict",
+    [
+        ([64.0], True),  # copies exposed: decided at once
+        ([110.0, 70.0], True),  # one slow forward, then one that shows the copies exposed
+        ([110.0, 120.0], None),  # two compute-bound verdicts: not yet
+        ([110.0, 130.0, 105.0], False),  # three in a row: raw transfers
+    ],
+)
+def test_auto_switches_to_raw_only_after_every_timed_forward_found_compute_bound(forwards, verdict):
+    """Noise only slows a forward: one slow forward (an H100 arm's 110 ms against 96 ms of
+    raw copies, beside forwards of 64-76 ms) must not make a copy-bound model send raw."""
+    from comfyui_wan_blockswap.wan_blockswap.compression_switch import (
+        SWITCH_VERDICTS,
+        CompressionAutoSwitch,
+    )
+
+    assert SWITCH_VERDICTS == 3
+    switch = CompressionAutoSwitch(torch.device("cpu"))
+    said = [_timed(switch, ms, copies_ms=96.0) for ms in forwards]
+    assert said[:-1] == [None] * (len(forwards) - 1)
+    assert said[-1] is verdict
+    assert switch.decided == (verdict is not None)
+    if verdict is None:  # the next forward is timed as well
+        assert switch.events is None and switch.forwards == 1
+    assert switch.keep_compression() is None  # decided once, or waiting for a timed forward

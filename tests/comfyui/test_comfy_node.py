@@ -1015,6 +1015,12 @@ def _streaming_auto_node(comfy, pack, monkeypatch):
     return free, patcher, inputs, swapped, private, shape, expected, sizes
 
 
+def _held(patcher, swap) -> int:
+    """What a GPU holds of ``patcher``'s loaded model between forwards: the weights core
+    counts as loaded less the streamed window, whose layers come and go inside a forward."""
+    return patcher.loaded_size() - (swap.plan.ring_bytes - swap.ring_bytes_held())
+
+
 def test_auto_widens_a_streamed_window_within_the_slack_without_repacking(comfy, pack, monkeypatch):
     """A first plan from core's estimate may stream every layer through a small window; when
     the measured need leaves a budget whose own plan (layer slots) the block of slack keeps
@@ -1036,10 +1042,11 @@ def test_auto_widens_a_streamed_window_within_the_slack_without_repacking(comfy,
     whole = plan_swap(sizes, dataclasses.replace(swap.config, vram_budget_gb=budget / 2**30))
     assert whole.kind == "slots"  # the budget's own plan: a repack, which the slack keeps out
     comfy.model_management.load_models_gpu([swapped])  # loaded: core's count must follow
-    # auto counts what loaded models hold as VRAM it can have (core unloads them for it)
+    # auto counts what loaded models hold as VRAM it can have (core unloads them for it);
+    # core's count has the window, which between forwards the GPU does not hold
     loaded = swapped.loaded_size()
-    assert loaded > 0
-    free["bytes"] = _free_for_weights(comfy, swapped, sizes, shape, 1.5) - loaded
+    assert loaded > first.ring_bytes and swap.ring_bytes_held() == 0
+    free["bytes"] = _free_for_weights(comfy, swapped, sizes, shape, 1.5) - _held(swapped, swap)
     _prepare(comfy, swapped, shape)
     assert _states[private].swap is swap  # not repacked
     widened = swap.plan
@@ -1050,6 +1057,11 @@ def test_auto_widens_a_streamed_window_within_the_slack_without_repacking(comfy,
     assert swapped.size == resident_size(swapped) + widened.ring_bytes
     # core unloaded the model for the new window and loaded it again as it is now
     assert swapped.model.model_loaded_weight_memory == swapped.size
+    # the next prompt, loaded, with the same VRAM: the wider window is counted once, as
+    # loaded (auto once counted it as free too, and re-planned at every prompt)
+    free["bytes"] = _free_for_weights(comfy, swapped, sizes, shape, 1.5) - _held(swapped, swap)
+    _prepare(comfy, swapped, shape)
+    assert _states[private].swap is swap and swap.plan == widened
     comfy.model_management.unload_all_models()
     free["bytes"] = _free_for_weights(comfy, swapped, sizes, shape, 1.5)  # nothing loaded now
     _prepare(comfy, swapped, shape)  # the same budget again: nothing changes
