@@ -439,13 +439,14 @@ def _on_detach(patcher: Any, unpatch_all: bool) -> None:
 def _counted_not_held(device: torch.device) -> int:
     """Bytes that core counts as loaded for our models on ``device`` but that the GPU does not
     hold now, so free VRAM has them already: a streamed window between forwards (its layers
-    come and go inside each forward), slots not taken yet. Counted as loaded and as free,
+    come and go inside each forward), slots whose pool is not allocated yet. A pool that a
+    model sharing it holds (Wan 2.2 A14B) is held, and so is its staging. Counted as loaded and as free,
     they were counted twice: on an H100 at 81 frames (8 Wan-14B blocks, 7 GiB free) a 0.80 GiB
     window made auto see 7.03 GiB where 6.23 could be had, plan for 1.97 GiB of weights, then
     for 1.17 at the next prompt, and repack the model at every prompt, at 1.45x core's s/it
     (benchmarks/results/comfyui_dynamic_h100/session18_8blocks.json)."""
     return sum(
-        max(0, state.ring_bytes - state.swap.ring_bytes_held())
+        max(0, state.ring_bytes - state.swap.ring_bytes_on_device())
         for state in list(_states.values())
         if state.counts_ring and _is_loaded(state) and state.swap.device == torch.device(device)
     )
@@ -614,7 +615,7 @@ def _measure_need(executor: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
         _meter.release_cached(x.device)
         return executor(x, *args, **kwargs)  # a second failure goes to core as it is
     device = x.device
-    held_before = state.swap.ring_bytes_held()
+    held_before = state.swap.ring_bytes_on_device()
     chunked_before = state.swap.chunked_calls()
     _meter.release_cached(device)
     before = _meter.allocated(device)
@@ -626,7 +627,7 @@ def _measure_need(executor: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
     plan = state.swap.plan
     assert plan is not None
     ours = plan.ring_bytes if plan.kind == "streamed" else 0
-    ours = max(ours, state.swap.ring_bytes_held() - held_before)
+    ours = max(ours, state.swap.ring_bytes_on_device() - held_before)
     need = comfy_auto.forward_need(before, peaks.allocated, peaks.reserved, ours)
     chunked = state.swap.chunked_calls() > chunked_before
     if comfy_auto.record(diffusion_model, x.shape, need, uncond, chunked):

@@ -248,11 +248,15 @@ def test_auto_compression_decides_after_the_timed_forwards(monkeypatch, margin, 
         transfer_compression="auto",
     )
     with torch.inference_mode():
-        last_compressed = 1 + compression_switch.SWITCH_VERDICTS  # 0-based: the fourth
+        first_raw = 1 + compression_switch.SWITCH_VERDICTS  # 0-based: the fifth forward
         for step in range(6):
             x = inputs(500 + step)
             assert torch.equal(model(**x), reference(**x)), f"step {step}"
-            assert swap.compressed == (keeps or step < last_compressed), step
+            assert swap.compressed == (keeps or step < first_raw), step
+    if not keeps:  # each vote came from a forward whose copies were timed
+        votes = swap._auto.compute_bound
+        assert len(votes) == compression_switch.SWITCH_VERDICTS
+        assert all(raw_ms > 0 for _, raw_ms in votes), votes
     pinned = registered_host_bytes() - host_baseline
     if keeps:
         assert pinned == sum(u.transfer.host.nbytes for u in swap.units)

@@ -376,3 +376,22 @@ def test_auto_switches_to_raw_only_after_every_timed_forward_found_compute_bound
     if verdict is None:  # the next forward is timed as well
         assert switch.events is None and switch.forwards == 1
     assert switch.keep_compression() is None  # decided once, or waiting for a timed forward
+
+
+def test_a_slot_plan_takes_its_whole_ring_on_the_device_once_its_pool_exists(small_chunks):
+    """Slots and the staging of compressed copies come in one pool, taken at the first
+    forward: what a host must count as held (the model's own ``ring_bytes_held`` counts slots
+    only, and only while this model holds the pool)."""
+    from comfyui_wan_blockswap.wan_blockswap import slot_pool
+
+    model = bf16_toy()
+    swap = swap_toy(model, blocks_to_swap=4, transfer_compression=True)
+    plan = swap.plan
+    assert plan.kind == "slots" and plan.staging_bytes > 0
+    assert swap.ring_bytes_on_device() == 0  # no pool before the first forward
+    with torch.no_grad():
+        model(**bf16_inputs(1))
+    assert swap.ring_bytes_on_device() == plan.ring_bytes == slot_pool.pooled_bytes()
+    assert swap.ring_bytes_held() == plan.ring_bytes - plan.staging_bytes
+    swap.remove()
+    assert slot_pool.pooled_bytes() == 0

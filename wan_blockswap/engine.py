@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import memory
+from . import memory, slot_pool
 from .compression_switch import CompressionAutoSwitch
 from .config import SwapConfig
 from .donor_allocation import StoragePlan
@@ -364,6 +364,15 @@ class BlockSwap(SwappedWeights):
         """GPU bytes swapped units take now: fixed slots once taken, or a streamed plan's
         layers in flight."""
         return self.scheduler.provider.held_bytes if self.scheduler is not None else 0
+
+    def ring_bytes_on_device(self) -> int:
+        """GPU bytes the swapped units' memory takes now: fixed slots with their staging while
+        their pool exists, whichever model sharing it holds it ([Note: shared slots]), or a
+        streamed plan's layers in flight."""
+        key = self.slot_pool_key()
+        if key is not None:
+            return slot_pool.bytes_of(key)
+        return self.ring_bytes_held()
 
     def release_vram(self) -> None:
         """Free the GPU memory of swapped units until the next forward (e.g. when a host

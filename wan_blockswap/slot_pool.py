@@ -120,7 +120,19 @@ def prune() -> None:
             del _pools[key]
 
 
+def _nbytes(pool: SlotPool) -> int:
+    return sum(s.numel() for s in (*pool.slots, *pool.staging))
+
+
 def pooled_bytes() -> int:
     """VRAM held by all pools (for leak checks)."""
     with _lock:
-        return sum(s.numel() for pool in _pools.values() for s in (*pool.slots, *pool.staging))
+        return sum(_nbytes(pool) for pool in _pools.values())
+
+
+def bytes_of(key: tuple) -> int:
+    """VRAM held by the pool of ``key``, slots and staging, whichever user holds it; 0 while
+    there is none."""
+    with _lock:
+        pool = _pools.get(key)
+        return 0 if pool is None else _nbytes(pool)

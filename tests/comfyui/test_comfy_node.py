@@ -509,7 +509,7 @@ def test_a_workflow_that_drops_the_model_frees_it(comfy):
 
 
 def test_wan22_shared_slots_are_counted_once_and_the_count_moves_on_unload(comfy):
-    from comfyui_wan_blockswap.callbacks.comfy_adapter import _states
+    from comfyui_wan_blockswap.callbacks.comfy_adapter import _counted_not_held, _states
 
     mm = comfy.model_management
     high, make_inputs = tiny_models.comfy_load_tiny("wan_t2v", seed=1)
@@ -528,6 +528,12 @@ def test_wan22_shared_slots_are_counted_once_and_the_count_moves_on_unload(comfy
     total = swapped["high"].loaded_size() + swapped["low"].loaded_size()
     assert total == resident["high"] + resident["low"] + ring
     assert swapped["high"].loaded_size() == resident["high"] + ring  # the first to load
+    # the low-noise model holds the pool now, which the high-noise one counts: held, so auto
+    # counts none of it as free VRAM too (it once took the whole ring for free beside it)
+    high_swap = _states[swapped["high"].model.diffusion_model].swap
+    assert high_swap.ring_bytes_held() == 0 and high_swap.ring_bytes_on_device() == ring
+    device = swapped["high"].load_device
+    assert _counted_not_held(device) == 0
     # core unloads the high-noise model: the low-noise one now counts the slots it still uses
     index = next(
         i for i, m in enumerate(mm.current_loaded_models) if m.model.model is swapped["high"].model
@@ -535,6 +541,7 @@ def test_wan22_shared_slots_are_counted_once_and_the_count_moves_on_unload(comfy
     mm.current_loaded_models.pop(index).model_unload()
     assert swapped["high"].loaded_size() == 0
     assert swapped["low"].loaded_size() == resident["low"] + ring
+    assert _counted_not_held(device) == 0
     # loading the high-noise model again does not count the slots a second time
     run(comfy, swapped["high"], inputs)
     assert swapped["high"].loaded_size() == resident["high"]
@@ -790,7 +797,7 @@ def test_auto_plans_from_the_measured_need_once_a_forward_of_that_shape_ran(
     need = required // 4
     # torch's counters count the slots this forward takes in its peak (the adapter takes them
     # off again): left out, a small need read as none
-    held = _states[private].swap.ring_bytes_held
+    held = _states[private].swap.ring_bytes_on_device
     monkeypatch.setattr(comfy_adapter, "_meter", _FakeMeter(need, held))
 
     class Executor:  # core's APPLY_MODEL executor: the wrapped call and its BaseModel
