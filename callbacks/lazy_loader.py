@@ -27,7 +27,9 @@ from .. import model_configs
 
 from ..wan_blockswap import BlockSwap, HostBuffer, SwapConfig
 from ..wan_blockswap.api import resolve_device
+from ..wan_blockswap.config import DEFAULT_CHUNK_TOKENS
 from ..wan_blockswap.engine import measure_model
+from ..wan_blockswap.model_sizes import unit_layout
 from ..wan_blockswap.plan import ModelSizes
 
 from .checkpoint import Checkpoint, TensorRecord, open_checkpoint
@@ -189,10 +191,14 @@ class FileModel:
 
 
 def read_file_model(
-    path: str | os.PathLike, compute_dtype: torch.dtype = torch.bfloat16
+    path: str | os.PathLike,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> FileModel:
     """The planner's view of the model in ``path`` (safetensors, GGUF or a diffusers folder),
-    from its header and a meta skeleton: a plan for it needs no GPU and no weights read.
+    from its header and a meta skeleton: a plan for it needs no GPU and no weights read. Its
+    units are cut as :func:`load_swapped` cuts them with ``chunk_tokens`` (0: token-wise parts
+    are not units of their own; [Note: token chunks]).
 
     Raises:
         CheckpointError: the file cannot be read, or no skeleton can be built for it.
@@ -202,7 +208,7 @@ def read_file_model(
         _prepare(plan, checkpoint, compute_dtype)
     built = model_configs.detect(plan.model)  # the skeleton's own class's record
     arch = plan.arch or built  # the file's, whose layout load_swapped plans with
-    sizes = measure_model(plan.model, arch.layout)[1]
+    sizes = measure_model(plan.model, unit_layout(arch.layout, chunk_tokens))[1]
     variant = model_configs.variant_of(built, plan.model)
     main = [b for b in sizes.blocks if b.role == "main"]
     hidden = variant.hidden_size if variant is not None else 0

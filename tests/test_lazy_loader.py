@@ -159,6 +159,30 @@ def test_progress_reports_every_byte(tmp_path, state):
     swap.remove()
 
 
+@pytest.mark.parametrize("chunk_tokens", [8192, 0])
+def test_the_file_model_is_sized_as_the_load_cuts_its_units(tmp_path, state, chunk_tokens):
+    """A plan made from the header alone equals the one the load applies, with token-wise
+    parts as units of their own or not ([Note: token chunks])."""
+    from comfyui_wan_blockswap.callbacks.lazy_loader import read_file_model
+    from comfyui_wan_blockswap.wan_blockswap import SwapConfig
+    from comfyui_wan_blockswap.wan_blockswap.plan import plan_swap
+
+    path = tmp_path / "wan.safetensors"
+    write_safetensors(state, path)
+    file_model = read_file_model(path, chunk_tokens=chunk_tokens)
+    layers = {len(b.layer_bytes) for b in file_model.sizes.blocks}
+    model, swap, _ = load_swapped(
+        str(path), blocks_to_swap=2, swap_unit="layer", chunk_tokens=chunk_tokens, device="cpu"
+    )
+    assert file_model.sizes == swap.sizes
+    config = SwapConfig(blocks_to_swap=2, swap_unit="layer", chunk_tokens=chunk_tokens)
+    assert plan_swap(file_model.sizes, config) == swap.plan
+    swap.remove()
+    # Wan's FFN: one unit with chunks, its two Linear layers as units of their own without
+    other = read_file_model(path, chunk_tokens=8192 - chunk_tokens)
+    assert layers == {len(b.layer_bytes) + (-1 if chunk_tokens else 1) for b in other.sizes.blocks}
+
+
 def test_remove_after_lazy_load_gives_cpu_weights(tmp_path, state):
     path = tmp_path / "wan.safetensors"
     write_safetensors(state, path)
