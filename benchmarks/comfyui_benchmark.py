@@ -14,7 +14,7 @@ as a ComfyUI server does. Rows:
   corrected by what the tries measured). Below what fixed slots need (the 0% rows) the node
   streams layer by layer; a row that still misses core's peak says ``equal_vram: false``.
   With each ``transfer_compression`` setting: off (raw copies), on (lossless 1.5-byte bf16
-  over the link, decoded on the GPU) and auto (on, until the second forward shows compute
+  over the link, decoded on the GPU) and auto (on, until three timed forwards show compute
   hiding the raw copies); ``--compression`` picks. Ours are timed after three warm-up
   forwards, so auto has decided.
 

@@ -73,8 +73,9 @@ class SwapConfig:
             per weight instead of 2, decoded on the GPU bit for bit). ``True``: up to a
             quarter off a forward when copies dominate (few tokens: images, short or small
             videos), 1-2.5% slower when compute dominates (long videos), where copies are
-            hidden anyway. ``"auto"``: compressed, until the second forward shows compute
-            hiding the raw copies; then raw from pinned memory (see ``compression_switch``).
+            hidden anyway. ``"auto"``: compressed, until the second to fourth forwards all show
+            compute hiding the raw copies; then raw from pinned memory (see
+            ``compression_switch``).
             Costs 52 MiB of VRAM for staging; while compressed, the swapped weights stay in
             pageable RAM beside the pinned packed copy (about 0.77x). No effect on other
             dtypes.
