@@ -15,7 +15,7 @@ as a ComfyUI server does. Rows:
   streams layer by layer; a row that still misses core's peak says ``equal_vram: false``.
   With each ``transfer_compression`` setting: off (raw copies), on (lossless 1.5-byte bf16
   over the link, decoded on the GPU) and auto (on, until three timed forwards show compute
-  hiding the raw copies); ``--compression`` picks. Ours are timed after three warm-up
+  hiding the raw copies); ``--compression`` picks. Ours are timed after four warm-up
   forwards, so auto has decided.
 
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/comfyui_benchmark.py [--tokens 1560 32760]
@@ -40,7 +40,7 @@ import _pack  # noqa: E402,F401  (this checkout as comfyui_wan_blockswap)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, os.path.join(ROOT, "tests", "comfyui"))  # conftest.load_pack
 
-from comfyui_wan_blockswap.wan_blockswap import measure  # noqa: E402
+from comfyui_wan_blockswap.wan_blockswap import compression_switch, measure  # noqa: E402
 from comfyui_wan_blockswap.wan_blockswap.measure import peak_gib, reset_peak  # noqa: E402
 
 GIB = 2**30
@@ -160,7 +160,9 @@ def ours_row(comfy, pack, patcher, inputs, tokens, budget_gib, repeats, compress
     load_peak = peak_gib(patcher.load_device)
     engine = get_block_swap(patcher.model.diffusion_model)
     plan = engine.plan
-    ms, out, peak = time_forwards(swapped, inputs, repeats, warmup=3)
+    # auto decides by the start of the forward after its last timed one (compression_switch)
+    warmup = compression_switch.TIMED_FORWARD + compression_switch.SWITCH_VERDICTS - 1
+    ms, out, peak = time_forwards(swapped, inputs, repeats, warmup=warmup)
     sent = sum(u.copy_nbytes for u in engine.units)  # per forward: every unit once
     compressed = engine.compressed  # before the teardown below empties the units
     largest = max((u.nbytes for u in engine.units), default=0)
