@@ -20,7 +20,8 @@ The JSON names each arm's plan.
 Every arm's output is compared with ``gpu``'s. A row's time is the median over its rounds'
 timed forwards; rounds alternate the arms' order, so drift cancels.
 
-    python benchmarks/streamed_overhead_probe.py --comfyui PATH   # results/streamed_overhead_<gpu>.json
+    python benchmarks/streamed_overhead_probe.py --comfyui PATH
+        # writes benchmarks/results/streamed_overhead_<gpu>.json
     python benchmarks/streamed_overhead_probe.py --cpu --comfyui PATH --output /tmp/s.json
 
 ``--cpu`` is a smoke run: the small Wan (dims 256/512), 128 tokens, cut into chunks of 64.

@@ -440,11 +440,11 @@ def _counted_not_held(device: torch.device) -> int:
     """Bytes that core counts as loaded for our models on ``device`` but that the GPU does not
     hold now, so free VRAM has them already: a streamed window between forwards (its layers
     come and go inside each forward), slots whose pool is not allocated yet. A pool that a
-    model sharing it holds (Wan 2.2 A14B) is held, and so is its staging. Counted as loaded and as free,
-    they were counted twice: on an H100 at 81 frames (8 Wan-14B blocks, 7 GiB free) a 0.80 GiB
-    window made auto see 7.03 GiB where 6.23 could be had, plan for 1.97 GiB of weights, then
-    for 1.17 at the next prompt, and repack the model at every prompt, at 1.45x core's s/it
-    (benchmarks/results/comfyui_dynamic_h100/session18_8blocks.json)."""
+    model sharing it holds (Wan 2.2 A14B) is held, and so is its staging. Counted as loaded
+    and as free, they were counted twice: on an H100 at 81 frames (8 Wan-14B blocks, 7 GiB
+    free) a 0.80 GiB window made auto see 7.03 GiB where 6.23 could be had, plan for 1.97 GiB
+    of weights, then for 1.17 at the next prompt, and repack the model at every prompt, at
+    1.45x core's s/it (benchmarks/results/comfyui_dynamic_h100/session18_8blocks.json)."""
     return sum(
         max(0, state.ring_bytes - state.swap.ring_bytes_on_device())
         for state in list(_states.values())

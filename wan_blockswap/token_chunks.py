@@ -15,8 +15,8 @@ benchmarks/results/activation_peaks_h200.json; and this class's cut, in the Comf
 H100, 8 blocks, bf16, batch 1, into 4 chunks of 8,190, equalled core's output:
 comfyui_dynamic_h100/session17_8blocks_token_chunks.json; a batch of two, 2 x 32,760 tokens of
 Wan-14B's FFN widths in bf16, equalled the whole on an H100: tests/test_token_chunks.py, run in
-comfyui_tests_h100_session18). With it ours ran at 4.0 GiB free there, where it had needed 6.0 like core
-(session16_floor40_token_chunks_triton_rope.json), and at 3.5 in session 17.
+comfyui_tests_h100_session18). With it ours ran at 4.0 GiB free there, where it had needed
+6.0 like core (session16_floor40_token_chunks_triton_rope.json), and at 3.5 in session 17.
 The layout names such parts (``BlockListLayout.token_wise``, Wan's ``ffn``), and the engine:
 - chunks in every plan (``SwapConfig.chunk_tokens`` > 0): ComfyUI's auto measures a latent
   shape's need once and plans slot and streamed plans alike from it, so the forward must need
