@@ -16,6 +16,8 @@ connector as one unit would make every slot 3.2 GB at LTX-2.3. The units' own ho
 them wherever core calls them.
 """
 
+import dataclasses
+
 from .base import ArchConfig, BlockListLayout, ModelLayout, Variant
 
 # bf16 bytes per block, from the real configs built on the meta device: LTX-Video 2B 0.134 GB
@@ -34,7 +36,12 @@ VARIANTS_LTXAV = (
     Variant("ltx-2", "LTX-2 / LTX-2.3", num_blocks=48, hidden_size=4096, reserve_gb=4.0),
 )
 
-_BLOCKS = BlockListLayout("transformer_blocks", key_prefix="transformer_blocks.{index}.")
+# ComfyUI's FeedForward folds its GELU into an INT8 down-projection ([Note: fused parts]);
+# LTX-2's blocks have an audio one beside it, and its text connectors' blocks one too
+_BLOCKS = BlockListLayout(
+    "transformer_blocks", key_prefix="transformer_blocks.{index}.", fused=("ff",)
+)
+_AV_BLOCKS = dataclasses.replace(_BLOCKS, fused=("ff", "audio_ff"))
 
 # Only modules whose large layers run through their own forward stream: the root's
 # ``scale_shift_table`` is read directly and stays resident. The timestep modules
@@ -68,17 +75,19 @@ COMFYUI_LTXAV = ArchConfig(
     layout=ModelLayout(
         name="ltxav",
         block_lists=(
-            _BLOCKS,
+            _AV_BLOCKS,
             # [Note: LTX-2 text connectors]
             BlockListLayout(
                 "video_embeddings_connector.transformer_1d_blocks",
                 role="txt_emb",
                 key_prefix="video_embeddings_connector.transformer_1d_blocks.{index}.",
+                fused=("ff",),
             ),
             BlockListLayout(
                 "audio_embeddings_connector.transformer_1d_blocks",
                 role="txt_emb",
                 key_prefix="audio_embeddings_connector.transformer_1d_blocks.{index}.",
+                fused=("ff",),
             ),
         ),
         # LTX-2.3 has no projection modules here (plain functions): they are skipped

@@ -48,10 +48,14 @@ COMFYUI = ArchConfig(
     layout=ModelLayout(
         name="minimax_h3",
         block_lists=(
-            BlockListLayout("blocks", key_prefix="blocks.{index}."),
+            # their MLPs fold SwiGLU into an INT8 down-projection ([Note: fused parts])
+            BlockListLayout("blocks", key_prefix="blocks.{index}.", fused=("mlp",)),
             # [Note: MiniMax H3 token refiner]
             BlockListLayout(
-                "token_refiner.blocks", role="txt_emb", key_prefix="token_refiner.blocks.{index}."
+                "token_refiner.blocks",
+                role="txt_emb",
+                key_prefix="token_refiner.blocks.{index}.",
+                fused=("mlp",),
             ),
         ),
         txt_emb=("condition_proj", "token_refiner.final_norm"),

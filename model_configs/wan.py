@@ -20,6 +20,8 @@ HEAD_DIM = 128  # every Wan size uses 128-wide attention heads
 # A block's parts that work on each token alone, in both layouts (ComfyUI's Sequential and
 # diffusers' FeedForward): streamed plans run them a few tokens at a time ([Note: token chunks])
 TOKEN_WISE = ("ffn",)
+# ComfyUI's WanFeedForward folds its GELU into an INT8 down-projection ([Note: fused parts])
+FUSED = ("ffn",)
 
 
 def _count(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> int:
@@ -101,7 +103,9 @@ COMFYUI = ArchConfig(
     layout=ModelLayout(
         name="wan",
         block_lists=(
-            BlockListLayout("blocks", key_prefix="blocks.{index}.", token_wise=TOKEN_WISE),
+            BlockListLayout(
+                "blocks", key_prefix="blocks.{index}.", token_wise=TOKEN_WISE, fused=FUSED
+            ),
         ),
         txt_emb=("text_embedding",),
         img_emb=("img_emb",),
@@ -127,9 +131,15 @@ COMFYUI_VACE = ArchConfig(
     layout=ModelLayout(
         name="wan_vace",
         block_lists=(
-            BlockListLayout("blocks", key_prefix="blocks.{index}.", token_wise=TOKEN_WISE),
             BlockListLayout(
-                "vace_blocks", role="vace", key_prefix="vace_blocks.{index}.", token_wise=TOKEN_WISE
+                "blocks", key_prefix="blocks.{index}.", token_wise=TOKEN_WISE, fused=FUSED
+            ),
+            BlockListLayout(
+                "vace_blocks",
+                role="vace",
+                key_prefix="vace_blocks.{index}.",
+                token_wise=TOKEN_WISE,
+                fused=FUSED,
             ),
         ),
         txt_emb=("text_embedding",),

@@ -38,12 +38,18 @@ class BlockListLayout:
             they give for any slice of the tokens that slice of their output. The engine may
             run them over a few tokens at a time (``SwapConfig.chunk_tokens``); a path a
             block lacks is passed over.
+        fused: paths, inside one block, of submodules whose forward may use a child layer's
+            weights without calling that layer (ComfyUI folds an FFN's activation into an
+            INT8 down-projection and reads its weight directly). Where such a part holds
+            quantized (wrapper) tensors it swaps as one unit; see [Note: fused parts] in
+            ``units``. A path a block lacks is passed over.
     """
 
     path: str
     role: str = MAIN_ROLE
     key_prefix: str = ""
     token_wise: tuple[str, ...] = ()
+    fused: tuple[str, ...] = ()
 
     def block_key_prefix(self, key: str) -> str:
         """The checkpoint key prefix of the block stored under ``key`` in this list."""

@@ -9,6 +9,7 @@ with the block's other small tensors.
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from dataclasses import dataclass
 from typing import Iterator
@@ -180,25 +181,55 @@ def layer_units(block: BlockRef, exclude: set[int]) -> list[SwapUnit]:
     Only true leaves (no child modules) become units, so a unit never runs inside another
     unit's forward and one slot per unit in use is enough. The block's token-wise parts
     (``BlockListLayout.token_wise``) count as leaves: one unit each, since their layers run
-    once per chunk of tokens ([Note: token chunks]).
+    once per chunk of tokens ([Note: token chunks]); so do its fused parts that hold wrapper
+    tensors ([Note: fused parts]).
     """
     total = sum(_nbytes(ref.get()) for ref in tensor_refs(block.module, "", exclude))
     threshold = max(1, int(total * LAYER_UNIT_MIN_SHARE))
-    whole = {id(m) for m in token_wise_modules(block)}
+    whole = {id(m) for m in (*token_wise_modules(block), *fused_modules(block))}
     return _large_leaves(
         block.module, block.qualname, exclude, threshold, {id(block.module)}, whole
     )
 
 
-def token_wise_modules(block: BlockRef) -> list[nn.Module]:
-    """The block's token-wise parts that it has (see ``BlockListLayout.token_wise``)."""
+def _parts(block: BlockRef, paths: tuple[str, ...]) -> list[nn.Module]:
     found = []
-    for path in block.list_layout.token_wise:
+    for path in paths:
         try:
             found.append(resolve(block.module, path))
         except BlockSwapConfigError:
             continue  # a part this block lacks
     return found
+
+
+def token_wise_modules(block: BlockRef) -> list[nn.Module]:
+    """The block's token-wise parts that it has (see ``BlockListLayout.token_wise``)."""
+    return _parts(block, block.list_layout.token_wise)
+
+
+# [Note: fused parts]
+# A layer unit's weights arrive when its own forward is called (a pre-hook). Core's FFNs on
+# current ComfyUI (Wan's, LTX's, MiniMax's) call comfy.ops.linear_input_act(down, up(x), act),
+# which for an INT8 down-projection (comfy-kitchen's QuantizedTensor, TensorWiseINT8Layout)
+# reads ``down.weight`` and runs a fused kernel without calling ``down``: as a unit of its
+# own, that layer would still hold its 0-element placeholder there ("Input and weight inner
+# dimensions must match, got 256 and 0" on the CPU). Records name such parts
+# (``BlockListLayout.fused``); where one holds a wrapper tensor ([Note: wrapper tensors]: the
+# quantized formats, the only ones with a fused path) it is one unit, fetched when the part
+# is called. Plain weights go through ``down``'s own forward, so their layers stay units of
+# their own (smaller units leave more of a budget resident).
+
+
+def fused_modules(block: BlockRef) -> list[nn.Module]:
+    """The block's fused parts that hold wrapper tensors ([Note: fused parts])."""
+    return [
+        part
+        for part in _parts(block, block.list_layout.fused)
+        if any(
+            is_traceable_wrapper_subclass(t)
+            for t in itertools.chain(part.parameters(), part.buffers())
+        )
+    ]
 
 
 def stream_layer_units(

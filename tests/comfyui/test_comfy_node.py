@@ -3,6 +3,7 @@
 the same model without the node, with and without a LoRA-style weight patch."""
 
 import gc
+import json
 import logging
 from typing import Any
 
@@ -567,6 +568,63 @@ def scaled_fp8_wan(comfy):
     stored = getattr(layer.weight, "_qdata", layer.weight)
     assert stored.dtype == torch.float8_e4m3fn and hasattr(layer, "set_weight")
     return patcher
+
+
+def int8_wan(comfy):
+    """A tiny Wan in current core's INT8 format: block Linear weights stored as int8 with a
+    per-layer ``weight_scale`` and a ``comfy_quant`` entry (comfy-kitchen's QuantizedTensor,
+    TensorWiseINT8Layout, whose FFN down-projection core runs fused)."""
+    state = tiny_models.comfy_state_dict_for("wan_t2v", dtype=torch.bfloat16)
+    quant = list(json.dumps({"format": "int8_tensorwise"}).encode())
+    for key in [k for k in state if k.startswith("blocks.") and k.endswith(".weight")]:
+        weight = state[key].float()
+        if weight.ndim != 2:
+            continue
+        scale = weight.abs().max() / 127
+        state[key] = (weight / scale).round().clamp(-127, 127).to(torch.int8)
+        prefix = key[: -len("weight")]
+        state[prefix + "weight_scale"] = scale.reshape(())
+        state[prefix + "comfy_quant"] = torch.tensor(quant, dtype=torch.uint8)
+    patcher = comfy.sd.load_diffusion_model_state_dict(state)
+    down = patcher.model.diffusion_model.blocks[0].ffn[2].weight
+    assert getattr(down, "_layout_cls", None) == "TensorWiseINT8Layout"
+    return patcher
+
+
+@pytest.mark.parametrize("chunk_tokens", [8192, 0])
+def test_int8_ffns_that_core_runs_fused_swap_whole_and_equal_core(
+    comfy, pack, monkeypatch, chunk_tokens
+):
+    """Current core runs an INT8 FFN's down-projection in a kernel that reads its weight
+    without calling it ([Note: fused parts]). In layer units, with chunks or without, the FFN
+    is one unit, fetched when the FFN is called: as units of their own its down-projection
+    held a 0-element placeholder there, and the forward failed."""
+    import dataclasses
+    import functools
+
+    if not hasattr(comfy.ops, "linear_input_act") or not comfy.quant_ops._CK_AVAILABLE:
+        pytest.skip("core without INT8 FFNs (or without comfy-kitchen)")
+    widgets = pack.nodes.config_from_widgets
+
+    @functools.wraps(widgets)  # the node checks its widgets against this signature
+    def layers(**w):
+        return dataclasses.replace(widgets(**w), chunk_tokens=chunk_tokens, swap_unit="layer")
+
+    monkeypatch.setattr(pack.nodes, "config_from_widgets", layers)
+    # as in a ComfyUI server: nodes and sampling run without autograd
+    with torch.inference_mode():
+        patcher = int8_wan(comfy)
+        inputs = tiny_models.comfy_make_inputs(patcher.model.diffusion_model)(6)
+        expected = run(comfy, patcher, inputs)
+        comfy.model_management.unload_all_models()
+        swapped = node(patcher, blocks_to_swap=3)
+        names = [s.unit.name for s in swap_of(swapped).units]
+        assert "blocks.0.ffn" in names and not any(".ffn." in n for n in names), names
+        assert "blocks.0.self_attn.q" in names  # other layers stay units of their own
+        for _ in range(2):
+            assert torch.equal(run(comfy, swapped, inputs), expected)
+            comfy.model_management.unload_all_models()
+    assert_untouched(patcher)
 
 
 def test_weight_patches_on_scaled_fp8_weights_equal_core(comfy):
