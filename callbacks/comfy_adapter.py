@@ -47,6 +47,7 @@ from ..wan_blockswap import (
 )
 from ..wan_blockswap.engine import measure_model
 from ..wan_blockswap.plan import min_streamed_budget, plan_swap
+from ..wan_blockswap.units import register_fused_weights
 
 from . import comfy_auto
 from .comfy_private import (
@@ -72,6 +73,18 @@ KEY = "wan_blockswap"
 CallbacksMP = comfy.patcher_extension.CallbacksMP
 WrappersMP = comfy.patcher_extension.WrappersMP
 GIB = 2**30
+
+
+def _core_runs_fused(weight: torch.Tensor) -> bool:
+    """Whether core's ``comfy.ops.linear_input_act`` runs a layer with ``weight`` in its fused
+    kernel, reading the weight without calling the layer ([Note: fused parts] in
+    ``wan_blockswap.units``): comfy-kitchen's INT8 tensors, not transposed."""
+    return getattr(weight, "_layout_cls", None) == "TensorWiseINT8Layout" and not getattr(
+        getattr(weight, "_params", None), "transposed", False
+    )
+
+
+register_fused_weights(_core_runs_fused)
 
 
 @dataclass

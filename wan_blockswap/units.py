@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import weakref
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -214,21 +214,29 @@ def token_wise_modules(block: BlockRef) -> list[nn.Module]:
 # reads ``down.weight`` and runs a fused kernel without calling ``down``: as a unit of its
 # own, that layer would still hold its 0-element placeholder there ("Input and weight inner
 # dimensions must match, got 256 and 0" on the CPU). Records name such parts
-# (``BlockListLayout.fused``); where one holds a wrapper tensor ([Note: wrapper tensors]: the
-# quantized formats, the only ones with a fused path) it is one unit, fetched when the part
-# is called. Plain weights go through ``down``'s own forward, so their layers stay units of
-# their own (smaller units leave more of a budget resident).
+# (``BlockListLayout.fused``); where one holds a weight such a kernel reads it is one unit,
+# fetched when the part is called. Which weights those are is the host's knowledge
+# (:func:`register_fused_weights`; ComfyUI's adapter: INT8 ones); without a host's word, any
+# wrapper tensor ([Note: wrapper tensors]). Other weights go through ``down``'s own forward,
+# so their layers stay units of their own: smaller units leave more of a budget resident
+# (scaled-fp8 FFNs as one unit would double Wan-14B's largest fp8 unit, 71 to 142 MB).
+
+_runs_fused: Callable[[torch.Tensor], bool] = is_traceable_wrapper_subclass
+
+
+def register_fused_weights(check: Callable[[torch.Tensor], bool]) -> None:
+    """Set which weights a fused part's forward may read without calling their layer
+    ([Note: fused parts]); a host that runs such kernels registers its own test."""
+    global _runs_fused
+    _runs_fused = check
 
 
 def fused_modules(block: BlockRef) -> list[nn.Module]:
-    """The block's fused parts that hold wrapper tensors ([Note: fused parts])."""
+    """The block's fused parts that hold weights read fused ([Note: fused parts])."""
     return [
         part
         for part in _parts(block, block.list_layout.fused)
-        if any(
-            is_traceable_wrapper_subclass(t)
-            for t in itertools.chain(part.parameters(), part.buffers())
-        )
+        if any(_runs_fused(t) for t in itertools.chain(part.parameters(), part.buffers()))
     ]
 
 

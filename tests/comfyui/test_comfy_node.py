@@ -624,7 +624,12 @@ def test_int8_ffns_that_core_runs_fused_swap_whole_and_equal_core(
         for _ in range(2):
             assert torch.equal(run(comfy, swapped, inputs), expected)
             comfy.model_management.unload_all_models()
-    assert_untouched(patcher)
+        assert_untouched(patcher)
+        # scaled fp8 (core calls the layer): the FFN's layers stay units of their own where
+        # nothing is chunked, as plain weights' do (smaller units leave more resident)
+        fp8 = node(scaled_fp8_wan(comfy), blocks_to_swap=3)
+        names = [s.unit.name for s in swap_of(fp8).units]
+        assert ("blocks.0.ffn.2" in names) == (chunk_tokens == 0), names
 
 
 def test_weight_patches_on_scaled_fp8_weights_equal_core(comfy):
