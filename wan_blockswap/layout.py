@@ -41,8 +41,9 @@ class BlockListLayout:
         fused: paths, inside one block, of submodules whose forward may use a child layer's
             weights without calling that layer (ComfyUI folds an FFN's activation into an
             INT8 down-projection and reads its weight directly). Where such a part holds
-            quantized (wrapper) tensors it swaps as one unit; see [Note: fused parts] in
-            ``units``. A path a block lacks is passed over.
+            weights read so (the host says which: ``units.register_fused_weights``) it swaps
+            as one unit; see [Note: fused parts] in ``units``. A path a block lacks is passed
+            over.
     """
 
     path: str

@@ -181,8 +181,8 @@ def layer_units(block: BlockRef, exclude: set[int]) -> list[SwapUnit]:
     Only true leaves (no child modules) become units, so a unit never runs inside another
     unit's forward and one slot per unit in use is enough. The block's token-wise parts
     (``BlockListLayout.token_wise``) count as leaves: one unit each, since their layers run
-    once per chunk of tokens ([Note: token chunks]); so do its fused parts that hold wrapper
-    tensors ([Note: fused parts]).
+    once per chunk of tokens ([Note: token chunks]); so do its fused parts that hold weights
+    read fused ([Note: fused parts]).
     """
     total = sum(_nbytes(ref.get()) for ref in tensor_refs(block.module, "", exclude))
     threshold = max(1, int(total * LAYER_UNIT_MIN_SHARE))
