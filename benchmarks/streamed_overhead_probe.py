@@ -70,7 +70,8 @@ ARMS: dict[str, dict[str, Any]] = {
 
 
 def config_for(model: torch.nn.Module, layout: Any, arm: dict, chunk_tokens: int) -> SwapConfig:
-    """The config that gives ``arm``'s plan for ``model`` (``gpu``: None)."""
+    """The config that gives ``arm``'s plan for ``model`` (raw copies, as auto sends at 81
+    frames)."""
     chunks = arm.get("chunk_tokens", chunk_tokens)
     sizes = measure_model(model, unit_layout(layout, chunks))[1]
     block = max(b.nbytes for b in sizes.blocks)
