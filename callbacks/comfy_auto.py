@@ -17,12 +17,12 @@ forward. Core decides three things from its own estimate of that reserve
   1.5 times the estimate for that batch is free (``comfy/samplers.py``): otherwise every step
   runs two forwards, and a plan that streams weights moves them twice.
 Core's estimate is generic (on Wan about twice what a forward allocates), so once a forward of
-a latent shape has run, the private model's ``memory_required`` answers with what it really
-took instead (:class:`CalibratedMemoryRequired`): per sample of the batch, the larger of the
-allocated peak above what was allocated before it times MEASURED_MARGIN and the allocator's
-reserved peak above the same (VRAM it held beyond live tensors, which on the H200 at 81
-frames was 0.9 GiB more: planning from 1.1x the allocated peak alone ran out of memory), less
-our own weights in flight. The margin covers what the metered forward cannot show: it runs
+a latent shape has run, the private model's ``memory_required`` answers from what it really
+took instead (:class:`CalibratedMemoryRequired`). The need is, per sample of the batch, the
+larger of the allocated peak above what was allocated before it times MEASURED_MARGIN and the
+allocator's reserved peak above the same (VRAM it held beyond live tensors, which on the H200
+at 81 frames was 0.9 GiB more: planning from 1.1x the allocated peak alone ran out of memory),
+less our own weights in flight. The margin covers what the metered forward cannot show: it runs
 over an empty pool, and later forwards share the pool with the resident weights. Core's server
 allocates through ``backend:cudaMallocAsync`` (``cuda_malloc.py``), whose pool a forward's
 large activations fragment: on the H100 at 81 frames (8 Wan-14B blocks, 7 GiB free) a forward
@@ -34,12 +34,21 @@ in the reserved peak but are no need of the forward. Read over a pool holding th
 Wan forward's 0.31 GiB looked like 0.61 GiB (H100, comfyui_dynamic_h100/run1_server.log), and
 core's batching rule doubled the error. So each latent shape is measured once per batch size,
 on the first forward, and later forwards of it run unmetered (but see [Note: a forward out of
-memory]). Core's load rules and cond batching then count the same figure as the plan, on the
-private model only: core's own model keeps core's estimate.
-The reserve is then what core's rules need left free (:func:`reserves`): for one batch of
-both conditionings where a run of this shape had an unconditional pass (cfg > 1), else for one
-conditioning; the adapter picks the plan that moves fewest bytes per step.
-Before any forward of a shape ran, the reserve is core's own estimate for one batch.
+memory]). Core is answered that need over COND_BATCH_FACTOR: its batching rule then asks for
+exactly the need to be free, and the need has its margin already. Answered whole, the two
+margins stacked: on the H100 at 1 frame (8 Wan-14B blocks, 4 GiB free) a batch of both
+conditionings that allocated about 0.8 GiB had 1.73 GiB kept for it, room that could have held
+weights (comfyui_dynamic_h100.json, session 18). Core's load rules and cond batching count that
+figure on the private model only: core's own model keeps core's estimate.
+The reserve is then what the forward needs and core's rules need left free (:func:`reserves`):
+- for one conditioning per forward, the need plus core's extra reserve, or core's least
+  inference memory where that is more (its shrink rule: below it core unloads part of ours);
+- for one batch of both conditionings, where a run of this shape had an unconditional pass
+  (cfg > 1), the batch's need, or that least inference memory. No extra reserve on top: should
+  less be free when a step runs, core's batching rule, which reads the free VRAM then, runs
+  the conditionings as two forwards, each with the room of two.
+The adapter picks the plan that moves fewest bytes per step. Before any forward of a shape
+ran, the reserve is core's own estimate for one batch.
 """
 
 from __future__ import annotations
@@ -225,8 +234,8 @@ class CudaMeter:
 
 class CalibratedMemoryRequired:
     """The private model's ``memory_required``: what forwards of that latent shape took, per
-    sample times the batch asked about, once one ran; core's estimate before that. Holds its
-    model weakly (it lives on the model)."""
+    sample times the batch asked about, over COND_BATCH_FACTOR, once one ran; core's estimate
+    before that. Holds its model weakly (it lives on the model)."""
 
     def __init__(self, base_model: Any) -> None:
         self.model = weakref.ref(base_model)
@@ -236,7 +245,8 @@ class CalibratedMemoryRequired:
         assert model is not None, "called through a collected model"
         need = measured(model.diffusion_model, input_shape)
         if need is not None and need.per_sample:
-            return float(need.per_sample * int(input_shape[0]))
+            # core's batching rule multiplies this by COND_BATCH_FACTOR: see [Note: auto plans]
+            return need.per_sample * int(input_shape[0]) / COND_BATCH_FACTOR
         if cond_shapes is not None:
             kwargs["cond_shapes"] = cond_shapes
         return type(model).memory_required(model, input_shape, **kwargs)
@@ -260,16 +270,17 @@ class Reserve(NamedTuple):
 def reserves(patcher: Any, noise_shape: Any, conds: dict) -> list[Reserve]:
     """The reserves worth planning for this latent, best first: see [Note: auto plans]."""
     mm = comfy.model_management
-    both, one = comfy.sampler_helpers.estimate_memory(patcher, noise_shape, conds)
     floor = mm.minimum_inference_memory()
     extra = mm.extra_reserved_memory()
-    single = max(floor, one + extra)
     need = measured(patcher.model.diffusion_model, noise_shape)
-    if need is None:
-        return [Reserve(single, 1, "core's estimate")]
+    if need is None or not need.per_sample:
+        one = comfy.sampler_helpers.estimate_memory(patcher, noise_shape, conds)[1]
+        return [Reserve(max(floor, one + extra), 1, "core's estimate")]
+    one = need.per_sample * int(noise_shape[0])
+    single = max(floor, one + extra)
     if not need.uncond:
         return [Reserve(single, 1, "measured")]
-    batched = max(floor, both + extra, COND_BATCH_FACTOR * both)
+    batched = max(floor, 2 * one)
     return [
         Reserve(batched, 1, "measured; both conditionings in one batch"),
         Reserve(single, 2, "measured; one conditioning per forward"),

@@ -1141,6 +1141,48 @@ def test_auto_widens_a_streamed_window_within_the_slack_without_repacking(comfy,
     assert_untouched(patcher)
 
 
+def test_auto_keeps_every_weight_resident_once_they_fit_within_the_block_of_slack(
+    comfy, pack, monkeypatch
+):
+    """Growing keeps a block of slack, but a budget that holds every weight (with
+    ALL_RESIDENT_SLACK to spare) re-plans at once: nothing is copied any more, and the plan
+    has nothing left to grow into. Just short of that spare, the swap stays; the next prompt
+    with the same VRAM keeps the all-resident plan."""
+    from comfyui_wan_blockswap.callbacks import comfy_adapter
+    from comfyui_wan_blockswap.callbacks.comfy_adapter import _states
+
+    free, patcher, inputs, swapped, private, shape = _prepared_auto_node(comfy, pack, monkeypatch)
+    expected = run(comfy, patcher, inputs)
+    comfy.model_management.unload_all_models()
+    sizes = _states[private].swap.sizes
+    block = max(b.nbytes for b in sizes.blocks)
+    everything = sizes.other_bytes + sum(b.nbytes for b in sizes.blocks)
+    spare = block // 4
+    monkeypatch.setattr(comfy_adapter, "ALL_RESIDENT_SLACK", spare)  # a tiny model's blocks
+    blocks = len(sizes.blocks)
+    free["bytes"] = _free_for_weights(comfy, swapped, sizes, shape, blocks - 0.5)
+    _prepare(comfy, swapped, shape)
+    comfy.model_management.unload_all_models()
+    swap = _states[private].swap
+    first = swap.plan
+    assert 0 < first.swapped_bytes < block  # less than a block to gain
+    estimate = comfy.sampler_helpers.estimate_memory(swapped, shape, {})[1]
+    free["bytes"] = everything + estimate + spare - 1  # every weight fits, the spare does not
+    _prepare(comfy, swapped, shape)
+    comfy.model_management.unload_all_models()
+    assert _states[private].swap is swap and swap.plan == first  # kept: within the slack
+    free["bytes"] = everything + estimate + spare
+    _prepare(comfy, swapped, shape)
+    comfy.model_management.unload_all_models()
+    whole = _states[private].swap
+    assert whole is not swap and whole.plan.swapped_bytes == 0
+    _prepare(comfy, swapped, shape)  # the same VRAM at the next prompt: nothing changes
+    comfy.model_management.unload_all_models()
+    assert _states[private].swap is whole
+    assert torch.equal(run(comfy, swapped, inputs), expected)
+    assert_untouched(patcher)
+
+
 def test_auto_without_chunks_plans_each_large_layer_a_unit_from_the_start(comfy, pack, monkeypatch):
     """``chunk_tokens=0``: nothing runs in chunks, so auto never makes token-wise units (the
     engine's own sizes, measured with the config's chunk_tokens, agree with the plan's)."""
@@ -1187,10 +1229,11 @@ def test_auto_detects_an_unrecorded_architecture_before_it_swaps_anything(comfy,
 def test_core_estimates_the_private_model_from_what_its_forwards_took(comfy, pack, monkeypatch):
     """Once a forward of a latent shape ran, core's estimate for the private model (its
     loader's free-up, its shrink rule and its cond batching all ask ``memory_required``) is
-    what that forward took per sample, times the batch asked about; the loader's model keeps
-    core's own estimate, and so does an unmeasured shape."""
+    what that forward took per sample, times the batch asked about, over core's batching
+    factor (the need has its margin already); the loader's model keeps core's own estimate,
+    and so does an unmeasured shape."""
     from comfyui_wan_blockswap.callbacks import comfy_auto
-    from comfyui_wan_blockswap.callbacks.comfy_auto import MEASURED_MARGIN
+    from comfyui_wan_blockswap.callbacks.comfy_auto import COND_BATCH_FACTOR, MEASURED_MARGIN
 
     fake_free_vram(comfy, monkeypatch, 10**12)
     patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v")
@@ -1208,7 +1251,7 @@ def test_core_estimates_the_private_model_from_what_its_forwards_took(comfy, pac
     measured = comfy_auto.measured(swapped.model.diffusion_model, shape)
     assert measured.per_sample == per_sample and measured.uncond
     both, one = comfy.sampler_helpers.estimate_memory(swapped, shape, {})
-    assert (both, one) == (2 * per_sample, per_sample)
+    assert (both, one) == (2 * per_sample / COND_BATCH_FACTOR, per_sample / COND_BATCH_FACTOR)
     assert comfy.sampler_helpers.estimate_memory(patcher, shape, {}) == (core_both, core_one)
     other = (shape[0], shape[1], shape[2] + 1, *shape[3:])
     assert swapped.model.memory_required(other) == patcher.model.memory_required(other)
@@ -1383,14 +1426,59 @@ def test_auto_reserves_for_the_cond_batch_only_where_it_moves_fewer_bytes_per_st
     free["bytes"] = everything + 4 * block
     plan, log = plan_for(block // 8)
     assert not plan.swapped and "both conditionings in one batch" in log
-    # a large one: keeping 1.5x the batch's need free would stream blocks that fit beside
-    # one conditioning's need, and two forwards of nothing streamed move less
+    # the batch's need fits beside every weight, 1.5x of it would not: core is told the need
+    # over its batching factor, so it batches where the need (margin and all) is free, and
+    # nothing streams
+    plan, log = plan_for(block)
+    per_sample = comfy_auto.measured(private, shape).per_sample
+    assert 2 * per_sample <= 4 * block < COND_BATCH_FACTOR * 2 * per_sample
+    assert not plan.swapped and "both conditionings in one batch" in log
+    both = comfy.sampler_helpers.estimate_memory(swapped, shape, {})[0]
+    assert COND_BATCH_FACTOR * both == pytest.approx(2 * per_sample)
+    # a large one: keeping the batch's need free would stream blocks that fit beside one
+    # conditioning's need, and two forwards of nothing streamed move less
     plan, log = plan_for(2 * block)
     per_sample = comfy_auto.measured(private, shape).per_sample
-    assert COND_BATCH_FACTOR * 2 * per_sample > 4 * block >= per_sample
+    assert 2 * per_sample > 4 * block >= per_sample
     assert "one conditioning per forward" in log
     assert plan.gpu_weight_bytes <= free["bytes"] - per_sample
     assert torch.equal(run(comfy, swapped, inputs), expected)
+
+
+def test_auto_reserves_core_extra_for_one_conditioning_and_its_floor_for_a_batch(
+    comfy, pack, monkeypatch
+):
+    """One conditioning per forward keeps its need plus core's extra reserve; a batch of both
+    keeps its need (core's batching rule reads the free VRAM at each step and splits the batch
+    where less is free); both keep at least core's least inference memory, below which core
+    would unload part of the model; an unmeasured shape keeps core's own estimate."""
+    from comfyui_wan_blockswap.callbacks import comfy_auto
+
+    _, patcher, inputs, swapped, private, shape = _prepared_auto_node(comfy, pack, monkeypatch)
+    mm = comfy.model_management
+    extra, floor = 3 * 2**20, 5 * 2**20
+    monkeypatch.setattr(mm, "extra_reserved_memory", lambda: extra)
+    monkeypatch.setattr(mm, "minimum_inference_memory", lambda: floor)
+    core_one = comfy.sampler_helpers.estimate_memory(swapped, shape, {})[1]
+    (unmeasured,) = comfy_auto.reserves(swapped, shape, {})
+    assert unmeasured.bytes == max(floor, core_one + extra)
+
+    _measure(comfy, swapped, inputs, 2 * 2**20, (0,), monkeypatch)
+    one = comfy_auto.measured(private, shape).per_sample * shape[0]
+    assert floor < one + extra
+    (single,) = comfy_auto.reserves(swapped, shape, {})
+    assert (single.bytes, single.forwards_per_step) == (one + extra, 1)
+
+    for need in (8 * 2**20, 2 * 2**20):  # for the batch of two: cond and uncond
+        comfy_auto._needs.pop(private)
+        _measure(comfy, swapped, inputs, need, (1, 0), monkeypatch)
+        one = comfy_auto.measured(private, shape).per_sample * shape[0]
+        batched, split = comfy_auto.reserves(swapped, shape, {})
+        assert (batched.bytes, batched.forwards_per_step) == (max(floor, 2 * one), 1)
+        assert (split.bytes, split.forwards_per_step) == (max(floor, one + extra), 2)
+        # the larger need keeps the batch's need, the smaller core's floor
+        assert (2 * one > floor) == (need == 8 * 2**20)
+    assert_untouched(patcher)
 
 
 def test_a_swapped_model_loads_all_its_plan_keeps_on_the_gpu(comfy, monkeypatch):
