@@ -50,7 +50,9 @@ STEPS = 4
 # An interrupted prompt samples longer, so the /interrupt lands mid-way: on the CPU 8 steps of
 # the tiny model are time enough; on an H100 a whole prompt took about a second, and 17 of the
 # 20 interrupts of two current-core sessions arrived after sampling had finished, all 3 of a
-# legacy one too (reliability_h100.json, "missed")
+# legacy one too (reliability_h100.json, "missed"). With 64 steps a legacy session's three landed
+# on an H100 in session 19; a current one's were still sent late, from a miscount of its bars
+# (see _progress)
 INTERRUPT_STEPS = {"cpu": 8, "gpu": 64}
 
 
@@ -143,9 +145,16 @@ def memory(server: cs.Server, probe: bool = False, trim: bool = False, **probe_a
 
 def _progress(text: str) -> tuple[int, int]:
     """How many sampler progress bars ``text`` (the server's log) started, and the step the
-    last one reached."""
+    last one reached. A bar starts at a 0/N mark after none or after a mark of another step:
+    current core draws each bar's 0/N twice, the second time with "Model Initializing" after
+    it (counted as two bars, every interrupt of a v0.33 session on an H100 was sent too late:
+    comfyui_dynamic_h100/session19_session30_v033.json)."""
     marks = [(int(done), int(total)) for done, total in re.findall(r"(\d+)/(\d+) \[", text)]
-    return sum(done == 0 for done, _ in marks), (marks[-1][0] if marks else 0)
+    starts = sum(
+        done == 0 and (index == 0 or marks[index - 1] != (done, total))
+        for index, (done, total) in enumerate(marks)
+    )
+    return starts, (marks[-1][0] if marks else 0)
 
 
 def interrupt_mid_sampling(server: cs.Server, bar: int) -> tuple[Any, dict]:
