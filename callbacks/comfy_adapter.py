@@ -522,6 +522,10 @@ class _Unswapped:
     # The token-wise units came back after auto had dropped them: latents that are cut and
     # latents that are not take turns, and each turn would repack the model, so they stay
     keeps_token_wise: bool = False
+    # A plan with every weight resident had to shrink: latents whose budgets lie either side
+    # of "everything fits" take turns, and each turn back would repack the model, so from now
+    # on growing keeps the block of slack there too (see ALL_RESIDENT_SLACK)
+    left_all_resident: bool = False
 
 
 _unswapped: "weakref.WeakKeyDictionary[torch.nn.Module, _Unswapped]" = weakref.WeakKeyDictionary()
@@ -536,7 +540,8 @@ def _unswapped_of(base_model: Any) -> _Unswapped:
         sizes = {each: measure_model(diffusion_model, each)[1] for each in variants}
         previous = _unswapped.get(diffusion_model)
         keeps = previous is not None and previous.keeps_token_wise
-        _unswapped[diffusion_model] = _Unswapped(layout, sizes, keeps)
+        left = previous is not None and previous.left_all_resident
+        _unswapped[diffusion_model] = _Unswapped(layout, sizes, keeps, left)
     found = _unswapped.get(diffusion_model)
     assert found is not None, "auto measures a model before it swaps it"
     return found
@@ -698,7 +703,14 @@ def _fit(
             return
         block = max((b.nbytes for b in sizes.blocks), default=0)
         fits = current.budgeted_bytes <= max(budget, plan.budgeted_bytes)
-        if fits and not (current.swapped_bytes and _all_resident(plan, budget)):
+        to_all_resident = (
+            bool(current.swapped_bytes)
+            and not unswapped.left_all_resident
+            and _all_resident(plan, budget)
+        )
+        if not fits and not current.swapped_bytes:
+            unswapped.left_all_resident = True
+        if fits and not to_all_resident:
             # Growing keeps a block of slack: the free VRAM seen before each run moves by
             # some hundred MiB (what the allocator keeps), and re-planning at every move
             # would repack the model every other run.
@@ -742,7 +754,9 @@ def _fit(
 # the first plan's 0.88 GiB in layer slots stayed, at 1.014x core's s/it; 1.03 GiB in layer
 # slots cost 0.75% of a forward outside the server (benchmarks/results/streamed_overhead_h100.json).
 # Between prompts after the first, what could be had moved by under 0.05 GiB in every row of
-# that run (comfyui_dynamic_h100/session19_8blocks_batch_need.json).
+# that run (comfyui_dynamic_h100/session19_8blocks_batch_need.json). Once such a plan had to
+# shrink (two latents' budgets either side of it, taking turns: a review repacked the model
+# at each of 7 turns), the model grows with the block of slack only (``left_all_resident``).
 ALL_RESIDENT_SLACK = 64 * 2**20
 
 

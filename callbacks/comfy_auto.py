@@ -6,13 +6,14 @@ the latent known. The weights get the free VRAM (with dynamic VRAM, what aimdo c
 too), plus what loaded models hold (core unloads them for ours), minus a reserve for the
 forward. Core decides three things from its own estimate of that reserve
 (``BaseModel.memory_required``), and a plan that ignores them is undone by core:
-- at load, ``load_models_gpu`` frees (partially unloading loaded models, ours included) until
-  the estimate for both conditionings in one batch, plus its reserve, is free;
-- then it loads a model only as far as the estimate for one batch, and at least
-  ``minimum_inference_memory()`` (0.8 GiB plus its reserve), stays free: below that it
-  shrinks a loaded model into its slow per-use casting from RAM (on the H200 it shrank ours by
-  0.6 GiB at every cfg-5 prompt of a 1-frame run: benchmarks/results/comfyui_dynamic_h200/
-  run7_server.log);
+- at load, ``load_models_gpu`` frees (partially unloading the other loaded models: the text
+  encoder, the VAE, the other Wan 2.2 A14B expert) until the estimate for both conditionings
+  in one batch, plus its reserve, is free;
+- then it loads a model only as far as the estimate for one batch plus its extra reserve,
+  and at least ``minimum_inference_memory()`` (0.8 GiB plus that reserve), stays free: below
+  that current core shrinks a loaded model into its slow per-use casting from RAM (on the
+  H200 it shrank ours by 0.6 GiB at every cfg-5 prompt of a 1-frame run: benchmarks/results/
+  comfyui_dynamic_h200/run7_server.log; core 0.3.64 does not shrink);
 - while sampling, it runs the conditional and unconditional passes as one batch only when
   1.5 times the estimate for that batch is free (``comfy/samplers.py``): otherwise every step
   runs two forwards, and a plan that streams weights moves them twice.
@@ -44,9 +45,12 @@ The reserve is then what the forward needs and core's rules need left free (:fun
 - for one conditioning per forward, the need plus core's extra reserve, or core's least
   inference memory where that is more (its shrink rule: below it core unloads part of ours);
 - for one batch of both conditionings, where a run of this shape had an unconditional pass
-  (cfg > 1), the batch's need, or that least inference memory. No extra reserve on top: should
-  less be free when a step runs, core's batching rule, which reads the free VRAM then, runs
-  the conditionings as two forwards, each with the room of two.
+  (cfg > 1), the batch's need, or what core's shrink rule asks (one conditioning's figure plus
+  the extra reserve, at least that least inference memory) where that is more. No extra
+  reserve on the batch's need: should less be free when a step runs, core's batching rule,
+  which reads the free VRAM then, runs the conditionings as two forwards, each with the room
+  of two. The margin's evidence is from single forwards (above); a batch above core's floor
+  has not run on a GPU with this reserve.
 The adapter picks the plan that moves fewest bytes per step. Before any forward of a shape
 ran, the reserve is core's own estimate for one batch.
 """
@@ -280,7 +284,8 @@ def reserves(patcher: Any, noise_shape: Any, conds: dict) -> list[Reserve]:
     single = max(floor, one + extra)
     if not need.uncond:
         return [Reserve(single, 1, "measured")]
-    batched = max(floor, 2 * one)
+    shrinks_below = max(floor, one / COND_BATCH_FACTOR + extra)  # core's shrink rule
+    batched = max(shrinks_below, 2 * one)
     return [
         Reserve(batched, 1, "measured; both conditionings in one batch"),
         Reserve(single, 2, "measured; one conditioning per forward"),

@@ -1147,9 +1147,10 @@ def test_auto_keeps_every_weight_resident_once_they_fit_within_the_block_of_slac
     """Growing keeps a block of slack, but a budget that holds every weight (with
     ALL_RESIDENT_SLACK to spare) re-plans at once: nothing is copied any more, and the plan
     has nothing left to grow into. Just short of that spare, the swap stays; the next prompt
-    with the same VRAM keeps the all-resident plan."""
+    with the same VRAM keeps the all-resident plan. Once such a plan had to shrink, growing
+    keeps the block of slack there too."""
     from comfyui_wan_blockswap.callbacks import comfy_adapter
-    from comfyui_wan_blockswap.callbacks.comfy_adapter import _states
+    from comfyui_wan_blockswap.callbacks.comfy_adapter import _states, _unswapped
 
     free, patcher, inputs, swapped, private, shape = _prepared_auto_node(comfy, pack, monkeypatch)
     expected = run(comfy, patcher, inputs)
@@ -1166,6 +1167,10 @@ def test_auto_keeps_every_weight_resident_once_they_fit_within_the_block_of_slac
     swap = _states[private].swap
     first = swap.plan
     assert 0 < first.swapped_bytes < block  # less than a block to gain
+    # the set-up's first plan (VRAM to spare) kept every weight, and this one shrank it: as a
+    # node whose first plan swapped, it may take every weight back within the slack
+    assert _unswapped[private].left_all_resident
+    _unswapped[private].left_all_resident = False
     estimate = comfy.sampler_helpers.estimate_memory(swapped, shape, {})[1]
     free["bytes"] = everything + estimate + spare - 1  # every weight fits, the spare does not
     _prepare(comfy, swapped, shape)
@@ -1179,6 +1184,27 @@ def test_auto_keeps_every_weight_resident_once_they_fit_within_the_block_of_slac
     _prepare(comfy, swapped, shape)  # the same VRAM at the next prompt: nothing changes
     comfy.model_management.unload_all_models()
     assert _states[private].swap is whole
+    # a budget just short of every weight (a latent that needs a little more, say) shrinks
+    # the plan; back at the first budget, growing keeps the block of slack again: latents
+    # either side of "everything fits" taking turns would repack the model at every turn
+    free["bytes"] = everything + estimate - block // 2
+    _prepare(comfy, swapped, shape)
+    comfy.model_management.unload_all_models()
+    shrunk = _states[private].swap
+    assert shrunk is not whole and 0 < shrunk.plan.swapped_bytes < block
+    for _ in range(2):
+        free["bytes"] = everything + estimate + spare
+        _prepare(comfy, swapped, shape)
+        comfy.model_management.unload_all_models()
+        assert _states[private].swap is shrunk
+        free["bytes"] = everything + estimate - block // 2
+        _prepare(comfy, swapped, shape)
+        comfy.model_management.unload_all_models()
+        assert _states[private].swap is shrunk
+    free["bytes"] = everything + estimate + block + spare  # a block of slack: it grows
+    _prepare(comfy, swapped, shape)
+    comfy.model_management.unload_all_models()
+    assert _states[private].swap.plan.swapped_bytes == 0
     assert torch.equal(run(comfy, swapped, inputs), expected)
     assert_untouched(patcher)
 
@@ -1450,8 +1476,10 @@ def test_auto_reserves_core_extra_for_one_conditioning_and_its_floor_for_a_batch
 ):
     """One conditioning per forward keeps its need plus core's extra reserve; a batch of both
     keeps its need (core's batching rule reads the free VRAM at each step and splits the batch
-    where less is free); both keep at least core's least inference memory, below which core
-    would unload part of the model; an unmeasured shape keeps core's own estimate."""
+    where less is free); both keep at least what current core's shrink rule asks (its least
+    inference memory, and one conditioning's figure plus the extra reserve), below which core
+    would unload part of the model at every other prompt; an unmeasured shape keeps core's own
+    estimate."""
     from comfyui_wan_blockswap.callbacks import comfy_auto
 
     _, patcher, inputs, swapped, private, shape = _prepared_auto_node(comfy, pack, monkeypatch)
@@ -1478,6 +1506,12 @@ def test_auto_reserves_core_extra_for_one_conditioning_and_its_floor_for_a_batch
         assert (split.bytes, split.forwards_per_step) == (max(floor, one + extra), 2)
         # the larger need keeps the batch's need, the smaller core's floor
         assert (2 * one > floor) == (need == 8 * 2**20)
+    # a large extra reserve (--reserve-vram): core's shrink rule asks more than the batch needs
+    extra = 40 * 2**20
+    monkeypatch.setattr(mm, "extra_reserved_memory", lambda: extra)
+    batched, _ = comfy_auto.reserves(swapped, shape, {})
+    asked = comfy.sampler_helpers.estimate_memory(swapped, shape, {})[1] + extra
+    assert batched.bytes == asked > max(floor, 2 * one)
     assert_untouched(patcher)
 
 
