@@ -29,6 +29,37 @@ GIB = 2**30
 WAN14B = dict(dim=5120, ffn_dim=13824, in_dim=16, out_dim=16)
 
 
+# An experiment arm's pack: this checkout without what the server never imports
+PACK_LEFT_OUT = shutil.ignore_patterns(".*", "__pycache__", "tests", "benchmarks", "docs")
+
+
+def install_pack(custom_nodes: str, patches: dict[str, tuple[str, str]] | None = None) -> str:
+    """This checkout as the server's ``wan_blockswap`` node pack: a link to it, or with
+    ``patches`` (a file of the pack -> (text, replacement), the text found exactly once) an
+    edited copy, so that an arm measures what another value of a constant would do (a default
+    such as the token chunk size) without a knob for it in the product. Replaces what an
+    earlier arm installed in the same folder."""
+    target = os.path.join(custom_nodes, "wan_blockswap")
+    if os.path.islink(target):
+        os.unlink(target)
+    elif os.path.isdir(target):
+        shutil.rmtree(target)
+    if not patches:
+        os.symlink(ROOT, target)
+        return target
+    shutil.copytree(ROOT, target, ignore=PACK_LEFT_OUT)
+    for name, (text, replacement) in patches.items():
+        path = os.path.join(target, name)
+        with open(path) as handle:
+            source = handle.read()
+        if source.count(text) != 1:
+            shutil.rmtree(target)
+            raise ValueError(f"{name}: {text!r} occurs {source.count(text)} times, not once")
+        with open(path, "w") as handle:
+            handle.write(source.replace(text, replacement))
+    return target
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -57,6 +88,7 @@ class Server:
         env: dict | None = None,
         frontend: bool = False,
         probe: bool = False,
+        pack_patches: dict[str, tuple[str, str]] | None = None,
     ) -> None:
         self.comfyui = os.path.abspath(comfyui)
         self.frontend = frontend  # serve the installed web frontend (not an empty folder)
@@ -66,9 +98,7 @@ class Server:
         self.env = env
         for sub in ("custom_nodes", "models/diffusion_models", "models/loras", "output"):
             os.makedirs(os.path.join(self.base, sub), exist_ok=True)
-        link = os.path.join(self.base, "custom_nodes", "wan_blockswap")
-        if not os.path.lexists(link):
-            os.symlink(ROOT, link)
+        install_pack(os.path.join(self.base, "custom_nodes"), pack_patches)
         test_node = os.path.join(self.base, "custom_nodes", "blockswap_test_conditioning")
         if not os.path.exists(test_node):
             shutil.copytree(TEST_NODE, test_node)

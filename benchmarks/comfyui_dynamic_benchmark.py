@@ -25,7 +25,9 @@ UNETLoader -> [WAN BlockSwap] -> KSampler -> SaveLatent, Wan-14B-shaped random b
   completely/partially"), since the server log itself may not come back from a GPU machine.
 
 Arms: ``core_dynamic`` (core's default), ``core_legacy`` (``--disable-dynamic-vram``),
-``ours_default`` (our node, default widgets), ``ours_auto`` (preset auto). Results are written
+``ours_default`` (our node, default widgets), ``ours_auto`` (preset auto), and others in
+``ARMS``; the experiment arms (``ours_no_chunks``, ``ours_margin_1_3``: the node on a copy of
+the pack with one constant changed) run only when ``--arms`` names them. Results are written
 after every row, so a run cut short keeps what it measured.
 """
 
@@ -55,7 +57,33 @@ ARMS: dict[str, dict[str, Any]] = {
     "ours_all_blocks": dict(
         args=(), node={"preset": "custom (use the widgets)", "blocks_to_swap": "all"}
     ),
+    # Experiments: the default node on a copy of the pack with one constant changed
+    # (comfy_server.install_pack). Token chunks cost 0.67% of an 81-frame forward, 1.5% on
+    # top of streaming, outside the server (results/streamed_overhead_h100.json)
+    "ours_no_chunks": dict(
+        args=(),
+        node={},
+        pack_patches={
+            "wan_blockswap/config.py": ("DEFAULT_CHUNK_TOKENS = 8192", "DEFAULT_CHUNK_TOKENS = 0")
+        },
+    ),
+    # auto keeps 1.6x a forward's allocated peak (comfy_auto.MEASURED_MARGIN): at 81 frames
+    # with 7 GiB free, 5.06 GiB for a forward whose allocated peak was 2.9
+    "ours_margin_1_3": dict(
+        args=(),
+        node={},
+        pack_patches={
+            "callbacks/comfy_auto.py": ("MEASURED_MARGIN = 1.6", "MEASURED_MARGIN = 1.3")
+        },
+    ),
 }
+
+
+def _experiment(arm: str) -> bool:
+    """An arm that runs a changed copy of the pack (only when ``--arms`` names it)."""
+    return bool(ARMS[arm].get("pack_patches"))
+
+
 # Rows whose steps are too fast for the progress bar's rate (1 frame): s/it is the difference
 # of the server's own execution times of prompts with FAST_STEPS[1] and FAST_STEPS[0] steps.
 FAST_FRAMES = 1
@@ -259,7 +287,9 @@ def main() -> int:
     parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"))
     parser.add_argument("--output", required=True)
     parser.add_argument("--workdir", default=None)
-    parser.add_argument("--arms", nargs="+", default=list(ARMS))
+    parser.add_argument(
+        "--arms", nargs="+", choices=list(ARMS), default=[a for a in ARMS if not _experiment(a)]
+    )
     parser.add_argument("--blocks", nargs="+", type=int, default=[8])
     parser.add_argument("--frames", nargs="+", type=int, default=[81, 1])
     parser.add_argument("--free", nargs="*", type=float, default=[12, 7, 4])
@@ -336,6 +366,7 @@ def main() -> int:
             ARMS[arm]["args"] + tuple(args.server_arg) + (("--cpu",) if args.cpu else ()),
             env=env,
             probe=True,
+            pack_patches=ARMS[arm].get("pack_patches"),
         )
         if not args.cpu and hog is None:
             hog = cs.VramHog()

@@ -4,6 +4,8 @@
 import os
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
@@ -35,3 +37,27 @@ def test_server_env_takes_key_value_pairs_and_refuses_others():
     for bad in ("NOVALUE", "=x"):
         with pytest.raises(ValueError, match="KEY=VALUE"):
             bench.server_env([bad])
+
+
+def test_experiment_arms_run_an_edited_copy_of_the_pack_and_only_when_named(tmp_path):
+    """An experiment arm installs a copy of the pack with its one constant changed (each
+    text found once), and the next arm gets the checkout itself back; the default arms leave
+    the experiments out."""
+    import comfy_server as cs
+
+    custom_nodes = str(tmp_path)
+    assert not any(bench._experiment(arm) for arm in ("core_dynamic", "ours_default"))
+    for arm in ("ours_no_chunks", "ours_margin_1_3"):
+        assert bench._experiment(arm)
+        target = cs.install_pack(custom_nodes, bench.ARMS[arm]["pack_patches"])
+        assert not os.path.islink(target) and not os.path.exists(os.path.join(target, "tests"))
+        ((name, (text, replacement)),) = bench.ARMS[arm]["pack_patches"].items()
+        with open(os.path.join(target, name)) as copy, open(os.path.join(ROOT, name)) as own:
+            edited, original = copy.read(), own.read()
+        assert replacement in edited and text not in edited
+        assert edited == original.replace(text, replacement)
+    target = cs.install_pack(custom_nodes)
+    assert os.path.realpath(target) == os.path.realpath(ROOT)
+    with pytest.raises(ValueError, match="occurs 0 times"):
+        cs.install_pack(custom_nodes, {"nodes.py": ("no such text", "")})
+    assert not os.path.exists(target)  # nothing half-installed
