@@ -42,6 +42,8 @@ def install_pack(custom_nodes: str, patches: dict[str, tuple[str, str]] | None =
     target = os.path.join(custom_nodes, "wan_blockswap")
     if os.path.islink(target):
         os.unlink(target)
+    elif os.path.realpath(target) == os.path.realpath(ROOT):
+        raise ValueError(f"{target} is this checkout itself, not a server's copy of it")
     elif os.path.isdir(target):
         shutil.rmtree(target)
     if not patches:

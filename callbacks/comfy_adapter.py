@@ -522,9 +522,13 @@ class _Unswapped:
     # The token-wise units came back after auto had dropped them: latents that are cut and
     # latents that are not take turns, and each turn would repack the model, so they stay
     keeps_token_wise: bool = False
-    # A plan with every weight resident had to shrink: latents whose budgets lie either side
-    # of "everything fits" take turns, and each turn back would repack the model, so from now
-    # on growing keeps the block of slack there too (see ALL_RESIDENT_SLACK)
+    # The plan in use keeps every weight resident, taken within the block of slack
+    # (ALL_RESIDENT_SLACK)
+    all_resident_by_slack: bool = False
+    # Such a plan had to give way to one that swaps: latents whose budgets lie either side of
+    # "everything fits" take turns, and each turn back would repack the model, so from now on
+    # growing keeps the block of slack there too. A first plan that had every weight resident
+    # because VRAM was to spare does not count.
     left_all_resident: bool = False
 
 
@@ -680,6 +684,7 @@ def _fit(
     sizes = unswapped.sizes[layout]
     config = _auto_config(sizes, options, budget, available)
     plan = plan_swap(sizes, config)
+    to_all_resident = False
     if state is not None and state.swap.layout != layout:
         logger.info(
             "wan_blockswap auto: re-planning with %s ([Note: token chunks])",
@@ -708,8 +713,6 @@ def _fit(
             and not unswapped.left_all_resident
             and _all_resident(plan, budget)
         )
-        if not fits and not current.swapped_bytes:
-            unswapped.left_all_resident = True
         if fits and not to_all_resident:
             # Growing keeps a block of slack: the free VRAM seen before each run moves by
             # some hundred MiB (what the allocator keeps), and re-planning at every move
@@ -738,6 +741,7 @@ def _fit(
         logger.info("wan_blockswap auto: %.2f GiB for weights; re-planning", budget / GIB)
         remove_swap(base_model)  # unloads from core first: core must not hold placeholders
         _auto_options[diffusion_model] = options
+    _note_all_resident(unswapped, state, plan, to_all_resident)
     _swap_loaded_weights(base_model, config, patcher.load_device, auto=True, layout=layout)
     if _meter.applies(patcher.load_device):
         # Core loads the resident weights next: they get segments of their own, not pieces of
@@ -758,6 +762,20 @@ def _fit(
 # shrink (two latents' budgets either side of it, taking turns: a review repacked the model
 # at each of 7 turns), the model grows with the block of slack only (``left_all_resident``).
 ALL_RESIDENT_SLACK = 64 * 2**20
+
+
+def _note_all_resident(unswapped: _Unswapped, state: Any, plan: Any, by_slack: bool) -> None:
+    """Before ``plan`` replaces the plan in use: whether an all-resident plan taken within the
+    slack gives way to one that swaps (``_Unswapped.left_all_resident``)."""
+    current = state.swap.plan if state is not None else None
+    if (
+        current is not None
+        and not current.swapped_bytes
+        and plan.swapped_bytes
+        and unswapped.all_resident_by_slack
+    ):
+        unswapped.left_all_resident = True
+    unswapped.all_resident_by_slack = by_slack
 
 
 def _all_resident(plan: Any, budget: float) -> bool:

@@ -17,6 +17,28 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_cuda)
+    # The ComfyUI core tiers run in processes of their own (tests/test_comfyui_cores.py):
+    # waited for last, they run beside the rest of the suite instead of before it
+    tiers = [item for item in items if item.path.name == "test_comfyui_cores.py"]
+    items[:] = [item for item in items if item.path.name != "test_comfyui_cores.py"] + tiers
+
+
+_tier_modules = []
+
+
+def pytest_collection_finish(session):
+    """Start the core tiers' processes as soon as any of their tests is selected."""
+    for item in session.items:
+        if item.path.name == "test_comfyui_cores.py":
+            item.module.start_all()
+            _tier_modules.append(item.module)
+            return
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A run stopped early (Ctrl-C, -x) leaves no tier process behind."""
+    for module in _tier_modules:
+        module.stop_all()
 
 
 @pytest.fixture(autouse=True)

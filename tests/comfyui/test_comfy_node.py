@@ -1167,10 +1167,9 @@ def test_auto_keeps_every_weight_resident_once_they_fit_within_the_block_of_slac
     swap = _states[private].swap
     first = swap.plan
     assert 0 < first.swapped_bytes < block  # less than a block to gain
-    # the set-up's first plan (VRAM to spare) kept every weight, and this one shrank it: as a
-    # node whose first plan swapped, it may take every weight back within the slack
-    assert _unswapped[private].left_all_resident
-    _unswapped[private].left_all_resident = False
+    # the set-up's first plan kept every weight because VRAM was to spare: this shrinking does
+    # not hold the next growth to the block of slack
+    assert not _unswapped[private].left_all_resident
     estimate = comfy.sampler_helpers.estimate_memory(swapped, shape, {})[1]
     free["bytes"] = everything + estimate + spare - 1  # every weight fits, the spare does not
     _prepare(comfy, swapped, shape)
@@ -1192,6 +1191,7 @@ def test_auto_keeps_every_weight_resident_once_they_fit_within_the_block_of_slac
     comfy.model_management.unload_all_models()
     shrunk = _states[private].swap
     assert shrunk is not whole and 0 < shrunk.plan.swapped_bytes < block
+    assert _unswapped[private].left_all_resident
     for _ in range(2):
         free["bytes"] = everything + estimate + spare
         _prepare(comfy, swapped, shape)
@@ -1507,8 +1507,14 @@ def test_auto_reserves_core_extra_for_one_conditioning_and_its_floor_for_a_batch
         # the larger need keeps the batch's need, the smaller core's floor
         assert (2 * one > floor) == (need == 8 * 2**20)
     # a large extra reserve (--reserve-vram): core's shrink rule asks more than the batch needs
+    # (core's floor is its extra reserve plus a fixed amount, 0.8 GiB on a GPU)
     extra = 40 * 2**20
+    floor = extra + 4 * 2**20
     monkeypatch.setattr(mm, "extra_reserved_memory", lambda: extra)
+    monkeypatch.setattr(mm, "minimum_inference_memory", lambda: floor)
+    comfy_auto._needs.pop(private)
+    _measure(comfy, swapped, inputs, 8 * 2**20, (1, 0), monkeypatch)
+    one = comfy_auto.measured(private, shape).per_sample * shape[0]
     batched, _ = comfy_auto.reserves(swapped, shape, {})
     asked = comfy.sampler_helpers.estimate_memory(swapped, shape, {})[1] + extra
     assert batched.bytes == asked > max(floor, 2 * one)
