@@ -754,13 +754,15 @@ def _fit(
 # A plan that keeps every weight resident is taken within less than the block of slack that
 # growing keeps otherwise (see ``_fit``): it ends all copying, and with nothing left to grow
 # into it is left again only when the budget falls below its weights. On an H100 at 81 frames
-# (8 Wan-14B blocks, 12 GiB free) the measured need left 5.79 GiB for 5.67 GiB of weights, but
+# (8 Wan-14B blocks, 12 GiB free) the measured need left 5.74-5.79 GiB for 5.67 GiB of weights, but
 # the first plan's 0.88 GiB in layer slots stayed, at 1.014x core's s/it; 1.03 GiB in layer
 # slots cost 0.75% of a forward outside the server (benchmarks/results/streamed_overhead_h100.json).
 # Between prompts after the first, what could be had moved by under 0.05 GiB in every row of
-# that run (comfyui_dynamic_h100/session19_8blocks_batch_need.json). Once such a plan had to
-# shrink (two latents' budgets either side of it, taking turns: a review repacked the model
-# at each of 7 turns), the model grows with the block of slack only (``left_all_resident``).
+# that run (comfyui_dynamic_h100/session19_8blocks_batch_need.json); the next run re-planned to
+# every block resident and stayed (session19_8blocks_all_resident.json). Once a plan taken this
+# way had to give way to one that swaps (two latents' budgets either side of it, taking turns:
+# a review repacked the model at each of 7 turns), the model grows with the block of slack
+# only (``left_all_resident``).
 ALL_RESIDENT_SLACK = 64 * 2**20
 
 
