@@ -14,6 +14,8 @@ UNETLoader -> [WAN BlockSwap] -> KSampler -> SaveLatent, Wan-14B-shaped random b
   peak use minus the holder's and the idle baseline. Peak host RSS of the server process.
 - Steady-state s/it: ComfyUI's own progress-bar rate, over ``--prompts`` prompts with
   different seeds (ComfyUI caches identical prompts), the first (which loads) left out; cfg 5.
+  Its two decimals are 0.6% at 1.6 s/it, so the same prompts' execution times (the server's
+  "Prompt executed in") are kept too, as ``prompt_s_each``.
 - Outputs: the first prompt of every row runs at cfg 1 with one seed, and its latent is
   compared with core's default at the same shape and free VRAM: core's own output moves with
   the free VRAM (at cfg 1, 12 against 7 GiB differed by up to 0.014 on an H100). (At cfg > 1
@@ -150,6 +152,7 @@ def run_config(
     if node is not None and node.get("blocks_to_swap") == "all":
         node = {**node, "blocks_to_swap": blocks}
     rates, peaks_vram, peaks_process, peaks_rss, latents = [], [], [], [], []
+    prompt_times: list[float] = []
     status, error = "ok", ""
     # prompt 0: cfg 1 (compared with core); prompt 1: cfg 5, a warm-up (a plan from a first
     # measurement, core's cond batching); the rest timed. A fast row warms up twice: auto's
@@ -205,6 +208,9 @@ def run_config(
         rate = cs.seconds_per_iteration(result.get("log", ""))
         if rate is not None and index > 1 and not fast:
             rates.append(rate)
+            # the prompt's whole time too: tqdm's rate has two decimals, 0.6% at 1.6 s/it
+            if result.get("executed_s") is not None:
+                prompt_times.append(round(result["executed_s"], 3))
         latents.append(cs.latest_latent(server, prefix))
     if fast and all(timed.get(n) for n in FAST_STEPS):
         short, long = (min(timed[n]) for n in FAST_STEPS)  # the least of each: no stragglers
@@ -218,6 +224,7 @@ def run_config(
     row.update(
         s_per_it=round(sum(rates) / len(rates), 4) if rates else None,
         s_per_it_each=[round(r, 4) for r in rates],
+        prompt_s_each=prompt_times,
         peak_vram_gib=round(max(peaks_vram), 3) if peaks_vram else None,
         peak_vram_process_gib=round(max(peaks_process), 3) if peaks_process else None,
         peak_rss_gib=round(max(peaks_rss), 3) if peaks_rss else None,
