@@ -233,6 +233,7 @@ def register_swap(
 ) -> _State:
     state = _State(swap, config, swap.swapped_modules, auto=auto)
     _states[diffusion_model] = state
+    comfy_auto.note_cutting(diffusion_model, swap.cuts_token_wise)
     logger.info(
         "wan_blockswap on %s (%s):\n%s",
         type(diffusion_model).__name__,
@@ -491,24 +492,82 @@ def _fit_to_latent(executor: Any, patcher: Any, noise_shape: Any, conds: dict, *
         diffusion_model = base_model.diffusion_model
         unswapped = _unswapped_of(base_model)
         wanted = comfy_auto.planning_layout(diffusion_model, noise_shape, unswapped.layout, options)
-        sizes = unswapped.sizes[wanted]
-        choices = comfy_auto.reserves(patcher, noise_shape, conds)
-        reserve, least_moved = choices[-1], None  # below every plan: the smallest reserve
-        for choice in choices:
-            plan = _plan_within(sizes, options, available - choice.bytes)
-            moved = None if plan is None else plan.swapped_bytes * choice.forwards_per_step
-            if moved is not None and (least_moved is None or moved < least_moved):
-                reserve, least_moved = choice, moved
+        cutting = _has_token_wise(wanted)
+        reserve, plan = _least_moving(
+            patcher, noise_shape, conds, unswapped.sizes[wanted], available, cutting
+        )
+        need = comfy_auto.measured(diffusion_model, noise_shape)
+        runs_whole = False
+        if (
+            cutting
+            and need is not None
+            and need.chunked
+            and need.whole_per_sample
+            and not unswapped.keeps_token_wise  # they stay: see _layout_to_plan
+        ):  # run whole where that moves no more: [Note: the need without chunks]
+            whole = wanted.without_token_wise()
+            whole_reserve, whole_plan = _least_moving(
+                patcher, noise_shape, conds, unswapped.sizes[whole], available, False
+            )
+            if _runs_whole(whole_reserve, whole_plan, reserve, plan, unswapped.sizes[whole]):
+                wanted, reserve, runs_whole = whole, whole_reserve, True
         logger.info(
             "wan_blockswap auto: %.2f GiB of VRAM can be had, %.2f GiB kept for the forward "
-            "(%s)",
+            "(%s%s)",
             available / GIB,
             reserve.bytes / GIB,
             reserve.why,
+            "; token-wise parts run whole, which moves no more" if runs_whole else "",
         )
         comfy_auto.new_plan(diffusion_model)
-        _fit(patcher, options, unswapped, wanted, available, reserve.bytes)
+        _fit(patcher, options, unswapped, wanted, available, reserve.bytes, runs_whole)
     return executor(patcher, noise_shape, conds, **kwargs)
+
+
+def _least_moving(
+    patcher: Any, noise_shape: Any, conds: dict, sizes: Any, available: float, cutting: bool
+) -> tuple[comfy_auto.Reserve, Any]:
+    """Of the reserves core's rules ask for (``comfy_auto.reserves``), the one whose plan for
+    ``sizes`` moves the fewest bytes per sampling step, and that plan (None below every plan:
+    then the smallest reserve)."""
+    options = _auto_options[patcher.model.diffusion_model]
+    choices = comfy_auto.reserves(patcher, noise_shape, conds, cutting)
+    best, best_plan, least_moved = choices[-1], None, None
+    for choice in choices:
+        plan = _plan_within(sizes, options, available - choice.bytes)
+        if plan is None:
+            continue
+        moved = plan.swapped_bytes * choice.forwards_per_step
+        if least_moved is None or moved < least_moved:
+            best, best_plan, least_moved = choice, plan, moved
+    return best, best_plan
+
+
+def _moved(reserve: comfy_auto.Reserve, plan: Any) -> int:
+    return plan.swapped_bytes * reserve.forwards_per_step
+
+
+def _runs_whole(
+    whole_reserve: comfy_auto.Reserve,
+    whole_plan: Any,
+    cut_reserve: comfy_auto.Reserve,
+    cut_plan: Any,
+    whole_sizes: Any,
+) -> bool:
+    """Whether a latent that was cut runs its token-wise parts whole: where the plan its
+    whole need leaves moves fewer bytes per step, or as many (chunks cost time) through a
+    window no smaller, or one that holds its two largest units (a streamed plan moves every
+    layer whatever its window; a window that small makes copies wait: [Note: the need
+    without chunks])."""
+    if whole_plan is None:
+        return False
+    if cut_plan is None:
+        return True
+    whole_moved, cut_moved = _moved(whole_reserve, whole_plan), _moved(cut_reserve, cut_plan)
+    if whole_moved != cut_moved:
+        return whole_moved < cut_moved
+    largest = max((max(b.layer_bytes, default=0) for b in whole_sizes.blocks), default=0)
+    return whole_plan.window_bytes >= min(cut_plan.window_bytes, 2 * largest)
 
 
 @dataclass
@@ -561,13 +620,16 @@ def _layout_to_plan(
     wanted: ModelLayout,
     options: SwapConfig,
     budget: float,
+    runs_whole: bool = False,
 ) -> ModelLayout:
     """The layout to cut the units by: ``wanted`` (see ``comfy_auto.planning_layout``), but a
     swap whose token-wise parts are units keeps them where dropping them would move no fewer
     bytes (nothing streams in layer units, say), or where they came back once already: a
     re-plan repacks the model, and their chunker cuts nothing for a latent that needs none.
     A swap without them always gets them back when wanted: a latent that is cut, or not
-    measured yet, needs the lower peak."""
+    measured yet, needs the lower peak. ``runs_whole``: ``wanted`` drops them for a latent
+    that is cut, its plans already weighed with the need each way ([Note: the need without
+    chunks]); only their coming back once keeps them then."""
     if state is None or state.swap.layout == wanted:
         return wanted
     if _has_token_wise(wanted):
@@ -576,6 +638,8 @@ def _layout_to_plan(
     kept = state.swap.layout
     if unswapped.keeps_token_wise:
         return kept
+    if runs_whole:
+        return wanted
     with_wanted = _plan_within(unswapped.sizes[wanted], options, budget)
     with_kept = _plan_within(unswapped.sizes[kept], options, budget)
     if with_wanted is None:  # below every plan of either cut: the smaller least window
@@ -642,8 +706,14 @@ def _measure_need(executor: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
     _meter.release_cached(device)
     before = _meter.allocated(device)
     _meter.reset_peak(device)
-    output = executor(x, *args, **kwargs)
-    peaks = _meter.peaks(device)
+    whole_parts = comfy_auto.WholePartEstimate(_meter, device)
+    state.swap.observe_first_chunks(whole_parts)  # [Note: the need without chunks]
+    try:
+        output = executor(x, *args, **kwargs)
+    finally:
+        state.swap.observe_first_chunks(None)
+        whole_parts.abandon()
+    peaks, whole_peaks = whole_parts.peaks(), whole_parts.whole_peaks()
     # Our weights in flight are not the forward's need: a streamed plan's window comes and
     # goes inside the forward; fixed slots that a first forward takes stay.
     plan = state.swap.plan
@@ -651,16 +721,19 @@ def _measure_need(executor: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
     ours = plan.ring_bytes if plan.kind == "streamed" else 0
     ours = max(ours, state.swap.ring_bytes_on_device() - held_before)
     need = comfy_auto.forward_need(before, peaks.allocated, peaks.reserved, ours)
+    whole = comfy_auto.forward_need(before, whole_peaks.allocated, whole_peaks.reserved, ours)
     chunked = state.swap.chunked_calls() > chunked_before
-    if comfy_auto.record(diffusion_model, x.shape, need, uncond, chunked):
+    cutting = state.swap.cuts_token_wise
+    if comfy_auto.record(diffusion_model, x.shape, need, uncond, chunked, whole, cutting):
         logger.info(
-            "wan_blockswap auto: a forward of %s (batch %d) needed %.2f GiB (%.2f GiB allocated "
-            "before it; %s)",
+            "wan_blockswap auto: a forward of %s (batch %d) needed %.2f GiB%s (%.2f GiB "
+            "allocated before it; %s)",
             comfy_auto.shape_key(x.shape),
             x.shape[0],
             need / GIB,
+            f", {whole / GIB:.2f} GiB had its token-wise parts run whole" if chunked else "",
             before / GIB,
-            _meter.describe(device),
+            _meter.describe(device, peaks),
         )
     return output
 
@@ -672,6 +745,7 @@ def _fit(
     wanted: ModelLayout,
     available: float,
     reserve: float,
+    runs_whole: bool = False,
 ) -> None:
     """Apply, keep or re-plan the swap of ``patcher``'s model, its units cut by ``wanted``
     (or as they are: :func:`_layout_to_plan`), for ``available - reserve`` bytes of weights;
@@ -680,7 +754,7 @@ def _fit(
     diffusion_model = base_model.diffusion_model
     state = _states.get(diffusion_model)
     budget = available - reserve
-    layout = _layout_to_plan(state, unswapped, wanted, options, budget)
+    layout = _layout_to_plan(state, unswapped, wanted, options, budget, runs_whole)
     sizes = unswapped.sizes[layout]
     config = _auto_config(sizes, options, budget, available)
     plan = plan_swap(sizes, config)
@@ -692,8 +766,13 @@ def _fit(
                 "token-wise parts as units that run in chunks (this latent was cut into "
                 "chunks, or is not measured yet)"
                 if _has_token_wise(layout)
-                else "each large layer a unit of its own (a forward of this latent cut no "
-                "part into chunks)"
+                else (
+                    "each large layer a unit of its own (token-wise parts run whole: that moves "
+                    "no more bytes for this latent; [Note: the need without chunks])"
+                    if runs_whole
+                    else "each large layer a unit of its own (a forward of this latent cut no "
+                    "part into chunks)"
+                )
             ),
         )
         remove_swap(base_model)

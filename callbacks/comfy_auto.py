@@ -62,6 +62,8 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import comfy.model_management
 import comfy.sampler_helpers
@@ -84,12 +86,32 @@ class ShapeNeed:
     batches: set[int] = field(default_factory=set)  # batch sizes measured
     grown: bool = False  # grown after running out of memory since the last plan
     chunked: bool = False  # a measured forward ran token-wise parts in chunks
+    # per sample had every token-wise part run whole (0: not known): [Note: the need without
+    # chunks]
+    whole_per_sample: int = 0
+
+    def in_use(self, cutting: bool) -> int:
+        """Bytes per sample for a swap that cuts token-wise parts into chunks (``cutting``)
+        or runs them whole."""
+        return self.per_sample if cutting else max(self.per_sample, self.whole_per_sample)
 
 
 # diffusion model -> latent shape without the batch -> what its forwards needed
 _needs: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, ShapeNeed]]" = (
     weakref.WeakKeyDictionary()
 )
+# diffusion model -> whether the swap applied to it cuts token-wise parts into chunks
+_cutting: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def note_cutting(diffusion_model: torch.nn.Module, cutting: bool) -> None:
+    """A swap was applied to ``diffusion_model`` that cuts token-wise parts or not: which of
+    a shape's needs answers core from now on."""
+    _cutting[diffusion_model] = cutting
+
+
+def is_cutting(diffusion_model: torch.nn.Module) -> bool:
+    return _cutting.get(diffusion_model, True)
 
 
 def shape_key(shape: Any) -> tuple:
@@ -128,20 +150,34 @@ def note_uncond(diffusion_model: torch.nn.Module, shape: Any) -> None:
 
 
 def record(
-    diffusion_model: torch.nn.Module, shape: Any, need: int, uncond: bool, chunked: bool = False
+    diffusion_model: torch.nn.Module,
+    shape: Any,
+    need: int,
+    uncond: bool,
+    chunked: bool = False,
+    whole: int | None = None,
+    cutting: bool = True,
 ) -> bool:
     """Keep one forward's ``need`` (bytes beside the weights, for its whole batch) for its
-    latent shape, and whether it ran token-wise parts in chunks; True when that shape's need
-    per sample grew."""
+    latent shape, whether it ran token-wise parts in chunks, and its need had they run
+    ``whole`` (unknown when not given for a forward that cut; ``need`` for one that did
+    not). A forward of a swap that does not cut (``cutting``) tells the whole need only, once
+    the shape was seen cut. True when that shape's need per sample grew."""
     entry = _needs.setdefault(diffusion_model, {}).setdefault(shape_key(shape), ShapeNeed())
     entry.uncond = entry.uncond or uncond
     entry.chunked = entry.chunked or chunked
     entry.batches.add(int(shape[0]))
-    per_sample = -(-need // max(1, int(shape[0])))
-    if per_sample <= entry.per_sample:
-        return False
-    entry.per_sample = per_sample
-    return True
+    samples = max(1, int(shape[0]))
+    per_sample = -(-need // samples)
+    if whole is None and not chunked:
+        whole = need
+    whole_per_sample = 0 if whole is None else -(-max(need, whole) // samples)
+    grew = whole_per_sample > entry.whole_per_sample
+    entry.whole_per_sample = max(entry.whole_per_sample, whole_per_sample)
+    if (cutting or not entry.chunked) and per_sample > entry.per_sample:
+        entry.per_sample = per_sample
+        grew = True
+    return grew
 
 
 # [Note: a forward out of memory]
@@ -183,6 +219,7 @@ def grow_after_oom(diffusion_model: torch.nn.Module, shape: Any) -> None:
     entry = measured(diffusion_model, shape)
     if entry is not None and not entry.grown:
         entry.per_sample = int(entry.per_sample * OOM_GROWTH)
+        entry.whole_per_sample = int(entry.whole_per_sample * OOM_GROWTH)
         entry.grown = True
 
 
@@ -227,13 +264,123 @@ class CudaMeter:
             torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
         )
 
-    def describe(self, device: torch.device) -> str:
+    def describe(self, device: torch.device, peaks: Peaks) -> str:
         free, _ = torch.cuda.mem_get_info(device)
-        allocated, reserved = self.peaks(device)
+        allocated, reserved = peaks
         return (
             f"allocated peak {allocated / GIB:.2f} GiB, reserved peak {reserved / GIB:.2f} GiB, "
             f"free now {free / GIB:.2f} GiB"
         )
+
+
+# [Note: the need without chunks]
+# Token chunks ([Note: token chunks] in wan_blockswap/token_chunks.py) lower a forward's peak
+# only where a token-wise part's intermediate sets it, and they cost time. With core's Python
+# rope (comfy-kitchen without its CUDA backend) the rope's temporaries set it: on an H100 (8
+# Wan-14B blocks, 81 frames, 7 GiB free) a forward with chunks needed 4.78 GiB and one without
+# 4.77, and the default node at 1.018x core's s/it ran at 0.998x with chunks off
+# (benchmarks/results/comfyui_dynamic_h100/session20_81f_7gib_no_chunks.json; outside the
+# server chunks cost 0.67% of a forward alone and 1.5% on top of streaming:
+# streamed_overhead_h100.json). With a fused rope the FFN's intermediate sets it and chunks
+# bought 2 GiB (40 blocks, 81 frames: session16_floor40_token_chunks_triton_rope.json).
+# So the metered forward also estimates what it would have needed with every token-wise part
+# run whole, from the first chunk of each cut call (:class:`WholePartEstimate`):
+# - torch's allocated peak over that chunk, above what was allocated when the call began (its
+#   peak counters are reset there; the peaks before are kept and added back), is the chunk's
+#   transient: what scales with the tokens, and what each call allocates whatever its size (a
+#   weight cast per call, say);
+# - the bytes of the tensors the chunk creates with a token dimension (a TorchDispatchMode
+#   counts each new storage whose shape has the chunk's token count, while it lives) peak at
+#   the part that scales: run whole, it is that many times the chunks larger.
+# The first H100 estimate scaled the whole transient by the chunks and read 5.61 GiB where the
+# forward without chunks needed 4.77: something of one Linear weight's size (0.13 GiB) was in
+# each chunk's transient. The forward's whole peak is then the larger of its measured peak and
+# the largest call's ``at call + transient + (chunks - 1) x token-scaled peak``; the reserved
+# peak grows by as much. Planning weighs the plans the two needs leave (``_fit_to_latent``).
+
+
+class _TokenScaledBytes(TorchDispatchMode):
+    """Counts the bytes of new tensors with a ``tokens``-long dimension while they live (one
+    storage once; outputs that alias an input, views and in-place results, not at all)."""
+
+    def __init__(self, tokens: int) -> None:
+        super().__init__()
+        self.tokens = tokens
+        self.live = 0
+        self.peak = 0
+        self._storages: set[int] = set()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor)
+        }
+        for tensor in tree_leaves(out):
+            if not isinstance(tensor, torch.Tensor) or self.tokens not in tensor.shape:
+                continue
+            storage = tensor.untyped_storage()
+            key = storage.data_ptr()
+            if key in inputs or key in self._storages:
+                continue
+            self._storages.add(key)
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(tensor, self._freed, key, storage.nbytes())
+        return out
+
+    def _freed(self, key: int, nbytes: int) -> None:
+        if key in self._storages:
+            self._storages.discard(key)
+            self.live -= nbytes
+
+
+class WholePartEstimate:
+    """Watches the first chunk of every cut call in one metered forward (a
+    ``FirstChunkObserver``): see [Note: the need without chunks]."""
+
+    def __init__(self, meter: "CudaMeter", device: torch.device) -> None:
+        self.meter, self.device = meter, device
+        self.whole_allocated_peak = 0  # the allocated peak with every cut part run whole
+        self._earlier = Peaks(0, 0)  # the forward's peaks before the last reset
+        self._at_call = 0
+        self._counting: _TokenScaledBytes | None = None
+
+    def first_chunk_starts(self, tokens: int) -> None:
+        self._earlier = self.peaks()
+        self._at_call = self.meter.allocated(self.device)
+        self.meter.reset_peak(self.device)
+        self._counting = _TokenScaledBytes(tokens)
+        self._counting.__enter__()
+
+    def first_chunk_ended(self, chunks: int) -> None:
+        counting, self._counting = self._counting, None
+        assert counting is not None, "a first chunk ended that did not start"
+        counting.__exit__(None, None, None)
+        transient = max(0, self.meter.peaks(self.device).allocated - self._at_call)
+        scaled = min(counting.peak, transient)
+        whole = self._at_call + transient + (chunks - 1) * scaled
+        self.whole_allocated_peak = max(self.whole_allocated_peak, whole)
+
+    def abandon(self) -> None:
+        """The forward stopped inside a first chunk: leave the dispatch mode it entered."""
+        counting, self._counting = self._counting, None
+        if counting is not None:
+            counting.__exit__(None, None, None)
+
+    def peaks(self) -> Peaks:
+        """The forward's peaks so far, over every reset."""
+        now = self.meter.peaks(self.device)
+        return Peaks(
+            max(now.allocated, self._earlier.allocated), max(now.reserved, self._earlier.reserved)
+        )
+
+    def whole_peaks(self) -> Peaks:
+        """The forward's peaks had every cut part run whole."""
+        measured = self.peaks()
+        more = max(0, self.whole_allocated_peak - measured.allocated)
+        return Peaks(measured.allocated + more, measured.reserved + more)
 
 
 class CalibratedMemoryRequired:
@@ -249,8 +396,9 @@ class CalibratedMemoryRequired:
         assert model is not None, "called through a collected model"
         need = measured(model.diffusion_model, input_shape)
         if need is not None and need.per_sample:
+            per_sample = need.in_use(is_cutting(model.diffusion_model))
             # core's batching rule multiplies this by COND_BATCH_FACTOR: see [Note: auto plans]
-            return need.per_sample * int(input_shape[0]) / COND_BATCH_FACTOR
+            return per_sample * int(input_shape[0]) / COND_BATCH_FACTOR
         if cond_shapes is not None:
             kwargs["cond_shapes"] = cond_shapes
         return type(model).memory_required(model, input_shape, **kwargs)
@@ -271,8 +419,9 @@ class Reserve(NamedTuple):
     why: str
 
 
-def reserves(patcher: Any, noise_shape: Any, conds: dict) -> list[Reserve]:
-    """The reserves worth planning for this latent, best first: see [Note: auto plans]."""
+def reserves(patcher: Any, noise_shape: Any, conds: dict, cutting: bool = True) -> list[Reserve]:
+    """The reserves worth planning for this latent with a swap that cuts token-wise parts
+    into chunks (``cutting``) or runs them whole, best first: see [Note: auto plans]."""
     mm = comfy.model_management
     floor = mm.minimum_inference_memory()
     extra = mm.extra_reserved_memory()
@@ -280,7 +429,7 @@ def reserves(patcher: Any, noise_shape: Any, conds: dict) -> list[Reserve]:
     if need is None or not need.per_sample:
         one = comfy.sampler_helpers.estimate_memory(patcher, noise_shape, conds)[1]
         return [Reserve(max(floor, one + extra), 1, "core's estimate")]
-    one = need.per_sample * int(noise_shape[0])
+    one = need.in_use(cutting) * int(noise_shape[0])
     single = max(floor, one + extra)
     if not need.uncond:
         return [Reserve(single, 1, "measured")]

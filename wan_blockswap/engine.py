@@ -40,7 +40,7 @@ from .storage import return_freed_host_memory
 from .stored_unit import Placeholders, StoredUnit, allocate_empty
 from .streams import DeviceStreams
 from .swapped_weights import SwappedWeights
-from .token_chunks import TokenChunkedForward
+from .token_chunks import FirstChunkObserver, TokenChunkedForward
 from .units import (
     SwapUnit,
     TensorRef,
@@ -355,6 +355,18 @@ class BlockSwap(SwappedWeights):
         )
         self.plan, self.config = plan, config
         provider.window_bytes = plan.window_bytes
+
+    @property
+    def cuts_token_wise(self) -> bool:
+        """Whether this swap runs token-wise parts in chunks ([Note: token chunks])."""
+        return any(isinstance(h, TokenChunkedForward) for h in self._hooks)
+
+    def observe_first_chunks(self, observer: FirstChunkObserver | None) -> None:
+        """Tell ``observer`` (None: no one) around the first chunk of every cut call of a
+        token-wise part from now on ([Note: token chunks])."""
+        for hook in self._hooks:
+            if isinstance(hook, TokenChunkedForward):
+                hook.observer = observer
 
     def chunked_calls(self) -> int:
         """How many calls of token-wise parts ran in chunks so far ([Note: token chunks])."""

@@ -32,9 +32,12 @@ The layout names such parts (``BlockListLayout.token_wise``, Wan's ``ffn``), and
   0.0887 s instead of 0.0776 (comfyui_dynamic_h100/session17_8blocks_token_chunks.json).
   A layout without token-wise parts (``ModelLayout.without_token_wise``) cuts the units as
   before; ComfyUI's auto plans with it a latent whose measured forward cut nothing
-  (``chunked_calls``) where that moves fewer bytes, and keeps the token-wise units once they
-  came back (latents cut and uncut taking turns would repack the model every prompt); a
-  library user whose sequences stay under a chunk can pass ``chunk_tokens=0``;
+  (``chunked_calls``) where that moves fewer bytes, and a latent that was cut where the need
+  it would have whole (estimated around each cut call's first chunk: ``FirstChunkObserver``,
+  [Note: the need without chunks] in ``callbacks/comfy_auto.py``) leaves a plan that moves no
+  more bytes, and keeps the token-wise units once they came back (latents cut and uncut
+  taking turns would repack the model every prompt); a library user whose sequences stay
+  under a chunk can pass ``chunk_tokens=0``;
 - puts the chunking in the part's ``forward`` as an instance attribute, which ``remove``
   takes back; a part whose ``forward`` someone else replaced already is left alone. The handle
   is recorded before the attribute is set ([Note: apply is a transaction]).
@@ -49,12 +52,25 @@ rounds differently for some row counts (an fp32 FFN cut into 5-row chunks differ
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from .errors import BlockSwapConfigError
+
+
+class FirstChunkObserver(Protocol):
+    """Told around the first chunk of every cut call: what a part took for one chunk tells
+    what it would take whole (ComfyUI's auto weighs a latent's need with and without chunks
+    by it: [Note: the need without chunks] in ``callbacks/comfy_auto.py``)."""
+
+    def first_chunk_starts(self, tokens: int) -> None:
+        """Before the part runs over the first chunk's input (``tokens`` of them)."""
+
+    def first_chunk_ended(self, chunks: int) -> None:
+        """After the first chunk's forward returned, before the output is allocated; the
+        call is cut into ``chunks`` chunks of nearly equal size."""
 
 
 class TokenChunkedForward:
@@ -65,6 +81,7 @@ class TokenChunkedForward:
         self._module = weakref.ref(module)
         self.chunk_tokens = chunk_tokens
         self.chunked_calls = 0  # calls cut into chunks: whether a latent's tokens reach this
+        self.observer: FirstChunkObserver | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         module = self._module()
@@ -91,7 +108,12 @@ class TokenChunkedForward:
             piece = x[:, start : start + size]
             if contiguous:  # as the whole was: a strided piece (batch > 1) takes F.linear's
                 piece = piece.contiguous()  # unfused bias add, which rounds twice in bf16
+            observer = self.observer if index == 0 else None
+            if observer is not None:  # after the slice: run whole, the part copies nothing
+                observer.first_chunk_starts(size)
             part = forward(module, piece)
+            if observer is not None:
+                observer.first_chunk_ended(count)
             if not isinstance(part, torch.Tensor) or part.shape[:2] != piece.shape[:2]:
                 raise BlockSwapConfigError(
                     f"{type(module).__name__} is named token-wise in the model layout "

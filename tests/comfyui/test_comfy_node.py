@@ -809,7 +809,7 @@ class _FakeMeter:
         peak = 10 * 2**30 + self.need + taken
         return Peaks(peak, peak)
 
-    def describe(self, device):
+    def describe(self, device, peaks):
         return "fake"
 
 
@@ -1012,18 +1012,15 @@ def test_auto_plans_a_latent_whose_forward_cut_nothing_with_each_layer_a_unit(
     assert_untouched(patcher)
 
 
-@pytest.mark.parametrize("chunk_tokens", [None, 20], ids=["uncut", "cut_into_16s"])
 def test_auto_keeps_the_token_wise_units_where_dropping_them_gains_nothing(
-    comfy, pack, monkeypatch, chunk_tokens
+    comfy, pack, monkeypatch
 ):
     """A re-plan repacks the model, so a latent whose forward cut nothing keeps a swap with
     token-wise units where its plan moves no fewer bytes without them (here nothing streams:
-    every block fits); a latent that was cut keeps them in any case."""
+    every block fits)."""
     from comfyui_wan_blockswap.callbacks import comfy_auto
     from comfyui_wan_blockswap.callbacks.comfy_adapter import _states
 
-    if chunk_tokens is not None:
-        _chunk_at(pack, monkeypatch, chunk_tokens)
     free, patcher, inputs, swapped, private, shape = _prepared_auto_node(comfy, pack, monkeypatch)
     expected = run(comfy, patcher, inputs)
     comfy.model_management.unload_all_models()
@@ -1031,11 +1028,141 @@ def test_auto_keeps_the_token_wise_units_where_dropping_them_gains_nothing(
     assert _token_wise(first) and not first.plan.swapped
     calls = first.chunked_calls()
     _measure(comfy, swapped, inputs, 2**20, (0,), monkeypatch)
-    assert comfy_auto.measured(private, shape).chunked == (chunk_tokens is not None)
-    assert (first.chunked_calls() > calls) == (chunk_tokens is not None)
+    assert comfy_auto.measured(private, shape).chunked is False
+    assert first.chunked_calls() == calls
     _prepare(comfy, swapped, shape)
     assert _states[private].swap is first
+    assert torch.equal(run(comfy, swapped, inputs), expected)
+    assert_untouched(patcher)
+
+
+def test_auto_runs_a_cut_latents_token_wise_parts_whole_where_that_moves_no_more(
+    comfy, pack, monkeypatch, caplog
+):
+    """Chunks cost time and lower the peak only where a token-wise part's intermediate sets
+    it. The metered forward also estimates the need with those parts run whole (its first
+    chunk's transient times the chunks: [Note: the need without chunks]); where the plan
+    that need leaves moves no more bytes, the next plan runs them whole, core is answered
+    the whole need, and outputs stay equal. Where it would move more, the chunks stay."""
+    from comfyui_wan_blockswap.callbacks import comfy_auto
+    from comfyui_wan_blockswap.callbacks.comfy_adapter import _states, _unswapped
+    from comfyui_wan_blockswap.callbacks.comfy_auto import COND_BATCH_FACTOR, MEASURED_MARGIN
+
+    _chunk_at(pack, monkeypatch, 20)  # the tiny latent's 48 tokens: three chunks of 16
+    free, patcher, inputs, swapped, private, shape = _prepared_auto_node(comfy, pack, monkeypatch)
+    expected = run(comfy, patcher, inputs)
+    comfy.model_management.unload_all_models()
+    first = _states[private].swap
+    assert _token_wise(first) and not first.plan.swapped and first.cuts_token_wise
+    unswapped = _unswapped[private]
+    sizes = unswapped.sizes[unswapped.layout]
+    block = max(b.nbytes for b in sizes.blocks)
+
+    # a part's first chunk takes ``need`` (the fake meter's peak), all of it scaling with the
+    # tokens, so whole it takes 3x that
+    class AllScales:
+        def __init__(self, tokens):
+            self.peak = 2**62
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+    monkeypatch.setattr(comfy_auto, "_TokenScaledBytes", AllScales)
+    need = block
+    calls = first.chunked_calls()
+    _measure(comfy, swapped, inputs, need, (0,), monkeypatch)
+    measured = comfy_auto.measured(private, shape)
+    assert measured.chunked and first.chunked_calls() > calls
+    assert measured.per_sample == int(need * MEASURED_MARGIN)
+    assert measured.whole_per_sample == int(3 * need * MEASURED_MARGIN)
+
+    # room for every weight beside either need: run whole
+    with caplog.at_level(logging.INFO, logger="wan_blockswap"):
+        _prepare(comfy, swapped, shape)
+    whole = _states[private].swap
+    assert whole is not first and not _token_wise(whole) and not whole.cuts_token_wise
+    assert not whole.plan.swapped
+    assert "token-wise parts run whole, which moves no more" in caplog.text
+    assert swapped.model.memory_required(shape) == pytest.approx(
+        measured.whole_per_sample / COND_BATCH_FACTOR
+    )
+    assert torch.equal(run(comfy, swapped, inputs), expected)
+    comfy.model_management.unload_all_models()
+    _prepare(comfy, swapped, shape)
+    assert _states[private].swap is whole  # the same latent again: the plan stays
+    comfy.model_management.unload_all_models()
+
+    # room for a block and a half beside the cut need; the whole need leaves none: the chunks
+    # come back (and stay: see the next test)
+    free["bytes"] = sizes.other_bytes + measured.per_sample + 3 * block // 2
+    _prepare(comfy, swapped, shape)
+    cut = _states[private].swap
+    assert cut is not whole and _token_wise(cut) and cut.cuts_token_wise
+    assert cut.plan.swapped
+    assert swapped.model.memory_required(shape) == pytest.approx(
+        measured.per_sample / COND_BATCH_FACTOR
+    )
+    comfy.model_management.unload_all_models()
     assert_chunked_equals(run(comfy, swapped, inputs), expected)
+    assert_untouched(patcher)
+
+
+def test_auto_runs_whole_at_a_streamed_tie_only_through_a_window_that_holds_two_units(
+    comfy, pack, monkeypatch
+):
+    """Every streamed plan moves every layer whatever its window, so a tie there says nothing
+    of the window: the whole need's plan wins it only through a window as large as the cut
+    plan's, or one that holds its two largest units (a review found tiny windows taken).
+    Free VRAM is swept from where only the cut need leaves a window up to where both stream
+    comfortably: both outcomes occur, each as the rule says."""
+    from comfyui_wan_blockswap.callbacks import comfy_adapter, comfy_auto
+    from comfyui_wan_blockswap.callbacks.comfy_adapter import _plan_within, _states, _unswapped
+    from comfyui_wan_blockswap.wan_blockswap.plan import min_streamed_budget
+
+    class AllScales:  # all of a first chunk's transient scales with the tokens
+        def __init__(self, tokens):
+            self.peak = 2**62
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+    monkeypatch.setattr(comfy_auto, "_TokenScaledBytes", AllScales)
+    _chunk_at(pack, monkeypatch, 20)  # three chunks of 16 tokens
+    free, patcher, inputs, swapped, private, shape = _prepared_auto_node(comfy, pack, monkeypatch)
+    comfy.model_management.unload_all_models()
+    unswapped = _unswapped[private]
+    cut_sizes = unswapped.sizes[unswapped.layout]
+    whole_sizes = unswapped.sizes[unswapped.layout.without_token_wise()]
+    block = max(b.nbytes for b in cut_sizes.blocks)
+    largest = max(max(b.layer_bytes) for b in whole_sizes.blocks)
+    _measure(comfy, swapped, inputs, block // 16, (0,), monkeypatch)
+    need = comfy_auto.measured(private, shape)
+    assert need.whole_per_sample > need.per_sample
+    options = comfy_adapter._auto_options[private]
+    outcomes = set()
+    least = min_streamed_budget(whole_sizes)  # every layer streams through the least window
+    for steps in range(0, 65):
+        free["bytes"] = least + need.whole_per_sample + steps * largest // 8
+        cut = _plan_within(cut_sizes, options, free["bytes"] - need.per_sample)
+        whole = _plan_within(whole_sizes, options, free["bytes"] - need.whole_per_sample)
+        if cut is None or whole is None or cut.kind != "streamed" or whole.kind != "streamed":
+            continue
+        _prepare(comfy, swapped, shape)
+        comfy.model_management.unload_all_models()
+        runs_whole = not _states[private].swap.cuts_token_wise
+        assert whole.swapped_bytes == cut.swapped_bytes  # every layer, whatever the window
+        wide = whole.window_bytes >= min(cut.window_bytes, 2 * largest)
+        assert runs_whole == wide, (steps, whole.window_bytes, cut.window_bytes, largest)
+        outcomes.add(runs_whole)
+        if runs_whole:
+            break  # the chunks' units come back only for a latent that needs them
+    assert outcomes == {False, True}
     assert_untouched(patcher)
 
 
