@@ -721,7 +721,9 @@ def _measure_need(executor: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
     ours = plan.ring_bytes if plan.kind == "streamed" else 0
     ours = max(ours, state.swap.ring_bytes_on_device() - held_before)
     need = comfy_auto.forward_need(before, peaks.allocated, peaks.reserved, ours)
-    whole = comfy_auto.forward_need(before, whole_peaks.allocated, whole_peaks.reserved, ours)
+    whole: int | None = None  # not known where a first chunk ran unwatched
+    if not whole_parts.unwatched:
+        whole = comfy_auto.forward_need(before, whole_peaks.allocated, whole_peaks.reserved, ours)
     chunked = state.swap.chunked_calls() > chunked_before
     cutting = state.swap.cuts_token_wise
     if comfy_auto.record(diffusion_model, x.shape, need, uncond, chunked, whole, cutting):
@@ -731,7 +733,11 @@ def _measure_need(executor: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
             comfy_auto.shape_key(x.shape),
             x.shape[0],
             need / GIB,
-            f", {whole / GIB:.2f} GiB had its token-wise parts run whole" if chunked else "",
+            (
+                f", {whole / GIB:.2f} GiB had its token-wise parts run whole"
+                if chunked and whole is not None
+                else ""
+            ),
             before / GIB,
             _meter.describe(device, peaks),
         )

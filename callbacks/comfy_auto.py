@@ -292,11 +292,29 @@ class CudaMeter:
 # - the bytes of the tensors the chunk creates with a token dimension (a TorchDispatchMode
 #   counts each new storage whose shape has the chunk's token count, while it lives) peak at
 #   the part that scales: run whole, it is that many times the chunks larger.
-# The first H100 estimate scaled the whole transient by the chunks and read 5.61 GiB where the
-# forward without chunks needed 4.77: something of one Linear weight's size (0.13 GiB) was in
-# each chunk's transient. The forward's whole peak is then the larger of its measured peak and
-# the largest call's ``at call + transient + (chunks - 1) x token-scaled peak``; the reserved
-# peak grows by as much. Planning weighs the plans the two needs leave (``_fit_to_latent``).
+# A first form scaled the whole transient by the chunks, and on that H100 read 5.61 GiB where
+# the forward without chunks needed 4.77 (arithmetic on those figures puts about 0.13 GiB in
+# each chunk's transient that does not scale: one FFN weight's size in bf16), so auto kept
+# the chunks. The forward's whole peak is now the larger of its measured peak and the largest
+# call's ``at call + transient + (chunks - 1) x token-scaled peak``, an upper bound where the
+# count is right; the reserved peak grows by as much. This form is tested on the CPU only: no
+# GPU run has measured it yet. Planning weighs the plans the two needs leave
+# (``comfy_adapter._runs_whole``): whole where that moves fewer bytes per step, or as many
+# through a window no smaller or one that holds two of its largest units. A compiled forward
+# is not watched (its whole need stays unknown, and its parts stay cut), and tensor
+# subclasses' bytes are not counted as scaling.
+
+
+def _storage_of(tensor: Any) -> tuple[int | None, int]:
+    """A plain tensor's storage address and size; (None, 0) for anything else (a wrapper
+    subclass such as comfy-kitchen's quantized tensors has no storage of its own to count)."""
+    if type(tensor) is not torch.Tensor and type(tensor) is not torch.nn.Parameter:
+        return None, 0
+    try:
+        storage = tensor.untyped_storage()
+        return storage.data_ptr(), storage.nbytes()
+    except (RuntimeError, NotImplementedError):
+        return None, 0
 
 
 class _TokenScaledBytes(TorchDispatchMode):
@@ -312,22 +330,17 @@ class _TokenScaledBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
         out = func(*args, **(kwargs or {}))
-        inputs = {
-            t.untyped_storage().data_ptr()
-            for t in tree_leaves((args, kwargs))
-            if isinstance(t, torch.Tensor)
-        }
+        inputs = {_storage_of(t)[0] for t in tree_leaves((args, kwargs))}
         for tensor in tree_leaves(out):
             if not isinstance(tensor, torch.Tensor) or self.tokens not in tensor.shape:
                 continue
-            storage = tensor.untyped_storage()
-            key = storage.data_ptr()
-            if key in inputs or key in self._storages:
+            key, nbytes = _storage_of(tensor)
+            if key is None or key in inputs or key in self._storages:
                 continue
             self._storages.add(key)
-            self.live += storage.nbytes()
+            self.live += nbytes
             self.peak = max(self.peak, self.live)
-            weakref.finalize(tensor, self._freed, key, storage.nbytes())
+            weakref.finalize(tensor, self._freed, key, nbytes)
         return out
 
     def _freed(self, key: int, nbytes: int) -> None:
@@ -346,8 +359,12 @@ class WholePartEstimate:
         self._earlier = Peaks(0, 0)  # the forward's peaks before the last reset
         self._at_call = 0
         self._counting: _TokenScaledBytes | None = None
+        self.unwatched = False  # a first chunk ran unwatched: the whole need is not known
 
     def first_chunk_starts(self, tokens: int) -> None:
+        if torch.compiler.is_compiling():  # a compiled forward is not metered per chunk
+            self.unwatched = True
+            return
         self._earlier = self.peaks()
         self._at_call = self.meter.allocated(self.device)
         self.meter.reset_peak(self.device)
@@ -356,7 +373,8 @@ class WholePartEstimate:
 
     def first_chunk_ended(self, chunks: int) -> None:
         counting, self._counting = self._counting, None
-        assert counting is not None, "a first chunk ended that did not start"
+        if counting is None:  # not watched: see first_chunk_starts
+            return
         counting.__exit__(None, None, None)
         transient = max(0, self.meter.peaks(self.device).allocated - self._at_call)
         scaled = min(counting.peak, transient)

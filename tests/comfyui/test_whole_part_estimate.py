@@ -181,3 +181,13 @@ def test_a_shape_never_cut_has_one_need_either_way(pack):
     # a forward that cut but whose whole need is not known offers no whole plan
     comfy_auto.record(model, (1, 16, 2, 8, 8), 100, uncond=False, chunked=True)
     assert comfy_auto.measured(model, (1, 16, 2, 8, 8)).whole_per_sample == 0
+
+
+def test_a_compiled_forward_leaves_the_whole_need_unknown(pack, monkeypatch):
+    from comfyui_wan_blockswap.callbacks.comfy_auto import WholePartEstimate
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    allocator = FakeAllocator()
+    estimate = WholePartEstimate(allocator, torch.device("cpu"))
+    _chunked_forward(allocator, TokenWisePart(allocator), torch.ones(1, 32, 4), 0, estimate)
+    assert estimate.unwatched  # the adapter then records no whole need: parts stay cut
