@@ -62,7 +62,12 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import (
+    TorchDispatchMode,
+    _get_current_dispatch_mode_stack,
+    _pop_mode,
+    _push_mode,
+)
 from torch.utils._pytree import tree_leaves
 
 import comfy.model_management
@@ -289,15 +294,20 @@ class CudaMeter:
 #   peak counters are reset there; the peaks before are kept and added back), is the chunk's
 #   transient: what scales with the tokens, and what each call allocates whatever its size (a
 #   weight cast per call, say);
-# - the bytes of the tensors the chunk creates with a token dimension (a TorchDispatchMode
-#   counts each new storage whose shape has the chunk's token count, while it lives) peak at
-#   the part that scales: run whole, it is that many times the chunks larger.
+# - the bytes of the tensors the chunk creates with a dimension that is a multiple of its
+#   token count (a TorchDispatchMode adds up every new storage; a flattened batch of tokens
+#   counts too, views and in-place results do not) bound the part that scales: run whole, it
+#   is that many times the chunks larger. Frees are not followed, so the sum is at least what
+#   lives at once: a review found that following them through the tensors' Python objects
+#   missed a flattened fp8 Linear's rows and a view's base under inference mode, and read a
+#   whole need up to 35% low, where the plan could then run out of memory.
 # A first form scaled the whole transient by the chunks, and on that H100 read 5.61 GiB where
 # the forward without chunks needed 4.77 (arithmetic on those figures puts about 0.13 GiB in
 # each chunk's transient that does not scale: one FFN weight's size in bf16), so auto kept
 # the chunks. The forward's whole peak is now the larger of its measured peak and the largest
-# call's ``at call + transient + (chunks - 1) x token-scaled peak``, an upper bound where the
-# count is right; the reserved peak grows by as much. This form is tested on the CPU only: no
+# call's ``at call + transient + (chunks - 1) x token-scaled bytes`` (those capped at the
+# transient), an upper bound where every scaling tensor passes the dispatcher; the reserved
+# peak grows by as much. This form is tested on the CPU only: no
 # GPU run has measured it yet. Planning weighs the plans the two needs leave
 # (``comfy_adapter._runs_whole``): whole where that moves fewer bytes per step, or as many
 # through a window no smaller or one that holds two of its largest units. A compiled forward
@@ -318,35 +328,43 @@ def _storage_of(tensor: Any) -> tuple[int | None, int]:
 
 
 class _TokenScaledBytes(TorchDispatchMode):
-    """Counts the bytes of new tensors with a ``tokens``-long dimension while they live (one
-    storage once; outputs that alias an input, views and in-place results, not at all)."""
+    """Adds up the bytes of every new tensor with a dimension that is a multiple of
+    ``tokens`` (a flattened batch of them too); outputs that alias an input (views, in-place
+    results) are not new. Frees are not followed: the sum bounds what lives at once from
+    above (a tensor's Python object may die while a view keeps its storage)."""
 
     def __init__(self, tokens: int) -> None:
         super().__init__()
         self.tokens = tokens
-        self.live = 0
-        self.peak = 0
-        self._storages: set[int] = set()
+        self.peak = 0  # bytes allocated so far: at least the most alive at once
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
         out = func(*args, **(kwargs or {}))
-        inputs = {_storage_of(t)[0] for t in tree_leaves((args, kwargs))}
+        seen = {_storage_of(t)[0] for t in tree_leaves((args, kwargs))}
         for tensor in tree_leaves(out):
-            if not isinstance(tensor, torch.Tensor) or self.tokens not in tensor.shape:
+            if not isinstance(tensor, torch.Tensor) or not self._scales(tensor.shape):
                 continue
             key, nbytes = _storage_of(tensor)
-            if key is None or key in inputs or key in self._storages:
+            if key is None or key in seen:
                 continue
-            self._storages.add(key)
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(tensor, self._freed, key, nbytes)
+            seen.add(key)
+            self.peak += nbytes
         return out
 
-    def _freed(self, key: int, nbytes: int) -> None:
-        if key in self._storages:
-            self._storages.discard(key)
-            self.live -= nbytes
+    def _scales(self, shape: Any) -> bool:
+        return any(n and n % self.tokens == 0 for n in shape)
+
+
+def _leave(mode: TorchDispatchMode) -> None:
+    """Take ``mode`` off torch's dispatch mode stack, wherever it is: a part that raised may
+    have left modes of its own above it, which go back on after."""
+    stack = _get_current_dispatch_mode_stack()
+    if mode not in stack:
+        return
+    above = [_pop_mode() for _ in range(len(stack) - 1 - stack.index(mode))]
+    mode.__exit__(None, None, None)  # the top now: restores torch's in-mode flags too
+    for other in reversed(above):
+        _push_mode(other)
 
 
 class WholePartEstimate:
@@ -365,17 +383,21 @@ class WholePartEstimate:
         if torch.compiler.is_compiling():  # a compiled forward is not metered per chunk
             self.unwatched = True
             return
+        if self._counting is not None:  # a first chunk that raised inside the forward
+            self.abandon()
+            self.unwatched = True
         self._earlier = self.peaks()
         self._at_call = self.meter.allocated(self.device)
         self.meter.reset_peak(self.device)
-        self._counting = _TokenScaledBytes(tokens)
-        self._counting.__enter__()
+        counting = _TokenScaledBytes(tokens)
+        counting.__enter__()
+        self._counting = counting  # once entered: abandon() leaves only a mode it entered
 
     def first_chunk_ended(self, chunks: int) -> None:
         counting, self._counting = self._counting, None
         if counting is None:  # not watched: see first_chunk_starts
             return
-        counting.__exit__(None, None, None)
+        _leave(counting)
         transient = max(0, self.meter.peaks(self.device).allocated - self._at_call)
         scaled = min(counting.peak, transient)
         whole = self._at_call + transient + (chunks - 1) * scaled
@@ -385,7 +407,7 @@ class WholePartEstimate:
         """The forward stopped inside a first chunk: leave the dispatch mode it entered."""
         counting, self._counting = self._counting, None
         if counting is not None:
-            counting.__exit__(None, None, None)
+            _leave(counting)
 
     def peaks(self) -> Peaks:
         """The forward's peaks so far, over every reset."""

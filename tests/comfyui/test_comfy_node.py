@@ -1040,8 +1040,8 @@ def test_auto_runs_a_cut_latents_token_wise_parts_whole_where_that_moves_no_more
     comfy, pack, monkeypatch, caplog
 ):
     """Chunks cost time and lower the peak only where a token-wise part's intermediate sets
-    it. The metered forward also estimates the need with those parts run whole (its first
-    chunk's transient times the chunks: [Note: the need without chunks]); where the plan
+    it. The metered forward also estimates the need with those parts run whole (from its
+    first chunk: [Note: the need without chunks]); where the plan
     that need leaves moves no more bytes, the next plan runs them whole, core is answered
     the whole need, and outputs stay equal. Where it would move more, the chunks stay."""
     from comfyui_wan_blockswap.callbacks import comfy_auto
@@ -1163,6 +1163,46 @@ def test_auto_runs_whole_at_a_streamed_tie_only_through_a_window_that_holds_two_
         if runs_whole:
             break  # the chunks' units come back only for a latent that needs them
     assert outcomes == {False, True}
+    assert_untouched(patcher)
+
+
+def test_auto_offers_no_whole_plan_once_the_token_wise_units_came_back(
+    comfy, pack, monkeypatch, caplog
+):
+    """Once the chunk units came back after a whole plan (another latent, not measured yet),
+    they stay; a whole plan is then not weighed at all: weighed, it would have planned the
+    chunk units with the larger whole reserve (a review found 1.87x the bytes moved)."""
+    from comfyui_wan_blockswap.callbacks import comfy_adapter, comfy_auto
+    from comfyui_wan_blockswap.callbacks.comfy_adapter import _plan_within, _states, _unswapped
+
+    _chunk_at(pack, monkeypatch, 20)
+    free, patcher, inputs, swapped, private, shape = _prepared_auto_node(comfy, pack, monkeypatch)
+    expected = run(comfy, patcher, inputs)
+    comfy.model_management.unload_all_models()
+    unswapped = _unswapped[private]
+    sizes = unswapped.sizes[unswapped.layout]
+    block = max(b.nbytes for b in sizes.blocks)
+    _measure(comfy, swapped, inputs, block, (0,), monkeypatch)
+    need = comfy_auto.measured(private, shape)
+    need.whole_per_sample = int(need.per_sample * 1.05)  # the Python rope's case
+    _prepare(comfy, swapped, shape)  # room to spare: whole
+    assert not _states[private].swap.cuts_token_wise
+    comfy.model_management.unload_all_models()
+    large = (shape[0], shape[1], shape[2] * 2, *shape[3:])
+    _prepare(comfy, swapped, large)  # not measured: the chunk units come back, and stay
+    comfy.model_management.unload_all_models()
+    assert unswapped.keeps_token_wise
+    free["bytes"] = sizes.other_bytes + need.per_sample + 3 * block // 4
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="wan_blockswap"):
+        _prepare(comfy, swapped, shape)
+    comfy.model_management.unload_all_models()
+    swap = _states[private].swap
+    options = comfy_adapter._auto_options[private]
+    cut = _plan_within(sizes, options, free["bytes"] - need.per_sample)
+    assert swap.cuts_token_wise and swap.plan.swapped_bytes <= cut.swapped_bytes
+    assert "run whole" not in caplog.text
+    assert_chunked_equals(run(comfy, swapped, inputs), expected)
     assert_untouched(patcher)
 
 

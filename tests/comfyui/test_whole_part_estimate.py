@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 PER_TOKEN = 1000  # bytes of a part's intermediate per token (250 float32)
-FIXED = 4000  # bytes a part's call allocates whatever its tokens (1000 float32)
+FIXED = 4004  # bytes a part's call allocates whatever its tokens (1001 float32: no
+# multiple of a chunk's tokens)
 AT_START = 10**9
 SLACK = 64 * 16  # the part's own small outputs (x * 2) count as scaling too: 16 bytes a token
 
@@ -191,3 +192,64 @@ def test_a_compiled_forward_leaves_the_whole_need_unknown(pack, monkeypatch):
     estimate = WholePartEstimate(allocator, torch.device("cpu"))
     _chunked_forward(allocator, TokenWisePart(allocator), torch.ones(1, 32, 4), 0, estimate)
     assert estimate.unwatched  # the adapter then records no whole need: parts stay cut
+
+
+class FlattenedPart(TokenWisePart):
+    """Core's fp8 and quantized Linears flatten the tokens of a batch into rows, multiply,
+    and reshape back: the intermediate has batch x tokens rows, and the reshaped tensor is a
+    view whose base's Python object dies first (a review found both missed)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        hidden = rows @ torch.ones(x.shape[-1], PER_TOKEN // 4)  # batch x tokens rows
+        self.allocator.take(hidden.nbytes)
+        hidden = hidden.reshape(x.shape[0], x.shape[1], -1)
+        activated = torch.nn.functional.gelu(hidden)
+        self.allocator.take(activated.nbytes)
+        self.allocator.give(hidden.nbytes)
+        self.allocator.give(activated.nbytes)
+        del hidden, activated
+        return x * 2
+
+
+def test_flattened_rows_and_views_under_inference_mode_are_not_undercounted(pack):
+    from comfyui_wan_blockswap.callbacks.comfy_auto import WholePartEstimate
+
+    for batch in (1, 2):
+        allocator = FakeAllocator()
+        estimate = WholePartEstimate(allocator, torch.device("cpu"))
+        x = torch.ones(batch, 32, 4)
+        with torch.inference_mode():  # as ComfyUI samples
+            _chunked_forward(allocator, FlattenedPart(allocator), x, 0, estimate)
+        # whole: the intermediate and its activation for every token at once
+        assert estimate.whole_peaks().allocated >= AT_START + batch * 32 * 2 * PER_TOKEN
+
+
+def test_a_first_chunk_that_raised_inside_another_mode_leaves_only_that_mode(pack):
+    from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode_stack
+
+    from comfyui_wan_blockswap.callbacks.comfy_auto import WholePartEstimate
+
+    class Other(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    other = Other()
+
+    class EntersAndStops(TokenWisePart):
+        def forward(self, x):
+            other.__enter__()  # never left: the part raises
+            raise KeyboardInterrupt
+
+    allocator = FakeAllocator()
+    estimate = WholePartEstimate(allocator, torch.device("cpu"))
+    try:
+        _chunked_forward(allocator, EntersAndStops(allocator), torch.ones(1, 32, 4), 0, estimate)
+    except KeyboardInterrupt:
+        pass
+    estimate.abandon()
+    try:
+        assert _get_current_dispatch_mode_stack() == [other]  # ours is gone, theirs kept
+    finally:
+        other.__exit__(None, None, None)
+    assert _get_current_dispatch_mode_stack() == []
