@@ -307,12 +307,11 @@ class CudaMeter:
 # the chunks. The forward's whole peak is now the larger of its measured peak and the largest
 # call's ``at call + transient + (chunks - 1) x token-scaled bytes`` (those capped at the
 # transient), an upper bound where every scaling tensor passes the dispatcher; the reserved
-# peak grows by as much. This form is tested on the CPU only: no
-# GPU run has measured it yet. Planning weighs the plans the two needs leave
-# (``comfy_adapter._runs_whole``): whole where that moves fewer bytes per step, or as many
-# through a window no smaller or one that holds two of its largest units. A compiled forward
-# is not watched (its whole need stays unknown, and its parts stay cut), and tensor
-# subclasses' bytes are not counted as scaling.
+# peak grows by as much. This form is tested on the CPU only: no GPU run has measured it yet.
+# Planning weighs the plans the two needs leave (``comfy_adapter._runs_whole``): whole where
+# that moves fewer bytes per step, or as many through a window no smaller or one that holds
+# two of its largest units. A compiled forward is not watched (its whole need stays unknown,
+# and its parts stay cut), and tensor subclasses' bytes are not counted as scaling.
 
 
 def _storage_of(tensor: Any) -> tuple[int | None, int]:

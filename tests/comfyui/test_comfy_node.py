@@ -1206,6 +1206,39 @@ def test_auto_offers_no_whole_plan_once_the_token_wise_units_came_back(
     assert_untouched(patcher)
 
 
+def test_a_metered_forward_stopped_in_a_first_chunk_leaves_no_dispatch_mode_or_observer(
+    comfy, pack, monkeypatch
+):
+    """An interrupt inside the metered forward's first chunk (where the whole-need estimate
+    has a dispatch mode entered) leaves torch's mode stack and the chunkers as they were."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    from comfyui_wan_blockswap.callbacks import comfy_auto
+    from comfyui_wan_blockswap.callbacks.comfy_adapter import _states
+    from comfyui_wan_blockswap.wan_blockswap.token_chunks import TokenChunkedForward
+
+    _chunk_at(pack, monkeypatch, 20)
+    free, patcher, inputs, swapped, private, shape = _prepared_auto_node(comfy, pack, monkeypatch)
+    expected = run(comfy, patcher, inputs)
+    comfy.model_management.unload_all_models()
+    starts = comfy_auto.WholePartEstimate.first_chunk_starts
+
+    def interrupted(self, tokens):
+        starts(self, tokens)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(comfy_auto.WholePartEstimate, "first_chunk_starts", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _measure(comfy, swapped, inputs, 2**20, (0,), monkeypatch)
+    assert _get_current_dispatch_mode_stack() == []
+    chunkers = [h for h in _states[private].swap._hooks if isinstance(h, TokenChunkedForward)]
+    assert chunkers and all(h.observer is None for h in chunkers)
+    assert comfy_auto.measured(private, shape) is None  # nothing recorded from it
+    comfy.model_management.unload_all_models()
+    monkeypatch.undo()
+    assert_chunked_equals(run(comfy, swapped, inputs), expected)
+
+
 def test_auto_keeps_the_token_wise_units_once_they_came_back(comfy, pack, monkeypatch):
     """Where latents cut into chunks and latents that are not take turns, every turn would
     repack the model; once the token-wise units came back after auto dropped them, they stay
