@@ -1036,6 +1036,20 @@ def test_auto_keeps_the_token_wise_units_where_dropping_them_gains_nothing(
     assert_untouched(patcher)
 
 
+class _AllScales:
+    """Stands in for the whole-need estimate's token-scaled count (``_TokenScaledBytes``):
+    all of a first chunk's transient scales with its tokens."""
+
+    def __init__(self, tokens):
+        self.peak = 2**62
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
 def test_auto_runs_a_cut_latents_token_wise_parts_whole_where_that_moves_no_more(
     comfy, pack, monkeypatch, caplog
 ):
@@ -1060,17 +1074,7 @@ def test_auto_runs_a_cut_latents_token_wise_parts_whole_where_that_moves_no_more
 
     # a part's first chunk takes ``need`` (the fake meter's peak), all of it scaling with the
     # tokens, so whole it takes 3x that
-    class AllScales:
-        def __init__(self, tokens):
-            self.peak = 2**62
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return None
-
-    monkeypatch.setattr(comfy_auto, "_TokenScaledBytes", AllScales)
+    monkeypatch.setattr(comfy_auto, "_TokenScaledBytes", _AllScales)
     need = block
     calls = first.chunked_calls()
     _measure(comfy, swapped, inputs, need, (0,), monkeypatch)
@@ -1122,17 +1126,7 @@ def test_auto_runs_whole_at_a_streamed_tie_only_through_a_window_that_holds_two_
     from comfyui_wan_blockswap.callbacks.comfy_adapter import _plan_within, _states, _unswapped
     from comfyui_wan_blockswap.wan_blockswap.plan import min_streamed_budget
 
-    class AllScales:  # all of a first chunk's transient scales with the tokens
-        def __init__(self, tokens):
-            self.peak = 2**62
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return None
-
-    monkeypatch.setattr(comfy_auto, "_TokenScaledBytes", AllScales)
+    monkeypatch.setattr(comfy_auto, "_TokenScaledBytes", _AllScales)
     _chunk_at(pack, monkeypatch, 20)  # three chunks of 16 tokens
     free, patcher, inputs, swapped, private, shape = _prepared_auto_node(comfy, pack, monkeypatch)
     comfy.model_management.unload_all_models()

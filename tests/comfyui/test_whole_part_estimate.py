@@ -78,6 +78,20 @@ def _chunked_forward(allocator, part, x, rope_peak: int, observer) -> torch.Tens
     return out
 
 
+def _interrupted_in_a_first_chunk(part_class: type) -> Any:
+    """The estimate of a chunked forward whose part (``part_class``) raised an interrupt in
+    its first chunk."""
+    from comfyui_wan_blockswap.callbacks.comfy_auto import WholePartEstimate
+
+    allocator = FakeAllocator()
+    estimate = WholePartEstimate(allocator, torch.device("cpu"))
+    try:
+        _chunked_forward(allocator, part_class(allocator), torch.ones(1, 32, 4), 0, estimate)
+    except KeyboardInterrupt:
+        pass
+    return estimate
+
+
 def test_the_whole_need_scales_what_grows_with_the_tokens_and_keeps_earlier_peaks(pack):
     from comfyui_wan_blockswap.callbacks.comfy_auto import WholePartEstimate
 
@@ -125,18 +139,11 @@ def test_a_forward_that_cut_nothing_is_its_own_whole(pack):
 def test_a_forward_stopped_inside_a_first_chunk_leaves_no_dispatch_mode(pack):
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-    from comfyui_wan_blockswap.callbacks.comfy_auto import WholePartEstimate
-
     class Stops(TokenWisePart):
         def forward(self, x):
             raise KeyboardInterrupt  # an interrupt mid-chunk
 
-    allocator = FakeAllocator()
-    estimate = WholePartEstimate(allocator, torch.device("cpu"))
-    try:
-        _chunked_forward(allocator, Stops(allocator), torch.ones(1, 32, 4), 0, estimate)
-    except KeyboardInterrupt:
-        pass
+    estimate = _interrupted_in_a_first_chunk(Stops)
     assert _get_current_dispatch_mode() is not None  # the mode is still entered
     estimate.abandon()  # what the adapter's finally does
     assert _get_current_dispatch_mode() is None
@@ -228,8 +235,6 @@ def test_flattened_rows_and_views_under_inference_mode_are_not_undercounted(pack
 def test_a_first_chunk_that_raised_inside_another_mode_leaves_only_that_mode(pack):
     from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode_stack
 
-    from comfyui_wan_blockswap.callbacks.comfy_auto import WholePartEstimate
-
     class Other(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             return func(*args, **(kwargs or {}))
@@ -241,12 +246,7 @@ def test_a_first_chunk_that_raised_inside_another_mode_leaves_only_that_mode(pac
             other.__enter__()  # never left: the part raises
             raise KeyboardInterrupt
 
-    allocator = FakeAllocator()
-    estimate = WholePartEstimate(allocator, torch.device("cpu"))
-    try:
-        _chunked_forward(allocator, EntersAndStops(allocator), torch.ones(1, 32, 4), 0, estimate)
-    except KeyboardInterrupt:
-        pass
+    estimate = _interrupted_in_a_first_chunk(EntersAndStops)
     estimate.abandon()
     try:
         assert _get_current_dispatch_mode_stack() == [other]  # ours is gone, theirs kept
