@@ -537,13 +537,14 @@ def _least_moving(
         plan = _plan_within(sizes, options, available - choice.bytes)
         if plan is None:
             continue
-        moved = plan.swapped_bytes * choice.forwards_per_step
+        moved = _moved(choice, plan)
         if least_moved is None or moved < least_moved:
             best, best_plan, least_moved = choice, plan, moved
     return best, best_plan
 
 
 def _moved(reserve: comfy_auto.Reserve, plan: Any) -> int:
+    """Bytes ``plan`` moves per sampling step with ``reserve`` kept for the forward."""
     return plan.swapped_bytes * reserve.forwards_per_step
 
 
