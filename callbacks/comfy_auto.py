@@ -295,9 +295,10 @@ class CudaMeter:
 #   transient: what scales with the tokens, and what each call allocates whatever its size (a
 #   weight cast per call, say);
 # - the bytes of the tensors the chunk creates with a dimension that is a multiple of its
-#   token count (a TorchDispatchMode adds up every new storage; a flattened batch of tokens
-#   counts too, views and in-place results do not) bound the part that scales: run whole, it
-#   is that many times the chunks larger. Frees are not followed, so the sum is at least what
+#   token count (a TorchDispatchMode adds up every new storage an op returns; a flattened
+#   batch of tokens counts too, views and in-place results do not; an op's own temporaries
+#   are not seen: under inference mode a Linear is one op) bound the part that scales: run
+#   whole, it is that many times the chunks larger. Frees are not followed, so the sum is at least what
 #   lives at once: a review found that following them through the tensors' Python objects
 #   missed a flattened fp8 Linear's rows and a view's base under inference mode, and read a
 #   whole need up to 35% low, where the plan could then run out of memory.
@@ -341,7 +342,9 @@ class _TokenScaledBytes(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         seen = {_storage_of(t)[0] for t in tree_leaves((args, kwargs))}
         for tensor in tree_leaves(out):
-            if not isinstance(tensor, torch.Tensor) or not self._scales(tensor.shape):
+            if not isinstance(tensor, torch.Tensor) or tensor.is_nested:  # no shape to read
+                continue
+            if not self._scales(tensor.shape):
                 continue
             key, nbytes = _storage_of(tensor)
             if key is None or key in seen:
@@ -360,10 +363,27 @@ def _leave(mode: TorchDispatchMode) -> None:
     stack = _get_current_dispatch_mode_stack()
     if mode not in stack:
         return
+    if stack[-1] is mode:
+        mode.__exit__(None, None, None)  # restores torch's in-mode flags too
+        return
     above = [_pop_mode() for _ in range(len(stack) - 1 - stack.index(mode))]
-    mode.__exit__(None, None, None)  # the top now: restores torch's in-mode flags too
+    _pop_mode()  # ours, without its __exit__: the flags stay those of the modes above, ...
     for other in reversed(above):
         _push_mode(other)
+    # ... and the one just above ours restores, when it exits, what ours found on entering
+    for flags in _SAVED_MODE_FLAGS:
+        saved, theirs = getattr(mode, flags, None), getattr(above[-1], flags, None)
+        if saved and theirs:
+            theirs[-1] = saved[-1]
+
+
+# TorchDispatchMode's stacks of the in-mode flags it saved on entering (as torch names them;
+# older releases have fewer)
+_SAVED_MODE_FLAGS = (
+    "old_dispatch_mode_flags",
+    "old_non_infra_dispatch_mode_flags",
+    "old_without_ignore_compile_internals_dispatch_mode_flags",
+)
 
 
 class WholePartEstimate:

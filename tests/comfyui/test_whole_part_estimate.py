@@ -233,7 +233,11 @@ def test_flattened_rows_and_views_under_inference_mode_are_not_undercounted(pack
 
 
 def test_a_first_chunk_that_raised_inside_another_mode_leaves_only_that_mode(pack):
-    from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode_stack
+    from torch.utils._python_dispatch import (
+        TorchDispatchMode,
+        _get_current_dispatch_mode_stack,
+        is_in_torch_dispatch_mode,
+    )
 
     class Other(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -250,6 +254,24 @@ def test_a_first_chunk_that_raised_inside_another_mode_leaves_only_that_mode(pac
     estimate.abandon()
     try:
         assert _get_current_dispatch_mode_stack() == [other]  # ours is gone, theirs kept
+        assert is_in_torch_dispatch_mode()  # theirs still counts as a mode
     finally:
         other.__exit__(None, None, None)
     assert _get_current_dispatch_mode_stack() == []
+    # torch's in-mode flag is back to what it was before ours (a review found it left on)
+    assert not is_in_torch_dispatch_mode()
+
+
+def test_the_count_passes_tensors_without_a_shape_through(pack):
+    from comfyui_wan_blockswap.callbacks.comfy_auto import _leave, _TokenScaledBytes
+
+    counting = _TokenScaledBytes(2)
+    counting.__enter__()
+    try:
+        nested = torch.nested.nested_tensor([torch.ones(2, 3), torch.ones(4, 3)]) * 2
+        doubled = torch.ones(1, 4, 3) * 2
+    finally:
+        _leave(counting)
+    # a nested tensor has no shape to read (a review found the mode raising on it)
+    assert nested.is_nested and torch.equal(doubled, torch.full((1, 4, 3), 2.0))
+    assert counting.peak >= doubled.nbytes
