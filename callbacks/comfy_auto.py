@@ -357,6 +357,15 @@ class _TokenScaledBytes(TorchDispatchMode):
         return any(n and n % self.tokens == 0 for n in shape)
 
 
+# TorchDispatchMode's stacks of the in-mode flags it saved on entering (as torch names them;
+# older releases have fewer)
+_SAVED_MODE_FLAGS = (
+    "old_dispatch_mode_flags",
+    "old_non_infra_dispatch_mode_flags",
+    "old_without_ignore_compile_internals_dispatch_mode_flags",
+)
+
+
 def _leave(mode: TorchDispatchMode) -> None:
     """Take ``mode`` off torch's dispatch mode stack, wherever it is: a part that raised may
     have left modes of its own above it, which go back on after."""
@@ -375,15 +384,6 @@ def _leave(mode: TorchDispatchMode) -> None:
         saved, theirs = getattr(mode, flags, None), getattr(above[-1], flags, None)
         if saved and theirs:
             theirs[-1] = saved[-1]
-
-
-# TorchDispatchMode's stacks of the in-mode flags it saved on entering (as torch names them;
-# older releases have fewer)
-_SAVED_MODE_FLAGS = (
-    "old_dispatch_mode_flags",
-    "old_non_infra_dispatch_mode_flags",
-    "old_without_ignore_compile_internals_dispatch_mode_flags",
-)
 
 
 class WholePartEstimate:

@@ -356,21 +356,23 @@ class BlockSwap(SwappedWeights):
         self.plan, self.config = plan, config
         provider.window_bytes = plan.window_bytes
 
+    def _chunkers(self) -> list[TokenChunkedForward]:
+        return [h for h in self._hooks if isinstance(h, TokenChunkedForward)]
+
     @property
     def cuts_token_wise(self) -> bool:
         """Whether this swap runs token-wise parts in chunks ([Note: token chunks])."""
-        return any(isinstance(h, TokenChunkedForward) for h in self._hooks)
+        return bool(self._chunkers())
 
     def observe_first_chunks(self, observer: FirstChunkObserver | None) -> None:
         """Tell ``observer`` (None: no one) around the first chunk of every cut call of a
         token-wise part from now on ([Note: token chunks])."""
-        for hook in self._hooks:
-            if isinstance(hook, TokenChunkedForward):
-                hook.observer = observer
+        for chunker in self._chunkers():
+            chunker.observer = observer
 
     def chunked_calls(self) -> int:
         """How many calls of token-wise parts ran in chunks so far ([Note: token chunks])."""
-        return sum(h.chunked_calls for h in self._hooks if isinstance(h, TokenChunkedForward))
+        return sum(chunker.chunked_calls for chunker in self._chunkers())
 
     def ring_bytes_held(self) -> int:
         """GPU bytes swapped units take now: fixed slots once taken, or a streamed plan's
