@@ -99,6 +99,10 @@ class _State:
     auto: bool = False  # re-plan for each latent's memory estimate (see _fit_to_latent)
     counts_ring: bool = False  # see [Note: shared slots, counted once]
     base_model: Any = None  # weakref to the BaseModel core counts this model's memory on
+    # Auto's plan kept these bytes free for both conditionings in one batch (None: it did
+    # not), and the passes core has run alone since: see _note_split_batch
+    cond_batch_kept: float | None = None
+    passes_alone: set = field(default_factory=set)
 
     @property
     def ring_bytes(self) -> int:
@@ -521,6 +525,10 @@ def _fit_to_latent(executor: Any, patcher: Any, noise_shape: Any, conds: dict, *
         )
         comfy_auto.new_plan(diffusion_model)
         _fit(patcher, options, unswapped, wanted, available, reserve.bytes, runs_whole)
+        state = _states.get(diffusion_model)
+        if state is not None:
+            state.cond_batch_kept = reserve.bytes if reserve.cond_batch else None
+            state.passes_alone = set()
     return executor(patcher, noise_shape, conds, **kwargs)
 
 
@@ -682,6 +690,7 @@ def _measure_need(executor: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
     if comfy_auto.is_measured(diffusion_model, x.shape):
         if uncond:
             comfy_auto.note_uncond(diffusion_model, x.shape)
+        _note_split_batch(state, diffusion_model, options, x)
         try:
             return executor(x, *args, **kwargs)
         except (torch.cuda.OutOfMemoryError, InsufficientMemoryError) as error:
@@ -743,6 +752,32 @@ def _measure_need(executor: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
             _meter.describe(device, peaks),
         )
     return output
+
+
+def _note_split_batch(
+    state: _State, diffusion_model: torch.nn.Module, options: dict | None, x: torch.Tensor
+) -> None:
+    """Say, once per plan, that core ran the conditional and unconditional passes as separate
+    forwards though auto kept room for them in one batch: each step then moves the swapped
+    weights twice. Core's batching rule reads the free VRAM at every step ([Note: auto
+    plans]); a cfg-1 run has no unconditional pass, so only both passes seen alone count."""
+    passes = set((options or {}).get("cond_or_uncond", ()))
+    if state.cond_batch_kept is None or len(passes) != 1:
+        return
+    state.passes_alone |= passes
+    if state.passes_alone != {0, 1}:
+        return
+    kept, state.cond_batch_kept = state.cond_batch_kept, None
+    need = comfy_auto.measured(diffusion_model, x.shape)
+    batch = 0 if need is None else need.in_use(state.swap.cuts_token_wise) * 2 * x.shape[0]
+    logger.info(
+        "wan_blockswap auto: core ran a step's conditional and unconditional passes one at a "
+        "time, so each step moves the swapped weights twice: the plan kept %.2f GiB free for "
+        "them in one batch, whose need is %.2f GiB, and %.2f GiB is free now",
+        kept / GIB,
+        batch / GIB,
+        comfy.model_management.get_free_memory(x.device) / GIB,
+    )
 
 
 def _fit(

@@ -1665,6 +1665,62 @@ def test_auto_reserves_for_the_cond_batch_only_where_it_moves_fewer_bytes_per_st
     assert torch.equal(run(comfy, swapped, inputs), expected)
 
 
+def test_auto_says_once_per_plan_when_core_ran_the_passes_of_a_batch_it_kept_room_for_apart(
+    comfy, pack, monkeypatch, caplog
+):
+    """Core's batching rule reads the free VRAM at every step: where a plan kept room for both
+    conditionings in one batch and core still ran them as two forwards, each step moves the
+    swapped weights twice, and the node says so once per plan, with the numbers. A cfg-1 run
+    (the conditional pass alone) is no such case; nor is a plan that kept room for one."""
+    from comfyui_wan_blockswap.callbacks import comfy_auto
+    from comfyui_wan_blockswap.callbacks.comfy_adapter import _states
+
+    free, patcher, inputs, swapped, private, shape = _prepared_auto_node(comfy, pack, monkeypatch)
+    sizes = _states[private].swap.sizes
+    block = max(b.nbytes for b in sizes.blocks)
+    free["bytes"] = sizes.other_bytes + sum(b.nbytes for b in sizes.blocks) + 4 * block
+    _measure(comfy, swapped, inputs, block // 8, (0,), monkeypatch)  # batch 1, then 2
+    _measure(comfy, swapped, inputs, block // 4, (1, 0), monkeypatch)
+
+    def step(*passes_each):  # forwards of measured shapes, each with its passes
+        for passes in passes_each:
+            _measure(comfy, swapped, inputs, block, passes, monkeypatch)
+
+    def prepared():
+        caplog.clear()
+        with caplog.at_level("INFO", logger="wan_blockswap"):
+            _prepare(comfy, swapped, shape)
+        comfy.model_management.unload_all_models()
+        return caplog.text
+
+    split = "passes one at a time"
+    assert "both conditionings in one batch" in prepared()
+    with caplog.at_level("INFO", logger="wan_blockswap"):
+        step((1, 0), (0,), (0,))  # batched, then a cfg-1 run's steps
+        assert split not in caplog.text
+        step((0,), (1,), (0,), (1,))  # core split the batch at two steps
+    assert caplog.text.count(split) == 1
+    kept = comfy_auto.reserves(swapped, shape, {})[0]
+    assert kept.cond_batch and f"kept {kept.bytes / 2**30:.2f} GiB free" in caplog.text
+    assert split in prepared() + _logged(caplog, step, (0,), (1,))  # the next plan: again
+    # a plan that kept room for one conditioning per forward expects two forwards a step
+    comfy_auto._needs.pop(private)
+    _measure(comfy, swapped, inputs, 2 * block, (0,), monkeypatch)
+    _measure(comfy, swapped, inputs, 4 * block, (1, 0), monkeypatch)
+    assert "one conditioning per forward" in prepared()
+    assert split not in _logged(caplog, step, (0,), (1,), (0,), (1,))
+    swapped.cleanup()
+    comfy.model_management.unload_all_models()
+    assert_untouched(patcher)
+
+
+def _logged(caplog, call, *args) -> str:
+    caplog.clear()
+    with caplog.at_level("INFO", logger="wan_blockswap"):
+        call(*args)
+    return caplog.text
+
+
 def test_auto_reserves_core_extra_for_one_conditioning_and_its_floor_for_a_batch(
     comfy, pack, monkeypatch
 ):
