@@ -526,8 +526,9 @@ def _fit_to_latent(executor: Any, patcher: Any, noise_shape: Any, conds: dict, *
         comfy_auto.new_plan(diffusion_model)
         _fit(patcher, options, unswapped, wanted, available, reserve.bytes, runs_whole)
         state = _states.get(diffusion_model)
-        if state is not None:
-            state.cond_batch_kept = reserve.bytes if reserve.cond_batch else None
+        if state is not None:  # see _note_split_batch
+            swaps = state.swap.plan is not None and state.swap.plan.swapped_bytes > 0
+            state.cond_batch_kept = reserve.bytes if reserve.cond_batch and swaps else None
             state.passes_alone = set()
     return executor(patcher, noise_shape, conds, **kwargs)
 
@@ -687,10 +688,10 @@ def _measure_need(executor: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
         return executor(x, *args, **kwargs)
     options = args[4] if len(args) > 4 else kwargs.get("transformer_options")
     uncond = 1 in (options or {}).get("cond_or_uncond", ())
+    _note_split_batch(state, base_model, options, x)
     if comfy_auto.is_measured(diffusion_model, x.shape):
         if uncond:
             comfy_auto.note_uncond(diffusion_model, x.shape)
-        _note_split_batch(state, diffusion_model, options, x)
         try:
             return executor(x, *args, **kwargs)
         except (torch.cuda.OutOfMemoryError, InsufficientMemoryError) as error:
@@ -754,13 +755,13 @@ def _measure_need(executor: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
     return output
 
 
-def _note_split_batch(
-    state: _State, diffusion_model: torch.nn.Module, options: dict | None, x: torch.Tensor
-) -> None:
-    """Say, once per plan, that core ran the conditional and unconditional passes as separate
-    forwards though auto kept room for them in one batch: each step then moves the swapped
-    weights twice. Core's batching rule reads the free VRAM at every step ([Note: auto
-    plans]); a cfg-1 run has no unconditional pass, so only both passes seen alone count."""
+def _note_split_batch(state: _State, base_model: Any, options: dict | None, x: Any) -> None:
+    """Say, once per plan, that core ran a step's conditional and unconditional passes (0 and
+    1 in ``cond_or_uncond``) as separate forwards though auto kept room for them in one batch:
+    each step then moves the swapped weights twice. Core's batching rule reads the free VRAM at
+    every step ([Note: auto plans]); where that VRAM is free now, the cause was not memory but
+    conditionings core cannot join. A cfg-1 run has no unconditional pass, so only both passes
+    seen alone count. The figures are for one conditioning of each kind."""
     passes = set((options or {}).get("cond_or_uncond", ()))
     if state.cond_batch_kept is None or len(passes) != 1:
         return
@@ -768,15 +769,27 @@ def _note_split_batch(
     if state.passes_alone != {0, 1}:
         return
     kept, state.cond_batch_kept = state.cond_batch_kept, None
-    need = comfy_auto.measured(diffusion_model, x.shape)
-    batch = 0 if need is None else need.in_use(state.swap.cuts_token_wise) * 2 * x.shape[0]
+    both = (2 * x.shape[0], *x.shape[1:])
+    # what core's batching rule compares: its factor times our answer for the batch
+    need = comfy_auto.COND_BATCH_FACTOR * base_model.memory_required(both)
+    patcher = getattr(base_model, "current_patcher", None)
+    free_of = getattr(patcher, "get_free_memory", None)  # with aimdo's share, as core reads it
+    free = (
+        free_of(x.device) if callable(free_of) else comfy.model_management.get_free_memory(x.device)
+    )
     logger.info(
         "wan_blockswap auto: core ran a step's conditional and unconditional passes one at a "
-        "time, so each step moves the swapped weights twice: the plan kept %.2f GiB free for "
-        "them in one batch, whose need is %.2f GiB, and %.2f GiB is free now",
+        "time, so each step moves the swapped weights twice. The plan kept %.2f GiB free for "
+        "them in one batch, whose need core counts as %.2f GiB; %.2f GiB is free now%s",
         kept / GIB,
-        batch / GIB,
-        comfy.model_management.get_free_memory(x.device) / GIB,
+        need / GIB,
+        free / GIB,
+        (
+            ": enough, so core could not join the two (text of different lengths, or a "
+            "ControlNet or hooks on one side only)"
+            if need < free
+            else ""
+        ),
     )
 
 

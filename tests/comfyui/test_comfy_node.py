@@ -1668,23 +1668,32 @@ def test_auto_reserves_for_the_cond_batch_only_where_it_moves_fewer_bytes_per_st
 def test_auto_says_once_per_plan_when_core_ran_the_passes_of_a_batch_it_kept_room_for_apart(
     comfy, pack, monkeypatch, caplog
 ):
-    """Core's batching rule reads the free VRAM at every step: where a plan kept room for both
-    conditionings in one batch and core still ran them as two forwards, each step moves the
-    swapped weights twice, and the node says so once per plan, with the numbers. A cfg-1 run
+    """Core's batching rule reads the free VRAM at every step: where a plan that streams kept
+    room for both conditionings in one batch and core still ran them as two forwards, each
+    step moves the swapped weights twice, and the node says so once per plan, with the
+    numbers, and whether that VRAM was free (then core could not join the two). A cfg-1 run
     (the conditional pass alone) is no such case; nor is a plan that kept room for one."""
-    from comfyui_wan_blockswap.callbacks import comfy_auto
+    from comfyui_wan_blockswap.callbacks import comfy_adapter, comfy_auto
     from comfyui_wan_blockswap.callbacks.comfy_adapter import _states
 
     free, patcher, inputs, swapped, private, shape = _prepared_auto_node(comfy, pack, monkeypatch)
     sizes = _states[private].swap.sizes
     block = max(b.nbytes for b in sizes.blocks)
-    free["bytes"] = sizes.other_bytes + sum(b.nbytes for b in sizes.blocks) + 4 * block
-    _measure(comfy, swapped, inputs, block // 8, (0,), monkeypatch)  # batch 1, then 2
-    _measure(comfy, swapped, inputs, block // 4, (1, 0), monkeypatch)
+    monkeypatch.setattr(comfy_adapter, "ALL_RESIDENT_SLACK", 0)  # a tiny model's blocks
+    free["bytes"] = sizes.other_bytes + 2 * block  # about half the blocks swap
+    _measure(comfy, swapped, inputs, block // 16, (0,), monkeypatch)  # batch 1, then 2
+    _measure(comfy, swapped, inputs, block // 8, (1, 0), monkeypatch)
+    free_at_step = {"bytes": None}
 
     def step(*passes_each):  # forwards of measured shapes, each with its passes
         for passes in passes_each:
-            _measure(comfy, swapped, inputs, block, passes, monkeypatch)
+            kept = free["bytes"]
+            if free_at_step["bytes"] is not None:  # what core's rule reads while sampling
+                free["bytes"] = free_at_step["bytes"]
+            try:
+                _measure(comfy, swapped, inputs, block, passes, monkeypatch)
+            finally:
+                free["bytes"] = kept
 
     def prepared():
         caplog.clear()
@@ -1695,14 +1704,37 @@ def test_auto_says_once_per_plan_when_core_ran_the_passes_of_a_batch_it_kept_roo
 
     split = "passes one at a time"
     assert "both conditionings in one batch" in prepared()
-    with caplog.at_level("INFO", logger="wan_blockswap"):
-        step((1, 0), (0,), (0,))  # batched, then a cfg-1 run's steps
-        assert split not in caplog.text
-        step((0,), (1,), (0,), (1,))  # core split the batch at two steps
-    assert caplog.text.count(split) == 1
+    assert _states[private].swap.plan.swapped_bytes > 0
     kept = comfy_auto.reserves(swapped, shape, {})[0]
-    assert kept.cond_batch and f"kept {kept.bytes / 2**30:.2f} GiB free" in caplog.text
-    assert split in prepared() + _logged(caplog, step, (0,), (1,))  # the next plan: again
+    both = (2 * shape[0], *shape[1:])
+    need = comfy_auto.COND_BATCH_FACTOR * swapped.model.memory_required(both)
+    assert kept.cond_batch and need == 2 * comfy_auto.measured(private, shape).per_sample
+    # batched, then a cfg-1 run's steps
+    assert split not in _logged(caplog, step, (1, 0), (0,), (0,))
+    # core split the batch at two steps, with less than the batch's need free then
+    free_at_step["bytes"] = int(need) - 1
+    text = _logged(caplog, step, (0,), (1,), (0,), (1,))
+    assert text.count(split) == 1
+    (said,) = [r.args for r in caplog.records if split in r.getMessage()]
+    gib = comfy_adapter.GIB
+    assert [round(figure * gib) for figure in said[:3]] == [kept.bytes, need, need - 1]
+    assert not said[3]  # no other cause named: the need was not free
+    # the next plan: again once, where core splits after a first forward of each pass; with
+    # the need free, the cause was not memory
+    # (the first forward of one pass alone is the one that measures that batch size)
+    free_at_step["bytes"] = None
+    prepared()
+    comfy_auto.measured(private, shape).batches.discard(1)
+    assert split not in _logged(caplog, step, (0,))
+    assert 1 in comfy_auto.measured(private, shape).batches
+    text = _logged(caplog, step, (1,))
+    assert split in text and "could not join" in text
+    # a plan that swaps nothing moves nothing twice
+    free["bytes"] = sizes.other_bytes + sum(b.nbytes for b in sizes.blocks) + 4 * block
+    assert "both conditionings in one batch" in prepared()
+    assert _states[private].swap.plan.swapped_bytes == 0
+    assert split not in _logged(caplog, step, (0,), (1,))
+    free["bytes"] = sizes.other_bytes + 2 * block
     # a plan that kept room for one conditioning per forward expects two forwards a step
     comfy_auto._needs.pop(private)
     _measure(comfy, swapped, inputs, 2 * block, (0,), monkeypatch)
@@ -1752,7 +1784,9 @@ def test_auto_reserves_core_extra_for_one_conditioning_and_its_floor_for_a_batch
         _measure(comfy, swapped, inputs, need, (1, 0), monkeypatch)
         one = comfy_auto.measured(private, shape).per_sample * shape[0]
         batched, split = comfy_auto.reserves(swapped, shape, {})
-        assert (batched.bytes, batched.forwards_per_step) == (max(floor, 2 * one), 1)
+        headroom = comfy_auto.BATCH_HEADROOM
+        assert (batched.bytes, batched.forwards_per_step) == (max(floor, 2 * one + headroom), 1)
+        assert batched.cond_batch and not split.cond_batch
         assert (split.bytes, split.forwards_per_step) == (max(floor, one + extra), 2)
         # the larger need keeps the batch's need, the smaller core's floor
         assert (2 * one > floor) == (need == 8 * 2**20)
@@ -1767,7 +1801,7 @@ def test_auto_reserves_core_extra_for_one_conditioning_and_its_floor_for_a_batch
     one = comfy_auto.measured(private, shape).per_sample * shape[0]
     batched, _ = comfy_auto.reserves(swapped, shape, {})
     asked = comfy.sampler_helpers.estimate_memory(swapped, shape, {})[1] + extra
-    assert batched.bytes == asked > max(floor, 2 * one)
+    assert batched.bytes == asked > max(floor, 2 * one + comfy_auto.BATCH_HEADROOM)
     assert_untouched(patcher)
 
 
