@@ -772,11 +772,7 @@ def _note_split_batch(state: _State, base_model: Any, options: dict | None, x: A
     both = (2 * x.shape[0], *x.shape[1:])
     # what core's batching rule compares: its factor times our answer for the batch
     need = comfy_auto.COND_BATCH_FACTOR * base_model.memory_required(both)
-    patcher = getattr(base_model, "current_patcher", None)
-    free_of = getattr(patcher, "get_free_memory", None)  # with aimdo's share, as core reads it
-    free = (
-        free_of(x.device) if callable(free_of) else comfy.model_management.get_free_memory(x.device)
-    )
+    free = comfy_auto.free_vram(getattr(base_model, "current_patcher", None), x.device)
     logger.info(
         "wan_blockswap auto: core ran a step's conditional and unconditional passes one at a "
         "time, so each step moves the swapped weights twice. The plan kept %.2f GiB free for "

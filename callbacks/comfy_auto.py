@@ -507,13 +507,21 @@ def reserves(patcher: Any, noise_shape: Any, conds: dict, cutting: bool = True) 
     ]
 
 
+def free_vram(patcher: Any, device: torch.device) -> float:
+    """Free VRAM as ``patcher``'s core reads it: with what aimdo can give back, where core has
+    that (``patcher`` None: torch's and the driver's free memory alone)."""
+    free_of = getattr(patcher, "get_free_memory", None)
+    if callable(free_of):
+        return free_of(device)
+    return comfy.model_management.get_free_memory(device)
+
+
 def available_vram(patcher: Any) -> float:
     """VRAM the model's weights could have: free now (with what aimdo can give back), plus
     what every loaded model on the device holds (core unloads them to make room)."""
     mm = comfy.model_management
     device = patcher.load_device
-    free_of = getattr(patcher, "get_free_memory", None)  # aimdo-aware where core has it
-    free = free_of(device) if callable(free_of) else mm.get_free_memory(device)
+    free = free_vram(patcher, device)
     loaded = sum(
         entry.model.loaded_size()
         for entry in mm.current_loaded_models
