@@ -1696,11 +1696,9 @@ def test_auto_says_once_per_plan_when_core_ran_the_passes_of_a_batch_it_kept_roo
                 free["bytes"] = kept
 
     def prepared():
-        caplog.clear()
-        with caplog.at_level("INFO", logger="wan_blockswap"):
-            _prepare(comfy, swapped, shape)
+        text = _logged(caplog, _prepare, comfy, swapped, shape)
         comfy.model_management.unload_all_models()
-        return caplog.text
+        return text
 
     split = "passes one at a time"
     assert "both conditionings in one batch" in prepared()
