@@ -761,7 +761,9 @@ def _note_split_batch(state: _State, base_model: Any, options: dict | None, x: A
     each step then moves the swapped weights twice. Core's batching rule reads the free VRAM at
     every step ([Note: auto plans]); where that VRAM is free now, the cause was not memory but
     conditionings core cannot join. A cfg-1 run has no unconditional pass, so only both passes
-    seen alone count. The figures are for one conditioning of each kind."""
+    seen alone count. The figures are for one conditioning of each kind. Where less than the
+    batch's need was free, later plans of the latent keep what the step lacked more
+    (``comfy_auto.note_batch_shortfall``)."""
     passes = set((options or {}).get("cond_or_uncond", ()))
     if state.cond_batch_kept is None or len(passes) != 1:
         return
@@ -773,6 +775,14 @@ def _note_split_batch(state: _State, base_model: Any, options: dict | None, x: A
     # what core's batching rule compares: its factor times our answer for the batch
     need = comfy_auto.COND_BATCH_FACTOR * base_model.memory_required(both)
     free = comfy_auto.free_vram(getattr(base_model, "current_patcher", None), x.device)
+    if need < free:
+        after = (
+            ": enough, so core could not join the two (text of different lengths, or a "
+            "ControlNet or hooks on one side only)"
+        )
+    else:
+        more = comfy_auto.note_batch_shortfall(base_model.diffusion_model, x.shape, kept, free)
+        after = "; the next plan of this latent keeps %.2f GiB more for the batch" % (more / GIB)
     logger.info(
         "wan_blockswap auto: core ran a step's conditional and unconditional passes one at a "
         "time, so each step moves the swapped weights twice. The plan kept %.2f GiB free for "
@@ -780,12 +790,7 @@ def _note_split_batch(state: _State, base_model: Any, options: dict | None, x: A
         kept / GIB,
         need / GIB,
         free / GIB,
-        (
-            ": enough, so core could not join the two (text of different lengths, or a "
-            "ControlNet or hooks on one side only)"
-            if need < free
-            else ""
-        ),
+        after,
     )
 
 

@@ -50,10 +50,14 @@ The reserve is then what the forward needs and core's rules need left free (:fun
   reserve on the batch's need but BATCH_HEADROOM (none by default): should less be free when
   a step runs, core's batching rule, which reads the free VRAM then, runs the conditionings as
   two forwards, each with the room of two, and each moving the streamed weights. The adapter
-  logs that once per plan. On an H100 at 1 frame with 4 GiB free, where the floor left 0.09
-  GiB above the batch's need, ours' 16-step prompts spread from 1.30 to 2.19 s, as if some
-  steps ran that way (comfyui_dynamic_h100.json, session 21). The margin's evidence is from
-  single forwards (above); a batch above core's floor has not run on a GPU with this reserve.
+  logs that once per plan, and where less than the batch's need was free then, later plans
+  of the latent keep the difference between what the plan kept and what the step read free,
+  plus BATCH_SHORTFALL_SLACK, beside the need (``note_batch_shortfall``): what the step lacked
+  is what was allocated after the plan and stayed. On an H100 at 1 frame with 4 GiB free,
+  where the floor left 0.09 GiB above the batch's need, ours' 16-step prompts spread from
+  1.30 to 2.19 s, as if some steps ran that way (comfyui_dynamic_h100.json, session 21). The
+  margin's evidence is from single forwards (above); a batch above core's floor has not run on
+  a GPU with this reserve.
 The adapter picks the plan that moves fewest bytes per step. Before any forward of a shape
 ran, the reserve is core's own estimate for one batch.
 """
@@ -86,6 +90,8 @@ COND_BATCH_FACTOR = 1.5
 # kept free beside a batch's need, for what core's batching rule reads less at a step than
 # the plan left: see [Note: auto plans]
 BATCH_HEADROOM = 0
+# kept beside what a step was seen to read less than the plan left (core's rule is strict)
+BATCH_SHORTFALL_SLACK = 64 * 2**20
 
 
 @dataclass
@@ -100,6 +106,9 @@ class ShapeNeed:
     # per sample had every token-wise part run whole (0: not known): [Note: the need without
     # chunks]
     whole_per_sample: int = 0
+    # how much less than a plan kept for both conditionings in one batch core's batching rule
+    # read free at a step where it ran them apart, plus BATCH_SHORTFALL_SLACK (the largest seen)
+    batch_shortfall: int = 0
 
     def in_use(self, cutting: bool) -> int:
         """Bytes per sample for a swap that cuts token-wise parts into chunks (``cutting``)
@@ -153,6 +162,18 @@ def planning_layout(
     if options.chunk_tokens and (need is None or need.chunked):
         return layout
     return layout.without_token_wise()
+
+
+def note_batch_shortfall(
+    diffusion_model: torch.nn.Module, shape: Any, kept: float, free: float
+) -> int:
+    """Core ran a step of ``shape`` as two forwards with ``free`` bytes free where the plan
+    kept ``kept`` for both conditionings in one batch: later plans keep what the step lacked
+    more, and a little beside ([Note: auto plans]). The bytes they keep more than before."""
+    entry = _needs.setdefault(diffusion_model, {}).setdefault(shape_key(shape), ShapeNeed())
+    before = entry.batch_shortfall
+    entry.batch_shortfall = max(before, int(kept - free) + BATCH_SHORTFALL_SLACK)
+    return entry.batch_shortfall - before
 
 
 def note_uncond(diffusion_model: torch.nn.Module, shape: Any) -> None:
@@ -500,7 +521,7 @@ def reserves(patcher: Any, noise_shape: Any, conds: dict, cutting: bool = True) 
     if not need.uncond:
         return [Reserve(single, 1, "measured")]
     shrinks_below = max(floor, one / COND_BATCH_FACTOR + extra)  # core's shrink rule
-    batched = max(shrinks_below, 2 * one + BATCH_HEADROOM)
+    batched = max(shrinks_below, 2 * one + BATCH_HEADROOM + need.batch_shortfall)
     return [
         Reserve(batched, 1, "measured; both conditionings in one batch", cond_batch=True),
         Reserve(single, 2, "measured; one conditioning per forward"),

@@ -1671,8 +1671,9 @@ def test_auto_says_once_per_plan_when_core_ran_the_passes_of_a_batch_it_kept_roo
     """Core's batching rule reads the free VRAM at every step: where a plan that streams kept
     room for both conditionings in one batch and core still ran them as two forwards, each
     step moves the swapped weights twice, and the node says so once per plan, with the
-    numbers, and whether that VRAM was free (then core could not join the two). A cfg-1 run
-    (the conditional pass alone) is no such case; nor is a plan that kept room for one."""
+    numbers, and whether that VRAM was free (then core could not join the two). Where it was
+    not, the next plan keeps what the step lacked more, and a little beside. A cfg-1 run (the
+    conditional pass alone) is no such case; nor is a plan that kept room for one."""
     from comfyui_wan_blockswap.callbacks import comfy_adapter, comfy_auto
     from comfyui_wan_blockswap.callbacks.comfy_adapter import _states
 
@@ -1680,6 +1681,8 @@ def test_auto_says_once_per_plan_when_core_ran_the_passes_of_a_batch_it_kept_roo
     sizes = _states[private].swap.sizes
     block = max(b.nbytes for b in sizes.blocks)
     monkeypatch.setattr(comfy_adapter, "ALL_RESIDENT_SLACK", 0)  # a tiny model's blocks
+    slack = block // 32
+    monkeypatch.setattr(comfy_auto, "BATCH_SHORTFALL_SLACK", slack)
     free["bytes"] = sizes.other_bytes + 2 * block  # about half the blocks swap
     _measure(comfy, swapped, inputs, block // 16, (0,), monkeypatch)  # batch 1, then 2
     _measure(comfy, swapped, inputs, block // 8, (1, 0), monkeypatch)
@@ -1716,17 +1719,24 @@ def test_auto_says_once_per_plan_when_core_ran_the_passes_of_a_batch_it_kept_roo
     (said,) = [r.args for r in caplog.records if split in r.getMessage()]
     gib = comfy_adapter.GIB
     assert [round(figure * gib) for figure in said[:3]] == [kept.bytes, need, need - 1]
-    assert not said[3]  # no other cause named: the need was not free
+    # the need was not free: no other cause named, and the next plan keeps what it lacked more
+    assert "could not join" not in said[3] and "the next plan" in said[3]
+    lacked = int(kept.bytes - (need - 1)) + slack
+    assert comfy_auto.measured(private, shape).batch_shortfall == lacked
+    again = comfy_auto.reserves(swapped, shape, {})[0]
+    assert again.cond_batch and again.bytes == max(kept.bytes, need + lacked) > kept.bytes
     # the next plan: again once, where core splits after a first forward of each pass; with
-    # the need free, the cause was not memory
+    # the need free, the cause was not memory, and the plan after keeps no more
     # (the first forward of one pass alone is the one that measures that batch size)
     free_at_step["bytes"] = None
     prepared()
+    assert _states[private].swap.plan.gpu_weight_bytes <= free["bytes"] - again.bytes
     comfy_auto.measured(private, shape).batches.discard(1)
     assert split not in _logged(caplog, step, (0,))
     assert 1 in comfy_auto.measured(private, shape).batches
     text = _logged(caplog, step, (1,))
-    assert split in text and "could not join" in text
+    assert split in text and "could not join" in text and "the next plan" not in text
+    assert comfy_auto.measured(private, shape).batch_shortfall == lacked
     # a plan that swaps nothing moves nothing twice
     free["bytes"] = sizes.other_bytes + sum(b.nbytes for b in sizes.blocks) + 4 * block
     assert "both conditionings in one batch" in prepared()
