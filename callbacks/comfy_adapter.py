@@ -29,7 +29,7 @@ import itertools
 import logging
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -99,9 +99,9 @@ class _State:
     auto: bool = False  # re-plan for each latent's memory estimate (see _fit_to_latent)
     counts_ring: bool = False  # see [Note: shared slots, counted once]
     base_model: Any = None  # weakref to the BaseModel core counts this model's memory on
-    # Auto's plan kept these bytes free for both conditionings in one batch (None: it did
-    # not), and the passes core has run alone since: see _note_split_batch
-    cond_batch_kept: float | None = None
+    # What auto's plan kept free for both conditionings in one batch (None: it kept no such
+    # room), and the passes core has run alone since: see _note_split_batch
+    cond_batch_room: "_BatchRoom | None" = None
     passes_alone: set = field(default_factory=set)
 
     @property
@@ -111,6 +111,16 @@ class _State:
 
 
 _states: "weakref.WeakKeyDictionary[torch.nn.Module, _State]" = weakref.WeakKeyDictionary()
+
+
+class _BatchRoom(NamedTuple):
+    """Room a plan kept for both conditionings in one batch: see _note_split_batch."""
+
+    reserve: float  # bytes the plan kept for the forward
+    # bytes the plan left beside its resident weights (its reserve, what whole units did not
+    # fill, and its streamed slots)
+    left: float
+    shape: Any  # the latent planned for
 
 
 def apply_to_patcher(patcher: Any, config: SwapConfig, auto: bool = False) -> Any:
@@ -527,8 +537,12 @@ def _fit_to_latent(executor: Any, patcher: Any, noise_shape: Any, conds: dict, *
         _fit(patcher, options, unswapped, wanted, available, reserve.bytes, runs_whole)
         state = _states.get(diffusion_model)
         if state is not None:  # see _note_split_batch
-            swaps = state.swap.plan is not None and state.swap.plan.swapped_bytes > 0
-            state.cond_batch_kept = reserve.bytes if reserve.cond_batch and swaps else None
+            plan = state.swap.plan
+            swaps = plan is not None and plan.swapped_bytes > 0
+            state.cond_batch_room = None
+            if reserve.cond_batch and swaps:
+                left = available - plan.resident_bytes
+                state.cond_batch_room = _BatchRoom(reserve.bytes, left, noise_shape)
             state.passes_alone = set()
     return executor(patcher, noise_shape, conds, **kwargs)
 
@@ -762,15 +776,15 @@ def _note_split_batch(state: _State, base_model: Any, options: dict | None, x: A
     every step ([Note: auto plans]); where that VRAM is free now, the cause was not memory but
     conditionings core cannot join. A cfg-1 run has no unconditional pass, so only both passes
     seen alone count. The figures are for one conditioning of each kind. Where less than the
-    batch's need was free, later plans of the latent keep what the step lacked more
+    batch's need was free, later plans of the latent keep what was taken since the plan more
     (``comfy_auto.note_batch_shortfall``)."""
     passes = set((options or {}).get("cond_or_uncond", ()))
-    if state.cond_batch_kept is None or len(passes) != 1:
+    if state.cond_batch_room is None or len(passes) != 1:
         return
     state.passes_alone |= passes
     if state.passes_alone != {0, 1}:
         return
-    kept, state.cond_batch_kept = state.cond_batch_kept, None
+    room, state.cond_batch_room = state.cond_batch_room, None
     both = (2 * x.shape[0], *x.shape[1:])
     # what core's batching rule compares: its factor times our answer for the batch
     need = comfy_auto.COND_BATCH_FACTOR * base_model.memory_required(both)
@@ -781,13 +795,17 @@ def _note_split_batch(state: _State, base_model: Any, options: dict | None, x: A
             "ControlNet or hooks on one side only)"
         )
     else:
-        more = comfy_auto.note_batch_shortfall(base_model.diffusion_model, x.shape, kept, free)
-        after = "; the next plan of this latent keeps %.2f GiB more for the batch" % (more / GIB)
+        # what the plan left between forwards, less what is free now: taken since the plan
+        taken = room.left - state.swap.ring_bytes_on_device() - free
+        beside = comfy_auto.note_batch_shortfall(base_model.diffusion_model, room.shape, taken)
+        after = "; later plans of this latent keep %.2f GiB free beside the batch's need" % (
+            beside / GIB
+        )
     logger.info(
         "wan_blockswap auto: core ran a step's conditional and unconditional passes one at a "
         "time, so each step moves the swapped weights twice. The plan kept %.2f GiB free for "
         "them in one batch, whose need core counts as %.2f GiB; %.2f GiB is free now%s",
-        kept / GIB,
+        room.reserve / GIB,
         need / GIB,
         free / GIB,
         after,

@@ -51,9 +51,9 @@ The reserve is then what the forward needs and core's rules need left free (:fun
   a step runs, core's batching rule, which reads the free VRAM then, runs the conditionings as
   two forwards, each with the room of two, and each moving the streamed weights. The adapter
   logs that once per plan, and where less than the batch's need was free then, later plans
-  of the latent keep the difference between what the plan kept and what the step read free,
-  plus BATCH_SHORTFALL_SLACK, beside the need (``note_batch_shortfall``): what the step lacked
-  is what was allocated after the plan and stayed. On an H100 at 1 frame with 4 GiB free,
+  of the latent keep beside the need what was taken of the VRAM the plan had left (its
+  reserve, and what its whole units did not fill) when the step read, plus
+  BATCH_SHORTFALL_SLACK (``note_batch_shortfall``). On an H100 at 1 frame with 4 GiB free,
   where the floor left 0.09 GiB above the batch's need, ours' 16-step prompts spread from
   1.30 to 2.19 s, as if some steps ran that way (comfyui_dynamic_h100.json, session 21). The
   margin's evidence is from single forwards (above); a batch above core's floor has not run on
@@ -106,8 +106,8 @@ class ShapeNeed:
     # per sample had every token-wise part run whole (0: not known): [Note: the need without
     # chunks]
     whole_per_sample: int = 0
-    # how much less than a plan kept for both conditionings in one batch core's batching rule
-    # read free at a step where it ran them apart, plus BATCH_SHORTFALL_SLACK (the largest seen)
+    # kept free beside the need of both conditionings in one batch: what was taken of a plan's
+    # free VRAM where core ran them apart, plus BATCH_SHORTFALL_SLACK (the largest seen)
     batch_shortfall: int = 0
 
     def in_use(self, cutting: bool) -> int:
@@ -164,16 +164,16 @@ def planning_layout(
     return layout.without_token_wise()
 
 
-def note_batch_shortfall(
-    diffusion_model: torch.nn.Module, shape: Any, kept: float, free: float
-) -> int:
-    """Core ran a step of ``shape`` as two forwards with ``free`` bytes free where the plan
-    kept ``kept`` for both conditionings in one batch: later plans keep what the step lacked
-    more, and a little beside ([Note: auto plans]). The bytes they keep more than before."""
-    entry = _needs.setdefault(diffusion_model, {}).setdefault(shape_key(shape), ShapeNeed())
-    before = entry.batch_shortfall
-    entry.batch_shortfall = max(before, int(kept - free) + BATCH_SHORTFALL_SLACK)
-    return entry.batch_shortfall - before
+def note_batch_shortfall(diffusion_model: torch.nn.Module, shape: Any, taken: float) -> int:
+    """Core ran a step of ``shape`` as two forwards for want of free VRAM, where ``taken``
+    bytes of what the plan had left free were in use: later plans keep that much and
+    BATCH_SHORTFALL_SLACK beside the batch's need ([Note: auto plans]). What they keep beside
+    it (0 for a shape not measured)."""
+    entry = measured(diffusion_model, shape)
+    if entry is None:
+        return 0
+    entry.batch_shortfall = max(entry.batch_shortfall, int(taken) + BATCH_SHORTFALL_SLACK)
+    return entry.batch_shortfall
 
 
 def note_uncond(diffusion_model: torch.nn.Module, shape: Any) -> None:

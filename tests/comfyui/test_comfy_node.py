@@ -1665,15 +1665,12 @@ def test_auto_reserves_for_the_cond_batch_only_where_it_moves_fewer_bytes_per_st
     assert torch.equal(run(comfy, swapped, inputs), expected)
 
 
-def test_auto_says_once_per_plan_when_core_ran_the_passes_of_a_batch_it_kept_room_for_apart(
-    comfy, pack, monkeypatch, caplog
-):
-    """Core's batching rule reads the free VRAM at every step: where a plan that streams kept
-    room for both conditionings in one batch and core still ran them as two forwards, each
-    step moves the swapped weights twice, and the node says so once per plan, with the
-    numbers, and whether that VRAM was free (then core could not join the two). Where it was
-    not, the next plan keeps what the step lacked more, and a little beside. A cfg-1 run (the
-    conditional pass alone) is no such case; nor is a plan that kept room for one."""
+def _split_batch_rig(comfy, pack, monkeypatch, caplog):
+    """An "auto" node over a tiny Wan whose plan streams about half its blocks, with a batch
+    of both conditionings measured; ``step`` runs forwards (each with its passes) with
+    ``free_at_step`` read free, and ``prepared`` plans for sampling and says what it logged."""
+    import types
+
     from comfyui_wan_blockswap.callbacks import comfy_adapter, comfy_auto
     from comfyui_wan_blockswap.callbacks.comfy_adapter import _states
 
@@ -1681,18 +1678,19 @@ def test_auto_says_once_per_plan_when_core_ran_the_passes_of_a_batch_it_kept_roo
     sizes = _states[private].swap.sizes
     block = max(b.nbytes for b in sizes.blocks)
     monkeypatch.setattr(comfy_adapter, "ALL_RESIDENT_SLACK", 0)  # a tiny model's blocks
-    slack = block // 32
-    monkeypatch.setattr(comfy_auto, "BATCH_SHORTFALL_SLACK", slack)
+    monkeypatch.setattr(comfy_auto, "BATCH_SHORTFALL_SLACK", block // 32)
     free["bytes"] = sizes.other_bytes + 2 * block  # about half the blocks swap
     _measure(comfy, swapped, inputs, block // 16, (0,), monkeypatch)  # batch 1, then 2
     _measure(comfy, swapped, inputs, block // 8, (1, 0), monkeypatch)
-    free_at_step = {"bytes": None}
+    rig = types.SimpleNamespace(free=free, patcher=patcher, swapped=swapped, private=private)
+    rig.inputs = inputs
+    rig.shape, rig.sizes, rig.block, rig.free_at_step = shape, sizes, block, None
 
-    def step(*passes_each):  # forwards of measured shapes, each with its passes
+    def step(*passes_each):
         for passes in passes_each:
             kept = free["bytes"]
-            if free_at_step["bytes"] is not None:  # what core's rule reads while sampling
-                free["bytes"] = free_at_step["bytes"]
+            if rig.free_at_step is not None:  # what core's rule reads while sampling
+                free["bytes"] = rig.free_at_step
             try:
                 _measure(comfy, swapped, inputs, block, passes, monkeypatch)
             finally:
@@ -1703,40 +1701,55 @@ def test_auto_says_once_per_plan_when_core_ran_the_passes_of_a_batch_it_kept_roo
         comfy.model_management.unload_all_models()
         return text
 
+    both = (2 * shape[0], *shape[1:])
+    rig.step, rig.prepared = step, prepared
+    # what core's batching rule asks to be free for both conditionings in one batch
+    rig.need = comfy_auto.COND_BATCH_FACTOR * swapped.model.memory_required(both)
+    assert rig.need == 2 * comfy_auto.measured(private, shape).per_sample
+    return rig
+
+
+def test_auto_says_once_per_plan_when_core_ran_the_passes_of_a_batch_it_kept_room_for_apart(
+    comfy, pack, monkeypatch, caplog
+):
+    """Core's batching rule reads the free VRAM at every step: where a plan that streams kept
+    room for both conditionings in one batch and core still ran them as two forwards, each
+    step moves the swapped weights twice, and the node says so once per plan, with the
+    numbers, and whether that VRAM was free (then core could not join the two). A cfg-1 run
+    (the conditional pass alone) is no such case; nor is a plan that kept room for one."""
+    from comfyui_wan_blockswap.callbacks import comfy_adapter, comfy_auto
+    from comfyui_wan_blockswap.callbacks.comfy_adapter import _states
+
+    rig = _split_batch_rig(comfy, pack, monkeypatch, caplog)
+    free, swapped, private, shape = rig.free, rig.swapped, rig.private, rig.shape
+    step, prepared, need, block, sizes = rig.step, rig.prepared, rig.need, rig.block, rig.sizes
     split = "passes one at a time"
     assert "both conditionings in one batch" in prepared()
     assert _states[private].swap.plan.swapped_bytes > 0
     kept = comfy_auto.reserves(swapped, shape, {})[0]
-    both = (2 * shape[0], *shape[1:])
-    need = comfy_auto.COND_BATCH_FACTOR * swapped.model.memory_required(both)
-    assert kept.cond_batch and need == 2 * comfy_auto.measured(private, shape).per_sample
+    assert kept.cond_batch
     # batched, then a cfg-1 run's steps
     assert split not in _logged(caplog, step, (1, 0), (0,), (0,))
     # core split the batch at two steps, with less than the batch's need free then
-    free_at_step["bytes"] = int(need) - 1
+    rig.free_at_step = int(need) - 1
     text = _logged(caplog, step, (0,), (1,), (0,), (1,))
     assert text.count(split) == 1
     (said,) = [r.args for r in caplog.records if split in r.getMessage()]
     gib = comfy_adapter.GIB
     assert [round(figure * gib) for figure in said[:3]] == [kept.bytes, need, need - 1]
-    # the need was not free: no other cause named, and the next plan keeps what it lacked more
-    assert "could not join" not in said[3] and "the next plan" in said[3]
-    lacked = int(kept.bytes - (need - 1)) + slack
-    assert comfy_auto.measured(private, shape).batch_shortfall == lacked
-    again = comfy_auto.reserves(swapped, shape, {})[0]
-    assert again.cond_batch and again.bytes == max(kept.bytes, need + lacked) > kept.bytes
+    assert "could not join" not in said[3]  # no other cause named: the need was not free
     # the next plan: again once, where core splits after a first forward of each pass; with
-    # the need free, the cause was not memory, and the plan after keeps no more
+    # the need free, the cause was not memory, and later plans keep no more for it
     # (the first forward of one pass alone is the one that measures that batch size)
-    free_at_step["bytes"] = None
+    beside = comfy_auto.measured(private, shape).batch_shortfall
+    rig.free_at_step = None
     prepared()
-    assert _states[private].swap.plan.gpu_weight_bytes <= free["bytes"] - again.bytes
     comfy_auto.measured(private, shape).batches.discard(1)
     assert split not in _logged(caplog, step, (0,))
     assert 1 in comfy_auto.measured(private, shape).batches
     text = _logged(caplog, step, (1,))
-    assert split in text and "could not join" in text and "the next plan" not in text
-    assert comfy_auto.measured(private, shape).batch_shortfall == lacked
+    assert split in text and "could not join" in text and "later plans" not in text
+    assert comfy_auto.measured(private, shape).batch_shortfall == beside
     # a plan that swaps nothing moves nothing twice
     free["bytes"] = sizes.other_bytes + sum(b.nbytes for b in sizes.blocks) + 4 * block
     assert "both conditionings in one batch" in prepared()
@@ -1745,13 +1758,73 @@ def test_auto_says_once_per_plan_when_core_ran_the_passes_of_a_batch_it_kept_roo
     free["bytes"] = sizes.other_bytes + 2 * block
     # a plan that kept room for one conditioning per forward expects two forwards a step
     comfy_auto._needs.pop(private)
-    _measure(comfy, swapped, inputs, 2 * block, (0,), monkeypatch)
-    _measure(comfy, swapped, inputs, 4 * block, (1, 0), monkeypatch)
+    _measure(comfy, swapped, rig.inputs, 2 * block, (0,), monkeypatch)
+    _measure(comfy, swapped, rig.inputs, 4 * block, (1, 0), monkeypatch)
     assert "one conditioning per forward" in prepared()
     assert split not in _logged(caplog, step, (0,), (1,), (0,), (1,))
     swapped.cleanup()
     comfy.model_management.unload_all_models()
-    assert_untouched(patcher)
+    assert_untouched(rig.patcher)
+
+
+@pytest.mark.parametrize("floor_dominates", [False, True])
+def test_auto_keeps_what_was_taken_since_the_plan_beside_a_batch_core_ran_apart(
+    comfy, pack, monkeypatch, caplog, floor_dominates
+):
+    """Where core ran a batch's two passes apart because less than the batch's need was free
+    at the step, later plans of the latent keep, beside that need, what was taken of the VRAM
+    the plan had left (its reserve, what its whole units did not fill, its slots aside) and a
+    little more: with as much taken again, the next plan's steps read the need free. That
+    holds where core's least inference memory, not the need, set the reserve; a second,
+    smaller shortfall keeps the larger one."""
+    from comfyui_wan_blockswap.callbacks import comfy_auto
+    from comfyui_wan_blockswap.callbacks.comfy_adapter import _states
+    from comfyui_wan_blockswap.wan_blockswap.engine import BlockSwap
+
+    rig = _split_batch_rig(comfy, pack, monkeypatch, caplog)
+    private, shape, need, block = rig.private, rig.shape, rig.need, rig.block
+    slack = comfy_auto.BATCH_SHORTFALL_SLACK
+    if floor_dominates:
+        floor = int(need) + block // 2
+        monkeypatch.setattr(comfy.model_management, "minimum_inference_memory", lambda: floor)
+    # fixed slots hold their bytes between forwards once taken (not so on a CPU run)
+    monkeypatch.setattr(BlockSwap, "ring_bytes_on_device", lambda swap: swap.plan.ring_bytes)
+    split = "passes one at a time"
+
+    def plan():
+        assert "both conditionings in one batch" in rig.prepared()
+        state = _states[private]
+        room = state.cond_batch_room
+        assert room.reserve == comfy_auto.reserves(rig.swapped, shape, {})[0].bytes
+        assert room.left >= room.reserve + state.swap.plan.ring_bytes > 0
+        # what a step reads free with ``taken`` bytes in use of what the plan left
+        return lambda taken: room.left - state.swap.plan.ring_bytes - taken
+
+    read_free = plan()
+    reserve = _states[private].cond_batch_room.reserve
+    assert reserve == (floor if floor_dominates else need)
+    taken = read_free(0) - int(need) + 1  # the step reads one byte less than the need
+    assert taken > 0
+    rig.free_at_step = read_free(taken)
+    text = _logged(caplog, rig.step, (0,), (1,))
+    assert split in text and "later plans of this latent keep" in text
+    assert comfy_auto.measured(private, shape).batch_shortfall == taken + slack
+    again = comfy_auto.reserves(rig.swapped, shape, {})[0]
+    assert again.bytes == max(reserve, need + taken + slack) > reserve
+    # the next plan, with as much taken: core's rule reads more than the need free
+    read_free = plan()
+    assert read_free(taken) > need
+    rig.free_at_step = read_free(taken)
+    # (core's rule would join them; run apart, the node names a cause other than memory)
+    assert "could not join" in _logged(caplog, rig.step, (0,), (1,))
+    # a smaller shortfall keeps the larger one; a shape never measured keeps nothing
+    assert comfy_auto.note_batch_shortfall(private, shape, taken // 2) == taken + slack
+    assert comfy_auto.measured(private, shape).batch_shortfall == taken + slack
+    other = (*shape[:-1], shape[-1] + 2)
+    assert comfy_auto.note_batch_shortfall(private, other, taken) == 0
+    assert comfy_auto.measured(private, other) is None
+    rig.swapped.cleanup()
+    comfy.model_management.unload_all_models()
 
 
 def _logged(caplog, call, *args) -> str:
