@@ -117,8 +117,8 @@ class _BatchRoom(NamedTuple):
     """Room a plan kept for both conditionings in one batch: see _note_split_batch."""
 
     reserve: float  # bytes the plan kept for the forward
-    # bytes the plan left beside its resident weights (its reserve, what whole units did not
-    # fill, and its streamed slots)
+    # bytes the plan left beside its resident weights: its reserve, what whole units did not
+    # fill, a streamed plan's window and fixed slots (the step takes off what slots hold)
     left: float
     shape: Any  # the latent planned for
 
@@ -537,11 +537,11 @@ def _fit_to_latent(executor: Any, patcher: Any, noise_shape: Any, conds: dict, *
         _fit(patcher, options, unswapped, wanted, available, reserve.bytes, runs_whole)
         state = _states.get(diffusion_model)
         if state is not None:  # see _note_split_batch
-            plan = state.swap.plan
-            swaps = plan is not None and plan.swapped_bytes > 0
+            applied = state.swap.plan
+            swaps = applied is not None and applied.swapped_bytes > 0
             state.cond_batch_room = None
             if reserve.cond_batch and swaps:
-                left = available - plan.resident_bytes
+                left = available - applied.resident_bytes
                 state.cond_batch_room = _BatchRoom(reserve.bytes, left, noise_shape)
             state.passes_alone = set()
     return executor(patcher, noise_shape, conds, **kwargs)
@@ -776,8 +776,8 @@ def _note_split_batch(state: _State, base_model: Any, options: dict | None, x: A
     every step ([Note: auto plans]); where that VRAM is free now, the cause was not memory but
     conditionings core cannot join. A cfg-1 run has no unconditional pass, so only both passes
     seen alone count. The figures are for one conditioning of each kind. Where less than the
-    batch's need was free, later plans of the latent keep what was taken since the plan more
-    (``comfy_auto.note_batch_shortfall``)."""
+    batch's need was free, later plans of the latent keep, beside the batch's need, what was
+    taken since the plan plus BATCH_SHORTFALL_SLACK (``comfy_auto.note_batch_shortfall``)."""
     passes = set((options or {}).get("cond_or_uncond", ()))
     if state.cond_batch_room is None or len(passes) != 1:
         return

@@ -52,8 +52,10 @@ The reserve is then what the forward needs and core's rules need left free (:fun
   two forwards, each with the room of two, and each moving the streamed weights. The adapter
   logs that once per plan, and where less than the batch's need was free then, later plans
   of the latent keep beside the need what was taken of the VRAM the plan had left (its
-  reserve, and what its whole units did not fill) when the step read, plus
-  BATCH_SHORTFALL_SLACK (``note_batch_shortfall``). On an H100 at 1 frame with 4 GiB free,
+  reserve, what its whole units did not fill, a streamed plan's window) when the step read,
+  plus BATCH_SHORTFALL_SLACK (``note_batch_shortfall``). That cannot grow without end: where
+  the batch's reserve leaves a plan that moves more than two forwards of one conditioning
+  each, the adapter plans for those, and keeps no room for a batch. On an H100 at 1 frame with 4 GiB free,
   where the floor left 0.09 GiB above the batch's need, ours' 16-step prompts spread from
   1.30 to 2.19 s, as if some steps ran that way (comfyui_dynamic_h100.json, session 21). The
   margin's evidence is from single forwards (above); a batch above core's floor has not run on
