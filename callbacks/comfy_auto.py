@@ -45,21 +45,22 @@ The reserve is then what the forward needs and core's rules need left free (:fun
 - for one conditioning per forward, the need plus core's extra reserve, or core's least
   inference memory where that is more (its shrink rule: below it core unloads part of ours);
 - for one batch of both conditionings, where a run of this shape had an unconditional pass
-  (cfg > 1), the batch's need, or what core's shrink rule asks (one conditioning's figure plus
-  the extra reserve, at least that least inference memory) where that is more. No extra
-  reserve on the batch's need but BATCH_HEADROOM (none by default): should less be free when
-  a step runs, core's batching rule, which reads the free VRAM then, runs the conditionings as
-  two forwards, each with the room of two, and each moving the streamed weights. The adapter
-  logs that once per plan, and where less than the batch's need was free then, later plans
-  of the latent keep beside the need what was taken of the VRAM the plan had left (its
-  reserve, what its whole units did not fill, a streamed plan's window) when the step read,
-  plus BATCH_SHORTFALL_SLACK (``note_batch_shortfall``). That cannot grow without end: where
-  the batch's reserve leaves a plan that moves more than two forwards of one conditioning
-  each, the adapter plans for those, and keeps no room for a batch. On an H100 at 1 frame with 4 GiB free,
-  where the floor left 0.09 GiB above the batch's need, ours' 16-step prompts spread from
-  1.30 to 2.19 s, as if some steps ran that way (comfyui_dynamic_h100.json, session 21). The
-  margin's evidence is from single forwards (above); a batch above core's floor has not run on
-  a GPU with this reserve.
+  (cfg > 1), the batch's need, or what core's shrink rule asks (one conditioning's figure plus the
+  extra reserve, at least that least inference memory) where that is more. No extra reserve on
+  the batch's need but BATCH_HEADROOM (none by default): should less be free when a step runs,
+  core's batching rule, which reads the free VRAM then, runs the conditionings as two forwards,
+  each with the room of two, and each moving the streamed weights. The adapter logs that once
+  per plan, and where less than the batch's need was free then, later plans of the latent keep
+  beside the need what was taken of the VRAM the plan had left (its reserve, what its whole
+  units did not fill, a streamed plan's window) when the step read, plus BATCH_SHORTFALL_SLACK
+  (``note_batch_shortfall``). That cannot grow without end: where the batch's reserve leaves a
+  plan that moves more than two forwards of one conditioning each, the adapter plans for those,
+  and keeps no room for a batch. On an H100 at 1 frame with 4 GiB free, where the floor left
+  0.09 GiB above the batch's need, ours' 16-step prompts spread from 1.30 to 2.19 s, as if some
+  steps ran that way (comfyui_dynamic_h100.json, session 21). The margin's evidence is from
+  single forwards (above); a batch above core's floor has not run on a GPU with this reserve. In
+  session 22's two runs of that plan no step ran apart, and ours ran at 0.78x and 0.83x core's
+  time.
 The adapter picks the plan that moves fewest bytes per step. Before any forward of a shape
 ran, the reserve is core's own estimate for one batch.
 """
