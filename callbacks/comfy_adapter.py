@@ -778,8 +778,10 @@ def _note_split_batch(state: _State, base_model: Any, options: dict | None, x: A
     seen alone count. The figures are for one conditioning of each kind. Where less than the
     batch's need was free, later plans of the latent keep, beside the batch's need, what was
     taken since the plan plus BATCH_SHORTFALL_SLACK (``comfy_auto.note_batch_shortfall``)."""
+    if state.cond_batch_room is None:  # every forward comes here: the common case first
+        return
     passes = set((options or {}).get("cond_or_uncond", ()))
-    if state.cond_batch_room is None or len(passes) != 1:
+    if len(passes) != 1:
         return
     state.passes_alone |= passes
     if state.passes_alone != {0, 1}:
