@@ -55,23 +55,26 @@ def test_default_run_writes_json_and_png(tmp_path):
         assert f"{column:>8}  " in result.stdout  # every column has a line in the legend
 
 
-def test_reduced_test_all_sweeps_every_setting(tmp_path):
-    result = run_script(
-        "--test-all",
-        "--tokens",
-        "8",
-        "--iters",
-        "1",
-        "--output",
-        "sweep_results.json",
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr
+def test_reduced_test_all_sweeps_every_setting(tmp_path, monkeypatch):
+    """--test-all measures the baseline and every (blocks, prefetch) pair of the built-in
+    model's 8 blocks. Run in this process on a narrower built-in model (8 blocks all the same,
+    so the same 25 settings): loading the full-size one 25 times took a minute, and only the
+    blocks' count decides what is swept."""
+    from comfyui_wan_blockswap import test_performance
+
+    small = dict(test_performance.DEFAULT_MODEL, dim=256, ffn_dim=512, text_dim=64)
+    assert small["num_layers"] == 8
+    monkeypatch.setattr(test_performance, "DEFAULT_MODEL", small)
+    output = str(tmp_path / "sweep_results.json")
+    argv = ["--test-all", "--tokens", "8", "--iters", "1", "--output", output]
+    assert test_performance.main(argv) == 0
     report = check_outputs(tmp_path, "sweep_results.json")
+    assert report["num_blocks"] == 8 and report["model"] == test_performance.BUILT_IN_NAME
     settings = {
         (r["blocks_to_swap"], r["prefetch"]) for r in report["results"] if r["blocks_to_swap"]
     }
     assert settings == {(n, p) for n in range(1, 9) for p in (0, 1, 2)}
+    assert len(report["results"]) == 25 and all("ms" in r for r in report["results"])
     assert report["latent"]["tokens"] == 8
 
 
@@ -146,9 +149,14 @@ def test_a_real_14b_file_gets_advice_per_gpu_size_without_a_gpu(tmp_path):
     assert rows[0]["vram_budget_gb"] < 4
     assert report["results"] == [] and report["measured"] is False
     assert "GB card" in result.stdout and "--device cpu" in result.stderr
-    # a single frame leaves more room for weights on every card
-    result = run_script("--model-path", str(path), "--frames", "1", cwd=tmp_path)
-    with open(tmp_path / "block_swap_performance_results.json") as handle:
+    # a single frame leaves more room for weights on every card (in this process: the run
+    # above already went through the command line)
+    from comfyui_wan_blockswap import test_performance
+
+    output = str(tmp_path / "one_frame_results.json")
+    argv = ["--model-path", str(path), "--frames", "1", "--output", output]
+    assert test_performance.main(argv) == 0
+    with open(output) as handle:
         one_frame = json.load(handle)["advice"]["per_gpu"]
     assert all(a["vram_budget_gb"] > b["vram_budget_gb"] for a, b in zip(one_frame, rows))
 

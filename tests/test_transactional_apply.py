@@ -11,6 +11,7 @@ allocation.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import sys
 
@@ -21,6 +22,7 @@ import comfyui_wan_blockswap
 from comfyui_wan_blockswap.wan_blockswap import apply_block_swap
 from comfyui_wan_blockswap.wan_blockswap import get_block_swap as active_swap
 from comfyui_wan_blockswap.wan_blockswap import storage
+from comfyui_wan_blockswap.wan_blockswap.engine import BlockSwap
 from comfyui_wan_blockswap.wan_blockswap.storage import registered_host_bytes
 from toy_models import make_toy, streamed_budget_gb, toy_inputs, toy_layout
 
@@ -32,46 +34,63 @@ class Injected(BaseException):
     """Stands for KeyboardInterrupt without upsetting pytest if it escapes."""
 
 
-def _in_package(frame) -> bool:
-    name = frame.f_code.co_filename
-    return name.startswith(PACKAGE) and not name.startswith(TEST_DIR)
-
-
 # Package code that runs inside apply's span but not in its control flow: the garbage
 # collector's callback (an exception there is swallowed, never seen by apply).
 NOT_APPLY = {"_trim_if_pending"}
+
+
+@functools.cache
+def _traced(code) -> bool:
+    """Whether lines of ``code`` count: the package's own, not the tests', not NOT_APPLY.
+    Cached per code object: the trace function runs for every call while tracing."""
+    name = code.co_filename
+    return (
+        name.startswith(PACKAGE) and not name.startswith(TEST_DIR) and code.co_name not in NOT_APPLY
+    )
 
 
 class LineInterrupter:
     """Raise ``error`` at the ``at``-th line event in the package's frames (0: only count).
 
     With ``from_place`` only lines from the start of ``BlockSwap._place`` on are traced and
-    counted (in the frame that called it too): before it, apply only reads the model, and
-    tracing those ~15,000 lines in every trial would make the test take minutes."""
+    counted (in ``BlockSwap.apply``, which called it, too): before it, apply only reads the
+    model. Tracing is switched on as ``_place`` is entered (by a wrapper of it defined here,
+    outside the package, so never counted), so the ~15,000 lines before it run untraced in
+    every trial. Once the error is raised nothing more is traced: what runs after it (apply's
+    undo) is no place this trial injects at, and tracing it would only slow the trial."""
 
     def __init__(self, at: int, error: BaseException, from_place: bool = False) -> None:
         self.at, self.error, self.lines = at, error, 0
-        self.tracing = not from_place
+        self.from_place = from_place
+        self._place = None
 
     def __enter__(self) -> "LineInterrupter":
-        sys.settrace(self._global)
+        if not self.from_place:
+            sys.settrace(self._global)
+            return self
+        self._place = place = BlockSwap._place
+
+        def traced_place(swap, chosen):
+            sys.settrace(self._global)  # from the next frame on: _place's own
+            sys._getframe(1).f_trace = self._local  # BlockSwap.apply: what follows _place
+            return place(swap, chosen)
+
+        BlockSwap._place = traced_place
         return self
 
     def __exit__(self, *exc) -> None:
         sys.settrace(None)
+        if self._place is not None:
+            BlockSwap._place = self._place
 
     def _global(self, frame, event, arg):
-        if not _in_package(frame) or frame.f_code.co_name in NOT_APPLY:
-            return None
-        if not self.tracing and frame.f_code.co_name == "_place":
-            self.tracing = True
-            frame.f_back.f_trace = self._local  # BlockSwap.apply: what follows _place
-        return self._local if self.tracing else None
+        return self._local if _traced(frame.f_code) else None
 
     def _local(self, frame, event, arg):
         if event == "line":
             self.lines += 1
             if self.lines == self.at:
+                sys.settrace(None)
                 raise self.error
         return self._local
 
