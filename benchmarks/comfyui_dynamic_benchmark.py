@@ -28,9 +28,8 @@ UNETLoader -> [WAN BlockSwap] -> KSampler -> SaveLatent, Wan-14B-shaped random b
 
 Arms: ``core_dynamic`` (core's default), ``core_legacy`` (``--disable-dynamic-vram``),
 ``ours_default`` (our node, default widgets), ``ours_auto`` (preset auto), and others in
-``ARMS``; the experiment arms (``ours_no_chunks``, ``ours_margin_1_3``,
-``ours_batch_headroom``: the node on a copy of the pack with one constant changed) run only
-when ``--arms`` names them. Results are written after every row, so a run cut short keeps what
+``ARMS``; the experiment arms (``ours_no_chunks``, ``ours_margin_1_3``: the node on a copy of
+the pack with one constant changed) run only when ``--arms`` names them. Results are written after every row, so a run cut short keeps what
 it measured.
 """
 
@@ -77,16 +76,6 @@ ARMS: dict[str, dict[str, Any]] = {
         node={},
         pack_patches={
             "callbacks/comfy_auto.py": ("MEASURED_MARGIN = 1.6", "MEASURED_MARGIN = 1.3")
-        },
-    ),
-    # a batch of both conditionings kept 0.25 GiB above its need: on an H100 at 1 frame with 4
-    # GiB free (session 21) ours' 16-step prompts took 1.30-2.19 s, as if core ran some steps'
-    # passes one at a time
-    "ours_batch_headroom": dict(
-        args=(),
-        node={},
-        pack_patches={
-            "callbacks/comfy_auto.py": ("BATCH_HEADROOM = 0", "BATCH_HEADROOM = 256 * 2**20")
         },
     ),
 }

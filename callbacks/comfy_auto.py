@@ -47,7 +47,7 @@ The reserve is then what the forward needs and core's rules need left free (:fun
 - for one batch of both conditionings, where a run of this shape had an unconditional pass
   (cfg > 1), the batch's need, or what core's shrink rule asks (one conditioning's figure plus the
   extra reserve, at least that least inference memory) where that is more. No extra reserve on
-  the batch's need but BATCH_HEADROOM (none by default): should less be free when a step runs,
+  the batch's need at first: should less be free when a step runs,
   core's batching rule, which reads the free VRAM then, runs the conditionings as two forwards,
   each with the room of two, and each moving the streamed weights. The adapter logs that once
   per plan, and where less than the batch's need was free then, later plans of the latent keep
@@ -90,9 +90,6 @@ MEASURED_MARGIN = 1.6  # on the allocated peak; see [Note: auto plans]
 OOM_GROWTH = 1.25  # a shape's need after one of its forwards ran out of memory; see below
 # core runs conditionings as one batch when this times its estimate is free (comfy/samplers.py)
 COND_BATCH_FACTOR = 1.5
-# kept free beside a batch's need, for what core's batching rule reads less at a step than
-# the plan left: see [Note: auto plans]
-BATCH_HEADROOM = 0
 # kept beside what a step was seen to read less than the plan left (core's rule is strict)
 BATCH_SHORTFALL_SLACK = 64 * 2**20
 
@@ -524,7 +521,7 @@ def reserves(patcher: Any, noise_shape: Any, conds: dict, cutting: bool = True) 
     if not need.uncond:
         return [Reserve(single, 1, "measured")]
     shrinks_below = max(floor, one / COND_BATCH_FACTOR + extra)  # core's shrink rule
-    batched = max(shrinks_below, 2 * one + BATCH_HEADROOM + need.batch_shortfall)
+    batched = max(shrinks_below, 2 * one + need.batch_shortfall)
     return [
         Reserve(batched, 1, "measured; both conditionings in one batch", cond_batch=True),
         Reserve(single, 2, "measured; one conditioning per forward"),

@@ -1865,8 +1865,7 @@ def test_auto_reserves_core_extra_for_one_conditioning_and_its_floor_for_a_batch
         _measure(comfy, swapped, inputs, need, (1, 0), monkeypatch)
         one = comfy_auto.measured(private, shape).per_sample * shape[0]
         batched, split = comfy_auto.reserves(swapped, shape, {})
-        headroom = comfy_auto.BATCH_HEADROOM
-        assert (batched.bytes, batched.forwards_per_step) == (max(floor, 2 * one + headroom), 1)
+        assert (batched.bytes, batched.forwards_per_step) == (max(floor, 2 * one), 1)
         assert batched.cond_batch and not split.cond_batch
         assert (split.bytes, split.forwards_per_step) == (max(floor, one + extra), 2)
         # the larger need keeps the batch's need, the smaller core's floor
@@ -1882,7 +1881,7 @@ def test_auto_reserves_core_extra_for_one_conditioning_and_its_floor_for_a_batch
     one = comfy_auto.measured(private, shape).per_sample * shape[0]
     batched, _ = comfy_auto.reserves(swapped, shape, {})
     asked = comfy.sampler_helpers.estimate_memory(swapped, shape, {})[1] + extra
-    assert batched.bytes == asked > max(floor, 2 * one + comfy_auto.BATCH_HEADROOM)
+    assert batched.bytes == asked > max(floor, 2 * one)
     assert_untouched(patcher)
 
 
