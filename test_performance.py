@@ -73,6 +73,7 @@ from comfyui_wan_blockswap.wan_blockswap import (  # noqa: E402
 )
 from comfyui_wan_blockswap.wan_blockswap.api import resolve_device  # noqa: E402
 from comfyui_wan_blockswap.wan_blockswap.config import MAX_PREFETCH_BLOCKS  # noqa: E402
+from comfyui_wan_blockswap.wan_blockswap.donor_storage import donor_free_memory  # noqa: E402
 from comfyui_wan_blockswap.wan_blockswap.memory import available_host_bytes  # noqa: E402
 from comfyui_wan_blockswap.wan_blockswap.measure import (  # noqa: E402
     h2d_bandwidth_gbps,
@@ -332,6 +333,16 @@ def _donor_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def _check_donors_exist(args: argparse.Namespace, device: torch.device) -> None:
+    """A donor GPU this machine lacks is refused before the baseline is loaded and timed."""
+    options = _donor_options(args)
+    try:
+        donor_free_memory(SwapConfig(**options), device)
+    except BlockSwapConfigError as error:
+        flags = " / ".join("--" + name.replace("_", "-") for name in options)
+        raise BlockSwapConfigError(f"{flags}: {error}") from None
+
+
 def _swap_settings(args, num_blocks: int) -> list[dict]:
     if args.test_all:
         return [dict(blocks_to_swap=0)] + [
@@ -368,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     check_options(args)
     device = _device(args.device)
+    _check_donors_exist(args, device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     ]

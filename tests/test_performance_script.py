@@ -105,6 +105,8 @@ def test_clear_errors(tmp_path, args, message):
     assert message.lower() in result.stderr.lower()
     assert "Traceback" not in result.stderr
     assert not os.path.exists(tmp_path / "block_swap_performance_results.json")
+    # the error is the one line: no note on the built-in model, no progress of a baseline
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def write_header_only(path, shapes):

@@ -29,19 +29,17 @@ def compute_device_name(device: torch.device) -> str:
     return device.type
 
 
-def plan_donor_storage(
-    config: SwapConfig, unit_bytes: Sequence[int], device: torch.device
-) -> StoragePlan | None:
-    """The storage plan of ``config`` for units of ``unit_bytes`` (in order of use), or None
-    when every unit stays in host memory (the default). Raises
-    :class:`BlockSwapConfigError` for a donor this machine lacks or cannot hold."""
+def donor_free_memory(config: SwapConfig, device: torch.device) -> dict[str, int]:
+    """The free memory of each donor GPU ``config`` names, by name (none for the default
+    host memory). Cheap, so callers can check a swap's donors before any work. Raises
+    :class:`BlockSwapConfigError` for a donor this machine lacks or that cannot serve
+    ``device``."""
     if not config.stores_on_donor_gpus:
-        return None
-    entries = config.storage_entries
+        return {}
     compute = compute_device_name(device)
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     available: dict[str, int] = {}
-    for entry in entries:
+    for entry in config.storage_entries:
         if entry.device == DEFAULT_DONOR or entry.device == compute:
             continue  # the compute device: plan_storage explains why that is not a donor
         index = int(entry.device.split(":")[1])
@@ -56,7 +54,19 @@ def plan_donor_storage(
                 f"{compute}; use donor_device='cpu'"
             )
         available[entry.device] = torch.cuda.mem_get_info(index)[0]
-    plan = plan_storage(entries, unit_bytes, compute, available)
+    return available
+
+
+def plan_donor_storage(
+    config: SwapConfig, unit_bytes: Sequence[int], device: torch.device
+) -> StoragePlan | None:
+    """The storage plan of ``config`` for units of ``unit_bytes`` (in order of use), or None
+    when every unit stays in host memory (the default). Raises
+    :class:`BlockSwapConfigError` for a donor this machine lacks or cannot hold."""
+    if not config.stores_on_donor_gpus:
+        return None
+    available = donor_free_memory(config, device)
+    plan = plan_storage(config.storage_entries, unit_bytes, compute_device_name(device), available)
     logger.info("swapped blocks stored as %s", plan.describe())
     return plan
 
