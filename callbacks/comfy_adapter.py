@@ -100,9 +100,10 @@ class _State:
     counts_ring: bool = False  # see [Note: shared slots, counted once]
     base_model: Any = None  # weakref to the BaseModel core counts this model's memory on
     # What auto's plan kept free for both conditionings in one batch (None: it kept no such
-    # room), and the passes core has run alone since: see _note_split_batch
+    # room), and the last pass core ran alone, with the free VRAM before it: see
+    # _note_split_batch
     cond_batch_room: "_BatchRoom | None" = None
-    passes_alone: set = field(default_factory=set)
+    lone_pass: "tuple[int, float] | None" = None
 
     @property
     def ring_bytes(self) -> int:
@@ -543,7 +544,7 @@ def _fit_to_latent(executor: Any, patcher: Any, noise_shape: Any, conds: dict, *
             if reserve.cond_batch and swaps:
                 left = available - applied.resident_bytes
                 state.cond_batch_room = _BatchRoom(reserve.bytes, left, noise_shape)
-            state.passes_alone = set()
+            state.lone_pass = None
     return executor(patcher, noise_shape, conds, **kwargs)
 
 
@@ -772,32 +773,37 @@ def _measure_need(executor: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
 def _note_split_batch(state: _State, base_model: Any, options: dict | None, x: Any) -> None:
     """Say, once per plan, that core ran a step's conditional and unconditional passes (0 and
     1 in ``cond_or_uncond``) as separate forwards though auto kept room for them in one batch:
-    each step then moves the swapped weights twice. Core's batching rule reads the free VRAM at
-    every step ([Note: auto plans]); where that VRAM is free now, the cause was not memory but
-    conditionings core cannot join. A cfg-1 run has no unconditional pass, so only both passes
-    seen alone count. The figures are for one conditioning of each kind. Where less than the
-    batch's need was free, later plans of the latent keep, beside the batch's need, what was
-    taken since the plan plus BATCH_SHORTFALL_SLACK (``comfy_auto.note_batch_shortfall``)."""
+    each step then moves the swapped weights twice. Core's batching rule reads the free VRAM
+    before each batch it runs ([Note: auto plans]), so the reading that split the step is the
+    one before its first lone pass (read here, before that forward runs); where that VRAM was
+    free, the cause was not memory but conditionings core cannot join. A cfg-1 run has no
+    unconditional pass, so only the two passes alone one after the other count. The figures
+    are for one conditioning of each kind. Where less than the batch's need was free, later
+    plans of the latent keep, beside the batch's need, what was taken since the plan plus
+    BATCH_SHORTFALL_SLACK (``comfy_auto.note_batch_shortfall``)."""
     if state.cond_batch_room is None:  # every forward comes here: the common case first
         return
     passes = set((options or {}).get("cond_or_uncond", ()))
     if len(passes) != 1:
+        state.lone_pass = None  # a batch of both: this step was not split
         return
-    state.passes_alone |= passes
-    if state.passes_alone != {0, 1}:
+    (this,) = passes
+    if state.lone_pass is None or state.lone_pass[0] == this:
+        free = comfy_auto.free_vram(getattr(base_model, "current_patcher", None), x.device)
+        state.lone_pass = (this, free)
         return
+    free = state.lone_pass[1]  # what core read before it ran the step's first pass alone
     room, state.cond_batch_room = state.cond_batch_room, None
     both = (2 * x.shape[0], *x.shape[1:])
     # what core's batching rule compares: its factor times our answer for the batch
     need = comfy_auto.COND_BATCH_FACTOR * base_model.memory_required(both)
-    free = comfy_auto.free_vram(getattr(base_model, "current_patcher", None), x.device)
     if need < free:
         after = (
             ": enough, so core could not join the two (text of different lengths, or a "
             "ControlNet or hooks on one side only)"
         )
     else:
-        # what the plan left between forwards, less what is free now: taken since the plan
+        # what the plan left between forwards, less what was free: taken since the plan
         taken = room.left - state.swap.ring_bytes_on_device() - free
         beside = comfy_auto.note_batch_shortfall(base_model.diffusion_model, room.shape, taken)
         after = "; later plans of this latent keep %.2f GiB free beside the batch's need" % (
@@ -806,7 +812,8 @@ def _note_split_batch(state: _State, base_model: Any, options: dict | None, x: A
     logger.info(
         "wan_blockswap auto: core ran a step's conditional and unconditional passes one at a "
         "time, so each step moves the swapped weights twice. The plan kept %.2f GiB free for "
-        "them in one batch, whose need core counts as %.2f GiB; %.2f GiB is free now%s",
+        "them in one batch, whose need core counts as %.2f GiB; %.2f GiB was free when it ran the "
+        "first alone%s",
         room.reserve / GIB,
         need / GIB,
         free / GIB,

@@ -5,6 +5,7 @@ the same model without the node, with and without a LoRA-style weight patch."""
 import gc
 import json
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -1668,7 +1669,8 @@ def test_auto_reserves_for_the_cond_batch_only_where_it_moves_fewer_bytes_per_st
 def _split_batch_rig(comfy, pack, monkeypatch, caplog):
     """An "auto" node over a tiny Wan whose plan streams about half its blocks, with a batch
     of both conditionings measured; ``step`` runs forwards (each with its passes) with
-    ``free_at_step`` read free, and ``prepared`` plans for sampling and says what it logged."""
+    ``free_at_step`` read free (an iterator: one reading per forward), and ``prepared`` plans
+    for sampling and says what it logged."""
     import types
 
     from comfyui_wan_blockswap.callbacks import comfy_adapter, comfy_auto
@@ -1689,8 +1691,9 @@ def _split_batch_rig(comfy, pack, monkeypatch, caplog):
     def step(*passes_each):
         for passes in passes_each:
             kept = free["bytes"]
-            if rig.free_at_step is not None:  # what core's rule reads while sampling
-                free["bytes"] = rig.free_at_step
+            at = rig.free_at_step  # what core's rule reads while sampling: one or per forward
+            if at is not None:
+                free["bytes"] = next(at) if isinstance(at, Iterator) else at
             try:
                 _measure(comfy, swapped, inputs, block, passes, monkeypatch)
             finally:
@@ -1738,6 +1741,16 @@ def test_auto_says_once_per_plan_when_core_ran_the_passes_of_a_batch_it_kept_roo
     gib = comfy_adapter.GIB
     assert [round(figure * gib) for figure in said[:3]] == [kept.bytes, need, need - 1]
     assert "could not join" not in said[3]  # no other cause named: the need was not free
+    # core reads the free VRAM before each batch it runs: the reading that split a step is the
+    # one before its first lone pass, not the second's (the first's activations freed by then)
+    beside = comfy_auto.measured(private, shape).batch_shortfall
+    assert "both conditionings in one batch" in prepared()
+    rig.free_at_step = iter([int(need) - 1, int(need) + block])
+    text = _logged(caplog, step, (1,), (0,))
+    assert split in text and "could not join" not in text and "later plans" in text
+    (said,) = [r.args for r in caplog.records if split in r.getMessage()]
+    assert round(said[2] * gib) == need - 1
+    comfy_auto.measured(private, shape).batch_shortfall = beside
     # the next plan: again once, where core splits after a first forward of each pass; with
     # the need free, the cause was not memory, and later plans keep no more for it
     # (the first forward of one pass alone is the one that measures that batch size)
