@@ -100,10 +100,9 @@ class _State:
     counts_ring: bool = False  # see [Note: shared slots, counted once]
     base_model: Any = None  # weakref to the BaseModel core counts this model's memory on
     # What auto's plan kept free for both conditionings in one batch (None: it kept no such
-    # room), and the last pass core ran alone, with the free VRAM before it: see
-    # _note_split_batch
+    # room), and the last pass core ran alone: see _note_split_batch
     cond_batch_room: "_BatchRoom | None" = None
-    lone_pass: "tuple[int, float] | None" = None
+    lone_pass: "_LonePass | None" = None
 
     @property
     def ring_bytes(self) -> int:
@@ -122,6 +121,16 @@ class _BatchRoom(NamedTuple):
     # fill, a streamed plan's window and fixed slots (the step takes off what slots hold)
     left: float
     shape: Any  # the latent planned for
+
+
+class _LonePass(NamedTuple):
+    """A conditioning pass core ran alone, as things stood before its forward: see
+    _note_split_batch."""
+
+    index: int  # its place in ``cond_or_uncond`` (0 conditional, 1 unconditional)
+    free: float  # free VRAM as core's batching rule read it
+    slots: int  # bytes the swap's fixed slots held on the device
+    call: Any  # core's ``sigmas`` of that sampling call: one object for all its batches
 
 
 def apply_to_patcher(patcher: Any, config: SwapConfig, auto: bool = False) -> Any:
@@ -775,24 +784,30 @@ def _note_split_batch(state: _State, base_model: Any, options: dict | None, x: A
     1 in ``cond_or_uncond``) as separate forwards though auto kept room for them in one batch:
     each step then moves the swapped weights twice. Core's batching rule reads the free VRAM
     before each batch it runs ([Note: auto plans]), so the reading that split the step is the
-    one before its first lone pass (read here, before that forward runs); where that VRAM was
-    free, the cause was not memory but conditionings core cannot join. A cfg-1 run has no
-    unconditional pass, so only the two passes alone one after the other count. The figures
-    are for one conditioning of each kind. Where less than the batch's need was free, later
-    plans of the latent keep, beside the batch's need, what was taken since the plan plus
-    BATCH_SHORTFALL_SLACK (``comfy_auto.note_batch_shortfall``)."""
+    one before its first lone pass, taken here before that forward runs, with what the fixed
+    slots held then (a plan's first forward takes them). Where that VRAM was free, the cause
+    was not memory but conditionings core cannot join. Only the two passes alone in one
+    sampling call count (core's ``sigmas``, one object for its batches): not a cfg-1 run, nor
+    a pass a guidance node runs alone after the step. The figures are for one conditioning of
+    each kind. Where less than the batch's need was free, later plans of the latent keep,
+    beside the batch's need, what was taken since the plan plus BATCH_SHORTFALL_SLACK
+    (``comfy_auto.note_batch_shortfall``)."""
     if state.cond_batch_room is None:  # every forward comes here: the common case first
         return
-    passes = set((options or {}).get("cond_or_uncond", ()))
-    if len(passes) != 1:
-        state.lone_pass = None  # a batch of both: this step was not split
+    options = options or {}
+    passes = set(options.get("cond_or_uncond", ()))
+    if len(passes) > 1:
+        state.lone_pass = None  # a batch of several: this step was not split
+    if len(passes) != 1 or not passes <= {0, 1}:
         return
     (this,) = passes
-    if state.lone_pass is None or state.lone_pass[0] == this:
-        free = comfy_auto.free_vram(getattr(base_model, "current_patcher", None), x.device)
-        state.lone_pass = (this, free)
+    call, first = options.get("sigmas"), state.lone_pass
+    if first is None or first.index == this or first.call is not call:
+        patcher = getattr(base_model, "current_patcher", None)
+        free = comfy_auto.free_vram(patcher, x.device)
+        state.lone_pass = _LonePass(this, free, state.swap.ring_bytes_on_device(), call)
         return
-    free = state.lone_pass[1]  # what core read before it ran the step's first pass alone
+    free = first.free
     room, state.cond_batch_room = state.cond_batch_room, None
     both = (2 * x.shape[0], *x.shape[1:])
     # what core's batching rule compares: its factor times our answer for the batch
@@ -804,7 +819,7 @@ def _note_split_batch(state: _State, base_model: Any, options: dict | None, x: A
         )
     else:
         # what the plan left between forwards, less what was free: taken since the plan
-        taken = room.left - state.swap.ring_bytes_on_device() - free
+        taken = room.left - first.slots - free
         beside = comfy_auto.note_batch_shortfall(base_model.diffusion_model, room.shape, taken)
         after = "; later plans of this latent keep %.2f GiB free beside the batch's need" % (
             beside / GIB

@@ -886,9 +886,10 @@ def test_auto_plans_from_the_measured_need_once_a_forward_of_that_shape_ran(
     assert not measured.uncond  # no unconditional pass ran
 
 
-def _measure(comfy, swapped, inputs, need, cond_or_uncond, monkeypatch):
+def _measure(comfy, swapped, inputs, need, cond_or_uncond, monkeypatch, sigmas=None):
     """One forward through the node's APPLY_MODEL wrapper, whose meter says it needed
-    ``need`` bytes beside the weights; its batch is one sample per conditioning pass."""
+    ``need`` bytes beside the weights; its batch is one sample per conditioning pass, of the
+    sampling call whose ``sigmas`` is given (one object for all batches of a call)."""
     from comfyui_wan_blockswap.callbacks import comfy_adapter
 
     meter = _FakeMeter(need)
@@ -901,7 +902,7 @@ def _measure(comfy, swapped, inputs, need, cond_or_uncond, monkeypatch):
             return forward(swapped, inputs)
 
     shape = (len(cond_or_uncond), *inputs["x"].shape[1:])
-    options = {"cond_or_uncond": list(cond_or_uncond)}
+    options = {"cond_or_uncond": list(cond_or_uncond), "sigmas": sigmas}
     comfy.model_management.load_models_gpu([swapped])
     comfy_adapter._measure_need(Executor(), torch.zeros(shape), None, None, None, None, options)
     swapped.cleanup()
@@ -1669,8 +1670,8 @@ def test_auto_reserves_for_the_cond_batch_only_where_it_moves_fewer_bytes_per_st
 def _split_batch_rig(comfy, pack, monkeypatch, caplog):
     """An "auto" node over a tiny Wan whose plan streams about half its blocks, with a batch
     of both conditionings measured; ``step`` runs forwards (each with its passes) with
-    ``free_at_step`` read free (an iterator: one reading per forward), and ``prepared`` plans
-    for sampling and says what it logged."""
+    ``free_at_step`` read free (an iterator: one reading per forward), in the sampling call
+    ``call``, and ``prepared`` plans for sampling and says what it logged."""
     import types
 
     from comfyui_wan_blockswap.callbacks import comfy_adapter, comfy_auto
@@ -1687,6 +1688,7 @@ def _split_batch_rig(comfy, pack, monkeypatch, caplog):
     rig = types.SimpleNamespace(free=free, patcher=patcher, swapped=swapped, private=private)
     rig.inputs = inputs
     rig.shape, rig.sizes, rig.block, rig.free_at_step = shape, sizes, block, None
+    rig.call = object()
 
     def step(*passes_each):
         for passes in passes_each:
@@ -1695,7 +1697,7 @@ def _split_batch_rig(comfy, pack, monkeypatch, caplog):
             if at is not None:
                 free["bytes"] = next(at) if isinstance(at, Iterator) else at
             try:
-                _measure(comfy, swapped, inputs, block, passes, monkeypatch)
+                _measure(comfy, swapped, inputs, block, passes, monkeypatch, rig.call)
             finally:
                 free["bytes"] = kept
 
@@ -1776,6 +1778,49 @@ def test_auto_says_once_per_plan_when_core_ran_the_passes_of_a_batch_it_kept_roo
     assert "one conditioning per forward" in prepared()
     assert split not in _logged(caplog, step, (0,), (1,), (0,), (1,))
     swapped.cleanup()
+    comfy.model_management.unload_all_models()
+    assert_untouched(rig.patcher)
+
+
+def test_auto_reads_a_split_step_as_core_read_it(comfy, pack, monkeypatch, caplog):
+    """What a split step took is read before its first lone pass, as core's batching rule read
+    it, with what the fixed slots held then: where that pass is the plan's first forward, which
+    takes the slots, later plans keep exactly what was taken. A batch of both between two lone
+    passes, or a pass run alone at the end of the last sampling call (a guidance node's), is no
+    split."""
+    from comfyui_wan_blockswap.callbacks import comfy_auto
+    from comfyui_wan_blockswap.callbacks.comfy_adapter import _states
+    from comfyui_wan_blockswap.wan_blockswap.engine import BlockSwap
+
+    rig = _split_batch_rig(comfy, pack, monkeypatch, caplog)
+    private, shape, need, block = rig.private, rig.shape, int(rig.need), rig.block
+    split, plenty = "passes one at a time", need + 4 * block
+    slots = {"held": 0}  # what the fixed slots hold: taken by the plan's first forward
+    monkeypatch.setattr(BlockSwap, "ring_bytes_on_device", lambda swap: slots["held"])
+    # a batch of both between lone passes; then a pass alone at the end of one call and the
+    # other alone in the next: no split, though less than the need is free
+    assert "both conditionings in one batch" in rig.prepared()
+    rig.free_at_step = need - 1
+    assert split not in _logged(caplog, rig.step, (0,), (1, 0), (1,))
+    rig.free_at_step = iter([plenty, plenty, need - 1])
+    text = _logged(caplog, rig.step, (1, 0), (0,))
+    rig.call = object()  # core's next step
+    text += _logged(caplog, rig.step, (1,))
+    assert split not in text
+    # the next plan's first forward is a lone pass, with less than the need free
+    assert "both conditionings in one batch" in rig.prepared()
+    room, ring = _states[private].cond_batch_room, _states[private].swap.plan.ring_bytes
+    assert ring > 0
+    taken = room.left - need + 1
+    rig.call, rig.free_at_step = object(), room.left - taken
+    assert split not in _logged(caplog, rig.step, (1,))
+    slots["held"] = ring  # ... which took the slots
+    rig.free_at_step = room.left - ring - taken
+    text = _logged(caplog, rig.step, (0,))
+    assert split in text and "later plans" in text
+    slack = comfy_auto.BATCH_SHORTFALL_SLACK
+    assert comfy_auto.measured(private, shape).batch_shortfall == taken + slack
+    rig.swapped.cleanup()
     comfy.model_management.unload_all_models()
     assert_untouched(rig.patcher)
 
