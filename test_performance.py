@@ -379,7 +379,6 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     check_options(args)
     device = _device(args.device)
-    _check_donors_exist(args, device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     ]
@@ -387,6 +386,8 @@ def run(args: argparse.Namespace) -> int:
     # unless --device cpu asks for timings
     measuring = not (args.model_path and device.type == "cpu" and args.device is None)
     _check_measuring_options(args, dtype, measuring)
+    if measuring:
+        _check_donors_exist(args, device)
     if args.model_path:
         latent = latent_shape(args, (81, 480, 832))
     else:

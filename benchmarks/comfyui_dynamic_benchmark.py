@@ -29,8 +29,8 @@ UNETLoader -> [WAN BlockSwap] -> KSampler -> SaveLatent, Wan-14B-shaped random b
 Arms: ``core_dynamic`` (core's default), ``core_legacy`` (``--disable-dynamic-vram``),
 ``ours_default`` (our node, default widgets), ``ours_auto`` (preset auto), and others in
 ``ARMS``; the experiment arms (``ours_no_chunks``, ``ours_margin_1_3``: the node on a copy of
-the pack with one constant changed) run only when ``--arms`` names them. Results are written after every row, so a run cut short keeps what
-it measured.
+the pack with one constant changed) run only when ``--arms`` names them. Results are written
+after every row, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations

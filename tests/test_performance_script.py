@@ -94,7 +94,7 @@ def test_reduced_test_all_sweeps_every_setting(tmp_path, monkeypatch):
         (["--blocks-to-swap", "2", "--vram-budget-gb", "1"], "not both"),
         (["--donor-allocation", "cuda:1;cpu"], "--donor-allocation: "),
         (["--blocks-to-swap", "0", "--donor-device", "cpu"], "no effect"),
-        (["--blocks-to-swap", "2", "--tokens", "8", "--donor-device", "cuda:7"], "cuda:7"),
+        (["--blocks-to-swap", "2", "--tokens", "8", "--donor-device", "cuda:99"], "cuda:99"),
     ],
 )
 def test_clear_errors(tmp_path, args, message):
