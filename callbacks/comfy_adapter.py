@@ -130,7 +130,7 @@ class _LonePass(NamedTuple):
     index: int  # its place in ``cond_or_uncond`` (0 conditional, 1 unconditional)
     free: float  # free VRAM as core's batching rule read it
     slots: int  # bytes the swap's fixed slots held on the device
-    call: Any  # core's ``sigmas`` of that sampling call: one object for all its batches
+    call: Any  # core's ``sigmas`` at that step: one object for all the step's batches
 
 
 def apply_to_patcher(patcher: Any, config: SwapConfig, auto: bool = False) -> Any:
@@ -783,14 +783,15 @@ def _note_split_batch(state: _State, base_model: Any, options: dict | None, x: A
     """Say, once per plan, that core ran a step's conditional and unconditional passes (0 and
     1 in ``cond_or_uncond``) as separate forwards though auto kept room for them in one batch:
     each step then moves the swapped weights twice. Core's batching rule reads the free VRAM
-    before each batch it runs ([Note: auto plans]), so the reading that split the step is the
-    one before its first lone pass, taken here before that forward runs, with what the fixed
-    slots held then (a plan's first forward takes them). Where that VRAM was free, the cause
-    was not memory but conditionings core cannot join. Only the two passes alone in one
-    sampling call count (core's ``sigmas``, one object for its batches): not a cfg-1 run, nor
-    a pass a guidance node runs alone after the step. The figures are for one conditioning of
-    each kind. Where less than the batch's need was free, later plans of the latent keep,
-    beside the batch's need, what was taken since the plan plus BATCH_SHORTFALL_SLACK
+    before each batch it runs ([Note: auto plans]); where too little is free it runs the
+    unconditional pass first, so the reading that split the step is the one before that
+    pass, taken here before its forward runs, with what the fixed slots held then (a plan's
+    first forward takes them). The conditional pass first, or the VRAM free, means the cause
+    was not memory: conditionings core cannot join, or a guidance node that runs the two
+    apart. Only two lone passes of one sampling step count (core's ``sigmas``, one object for
+    the step's calls): not a cfg-1 run. The figures are for one conditioning of each kind.
+    Where memory split the step, later plans of the latent keep, beside the batch's need,
+    what was taken since the plan plus BATCH_SHORTFALL_SLACK
     (``comfy_auto.note_batch_shortfall``)."""
     if state.cond_batch_room is None:  # every forward comes here: the common case first
         return
@@ -812,10 +813,10 @@ def _note_split_batch(state: _State, base_model: Any, options: dict | None, x: A
     both = (2 * x.shape[0], *x.shape[1:])
     # what core's batching rule compares: its factor times our answer for the batch
     need = comfy_auto.COND_BATCH_FACTOR * base_model.memory_required(both)
-    if need < free:
+    if need < free or first.index == 0:  # core's rule splits with the unconditional first
         after = (
-            ": enough, so core could not join the two (text of different lengths, or a "
-            "ControlNet or hooks on one side only)"
+            ": not for want of VRAM, so core could not join the two (text of different lengths, "
+            "or a ControlNet or hooks on one side only), or a guidance node ran them apart"
         )
     else:
         # what the plan left between forwards, less what was free: taken since the plan

@@ -1735,9 +1735,10 @@ def test_auto_says_once_per_plan_when_core_ran_the_passes_of_a_batch_it_kept_roo
     assert kept.cond_batch
     # batched, then a cfg-1 run's steps
     assert split not in _logged(caplog, step, (1, 0), (0,), (0,))
-    # core split the batch at two steps, with less than the batch's need free then
-    rig.free_at_step = int(need) - 1
-    text = _logged(caplog, step, (0,), (1,), (0,), (1,))
+    # core split the batch at two steps, with less than the batch's need free then (its rule
+    # runs the unconditional pass first; each step has its own sigmas)
+    rig.call, rig.free_at_step = object(), int(need) - 1
+    text = _logged(caplog, step, (1,), (0,), (1,), (0,))
     assert text.count(split) == 1
     (said,) = [r.args for r in caplog.records if split in r.getMessage()]
     gib = comfy_adapter.GIB
@@ -1753,6 +1754,13 @@ def test_auto_says_once_per_plan_when_core_ran_the_passes_of_a_batch_it_kept_roo
     (said,) = [r.args for r in caplog.records if split in r.getMessage()]
     assert round(said[2] * gib) == need - 1
     comfy_auto.measured(private, shape).batch_shortfall = beside
+    # the conditional pass first is not core's rule at work, whatever is free: conditionings
+    # it cannot join, or a guidance node that runs them apart; later plans keep no more
+    assert "both conditionings in one batch" in prepared()
+    rig.call, rig.free_at_step = object(), int(need) - 1
+    text = _logged(caplog, step, (0,), (1,))
+    assert split in text and "could not join" in text and "later plans" not in text
+    assert comfy_auto.measured(private, shape).batch_shortfall == beside
     # the next plan: again once, where core splits after a first forward of each pass; with
     # the need free, the cause was not memory, and later plans keep no more for it
     # (the first forward of one pass alone is the one that measures that batch size)
@@ -1786,8 +1794,8 @@ def test_auto_reads_a_split_step_as_core_read_it(comfy, pack, monkeypatch, caplo
     """What a split step took is read before its first lone pass, as core's batching rule read
     it, with what the fixed slots held then: where that pass is the plan's first forward, which
     takes the slots, later plans keep exactly what was taken. A batch of both between two lone
-    passes, or a pass run alone at the end of the last sampling call (a guidance node's), is no
-    split."""
+    passes, a pass run alone at the end of the last step (a guidance node's), or a third
+    conditioning beside one of the two, is no split."""
     from comfyui_wan_blockswap.callbacks import comfy_auto
     from comfyui_wan_blockswap.callbacks.comfy_adapter import _states
     from comfyui_wan_blockswap.wan_blockswap.engine import BlockSwap
@@ -1807,6 +1815,9 @@ def test_auto_reads_a_split_step_as_core_read_it(comfy, pack, monkeypatch, caplo
     rig.call = object()  # core's next step
     text += _logged(caplog, rig.step, (1,))
     assert split not in text
+    # a third conditioning (a dual-cfg guider's) alone beside one of the two is no such case
+    rig.call, rig.free_at_step = object(), need - 1
+    assert split not in _logged(caplog, rig.step, (1,), (2,))
     # the next plan's first forward is a lone pass, with less than the need free
     assert "both conditionings in one batch" in rig.prepared()
     room, ring = _states[private].cond_batch_room, _states[private].swap.plan.ring_bytes
@@ -1864,7 +1875,7 @@ def test_auto_keeps_what_was_taken_since_the_plan_beside_a_batch_core_ran_apart(
     taken = read_free(0) - int(need) + 1  # the step reads one byte less than the need
     assert taken > 0
     rig.free_at_step = read_free(taken)
-    text = _logged(caplog, rig.step, (0,), (1,))
+    text = _logged(caplog, rig.step, (1,), (0,))
     assert split in text and "later plans of this latent keep" in text
     assert comfy_auto.measured(private, shape).batch_shortfall == taken + slack
     again = comfy_auto.reserves(rig.swapped, shape, {})[0]
