@@ -314,9 +314,10 @@ def settings(args, num_blocks: int) -> list[dict]:
     return runs
 
 
-def _donor_options(args: argparse.Namespace) -> dict:
+def _donor_options(args: argparse.Namespace, device: torch.device | None = None) -> dict:
     """``--donor-device`` / ``--donor-allocation`` as swap options, checked (both at once, a
-    bad device or string: refused with the engine's message, naming the option)."""
+    bad device or string, or with ``device`` a donor GPU this machine lacks: refused with the
+    engine's message, naming the option)."""
     options = {
         name: value
         for name, value in (
@@ -326,21 +327,13 @@ def _donor_options(args: argparse.Namespace) -> dict:
         if value is not None
     }
     try:
-        SwapConfig(**options)
+        config = SwapConfig(**options)
+        if device is not None:  # before the baseline is loaded and timed
+            donor_free_memory(config, device)
     except BlockSwapConfigError as error:
         flags = " / ".join("--" + name.replace("_", "-") for name in options)
         raise BlockSwapConfigError(f"{flags}: {error}") from None
     return options
-
-
-def _check_donors_exist(args: argparse.Namespace, device: torch.device) -> None:
-    """A donor GPU this machine lacks is refused before the baseline is loaded and timed."""
-    options = _donor_options(args)
-    try:
-        donor_free_memory(SwapConfig(**options), device)
-    except BlockSwapConfigError as error:
-        flags = " / ".join("--" + name.replace("_", "-") for name in options)
-        raise BlockSwapConfigError(f"{flags}: {error}") from None
 
 
 def _swap_settings(args, num_blocks: int) -> list[dict]:
@@ -387,7 +380,7 @@ def run(args: argparse.Namespace) -> int:
     measuring = not (args.model_path and device.type == "cpu" and args.device is None)
     _check_measuring_options(args, dtype, measuring)
     if measuring:
-        _check_donors_exist(args, device)
+        _donor_options(args, device)
     if args.model_path:
         latent = latent_shape(args, (81, 480, 832))
     else:

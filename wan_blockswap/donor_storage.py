@@ -31,7 +31,7 @@ def compute_device_name(device: torch.device) -> str:
 
 def donor_free_memory(config: SwapConfig, device: torch.device) -> dict[str, int]:
     """The free memory of each donor GPU ``config`` names, by name (none for the default
-    host memory). Cheap, so callers can check a swap's donors before any work. Raises
+    host memory), so callers can check a swap's donors before any work with it. Raises
     :class:`BlockSwapConfigError` for a donor this machine lacks or that cannot serve
     ``device``."""
     if not config.stores_on_donor_gpus:
