@@ -27,6 +27,7 @@ import dataclasses
 import gc
 import itertools
 import logging
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -40,6 +41,7 @@ from .. import model_configs
 from ..wan_blockswap import (
     BlockSwap,
     BlockSwapConfigError,
+    BlockSwapStateError,
     InsufficientMemoryError,
     ModelLayout,
     SwapConfig,
@@ -94,6 +96,7 @@ class _State:
     swap: BlockSwap
     config: SwapConfig
     swapped_modules: set = field(default_factory=set)
+    arch: str = ""  # the architecture record's name
     patches_uuid: Any = None
     hooks: Any = None  # the hook group whose patches the slot transform applies
     auto: bool = False  # re-plan for each latent's memory estimate (see _fit_to_latent)
@@ -248,6 +251,37 @@ def _swap_loaded_weights(
     return register_swap(diffusion_model, swap, config, arch.name, auto)
 
 
+def _replan_loaded_weights(base_model: Any, state: _State, config: SwapConfig) -> _State | None:
+    """Re-plan the private model's swap in place ([Note: re-planning in place] in the
+    engine): units swapped under both plans stay packed. None where the engine cannot (blocks
+    on a donor GPU), having removed the swap for the caller to apply again; whatever else
+    stops it leaves the model unswapped, every weight back, and propagates."""
+    unload_everywhere(base_model)  # core must not hold placeholders, nor weights to be packed
+    swap = state.swap
+    started = time.perf_counter()
+    try:
+        counts = swap.replan(config)
+    except BlockSwapStateError as error:
+        logger.info("wan_blockswap auto: packing the model again (%s)", error)
+        remove_swap(base_model)
+        return None
+    except BaseException:
+        remove_swap(base_model)  # the engine removed the swap; our records go too
+        raise
+    # units the plan keeps on the GPU came back as copies: the shared memory again
+    rebind_unloaded(base_model, swap.swapped_tensor_ids())
+    release_file_pages(base_model)
+    logger.info(
+        "wan_blockswap auto: re-planned in place in %.2f s: %d units stayed packed, %d were "
+        "packed, %d went back to the GPU's share",
+        time.perf_counter() - started,
+        counts.kept,
+        counts.packed,
+        counts.restored,
+    )
+    return register_swap(base_model.diffusion_model, swap, config, state.arch, auto=True)
+
+
 def register_swap(
     diffusion_model: torch.nn.Module,
     swap: BlockSwap,
@@ -255,7 +289,7 @@ def register_swap(
     arch: str,
     auto: bool = False,
 ) -> _State:
-    state = _State(swap, config, swap.swapped_modules, auto=auto)
+    state = _State(swap, config, swap.swapped_modules, arch=arch, auto=auto)
     _states[diffusion_model] = state
     comfy_auto.note_cutting(diffusion_model, swap.cuts_token_wise)
     logger.info(
@@ -917,10 +951,22 @@ def _fit(
             if not leaves_streaming and (gain <= 0 or gain < min(block, current.swapped_bytes)):
                 return  # nothing to gain (nothing streams now), or less than a block
         logger.info("wan_blockswap auto: %.2f GiB for weights; re-planning", budget / GIB)
-        remove_swap(base_model)  # unloads from core first: core must not hold placeholders
-        _auto_options[diffusion_model] = options
+        _note_all_resident(unswapped, state, plan, to_all_resident)
+        try:
+            replanned = _replan_loaded_weights(base_model, state, config)
+        finally:  # a swap removed on the way is applied again, here or at the next run
+            _auto_options[diffusion_model] = options
+        if replanned is None:
+            _swap_loaded_weights(base_model, config, patcher.load_device, auto=True, layout=layout)
+        _after_placing(patcher)
+        return
     _note_all_resident(unswapped, state, plan, to_all_resident)
     _swap_loaded_weights(base_model, config, patcher.load_device, auto=True, layout=layout)
+    _after_placing(patcher)
+
+
+def _after_placing(patcher: Any) -> None:
+    """Once a plan is applied: core's view of the model's size, and room for its load."""
     if _meter.applies(patcher.load_device):
         # Core loads the resident weights next: they get segments of their own, not pieces of
         # cached ones (the last forwards', or what unloading and sealing just left); see

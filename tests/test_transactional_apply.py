@@ -35,8 +35,9 @@ class Injected(BaseException):
 
 
 # Package code that runs inside apply's span but not in its control flow: the garbage
-# collector's callback (an exception there is swallowed, never seen by apply).
-NOT_APPLY = {"_trim_if_pending"}
+# collector's callback, a slot pool's finalizer and ``__del__`` methods (an exception there is
+# swallowed, never seen by apply).
+NOT_APPLY = {"_trim_if_pending", "prune", "__del__"}
 
 
 @functools.cache
@@ -45,7 +46,10 @@ def _traced(code) -> bool:
     Cached per code object: the trace function runs for every call while tracing."""
     name = code.co_filename
     return (
-        name.startswith(PACKAGE) and not name.startswith(TEST_DIR) and code.co_name not in NOT_APPLY
+        name.startswith(PACKAGE)
+        and not name.startswith(TEST_DIR)
+        # by any name on its path: a comprehension inside a function has a code object of its own
+        and not NOT_APPLY.intersection(getattr(code, "co_qualname", code.co_name).split("."))
     )
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import weakref
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -65,6 +65,44 @@ logger = logging.getLogger("wan_blockswap")
 # for the cycle collector.
 _active: "weakref.WeakKeyDictionary[nn.Module, BlockSwap]" = weakref.WeakKeyDictionary()
 
+# The options :meth:`BlockSwap.replan` may change: the plan's size, not how units are cut,
+# stored or sent.
+REPLAN_FIELDS = (
+    "blocks_to_swap",
+    "vace_blocks_to_swap",
+    "role_blocks_to_swap",
+    "resident_blocks",
+    "vram_budget_gb",
+    "swap_unit",
+    "offload_txt_emb",
+    "offload_img_emb",
+    "prefetch_blocks",
+)
+
+
+class ReplanCounts(NamedTuple):
+    """What :meth:`BlockSwap.replan` did with the units: ``kept`` packed as they were,
+    ``packed`` anew, ``restored`` (kept on the GPU from now on) given their weights back."""
+
+    kept: int
+    packed: int
+    restored: int
+
+
+# [Note: re-planning in place]
+# A new budget (ComfyUI's "auto" fits one to each latent) mostly moves a few units between
+# the GPU and host memory. Removing the swap and applying it again would copy every swapped
+# weight back and pack it again: on an H100 with 40 Wan-14B blocks (23 GB swapped), each such
+# re-plan left 13.7-18.1 s outside the sampling steps of an 81-frame prompt that core ran in
+# 16.4 s (benchmarks/results/comfyui_dynamic_h100/session23_40blocks_81f_12_4gib_fused_rope.json),
+# and it threw away what transfer_compression="auto" had decided. ``replan`` keeps each unit
+# the new plan swaps too as it is (host buffer, packed copy, pinned pages), gives the units
+# it keeps on the GPU their weights back where they were (the host loads them, as after
+# remove()), packs only the units it swaps anew, and builds a new scheduler and hooks over
+# the new list. It is a transaction the way apply is ([Note: apply is a transaction]): the
+# checks only read; after them, whatever stops it removes the whole swap, since every unit,
+# kept, restored or half-packed, knows how to give its weights back ([Note: unit states]).
+
 
 def active_swap(module: nn.Module) -> "BlockSwap | None":
     """The block swap applied to ``module``, if any."""
@@ -97,6 +135,13 @@ class BlockSwap(SwappedWeights):
         self.allocate_empty = True
         self._after_weights_read: Any = None
         self._auto: CompressionAutoSwitch | None = None
+        # Every candidate unit as measured at apply (``measure_model``), and the placeholders
+        # swapped tensors point at: what :meth:`replan` chooses from and binds to
+        self._candidates: dict[str, Any] = {}
+        self._placeholders = Placeholders()
+        # ``transfer_compression="auto"`` dropped the packed copies: units swapped from now on
+        # travel raw too
+        self._compression_dropped = False
 
     @classmethod
     def apply(
@@ -127,7 +172,7 @@ class BlockSwap(SwappedWeights):
         swap.device = device
         swap.layout = layout = unit_layout(layout, config.chunk_tokens)
         units, sizes = measure_model(model, layout)
-        swap.sizes = sizes
+        swap.sizes, swap._candidates = sizes, units
         try:
             chosen = swap._plan_and_check(model, units, config, move_resident)
         except InsufficientHostMemoryError as error:
@@ -216,26 +261,11 @@ class BlockSwap(SwappedWeights):
 
     def _place(self, chosen: list[SwapUnit]) -> None:
         assert self.model is not None and self.plan is not None
-        placeholders = Placeholders()
-        pin = self.device.type == "cuda"
         swapped_ids: set[int] = set()
         stores = storage_devices(self.storage, len(chosen))
         with torch.no_grad():
-            for previous, unit, store in zip(chosen[-1:] + chosen[:-1], chosen, stores):
-                compress = self._compresses(unit, previous)
-                stored = StoredUnit(unit, self.device, placeholders, compress, store)
-                self.units.append(stored)  # before pack, so _undo restores a half-packed unit
-            if self.allocate_empty:
-                allocate_empty(self.units, pin)
+            self._pack(chosen, [self._compresses(u, p) for p, u in _with_previous(chosen)], stores)
             for stored in self.units:
-                if stored.is_empty and not self.allocate_empty:
-                    stored.unbind()  # placeholders now; the loader allocates and fills it
-                else:
-                    stored.pack(pin)
-                    if not stored.awaits_data:  # else a loader fills it; sealed at first use
-                        stored.seal(self.device)
-                    if self._after_weights_read is not None:
-                        self._after_weights_read()
                 swapped_ids.update(id(ref.get()) for ref in stored.unit.tensors)
             for ref in tensor_refs(self.model, "", set()) if self.move_resident else ():
                 tensor = ref.get()
@@ -246,6 +276,37 @@ class BlockSwap(SwappedWeights):
                     ref.replace(torch.empty(tensor.size(), dtype=tensor.dtype, device=self.device))
                 else:
                     move_tensor(ref, self.device)
+        self._start_scheduler()
+
+    def _pack(
+        self,
+        units: list[SwapUnit],
+        compress: list[bool],
+        stores: "list[torch.device | None]",
+    ) -> None:
+        """Store ``units`` (appended to ``self.units``) in host buffers, or on ``stores``, and
+        leave placeholders; ``compress``: whether each travels packed."""
+        pin = self.device.type == "cuda"
+        new = []
+        for unit, packed, store in zip(units, compress, stores):
+            stored = StoredUnit(unit, self.device, self._placeholders, packed, store)
+            self.units.append(stored)  # before pack, so _undo restores a half-packed unit
+            new.append(stored)
+        if self.allocate_empty:
+            allocate_empty(new, pin)
+        for stored in new:
+            if stored.is_empty and not self.allocate_empty:
+                stored.unbind()  # placeholders now; the loader allocates and fills it
+            else:
+                stored.pack(pin)
+                if not stored.awaits_data:  # else a loader fills it; sealed at first use
+                    stored.seal(self.device)
+                if self._after_weights_read is not None:
+                    self._after_weights_read()
+
+    def _start_scheduler(self) -> None:
+        """The memory provider the plan asks for, and the scheduler over ``self.units``."""
+        assert self.plan is not None
         streams = DeviceStreams(self.device, timing=self.config.debug)
         provider: FixedSlots | WindowAllocator
         if self.plan.kind == "streamed":
@@ -333,6 +394,7 @@ class BlockSwap(SwappedWeights):
                     self._after_weights_read()
         except BlockSwapError as error:  # pinning failed: the rest stay compressed (correct)
             logger.warning("transfer_compression: could not switch every unit to raw: %s", error)
+        self._compression_dropped = True
         return_freed_host_memory()
 
     def set_window(self, plan: SwapPlan, config: SwapConfig) -> None:
@@ -355,6 +417,92 @@ class BlockSwap(SwappedWeights):
         )
         self.plan, self.config = plan, config
         provider.window_bytes = plan.window_bytes
+
+    def replan(self, config: SwapConfig) -> ReplanCounts:
+        """Adopt the plan ``config`` makes for this model, which may differ from the applied
+        config only in the plan's size (``REPLAN_FIELDS``), without packing again what stays
+        swapped. See [Note: re-planning in place]. A weight transform (:meth:`set_transform`)
+        is dropped: set it again for the new units.
+
+        Raises :class:`BlockSwapStateError`, having changed nothing, for a swap that moved
+        resident weights to the device itself or stores blocks on a donor GPU, or for other
+        changed options: remove the swap and apply again. Host RAM too short for the
+        units it swaps anew is :class:`InsufficientHostMemoryError`, nothing changed either.
+        Whatever stops it later (an interrupt, a failed allocation) removes the swap: the
+        model has every weight back, bit for bit, and nothing is registered."""
+        model = self.model
+        if model is None or _active.get(model) is not self:
+            raise BlockSwapStateError("replan() of a swap that was removed: apply a new one")
+        self._check_replannable(config)
+        # compression stays as apply left it (raw where "auto" gave way to RAM, see apply)
+        config = dataclasses.replace(config, transfer_compression=self.config.transfer_compression)
+        assert self.sizes is not None
+        plan = plan_swap(self.sizes, config)
+        if plan.compressed and self._compression_dropped:  # units now swapped travel raw too
+            plan = dataclasses.replace(plan, compressed=False, staging_bytes=0)
+        chosen = choose_units(self._candidates, plan)
+        wanted = {unit.name for unit in chosen}
+        kept = {stored.name: stored for stored in self.units if stored.name in wanted}
+        leaving = [stored for stored in self.units if stored.name not in wanted]
+        new = [unit for unit in chosen if unit.name not in kept]
+        arriving = dataclasses.replace(plan, swapped_bytes=sum(map(memory.unit_bytes, new)))
+        memory.check_fits(model, new, arriving, self.device, check_vram=False)
+        try:  # [Note: re-planning in place]
+            self._detach()
+            self.plan, self.config = plan, config
+            with torch.no_grad():
+                for stored in leaving:
+                    stored.restore()
+                compress = {u.name: self._compresses(u, p) for p, u in _with_previous(chosen)}
+                self._pack(new, [compress[u.name] for u in new], [None] * len(new))
+            by_name = {stored.name: stored for stored in self.units}
+            self.units = [by_name[unit.name] for unit in chosen]
+            self._swapped_index.clear()
+            self._start_scheduler()
+            self._attach_hooks()
+        except torch.cuda.OutOfMemoryError as error:
+            self.remove()
+            raise InsufficientMemoryError(
+                f"ran out of VRAM packing the re-planned swap ({error}); the swap was removed "
+                f"and the model has its weights back: apply a swap again"
+            ) from error
+        except BaseException:
+            self.remove()
+            raise
+        logger.debug("re-planned %s in place:\n%s", type(model).__name__, self.describe())
+        return ReplanCounts(kept=len(kept), packed=len(new), restored=len(leaving))
+
+    def _check_replannable(self, config: SwapConfig) -> None:
+        # Units the new plan keeps come back where they were before apply: right where the
+        # swap moved no resident weight itself (a host places them, or they were there).
+        if self._moved or self.storage is not None:
+            raise BlockSwapStateError(
+                "replan() works on a swap that moved no resident weight to the device itself "
+                "(apply with move_resident=False, or a model already on its device) and keeps "
+                "swapped blocks in host memory; remove this swap and apply the new config"
+            )
+        free = set(REPLAN_FIELDS) | {"transfer_compression"}  # the latter kept as applied
+        changed = [
+            f.name
+            for f in dataclasses.fields(config)
+            if f.name not in free and getattr(config, f.name) != getattr(self.config, f.name)
+        ]
+        if changed:
+            raise BlockSwapStateError(
+                f"replan() changes only the plan's size ({', '.join(REPLAN_FIELDS)}), but "
+                f"{', '.join(changed)} changed too; remove this swap and apply the new config"
+            )
+
+    def _detach(self) -> None:
+        """Stop streaming: close the scheduler (its GPU memory goes) and take the hooks off.
+        The units keep their storage."""
+        if self.scheduler is not None:
+            self.scheduler.end_forward(completed=False)
+            self.scheduler.close()
+            self.scheduler = None
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
 
     def _chunkers(self) -> list[TokenChunkedForward]:
         return [h for h in self._hooks if isinstance(h, TokenChunkedForward)]
@@ -451,13 +599,7 @@ class BlockSwap(SwappedWeights):
         return_freed_host_memory()
 
     def _undo(self, restore: bool = True) -> None:
-        if self.scheduler is not None:
-            self.scheduler.end_forward(completed=False)
-            self.scheduler.close()
-            self.scheduler = None
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
+        self._detach()
         with torch.no_grad():
             for stored in self.units:
                 stored.restore() if restore else stored.discard()
@@ -476,3 +618,9 @@ class BlockSwap(SwappedWeights):
         self.units.clear()
         self._moved.clear()
         self._swapped_index.clear()
+
+
+def _with_previous(units: list[SwapUnit]) -> list[tuple[SwapUnit, SwapUnit]]:
+    """``(previous, unit)`` for each unit, the last one's previous being the first's (a
+    forward's copies wrap round to the next forward)."""
+    return list(zip(units[-1:] + units[:-1], units))

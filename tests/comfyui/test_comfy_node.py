@@ -5,6 +5,7 @@ the same model without the node, with and without a LoRA-style weight patch."""
 import gc
 import json
 import logging
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -1360,7 +1361,8 @@ def test_auto_keeps_every_weight_resident_once_they_fit_within_the_block_of_slac
     free["bytes"] = _free_for_weights(comfy, swapped, sizes, shape, blocks - 0.5)
     _prepare(comfy, swapped, shape)
     comfy.model_management.unload_all_models()
-    swap = _states[private].swap
+    state = _states[private]  # a new one at every re-plan
+    swap = state.swap
     first = swap.plan
     assert 0 < first.swapped_bytes < block  # less than a block to gain
     # the set-up's first plan kept every weight because VRAM was to spare: this shrinking does
@@ -1370,37 +1372,93 @@ def test_auto_keeps_every_weight_resident_once_they_fit_within_the_block_of_slac
     free["bytes"] = everything + estimate + spare - 1  # every weight fits, the spare does not
     _prepare(comfy, swapped, shape)
     comfy.model_management.unload_all_models()
-    assert _states[private].swap is swap and swap.plan == first  # kept: within the slack
+    assert _states[private] is state and swap.plan == first  # kept: within the slack
     free["bytes"] = everything + estimate + spare
     _prepare(comfy, swapped, shape)
     comfy.model_management.unload_all_models()
-    whole = _states[private].swap
-    assert whole is not swap and whole.plan.swapped_bytes == 0
+    whole = _states[private]
+    assert whole is not state and whole.swap.plan.swapped_bytes == 0
     _prepare(comfy, swapped, shape)  # the same VRAM at the next prompt: nothing changes
     comfy.model_management.unload_all_models()
-    assert _states[private].swap is whole
+    assert _states[private] is whole
     # a budget just short of every weight (a latent that needs a little more, say) shrinks
     # the plan; back at the first budget, growing keeps the block of slack again: latents
     # either side of "everything fits" taking turns would repack the model at every turn
     free["bytes"] = everything + estimate - block // 2
     _prepare(comfy, swapped, shape)
     comfy.model_management.unload_all_models()
-    shrunk = _states[private].swap
-    assert shrunk is not whole and 0 < shrunk.plan.swapped_bytes < block
+    shrunk = _states[private]
+    assert shrunk is not whole and 0 < shrunk.swap.plan.swapped_bytes < block
     assert _unswapped[private].left_all_resident
     for _ in range(2):
         free["bytes"] = everything + estimate + spare
         _prepare(comfy, swapped, shape)
         comfy.model_management.unload_all_models()
-        assert _states[private].swap is shrunk
+        assert _states[private] is shrunk
         free["bytes"] = everything + estimate - block // 2
         _prepare(comfy, swapped, shape)
         comfy.model_management.unload_all_models()
-        assert _states[private].swap is shrunk
+        assert _states[private] is shrunk
     free["bytes"] = everything + estimate + block + spare  # a block of slack: it grows
     _prepare(comfy, swapped, shape)
     comfy.model_management.unload_all_models()
     assert _states[private].swap.plan.swapped_bytes == 0
+    assert torch.equal(run(comfy, swapped, inputs), expected)
+    assert_untouched(patcher)
+
+
+def test_auto_re_plans_in_place_keeping_what_both_plans_swap_packed(
+    comfy, pack, monkeypatch, caplog
+):
+    """A new budget for the same units re-plans the swap in place ([Note: re-planning in
+    place] in the engine): units swapped under both plans keep their host storage, units the
+    new plan keeps on the GPU share the loader's weights again, outputs equal core's."""
+    from comfyui_wan_blockswap.callbacks.comfy_adapter import _states
+
+    free, patcher, inputs, swapped, private, shape = _prepared_auto_node(comfy, pack, monkeypatch)
+    expected = run(comfy, patcher, inputs)
+    comfy.model_management.unload_all_models()
+    sizes = _states[private].swap.sizes
+    free["bytes"] = _free_for_weights(comfy, swapped, sizes, shape, len(sizes.blocks) - 2)
+    _prepare(comfy, swapped, shape)
+    comfy.model_management.unload_all_models()
+    state = _states[private]
+    swap = state.swap
+    before = {s.name: (s, [v.data_ptr() for v in s.host_views]) for s in swap.units}
+    assert before and swap.plan.kind == "slots"  # layers of its 4 blocks in slots
+    assert torch.equal(run(comfy, swapped, inputs), expected)
+    comfy.model_management.unload_all_models()
+
+    free["bytes"] = _free_for_weights(comfy, swapped, sizes, shape, len(sizes.blocks) - 3.5)
+    with caplog.at_level(logging.INFO, logger="wan_blockswap"):
+        _prepare(comfy, swapped, shape)
+    comfy.model_management.unload_all_models()
+    assert _states[private] is not state and _states[private].swap is swap
+    assert swap.plan.kind == "streamed"  # every layer, outside the blocks too
+    assert re.search(
+        r"re-planned in place in [\d.]+ s: %d units stayed packed" % len(before), caplog.text
+    )
+    now = {s.name: s for s in swap.units}
+    assert before.keys() < now.keys()
+    for name, (stored, pointers) in before.items():  # nothing packed again
+        assert now[name] is stored and [v.data_ptr() for v in stored.host_views] == pointers
+    assert torch.equal(run(comfy, swapped, inputs), expected)
+    comfy.model_management.unload_all_models()
+
+    # back where it started (a block of slack beyond): the units the plan keeps on the GPU
+    # share the loader's memory again, as after remove()
+    free["bytes"] = _free_for_weights(comfy, swapped, sizes, shape, len(sizes.blocks) - 0.5)
+    _prepare(comfy, swapped, shape)
+    comfy.model_management.unload_all_models()
+    assert _states[private].swap is swap and len(swap.units) < len(before)
+    swapped_names = {ref.qualname for s in swap.units for ref in s.unit.tensors}
+    loader = dict(patcher.model.diffusion_model.named_parameters())
+    shared = [
+        name
+        for name, tensor in private.named_parameters()
+        if name not in swapped_names and tensor.data_ptr() == loader[name].data_ptr()
+    ]
+    assert len(shared) == len(loader) - len(swapped_names)
     assert torch.equal(run(comfy, swapped, inputs), expected)
     assert_untouched(patcher)
 

@@ -1,0 +1,252 @@
+"""``BlockSwap.replan``: a new plan's size without packing again what both plans swap
+([Note: re-planning in place]). Outputs stay bit-identical, units swapped under both plans
+keep their storage, remove() still gives every weight back, and an interrupt at any line
+leaves the model re-planned or whole."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from comfyui_wan_blockswap.wan_blockswap import (
+    BlockSwapStateError,
+    SwapConfig,
+    apply_block_swap,
+    get_block_swap,
+)
+from comfyui_wan_blockswap.wan_blockswap import compressed_transfer
+from comfyui_wan_blockswap.wan_blockswap.engine import BlockSwap
+from comfyui_wan_blockswap.wan_blockswap.model_sizes import choose_units
+from comfyui_wan_blockswap.wan_blockswap.plan import plan_swap
+from test_transactional_apply import Injected, LineInterrupter, assert_untouched, snapshot
+from toy_models import make_toy, streamed_budget_gb, toy_inputs, toy_layout
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    """Toy tensors are tiny: let them pack under transfer compression."""
+    monkeypatch.setattr(compressed_transfer, "CHUNK_ELEMENTS", 1024)
+    monkeypatch.setattr(compressed_transfer, "MIN_PACKED_ELEMENTS", 256)
+
+
+def _apply(model, **options) -> BlockSwap:
+    """As ComfyUI's adapter applies it: resident weights stay where the host put them."""
+    return BlockSwap.apply(
+        model, SwapConfig(**options), toy_layout(model), torch.device("cpu"), move_resident=False
+    )
+
+
+def _toy():
+    """bf16, so that transfer compression has weights to pack."""
+    return make_toy().to(torch.bfloat16)
+
+
+def _outputs(model, seeds=(1, 2)):
+    with torch.no_grad():
+        return [model(**toy_inputs(seed, dtype=torch.bfloat16)) for seed in seeds]
+
+
+def _storage(swap: BlockSwap) -> dict:
+    """Each swapped unit's object and the memory its weights live in."""
+    return {s.name: (s, [v.data_ptr() for v in s.host_views], s.transfer) for s in swap.units}
+
+
+STREAMED = "streamed"
+REPLANS = {
+    "fewer_blocks": (dict(blocks_to_swap=5), dict(blocks_to_swap=2)),
+    "more_blocks": (dict(blocks_to_swap=2), dict(blocks_to_swap=5)),
+    "none_swapped": (dict(blocks_to_swap=4), dict(blocks_to_swap=0)),
+    "from_none": (dict(blocks_to_swap=0), dict(blocks_to_swap=3)),
+    "blocks_to_layers": (dict(blocks_to_swap=4), dict(blocks_to_swap=4, swap_unit="layer")),
+    "embedding_and_slots": (
+        dict(blocks_to_swap=3, offload_txt_emb=True, prefetch_blocks=2),
+        dict(blocks_to_swap=5, prefetch_blocks=0),
+    ),
+    "slots_to_streamed": (dict(blocks_to_swap=4), STREAMED),
+    "compressed": (
+        dict(blocks_to_swap=2, transfer_compression=True),
+        dict(blocks_to_swap=4, transfer_compression=True),
+    ),
+}
+
+
+def _options(model, options) -> dict:
+    if options == STREAMED:
+        return dict(vram_budget_gb=streamed_budget_gb(model, 30_000))
+    return options
+
+
+@pytest.mark.parametrize("case", sorted(REPLANS))
+def test_replan_keeps_what_both_plans_swap_and_outputs_stay_equal(case):
+    model = _toy()
+    before = snapshot(model)
+    expected = _outputs(model)
+    first, second = (_options(model, o) for o in REPLANS[case])
+    swap = _apply(model, **first)
+    assert any(s.transfer is not None for s in swap.units) == (case == "compressed")
+    assert all(torch.equal(a, b) for a, b in zip(_outputs(model), expected))
+    stored_before = _storage(swap)
+    new_config = SwapConfig(**{**second, "transfer_compression": swap.config.transfer_compression})
+    counts = swap.replan(new_config)
+    assert get_block_swap(model) is swap
+    assert swap.plan == plan_swap(swap.sizes, new_config)
+    now = _storage(swap)
+    both = stored_before.keys() & now.keys()
+    assert counts.kept == len(both)
+    assert counts.packed == len(now.keys() - both)
+    assert counts.restored == len(stored_before.keys() - both)
+    for name in both:  # the same object over the same memory: nothing packed again
+        assert now[name][0] is stored_before[name][0], name
+        assert now[name][1] == stored_before[name][1], name
+        assert now[name][2] is stored_before[name][2], name
+    # in the order the plan chooses them: the schedule's order
+    assert [s.name for s in swap.units] == [
+        u.name for u in choose_units(swap._candidates, swap.plan)
+    ]
+    for _ in range(2):  # the second run follows the learned order
+        assert all(torch.equal(a, b) for a, b in zip(_outputs(model), expected))
+    # weights the new plan keeps on the GPU are the same objects with their values
+    swapped_now = {ref.qualname for s in swap.units for ref in s.unit.tensors}
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    back = [
+        ref.qualname
+        for name in stored_before.keys() - both
+        for ref in stored_before[name][0].unit.tensors
+        if ref.qualname not in swapped_now
+    ]
+    assert bool(back) == (case not in ("more_blocks", "from_none", "compressed"))
+    for name in back:
+        obj, values = before[name][:2]
+        assert tensors[name] is obj and torch.equal(tensors[name], values), name
+    swap.remove()
+    assert_untouched(model, before)
+
+
+def test_replan_keeps_raw_transfers_once_compression_auto_dropped_them():
+    model = _toy()
+    expected = _outputs(model)
+    swap = _apply(model, blocks_to_swap=2, transfer_compression=True)
+    assert all(s.transfer is not None for s in swap.units)
+    swap.drop_compression()
+    swap.replan(SwapConfig(blocks_to_swap=5, transfer_compression=True))
+    assert len(swap.units) == 5 and all(s.transfer is None for s in swap.units)
+    assert not swap.plan.compressed and swap.plan.staging_bytes == 0
+    assert all(torch.equal(a, b) for a, b in zip(_outputs(model), expected))
+    swap.remove()
+
+
+def test_replan_refuses_what_it_cannot_do_and_changes_nothing():
+    model = _toy()
+    expected = _outputs(model)
+    swap = _apply(model, blocks_to_swap=3)
+    plan, units = swap.plan, list(swap.units)
+    with pytest.raises(BlockSwapStateError, match=r"but non_blocking, chunk_tokens changed too"):
+        swap.replan(SwapConfig(blocks_to_swap=2, chunk_tokens=8, non_blocking=False))
+    assert swap.plan is plan and swap.units == units
+    assert all(torch.equal(a, b) for a, b in zip(_outputs(model), expected))
+    swap.remove()
+    with pytest.raises(BlockSwapStateError, match="removed: apply a new one"):
+        swap.replan(SwapConfig(blocks_to_swap=2))
+
+    # a swap that moved resident weights itself: restored units would land off the device
+    moved = _toy()
+    resident_swap = apply_block_swap(moved, layout=toy_layout(moved), device="cpu")
+    resident_swap._moved.append(object())  # stands for a tensor it moved to a GPU
+    with pytest.raises(BlockSwapStateError, match="moved no resident weight"):
+        resident_swap.replan(SwapConfig(blocks_to_swap=2))
+    resident_swap._moved.clear()
+    resident_swap.remove()
+
+
+READ_STRIDE = 37
+
+
+# Small plans of a 4-block toy: every line of the write phase is a trial
+INTERRUPTED = {
+    "fewer_blocks": (dict(blocks_to_swap=3), dict(blocks_to_swap=1)),
+    "more_blocks": (dict(blocks_to_swap=1), dict(blocks_to_swap=3)),
+    # one block goes back, the other is swapped as its layers from now on
+    "blocks_to_layers": (dict(blocks_to_swap=2), dict(blocks_to_swap=1, swap_unit="layer")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INTERRUPTED))
+def test_an_interrupt_at_any_line_of_replan_leaves_the_model_replanned_or_whole(case):
+    template = make_toy(dim=16, ffn=32, depth=4).to(torch.bfloat16)
+    inputs = {k: v.to(torch.bfloat16) for k, v in toy_inputs(0, dim=16).items()}
+    with torch.no_grad():
+        expected = template(**inputs)
+    first, second = INTERRUPTED[case]
+
+    # Up to _detach replan only reads (plan, choose, check): every READ_STRIDE-th line there
+    # is enough; from _detach on, every line.
+    probe = copy.deepcopy(template)
+    swap = _apply(probe, **first)
+    detach, starts = BlockSwap._detach, []
+    with LineInterrupter(0, Injected()) as counter:
+
+        def noted_detach(self):
+            starts.append(counter.lines)
+            return detach(self)
+
+        BlockSwap._detach = noted_detach
+        try:
+            swap.replan(SwapConfig(**second))
+        finally:
+            BlockSwap._detach = detach
+    swap.remove()
+    writes = starts[0]
+    assert counter.lines - writes > 30, (writes, counter.lines)
+    trials = [*range(1, writes, READ_STRIDE), *range(writes, counter.lines + 1)]
+
+    model = copy.deepcopy(template)
+    before = snapshot(model)
+    outcomes = {"replanned": 0, "removed": 0}
+    for at in trials:
+        swap = _apply(model, **first)
+        with LineInterrupter(at, Injected()):
+            try:
+                swap.replan(SwapConfig(**second))
+            except Injected:
+                pass
+        if get_block_swap(model) is None:
+            outcomes["removed"] += 1
+        else:
+            assert get_block_swap(model) is swap
+            with torch.no_grad():
+                assert torch.equal(model(**inputs), expected), at
+            outcomes["replanned"] += 1
+            swap.remove()
+        assert_untouched(model, before)
+    assert outcomes["replanned"] and outcomes["removed"], outcomes
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", ["fewer_blocks", "more_blocks", "slots_to_streamed", "compressed"])
+def test_replan_on_cuda_keeps_pinned_storage_and_outputs(case):
+    """On a GPU, with the model there before apply (nothing for the swap to move): pinned
+    buffers of units both plans swap stay, outputs stay bit-identical, and remove() gives
+    every pinned byte back."""
+    from comfyui_wan_blockswap.wan_blockswap.storage import registered_host_bytes
+
+    pinned_before = registered_host_bytes()
+    model = _toy().cuda()
+    inputs = {k: v.cuda() for k, v in toy_inputs(3, dtype=torch.bfloat16).items()}
+    with torch.no_grad():
+        expected = model(**inputs)
+    first, second = (_options(model, o) for o in REPLANS[case])
+    swap = BlockSwap.apply(model, SwapConfig(**first), toy_layout(model), torch.device("cuda"))
+    assert not swap._moved
+    before = _storage(swap)
+    swap.replan(SwapConfig(**second))
+    now = _storage(swap)
+    for name in before.keys() & now.keys():
+        assert now[name][0] is before[name][0] and now[name][1] == before[name][1], name
+    for _ in range(3):
+        with torch.no_grad():
+            assert torch.equal(model(**inputs), expected)
+    swap.remove()
+    assert registered_host_bytes() == pinned_before
+    assert all(t.device.type == "cuda" for t in model.parameters())
