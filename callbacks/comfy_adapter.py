@@ -42,6 +42,7 @@ from ..wan_blockswap import (
     BlockSwap,
     BlockSwapConfigError,
     BlockSwapStateError,
+    InsufficientHostMemoryError,
     InsufficientMemoryError,
     ModelLayout,
     SwapConfig,
@@ -254,23 +255,30 @@ def _swap_loaded_weights(
 def _replan_loaded_weights(base_model: Any, state: _State, config: SwapConfig) -> _State | None:
     """Re-plan the private model's swap in place ([Note: re-planning in place] in the
     engine): units swapped under both plans stay packed. None where the engine cannot (blocks
-    on a donor GPU), having removed the swap for the caller to apply again; whatever else
-    stops it leaves the model unswapped, every weight back, and propagates."""
+    on a donor GPU, host RAM short for what it would add), having removed the swap for the
+    caller to apply again; whatever else stops it leaves the model unswapped, every weight
+    back, and propagates."""
     unload_everywhere(base_model)  # core must not hold placeholders, nor weights to be packed
     swap = state.swap
     started = time.perf_counter()
     try:
         counts = swap.replan(config)
-    except BlockSwapStateError as error:
+    except (BlockSwapStateError, InsufficientHostMemoryError) as error:
         logger.info("wan_blockswap auto: packing the model again (%s)", error)
         remove_swap(base_model)
         return None
     except BaseException:
         remove_swap(base_model)  # the engine removed the swap; our records go too
         raise
-    # units the plan keeps on the GPU came back as copies: the shared memory again
-    rebind_unloaded(base_model, swap.swapped_tensor_ids())
-    release_file_pages(base_model)
+    try:
+        # first: a state whose records (swapped modules, patches) are the new plan's
+        replanned = register_swap(base_model.diffusion_model, swap, config, state.arch, auto=True)
+        # units the plan keeps on the GPU came back as copies: the shared memory again
+        rebind_unloaded(base_model, swap.swapped_tensor_ids())
+        release_file_pages(base_model)
+    except BaseException:
+        remove_swap(base_model)
+        raise
     logger.info(
         "wan_blockswap auto: re-planned in place in %.2f s: %d units stayed packed, %d were "
         "packed, %d went back to the GPU's share",
@@ -279,7 +287,7 @@ def _replan_loaded_weights(base_model: Any, state: _State, config: SwapConfig) -
         counts.packed,
         counts.restored,
     )
-    return register_swap(base_model.diffusion_model, swap, config, state.arch, auto=True)
+    return replanned
 
 
 def register_swap(

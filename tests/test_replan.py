@@ -12,6 +12,7 @@ import torch
 
 from comfyui_wan_blockswap.wan_blockswap import (
     BlockSwapStateError,
+    InsufficientHostMemoryError,
     SwapConfig,
     apply_block_swap,
     get_block_swap,
@@ -107,6 +108,9 @@ def test_replan_keeps_what_both_plans_swap_and_outputs_stay_equal(case):
     ]
     for _ in range(2):  # the second run follows the learned order
         assert all(torch.equal(a, b) for a, b in zip(_outputs(model), expected))
+    for stored in swap.units:  # the name index follows the new units
+        for index, ref in enumerate(stored.unit.tensors):
+            assert swap.swapped_tensor(ref.qualname) == (stored, index), ref.qualname
     # weights the new plan keeps on the GPU are the same objects with their values
     swapped_now = {ref.qualname for s in swap.units for ref in s.unit.tensors}
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
@@ -118,6 +122,7 @@ def test_replan_keeps_what_both_plans_swap_and_outputs_stay_equal(case):
     ]
     assert bool(back) == (case not in ("more_blocks", "from_none", "compressed"))
     for name in back:
+        assert swap.swapped_tensor(name) is None, name
         obj, values = before[name][:2]
         assert tensors[name] is obj and torch.equal(tensors[name], values), name
     swap.remove()
@@ -134,6 +139,46 @@ def test_replan_keeps_raw_transfers_once_compression_auto_dropped_them():
     assert len(swap.units) == 5 and all(s.transfer is None for s in swap.units)
     assert not swap.plan.compressed and swap.plan.staging_bytes == 0
     assert all(torch.equal(a, b) for a, b in zip(_outputs(model), expected))
+    swap.remove()
+
+
+def test_replan_sends_new_units_raw_where_their_packed_copies_do_not_fit(monkeypatch):
+    """transfer_compression="auto" gives way to RAM as apply does: units swapped anew travel
+    raw, the ones kept stay packed, the staging stays for them."""
+    from comfyui_wan_blockswap.wan_blockswap import memory
+
+    model = _toy()
+    expected = _outputs(model)
+    swap = _apply(model, blocks_to_swap=2, transfer_compression="auto")
+    packed = {s.name for s in swap.units}
+    assert all(s.transfer is not None for s in swap.units)
+    largest = max(s.nbytes for s in swap.units)
+    monkeypatch.setattr(memory, "available_host_bytes", lambda: largest + 1)  # raw fits only
+    swap.replan(SwapConfig(blocks_to_swap=4, transfer_compression="auto"))
+    assert {s.name for s in swap.units if s.transfer is not None} == packed
+    assert len(swap.units) == 4 and swap.plan.staging_bytes > 0
+    assert all(torch.equal(a, b) for a, b in zip(_outputs(model), expected))
+    monkeypatch.setattr(memory, "available_host_bytes", lambda: 1)  # not even raw
+    with pytest.raises(InsufficientHostMemoryError):
+        swap.replan(SwapConfig(blocks_to_swap=6, transfer_compression="auto"))
+    assert len(swap.units) == 4  # nothing changed
+    swap.remove()
+
+
+def test_replan_after_a_partial_switch_to_raw_keeps_staging_for_units_still_packed():
+    """drop_compression leaves units it could not pin packed; a re-plan keeps their staging
+    and sends only the new units raw."""
+    model = _toy()
+    expected = _outputs(model)
+    swap = _apply(model, blocks_to_swap=2, transfer_compression=True)
+    swap.units[0].drop_compression()  # as if pinning failed for the second unit
+    swap._compression_dropped = True
+    still = swap.units[1].name
+    swap.replan(SwapConfig(blocks_to_swap=4, transfer_compression=True))
+    assert [s.name for s in swap.units if s.transfer is not None] == [still]
+    assert swap.plan.compressed and swap.plan.staging_bytes > 0
+    for _ in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(_outputs(model), expected))
     swap.remove()
 
 
@@ -211,6 +256,8 @@ def test_an_interrupt_at_any_line_of_replan_leaves_the_model_replanned_or_whole(
                 swap.replan(SwapConfig(**second))
             except Injected:
                 pass
+            finally:  # see the same line in test_transactional_apply
+                torch.set_grad_enabled(True)
         if get_block_swap(model) is None:
             outcomes["removed"] += 1
         else:
@@ -237,7 +284,8 @@ def test_replan_on_cuda_keeps_pinned_storage_and_outputs(case):
     with torch.no_grad():
         expected = model(**inputs)
     first, second = (_options(model, o) for o in REPLANS[case])
-    swap = BlockSwap.apply(model, SwapConfig(**first), toy_layout(model), torch.device("cuda"))
+    device = torch.device("cuda", torch.cuda.current_device())  # as apply_block_swap gives it
+    swap = BlockSwap.apply(model, SwapConfig(**first), toy_layout(model), device)
     assert not swap._moved
     before = _storage(swap)
     swap.replan(SwapConfig(**second))

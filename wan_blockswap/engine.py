@@ -200,12 +200,7 @@ class BlockSwap(SwappedWeights):
         try:
             swap._place(chosen)
             swap._attach_hooks()
-            if (
-                config.transfer_compression == "auto"
-                and swap.plan.compressed
-                and device.type == "cuda"
-            ):
-                swap._auto = CompressionAutoSwitch(device)
+            swap._watch_compression()
             _active[model] = swap
         except torch.cuda.OutOfMemoryError as error:
             swap._undo()
@@ -264,7 +259,11 @@ class BlockSwap(SwappedWeights):
         swapped_ids: set[int] = set()
         stores = storage_devices(self.storage, len(chosen))
         with torch.no_grad():
-            self._pack(chosen, [self._compresses(u, p) for p, u in _with_previous(chosen)], stores)
+            self._pack(
+                chosen,
+                [self._compresses(u, p, self.plan) for p, u in _with_previous(chosen)],
+                stores,
+            )
             for stored in self.units:
                 swapped_ids.update(id(ref.get()) for ref in stored.unit.tensors)
             for ref in tensor_refs(self.model, "", set()) if self.move_resident else ():
@@ -330,17 +329,16 @@ class BlockSwap(SwappedWeights):
             debug=self.config.debug,
         )
 
-    def _compresses(self, unit: SwapUnit, previous: SwapUnit) -> bool:
-        """Whether ``unit`` travels packed (``previous`` runs before it, as far as the model's
-        declared order tells). In a streamed plan its packed bytes take GPU memory too while
+    def _compresses(self, unit: SwapUnit, previous: SwapUnit, plan: SwapPlan) -> bool:
+        """Whether ``unit`` travels packed under ``plan`` (``previous`` runs before it, as far
+        as the model's declared order tells). In a streamed plan its packed bytes take GPU memory too while
         it is in flight, so it travels packed only if it still fits in the window beside the
         unit before it: one that cannot be prefetched while that unit runs stalls the link
         for longer than packing saves (H100, Wan 14B at 1,560 tokens: packing the first
         projection of each block, which follows a 135 MiB FFN layer, cost time)."""
-        assert self.plan is not None
-        if not self.plan.compressed:
+        if not plan.compressed:
             return False
-        window = self.plan.window_bytes
+        window = plan.window_bytes
         needed = packed_bytes(previous) + packed_bytes(unit) * (1 + memory.PACKED_SHARE)
         return not window or needed <= window
 
@@ -438,28 +436,35 @@ class BlockSwap(SwappedWeights):
         config = dataclasses.replace(config, transfer_compression=self.config.transfer_compression)
         assert self.sizes is not None
         plan = plan_swap(self.sizes, config)
-        if plan.compressed and self._compression_dropped:  # units now swapped travel raw too
-            plan = dataclasses.replace(plan, compressed=False, staging_bytes=0)
         chosen = choose_units(self._candidates, plan)
         wanted = {unit.name for unit in chosen}
         kept = {stored.name: stored for stored in self.units if stored.name in wanted}
         leaving = [stored for stored in self.units if stored.name not in wanted]
         new = [unit for unit in chosen if unit.name not in kept]
-        arriving = dataclasses.replace(plan, swapped_bytes=sum(map(memory.unit_bytes, new)))
-        memory.check_fits(model, new, arriving, self.device, check_vram=False)
+        # units swapped anew travel raw once "auto" dropped the packed copies
+        raw = self._compression_dropped or not plan.compressed
+        raw = self._check_host_for(model, new, plan, raw)
+        packed = {
+            u.name: not raw and self._compresses(u, p, plan) for p, u in _with_previous(chosen)
+        }
+        new_packed, stores = [packed[u.name] for u in new], [None] * len(new)
+        # No comprehension below in this frame: Python 3.12 inlines them, and an exception that
+        # a trace function raises inside one (tests/test_replan.py's interrupts, on 3.12.1)
+        # skipped this frame's handlers, leaving the swap half re-planned.
         try:  # [Note: re-planning in place]
             self._detach()
             self.plan, self.config = plan, config
             with torch.no_grad():
                 for stored in leaving:
                     stored.restore()
-                compress = {u.name: self._compresses(u, p) for p, u in _with_previous(chosen)}
-                self._pack(new, [compress[u.name] for u in new], [None] * len(new))
-            by_name = {stored.name: stored for stored in self.units}
-            self.units = [by_name[unit.name] for unit in chosen]
+                self._pack(new, new_packed, stores)
+            self.units = self._in_order(chosen)
+            if plan.compressed and not self._packs_any:  # no unit travels packed
+                self.plan = dataclasses.replace(plan, compressed=False, staging_bytes=0)
             self._swapped_index.clear()
             self._start_scheduler()
             self._attach_hooks()
+            self._watch_compression()
         except torch.cuda.OutOfMemoryError as error:
             self.remove()
             raise InsufficientMemoryError(
@@ -471,6 +476,11 @@ class BlockSwap(SwappedWeights):
             raise
         logger.debug("re-planned %s in place:\n%s", type(model).__name__, self.describe())
         return ReplanCounts(kept=len(kept), packed=len(new), restored=len(leaving))
+
+    def _in_order(self, chosen: list[SwapUnit]) -> list[StoredUnit]:
+        """The stored units of ``chosen``, in its order (the schedule's)."""
+        by_name = {stored.name: stored for stored in self.units}
+        return [by_name[unit.name] for unit in chosen]
 
     def _check_replannable(self, config: SwapConfig) -> None:
         # Units the new plan keeps come back where they were before apply: right where the
@@ -492,6 +502,45 @@ class BlockSwap(SwappedWeights):
                 f"replan() changes only the plan's size ({', '.join(REPLAN_FIELDS)}), but "
                 f"{', '.join(changed)} changed too; remove this swap and apply the new config"
             )
+
+    def _check_host_for(
+        self, model: nn.Module, new: list[SwapUnit], plan: SwapPlan, raw: bool
+    ) -> bool:
+        """Check that host RAM holds the units ``new`` swaps anew (raw: no packed copies);
+        whether they travel raw. Under ``transfer_compression="auto"`` they do where their
+        packed copies would not fit, as in apply. Reads only. The units leaving still hold
+        their memory here, so this asks for more than the re-plan will take."""
+        nbytes = sum(map(memory.unit_bytes, new))
+        try:
+            arriving = dataclasses.replace(plan, swapped_bytes=nbytes, compressed=not raw)
+            memory.check_fits(model, new, arriving, self.device, check_vram=False)
+            return raw
+        except InsufficientHostMemoryError as error:
+            if raw or self.config.transfer_compression != "auto":
+                raise
+            logger.warning(
+                "transfer_compression auto: %s Sending the units swapped anew raw.",
+                str(error).split(". ")[0] + ".",
+            )
+        arriving = dataclasses.replace(plan, swapped_bytes=nbytes, compressed=False)
+        memory.check_fits(model, new, arriving, self.device, check_vram=False)
+        return True
+
+    @property
+    def _packs_any(self) -> bool:
+        """Whether some unit travels packed, or will once a loader fills it and it is sealed."""
+        return any(stored.compress for stored in self.units)
+
+    def _watch_compression(self) -> None:
+        """``transfer_compression="auto"`` on a GPU: time forwards to decide whether the
+        packed copies pay (``compression_switch``), once some unit travels packed."""
+        if (
+            self._auto is None
+            and self.config.transfer_compression == "auto"
+            and self._packs_any
+            and self.device.type == "cuda"
+        ):
+            self._auto = CompressionAutoSwitch(self.device)
 
     def _detach(self) -> None:
         """Stop streaming: close the scheduler (its GPU memory goes) and take the hooks off.

@@ -1448,8 +1448,7 @@ def test_auto_re_plans_in_place_keeping_what_both_plans_swap_packed(
     # back where it started (a block of slack beyond): the units the plan keeps on the GPU
     # share the loader's memory again, as after remove()
     free["bytes"] = _free_for_weights(comfy, swapped, sizes, shape, len(sizes.blocks) - 0.5)
-    _prepare(comfy, swapped, shape)
-    comfy.model_management.unload_all_models()
+    _prepare(comfy, swapped, shape)  # loaded after: on the CPU core moves nothing
     assert _states[private].swap is swap and len(swap.units) < len(before)
     swapped_names = {ref.qualname for s in swap.units for ref in s.unit.tensors}
     loader = dict(patcher.model.diffusion_model.named_parameters())
@@ -1459,6 +1458,29 @@ def test_auto_re_plans_in_place_keeping_what_both_plans_swap_packed(
         if name not in swapped_names and tensor.data_ptr() == loader[name].data_ptr()
     ]
     assert len(shared) == len(loader) - len(swapped_names)
+    comfy.model_management.unload_all_models()
+    assert torch.equal(run(comfy, swapped, inputs), expected)
+    comfy.model_management.unload_all_models()
+
+    # stopped after the engine re-planned (here in rebinding): the swap is removed, not left
+    # under records of the old plan; the next run applies the plan again
+    from comfyui_wan_blockswap.callbacks import comfy_adapter
+
+    rebind = comfy_adapter.rebind_unloaded
+
+    def failing(*args):
+        monkeypatch.setattr(comfy_adapter, "rebind_unloaded", rebind)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(comfy_adapter, "rebind_unloaded", failing)
+    free["bytes"] = _free_for_weights(comfy, swapped, sizes, shape, len(sizes.blocks) - 3.5)
+    with pytest.raises(KeyboardInterrupt):
+        _prepare(comfy, swapped, shape)
+    assert private not in _states and comfy_adapter._auto_options.get(private) is not None
+    assert comfy_adapter.get_block_swap(private) is None
+    _prepare(comfy, swapped, shape)
+    assert _states[private].swap.plan.kind == "streamed"
+    comfy.model_management.unload_all_models()
     assert torch.equal(run(comfy, swapped, inputs), expected)
     assert_untouched(patcher)
 
