@@ -182,6 +182,67 @@ def test_replan_after_a_partial_switch_to_raw_keeps_staging_for_units_still_pack
     swap.remove()
 
 
+class _Switch:
+    """Stands for CompressionAutoSwitch (which times forwards on a GPU): never decides."""
+
+    def __init__(self, device):
+        self.decided = False
+
+    def begin(self, *args):
+        pass
+
+    def end(self, *args):
+        pass
+
+    def keep_compression(self):
+        return None
+
+
+def test_auto_compression_is_watched_from_the_re_plan_that_first_packs(monkeypatch):
+    """transfer_compression="auto": a swap whose first plan packed nothing gets its switch
+    when a re-plan packs; an undecided switch goes when a re-plan leaves nothing packed (it
+    would find every forward compute-bound and drop compression for later plans), a decided
+    one stays."""
+    from comfyui_wan_blockswap.wan_blockswap import engine
+
+    monkeypatch.setattr(engine, "_times_forwards", lambda device: True)
+    monkeypatch.setattr(engine, "CompressionAutoSwitch", _Switch)
+    model = _toy()
+    expected = _outputs(model)
+    swap = _apply(model, blocks_to_swap=0, transfer_compression="auto")
+    assert swap._auto is None
+    swap.replan(SwapConfig(blocks_to_swap=3, transfer_compression="auto"))
+    first = swap._auto
+    assert isinstance(first, _Switch) and all(s.transfer is not None for s in swap.units)
+    assert all(torch.equal(a, b) for a, b in zip(_outputs(model), expected))
+    swap.replan(SwapConfig(blocks_to_swap=0, transfer_compression="auto"))
+    assert swap._auto is None
+    swap.replan(SwapConfig(blocks_to_swap=3, transfer_compression="auto"))
+    assert swap._auto is not None and swap._auto is not first
+    swap._auto.decided = True
+    decided = swap._auto
+    swap.replan(SwapConfig(blocks_to_swap=0, transfer_compression="auto"))
+    assert swap._auto is decided
+    swap.remove()
+
+
+@pytest.mark.parametrize("window", [6_000, 9_000, 14_000, 30_000])
+def test_units_a_re_plan_packs_anew_travel_as_a_fresh_apply_would_send_them(window):
+    """Whether a unit travels packed in a streamed window depends on the unit before it;
+    one that stays swapped holds placeholders, so its stored size counts."""
+    model = _toy()
+    target = dict(vram_budget_gb=streamed_budget_gb(model, window), transfer_compression=True)
+    fresh = _apply(copy.deepcopy(model), **target)
+    packs = {s.name: s.transfer is not None for s in fresh.units}
+    fresh.remove()
+    swap = _apply(model, blocks_to_swap=6, transfer_compression=True)
+    kept = {s.name for s in swap.units}
+    swap.replan(SwapConfig(**target))
+    new = {s.name: s.transfer is not None for s in swap.units if s.name not in kept}
+    assert new and new == {name: packs[name] for name in new}
+    swap.remove()
+
+
 def test_replan_refuses_what_it_cannot_do_and_changes_nothing():
     model = _toy()
     expected = _outputs(model)

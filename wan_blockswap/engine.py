@@ -31,7 +31,13 @@ from .errors import (
 from .fixed_slots import FixedSlots
 from .hooks import register_state_dict_hook, unit_post_hook, unit_pre_hook
 from .layout import ModelLayout
-from .model_sizes import choose_units, measure_model, packed_bytes, unit_layout
+from .model_sizes import (
+    choose_units,
+    every_candidate,
+    measure_model,
+    packed_bytes,
+    unit_layout,
+)
 from .plan import plan_swap
 from .swap_plan import ModelSizes, SwapPlan
 from .scheduler import PrefetchScheduler
@@ -138,6 +144,7 @@ class BlockSwap(SwappedWeights):
         # Every candidate unit as measured at apply (``measure_model``), and the placeholders
         # swapped tensors point at: what :meth:`replan` chooses from and binds to
         self._candidates: dict[str, Any] = {}
+        self._unit_bytes: dict[str, int] = {}  # each candidate's packed bytes, by name
         self._placeholders = Placeholders()
         # ``transfer_compression="auto"`` dropped the packed copies: units swapped from now on
         # travel raw too
@@ -173,6 +180,7 @@ class BlockSwap(SwappedWeights):
         swap.layout = layout = unit_layout(layout, config.chunk_tokens)
         units, sizes = measure_model(model, layout)
         swap.sizes, swap._candidates = sizes, units
+        swap._unit_bytes = {unit.name: packed_bytes(unit) for unit in every_candidate(units)}
         try:
             chosen = swap._plan_and_check(model, units, config, move_resident)
         except InsufficientHostMemoryError as error:
@@ -259,11 +267,8 @@ class BlockSwap(SwappedWeights):
         swapped_ids: set[int] = set()
         stores = storage_devices(self.storage, len(chosen))
         with torch.no_grad():
-            self._pack(
-                chosen,
-                [self._compresses(u, p, self.plan) for p, u in _with_previous(chosen)],
-                stores,
-            )
+            sizes = [packed_bytes(unit) for unit in chosen]
+            self._pack(chosen, self._packing(sizes, self.plan), stores)
             for stored in self.units:
                 swapped_ids.update(id(ref.get()) for ref in stored.unit.tensors)
             for ref in tensor_refs(self.model, "", set()) if self.move_resident else ():
@@ -329,18 +334,21 @@ class BlockSwap(SwappedWeights):
             debug=self.config.debug,
         )
 
-    def _compresses(self, unit: SwapUnit, previous: SwapUnit, plan: SwapPlan) -> bool:
-        """Whether ``unit`` travels packed under ``plan`` (``previous`` runs before it, as far
-        as the model's declared order tells). In a streamed plan its packed bytes take GPU memory too while
-        it is in flight, so it travels packed only if it still fits in the window beside the
-        unit before it: one that cannot be prefetched while that unit runs stalls the link
-        for longer than packing saves (H100, Wan 14B at 1,560 tokens: packing the first
-        projection of each block, which follows a 135 MiB FFN layer, cost time)."""
+    def _packing(self, sizes: list[int], plan: SwapPlan) -> list[bool]:
+        """Whether each unit of the plan, of ``sizes`` bytes in the plan's order, travels
+        packed. In a streamed plan its packed bytes take GPU memory too while it is in flight,
+        so it travels packed only if it still fits in the window beside the unit before it (as
+        far as the model's declared order tells; the first one's is the last one's: copies
+        wrap round to the next forward): one that cannot be prefetched while that unit runs
+        stalls the link for longer than packing saves (H100, Wan 14B at 1,560 tokens: packing
+        the first projection of each block, which follows a 135 MiB FFN layer, cost time)."""
         if not plan.compressed:
-            return False
+            return [False] * len(sizes)
         window = plan.window_bytes
-        needed = packed_bytes(previous) + packed_bytes(unit) * (1 + memory.PACKED_SHARE)
-        return not window or needed <= window
+        return [
+            not window or previous + nbytes * (1 + memory.PACKED_SHARE) <= window
+            for previous, nbytes in zip(sizes[-1:] + sizes[:-1], sizes)
+        ]
 
     def _attach_hooks(self) -> None:
         assert self.model is not None and self.scheduler is not None
@@ -444,10 +452,11 @@ class BlockSwap(SwappedWeights):
         # units swapped anew travel raw once "auto" dropped the packed copies
         raw = self._compression_dropped or not plan.compressed
         raw = self._check_host_for(model, new, plan, raw)
-        packed = {
-            u.name: not raw and self._compresses(u, p, plan) for p, u in _with_previous(chosen)
-        }
-        new_packed, stores = [packed[u.name] for u in new], [None] * len(new)
+        # as measured at apply: swapped tensors hold placeholders now
+        sizes = [self._unit_bytes[unit.name] for unit in chosen]
+        names = [unit.name for unit in chosen]
+        packed = dict(zip(names, self._packing(sizes, plan))) if not raw else {}
+        new_packed, stores = [packed.get(u.name, False) for u in new], [None] * len(new)
         # No comprehension below in this frame: Python 3.12 inlines them, and an exception that
         # a trace function raises inside one (tests/test_replan.py's interrupts, on 3.12.1)
         # skipped this frame's handlers, leaving the swap half re-planned.
@@ -474,6 +483,7 @@ class BlockSwap(SwappedWeights):
         except BaseException:
             self.remove()
             raise
+        return_freed_host_memory()  # what restoring and freeing buffers left in the heap
         logger.debug("re-planned %s in place:\n%s", type(model).__name__, self.describe())
         return ReplanCounts(kept=len(kept), packed=len(new), restored=len(leaving))
 
@@ -533,12 +543,16 @@ class BlockSwap(SwappedWeights):
 
     def _watch_compression(self) -> None:
         """``transfer_compression="auto"`` on a GPU: time forwards to decide whether the
-        packed copies pay (``compression_switch``), once some unit travels packed."""
+        packed copies pay (``compression_switch``), once some unit travels packed. An
+        undecided switch goes once none does: with no packed copy to time it would read every
+        forward as compute-bound and drop compression for the units of later plans too."""
+        if self._auto is not None and not self._auto.decided and not self._packs_any:
+            self._auto = None
         if (
             self._auto is None
             and self.config.transfer_compression == "auto"
             and self._packs_any
-            and self.device.type == "cuda"
+            and _times_forwards(self.device)
         ):
             self._auto = CompressionAutoSwitch(self.device)
 
@@ -669,7 +683,6 @@ class BlockSwap(SwappedWeights):
         self._swapped_index.clear()
 
 
-def _with_previous(units: list[SwapUnit]) -> list[tuple[SwapUnit, SwapUnit]]:
-    """``(previous, unit)`` for each unit, the last one's previous being the first's (a
-    forward's copies wrap round to the next forward)."""
-    return list(zip(units[-1:] + units[:-1], units))
+def _times_forwards(device: torch.device) -> bool:
+    """Whether forwards on ``device`` can be timed for ``transfer_compression="auto"``."""
+    return device.type == "cuda"

@@ -85,6 +85,16 @@ def measure_model(model: nn.Module, layout: ModelLayout) -> tuple[dict[str, Any]
     return candidates, sizes
 
 
+def every_candidate(units: dict[str, Any]) -> list[SwapUnit]:
+    """Every unit of ``measure_model``'s candidates, of every granularity."""
+    return [
+        *units["blocks"].values(),
+        *(unit for layers in units["layers"].values() for unit in layers),
+        *(unit for kind in units["embeddings"].values() for unit in kind),
+        *units["stream_layers"],
+    ]
+
+
 def choose_units(units: dict[str, Any], plan: SwapPlan) -> list[SwapUnit]:
     chosen: list[SwapUnit] = []
     if plan.kind == "streamed":  # the layers outside the blocks too
