@@ -50,7 +50,6 @@ from ..wan_blockswap import (
 )
 from ..wan_blockswap.engine import measure_model
 from ..wan_blockswap.plan import min_streamed_budget, plan_swap
-from ..wan_blockswap.storage import return_freed_host_memory
 from ..wan_blockswap.units import register_fused_weights
 
 from . import comfy_auto
@@ -276,7 +275,6 @@ def _replan_loaded_weights(base_model: Any, state: _State, config: SwapConfig) -
         replanned = register_swap(base_model.diffusion_model, swap, config, state.arch, auto=True)
         # units the plan keeps on the GPU came back as copies: the shared memory again
         rebind_unloaded(base_model, swap.swapped_tensor_ids())
-        return_freed_host_memory()  # the restored copies rebinding let go
         release_file_pages(base_model)
     except BaseException:
         remove_swap(base_model)
