@@ -267,7 +267,7 @@ class BlockSwap(SwappedWeights):
         swapped_ids: set[int] = set()
         stores = storage_devices(self.storage, len(chosen))
         with torch.no_grad():
-            sizes = [packed_bytes(unit) for unit in chosen]
+            sizes = [self._unit_bytes[unit.name] for unit in chosen]  # measured in apply
             self._pack(chosen, self._packing(sizes, self.plan), stores)
             for stored in self.units:
                 swapped_ids.update(id(ref.get()) for ref in stored.unit.tensors)
