@@ -303,13 +303,20 @@ def _rss(pid: int) -> int:
 
 
 class Sampler:
-    """Peak host RSS of a process and peak device memory (NVML), sampled on a thread."""
+    """Peak host RSS of a process and peak device memory (NVML), sampled on a thread; and
+    the GPU's state while it computes (SM clock, temperature, power), since an arm that runs
+    on a warmer GPU runs at a lower clock (session 25: arms alternated to tell the two)."""
+
+    BUSY = 90  # % utilisation from which a sample counts as computing
 
     def __init__(self, pid: int, interval: float = 0.05) -> None:
         self.pid, self.interval = pid, interval
         self.peak_rss = 0
+        self.peak_rss_at = 0.0  # seconds after the start
         self.peak_device = 0
         self.peak_process = 0  # what NVML counts for the process itself
+        self.busy: list[tuple[int, int, int]] = []  # (SM MHz, deg C, mW) while computing
+        self._started = time.time()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._nvml = _nvml_handle()
@@ -325,13 +332,46 @@ class Sampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self.peak_rss = max(self.peak_rss, _rss(self.pid))
+                rss = _rss(self.pid)
+                if rss > self.peak_rss:
+                    self.peak_rss, self.peak_rss_at = rss, time.time() - self._started
             except OSError:
                 pass
             if self._nvml is not None:
                 self.peak_device = max(self.peak_device, device_used(self._nvml))
                 self.peak_process = max(self.peak_process, process_vram(self.pid))
+                self._sample_state()
             self._stop.wait(self.interval)
+
+    def _sample_state(self) -> None:
+        import pynvml
+
+        try:
+            if pynvml.nvmlDeviceGetUtilizationRates(self._nvml).gpu < self.BUSY:
+                return
+            self.busy.append(
+                (
+                    pynvml.nvmlDeviceGetClockInfo(self._nvml, pynvml.NVML_CLOCK_SM),
+                    pynvml.nvmlDeviceGetTemperature(self._nvml, pynvml.NVML_TEMPERATURE_GPU),
+                    pynvml.nvmlDeviceGetPowerUsage(self._nvml),
+                )
+            )
+        except pynvml.NVMLError:
+            pass
+
+    def gpu_state(self) -> dict[str, float] | None:
+        """Mean SM clock (MHz), mean and peak temperature (C), mean power (W) over the
+        samples taken while the GPU computed; None without any."""
+        if not self.busy:
+            return None
+        count = len(self.busy)
+        return dict(
+            sm_mhz=round(sum(b[0] for b in self.busy) / count, 1),
+            temp_c=round(sum(b[1] for b in self.busy) / count, 1),
+            temp_c_peak=max(b[1] for b in self.busy),
+            power_w=round(sum(b[2] for b in self.busy) / count / 1000, 1),
+            samples=count,
+        )
 
 
 def _nvml_handle() -> Any:

@@ -153,6 +153,8 @@ def run_config(
         node = {**node, "blocks_to_swap": blocks}
     rates, peaks_vram, peaks_process, peaks_rss, latents = [], [], [], [], []
     prompt_times: list[float] = []
+    rss_each: list[list[float]] = []  # per prompt: peak RSS (GiB), seconds into the prompt
+    gpu_each: list[dict | None] = []  # per prompt: the GPU's clock and heat while computing
     status, error = "ok", ""
     # prompt 0: cfg 1 (compared with core); prompt 1: cfg 5, a warm-up (a plan from a first
     # measurement, core's cond batching); the rest timed. A fast row warms up twice: auto's
@@ -189,6 +191,9 @@ def run_config(
             result = server.queue(prompt, timeout=900)
         peaks_vram.append(max(0, sampler.peak_device - hog_vram - idle_used) / GIB)
         peaks_rss.append(sampler.peak_rss / GIB)
+        # which prompt peaks (a re-plan's or a steady one's), and when in it
+        rss_each.append([round(sampler.peak_rss / GIB, 3), round(sampler.peak_rss_at, 1)])
+        gpu_each.append(sampler.gpu_state())
         peaks_process.append(sampler.peak_process / GIB)
         needs.extend(float(n) for n in NEED.findall(result.get("log", "")))
         for line in kept_log_lines(result.get("log", "")):
@@ -228,6 +233,8 @@ def run_config(
         peak_vram_gib=round(max(peaks_vram), 3) if peaks_vram else None,
         peak_vram_process_gib=round(max(peaks_process), 3) if peaks_process else None,
         peak_rss_gib=round(max(peaks_rss), 3) if peaks_rss else None,
+        peak_rss_each=rss_each,
+        gpu_state_each=gpu_each,
         status=status,
         error=error,
         latent=latents[0] if latents else None,
@@ -364,7 +371,12 @@ def main() -> int:
                 "write_s": round(time.time() - t0, 1),
             }
     references: dict[tuple[int, int, float], str] = {}
+    # An arm named twice runs twice, each time in a new server: core, ours, ours, core cancels
+    # a drift that is linear in time (the GPU warming up) from the comparison (session 25)
+    rounds: dict[str, int] = {}
     for arm in args.arms:
+        rounds[arm] = rounds.get(arm, 0) + 1
+        arm_round = rounds[arm]
         # probe: /free returns before the worker has unloaded (a static model's weights take
         # seconds to copy back), so wait for the worker, not for NVML to look steady
         server = cs.Server(
@@ -402,6 +414,7 @@ def main() -> int:
                     # core's own output moves with free VRAM (12 against 7 GiB differed by 0.014
                     # on the H100, session 16: comfyui_dynamic_h100.json), so each row is
                     # compared with core's at the same free VRAM
+                    row["round"] = arm_round
                     key = (blocks, frames, free_gib)
                     if arm == "core_dynamic" and row.get("latent") and key not in references:
                         references[key] = row["latent"]
@@ -427,7 +440,8 @@ def main() -> int:
             if hog is not None:  # what the server keeps after /free at the end of the arm
                 server.free()
                 kept = cs.process_vram(server.process.pid) - server.idle_vram
-                result.setdefault("after_free", {})[arm] = {
+                name = arm if arm_round == 1 else f"{arm}#{arm_round}"
+                result.setdefault("after_free", {})[name] = {
                     "kept_gib": round(kept / GIB, 3),
                     "report": server.cuda_report() if kept > LEFTOVER else None,
                 }

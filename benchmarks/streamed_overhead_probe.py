@@ -66,6 +66,15 @@ ARMS: dict[str, dict[str, Any]] = {
     "least + 0.61 block, no chunks": dict(window_blocks=0.61, chunk_tokens=0),
     "least + 3 blocks": dict(window_blocks=3.0),
     "all - 1.35 blocks": dict(swapped_blocks=1.35),
+    # session 25: the look-ahead. Streamed plans now prefetch a block's worth of bytes ahead;
+    # "one layer ahead" puts back what they did before (one unit ahead of the one in use)
+    "least + 0.61 block, no chunks, one layer ahead": dict(
+        window_blocks=0.61, chunk_tokens=0, one_layer_ahead=True
+    ),
+    "least + 2 blocks, no chunks": dict(window_blocks=2.0, chunk_tokens=0),
+    "least + 2 blocks, no chunks, one layer ahead": dict(
+        window_blocks=2.0, chunk_tokens=0, one_layer_ahead=True
+    ),
 }
 
 
@@ -94,6 +103,8 @@ def run_arm(model: Any, layout: Any, name: str, inputs: dict, opts: Any, chunks:
         swap = apply_block_swap(
             model, config_for(model, layout, arm, chunks), layout=layout, device=opts.device
         )
+        if arm.get("one_layer_ahead"):  # any unit ahead fills the look-ahead
+            swap.scheduler.provider.lookahead_bytes = 1
     else:
         model.to(opts.device)
     try:
@@ -122,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="default 3 (GPU), 1 (--cpu)")
     parser.add_argument("--iters", type=int, default=None, help="timed forwards per arm and round")
     parser.add_argument("--cpu", action="store_true", help="smoke run: small dims, few tokens")
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     args = parser.parse_args(argv)
     if not args.comfyui:
         sys.exit("name the core tree: --comfyui PATH or COMFYUI_PATH")
@@ -147,9 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     chunks = CHUNK_TOKENS[mode]
     rounds = args.rounds or (1 if args.cpu else 3)
-    found: dict[str, list[dict]] = {name: [] for name in ARMS}
+    arms = ["gpu"] + [a for a in args.arms if a != "gpu"]  # the reference runs always
+    found: dict[str, list[dict]] = {name: [] for name in arms}
     for index in range(rounds):
-        order = list(ARMS) if index % 2 == 0 else list(reversed(ARMS))
+        order = arms if index % 2 == 0 else list(reversed(arms))
         for name in order:
             found[name].append(run_arm(model, layout, name, inputs, opts, chunks))
             print(f"round {index} {name}: {found[name][-1]['samples_ms']}", flush=True)

@@ -22,6 +22,9 @@ HEAD_DIM = 128  # every Wan size uses 128-wide attention heads
 TOKEN_WISE = ("ffn",)
 # ComfyUI's WanFeedForward folds its GELU into an INT8 down-projection ([Note: fused parts])
 FUSED = ("ffn",)
+# [Note: grouped parts] in wan_blockswap/units.py
+GROUPED = ("cross_attn",)
+GROUPED_DIFFUSERS = ("attn2",)
 
 
 def _count(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> int:
@@ -104,7 +107,11 @@ COMFYUI = ArchConfig(
         name="wan",
         block_lists=(
             BlockListLayout(
-                "blocks", key_prefix="blocks.{index}.", token_wise=TOKEN_WISE, fused=FUSED
+                "blocks",
+                key_prefix="blocks.{index}.",
+                token_wise=TOKEN_WISE,
+                fused=FUSED,
+                grouped=GROUPED,
             ),
         ),
         txt_emb=("text_embedding",),
@@ -132,7 +139,11 @@ COMFYUI_VACE = ArchConfig(
         name="wan_vace",
         block_lists=(
             BlockListLayout(
-                "blocks", key_prefix="blocks.{index}.", token_wise=TOKEN_WISE, fused=FUSED
+                "blocks",
+                key_prefix="blocks.{index}.",
+                token_wise=TOKEN_WISE,
+                fused=FUSED,
+                grouped=GROUPED,
             ),
             BlockListLayout(
                 "vace_blocks",
@@ -140,6 +151,7 @@ COMFYUI_VACE = ArchConfig(
                 key_prefix="vace_blocks.{index}.",
                 token_wise=TOKEN_WISE,
                 fused=FUSED,
+                grouped=GROUPED,
             ),
         ),
         txt_emb=("text_embedding",),
@@ -165,7 +177,12 @@ DIFFUSERS = ArchConfig(
     layout=ModelLayout(
         name="wan",
         block_lists=(
-            BlockListLayout("blocks", key_prefix="blocks.{index}.", token_wise=TOKEN_WISE),
+            BlockListLayout(
+                "blocks",
+                key_prefix="blocks.{index}.",
+                token_wise=TOKEN_WISE,
+                grouped=GROUPED_DIFFUSERS,
+            ),
         ),
         txt_emb=("condition_embedder.text_embedder",),
         img_emb=("condition_embedder.image_embedder",),
@@ -187,9 +204,18 @@ DIFFUSERS_VACE = ArchConfig(
     layout=ModelLayout(
         name="wan_vace",
         block_lists=(
-            BlockListLayout("blocks", key_prefix="blocks.{index}.", token_wise=TOKEN_WISE),
             BlockListLayout(
-                "vace_blocks", role="vace", key_prefix="vace_blocks.{index}.", token_wise=TOKEN_WISE
+                "blocks",
+                key_prefix="blocks.{index}.",
+                token_wise=TOKEN_WISE,
+                grouped=GROUPED_DIFFUSERS,
+            ),
+            BlockListLayout(
+                "vace_blocks",
+                role="vace",
+                key_prefix="vace_blocks.{index}.",
+                token_wise=TOKEN_WISE,
+                grouped=GROUPED_DIFFUSERS,
             ),
         ),
         txt_emb=("condition_embedder.text_embedder",),

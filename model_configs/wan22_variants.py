@@ -23,7 +23,7 @@ cross-attention sits inside each block (``WanAttentionBlockAudio``) and moves wi
 """
 
 from .base import ArchConfig, BlockListLayout, ModelLayout
-from .wan import ACTIVATION_BYTES_PER_TOKEN_CHANNEL, COMFYUI as WAN, FUSED, VARIANTS
+from .wan import ACTIVATION_BYTES_PER_TOKEN_CHANNEL, COMFYUI as WAN, FUSED, GROUPED, VARIANTS
 
 # wan.comfyui's own streamed modules (the time embedding and projection)
 _WAN_STREAMED = WAN.layout.stream_modules
@@ -39,7 +39,11 @@ def _record(name: str, required: str, detect_key: str, extra: tuple[str, ...]) -
         layout=ModelLayout(
             name=name,
             # core's default WanAttentionBlock: its FFN runs fused ([Note: fused parts])
-            block_lists=(BlockListLayout("blocks", key_prefix="blocks.{index}.", fused=FUSED),),
+            block_lists=(
+                BlockListLayout(
+                    "blocks", key_prefix="blocks.{index}.", fused=FUSED, grouped=GROUPED
+                ),
+            ),
             txt_emb=WAN.layout.txt_emb,
             img_emb=WAN.layout.img_emb,
             stream_modules=_WAN_STREAMED + extra,

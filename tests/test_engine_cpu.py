@@ -554,7 +554,7 @@ def test_each_memory_provider_names_its_own_fix_when_it_is_full():
     with pytest.raises(BlockSwapError, match="raise prefetch_blocks"):
         FixedSlots(streams, [unit], num_slots=2, slot_bytes=64).take(0)
     with pytest.raises(BlockSwapError, match="vram_budget_gb") as error:
-        WindowAllocator(streams, [unit], window_bytes=1024, lookahead=1).take(0)
+        WindowAllocator(streams, [unit], window_bytes=1024, lookahead_bytes=1).take(0)
     assert "prefetch_blocks" not in str(error.value)
 
 

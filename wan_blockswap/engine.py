@@ -56,7 +56,7 @@ from .units import (
     tensor_refs,
     token_wise_modules,
 )
-from .window_allocator import WindowAllocator
+from .window_allocator import WindowAllocator, block_lookahead_bytes
 
 logger = logging.getLogger("wan_blockswap")
 
@@ -314,9 +314,9 @@ class BlockSwap(SwappedWeights):
         streams = DeviceStreams(self.device, timing=self.config.debug)
         provider: FixedSlots | WindowAllocator
         if self.plan.kind == "streamed":
-            provider = WindowAllocator(
-                streams, self.units, self.plan.window_bytes, self.config.prefetch_blocks
-            )
+            assert self.sizes is not None
+            lookahead = block_lookahead_bytes(self.sizes, self.plan, self.config.prefetch_blocks)
+            provider = WindowAllocator(streams, self.units, self.plan.window_bytes, lookahead)
         else:
             provider = FixedSlots(
                 streams,

@@ -109,7 +109,7 @@ class FixedSlots:
     def invalidate(self) -> None:
         self.piece_targets.clear()
 
-    def admits(self, stored: StoredUnit, ahead: int) -> bool:
+    def admits(self, stored: StoredUnit, ahead: Sequence[InFlight]) -> bool:
         return True  # a free slot is enough
 
     def take(self, index: int) -> InFlight:

@@ -44,6 +44,10 @@ class BlockListLayout:
             weights read so (the host says which: ``units.register_fused_weights``) it swaps
             as one unit; see [Note: fused parts] in ``units``. A path a block lacks is passed
             over.
+        grouped: paths, inside one block, of submodules whose large layers travel as one
+            unit: parts where some layers compute too little to hide the next layer's copy
+            (Wan's cross-attention: its k and v see only the text tokens). See [Note:
+            grouped parts] in ``units``. A path a block lacks is passed over.
     """
 
     path: str
@@ -51,6 +55,7 @@ class BlockListLayout:
     key_prefix: str = ""
     token_wise: tuple[str, ...] = ()
     fused: tuple[str, ...] = ()
+    grouped: tuple[str, ...] = ()
 
     def block_key_prefix(self, key: str) -> str:
         """The checkpoint key prefix of the block stored under ``key`` in this list."""

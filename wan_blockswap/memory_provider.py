@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import torch
 
@@ -69,8 +69,8 @@ class MemoryProvider(Protocol):
     @property
     def held_bytes(self) -> int: ...
 
-    def admits(self, stored: StoredUnit, ahead: int) -> bool:
-        """Whether prefetching ``stored`` now, with ``ahead`` units prefetched, fits."""
+    def admits(self, stored: StoredUnit, ahead: Sequence[InFlight]) -> bool:
+        """Whether prefetching ``stored`` now, with the units ``ahead`` prefetched, fits."""
 
     def take(self, index: int) -> InFlight:
         """A free record for unit ``index`` (the one still holding it, if any), taken out of

@@ -290,7 +290,7 @@ class PrefetchScheduler:
             index = self.schedule[self.cursor]
             if index in self.pending:  # wrapped: everything ahead is already here
                 break
-            if not provider.admits(self.units[index], len(self.ahead)):
+            if not provider.admits(self.units[index], self.ahead):
                 break
             if self.hold_at_forward_edge and self._before_first_wait and self.ahead:
                 break  # see [Note: holding copies at a forward's edge]

@@ -7,14 +7,22 @@ resident, so fixed slots cannot go below a few of the largest layers plus those 
 (Wan 14B: 0.61 GiB). ComfyUI core at a zero weight budget holds one layer at a time, sized to
 that layer, and peaks at its activations plus its largest layer (0.35 GiB at 1,560 tokens,
 where Wan's 315 MB ``time_projection`` is that layer). A streamed plan does the same with
-prefetch: at most ``window_bytes`` of units are on the GPU at once, prefetched or in use, at
-most ``prefetch_blocks`` of them ahead of the one in use, and a unit larger than the window
-loads alone. Both limits matter. The window bounds the peak where a large layer is the peak
-(Wan's time projection at 1,560 tokens). The depth bounds it where activations are: at
-32,760 tokens Wan peaks inside self-attention, between its projections, and a window that
-lets both FFN layers sit on the GPU at once (270 MiB, one copy hidden behind the other's
-matmul) would there fill with four attention projections instead; one layer ahead keeps that
-to one (H100, comfyui benchmark: the peak stayed 2% above core's).
+prefetch: at most ``window_bytes`` of units are on the GPU at once, prefetched or in use, and
+the units ahead of the one in use stop once they hold ``prefetch_blocks`` blocks' worth of
+streamed bytes (the largest block's); a unit larger than the window loads alone, and the
+least plan's window holds one layer at a time. The window bounds the peak: it is what the
+plan gives the weights beside the forward (``vram_budget_gb``, or what auto measured).
+
+Why a block's worth of bytes ahead, not a count of layers: a layer's copy must hide behind
+the compute of the layers before it, and some layers compute almost nothing. Wan's
+cross-attention k and v see 512 text tokens; at 32,760 video tokens their copies (about 1 ms
+each on PCIe Gen5) outlast their matmuls, and with one layer ahead each waited on its own
+copy: 1.6% of an 81-frame forward outside the server (H100, session 19's
+streamed_overhead_probe) and 1.7% of core's s/it in it, alternating the arms (session 25). A
+block's layers together compute far longer than they take to copy at any size where copies
+hide at all, as core's prefetch, which looks ahead by block, relies on. (Until session 25 the
+look-ahead was one layer, to hold the peak down inside self-attention, where a wider window
+fills with four attention projections instead of one; the window is the budget for that.)
 
 Memory crosses streams safely without fixed slots:
   prefetch(u): the buffer is allocated on the compute stream C (like any activation), C
@@ -44,28 +52,40 @@ from .memory_provider import InFlight
 from .storage import _align
 from .stored_unit import StoredUnit
 from .streams import DeviceStreams
+from .swap_plan import ModelSizes, SwapPlan
 
 # Records for units in flight, each with its events; the window and the look-ahead, not
 # this, bound how many are taken (at most MAX_PREFETCH_BLOCKS ahead plus the one in use).
 RECORDS = 32
 
 
+def block_lookahead_bytes(sizes: ModelSizes, plan: SwapPlan, prefetch_blocks: int) -> int:
+    """The bytes a streamed plan prefetches ahead of the unit in use: ``prefetch_blocks``
+    times the largest swapped block's streamed layers ([Note: streamed plans])."""
+    swapped = set(plan.swapped)
+    block = max(
+        (sum(b.layer_bytes) for b in sizes.blocks if b.name in swapped),
+        default=max(sizes.stream_layer_bytes, default=0),
+    )
+    return prefetch_blocks * block
+
+
 class WindowAllocator:
-    """GPU memory per unit (a :class:`MemoryProvider`): at most ``lookahead`` units ahead of
-    the one in use, and at most ``window_bytes`` of them on the GPU; with nothing on the GPU
-    the next unit always loads (alone, if larger than the window)."""
+    """GPU memory per unit (a :class:`MemoryProvider`): units ahead of the one in use until
+    they hold ``lookahead_bytes``, and at most ``window_bytes`` of them on the GPU; with
+    nothing on the GPU the next unit always loads (alone, if larger than the window)."""
 
     def __init__(
         self,
         streams: DeviceStreams,
         units: Sequence[StoredUnit],
         window_bytes: int,
-        lookahead: int,
+        lookahead_bytes: int,
     ) -> None:
         self.streams = streams
         self.units = list(units)
         self.window_bytes = window_bytes
-        self.lookahead = lookahead
+        self.lookahead_bytes = lookahead_bytes
         self.inference = False
         self.flights: list[InFlight] = []
         self.free: deque[InFlight] = deque()
@@ -113,11 +133,14 @@ class WindowAllocator:
             return stored.nbytes + int(PACKED_SHARE * stored.nbytes)
         return stored.nbytes
 
-    def admits(self, stored: StoredUnit, ahead: int) -> bool:
+    def admits(self, stored: StoredUnit, ahead: Sequence[InFlight]) -> bool:
         held = self.held
         if not held:
             return True
-        if ahead >= self.lookahead:  # see [Note: streamed plans] for why both limits
+        if self.lookahead_bytes <= 0:  # prefetch_blocks=0: each unit loads when it runs
+            return False
+        # a block's worth of bytes ahead, in the window ([Note: streamed plans])
+        if ahead and sum(flight.held for flight in ahead) >= self.lookahead_bytes:
             return False
         return held + self._cost(stored) <= self.window_bytes
 
