@@ -605,7 +605,7 @@ _COMFY_WAN_TINY = dict(
     text_len=512,
     in_dim=4,
     dim=32,
-    ffn_dim=64,
+    ffn_dim=80,  # 2.5x dim, as Wan (2.7x): its FFN, not its cross-attention, is the largest unit
     freq_dim=256,
     text_dim=16,
     out_dim=4,
@@ -617,7 +617,7 @@ _COMFY_WAN_TINY = dict(
     eps=1e-6,
 )
 _COMFY_WAN_DETECTABLE = dict(
-    _COMFY_WAN_TINY, in_dim=16, dim=128, ffn_dim=256, text_dim=4096, out_dim=16, num_heads=1
+    _COMFY_WAN_TINY, in_dim=16, dim=128, ffn_dim=320, text_dim=4096, out_dim=16, num_heads=1
 )
 _COMFY_HUNYUAN_TINY = dict(
     image_model="hunyuan_video",

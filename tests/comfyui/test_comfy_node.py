@@ -304,8 +304,8 @@ def test_weight_patches_on_a_vram_budget_plan_equal_core(comfy):
     plan = plan_for(model, SwapConfig(vram_budget_gb=budget, swap_unit="layer"), layout)
     kept = set(plan.kept_layers)
     assert kept and len(plan.swapped) == len(sizes.blocks)  # every block streams some layers
-    layer_keys = {
-        (block, i): f"diffusion_model.{unit.name}.weight"
+    layer_keys = {  # a unit's first weight (a grouped part's unit holds several layers)
+        (block, i): f"diffusion_model.{unit.tensors[0].qualname}"
         for block, layers in units["layers"].items()
         for i, unit in enumerate(layers)
     }
@@ -710,8 +710,9 @@ def test_auto_refits_the_plan_to_each_latents_memory_estimate(comfy, pack, monke
     mm.unload_all_models()
 
     required = estimate(small)
-    # not room for every block: the non-block weights and 3.5 blocks' worth
-    free["bytes"] = required + sizes.other_bytes + 3 * block + block // 2
+    # not room for every block: the non-block weights and 3.8 blocks' worth (the slots take
+    # 0.8 of a tiny block: its FFN is a third of it, as Wan 14B's)
+    free["bytes"] = required + sizes.other_bytes + 3 * block + 4 * block // 5
     prepare(small)
     state = _states[private]
     plan = state.swap.plan
@@ -726,10 +727,10 @@ def test_auto_refits_the_plan_to_each_latents_memory_estimate(comfy, pack, monke
     prepare(small)  # same latent: the plan still fits, nothing is repacked
     assert _states[private].swap is swap_before
     mm.unload_all_models()
-    free["bytes"] += block // 2  # the free VRAM moves a little: no repacking either
+    free["bytes"] += block // 8  # the free VRAM moves a little: no repacking either
     prepare(small)
     assert _states[private].swap is swap_before
-    free["bytes"] -= block // 2
+    free["bytes"] -= block // 8
 
     mm.unload_all_models()
     # a longer video: core estimates more activation memory, so more blocks stream
@@ -1358,7 +1359,8 @@ def test_auto_keeps_every_weight_resident_once_they_fit_within_the_block_of_slac
     spare = block // 4
     monkeypatch.setattr(comfy_adapter, "ALL_RESIDENT_SLACK", spare)  # a tiny model's blocks
     blocks = len(sizes.blocks)
-    free["bytes"] = _free_for_weights(comfy, swapped, sizes, shape, blocks - 0.5)
+    # the slots take 0.8 of a tiny block (its FFN is a third of it, as Wan 14B's)
+    free["bytes"] = _free_for_weights(comfy, swapped, sizes, shape, blocks - 0.2)
     _prepare(comfy, swapped, shape)
     comfy.model_management.unload_all_models()
     state = _states[private]  # a new one at every re-plan
@@ -1384,7 +1386,7 @@ def test_auto_keeps_every_weight_resident_once_they_fit_within_the_block_of_slac
     # a budget just short of every weight (a latent that needs a little more, say) shrinks
     # the plan; back at the first budget, growing keeps the block of slack again: latents
     # either side of "everything fits" taking turns would repack the model at every turn
-    free["bytes"] = everything + estimate - block // 2
+    free["bytes"] = everything + estimate - block // 5
     _prepare(comfy, swapped, shape)
     comfy.model_management.unload_all_models()
     shrunk = _states[private]
@@ -1395,7 +1397,7 @@ def test_auto_keeps_every_weight_resident_once_they_fit_within_the_block_of_slac
         _prepare(comfy, swapped, shape)
         comfy.model_management.unload_all_models()
         assert _states[private] is shrunk
-        free["bytes"] = everything + estimate - block // 2
+        free["bytes"] = everything + estimate - block // 5
         _prepare(comfy, swapped, shape)
         comfy.model_management.unload_all_models()
         assert _states[private] is shrunk
@@ -1447,7 +1449,7 @@ def test_auto_re_plans_in_place_keeping_what_both_plans_swap_packed(
 
     # back where it started (a block of slack beyond): the units the plan keeps on the GPU
     # share the loader's memory again, as after remove()
-    free["bytes"] = _free_for_weights(comfy, swapped, sizes, shape, len(sizes.blocks) - 0.5)
+    free["bytes"] = _free_for_weights(comfy, swapped, sizes, shape, len(sizes.blocks) - 0.2)
     _prepare(comfy, swapped, shape)  # loaded after: on the CPU core moves nothing
     assert _states[private].swap is swap and len(swap.units) < len(before)
     swapped_names = {ref.qualname for s in swap.units for ref in s.unit.tensors}

@@ -15,6 +15,9 @@ def test_cpu_smoke_run_times_every_arm_with_equal_outputs(tmp_path, comfy):
         "least + 0.61 block, no chunks",
         "least + 3 blocks",
         "all - 1.35 blocks",
+        "least + 0.61 block, no chunks, one layer ahead",
+        "least + 2 blocks, no chunks",
+        "least + 2 blocks, no chunks, one layer ahead",
     ]
     assert rows["gpu"]["plan"] is None and rows["gpu"]["ratio_to_gpu"] == 1.0
     assert rows["chunks only"]["plan"] == "none" and rows["chunks only"]["swapped_gib"] == 0
