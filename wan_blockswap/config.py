@@ -54,8 +54,9 @@ class SwapConfig:
         offload_img_emb: stream the image embedding (i2v CLIP projection) from host memory too.
         prefetch_blocks: look-ahead depth; the GPU holds ``prefetch_blocks + 1`` swap slots.
             ``0`` loads each block only when the previous one finished (least VRAM, no overlap).
-            In a streamed plan (see ``vram_budget_gb``): layers prefetched ahead of the one in
-            use.
+            In a streamed plan (see ``vram_budget_gb``): layers are prefetched ahead of the one
+            in use until they hold this many blocks' worth of streamed bytes, within the
+            window.
         non_blocking: asynchronous host-to-device copies. ``False`` makes the host wait for each
             copy (debugging aid; no overlap).
         resident_blocks: explicit indices (over the main block lists) that stay on the GPU;

@@ -208,17 +208,18 @@ def _parts(block: BlockRef, paths: tuple[str, ...]) -> list[nn.Module]:
 
 
 # [Note: grouped parts]
-# A layer unit's copy hides behind the compute of the units before it, and the scheduler
-# looks ahead by one unit in fixed slots (prefetch_blocks=1: two slots). Some layers compute
-# almost nothing: Wan's cross-attention k and v project the 512 text tokens, while their
-# copies (52 MB each at 14B, about 1.1 ms on PCIe Gen5) come between q and o, which see every
-# video token. As units of their own, at 32,760 tokens each waited on its copy, and the
-# FFN's copy after o outlasted o's matmul: on an H100 in the server, 40 blocks at 81 frames
-# with 7 GiB free (two 270 MiB slots) ran at 1.2-1.5% above core's s/it with the arms
-# alternated (session 25; core streams by block). Records name such parts
-# (``BlockListLayout.grouped``) and each travels as one unit: the cross-attention's copy
-# then hides behind self-attention, and the FFN's behind the whole cross-attention. A
-# grouped part no larger than the block's largest unit leaves the slots as they were.
+# A layer unit's copy hides behind the compute of the units before it, and fixed slots look
+# ahead by one unit (prefetch_blocks=1: two slots). Some layers compute almost nothing: Wan's
+# cross-attention k and v project the 512 text tokens, while their copies (52 MB each at 14B,
+# about 1 ms on PCIe Gen5) sit between q and o, which see every video token. As units of
+# their own, the GPU idled on copies: on an H100 in the server (40 Wan-14B blocks, 81 frames,
+# 7 GiB free, two 270 MiB slots, arms alternated) ours ran at 1.3-1.6% above core's s/it, at a
+# higher SM clock than core's for the same power. Records name such parts
+# (``BlockListLayout.grouped``) and each travels as one unit, whose copy hides behind the
+# self-attention: the same run then gave 1.0025x core's s/it and 0.995x its prompt time,
+# at core's clock (session 25, benchmarks/results/comfyui_dynamic_h100.json,
+# benchmark_run16). A grouped part larger than the block's other units makes the slots
+# larger (Wan 14B with its FFN layers as units of their own: 200 MiB slots, not 135).
 
 
 def token_wise_modules(block: BlockRef) -> list[nn.Module]:

@@ -14,15 +14,16 @@ least plan's window holds one layer at a time. The window bounds the peak: it is
 plan gives the weights beside the forward (``vram_budget_gb``, or what auto measured).
 
 Why a block's worth of bytes ahead, not a count of layers: a layer's copy must hide behind
-the compute of the layers before it, and some layers compute almost nothing. Wan's
-cross-attention k and v see 512 text tokens; at 32,760 video tokens their copies (about 1 ms
-each on PCIe Gen5) outlast their matmuls, and with one layer ahead each waited on its own
-copy: 1.6% of an 81-frame forward outside the server (H100, session 19's
-streamed_overhead_probe) and 1.7% of core's s/it in it, alternating the arms (session 25). A
-block's layers together compute far longer than they take to copy at any size where copies
-hide at all, as core's prefetch, which looks ahead by block, relies on. (Until session 25 the
-look-ahead was one layer, to hold the peak down inside self-attention, where a wider window
-fills with four attention projections instead of one; the window is the budget for that.)
+the compute of the layers before it, and some layers compute almost nothing (Wan's
+cross-attention k and v see the 512 text tokens; see [Note: grouped parts] in ``units``).
+With one layer ahead the GPU waits on such copies; a block's layers together compute far
+longer than they take to copy wherever copies can hide at all, which core's prefetch, looking
+ahead by block, relies on too. Outside the server (H100, 8 Wan-14B blocks, 32,760 tokens, a
+0.40 GiB window, session 25: benchmarks/results/streamed_lookahead_h100.json) a forward took
+1.0142x the all-on-GPU time with one layer ahead and 1.0095x with a block's bytes. (Until
+then the look-ahead was one layer, to hold the peak down inside self-attention, where a wider
+window fills with four attention projections instead of one; the window is the budget for
+that, and the least plan's holds one layer at a time.)
 
 Memory crosses streams safely without fixed slots:
   prefetch(u): the buffer is allocated on the compute stream C (like any activation), C
