@@ -58,6 +58,7 @@ from .comfy_private import (
     existing_private,
     file_page_dropper,
     is_dynamic,
+    origin_lookup,
     private_model,
     rebind_unloaded,
     release_file_pages,
@@ -262,7 +263,7 @@ def _replan_loaded_weights(base_model: Any, state: _State, config: SwapConfig) -
     swap = state.swap
     started = time.perf_counter()
     try:
-        counts = swap.replan(config)
+        counts = swap.replan(config, origin_lookup(base_model))
     except (BlockSwapStateError, InsufficientHostMemoryError) as error:
         logger.info("wan_blockswap auto: packing the model again (%s)", error)
         remove_swap(base_model)
@@ -273,7 +274,9 @@ def _replan_loaded_weights(base_model: Any, state: _State, config: SwapConfig) -
     try:
         # first: a state whose records (swapped modules, patches) are the new plan's
         replanned = register_swap(base_model.diffusion_model, swap, config, state.arch, auto=True)
-        # units the plan keeps on the GPU came back as copies: the shared memory again
+        # units the plan keeps on the GPU point at the shared memory (the engine's replan
+        # took it from origin_lookup); core's unload moved the resident weights back as
+        # copies, and a unit it could not point so came back as one: the shared memory again
         rebind_unloaded(base_model, swap.swapped_tensor_ids())
         release_file_pages(base_model)
     except BaseException:

@@ -29,7 +29,7 @@ import inspect
 import logging
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
@@ -337,6 +337,18 @@ def rebind_unloaded(private: Any, skip: set[int]) -> int:
         return 0
     freed = _rebind_set_in_model_dtype(private, entry.origins, skip)
     return freed + rebind_to_origins(private, entry.origins, skip)
+
+
+def origin_lookup(private: Any) -> Callable[[str], torch.Tensor | None] | None:
+    """By a tensor's name inside ``private.diffusion_model``, the shared memory it started
+    from (the loader's), or None for a model that is not ours: where the engine points the
+    units a re-plan gives back to the GPU's share, so that they are not copied out of pinned
+    memory first, only to be rebound here (``BlockSwap.replan``'s ``origin``)."""
+    entry = _by_private.get(private)
+    if entry is None:
+        return None
+    origins = entry.origins
+    return lambda name: origins.get(f"diffusion_model.{name}")
 
 
 def _rebind_set_in_model_dtype(private: Any, origins: dict, skip: set[int]) -> int:

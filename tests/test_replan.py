@@ -359,3 +359,39 @@ def test_replan_on_cuda_keeps_pinned_storage_and_outputs(case):
     swap.remove()
     assert registered_host_bytes() == pinned_before
     assert all(t.device.type == "cuda" for t in model.parameters())
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["raw", "compressed"])
+def test_units_going_back_point_at_the_origin_given_instead_of_a_copy(compress, monkeypatch):
+    """A host that keeps its own copy of the weights (ComfyUI's loader) names it: the units a
+    re-plan keeps on the device point at that memory, with no copy out of host memory in
+    between; a tensor the origin cannot stand for (another dtype) is copied as before."""
+    from comfyui_wan_blockswap.wan_blockswap import stored_unit
+
+    model = _toy()
+    expected = _outputs(model)
+    origins = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    odd = "blocks.0.qkv.weight"
+    origins[odd] = origins[odd].float()  # cannot stand for a bf16 weight
+    swap = _apply(model, blocks_to_swap=5, transfer_compression=compress)
+    copies = []
+    copy_with_strides = stored_unit.copy_with_strides
+
+    def counting(values, *args):
+        copies.append(tuple(values.shape))
+        return copy_with_strides(values, *args)
+
+    monkeypatch.setattr(stored_unit, "copy_with_strides", counting)
+    counts = swap.replan(SwapConfig(blocks_to_swap=1, transfer_compression=compress), origins.get)
+    assert counts.restored == 4
+    weights = dict(model.named_parameters())
+    for block in range(4):  # blocks 0-3 left the swap (spread keeps the last one)
+        for name in ("qkv.weight", "proj.bias", "ffn.2.weight"):
+            key = f"blocks.{block}.{name}"
+            if key != odd:
+                assert weights[key].data_ptr() == origins[key].data_ptr(), key
+    assert weights[odd].data_ptr() != origins[odd].data_ptr()
+    assert copies == [tuple(origins[odd].shape)]
+    assert all(torch.equal(a, b) for a, b in zip(_outputs(model), expected))
+    swap.remove()
+    assert all(torch.equal(a, b) for a, b in zip(_outputs(model), expected))

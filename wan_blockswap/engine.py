@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import weakref
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -424,11 +424,18 @@ class BlockSwap(SwappedWeights):
         self.plan, self.config = plan, config
         provider.window_bytes = plan.window_bytes
 
-    def replan(self, config: SwapConfig) -> ReplanCounts:
+    def replan(
+        self,
+        config: SwapConfig,
+        origin: Callable[[str], torch.Tensor | None] | None = None,
+    ) -> ReplanCounts:
         """Adopt the plan ``config`` makes for this model, which may differ from the applied
         config only in the plan's size (``REPLAN_FIELDS``), without packing again what stays
         swapped. See [Note: re-planning in place]. A weight transform (:meth:`set_transform`)
-        is dropped: set it again for the new units.
+        is dropped: set it again for the new units. ``origin``: by a tensor's qualified name,
+        memory that already holds its weights (a host's own copy), which units the new plan
+        keeps on the device point at instead of a copy out of host memory (see
+        :meth:`StoredUnit.restore`): no transient copy of them in host RAM.
 
         Raises :class:`BlockSwapStateError`, having changed nothing, for a swap that moved
         resident weights to the device itself or stores blocks on a donor GPU, or for other
@@ -465,7 +472,7 @@ class BlockSwap(SwappedWeights):
             self.plan, self.config = plan, config
             with torch.no_grad():
                 for stored in leaving:
-                    stored.restore()
+                    stored.restore(origin)
                 self._pack(new, new_packed, stores)
             self.units = self._in_order(chosen)
             if plan.compressed and not self._packs_any:  # no unit travels packed

@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import os
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import torch
 
@@ -241,11 +242,14 @@ class StoredUnit:
                 ref.replace(wrapped[i])
             start += count
 
-    def restore(self) -> None:
+    def restore(self, origin: Callable[[str], torch.Tensor | None] | None = None) -> None:
         """Give every tensor its own memory again on its original device; free the host buffer.
 
         Tensors that started on the meta device (lazy-loaded skeletons) come back on the CPU.
         A unit stopped before its buffer was filled only frees it ([Note: unit states]).
+        ``origin``: by a tensor's qualified name, memory that holds its weights already (a
+        host's own copy, the same values) to point it at instead of a copy out of the host
+        buffer; used where its device, dtype, size and strides are the tensor's.
         """
         filled = self.state >= UnitState.FILLED or (self.awaits_data and self.host_views)
         if not filled or len(self.host_views) != len(self.pieces):
@@ -253,16 +257,36 @@ class StoredUnit:
             self.host_views = []
             return
         restored = []
-        for tensor, view, device, strides in zip(
-            self.pieces, self.host_views, self.original_devices, self.original_strides
+        for tensor, view, device, strides, given in zip(
+            self.pieces,
+            self.host_views,
+            self.original_devices,
+            self.original_strides,
+            self._origins(origin),
         ):
             target = torch.device("cpu") if device.type == "meta" else device
             with torch.inference_mode(tensor.is_inference()):  # [Note: inference tensors]
+                if _fits(given, view, target, strides):
+                    restored.append(torch.Tensor.detach(given))  # no copy: the host's memory
+                    continue
                 # Views of our buffer are copied out; weights kept in place (compressed) return
                 restored.append(copy_with_strides(view, target, strides, self.host is not None))
         self._point_at(restored, self.as_tensors(restored) if self._wraps else None)
         self.host_views = []
         self._free_host()
+
+    def _origins(
+        self, origin: Callable[[str], torch.Tensor | None] | None
+    ) -> list[torch.Tensor | None]:
+        """Per piece, what ``origin`` gives for its tensor's name (plain tensors only: a
+        wrapper's pieces are rebuilt, not looked up)."""
+        found: list[torch.Tensor | None] = []
+        for ref, template, count in zip(self.unit.tensors, self.templates, self.counts):
+            if template is None and origin is not None:
+                found.append(origin(ref.qualname))
+            else:
+                found.extend([None] * count)
+        return found
 
     def _free_host(self) -> None:
         self.unseal()
@@ -300,3 +324,18 @@ def allocate_empty(units: list[StoredUnit], pin: bool) -> None:
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blockswap-alloc") as pool:
         for future in [pool.submit(u.allocate, pin) for u in empty]:
             future.result()
+
+
+def _fits(
+    given: torch.Tensor | None,
+    view: torch.Tensor,
+    device: torch.device,
+    strides: tuple[int, ...] | None,
+) -> bool:
+    """Whether ``given`` can stand for the piece whose host view is ``view``: a plain tensor
+    on ``device`` of its dtype, size and kept strides (contiguous where none were kept)."""
+    if given is None or is_traceable_wrapper_subclass(given):
+        return False
+    if given.device != device or given.dtype != view.dtype or given.size() != view.size():
+        return False
+    return given.is_contiguous() if strides is None else given.stride() == strides

@@ -1450,8 +1450,17 @@ def test_auto_re_plans_in_place_keeping_what_both_plans_swap_packed(
     # back where it started (a block of slack beyond): the units the plan keeps on the GPU
     # share the loader's memory again, as after remove()
     free["bytes"] = _free_for_weights(comfy, swapped, sizes, shape, len(sizes.blocks) - 0.2)
+    from comfyui_wan_blockswap.wan_blockswap import stored_unit
+
+    copied = []  # no unit is copied out of host memory to be rebound right after
+    copy_with_strides = stored_unit.copy_with_strides
+    monkeypatch.setattr(
+        stored_unit, "copy_with_strides", lambda v, *a: copied.append(v) or copy_with_strides(v, *a)
+    )
     _prepare(comfy, swapped, shape)  # loaded after: on the CPU core moves nothing
+    monkeypatch.setattr(stored_unit, "copy_with_strides", copy_with_strides)
     assert _states[private].swap is swap and len(swap.units) < len(before)
+    assert not copied
     swapped_names = {ref.qualname for s in swap.units for ref in s.unit.tensors}
     loader = dict(patcher.model.diffusion_model.named_parameters())
     shared = [
