@@ -643,7 +643,13 @@ def _runs_whole(
     if cut_plan is None:
         return True
     whole_moved, cut_moved = _moved(whole_reserve, whole_plan), _moved(cut_reserve, cut_plan)
-    if whole_moved != cut_moved:
+    # Two streamed plans at as many forwards per step move every layer: a tie, though a
+    # grouped part's unit carries its small tensors too ([Note: grouped parts] in units)
+    tie = (
+        whole_plan.kind == cut_plan.kind == "streamed"
+        and whole_reserve.forwards_per_step == cut_reserve.forwards_per_step
+    )
+    if whole_moved != cut_moved and not tie:
         return whole_moved < cut_moved
     largest = max((max(b.layer_bytes, default=0) for b in whole_sizes.blocks), default=0)
     return whole_plan.window_bytes >= min(cut_plan.window_bytes, 2 * largest)

@@ -53,6 +53,11 @@ def test_the_look_ahead_is_the_largest_swapped_blocks_streamed_layers():
     assert block_lookahead_bytes(sizes, plan, 1) == block
     assert block_lookahead_bytes(sizes, plan, 3) == 3 * block
     assert block_lookahead_bytes(sizes, plan, 0) == 0
+    # no layer units in the blocks (only layers outside them stream): one unit ahead
+    bare = dataclasses.replace(
+        sizes, blocks=tuple(dataclasses.replace(b, layer_bytes=()) for b in sizes.blocks)
+    )
+    assert block_lookahead_bytes(bare, plan, 1) == 1
 
 
 @pytest.mark.parametrize("ahead", ["one layer", "a block"])
@@ -99,17 +104,23 @@ def test_a_streamed_plan_keeps_a_blocks_worth_of_layers_in_flight(ahead, monkeyp
     swap.remove()
 
 
+def _grouped_ffn(model):
+    base = toy_layout(model)
+    lists = tuple(dataclasses.replace(b, grouped=("ffn",)) for b in base.block_lists)
+    return dataclasses.replace(base, block_lists=lists)
+
+
+def _layer_names(model, layout) -> list[str]:
+    units, _ = measure_model(model, layout)
+    return [u.name for layers in units["layers"].values() for u in layers]
+
+
 def test_a_grouped_part_is_one_unit_and_outputs_stay_equal():
-    model = make_toy()
+    model = make_toy(ffn=32)  # the FFN (2,112 parameters) smaller than qkv (3,168)
     with torch.no_grad():
         expected = model(**toy_inputs(3))
-    base = toy_layout(model)
-    grouped = dataclasses.replace(
-        base,
-        block_lists=tuple(dataclasses.replace(b, grouped=("ffn",)) for b in base.block_lists),
-    )
-    units, _ = measure_model(model, grouped)
-    names = [u.name for layers in units["layers"].values() for u in layers]
+    grouped = _grouped_ffn(model)
+    names = _layer_names(model, grouped)
     assert "blocks.0.ffn" in names and "blocks.0.ffn.0" not in names
     swap = apply_block_swap(
         model, layout=grouped, device="cpu", blocks_to_swap=6, swap_unit="layer"
@@ -117,21 +128,46 @@ def test_a_grouped_part_is_one_unit_and_outputs_stay_equal():
     assert "blocks.0.ffn" in {u.name for u in swap.units}
     with torch.no_grad():
         assert torch.equal(model(**toy_inputs(3)), expected)
+        # a host calling the part's layers itself gets the weights for that call
+        x = torch.randn(2, 4, 32)
+        reference = swap.model.blocks[0].ffn[2].weight.numel()
+        assert reference == 0  # a placeholder between uses
+        out = model.blocks[0].ffn[0](x)
+        assert out.shape == (2, 4, 32) and model.blocks[0].ffn[0].weight.numel() == 0
     swap.remove()
+    with torch.no_grad():
+        assert torch.equal(model.blocks[0].ffn[0](x), out)
 
 
-def test_wan_records_group_the_cross_attention():
-    """Both Wan layouts: the cross-attention is one unit, the self-attention's projections
-    and the FFN's layers (run whole) are units of their own."""
+def test_a_part_larger_than_the_blocks_other_units_is_not_grouped():
+    """Grouped, the default toy's FFN (4,192 parameters) would be the block's largest unit
+    and make every slot larger: its layers stay units of their own."""
+    model = make_toy()
+    names = _layer_names(model, _grouped_ffn(model))
+    assert {"blocks.0.ffn.0", "blocks.0.ffn.2"} <= set(names) and "blocks.0.ffn" not in names
+
+
+def test_wan_records_group_the_cross_attention_where_the_ffn_is_the_larger_unit():
+    """Both Wan layouts name the cross-attention grouped. It is one unit where the FFN (run
+    in token chunks, one unit) is larger, as at 14B; where the FFN's layers are units of their
+    own (run whole) the cross-attention would be the largest unit, and its layers stay apart."""
     pytest.importorskip("diffusers")
     import tiny_models
 
     from comfyui_wan_blockswap import model_configs
 
-    model, _ = tiny_models.diffusers_wan_t2v()
-    layout = model_configs.match(model).layout.without_token_wise()
-    units, _ = measure_model(model, layout)
-    names = {u.name for layers in units["layers"].values() for u in layers}
-    assert "blocks.0.attn2" in names
-    assert not any(n.startswith("blocks.0.attn2.") for n in names)
-    assert {"blocks.0.attn1.to_q", "blocks.0.ffn.net.0.proj"} <= names
+    config = {**tiny_models._WAN_TINY, "ffn_dim": 80}  # 2.5x the width, as Wan's 2.7x
+    model = tiny_models._build_diffusers("WanTransformer3DModel", config, 0)
+    layout = model_configs.match(model).layout
+    assert layout.block_lists[0].grouped == ("attn2",)
+
+    def names(layout) -> set[str]:
+        units, _ = measure_model(model, layout)
+        return {u.name for layers in units["layers"].values() for u in layers}
+
+    chunked = names(layout)
+    assert {"blocks.0.attn2", "blocks.0.ffn", "blocks.0.attn1.to_q"} <= chunked
+    assert not any(n.startswith("blocks.0.attn2.") for n in chunked)
+    whole = names(layout.without_token_wise())
+    assert "blocks.0.attn2" not in whole
+    assert {"blocks.0.attn2.to_k", "blocks.0.ffn.net.0.proj"} <= whole

@@ -29,7 +29,7 @@ from .errors import (
     InsufficientMemoryError,
 )
 from .fixed_slots import FixedSlots
-from .hooks import register_state_dict_hook, unit_post_hook, unit_pre_hook
+from .hooks import inner_layer_hooks, register_state_dict_hook, unit_post_hook, unit_pre_hook
 from .layout import ModelLayout
 from .model_sizes import (
     choose_units,
@@ -51,6 +51,7 @@ from .units import (
     SwapUnit,
     TensorRef,
     find_blocks,
+    inner_layers,
     kept_strides,
     move_tensor,
     tensor_refs,
@@ -362,6 +363,10 @@ class BlockSwap(SwappedWeights):
             self._hooks.append(module.register_forward_pre_hook(before))
             self._hooks.append(module.register_forward_hook(after, always_call=True))
             self._hooks.append(register_state_dict_hook(module, stored.state_dict_hook))
+            for inner in inner_layers(stored.unit):  # a part's layers called on their own
+                before, after = inner_layer_hooks(scheduler, index)
+                self._hooks.append(inner.register_forward_pre_hook(before))
+                self._hooks.append(inner.register_forward_hook(after, always_call=True))
         for block in find_blocks(self.model, self.layout) if self.config.chunk_tokens else ():
             for part in token_wise_modules(block):  # [Note: token chunks]
                 self._hooks.append(TokenChunkedForward(part, self.config.chunk_tokens))

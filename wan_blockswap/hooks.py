@@ -42,6 +42,32 @@ def unit_post_hook(scheduler: PrefetchScheduler, index: int) -> Any:
     return hook
 
 
+def inner_layer_hooks(scheduler: PrefetchScheduler, index: int) -> tuple[Any, Any]:
+    """Hooks for a layer inside unit ``index`` whose module is a part, not a leaf (a grouped
+    or token-wise part): a host that calls the layer itself rather than through the part
+    (ComfyUI's CausalWanModel calls its cross-attention's q, k, v and o so) gets the unit's
+    weights for that call, fetched and released around it like any miss. Called through the
+    part, the unit is in use already and these do nothing. See [Note: grouped parts]."""
+    scheduler_ref = weakref.ref(scheduler)
+    fetched: list[bool] = []  # per call in progress (they may nest): whether it fetched
+
+    @torch.compiler.disable
+    def before(module: nn.Module, args: Any) -> None:
+        scheduler = scheduler_ref()
+        fetched.append(False)  # first: the post-hook runs even if the fetch fails
+        if scheduler is not None and index not in scheduler.in_use:
+            scheduler.wait(index)
+            fetched[-1] = True
+
+    @torch.compiler.disable
+    def after(module: nn.Module, args: Any, output: Any) -> None:
+        scheduler = scheduler_ref()
+        if fetched and fetched.pop() and scheduler is not None:
+            scheduler.release(index)
+
+    return before, after
+
+
 def register_state_dict_hook(module: nn.Module, hook: Any) -> Any:
     register = getattr(module, "register_state_dict_post_hook", None)
     if register is None:  # torch < 2.5

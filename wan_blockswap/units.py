@@ -186,15 +186,22 @@ def layer_units(block: BlockRef, exclude: set[int]) -> list[SwapUnit]:
     """
     total = sum(_nbytes(ref.get()) for ref in tensor_refs(block.module, "", exclude))
     threshold = max(1, int(total * LAYER_UNIT_MIN_SHARE))
-    parts = (
-        *token_wise_modules(block),
-        *fused_modules(block),
-        *_parts(block, block.list_layout.grouped),
-    )
-    whole = {id(m) for m in parts}
+    whole = {id(m) for m in (*token_wise_modules(block), *fused_modules(block))}
+    grouped = _parts(block, block.list_layout.grouped)
+    if grouped:  # [Note: grouped parts]: only where the block's largest unit stays as large
+        units = _large_leaves(
+            block.module, block.qualname, exclude, threshold, {id(block.module)}, whole
+        )
+        inside = {id(m) for part in grouped for m in part.modules()}
+        largest = max((u.nbytes for u in units if id(u.module) not in inside), default=0)
+        whole |= {id(part) for part in grouped if _bytes_of(part, exclude) <= largest}
     return _large_leaves(
         block.module, block.qualname, exclude, threshold, {id(block.module)}, whole
     )
+
+
+def _bytes_of(module: nn.Module, exclude: set[int]) -> int:
+    return sum(_nbytes(ref.get()) for ref in tensor_refs(module, "", exclude))
 
 
 def _parts(block: BlockRef, paths: tuple[str, ...]) -> list[nn.Module]:
@@ -218,8 +225,27 @@ def _parts(block: BlockRef, paths: tuple[str, ...]) -> list[nn.Module]:
 # (``BlockListLayout.grouped``) and each travels as one unit, whose copy hides behind the
 # self-attention: the same run then gave 1.0025x core's s/it and 0.995x its prompt time,
 # at core's clock (session 25, benchmarks/results/comfyui_dynamic_h100.json,
-# benchmark_run16). A grouped part larger than the block's other units makes the slots
-# larger (Wan 14B with its FFN layers as units of their own: 200 MiB slots, not 135).
+# benchmark_run16). Two limits:
+# - A part is grouped only where it is no larger than the block's largest other unit: a
+#   larger unit would make every slot larger and keep fewer layers resident (Wan 14B with its
+#   FFN layers as units of their own: 200 MiB slots, not 135; i2v's cross-attention, with
+#   k_img and v_img, is 300 MiB against the whole FFN's 270). So at 14B t2v the cross-attention
+#   is grouped where the FFN runs in token chunks (long videos, where compute hides copies),
+#   and not where it runs whole, nor ever for i2v.
+# - A host may call a grouped part's layers itself, not through the part (ComfyUI's
+#   CausalWanModel uses its cross-attention's q, k, v and o so): hooks on the layers fetch
+#   the unit around such a call, as on a miss (``hooks.inner_layer_hooks``); through the part
+#   they do nothing.
+
+
+def inner_layers(unit: SwapUnit) -> list[nn.Module]:
+    """The modules inside a layer unit's part (a grouped or token-wise part, not a leaf)
+    that own tensors: what a host might call on its own ([Note: grouped parts])."""
+    if unit.kind != "layer":
+        return []
+    return [
+        m for m in unit.module.modules() if m is not unit.module and (m._parameters or m._buffers)
+    ]
 
 
 def token_wise_modules(block: BlockRef) -> list[nn.Module]:

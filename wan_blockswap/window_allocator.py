@@ -55,8 +55,8 @@ from .stored_unit import StoredUnit
 from .streams import DeviceStreams
 from .swap_plan import ModelSizes, SwapPlan
 
-# Records for units in flight, each with its events; the window and the look-ahead, not
-# this, bound how many are taken (at most MAX_PREFETCH_BLOCKS ahead plus the one in use).
+# Records for units in flight, each with its events; the window and the look-ahead bound how
+# many are taken, and this caps them (a look-ahead of many small layers stops here).
 RECORDS = 32
 
 
@@ -64,11 +64,9 @@ def block_lookahead_bytes(sizes: ModelSizes, plan: SwapPlan, prefetch_blocks: in
     """The bytes a streamed plan prefetches ahead of the unit in use: ``prefetch_blocks``
     times the largest swapped block's streamed layers ([Note: streamed plans])."""
     swapped = set(plan.swapped)
-    block = max(
-        (sum(b.layer_bytes) for b in sizes.blocks if b.name in swapped),
-        default=max(sizes.stream_layer_bytes, default=0),
-    )
-    return prefetch_blocks * block
+    block = max((sum(b.layer_bytes) for b in sizes.blocks if b.name in swapped), default=0)
+    # blocks without layer units (only layers outside them stream): one unit ahead, as before
+    return prefetch_blocks * max(block, 1)
 
 
 class WindowAllocator:

@@ -993,9 +993,10 @@ def test_auto_plans_a_latent_whose_forward_cut_nothing_with_each_layer_a_unit(
     assert "each large layer a unit of its own" in caplog.text
     reduced = full.without_token_wise()
     assert swap.layout == reduced and swap.sizes == unswapped.sizes[reduced]
-    # the FFN's two layers are units of their own: the window is smaller, more stays resident
+    # the FFN's two layers are units of their own (and the cross-attention's, which would now
+    # be the largest unit: [Note: grouped parts]): the window is smaller, more stays resident
     layers = {len(b.layer_bytes) for b in swap.sizes.blocks}
-    assert layers == {len(b.layer_bytes) + 1 for b in sizes.blocks}, layers
+    assert layers == {len(b.layer_bytes) + 4 for b in sizes.blocks}, layers
     budget = swap.plan.budgeted_bytes
     with_chunk_units = plan_swap(sizes, swap.config)
     assert swap.plan.swapped_bytes < with_chunk_units.swapped_bytes, (swap.plan, budget)
@@ -1154,7 +1155,9 @@ def test_auto_runs_whole_at_a_streamed_tie_only_through_a_window_that_holds_two_
         _prepare(comfy, swapped, shape)
         comfy.model_management.unload_all_models()
         runs_whole = not _states[private].swap.cuts_token_wise
-        assert whole.swapped_bytes == cut.swapped_bytes  # every layer, whatever the window
+        # every layer, whatever the window (a grouped cross-attention's unit carries its
+        # norms' few bytes too: [Note: grouped parts])
+        assert whole.swapped_bytes == pytest.approx(cut.swapped_bytes, rel=1e-2)
         wide = whole.window_bytes >= min(cut.window_bytes, 2 * largest)
         assert runs_whole == wide, (steps, whole.window_bytes, cut.window_bytes, largest)
         outcomes.add(runs_whole)
