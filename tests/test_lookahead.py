@@ -128,12 +128,14 @@ def test_a_grouped_part_is_one_unit_and_outputs_stay_equal():
     assert "blocks.0.ffn" in {u.name for u in swap.units}
     with torch.no_grad():
         assert torch.equal(model(**toy_inputs(3)), expected)
-        # a host calling the part's layers itself gets the weights for that call
+        # a host calling the part's layers itself gets the weights for that call, and they
+        # stay until another unit is waited for or a forward ends
         x = torch.randn(2, 4, 32)
-        reference = swap.model.blocks[0].ffn[2].weight.numel()
-        assert reference == 0  # a placeholder between uses
+        assert model.blocks[0].ffn[2].weight.numel() == 0  # a placeholder between uses
         out = model.blocks[0].ffn[0](x)
-        assert out.shape == (2, 4, 32) and model.blocks[0].ffn[0].weight.numel() == 0
+        assert out.shape == (2, 4, 32) and model.blocks[0].ffn[2].weight.numel() > 0
+        assert torch.equal(model(**toy_inputs(3)), expected)
+        assert model.blocks[0].ffn[0].weight.numel() == 0 and not swap.scheduler.in_use
     swap.remove()
     with torch.no_grad():
         assert torch.equal(model.blocks[0].ffn[0](x), out)

@@ -46,24 +46,29 @@ def inner_layer_hooks(scheduler: PrefetchScheduler, index: int) -> tuple[Any, An
     """Hooks for a layer inside unit ``index`` whose module is a part, not a leaf (a grouped
     or token-wise part): a host that calls the layer itself rather than through the part
     (ComfyUI's CausalWanModel calls its cross-attention's q, k, v and o so) gets the unit's
-    weights for that call, fetched and released around it like any miss. Called through the
-    part, the unit is in use already and these do nothing. See [Note: grouped parts]."""
+    weights, fetched like any miss. The unit then stays in use until another unit is waited
+    for or the forward ends (``PrefetchScheduler.lingering``): such calls come in runs (q,
+    norm_q, o), and releasing after each would copy the whole part again for the next one.
+    Called through the part, the unit is in use already and these do nothing. See [Note:
+    grouped parts]."""
     scheduler_ref = weakref.ref(scheduler)
     fetched: list[bool] = []  # per call in progress (they may nest): whether it fetched
 
     @torch.compiler.disable
     def before(module: nn.Module, args: Any) -> None:
         scheduler = scheduler_ref()
-        fetched.append(False)  # first: the post-hook runs even if the fetch fails
+        fetched.append(False)  # first: the post-hook runs even if the pre-hook fails
         if scheduler is not None and index not in scheduler.in_use:
-            scheduler.wait(index)
+            # marked before waiting: wait may bind the unit and then fail (a prefetch after
+            # it); the post-hook must still let it go
             fetched[-1] = True
+            scheduler.wait(index)
 
     @torch.compiler.disable
     def after(module: nn.Module, args: Any, output: Any) -> None:
         scheduler = scheduler_ref()
-        if fetched and fetched.pop() and scheduler is not None:
-            scheduler.release(index)
+        if fetched and fetched.pop() and scheduler is not None and index in scheduler.in_use:
+            scheduler.lingering.add(index)  # released at the next other unit's wait
 
     return before, after
 

@@ -89,6 +89,9 @@ class PrefetchScheduler:
         self.debug = debug
         self.ahead: deque[InFlight] = deque()  # prefetched, in expected order of use
         self.in_use: dict[int, InFlight] = {}  # unit index -> its record
+        # units in use for a layer of a part called on its own, kept until another unit is
+        # waited for (hooks.inner_layer_hooks: consecutive calls reuse one copy)
+        self.lingering: set[int] = set()
         self.pending: set[int] = set()  # units prefetched or in use
         self.set_schedule(list(range(len(self.units))))
         self.observed: list[int] = []
@@ -212,6 +215,11 @@ class PrefetchScheduler:
 
     def wait(self, index: int) -> None:
         """Make unit ``index``'s weights usable by work queued next on the compute stream."""
+        if index in self.lingering:  # still bound from a call of one of its part's layers
+            self.lingering.discard(index)
+            return
+        for other in list(self.lingering):
+            self.release(other)
         flight = self._take(index)
         compute = self.streams.compute_stream()
         timing = flight.timing if self.debug else None
@@ -230,6 +238,7 @@ class PrefetchScheduler:
 
     def release(self, index: int) -> None:
         """Let unit ``index``'s memory be reused once the compute stream has finished with it."""
+        self.lingering.discard(index)
         flight = self.in_use.pop(index, None)
         if flight is None:
             return
@@ -391,6 +400,7 @@ class PrefetchScheduler:
         """Wait for in-flight copies and let go of the memory."""
         self.release_memory()
         self.in_use.clear()
+        self.lingering.clear()
         self.stats.pending.clear()
 
 
