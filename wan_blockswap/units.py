@@ -184,8 +184,7 @@ def layer_units(block: BlockRef, exclude: set[int]) -> list[SwapUnit]:
     once per chunk of tokens ([Note: token chunks]); so do its fused parts that hold weights
     read fused ([Note: fused parts]) and its grouped parts ([Note: grouped parts]).
     """
-    total = sum(_nbytes(ref.get()) for ref in tensor_refs(block.module, "", exclude))
-    threshold = max(1, int(total * LAYER_UNIT_MIN_SHARE))
+    threshold = max(1, int(_bytes_of(block.module, exclude) * LAYER_UNIT_MIN_SHARE))
     whole = {id(m) for m in (*token_wise_modules(block), *fused_modules(block))}
     grouped = _parts(block, block.list_layout.grouped)
     if grouped:  # [Note: grouped parts]: only where the block's largest unit stays as large
