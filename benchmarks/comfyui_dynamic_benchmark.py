@@ -28,8 +28,8 @@ UNETLoader -> [WAN BlockSwap] -> KSampler -> SaveLatent, Wan-14B-shaped random b
 
 Arms: ``core_dynamic`` (core's default), ``core_legacy`` (``--disable-dynamic-vram``),
 ``ours_default`` (our node, default widgets), ``ours_auto`` (preset auto), and others in
-``ARMS``; the experiment arms (``ours_no_chunks``, ``ours_margin_1_3``: the node on a copy of
-the pack with one constant changed) run only when ``--arms`` names them. Results are written
+``ARMS``; the experiment arms (``ours_no_chunks``, ``ours_margin_1_3``, ``ours_unpacked``: the
+node on a copy of the pack with one constant changed) run only when ``--arms`` names them. Results are written
 after every row, so a run cut short keeps what it measured.
 """
 
@@ -76,6 +76,17 @@ ARMS: dict[str, dict[str, Any]] = {
         node={},
         pack_patches={
             "callbacks/comfy_auto.py": ("MEASURED_MARGIN = 1.6", "MEASURED_MARGIN = 1.3")
+        },
+    ),
+    # fixed slots of layer units one unit per slot, as before session 26 ([Note: packed slots])
+    "ours_unpacked": dict(
+        args=(),
+        node={},
+        pack_patches={
+            "wan_blockswap/packed_slots.py": (
+                "PACK_LAYER_SLOTS = True",
+                "PACK_LAYER_SLOTS = False",
+            )
         },
     ),
 }

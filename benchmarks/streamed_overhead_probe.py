@@ -30,6 +30,7 @@ timed forwards; rounds alternate the arms' order, so drift cancels.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -47,6 +48,7 @@ from engine_refactor_compare import FAMILY, TEXT  # noqa: E402
 from comfyui_wan_blockswap import model_configs  # noqa: E402
 from comfyui_wan_blockswap.wan_blockswap import (  # noqa: E402
     SwapConfig,
+    packed_slots,
     apply_block_swap,
     min_vram_budget_gb,
     plan_for,
@@ -75,6 +77,15 @@ ARMS: dict[str, dict[str, Any]] = {
     "least + 2 blocks, no chunks, one layer ahead": dict(
         window_blocks=2.0, chunk_tokens=0, one_layer_ahead=True
     ),
+    # session 26: packed slots. Every block's layers through two fixed slots, packed ([Note:
+    # packed slots]) or one unit per slot; "cross-attention apart" drops the record's grouped
+    # parts, as i2v (and t2v with the FFN run whole) keep them apart ([Note: grouped parts])
+    "all swapped, layer slots": dict(layer_slots=True),
+    "all swapped, layer slots, one unit per slot": dict(layer_slots=True, unpacked=True),
+    "all swapped, layer slots, cross-attention apart": dict(layer_slots=True, apart=True),
+    "all swapped, layer slots, cross-attention apart, one unit per slot": dict(
+        layer_slots=True, apart=True, unpacked=True
+    ),
 }
 
 
@@ -86,6 +97,8 @@ def config_for(model: torch.nn.Module, layout: Any, arm: dict, chunk_tokens: int
     block = max(b.nbytes for b in sizes.blocks)
     if arm.get("resident"):
         return SwapConfig(blocks_to_swap=0, chunk_tokens=chunks)
+    if arm.get("layer_slots"):
+        return SwapConfig(swap_unit="layer", prefetch_blocks=1, chunk_tokens=chunks)
     if "window_blocks" in arm:
         least = SwapConfig(vram_budget_gb=min_vram_budget_gb(model, layout), chunk_tokens=chunks)
         budget = plan_for(model, least, layout).resident_bytes + arm["window_blocks"] * block
@@ -99,10 +112,18 @@ def run_arm(model: Any, layout: Any, name: str, inputs: dict, opts: Any, chunks:
     """``name``'s forwards, timed, and its plan; the engine removed after."""
     arm = ARMS[name]
     swap = None
+    if arm.get("apart"):  # the record's grouped parts as layers of their own
+        lists = tuple(dataclasses.replace(b, grouped=()) for b in layout.block_lists)
+        layout = dataclasses.replace(layout, block_lists=lists)
     if arm:
-        swap = apply_block_swap(
-            model, config_for(model, layout, arm, chunks), layout=layout, device=opts.device
-        )
+        packing = packed_slots.PACK_LAYER_SLOTS
+        packed_slots.PACK_LAYER_SLOTS = packing and not arm.get("unpacked")
+        try:
+            swap = apply_block_swap(
+                model, config_for(model, layout, arm, chunks), layout=layout, device=opts.device
+            )
+        finally:
+            packed_slots.PACK_LAYER_SLOTS = packing
         if arm.get("one_layer_ahead"):  # any unit ahead fills the look-ahead
             swap.scheduler.provider.lookahead_bytes = 1
     else:
@@ -114,6 +135,8 @@ def run_arm(model: Any, layout: Any, name: str, inputs: dict, opts: Any, chunks:
             "samples_ms": list(got.timing.samples_ms),
             "output": got.output,
             "plan": None if plan is None else plan.kind,
+            "provider": None if swap is None else type(swap.scheduler.provider).__name__,
+            "units": 0 if swap is None else len(swap.units),
             "swapped_gib": 0.0 if plan is None else round(plan.swapped_bytes / GIB, 3),
             "window_gib": 0.0 if plan is None else round(plan.window_bytes / GIB, 3),
             "chunked_calls": 0 if swap is None else swap.chunked_calls(),
@@ -179,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                 "ratio_to_gpu": round(median / gpu_ms, 4),
                 "rounds_ms": [round(statistics.median(r["samples_ms"]), 2) for r in runs],
                 "plan": last["plan"],
+                "provider": last["provider"],
+                "units": last["units"],
                 "swapped_gib": last["swapped_gib"],
                 "window_gib": last["window_gib"],
                 "chunked_calls": last["chunked_calls"],

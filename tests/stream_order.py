@@ -154,8 +154,8 @@ def tag_events(scheduler: Any) -> None:
             event = getattr(flight, tag)
             if isinstance(event, FakeEvent):
                 event.tag = tag
-    pool = getattr(provider, "pool", None)  # fixed slots: the pool's staging events
-    for tag in ("landed", "consumed"):
+    pool = getattr(provider, "pool", None)  # fixed slots: the pool's events
+    for tag in ("ready", "freed", "copied", "landed", "consumed"):
         for event in getattr(pool, tag, None) or ():
             if isinstance(event, FakeEvent):
                 event.tag = tag
@@ -180,6 +180,8 @@ class AccessLog(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if func.is_view:  # a view (slice, detach, view) is metadata: no kernel touches bytes
+            return out
         stream, clock = self.streams.tick()
         schema = func._schema
         name = schema.name.split("::")[-1]

@@ -16,7 +16,7 @@ from toy_models import make_toy, streamed_budget_gb, toy_inputs, toy_layout
 PLANS = {
     "fixed slots": dict(blocks_to_swap=5, prefetch_blocks=1),
     "fixed slots, deep prefetch": dict(blocks_to_swap=6, prefetch_blocks=3),
-    "layers": dict(blocks_to_swap=4, swap_unit="layer", offload_txt_emb=True),
+    "layers": dict(blocks_to_swap=4, swap_unit="layer", offload_txt_emb=True),  # packed slots
     "compressed": dict(blocks_to_swap=5, prefetch_blocks=1, transfer_compression=True),
     "streamed": "streamed",
     "streamed, compressed": "streamed+compressed",
@@ -98,6 +98,8 @@ def test_every_buffer_is_read_after_its_copy_and_overwritten_after_its_readers(p
         ("fixed slots", ("compute", "ready")),
         ("fixed slots", ("copy", "freed")),
         ("fixed slots, deep prefetch", ("copy", "freed")),
+        ("layers", ("compute", "ready")),
+        ("layers", ("copy", "freed")),
         ("compressed", ("compute", "ready")),
         ("compressed", ("copy", "freed")),
         ("streamed", ("compute", "ready")),
@@ -113,7 +115,9 @@ def test_without_a_scheduler_wait_the_checker_finds_the_race(plan, dropped):
     assert log.races  # ... the checker does
 
 
-@pytest.mark.parametrize("plan", ["fixed slots, deep prefetch", "compressed", "streamed", "vace"])
+@pytest.mark.parametrize(
+    "plan", ["fixed slots, deep prefetch", "layers", "compressed", "streamed", "vace"]
+)
 def test_holding_copies_at_the_forward_edge_queues_one_unit_in_order(plan):
     """[Note: holding copies at a forward's edge] By default, between forwards only the next
     forward's first unit is queued; the rest follow its wait, in order, with the same
@@ -128,3 +132,60 @@ def test_holding_copies_at_the_forward_edge_queues_one_unit_in_order(plan):
     if plan != "streamed":  # (a streamed window here holds one layer ahead anyway)
         assert all(len(units) > 1 for units in unheld), unheld  # unheld, more are queued
     assert stats.misses == unheld_stats.misses  # only the first forward's, learning the order
+
+
+@pytest.mark.parametrize("waits", [True, False], ids=["as built", "without the pool's waits"])
+def test_a_model_that_packs_after_compression_shares_the_pool_in_order(waits, monkeypatch):
+    """[Note: packed slots]: "auto" drops compression in one of two models sharing a pool
+    (Wan 2.2 A14B's experts); that model packs its slots in the same pool while the other
+    still decodes into them. Taking the pool over, the packed one first waits for the
+    slots' last writes (a prefetched unit's decode included); without that, a race."""
+    from comfyui_wan_blockswap.wan_blockswap.packed_slots import PackedSlots
+
+    shared = RecordingStreams(torch.device("cpu"))
+    monkeypatch.setattr(engine, "DeviceStreams", lambda device, timing=False: shared)
+    models = [make_toy(seed=s, dim=256, ffn=512, depth=6).to(torch.bfloat16) for s in (0, 1)]
+    inputs = {k: v.to(torch.bfloat16) for k, v in toy_inputs(0, dim=256).items()}
+    with torch.no_grad():
+        expected = [m(**inputs) for m in models]
+    swaps = [
+        apply_block_swap(
+            m,
+            layout=toy_layout(m),
+            device="cpu",
+            blocks_to_swap=4,
+            swap_unit="layer",
+            transfer_compression=True,
+        )
+        for m in models
+    ]
+    packing, plain = swaps
+    packing.drop_compression()
+    packing._pack_slots_once_raw()
+    assert isinstance(packing.scheduler.provider, PackedSlots)
+    assert not isinstance(plain.scheduler.provider, PackedSlots) and plain.compressed
+    assert packing.slot_pool_key() == plain.slot_pool_key()
+    if not waits:
+        allocate = PackedSlots.allocate
+
+        def without_waits(provider, user, inference):
+            shared.skip_waits.add(("copy", "ready"))
+            try:
+                allocate(provider, user, inference)
+            finally:
+                shared.skip_waits.discard(("copy", "ready"))
+
+        monkeypatch.setattr(PackedSlots, "allocate", without_waits)
+    log = AccessLog(shared)
+    with torch.no_grad():
+        for model, swap, want in [*zip(models[::-1], swaps[::-1], expected[::-1])] * 3:
+            swap.scheduler.allocate()
+            tag_events(swap.scheduler)
+            with log:
+                assert torch.equal(model(**inputs), want)
+    for swap in swaps:
+        swap.remove()
+    if waits:
+        assert not log.races, "\n".join(map(str, log.races[:5]))
+    else:
+        assert shared.skipped > 0 and log.races

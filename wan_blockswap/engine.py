@@ -17,7 +17,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import nn
 
-from . import memory, slot_pool
+from . import memory, packed_slots, slot_pool
 from .compression_switch import CompressionAutoSwitch
 from .config import SwapConfig
 from .donor_allocation import StoragePlan
@@ -29,6 +29,7 @@ from .errors import (
     InsufficientMemoryError,
 )
 from .fixed_slots import FixedSlots
+from .packed_slots import PackedSlots
 from .hooks import inner_layer_hooks, register_state_dict_hook, unit_post_hook, unit_pre_hook
 from .layout import ModelLayout
 from .model_sizes import (
@@ -313,11 +314,13 @@ class BlockSwap(SwappedWeights):
         """The memory provider the plan asks for, and the scheduler over ``self.units``."""
         assert self.plan is not None
         streams = DeviceStreams(self.device, timing=self.config.debug)
-        provider: FixedSlots | WindowAllocator
+        provider: FixedSlots | PackedSlots | WindowAllocator
         if self.plan.kind == "streamed":
             assert self.sizes is not None
             lookahead = block_lookahead_bytes(self.sizes, self.plan, self.config.prefetch_blocks)
             provider = WindowAllocator(streams, self.units, self.plan.window_bytes, lookahead)
+        elif packed_slots.packs(self.plan, len(self.units)):
+            provider = self._packed_slots(streams)
         else:
             provider = FixedSlots(
                 streams,
@@ -334,6 +337,24 @@ class BlockSwap(SwappedWeights):
             self.stats,
             debug=self.config.debug,
         )
+
+    def _packed_slots(self, streams: DeviceStreams) -> PackedSlots:
+        plan = self.plan
+        assert plan is not None
+        return PackedSlots(
+            streams, self.units, plan.num_slots, plan.slot_bytes, staging_bytes=plan.staging_bytes
+        )
+
+    def _pack_slots_once_raw(self) -> None:
+        """Every unit travels raw now ("auto" dropped compression): fixed slots of layer units
+        pack from this forward on, in the same pool ([Note: packed slots])."""
+        scheduler, plan = self.scheduler, self.plan
+        if scheduler is None or plan is None or self.compressed:
+            return
+        raw = dataclasses.replace(plan, compressed=False)
+        if isinstance(scheduler.provider, FixedSlots) and packed_slots.packs(raw, len(self.units)):
+            scheduler.release_memory()  # at a forward's start: nothing in use
+            scheduler.provider = self._packed_slots(scheduler.streams)
 
     def _packing(self, sizes: list[int], plan: SwapPlan) -> list[bool]:
         """Whether each unit of the plan, of ``sizes`` bytes in the plan's order, travels
@@ -640,6 +661,7 @@ class BlockSwap(SwappedWeights):
         if self._auto is not None:
             if self._auto.keep_compression() is False:
                 self.drop_compression()
+                self._pack_slots_once_raw()
             self._auto.begin(self.stats.raw_bytes_copied, scheduler)
         scheduler.begin_forward()
 

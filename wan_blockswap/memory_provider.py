@@ -1,6 +1,6 @@
 """The GPU memory a :class:`~.scheduler.PrefetchScheduler` fills: one :class:`InFlight`
 record per buffer, and the :class:`MemoryProvider` protocol that hands them out. The
-providers are :class:`~.fixed_slots.FixedSlots` and
+providers are :class:`~.fixed_slots.FixedSlots`, :class:`~.packed_slots.PackedSlots` and
 :class:`~.window_allocator.WindowAllocator`."""
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ class InFlight:
     staged: int = 0
     held: int = 0
     allocated_on: Any = None
+    slot: int | None = None  # PackedSlots only: the slot the buffer is part of
 
 
 class MemoryProvider(Protocol):
