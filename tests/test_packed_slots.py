@@ -113,3 +113,34 @@ def test_a_unit_that_finds_the_slots_full_names_the_fix():
     assert not provider.admits(provider.units[0], [])
     with pytest.raises(BlockSwapError, match="raise prefetch_blocks"):
         provider.take(0)
+
+
+def test_slots_taken_back_and_switched_to_packing_miss_nothing():
+    """Letting the slots go (an unload, another model taking the pool, the switch to
+    packing once "auto" sends every unit raw) drops the copies queued for the next forward;
+    the schedule goes back to them, so that forward copies them again first instead of
+    missing its first unit and relearning the order."""
+    model = make_toy(dim=256, ffn=512).to(torch.bfloat16)
+    inputs = {k: v.to(torch.bfloat16) for k, v in toy_inputs(1, dim=256).items()}
+    with torch.no_grad():
+        expected = model(**inputs)
+    swap = apply_block_swap(
+        model,
+        layout=toy_layout(model),
+        device="cpu",
+        blocks_to_swap=4,
+        swap_unit="layer",
+        transfer_compression=True,
+    )
+    assert isinstance(swap.scheduler.provider, FixedSlots)
+    with torch.no_grad():
+        for step in range(4):
+            if step == 1:
+                swap.scheduler.release_memory()
+            if step == 2:  # what _begin_forward does once auto decides raw
+                swap.drop_compression()
+                swap._pack_slots_once_raw()
+                assert isinstance(swap.scheduler.provider, PackedSlots)
+            assert torch.equal(model(**inputs), expected)
+            assert swap.stats.misses == 0 and swap.stats.relearned == 0, step
+    swap.remove()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from comfyui_wan_blockswap.wan_blockswap import apply_block_swap, engine
-from stream_order import AccessLog, FakeEvent, RecordingStreams, tag_events
+from stream_order import AccessLog, FakeEvent, FakeStream, RecordingStreams, tag_events
 from toy_models import make_toy, streamed_budget_gb, toy_inputs, toy_layout
 
 PLANS = {
@@ -189,3 +189,49 @@ def test_a_model_that_packs_after_compression_shares_the_pool_in_order(waits, mo
         assert not log.races, "\n".join(map(str, log.races[:5]))
     else:
         assert shared.skipped > 0 and log.races
+
+
+class _TwoComputeStreams(RecordingStreams):
+    """A host whose forwards compute on two streams in turn (the current one is compute)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.compute2 = FakeStream("compute2")
+        self.clocks["compute2"] = {"compute2": 0}
+
+    def compute_stream(self):
+        current = self.current()
+        return current if current.name.startswith("compute") else self.compute
+
+
+def test_units_of_one_packed_slot_released_on_two_compute_streams_stay_ordered(monkeypatch):
+    """[Note: packed slots]: a slot's units share its ``freed`` event; each release waits on
+    it before recording it, so the record chains the releases of every compute stream and
+    a copy into the emptied slot waits for all their reads (review of session 26: without
+    the chain, 20 races)."""
+    from comfyui_wan_blockswap.wan_blockswap.packed_slots import PackedSlots
+
+    streams = _TwoComputeStreams(torch.device("cpu"))
+    monkeypatch.setattr(engine, "DeviceStreams", lambda device, timing=False: streams)
+    model = make_toy(dim=256, ffn=512, depth=6).to(torch.bfloat16)
+    swap = apply_block_swap(
+        model, layout=toy_layout(model), device="cpu", blocks_to_swap=4, swap_unit="layer"
+    )
+    scheduler = swap.scheduler
+    assert isinstance(scheduler.provider, PackedSlots)
+    log = AccessLog(streams)
+    with torch.no_grad():
+        for _ in range(3):
+            scheduler.allocate()
+            tag_events(scheduler)
+            with log:
+                scheduler.begin_forward()
+                for index, stored in enumerate(swap.units):
+                    with streams.on(streams.compute2 if index % 2 else streams.compute):
+                        scheduler.wait(index)
+                        for ref in stored.unit.tensors:
+                            ref.get().sum()  # the compute stream reads the unit
+                        scheduler.release(index)
+                scheduler.end_forward(completed=True)
+    swap.remove()
+    assert not log.races, "\n".join(map(str, log.races[:5]))

@@ -347,9 +347,11 @@ class BlockSwap(SwappedWeights):
 
     def _pack_slots_once_raw(self) -> None:
         """Every unit travels raw now ("auto" dropped compression): fixed slots of layer units
-        pack from this forward on, in the same pool ([Note: packed slots])."""
+        pack from this forward on, in a pool of the same key (the same pool where another
+        model shares it) ([Note: packed slots])."""
         scheduler, plan = self.scheduler, self.plan
-        if scheduler is None or plan is None or self.compressed:
+        # a unit not sealed yet (a loader fills it) still travels packed once sealed
+        if scheduler is None or plan is None or self._packs_any:
             return
         raw = dataclasses.replace(plan, compressed=False)
         if isinstance(scheduler.provider, FixedSlots) and packed_slots.packs(raw, len(self.units)):

@@ -14,16 +14,19 @@ all land, and the copies wait only for a unit as large as a slot (which needs an
 one). The slots' VRAM is unchanged: the same pool, the same peak.
 
 Ordering (see [Note: stream ordering] in ``scheduler``): a unit's record takes its slot's
-``freed`` event, which every release in that slot records on the compute stream, so a copy
-into a slot waits for the compute stream to be done with every unit that was in the slot
-when it emptied (the latest record covers the earlier ones). Writes are ordered by the one
+``freed`` event, which every release in that slot first waits on and then records on the
+compute stream, so the record chains every release before it, on whatever compute stream,
+and a copy into the slot waits for every unit that was in it when it emptied. Writes are ordered by the one
 copy stream of the device, which every unit's copy and transform run on: packing is only
 for units without compressed transfers (whose decodes run on a stream of their own). A
 model that takes the pool over (``slot_pool``) waits on the same per-slot events, and a
 packed one first makes the copy stream wait on each slot's ``ready`` (the previous holder's
-last writes, a compressed unit's decodes included). Under ``transfer_compression="auto"``
-the plan starts compressed in fixed slots; once auto sends every unit raw, the next forward
-packs them, in the same pool (``BlockSwap._pack_slots_once_raw``).
+last writes, a compressed unit's decodes included). The other way round, a compressed
+model's decodes into a slot wait for chunks its copies land on the copy stream, after the
+packed copies queued there. Under ``transfer_compression="auto"`` the plan starts
+compressed in fixed slots; once auto sends every unit raw (none left to seal either), the
+next forward packs them, in a pool of the same key (``BlockSwap._pack_slots_once_raw``);
+the copies queued for that forward are dropped and the schedule goes back to them.
 
 What packing gives up: a unit's copy is not kept after release for reuse (with units more
 than slots, the same unit comes round only after the others have overwritten it), and each

@@ -2,7 +2,8 @@
 
 A :class:`PrefetchScheduler` decides which unit to copy next and when the compute stream may
 use it; a :class:`MemoryProvider` decides where on the GPU a unit lands: one of a few fixed
-slots (:class:`~.fixed_slots.FixedSlots`) or memory of the unit's own size within a window
+slots (:class:`~.fixed_slots.FixedSlots`), a place in one of them beside other units
+(:class:`~.packed_slots.PackedSlots`), or memory of the unit's own size within a window
 (:class:`~.window_allocator.WindowAllocator`). Each unit on its way to the GPU, or on it, is
 one :class:`InFlight`: its buffer and the events that order the streams around it. The
 lifecycle reads as a protocol: ``prefetch`` (start the copy), ``wait`` (the compute stream
@@ -21,10 +22,11 @@ slots are taken at the first forward and kept across forwards; only ``release_me
 host unloading the model, ``remove``) lets them go, after synchronising every stream. So no
 memory crosses streams through the caching allocator while copies are in flight (the hazard
 that crashes ComfyUI core's async offload under ``cudaMallocAsync``); a window allocates per
-unit with its own fences (see [Note: streamed plans] in ``window_allocator.py``).
+unit with its own fences (see [Note: streamed plans] in ``window_allocator.py``); packed
+slots share a slot's ``freed`` among its units (see [Note: packed slots]).
 Waiting on a never-recorded event is a no-op, which covers fresh buffers.
 tests/test_stream_order.py checks this order on the CPU with a recording stand-in for the
-streams, and that dropping either wait is caught, for both providers.
+streams, and that dropping either wait is caught, for every provider.
 
 [Note: schedule]
 The scheduler prefetches in ``schedule`` order, cyclically: when the last units of one
@@ -155,6 +157,8 @@ class PrefetchScheduler:
                 "two swapped models ran interleaved inside one forward on shared slots; "
                 "give them different prefetch_blocks to keep their slots apart"
             )
+        if self.ahead and self.schedule:  # they are copied again first, in order
+            self.cursor = (self.cursor - len(self.ahead)) % len(self.schedule)
         self.ahead.clear()
         self.pending.clear()
         self.provider.forget()
@@ -243,6 +247,9 @@ class PrefetchScheduler:
         if flight is None:
             return
         compute = self.streams.compute_stream()
+        # packed slots share ``freed`` among a slot's units: chained, a release on another
+        # compute stream than the last one's still orders the next copy after both
+        self.streams.wait(compute, flight.freed)
         self.streams.record(flight.freed, compute)
         if self.debug:
             timing, flight.timing = flight.timing, None

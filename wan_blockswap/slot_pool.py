@@ -9,7 +9,8 @@ what the slots held ("evict") and reacquires when it runs again. Ordering stays 
 because the events travel with the slots: a copy into a slot still waits for the ``freed``
 event the previous holder recorded, and all copies on a device share one copy stream.
 The pool is freed when its last user closes or lets go of its VRAM. A user is a
-:class:`~.scheduler.PrefetchScheduler` whose memory is :class:`~.fixed_slots.FixedSlots`.
+:class:`~.scheduler.PrefetchScheduler` whose memory is :class:`~.fixed_slots.FixedSlots` or
+:class:`~.packed_slots.PackedSlots` (see [Note: packed slots] for how they share a pool).
 """
 
 from __future__ import annotations

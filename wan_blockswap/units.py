@@ -230,7 +230,8 @@ def _parts(block: BlockRef, paths: tuple[str, ...]) -> list[nn.Module]:
 #   FFN layers as units of their own: 200 MiB slots, not 135; i2v's cross-attention, with
 #   k_img and v_img, is 300 MiB against the whole FFN's 270). So at 14B t2v the cross-attention
 #   is grouped where the FFN runs in token chunks (long videos, where compute hides copies),
-#   and not where it runs whole, nor ever for i2v.
+#   and not where it runs whole, nor ever for i2v. There, packed slots (session 26: [Note:
+#   packed slots]) let the layers apart land together ahead of use instead.
 # - A host may call a grouped part's layers itself, not through the part (ComfyUI's
 #   CausalWanModel uses its cross-attention's q, k, v and o so): hooks on the layers fetch
 #   the unit for such calls, as on a miss, and keep it until another unit is waited for
