@@ -14,47 +14,21 @@ from typing import Any, Sequence
 import torch
 
 from . import slot_pool
-from .errors import BlockSwapError, InsufficientMemoryError
+from .errors import BlockSwapError
 from .memory_provider import InFlight
 from .stored_unit import StoredUnit
 from .streams import DeviceStreams
 
 
-class FixedSlots:
+class FixedSlots(slot_pool.PooledSlots):
     """``num_slots`` device buffers of ``slot_bytes`` each (a :class:`MemoryProvider`), and
     ``staging_bytes`` of staging buffers for compressed transfers."""
 
-    def __init__(
-        self,
-        streams: DeviceStreams,
-        units: Sequence[StoredUnit],
-        num_slots: int,
-        slot_bytes: int,
-        staging_bytes: int = 0,
-    ) -> None:
-        self.streams = streams
-        self.units = list(units)
-        self.num_slots = num_slots
-        self.slot_bytes = slot_bytes
-        self.staging_bytes = staging_bytes
-        self.pool: slot_pool.SlotPool | None = None
-        self.flights: list[InFlight] = []
-        self.free: deque[InFlight] = deque()
+    def _reset(self) -> None:
         # views[unit index][slot number]: made once per holding, so binding costs only .data
         self.views_of: list[list[list[torch.Tensor]]] = []
         # (id of a compressed unit, slot number) -> its pieces' destinations in that slot
         self.piece_targets: dict[tuple[int, int], list[torch.Tensor]] = {}
-
-    def pool_key(self, inference: bool) -> tuple | None:
-        if not self.num_slots:
-            return None
-        return slot_pool.pool_key(
-            self.streams.device, self.num_slots, self.slot_bytes, inference, self.staging_bytes
-        )
-
-    @property
-    def holds_memory(self) -> bool:
-        return self.pool is not None
 
     @property
     def held_bytes(self) -> int:
@@ -64,25 +38,12 @@ class FixedSlots:
     def allocate(self, user: Any, inference: bool) -> None:
         if self.flights or not self.num_slots:
             return
-        try:
-            self.pool = pool = slot_pool.acquire(
-                user,
-                self.streams,
-                self.num_slots,
-                self.slot_bytes,
-                inference,
-                self.staging_bytes,
-            )
-        except torch.cuda.OutOfMemoryError as error:
-            streams = self.streams
-            free = torch.cuda.mem_get_info(streams.device)[0] if streams.is_cuda else 0
-            raise InsufficientMemoryError(
-                f"no room for {self.num_slots} swap slots of {self.slot_bytes / 2**20:.0f} MiB "
-                f"({self.num_slots * self.slot_bytes / 2**30:.2f} GiB; {free / 2**30:.2f} GiB "
-                f"free on {streams.device}): swap more blocks (fewer resident), lower "
-                f"prefetch_blocks (now {self.num_slots - 1}), or use swap_unit='layer'. The "
-                f"model is unchanged and usable once memory is freed."
-            ) from error
+        pool = self._acquire(
+            user,
+            inference,
+            f"swap more blocks (fewer resident), lower prefetch_blocks (now "
+            f"{self.num_slots - 1}), or use swap_unit='layer'",
+        )
         # The events travel with the slots: the previous holder's last ``freed`` still orders
         # the next copy into each slot.
         self.flights = [
@@ -98,13 +59,7 @@ class FixedSlots:
     def forget(self) -> None:
         self.flights = []
         self.free = deque()
-        self.views_of = []
-        self.piece_targets.clear()
-
-    def let_go(self, user: Any) -> None:
-        pool, self.pool = self.pool, None
-        if pool is not None:
-            slot_pool.let_go(user, pool)
+        self._reset()
 
     def invalidate(self) -> None:
         self.piece_targets.clear()

@@ -41,7 +41,7 @@ from typing import Any, Sequence
 import torch
 
 from . import slot_pool
-from .errors import BlockSwapError, InsufficientMemoryError
+from .errors import BlockSwapError
 from .memory_provider import InFlight
 from .storage import _align
 from .stored_unit import StoredUnit
@@ -68,44 +68,17 @@ def packs(plan: SwapPlan, unit_count: int) -> bool:
     )
 
 
-class PackedSlots:
+class PackedSlots(slot_pool.PooledSlots):
     """``num_slots`` device buffers of ``slot_bytes`` each (a :class:`MemoryProvider`), units
-    packed into them in order ([Note: packed slots])."""
+    packed into them in order ([Note: packed slots]). ``staging_bytes``: a compressed plan's
+    (auto dropped compression since), unused here but in the pool's key, so the models
+    sharing the pool go on sharing it."""
 
-    def __init__(
-        self,
-        streams: DeviceStreams,
-        units: Sequence[StoredUnit],
-        num_slots: int,
-        slot_bytes: int,
-        staging_bytes: int = 0,
-    ) -> None:
-        self.streams = streams
-        self.units = list(units)
-        self.num_slots = num_slots
-        self.slot_bytes = slot_bytes
-        # a compressed plan's staging (auto dropped compression since): unused here, but in the
-        # pool's key, so the models sharing the pool go on sharing it
-        self.staging_bytes = staging_bytes
-        self.inference = False
-        self.pool: slot_pool.SlotPool | None = None
-        self.flights: list[InFlight] = []
-        self.free: deque[InFlight] = deque()
-        self._reset_slots()
-
-    def _reset_slots(self) -> None:
+    def _reset(self) -> None:
+        self.inference = False  # the mode of the units' tensors, set when the slots are taken
         self.count_in = [0] * self.num_slots  # per slot: units placed there, not yet gone
         self.end_of = [0] * self.num_slots  # per slot: the next free byte
         self.filling = 0  # the slot the next unit goes into if it fits
-
-    def pool_key(self, inference: bool) -> tuple | None:
-        return slot_pool.pool_key(
-            self.streams.device, self.num_slots, self.slot_bytes, inference, self.staging_bytes
-        )
-
-    @property
-    def holds_memory(self) -> bool:
-        return self.pool is not None
 
     @property
     def held_bytes(self) -> int:
@@ -117,41 +90,28 @@ class PackedSlots:
     def allocate(self, user: Any, inference: bool) -> None:
         if self.flights:
             return
-        try:
-            self.pool = pool = slot_pool.acquire(
-                user, self.streams, self.num_slots, self.slot_bytes, inference, self.staging_bytes
-            )
-        except torch.cuda.OutOfMemoryError as error:
-            streams = self.streams
-            free = torch.cuda.mem_get_info(streams.device)[0] if streams.is_cuda else 0
-            raise InsufficientMemoryError(
-                f"no room for {self.num_slots} swap slots of {self.slot_bytes / 2**20:.0f} MiB "
-                f"({self.num_slots * self.slot_bytes / 2**30:.2f} GiB; {free / 2**30:.2f} GiB "
-                f"free on {streams.device}): swap more blocks (fewer resident) or lower "
-                f"prefetch_blocks (now {self.num_slots - 1}). The model is unchanged and "
-                f"usable once memory is freed."
-            ) from error
+        pool = self._acquire(
+            user,
+            inference,
+            f"swap more blocks (fewer resident) or lower prefetch_blocks (now "
+            f"{self.num_slots - 1})",
+        )
         # The previous holder's last writes into each slot, decodes included (one unit per
         # slot, compressed): later copies queue behind them on the one copy stream
         for ready in pool.ready:
             self.streams.wait(self.streams.copy_stream, ready)
+        self._reset()
         self.inference = inference
         new_event = self.streams.new_event
         self.flights = [
             InFlight(number, None, new_event(), None, new_event()) for number in range(RECORDS)
         ]
         self.free = deque(self.flights)
-        self._reset_slots()
 
     def forget(self) -> None:
         self.flights = []
         self.free = deque()
-        self._reset_slots()
-
-    def let_go(self, user: Any) -> None:
-        pool, self.pool = self.pool, None
-        if pool is not None:
-            slot_pool.let_go(user, pool)
+        self._reset()
 
     def invalidate(self) -> None:
         pass  # nothing of a unit outlives its copy

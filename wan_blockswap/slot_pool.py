@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any, Protocol
+from collections import deque
+from typing import Any, Protocol, Sequence
 
 import torch
 
 from .compressed_transfer import STAGING_BUFFERS
+from .errors import InsufficientMemoryError
+from .memory_provider import InFlight
+from .stored_unit import StoredUnit
 from .streams import DeviceStreams
 
 
@@ -137,3 +141,64 @@ def bytes_of(key: tuple) -> int:
     with _lock:
         pool = _pools.get(key)
         return 0 if pool is None else _nbytes(pool)
+
+
+class PooledSlots:
+    """What the providers of fixed slots share (:class:`~.fixed_slots.FixedSlots`,
+    :class:`~.packed_slots.PackedSlots`): ``num_slots`` device buffers of ``slot_bytes``
+    each, and ``staging_bytes`` of staging buffers, from the pool of their key."""
+
+    def __init__(
+        self,
+        streams: DeviceStreams,
+        units: Sequence[StoredUnit],
+        num_slots: int,
+        slot_bytes: int,
+        staging_bytes: int = 0,
+    ) -> None:
+        self.streams = streams
+        self.units = list(units)
+        self.num_slots = num_slots
+        self.slot_bytes = slot_bytes
+        self.staging_bytes = staging_bytes
+        self.pool: SlotPool | None = None
+        self.flights: list[InFlight] = []
+        self.free: deque[InFlight] = deque()
+        self._reset()
+
+    def _reset(self) -> None:
+        """Forget what the slots hold (no slots held, or just taken)."""
+
+    def pool_key(self, inference: bool) -> tuple | None:
+        if not self.num_slots:
+            return None
+        return pool_key(
+            self.streams.device, self.num_slots, self.slot_bytes, inference, self.staging_bytes
+        )
+
+    @property
+    def holds_memory(self) -> bool:
+        return self.pool is not None
+
+    def _acquire(self, user: Any, inference: bool, fixes: str) -> SlotPool:
+        """The pool, held by ``user`` from now on; no room for it is reported as an
+        :class:`InsufficientMemoryError` with the numbers and ``fixes``."""
+        streams = self.streams
+        try:
+            self.pool = acquire(
+                user, streams, self.num_slots, self.slot_bytes, inference, self.staging_bytes
+            )
+        except torch.cuda.OutOfMemoryError as error:
+            free = torch.cuda.mem_get_info(streams.device)[0] if streams.is_cuda else 0
+            raise InsufficientMemoryError(
+                f"no room for {self.num_slots} swap slots of {self.slot_bytes / 2**20:.0f} MiB "
+                f"({self.num_slots * self.slot_bytes / 2**30:.2f} GiB; {free / 2**30:.2f} GiB "
+                f"free on {streams.device}): {fixes}. The model is unchanged and usable once "
+                f"memory is freed."
+            ) from error
+        return self.pool
+
+    def let_go(self, user: Any) -> None:
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            let_go(user, pool)
