@@ -247,9 +247,10 @@ class PrefetchScheduler:
         if flight is None:
             return
         compute = self.streams.compute_stream()
-        # packed slots share ``freed`` among a slot's units: chained, a release on another
-        # compute stream than the last one's still orders the next copy after both
-        self.streams.wait(compute, flight.freed)
+        if flight.slot is not None:
+            # packed slots share ``freed`` among a slot's units: chained, a release on another
+            # compute stream than the last one's still orders the next copy after both
+            self.streams.wait(compute, flight.freed)
         self.streams.record(flight.freed, compute)
         if self.debug:
             timing, flight.timing = flight.timing, None
