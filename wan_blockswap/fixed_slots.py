@@ -30,11 +30,6 @@ class FixedSlots(slot_pool.PooledSlots):
         # (id of a compressed unit, slot number) -> its pieces' destinations in that slot
         self.piece_targets: dict[tuple[int, int], list[torch.Tensor]] = {}
 
-    @property
-    def held_bytes(self) -> int:
-        """The slots' bytes while this model holds them (staging not counted)."""
-        return sum(f.buffer.numel() for f in self.flights if f.buffer is not None)
-
     def allocate(self, user: Any, inference: bool) -> None:
         if self.flights or not self.num_slots:
             return
@@ -55,11 +50,6 @@ class FixedSlots(slot_pool.PooledSlots):
         self.free = deque(self.flights)
         with torch.inference_mode(inference), torch.no_grad():
             self.views_of = [[u.layout.views(slot) for slot in pool.slots] for u in self.units]
-
-    def forget(self) -> None:
-        self.flights = []
-        self.free = deque()
-        self._reset()
 
     def invalidate(self) -> None:
         self.piece_targets.clear()

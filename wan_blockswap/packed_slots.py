@@ -80,13 +80,6 @@ class PackedSlots(slot_pool.PooledSlots):
         self.end_of = [0] * self.num_slots  # per slot: the next free byte
         self.filling = 0  # the slot the next unit goes into if it fits
 
-    @property
-    def held_bytes(self) -> int:
-        """The slots' bytes while this model holds them."""
-        if self.pool is None or not self.flights:
-            return 0
-        return sum(slot.numel() for slot in self.pool.slots)
-
     def allocate(self, user: Any, inference: bool) -> None:
         if self.flights:
             return
@@ -107,11 +100,6 @@ class PackedSlots(slot_pool.PooledSlots):
             InFlight(number, None, new_event(), None, new_event()) for number in range(RECORDS)
         ]
         self.free = deque(self.flights)
-
-    def forget(self) -> None:
-        self.flights = []
-        self.free = deque()
-        self._reset()
 
     def invalidate(self) -> None:
         pass  # nothing of a unit outlives its copy

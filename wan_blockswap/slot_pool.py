@@ -180,6 +180,18 @@ class PooledSlots:
     def holds_memory(self) -> bool:
         return self.pool is not None
 
+    @property
+    def held_bytes(self) -> int:
+        """The slots' bytes while this model holds them (staging not counted)."""
+        if self.pool is None or not self.flights:
+            return 0
+        return sum(slot.numel() for slot in self.pool.slots)
+
+    def forget(self) -> None:
+        self.flights = []
+        self.free = deque()
+        self._reset()
+
     def _acquire(self, user: Any, inference: bool, fixes: str) -> SlotPool:
         """The pool, held by ``user`` from now on; no room for it is reported as an
         :class:`InsufficientMemoryError` with the numbers and ``fixes``."""
