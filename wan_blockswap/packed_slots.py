@@ -130,7 +130,8 @@ class PackedSlots(slot_pool.PooledSlots):
         slot, offset = place
         flight = self.free.popleft()
         flight.slot = slot
-        flight.buffer = self.pool.slots[slot][offset : offset + stored.nbytes]
+        with torch.inference_mode(self.inference):  # a view in its base's mode, as FixedSlots
+            flight.buffer = self.pool.slots[slot][offset : offset + stored.nbytes]
         flight.freed = self.pool.freed[slot]  # see the note: the slot's releases
         self.count_in[slot] += 1
         self.end_of[slot] = _align(offset + stored.nbytes)
