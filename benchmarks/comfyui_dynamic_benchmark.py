@@ -125,8 +125,17 @@ def kept_log_lines(text: str) -> list[str]:
     return lines
 
 
-def model_file(blocks: int) -> str:
-    return f"wan14b_{blocks}blocks.safetensors"
+# Wan 14B text-to-video, or image-to-video: its cross-attention has image keys and values
+# (k_img, v_img: six projections, larger than the FFN, so the block's layers stay apart, see
+# [Note: grouped parts] in wan_blockswap/units.py) and its input takes 20 more channels (core
+# fills them with zeros without an image; without a CLIP vision output the image attention
+# runs over the text tokens)
+MODELS: dict[str, dict[str, int]] = {"t2v": {}, "i2v": dict(in_dim=36, image_dim=1280)}
+
+
+def model_file(blocks: int, model: str = "t2v") -> str:
+    kind = "" if model == "t2v" else f"{model}_"
+    return f"wan14b_{kind}{blocks}blocks.safetensors"
 
 
 def run_config(
@@ -140,10 +149,13 @@ def run_config(
     steps: int,
     shape: tuple[int, int],
     idle_used: int,
+    model: str = "t2v",
 ) -> dict:
     """``prompts`` prompts of one configuration; one row."""
     width, height = shape
     row: dict[str, Any] = dict(arm=arm, blocks=blocks, frames=frames, free_gib=free_gib)
+    if model != "t2v":
+        row["model"] = model
     server.free()
     hog_vram = 0
     if hog is not None:
@@ -188,7 +200,7 @@ def run_config(
         else:
             prompt_steps = steps
         prompt = cs.wan_workflow(
-            model_file(blocks),
+            model_file(blocks, model),
             frames=frames,
             width=width,
             height=height,
@@ -289,6 +301,7 @@ def floor_search(
     idle_used: int,
     levels: list[float],
     deadline: float,
+    model: str = "t2v",
 ) -> dict:
     """The least free VRAM at which one prompt of one step succeeds: each of ``levels``,
     highest first, until one fails."""
@@ -297,7 +310,9 @@ def floor_search(
         if time.time() > deadline:
             tries[level] = "not_run"
             continue
-        row = run_config(server, hog, arm, blocks, frames, level, 1, 1, shape, idle_used)
+        row = run_config(
+            server, hog, arm, blocks, frames, level, 1, 1, shape, idle_used, model
+        )  # fmt: skip
         tries[level] = row["status"]
         rows.append({k: v for k, v in row.items() if k != "latent"})
         if row["status"] != "ok":
@@ -316,6 +331,10 @@ def main() -> int:
         "--arms", nargs="+", choices=list(ARMS), default=[a for a in ARMS if not _experiment(a)]
     )
     parser.add_argument("--blocks", nargs="+", type=int, default=[8])
+    parser.add_argument(
+        "--model", choices=list(MODELS), default="t2v",
+        help="Wan 14B text- or image-to-video shapes (i2v: rows say model=i2v)",
+    )  # fmt: skip
     parser.add_argument("--frames", nargs="+", type=int, default=[81, 1])
     parser.add_argument("--free", nargs="*", type=float, default=[12, 7, 4])
     parser.add_argument(
@@ -373,11 +392,11 @@ def main() -> int:
     os.makedirs(models, exist_ok=True)
     dims = dict(dim=256, ffn_dim=512) if args.cpu else dict(dim=5120, ffn_dim=13824)
     for blocks in sorted(set(args.blocks + args.floor_blocks)):
-        path = os.path.join(models, model_file(blocks))
+        path = os.path.join(models, model_file(blocks, args.model))
         if not os.path.exists(path):
             t0 = time.time()
-            size = cs.write_wan(path, blocks, **dims)
-            result.setdefault("files", {})[model_file(blocks)] = {
+            size = cs.write_wan(path, blocks, **dims, **MODELS[args.model])
+            result.setdefault("files", {})[model_file(blocks, args.model)] = {
                 "bytes": size,
                 "write_s": round(time.time() - t0, 1),
             }
@@ -420,7 +439,7 @@ def main() -> int:
                     else:
                         row = run_config(
                             server, hog, arm, blocks, frames, free_gib,
-                            args.prompts, args.steps, shape, idle_used,
+                            args.prompts, args.steps, shape, idle_used, args.model,
                         )  # fmt: skip
                     # core's own output moves with free VRAM (12 against 7 GiB differed by 0.014
                     # on the H100, session 16: comfyui_dynamic_h100.json), so each row is
@@ -443,7 +462,7 @@ def main() -> int:
                 ]  # 0.5 GiB steps
                 floor = floor_search(
                     server, hog, arm, blocks, args.floor_frames, shape, idle_used,
-                    levels, started + args.deadline,
+                    levels, started + args.deadline, args.model,
                 )  # fmt: skip
                 result["floors"].append(floor)
                 save()
