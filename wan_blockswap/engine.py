@@ -357,6 +357,11 @@ class BlockSwap(SwappedWeights):
         if isinstance(scheduler.provider, FixedSlots) and packed_slots.packs(raw, len(self.units)):
             scheduler.release_memory()  # at a forward's start: nothing in use
             scheduler.provider = self._packed_slots(scheduler.streams)
+            logger.info(
+                "wan_blockswap: every unit travels raw now; layer units pack into the %d "
+                "fixed slots from this forward on",
+                plan.num_slots,
+            )
 
     def _packing(self, sizes: list[int], plan: SwapPlan) -> list[bool]:
         """Whether each unit of the plan, of ``sizes`` bytes in the plan's order, travels
