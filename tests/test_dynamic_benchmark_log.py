@@ -61,3 +61,18 @@ def test_experiment_arms_run_an_edited_copy_of_the_pack_and_only_when_named(tmp_
     with pytest.raises(ValueError, match="occurs 0 times"):
         cs.install_pack(custom_nodes, {"nodes.py": ("no such text", "")})
     assert not os.path.exists(target)  # nothing half-installed
+
+
+def test_the_i2v_model_has_image_keys_and_values_and_keeps_the_t2v_file_name():
+    from comfyui_wan_blockswap.model_configs.wan import (
+        comfy_state_shapes,
+        diffusers_config_from_comfy_shapes,
+    )
+
+    assert bench.model_file(40) == "wan14b_40blocks.safetensors"  # earlier runs' files reused
+    assert bench.model_file(40, "i2v") == "wan14b_i2v_40blocks.safetensors"
+    shapes = comfy_state_shapes(dim=256, ffn_dim=512, num_layers=2, **bench.MODELS["i2v"])
+    config = diffusers_config_from_comfy_shapes(shapes)
+    assert config["in_channels"] == 36 and config["image_dim"] == 1280
+    assert "blocks.1.cross_attn.k_img.weight" in shapes
+    assert "img_emb.proj.0.weight" not in comfy_state_shapes(256, 512, 2, **bench.MODELS["t2v"])
