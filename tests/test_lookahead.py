@@ -173,3 +173,29 @@ def test_wan_records_group_the_cross_attention_where_the_ffn_is_the_larger_unit(
     whole = names(layout.without_token_wise())
     assert "blocks.0.attn2" not in whole
     assert {"blocks.0.attn2.to_k", "blocks.0.ffn.net.0.proj"} <= whole
+
+
+@pytest.mark.parametrize("held", [0, 64 * 2**20])
+def test_out_of_vram_in_the_window_names_the_fix_that_frees_memory(held, monkeypatch):
+    """A smaller window frees VRAM only where layers of ours are on the device; with none, the
+    forward's own tensors fill it and the error says so (an H100 floor run ended there)."""
+    from comfyui_wan_blockswap.wan_blockswap.errors import InsufficientMemoryError
+
+    streams = SimpleNamespace(device=torch.device("cpu"))
+    window = WindowAllocator(streams, [], window_bytes=1 << 30, lookahead_bytes=1 << 20)
+    window.held = held
+    unit = SimpleNamespace(name="blocks.0.cross_attn", nbytes=200 * 2**20, transfer=None)
+
+    def no_room(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(torch, "empty", no_room)
+    with pytest.raises(InsufficientMemoryError) as caught:
+        window.prepare(_flight(0), unit)
+    message = str(caught.value)
+    assert "blocks.0.cross_attn (200 MiB" in message and "unchanged and usable" in message
+    if held:
+        assert "lower vram_budget_gb" in message
+    else:
+        assert "activations" in message and "vram_budget_gb" not in message
+        assert "fewer frames" in message

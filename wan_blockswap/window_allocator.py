@@ -164,11 +164,20 @@ class WindowAllocator:
                     )
                 flight.views = stored.layout.views(buffer)
         except torch.cuda.OutOfMemoryError as error:
+            held = self.held_bytes
+            # With none of our layers in flight a smaller window frees nothing: the forward's
+            # own tensors fill the device (a floor run on an H100 ended here at 4 GiB free)
+            fix = (
+                "lower vram_budget_gb (a smaller window) or free VRAM"
+                if held
+                else "the forward's own tensors (activations) and other allocations fill the "
+                "device, so a smaller window would not help: run a smaller input (fewer "
+                "frames, a lower resolution or batch) or free VRAM"
+            )
             raise InsufficientMemoryError(
                 f"out of VRAM streaming {stored.name} ({stored.nbytes / 2**20:.0f} MiB, with "
-                f"{self.held_bytes / 2**20:.0f} MiB of layers already on {device}): lower "
-                f"vram_budget_gb (a smaller window) or free VRAM. The model is unchanged and "
-                f"usable."
+                f"{held / 2**20:.0f} MiB of layers already on {device}): {fix}. The model is "
+                f"unchanged and usable."
             ) from error
         flight.buffer = buffer
         flight.staging = staging
