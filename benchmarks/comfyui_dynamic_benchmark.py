@@ -28,7 +28,7 @@ UNETLoader -> [WAN BlockSwap] -> KSampler -> SaveLatent, Wan-14B-shaped random b
 
 Arms: ``core_dynamic`` (core's default), ``core_legacy`` (``--disable-dynamic-vram``),
 ``ours_default`` (our node, default widgets), ``ours_auto`` (preset auto), and others in
-``ARMS``; the experiment arms (``ours_no_chunks``, ``ours_margin_1_3``, ``ours_unpacked``: the
+``ARMS``; the experiment arms (``ours_no_chunks``, ``ours_margin_1_3``, ``ours_unpacked``, ``ours_whole_hidden``: the
 node on a copy of the pack with one constant changed) run only when ``--arms`` names them. Results are written
 after every row, so a run cut short keeps what it measured.
 """
@@ -86,6 +86,18 @@ ARMS: dict[str, dict[str, Any]] = {
             "wan_blockswap/packed_slots.py": (
                 "PACK_LAYER_SLOTS = True",
                 "PACK_LAYER_SLOTS = False",
+            )
+        },
+    ),
+    # token-wise parts run whole where the timed compute hides the larger plan's copies
+    # ([Note: copies hidden behind compute] in callbacks/copy_headroom.py)
+    "ours_whole_hidden": dict(
+        args=(),
+        node={},
+        pack_patches={
+            "callbacks/copy_headroom.py": (
+                "RUN_WHOLE_WHERE_COPIES_HIDE = False",
+                "RUN_WHOLE_WHERE_COPIES_HIDE = True",
             )
         },
     ),

@@ -52,7 +52,7 @@ from ..wan_blockswap.engine import measure_model
 from ..wan_blockswap.plan import min_streamed_budget, plan_swap
 from ..wan_blockswap.units import register_fused_weights
 
-from . import comfy_auto
+from . import comfy_auto, copy_headroom
 from .comfy_private import (
     clone_onto,
     existing_private,
@@ -566,7 +566,7 @@ def _fit_to_latent(executor: Any, patcher: Any, noise_shape: Any, conds: dict, *
             patcher, noise_shape, conds, unswapped.sizes[wanted], available, cutting
         )
         need = comfy_auto.measured(diffusion_model, noise_shape)
-        runs_whole = False
+        runs_whole = moves_more = False
         if (
             cutting
             and need is not None
@@ -578,7 +578,11 @@ def _fit_to_latent(executor: Any, patcher: Any, noise_shape: Any, conds: dict, *
             whole_reserve, whole_plan = _least_moving(
                 patcher, noise_shape, conds, unswapped.sizes[whole], available, False
             )
-            if _runs_whole(whole_reserve, whole_plan, reserve, plan, unswapped.sizes[whole]):
+            hidden = _copies_hide(diffusion_model, noise_shape, whole_reserve, whole_plan, plan)
+            if _runs_whole(
+                whole_reserve, whole_plan, reserve, plan, unswapped.sizes[whole], hidden
+            ):
+                moves_more = _moved(whole_reserve, whole_plan) > _moved(reserve, plan)
                 wanted, reserve, runs_whole = whole, whole_reserve, True
         logger.info(
             "wan_blockswap auto: %.2f GiB of VRAM can be had, %.2f GiB kept for the forward "
@@ -586,7 +590,15 @@ def _fit_to_latent(executor: Any, patcher: Any, noise_shape: Any, conds: dict, *
             available / GIB,
             reserve.bytes / GIB,
             reserve.why,
-            "; token-wise parts run whole, which moves no more" if runs_whole else "",
+            (
+                ""
+                if not runs_whole
+                else (
+                    "; token-wise parts run whole: the copies hide behind compute"
+                    if moves_more
+                    else "; token-wise parts run whole, which moves no more"
+                )
+            ),
         )
         comfy_auto.new_plan(diffusion_model)
         _fit(patcher, options, unswapped, wanted, available, reserve.bytes, runs_whole)
@@ -626,21 +638,49 @@ def _moved(reserve: comfy_auto.Reserve, plan: Any) -> int:
     return plan.swapped_bytes * reserve.forwards_per_step
 
 
+def _copies_hide(
+    diffusion_model: torch.nn.Module,
+    noise_shape: Any,
+    whole_reserve: comfy_auto.Reserve,
+    whole_plan: Any,
+    cut_plan: Any,
+) -> bool:
+    """Whether the whole need's plan, fixed slots like the cut one's, moves bytes that hide
+    behind the compute timed for this latent ([Note: copies hidden behind compute] in
+    ``copy_headroom``)."""
+    if whole_plan is None or cut_plan is None or not whole_plan.swapped_bytes:
+        return False
+    if whole_plan.kind != "slots" or cut_plan.kind != "slots":
+        return False
+    samples = int(noise_shape[0]) * (2 if whole_reserve.cond_batch else 1)
+    return copy_headroom.copies_hide(
+        diffusion_model,
+        comfy_auto.shape_key(noise_shape),
+        samples,
+        whole_plan.swapped_bytes,
+        _meter,
+    )
+
+
 def _runs_whole(
     whole_reserve: comfy_auto.Reserve,
     whole_plan: Any,
     cut_reserve: comfy_auto.Reserve,
     cut_plan: Any,
     whole_sizes: Any,
+    copies_hide: bool = False,
 ) -> bool:
     """Whether a latent that was cut runs its token-wise parts whole: where the plan its
     whole need leaves moves fewer bytes per step, or as many (chunks cost time) through a
     window no smaller, or one that holds its two largest units (a streamed plan moves every
     layer whatever its window; a window that small makes copies wait: [Note: the need
-    without chunks])."""
+    without chunks]), or more where both plans are fixed slots whose copies hide behind
+    compute (``copies_hide``: [Note: copies hidden behind compute] in ``copy_headroom``)."""
     if whole_plan is None:
         return False
     if cut_plan is None:
+        return True
+    if copies_hide and whole_reserve.forwards_per_step == cut_reserve.forwards_per_step:
         return True
     whole_moved, cut_moved = _moved(whole_reserve, whole_plan), _moved(cut_reserve, cut_plan)
     # Two streamed plans at as many forwards per step move every layer: a tie, though a
@@ -767,12 +807,21 @@ def _measure_need(executor: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
     if comfy_auto.is_measured(diffusion_model, x.shape):
         if uncond:
             comfy_auto.note_uncond(diffusion_model, x.shape)
+        timed = copy_headroom.RUN_WHOLE_WHERE_COPIES_HIDE
+        clock = _meter.start_clock(x.device) if timed else None
         try:
-            return executor(x, *args, **kwargs)
+            output = executor(x, *args, **kwargs)
         except (torch.cuda.OutOfMemoryError, InsufficientMemoryError) as error:
             if not comfy_auto.is_vram_oom(error):
                 raise
             message = str(error).partition("\n")[0] or type(error).__name__
+        else:
+            if timed:  # [Note: copies hidden behind compute]
+                key = comfy_auto.shape_key(x.shape)
+                stopped = _meter.stop_clock(clock)
+                copy_headroom.note_forward(diffusion_model, key, int(x.shape[0]), stopped)
+                copy_headroom.note_copy_rate(diffusion_model, state.swap.copy_rate)
+            return output
         # Out of the except block its traceback, which held the failed forward's frames and
         # their activations, is gone. See [Note: a forward out of memory] in comfy_auto.
         gc.collect()  # frames that traceback held in a reference cycle

@@ -296,6 +296,23 @@ class CudaMeter:
             torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
         )
 
+    def start_clock(self, device: torch.device) -> Any:
+        """Events on the device's current stream: never synchronises ([Note: copies hidden
+        behind compute] in ``copy_headroom``)."""
+        start = torch.cuda.Event(enable_timing=True)
+        start.record(torch.cuda.current_stream(device))
+        return start, device
+
+    def stop_clock(self, token: Any) -> Any:
+        start, device = token
+        end = torch.cuda.Event(enable_timing=True)
+        end.record(torch.cuda.current_stream(device))
+        return start, end
+
+    def clock_ms(self, token: Any) -> float | None:
+        start, end = token
+        return start.elapsed_time(end) if end.query() else None
+
     def describe(self, device: torch.device, peaks: Peaks) -> str:
         free, _ = torch.cuda.mem_get_info(device)
         allocated, reserved = peaks

@@ -47,7 +47,14 @@ def test_experiment_arms_run_an_edited_copy_of_the_pack_and_only_when_named(tmp_
 
     custom_nodes = str(tmp_path)
     assert not any(bench._experiment(arm) for arm in ("core_dynamic", "ours_default"))
-    for arm in ("ours_no_chunks", "ours_margin_1_3", "ours_unpacked"):
+    experiments = [arm for arm in bench.ARMS if bench._experiment(arm)]
+    assert experiments == [
+        "ours_no_chunks",
+        "ours_margin_1_3",
+        "ours_unpacked",
+        "ours_whole_hidden",
+    ]
+    for arm in experiments:
         assert bench._experiment(arm)
         target = cs.install_pack(custom_nodes, bench.ARMS[arm]["pack_patches"])
         assert not os.path.islink(target) and not os.path.exists(os.path.join(target, "tests"))

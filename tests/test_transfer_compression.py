@@ -378,6 +378,18 @@ def test_auto_switches_to_raw_only_after_every_timed_forward_found_compute_bound
     assert switch.keep_compression() is None  # decided once, or waiting for a timed forward
 
 
+def test_the_switch_keeps_the_fastest_link_rate_its_timed_copies_ran_at():
+    """What preset "auto" in ComfyUI weighs a plan's copies by ([Note: copies hidden behind
+    compute] in callbacks/copy_headroom.py): bytes per ms of the timed copies, the fastest."""
+    from comfyui_wan_blockswap.wan_blockswap.compression_switch import CompressionAutoSwitch
+
+    switch = CompressionAutoSwitch(torch.device("cpu"))
+    assert switch.bytes_per_ms == 0.0
+    _timed(switch, 110.0, copies_ms=50.0, raw_bytes=1000)  # 20 bytes per ms
+    _timed(switch, 120.0, copies_ms=100.0, raw_bytes=1000)  # 10: slower, not kept
+    assert switch.bytes_per_ms == 20.0
+
+
 def test_a_slot_plan_takes_its_whole_ring_on_the_device_once_its_pool_exists(small_chunks):
     """Slots and the staging of compressed copies come in one pool, taken at the first
     forward: what a host must count as held (the model's own ``ring_bytes_held`` counts slots

@@ -51,6 +51,8 @@ class CompressionAutoSwitch:
         self.raw_bytes = 0
         self.copies: list = []  # (start, end, bytes) of the timed forward's unit copies
         self.compute_bound: list[tuple[float, float]] = []  # (forward, raw copies) ms so far
+        # the rate the timed copies ran at (bytes per ms), the fastest seen; 0 before one ran
+        self.bytes_per_ms = 0.0
 
     def begin(self, raw_bytes_copied: int, scheduler: Any) -> None:
         if self.decided:
@@ -101,6 +103,8 @@ class CompressionAutoSwitch:
         # little slow: ties lean towards keeping compression, which then costs 1-2.5%.
         copy_ms = sum(a.elapsed_time(b) for a, b, _ in self.copies)
         sent = sum(nbytes for _, _, nbytes in self.copies)
+        if sent and copy_ms > 0:
+            self.bytes_per_ms = max(self.bytes_per_ms, sent / copy_ms)
         # raw bytes at the rate this forward's copies ran (no copies: nothing to save)
         raw_ms = self.raw_bytes * copy_ms / sent if sent else 0.0
         keep = forward_ms <= COMPUTE_BOUND_MARGIN * raw_ms

@@ -577,6 +577,12 @@ class BlockSwap(SwappedWeights):
         return True
 
     @property
+    def copy_rate(self) -> float:
+        """Bytes per millisecond that the copies timed by ``transfer_compression="auto"`` ran
+        at (the fastest timed forward's); 0 where none was timed."""
+        return self._auto.bytes_per_ms if self._auto is not None else 0.0
+
+    @property
     def _packs_any(self) -> bool:
         """Whether some unit travels packed, or will once a loader fills it and it is sealed."""
         return any(stored.compress for stored in self.units)

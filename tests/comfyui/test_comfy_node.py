@@ -815,6 +815,20 @@ class _FakeMeter:
     def describe(self, device, peaks):
         return "fake"
 
+    # a forward's clock ([Note: copies hidden behind compute]): every forward takes forward_ms
+    forward_ms = 100.0
+
+    def start_clock(self, device):
+        return "started"
+
+    def stop_clock(self, token):
+        assert token == "started"
+        return "stopped"
+
+    def clock_ms(self, token):
+        assert token == "stopped"
+        return self.forward_ms
+
 
 def test_auto_plans_from_the_measured_need_once_a_forward_of_that_shape_ran(
     comfy, pack, monkeypatch
@@ -1164,6 +1178,72 @@ def test_auto_runs_whole_at_a_streamed_tie_only_through_a_window_that_holds_two_
         if runs_whole:
             break  # the chunks' units come back only for a latent that needs them
     assert outcomes == {False, True}
+    assert_untouched(patcher)
+
+
+def test_auto_runs_whole_where_the_whole_plans_copies_hide_behind_the_timed_compute(
+    comfy, pack, monkeypatch, caplog
+):
+    """Where both plans are fixed slots and the whole need's moves more bytes, the chunks
+    stay, unless (with RUN_WHOLE_WHERE_COPIES_HIDE) the forward timed for this latent takes
+    at least 1/HIDDEN_SHARE of what the whole plan's copies take at the measured link rate:
+    then the FFN runs whole and outputs stay equal. Untimed, a link too slow, or the switch
+    off: the chunks stay ([Note: copies hidden behind compute])."""
+    from comfyui_wan_blockswap.callbacks import comfy_adapter, comfy_auto, copy_headroom
+    from comfyui_wan_blockswap.callbacks.comfy_adapter import _plan_within, _states, _unswapped
+
+    monkeypatch.setattr(comfy_auto, "_TokenScaledBytes", _AllScales)
+    _chunk_at(pack, monkeypatch, 20)  # three chunks of 16 tokens
+    free, patcher, inputs, swapped, private, shape = _prepared_auto_node(comfy, pack, monkeypatch)
+    expected = run(comfy, patcher, inputs)
+    comfy.model_management.unload_all_models()
+    unswapped = _unswapped[private]
+    cut_sizes = unswapped.sizes[unswapped.layout]
+    whole_sizes = unswapped.sizes[unswapped.layout.without_token_wise()]
+    block = max(b.nbytes for b in cut_sizes.blocks)
+    options = comfy_adapter._auto_options[private]
+    monkeypatch.setattr(copy_headroom, "RUN_WHOLE_WHERE_COPIES_HIDE", True)
+    meter = _measure(comfy, swapped, inputs, block // 16, (0,), monkeypatch)
+    need = comfy_auto.measured(private, shape)
+    assert need.whole_per_sample > need.per_sample
+    # the first forward of a shape is metered, not timed: time one more
+    assert not copy_headroom.ms_per_sample(private, shape[1:], meter)
+    _measure(comfy, swapped, inputs, block // 16, (0,), monkeypatch)
+    assert copy_headroom.ms_per_sample(private, shape[1:], meter) == meter.forward_ms
+    # free VRAM where both needs leave fixed slots and the whole one swaps more
+    for steps in range(0, 129):
+        free["bytes"] = cut_sizes.other_bytes + need.whole_per_sample + steps * block // 8
+        cut = _plan_within(cut_sizes, options, free["bytes"] - need.per_sample)
+        whole = _plan_within(whole_sizes, options, free["bytes"] - need.whole_per_sample)
+        if (
+            cut is not None
+            and whole is not None
+            and cut.kind == whole.kind == "slots"
+            and whole.swapped_bytes > cut.swapped_bytes
+        ):
+            break
+    else:
+        pytest.fail("no free VRAM gives two slot plans where the whole one moves more")
+
+    def runs_whole() -> bool:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="wan_blockswap"):
+            _prepare(comfy, swapped, shape)
+        comfy.model_management.unload_all_models()
+        return not _states[private].swap.cuts_token_wise
+
+    fast_enough = 2 * whole.swapped_bytes / copy_headroom.HIDDEN_SHARE / meter.forward_ms
+    assert not runs_whole()  # no link rate timed (transfer compression never timed one)
+    copy_headroom.note_copy_rate(private, fast_enough / 4)  # copies 2x the forward's half
+    assert not runs_whole()
+    copy_headroom.note_copy_rate(private, fast_enough)  # half of the forward's half
+    monkeypatch.setattr(copy_headroom, "RUN_WHOLE_WHERE_COPIES_HIDE", False)
+    assert not runs_whole()
+    monkeypatch.setattr(copy_headroom, "RUN_WHOLE_WHERE_COPIES_HIDE", True)
+    assert runs_whole()
+    assert "run whole: the copies hide behind compute" in caplog.text
+    assert _states[private].swap.plan.swapped_bytes > cut.swapped_bytes
+    assert torch.equal(run(comfy, swapped, inputs), expected)
     assert_untouched(patcher)
 
 
