@@ -966,8 +966,8 @@ def _fit(
                 "chunks, or is not measured yet)"
                 if _has_token_wise(layout)
                 else (
-                    "each large layer a unit of its own (token-wise parts run whole: that moves "
-                    "no more bytes for this latent; [Note: the need without chunks])"
+                    "each large layer a unit of its own (token-wise parts run whole for this "
+                    "latent; [Note: the need without chunks])"
                     if runs_whole
                     else "each large layer a unit of its own (a forward of this latent cut no "
                     "part into chunks)"
