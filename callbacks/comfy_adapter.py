@@ -566,7 +566,7 @@ def _fit_to_latent(executor: Any, patcher: Any, noise_shape: Any, conds: dict, *
             patcher, noise_shape, conds, unswapped.sizes[wanted], available, cutting
         )
         need = comfy_auto.measured(diffusion_model, noise_shape)
-        runs_whole = moves_more = False
+        runs_whole, why_whole = False, ""
         if (
             cutting
             and need is not None
@@ -578,11 +578,11 @@ def _fit_to_latent(executor: Any, patcher: Any, noise_shape: Any, conds: dict, *
             whole_reserve, whole_plan = _least_moving(
                 patcher, noise_shape, conds, unswapped.sizes[whole], available, False
             )
-            hidden = _copies_hide(diffusion_model, noise_shape, whole_reserve, whole_plan, plan)
-            if _runs_whole(
+            hidden = _copies_hide(diffusion_model, noise_shape, whole_plan, plan)
+            why_whole = _runs_whole(
                 whole_reserve, whole_plan, reserve, plan, unswapped.sizes[whole], hidden
-            ):
-                moves_more = _moved(whole_reserve, whole_plan) > _moved(reserve, plan)
+            )
+            if why_whole:
                 wanted, reserve, runs_whole = whole, whole_reserve, True
         logger.info(
             "wan_blockswap auto: %.2f GiB of VRAM can be had, %.2f GiB kept for the forward "
@@ -590,15 +590,7 @@ def _fit_to_latent(executor: Any, patcher: Any, noise_shape: Any, conds: dict, *
             available / GIB,
             reserve.bytes / GIB,
             reserve.why,
-            (
-                ""
-                if not runs_whole
-                else (
-                    "; token-wise parts run whole: the copies hide behind compute"
-                    if moves_more
-                    else "; token-wise parts run whole, which moves no more"
-                )
-            ),
+            f"; token-wise parts run whole, {why_whole}" if runs_whole else "",
         )
         comfy_auto.new_plan(diffusion_model)
         _fit(patcher, options, unswapped, wanted, available, reserve.bytes, runs_whole)
@@ -639,24 +631,20 @@ def _moved(reserve: comfy_auto.Reserve, plan: Any) -> int:
 
 
 def _copies_hide(
-    diffusion_model: torch.nn.Module,
-    noise_shape: Any,
-    whole_reserve: comfy_auto.Reserve,
-    whole_plan: Any,
-    cut_plan: Any,
+    diffusion_model: torch.nn.Module, noise_shape: Any, whole_plan: Any, cut_plan: Any
 ) -> bool:
-    """Whether the whole need's plan, fixed slots like the cut one's, moves bytes that hide
-    behind the compute timed for this latent ([Note: copies hidden behind compute] in
-    ``copy_headroom``)."""
+    """Whether the whole need's plan, two fixed slots or more like the cut one's, moves bytes
+    that hide behind the forward timed for this latent ([Note: copies hidden behind compute]
+    in ``copy_headroom``). A forward is counted as the latent's batch alone, as if core ran
+    the two conditionings apart (it may, whatever was kept for them): the least compute."""
     if whole_plan is None or cut_plan is None or not whole_plan.swapped_bytes:
         return False
-    if whole_plan.kind != "slots" or cut_plan.kind != "slots":
+    if any(plan.kind != "slots" or plan.num_slots < 2 for plan in (whole_plan, cut_plan)):
         return False
-    samples = int(noise_shape[0]) * (2 if whole_reserve.cond_batch else 1)
     return copy_headroom.copies_hide(
         diffusion_model,
         comfy_auto.shape_key(noise_shape),
-        samples,
+        int(noise_shape[0]),
         whole_plan.swapped_bytes,
         _meter,
     )
@@ -669,20 +657,25 @@ def _runs_whole(
     cut_plan: Any,
     whole_sizes: Any,
     copies_hide: bool = False,
-) -> bool:
-    """Whether a latent that was cut runs its token-wise parts whole: where the plan its
-    whole need leaves moves fewer bytes per step, or as many (chunks cost time) through a
-    window no smaller, or one that holds its two largest units (a streamed plan moves every
-    layer whatever its window; a window that small makes copies wait: [Note: the need
-    without chunks]), or more where both plans are fixed slots whose copies hide behind
+) -> str:
+    """Why a latent that was cut runs its token-wise parts whole ("": it does not): where the
+    plan its whole need leaves moves fewer bytes per step, or as many (chunks cost time)
+    through a window no smaller, or one that holds its two largest units (a streamed plan
+    moves every layer whatever its window; a window that small makes copies wait: [Note: the
+    need without chunks]), or more where both plans are fixed slots whose copies hide behind
     compute (``copies_hide``: [Note: copies hidden behind compute] in ``copy_headroom``)."""
     if whole_plan is None:
-        return False
+        return ""
+    no_more = "which moves no more"
     if cut_plan is None:
-        return True
-    if copies_hide and whole_reserve.forwards_per_step == cut_reserve.forwards_per_step:
-        return True
+        return no_more
     whole_moved, cut_moved = _moved(whole_reserve, whole_plan), _moved(cut_reserve, cut_plan)
+    if (
+        copies_hide
+        and whole_moved > cut_moved
+        and whole_reserve.forwards_per_step == cut_reserve.forwards_per_step
+    ):
+        return "whose copies hide behind compute"
     # Two streamed plans at as many forwards per step move every layer: a tie, though a
     # grouped part's unit carries its small tensors too ([Note: grouped parts] in units)
     tie = (
@@ -690,9 +683,10 @@ def _runs_whole(
         and whole_reserve.forwards_per_step == cut_reserve.forwards_per_step
     )
     if whole_moved != cut_moved and not tie:
-        return whole_moved < cut_moved
+        return no_more if whole_moved < cut_moved else ""
     largest = max((max(b.layer_bytes, default=0) for b in whole_sizes.blocks), default=0)
-    return whole_plan.window_bytes >= min(cut_plan.window_bytes, 2 * largest)
+    wide = whole_plan.window_bytes >= min(cut_plan.window_bytes, 2 * largest)
+    return no_more if wide else ""
 
 
 @dataclass

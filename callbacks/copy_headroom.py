@@ -11,18 +11,22 @@ chunks] in ``comfy_auto``). With a fused rope the FFN's intermediate sets the pe
 whole need is larger, fewer weights stay resident, and the chunks stay: the real 14B (40
 blocks) at 81 frames with 7 GiB free ran equal to core and no faster (session 27,
 ``benchmark_run17``). Yet there a forward took 3963 ms and its raw copies 528 ms: the larger
-plan's extra bytes would hide behind compute as the others do. In a plan of fixed slots every
-swapped block's copy runs beside the compute of the blocks before it, so swapping more blocks
-of the same shape changes no block's balance of compute and copy; what grows is only the sum
-of the copies, which must stay well inside the forward.
-So, where both plans are fixed slots at the same forwards per step, the whole plan also wins
-when its copies, at the link rate ``transfer_compression="auto"`` measured (the engine's
-``BlockSwap.copy_rate``), take at most HIDDEN_SHARE of the forward's time, as timed for that
-latent shape under the plan in use (the least per sample seen). A forward that waited on its
-copies reads about as long as they take, so that rule never holds where copies are exposed;
-a latent not timed yet, or a swap whose copies were never timed (transfer compression off),
-keeps the old rule. Not yet measured on a GPU: off unless RUN_WHOLE_WHERE_COPIES_HIDE is set
-(the benchmark's ``ours_whole_hidden`` arm sets it).
+plan's extra bytes would most likely hide behind compute as the others do. With fixed slots a
+swapped block's copy runs beside the compute of the blocks before it, at least one block's
+with two slots or more; where a DiT's blocks are alike, copies that take at most HIDDEN_SHARE
+of the forward leave each block's copy (every block swapped, the worst case) about that share
+of a block's compute. So, where both plans are two fixed slots or more at the same forwards
+per step, the whole plan also wins when its copies, at the link rate
+``transfer_compression="auto"`` timed (the engine's ``BlockSwap.copy_rate``, the fastest
+seen), take at most HIDDEN_SHARE of a forward's wall time for that latent shape (the least per
+sample seen, under whatever plan ran it, counted for the latent's batch alone as if core ran
+the two conditionings apart; compute taken as linear in the batch). A forward that waited on
+its copies reads about as long as they take, so the rule seldom holds where copies are
+exposed; a latent not timed yet, or a swap whose copies were never timed (transfer compression
+off), keeps the old rule. Once a latent ran whole and its cut units came back, they stay
+(``keeps_token_wise``: a latent near the share could otherwise repack the model twice). Not
+yet measured on a GPU: off unless RUN_WHOLE_WHERE_COPIES_HIDE is set (the benchmark's
+``ours_whole_hidden`` arm sets it).
 """
 
 from __future__ import annotations
@@ -106,8 +110,10 @@ def copies_hide(
     """Whether ``moved_per_forward`` bytes of copies take at most HIDDEN_SHARE of a forward
     of ``samples_per_forward`` samples of ``shape_key`` ([Note: copies hidden behind
     compute]); False where the forward or the link was never timed."""
+    if not RUN_WHOLE_WHERE_COPIES_HIDE:
+        return False
     rate = _rates.get(diffusion_model, 0.0)
     per_sample = ms_per_sample(diffusion_model, shape_key, clock)
-    if not RUN_WHOLE_WHERE_COPIES_HIDE or rate <= 0 or per_sample <= 0:
+    if rate <= 0 or per_sample <= 0:
         return False
     return moved_per_forward / rate <= HIDDEN_SHARE * per_sample * samples_per_forward

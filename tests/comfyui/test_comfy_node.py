@@ -1202,12 +1202,18 @@ def test_auto_runs_whole_where_the_whole_plans_copies_hide_behind_the_timed_comp
     whole_sizes = unswapped.sizes[unswapped.layout.without_token_wise()]
     block = max(b.nbytes for b in cut_sizes.blocks)
     options = comfy_adapter._auto_options[private]
-    monkeypatch.setattr(copy_headroom, "RUN_WHOLE_WHERE_COPIES_HIDE", True)
-    meter = _measure(comfy, swapped, inputs, block // 16, (0,), monkeypatch)
+
+    def no_clock(self, device):
+        raise AssertionError("a forward timed with RUN_WHOLE_WHERE_COPIES_HIDE off")
+
+    with monkeypatch.context() as off:  # the switch off: metered, then untimed
+        off.setattr(_FakeMeter, "start_clock", no_clock)
+        meter = _measure(comfy, swapped, inputs, block // 16, (0,), monkeypatch)
+        _measure(comfy, swapped, inputs, block // 16, (0,), monkeypatch)
     need = comfy_auto.measured(private, shape)
     assert need.whole_per_sample > need.per_sample
-    # the first forward of a shape is metered, not timed: time one more
     assert not copy_headroom.ms_per_sample(private, shape[1:], meter)
+    monkeypatch.setattr(copy_headroom, "RUN_WHOLE_WHERE_COPIES_HIDE", True)
     _measure(comfy, swapped, inputs, block // 16, (0,), monkeypatch)
     assert copy_headroom.ms_per_sample(private, shape[1:], meter) == meter.forward_ms
     # free VRAM where both needs leave fixed slots and the whole one swaps more
@@ -1241,10 +1247,40 @@ def test_auto_runs_whole_where_the_whole_plans_copies_hide_behind_the_timed_comp
     assert not runs_whole()
     monkeypatch.setattr(copy_headroom, "RUN_WHOLE_WHERE_COPIES_HIDE", True)
     assert runs_whole()
-    assert "run whole: the copies hide behind compute" in caplog.text
+    assert "token-wise parts run whole, whose copies hide behind compute" in caplog.text
     assert _states[private].swap.plan.swapped_bytes > cut.swapped_bytes
     assert torch.equal(run(comfy, swapped, inputs), expected)
     assert_untouched(patcher)
+
+
+def test_only_two_fixed_slots_or_more_on_both_sides_count_their_copies_as_hidden(
+    comfy, pack, monkeypatch
+):
+    """[Note: copies hidden behind compute]: a streamed window or a single slot hides a copy
+    behind no block's compute, and a forward counts as the latent's batch alone (core may run
+    the two conditionings apart whatever was kept for them)."""
+    from types import SimpleNamespace
+
+    from comfyui_wan_blockswap.callbacks import comfy_adapter, copy_headroom
+
+    monkeypatch.setattr(copy_headroom, "RUN_WHOLE_WHERE_COPIES_HIDE", True)
+    meter = _FakeMeter(0)
+    monkeypatch.setattr(comfy_adapter, "_meter", meter)
+    model = torch.nn.Linear(1, 1)
+    shape = (1, 16, 21, 60, 104)
+    copy_headroom.note_forward(model, shape[1:], 2, "stopped")  # 50 ms per sample
+    copy_headroom.note_copy_rate(model, 1.0)  # a byte per ms
+    slots = SimpleNamespace(kind="slots", num_slots=2, swapped_bytes=25)  # 25 ms of copies
+    hide = comfy_adapter._copies_hide
+    assert hide(model, shape, slots, slots)
+    assert not hide(model, shape, slots, None)  # no cut plan to weigh against
+    assert not hide(model, shape, SimpleNamespace(**{**vars(slots), "swapped_bytes": 26}), slots)
+    assert hide(
+        model, (2, *shape[1:]), SimpleNamespace(**{**vars(slots), "swapped_bytes": 50}), slots
+    )
+    for other in ({"kind": "streamed"}, {"num_slots": 1}):
+        changed = SimpleNamespace(**{**vars(slots), **other})
+        assert not hide(model, shape, changed, slots) and not hide(model, shape, slots, changed)
 
 
 def test_auto_offers_no_whole_plan_once_the_token_wise_units_came_back(
