@@ -45,11 +45,7 @@ PENDING_CLOCKS = 8  # forwards of one shape whose times are not read yet, at mos
 
 
 class ForwardClock(Protocol):
-    """Times a forward on its device without synchronising (``comfy_auto.CudaMeter``)."""
-
-    def start_clock(self, device: torch.device) -> Any: ...
-
-    def stop_clock(self, token: Any) -> Any: ...
+    """Reads a forward's stopped clock without synchronising (``comfy_auto.CudaMeter``)."""
 
     def clock_ms(self, token: Any) -> float | None:
         """The stopped clock's milliseconds, None while its forward still runs."""
