@@ -28,8 +28,8 @@ UNETLoader -> [WAN BlockSwap] -> KSampler -> SaveLatent, Wan-14B-shaped random b
 
 Arms: ``core_dynamic`` (core's default), ``core_legacy`` (``--disable-dynamic-vram``),
 ``ours_default`` (our node, default widgets), ``ours_auto`` (preset auto), and others in
-``ARMS``; the experiment arms (``ours_no_chunks``, ``ours_margin_1_3``, ``ours_unpacked``, ``ours_whole_hidden``: the
-node on a copy of the pack with one constant changed) run only when ``--arms`` names them. Results are written
+``ARMS``; the experiment arms (``ours_no_chunks``, ``ours_margin_1_3``, ``ours_unpacked``, ``ours_whole_hidden``, ``ours_lookahead``: the
+node on a copy of the pack with a constant or two changed) run only when ``--arms`` names them. Results are written
 after every row, so a run cut short keeps what it measured.
 """
 
@@ -59,7 +59,7 @@ ARMS: dict[str, dict[str, Any]] = {
     "ours_all_blocks": dict(
         args=(), node={"preset": "custom (use the widgets)", "blocks_to_swap": "all"}
     ),
-    # Experiments: the default node on a copy of the pack with one constant changed
+    # Experiments: the default node on a copy of the pack with constants changed
     # (comfy_server.install_pack). Token chunks cost 0.67% of an 81-frame forward, 1.5% on
     # top of streaming, outside the server (results/streamed_overhead_h100.json)
     "ours_no_chunks": dict(
@@ -99,6 +99,22 @@ ARMS: dict[str, dict[str, Any]] = {
                 "RUN_WHOLE_WHERE_COPIES_HIDE = False",
                 "RUN_WHOLE_WHERE_COPIES_HIDE = True",
             )
+        },
+    ),
+    # compressed layer plans look further ahead, and interleaved plans win within a few bytes
+    # ([Note: look-ahead of compressed layer plans] in callbacks/compressed_lookahead.py)
+    "ours_lookahead": dict(
+        args=(),
+        node={},
+        pack_patches={
+            "callbacks/compressed_lookahead.py": (
+                "DEEPEN_COMPRESSED_LOOKAHEAD = False",
+                "DEEPEN_COMPRESSED_LOOKAHEAD = True",
+            ),
+            "wan_blockswap/plan.py": (
+                "PREFER_SPREAD_WITHIN = 0.0\n",
+                "PREFER_SPREAD_WITHIN = 0.01\n",
+            ),
         },
     ),
 }

@@ -52,7 +52,7 @@ from ..wan_blockswap.engine import measure_model
 from ..wan_blockswap.plan import min_streamed_budget, plan_swap
 from ..wan_blockswap.units import register_fused_weights
 
-from . import comfy_auto, copy_headroom
+from . import comfy_auto, compressed_lookahead, copy_headroom
 from .comfy_private import (
     clone_onto,
     existing_private,
@@ -949,7 +949,10 @@ def _fit(
     budget = available - reserve
     layout = _layout_to_plan(state, unswapped, wanted, options, budget, runs_whole)
     sizes = unswapped.sizes[layout]
-    config = _auto_config(sizes, options, budget, available)
+    # a swap applied anew starts compressed where its options say so; one re-planned in
+    # place keeps what transfer_compression="auto" decided
+    compressing = state is None or state.swap.layout != layout or not state.swap.compression_dropped
+    config = _auto_config(sizes, options, budget, available, compressing)
     plan = plan_swap(sizes, config)
     to_all_resident = False
     if state is not None and state.swap.layout != layout:
@@ -991,7 +994,7 @@ def _fit(
             # would repack the model every other run.
             if budget - block <= current.budgeted_bytes:
                 return
-            config = _auto_config(sizes, options, budget - block, available)
+            config = _auto_config(sizes, options, budget - block, available, compressing)
             plan = plan_swap(sizes, config)
             if _same_streamed(plan, current):
                 # The same layers stream through a wider window: no repack, and copies run
@@ -1083,10 +1086,15 @@ def _set_window(patcher: Any, state: _State, plan: Any, config: SwapConfig) -> N
     logger.info("wan_blockswap auto: streaming through a %.2f GiB window", plan.window_bytes / GIB)
 
 
-def _auto_config(sizes: Any, options: SwapConfig, budget: float, available: float) -> SwapConfig:
-    """The config "auto" applies for a weight budget of ``budget`` bytes."""
+def _auto_config(
+    sizes: Any, options: SwapConfig, budget: float, available: float, compressing: bool = True
+) -> SwapConfig:
+    """The config "auto" applies for a weight budget of ``budget`` bytes; ``compressing``:
+    whether the swap's units still travel compressed (a new swap's, if its options say so)."""
     if _plan_within(sizes, options, budget) is not None:
-        return _budget_config(options, budget)
+        config = _budget_config(options, budget)
+        # [Note: look-ahead of compressed layer plans] in compressed_lookahead
+        return compressed_lookahead.deepen(sizes, config, compressing)
     least = min_streamed_budget(sizes)
     if least is None:  # nothing to stream layer by layer: every block's layers in slots
         config = dataclasses.replace(

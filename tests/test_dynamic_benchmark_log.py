@@ -53,16 +53,17 @@ def test_experiment_arms_run_an_edited_copy_of_the_pack_and_only_when_named(tmp_
         "ours_margin_1_3",
         "ours_unpacked",
         "ours_whole_hidden",
+        "ours_lookahead",
     ]
     for arm in experiments:
         assert bench._experiment(arm)
         target = cs.install_pack(custom_nodes, bench.ARMS[arm]["pack_patches"])
         assert not os.path.islink(target) and not os.path.exists(os.path.join(target, "tests"))
-        ((name, (text, replacement)),) = bench.ARMS[arm]["pack_patches"].items()
-        with open(os.path.join(target, name)) as copy, open(os.path.join(ROOT, name)) as own:
-            edited, original = copy.read(), own.read()
-        assert replacement in edited and text not in edited
-        assert edited == original.replace(text, replacement)
+        for name, (text, replacement) in bench.ARMS[arm]["pack_patches"].items():
+            with open(os.path.join(target, name)) as copy, open(os.path.join(ROOT, name)) as own:
+                edited, original = copy.read(), own.read()
+            assert replacement in edited and text not in edited
+            assert edited == original.replace(text, replacement)
     target = cs.install_pack(custom_nodes)
     assert os.path.realpath(target) == os.path.realpath(ROOT)
     with pytest.raises(ValueError, match="occurs 0 times"):

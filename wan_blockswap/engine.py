@@ -413,6 +413,12 @@ class BlockSwap(SwappedWeights):
         return self.scheduler.pool_key() if self.scheduler is not None else None
 
     @property
+    def compression_dropped(self) -> bool:
+        """Whether every unit was sent raw for good (``drop_compression``): re-plans in place
+        keep their units raw."""
+        return self._compression_dropped
+
+    @property
     def compressed(self) -> bool:
         """Whether any unit still travels compressed."""
         return any(u.transfer is not None for u in self.units)

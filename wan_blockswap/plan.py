@@ -20,6 +20,9 @@ from .swap_plan import GIB, BlockSizes, ModelSizes, SwapPlan  # noqa: F401
 # The window of the least-VRAM streamed plan: smaller than any layer worth streaming, so
 # layers stream one at a time
 MIN_STREAM_WINDOW = 1024
+# Experiment (0: off): the interleaved plan is taken where it moves at most this share more
+# bytes than the best plan of whole blocks; see :func:`_interleaved`
+PREFER_SPREAD_WITHIN = 0.0
 
 
 def plan_swap(sizes: ModelSizes, config: SwapConfig) -> SwapPlan:
@@ -60,9 +63,7 @@ def plan_swap(sizes: ModelSizes, config: SwapConfig) -> SwapPlan:
                 smallest = plan
         if unit == "layer" and swapped_count > 0:
             interleaved = _interleaved(sizes, config, budget)
-            if interleaved is not None and (
-                best is None or interleaved.swapped_bytes < best.swapped_bytes
-            ):
+            if interleaved is not None and (best is None or _spread_wins(interleaved, best)):
                 best = interleaved
     if best is not None:
         return best
@@ -253,12 +254,31 @@ def _interleaved(sizes: ModelSizes, config: SwapConfig, budget: int) -> SwapPlan
     9 ms of copies exposed per forward). Spread over every block, each block's compute hides
     its own few copies. Keeping every large layer resident also shrinks the slots to the
     largest layer still streamed, which leaves room for more resident layers.
+
+    Fewest bytes decides between the two, so a plan of whole blocks that moves a few MiB less
+    wins, and its resident runs leave the copy engine idle all the same: with Wan 14B's sizes
+    at 1 frame (compressed transfers, two slots, 10.05 GiB for weights) auto kept 14 whole
+    blocks for 16.88 GiB moved per forward against the interleaved plan's 16.90, and a
+    model of the two streams (compute as the FLOPs share of a block's 5.4 ms, copies at
+    80 GB/s) puts them at 319 and 296 ms. Where PREFER_SPREAD_WITHIN is set, the interleaved
+    plan wins within that share more bytes (experiment: not yet measured on a GPU; the
+    benchmark's ``ours_lookahead`` arm sets it, see [Note: look-ahead of compressed layer
+    plans] in ``callbacks/compressed_lookahead.py``).
     """
     every = set(range(len(sizes.with_role(MAIN_ROLE))))
     plan = _build(sizes, config, every, _swapped_others(config, every, sizes), "layer")
     if not plan.swapped or plan.gpu_weight_bytes > budget:
         return None
     return _fill_with_layers(sizes, plan, budget)
+
+
+def _spread_wins(interleaved: SwapPlan, best: SwapPlan) -> bool:
+    """Whether the interleaved plan beats ``best``: fewer bytes, or (PREFER_SPREAD_WITHIN
+    set) at most that share more."""
+    more = interleaved.swapped_bytes - best.swapped_bytes
+    return more < 0 or (
+        PREFER_SPREAD_WITHIN > 0 and more <= best.swapped_bytes * PREFER_SPREAD_WITHIN
+    )
 
 
 def _offloaded_embeddings(sizes: ModelSizes, txt: bool, img: bool) -> list[int]:

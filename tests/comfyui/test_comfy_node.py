@@ -1253,6 +1253,50 @@ def test_auto_runs_whole_where_the_whole_plans_copies_hide_behind_the_timed_comp
     assert_untouched(patcher)
 
 
+def test_auto_gives_compressed_layer_slots_a_deeper_look_ahead_when_switched_on(
+    comfy, pack, monkeypatch
+):
+    """[Note: look-ahead of compressed layer plans]: with DEEPEN_COMPRESSED_LOOKAHEAD, auto's
+    plan of compressed layer units in fixed slots gets more slots (here every extra slot's
+    bytes are allowed; as many as fit), within the same budget, and outputs still equal
+    core's; switched off, the slots the node asks for."""
+    from comfyui_wan_blockswap.callbacks import compressed_lookahead
+    from comfyui_wan_blockswap.callbacks.comfy_adapter import _states, _unswapped
+    from comfyui_wan_blockswap.wan_blockswap import compressed_transfer
+
+    monkeypatch.setattr(compressed_transfer, "CHUNK_ELEMENTS", 1024)
+    monkeypatch.setattr(compressed_transfer, "MIN_PACKED_ELEMENTS", 256)
+    monkeypatch.setattr(compressed_lookahead, "MORE_BYTES_ALLOWED", 1.0)
+    free = fake_free_vram(comfy, monkeypatch, 10**12)
+    patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v", dtype=torch.bfloat16)
+    inputs = make_inputs(7)
+    expected = run(comfy, patcher, inputs)
+    comfy.model_management.unload_all_models()
+    shape = tuple(inputs["x"].shape)
+    plans = {}
+    for deepen in (False, True):
+        monkeypatch.setattr(compressed_lookahead, "DEEPEN_COMPRESSED_LOOKAHEAD", deepen)
+        swapped = node(patcher, preset=pack.nodes.AUTO, transfer_compression="on")
+        private = swapped.model.diffusion_model
+        _prepare(comfy, swapped, shape)  # planned with VRAM to spare: nothing swapped
+        comfy.model_management.unload_all_models()
+        sizes = _unswapped[private].sizes[_unswapped[private].layout]
+        free["bytes"] = _free_for_weights(comfy, swapped, sizes, shape, 1.5)
+        _prepare(comfy, swapped, shape)
+        comfy.model_management.unload_all_models()
+        swap = _states[private].swap
+        plans[deepen] = swap.plan
+        assert swap.plan.budgeted_bytes <= swap.config.vram_budget_gb * 2**30
+        assert swap.plan.kind == "slots" and swap.plan.swap_unit == "layer"
+        assert swap.plan.compressed and swap.config.transfer_compression is True
+        assert torch.equal(run(comfy, swapped, inputs), expected)
+        comfy.model_management.unload_all_models()
+        free["bytes"] = 10**12
+    assert plans[False].num_slots == 2
+    assert 2 < plans[True].num_slots <= compressed_lookahead.MAX_SLOTS
+    assert_untouched(patcher)
+
+
 def test_only_two_fixed_slots_or_more_on_both_sides_count_their_copies_as_hidden(
     comfy, pack, monkeypatch
 ):

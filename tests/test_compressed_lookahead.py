@@ -1,0 +1,128 @@
+"""callbacks/compressed_lookahead.py and plan.PREFER_SPREAD_WITHIN: auto's compressed layer
+plans get more fixed slots where that moves few more bytes, and interleaved plans win
+within a share of bytes ([Note: look-ahead of compressed layer plans])."""
+
+import dataclasses
+
+import pytest
+
+from comfyui_wan_blockswap.callbacks import compressed_lookahead
+from comfyui_wan_blockswap.wan_blockswap import (
+    BlockSizes,
+    InsufficientMemoryError,
+    ModelSizes,
+    SwapConfig,
+    plan_swap,
+)
+from comfyui_wan_blockswap.wan_blockswap import plan as plan_module
+
+GIB, MIB = 2**30, 2**20
+ATTENTION = 5120 * 5120 * 2 + 5120 * 2  # one of Wan 14B's eight attention projections
+FFN_IN, FFN_OUT = 13824 * 5120 * 2 + 13824 * 2, 5120 * 13824 * 2 + 5120 * 2
+
+
+def wan14b_sizes() -> ModelSizes:
+    """Wan 14B as the planner sees it with each large layer a unit: core's WanModel (40
+    blocks, bf16) measured on the meta device."""
+    layers = (ATTENTION,) * 8 + (FFN_IN, FFN_OUT)
+    blocks = tuple(
+        BlockSizes(f"blocks.{i}", "blocks", "main", 702788608, layers, packable_bytes=702545920)
+        for i in range(40)
+    )
+    return ModelSizes(
+        blocks,
+        other_bytes=466104576,
+        txt_emb_bytes=94392320,
+        txt_emb_packable_bytes=94371840,
+        stream_layer_bytes=(ATTENTION, 314634240, 41953280, ATTENTION),
+        stream_layer_packable_bytes=461373440,
+    )
+
+
+def auto(budget_gib: float, compression=True) -> SwapConfig:
+    return SwapConfig(vram_budget_gb=budget_gib, swap_unit="auto", transfer_compression=compression)
+
+
+@pytest.fixture
+def deepening(monkeypatch):
+    monkeypatch.setattr(compressed_lookahead, "DEEPEN_COMPRESSED_LOOKAHEAD", True)
+
+
+def test_off_by_default_and_for_a_swap_whose_units_travel_raw(deepening, monkeypatch):
+    config = auto(5.04)
+    assert compressed_lookahead.deepen(wan14b_sizes(), config, compressing=False) is config
+    monkeypatch.setattr(compressed_lookahead, "DEEPEN_COMPRESSED_LOOKAHEAD", False)
+    assert compressed_lookahead.deepen(wan14b_sizes(), config, compressing=True) is config
+
+
+@pytest.mark.parametrize("budget", [2.23, 5.04, 10.05, 16.0])
+def test_compressed_layer_plans_get_up_to_max_slots_within_the_bytes_allowed(deepening, budget):
+    sizes = wan14b_sizes()
+    config = auto(budget)
+    asked = plan_swap(sizes, config)
+    assert asked.kind == "slots" and asked.swap_unit == "layer" and asked.compressed
+    deeper = compressed_lookahead.deepen(sizes, config, compressing=True)
+    plan = plan_swap(sizes, deeper)
+    assert deeper == dataclasses.replace(config, prefetch_blocks=deeper.prefetch_blocks)
+    assert plan.num_slots == compressed_lookahead.MAX_SLOTS > asked.num_slots
+    assert plan.gpu_weight_bytes <= budget * GIB  # within the same budget: fewer kept layers
+    assert asked.swapped_bytes < plan.swapped_bytes
+    assert plan.swapped_bytes <= asked.swapped_bytes * (1 + compressed_lookahead.MORE_BYTES_ALLOWED)
+
+
+def test_deepening_stops_before_a_plan_that_moves_too_many_more_bytes(deepening, monkeypatch):
+    """Each slot more keeps one FFN layer fewer (about 0.13 GiB of the 21.9 moved at 5.04
+    GiB): with 0.8% allowed, one slot more passes and the second does not."""
+    sizes, config = wan14b_sizes(), auto(5.04)
+    asked = plan_swap(sizes, config)
+    monkeypatch.setattr(compressed_lookahead, "MORE_BYTES_ALLOWED", 0.008)
+    deeper = compressed_lookahead.deepen(sizes, config, compressing=True)
+    assert deeper.prefetch_blocks == config.prefetch_blocks + 1
+    assert plan_swap(sizes, deeper).swapped_bytes <= asked.swapped_bytes * 1.008
+    monkeypatch.setattr(compressed_lookahead, "MORE_BYTES_ALLOWED", 0.001)
+    assert compressed_lookahead.deepen(sizes, config, compressing=True) is config
+
+
+def test_raw_streamed_and_all_resident_plans_keep_their_slots(deepening):
+    sizes = wan14b_sizes()
+    raw = auto(5.04, compression=False)
+    assert compressed_lookahead.deepen(sizes, raw, compressing=True) is raw
+    streamed = auto(0.7)  # below the fixed slots' least: every layer streams
+    assert plan_swap(sizes, streamed).kind == "streamed"
+    assert compressed_lookahead.deepen(sizes, streamed, compressing=True) is streamed
+    everything = auto(40.0)
+    assert plan_swap(sizes, everything).kind == "none"
+    assert compressed_lookahead.deepen(sizes, everything, compressing=True) is everything
+
+
+def test_a_slot_plan_near_its_least_budget_is_not_deepened_into_a_streamed_one(deepening):
+    """Where more slots no longer fit beside the non-block weights, the slots asked for stay:
+    the plan never turns into another kind, so the VRAM floor does not move."""
+    sizes = wan14b_sizes()
+    least = next(budget / 100 for budget in range(50, 400) if _slots_at(sizes, budget / 100))
+    config = auto(least)
+    deeper = compressed_lookahead.deepen(sizes, config, compressing=True)
+    assert plan_swap(sizes, deeper).kind == "slots"
+    assert deeper is config
+
+
+def _slots_at(sizes: ModelSizes, budget: float) -> bool:
+    try:
+        return plan_swap(sizes, auto(budget)).kind == "slots"
+    except InsufficientMemoryError:
+        return False
+
+
+def test_an_interleaved_plan_wins_within_prefer_spread_within(monkeypatch):
+    """At 10.05 GiB with compression, whole resident blocks move 15 MiB (0.09%) less than the
+    interleaved plan and win by fewest bytes; with PREFER_SPREAD_WITHIN 1% the interleaved
+    one wins, and it keeps no block whole."""
+    sizes, config = wan14b_sizes(), auto(10.05)
+    whole = plan_swap(sizes, config)
+    assert len(whole.resident) > 10
+    monkeypatch.setattr(plan_module, "PREFER_SPREAD_WITHIN", 0.01)
+    spread = plan_swap(sizes, config)
+    assert spread.resident == () and len(spread.kept_layers) > 40
+    assert whole.swapped_bytes < spread.swapped_bytes <= whole.swapped_bytes * 1.01
+    monkeypatch.setattr(plan_module, "PREFER_SPREAD_WITHIN", 0.0001)
+    assert plan_swap(sizes, config) == whole
