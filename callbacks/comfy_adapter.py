@@ -950,8 +950,14 @@ def _fit(
     layout = _layout_to_plan(state, unswapped, wanted, options, budget, runs_whole)
     sizes = unswapped.sizes[layout]
     # a swap applied anew starts compressed where its options say so; one re-planned in
-    # place keeps what transfer_compression="auto" decided
-    compressing = state is None or state.swap.layout != layout or not state.swap.compression_dropped
+    # place keeps its units raw once transfer_compression="auto" dropped compression, or
+    # where its apply fell back to raw for want of host RAM (its config then says False)
+    compressing = (
+        state is None
+        or state.swap.layout != layout
+        or not state.swap.compression_dropped
+        and state.swap.config.transfer_compression is not False
+    )
     config = _auto_config(sizes, options, budget, available, compressing)
     plan = plan_swap(sizes, config)
     to_all_resident = False

@@ -13,9 +13,9 @@ an H100 with 40 Wan-14B blocks at 1 frame (a batch of both conditionings), ours 
 0.388, 0.344 and 0.321 s/it with 4, 7 and 12 GiB free, against core's 0.506, 0.440 and 0.359
 (session 28, ``benchmark_run18``): 0.77x and 0.78x where copies dominate, but 0.90x at 12
 GiB, where each step should take about max(compute, copies). A model of the two streams
-(compute in proportion to each layer's FLOPs, 5.4 ms a block as 8 blocks at 0.0436 s/it
-imply; compressed copies at 80 GB/s; a copy waits for a free slot) gives, for Wan 14B's real
-sizes:
+(``benchmarks/lookahead_model.py``: compute in proportion to each layer's FLOPs, 5.4 ms a
+block as 8 blocks at 0.0436 s/it imply; compressed copies at 80 GB/s; a copy waits for a
+free slot) gives, for Wan 14B's real sizes:
 
 | weights GiB | 2 slots | 3 slots | 4 slots |
 |---|---|---|---|
@@ -24,12 +24,18 @@ sizes:
 | 10.05 (12 GiB free) | 319 | 298 | 243 |
 
 and at 10.05 GiB the planner kept 14 whole blocks with 2 and 3 slots (see
-``PREFER_SPREAD_WITHIN`` in ``plan.py``). So where the plan auto picks is fixed slots of
+``PREFER_SPREAD_WITHIN`` in ``plan.py``); with the interleaved plan there, 3 slots model at
+261 ms. Where 3 and 4 slots differ by 2 ms the fourth costs nothing measurable, so the rule
+takes as many as pass. So where the plan auto picks is fixed slots of
 compressed layer units, auto gives it more slots, up to MAX_SLOTS, while the deeper plan moves
 at most MORE_BYTES_ALLOWED more bytes per forward than the plan with the slots asked for
 (each slot holds the largest streamed layer, so fewer layers stay resident). Streamed plans
 (the least VRAM) and raw plans are left as they are: the floor does not move, and packing
-already looks ahead. Not yet measured on a GPU: off unless DEEPEN_COMPRESSED_LOOKAHEAD is
+already looks ahead. A user's ``prefetch_blocks`` other than the default stays as it is.
+Once auto drops compression the deeper plan stays until the budget moves enough to re-plan
+(its extra bytes then hide behind compute, which is why compression was dropped); a swap
+applied anew after a failed re-plan in place starts with the slots asked for. Not yet
+measured on a GPU: off unless DEEPEN_COMPRESSED_LOOKAHEAD is
 set (the benchmark's ``ours_lookahead`` arm sets it with ``PREFER_SPREAD_WITHIN``).
 """
 
@@ -49,6 +55,9 @@ from ..wan_blockswap import (
 DEEPEN_COMPRESSED_LOOKAHEAD = False
 MAX_SLOTS = 4  # the model's gain stops at 3-4 slots
 MORE_BYTES_ALLOWED = 0.02  # of the bytes the plan with the slots asked for moves per forward
+# Only a look-ahead left at its default is deepened: a user's prefetch_blocks (0 to save VRAM,
+# or another value to keep two models' slots apart) stays
+DEFAULT_PREFETCH_BLOCKS = SwapConfig().prefetch_blocks
 
 
 def deepen(sizes: ModelSizes, config: SwapConfig, compressing: bool) -> SwapConfig:
@@ -56,6 +65,8 @@ def deepen(sizes: ModelSizes, config: SwapConfig, compressing: bool) -> SwapConf
     units and ``compressing`` (the swap's units still travel compressed, or a new swap's
     will) ([Note: look-ahead of compressed layer plans])."""
     if not DEEPEN_COMPRESSED_LOOKAHEAD or not compressing:
+        return config
+    if config.prefetch_blocks != DEFAULT_PREFETCH_BLOCKS:  # the user's own choice stays
         return config
     asked = plan_swap(sizes, config)
     if not _compressed_layer_slots(asked):

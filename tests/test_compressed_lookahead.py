@@ -8,35 +8,15 @@ import pytest
 
 from comfyui_wan_blockswap.callbacks import compressed_lookahead
 from comfyui_wan_blockswap.wan_blockswap import (
-    BlockSizes,
     InsufficientMemoryError,
     ModelSizes,
     SwapConfig,
     plan_swap,
 )
 from comfyui_wan_blockswap.wan_blockswap import plan as plan_module
+from lookahead_model import compare, wan14b_sizes
 
-GIB, MIB = 2**30, 2**20
-ATTENTION = 5120 * 5120 * 2 + 5120 * 2  # one of Wan 14B's eight attention projections
-FFN_IN, FFN_OUT = 13824 * 5120 * 2 + 13824 * 2, 5120 * 13824 * 2 + 5120 * 2
-
-
-def wan14b_sizes() -> ModelSizes:
-    """Wan 14B as the planner sees it with each large layer a unit: core's WanModel (40
-    blocks, bf16) measured on the meta device."""
-    layers = (ATTENTION,) * 8 + (FFN_IN, FFN_OUT)
-    blocks = tuple(
-        BlockSizes(f"blocks.{i}", "blocks", "main", 702788608, layers, packable_bytes=702545920)
-        for i in range(40)
-    )
-    return ModelSizes(
-        blocks,
-        other_bytes=466104576,
-        txt_emb_bytes=94392320,
-        txt_emb_packable_bytes=94371840,
-        stream_layer_bytes=(ATTENTION, 314634240, 41953280, ATTENTION),
-        stream_layer_packable_bytes=461373440,
-    )
+GIB = 2**30
 
 
 def auto(budget_gib: float, compression=True) -> SwapConfig:
@@ -126,3 +106,36 @@ def test_an_interleaved_plan_wins_within_prefer_spread_within(monkeypatch):
     assert whole.swapped_bytes < spread.swapped_bytes <= whole.swapped_bytes * 1.01
     monkeypatch.setattr(plan_module, "PREFER_SPREAD_WITHIN", 0.0001)
     assert plan_swap(sizes, config) == whole
+
+
+def test_a_users_own_prefetch_blocks_stays(deepening):
+    """0 saves VRAM; another value keeps two models' slots apart (scheduler's pool key)."""
+    sizes = wan14b_sizes()
+    for prefetch in (0, 2):
+        config = dataclasses.replace(auto(5.04), prefetch_blocks=prefetch)
+        assert compressed_lookahead.deepen(sizes, config, compressing=True) is config
+
+
+def test_prefer_spread_within_leaves_raw_plans_to_fewest_bytes(monkeypatch):
+    """Raw layer units pack and look ahead by bytes: there whole blocks keep winning by a
+    few MiB, flag or not."""
+    sizes, config = wan14b_sizes(), auto(10.05, compression=False)
+    before = plan_swap(sizes, config)
+    monkeypatch.setattr(plan_module, "PREFER_SPREAD_WITHIN", 0.01)
+    assert plan_swap(sizes, config) == before
+
+
+def test_the_stream_model_finds_the_deeper_interleaved_plan_faster_and_restores_the_flags():
+    """benchmarks/lookahead_model.py: with both flags, 4 slots and no whole resident block at
+    every budget of the note, each modelled faster than auto's plan as it is (at 10.05 GiB by
+    more than a fifth); the flags are back off afterwards."""
+    rows = compare([2.23, 5.04, 10.05], block_ms=5.4, gbps=80.0)
+    for row in rows:
+        before, after = row["before"], row["after"]
+        assert after["slots"] == 4 and after["whole_resident_blocks"] == 0
+        assert after["ms"] < before["ms"]
+        assert after["moved_gib"] <= before["moved_gib"] * 1.02
+    assert rows[-1]["before"]["whole_resident_blocks"] == 14
+    assert rows[-1]["after"]["ms"] < 0.8 * rows[-1]["before"]["ms"]
+    assert plan_module.PREFER_SPREAD_WITHIN == 0.0
+    assert not compressed_lookahead.DEEPEN_COMPRESSED_LOOKAHEAD

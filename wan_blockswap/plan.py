@@ -20,8 +20,8 @@ from .swap_plan import GIB, BlockSizes, ModelSizes, SwapPlan  # noqa: F401
 # The window of the least-VRAM streamed plan: smaller than any layer worth streaming, so
 # layers stream one at a time
 MIN_STREAM_WINDOW = 1024
-# Experiment (0: off): the interleaved plan is taken where it moves at most this share more
-# bytes than the best plan of whole blocks; see :func:`_interleaved`
+# Experiment (0: off): with compressed transfers the interleaved plan is taken where it moves
+# at most this share more bytes than the best plan of whole blocks; see :func:`_interleaved`
 PREFER_SPREAD_WITHIN = 0.0
 
 
@@ -260,8 +260,9 @@ def _interleaved(sizes: ModelSizes, config: SwapConfig, budget: int) -> SwapPlan
     at 1 frame (compressed transfers, two slots, 10.05 GiB for weights) auto kept 14 whole
     blocks for 16.88 GiB moved per forward against the interleaved plan's 16.90, and a
     model of the two streams (compute as the FLOPs share of a block's 5.4 ms, copies at
-    80 GB/s) puts them at 319 and 296 ms. Where PREFER_SPREAD_WITHIN is set, the interleaved
-    plan wins within that share more bytes (experiment: not yet measured on a GPU; the
+    80 GB/s; ``benchmarks/lookahead_model.py``) puts them at 319 and 296 ms. Where
+    PREFER_SPREAD_WITHIN is set, a compressed interleaved plan wins within that share more
+    bytes (experiment: not yet measured on a GPU; the
     benchmark's ``ours_lookahead`` arm sets it, see [Note: look-ahead of compressed layer
     plans] in ``callbacks/compressed_lookahead.py``).
     """
@@ -274,11 +275,12 @@ def _interleaved(sizes: ModelSizes, config: SwapConfig, budget: int) -> SwapPlan
 
 def _spread_wins(interleaved: SwapPlan, best: SwapPlan) -> bool:
     """Whether the interleaved plan beats ``best``: fewer bytes, or (PREFER_SPREAD_WITHIN
-    set) at most that share more."""
+    set, compressed transfers) at most that share more, a tie included. Raw layer units pack
+    into the slots and look ahead by their bytes ([Note: packed slots]), so for them fewest
+    bytes still decides."""
     more = interleaved.swapped_bytes - best.swapped_bytes
-    return more < 0 or (
-        PREFER_SPREAD_WITHIN > 0 and more <= best.swapped_bytes * PREFER_SPREAD_WITHIN
-    )
+    within = PREFER_SPREAD_WITHIN > 0 and best.compressed and interleaved.compressed
+    return more < 0 or (within and more <= best.swapped_bytes * PREFER_SPREAD_WITHIN)
 
 
 def _offloaded_embeddings(sizes: ModelSizes, txt: bool, img: bool) -> list[int]:

@@ -1258,8 +1258,9 @@ def test_auto_gives_compressed_layer_slots_a_deeper_look_ahead_when_switched_on(
 ):
     """[Note: look-ahead of compressed layer plans]: with DEEPEN_COMPRESSED_LOOKAHEAD, auto's
     plan of compressed layer units in fixed slots gets more slots (here every extra slot's
-    bytes are allowed; as many as fit), within the same budget, and outputs still equal
-    core's; switched off, the slots the node asks for."""
+    bytes are allowed; as many as fit), each plan within its budget, and outputs still equal
+    core's. Switched off, or re-planned in place after transfer compression was dropped
+    (the units travel raw and pack), the slots the node asks for."""
     from comfyui_wan_blockswap.callbacks import compressed_lookahead
     from comfyui_wan_blockswap.callbacks.comfy_adapter import _states, _unswapped
     from comfyui_wan_blockswap.wan_blockswap import compressed_transfer
@@ -1274,26 +1275,34 @@ def test_auto_gives_compressed_layer_slots_a_deeper_look_ahead_when_switched_on(
     comfy.model_management.unload_all_models()
     shape = tuple(inputs["x"].shape)
     plans = {}
-    for deepen in (False, True):
+    for case, deepen, dropped in (
+        ("off", False, False),
+        ("on", True, False),
+        ("dropped", True, True),
+    ):
         monkeypatch.setattr(compressed_lookahead, "DEEPEN_COMPRESSED_LOOKAHEAD", deepen)
         swapped = node(patcher, preset=pack.nodes.AUTO, transfer_compression="on")
         private = swapped.model.diffusion_model
         _prepare(comfy, swapped, shape)  # planned with VRAM to spare: nothing swapped
         comfy.model_management.unload_all_models()
+        first = _states[private].swap
+        if dropped:
+            first.drop_compression()  # as transfer_compression="auto" does
         sizes = _unswapped[private].sizes[_unswapped[private].layout]
         free["bytes"] = _free_for_weights(comfy, swapped, sizes, shape, 1.5)
         _prepare(comfy, swapped, shape)
         comfy.model_management.unload_all_models()
         swap = _states[private].swap
-        plans[deepen] = swap.plan
+        assert swap is first  # re-planned in place
+        plans[case] = swap.plan
         assert swap.plan.budgeted_bytes <= swap.config.vram_budget_gb * 2**30
         assert swap.plan.kind == "slots" and swap.plan.swap_unit == "layer"
-        assert swap.plan.compressed and swap.config.transfer_compression is True
+        assert swap.plan.compressed != dropped
         assert torch.equal(run(comfy, swapped, inputs), expected)
         comfy.model_management.unload_all_models()
         free["bytes"] = 10**12
-    assert plans[False].num_slots == 2
-    assert 2 < plans[True].num_slots <= compressed_lookahead.MAX_SLOTS
+    assert plans["off"].num_slots == plans["dropped"].num_slots == 2
+    assert 2 < plans["on"].num_slots <= compressed_lookahead.MAX_SLOTS
     assert_untouched(patcher)
 
 
