@@ -18,6 +18,10 @@ PLANS = {
     "fixed slots, deep prefetch": dict(blocks_to_swap=6, prefetch_blocks=3),
     "layers": dict(blocks_to_swap=4, swap_unit="layer", offload_txt_emb=True),  # packed slots
     "compressed": dict(blocks_to_swap=5, prefetch_blocks=1, transfer_compression=True),
+    # what auto's deeper look-ahead makes ([Note: look-ahead of compressed layer plans])
+    "compressed layers, deep prefetch": dict(
+        blocks_to_swap=4, swap_unit="layer", prefetch_blocks=3, transfer_compression=True
+    ),
     "streamed": "streamed",
     "streamed, compressed": "streamed+compressed",
     "vace": dict(blocks_to_swap=6, vace_blocks_to_swap=2, prefetch_blocks=1),
