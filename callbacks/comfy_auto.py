@@ -46,14 +46,19 @@ The reserve is then what the forward needs and core's rules need left free (:fun
   inference memory where that is more (its shrink rule: below it core unloads part of ours);
 - for one batch of both conditionings, where a run of this shape had an unconditional pass
   (cfg > 1), the batch's need, or what core's shrink rule asks (one conditioning's figure plus the
-  extra reserve, at least that least inference memory) where that is more. No extra reserve on
-  the batch's need at first: should less be free when a step runs,
+  extra reserve, at least that least inference memory) where that is more. Beside the batch's
+  need the first plan keeps BATCH_ROOM_UP_FRONT: should less be free when a step runs,
   core's batching rule, which reads the free VRAM then, runs the conditionings as two forwards,
-  each with the room of two, and each moving the streamed weights. The adapter logs that once
-  per plan, and where less than the batch's need was free then, later plans of the latent keep
-  beside the need what was taken of the VRAM the plan had left (its reserve, what its whole
-  units did not fill, a streamed plan's window) when the step read, plus BATCH_SHORTFALL_SLACK
-  (``note_batch_shortfall``). That cannot grow without end: where the batch's reserve leaves a
+  each with the room of two, and each moving the streamed weights. On an H100 at 81 frames
+  (40 Wan-14B blocks, 10-12 GiB free) plans that kept the batch's need alone found about 40, 70
+  and 80 MiB less free at the step (sessions 24 and 28), and the split and the re-plan after it
+  cost a prompt 20.5 s against 16.1; 128 MiB, at most a few ms of copies a step at 1 frame
+  and none that show at 81, would have kept all three batched (not yet measured on a GPU).
+  The adapter logs a split once per plan, and where less than the batch's need was free then,
+  later plans of the latent keep beside the need what was taken of the VRAM the plan had left
+  (its reserve, what its whole units did not fill, a streamed plan's window) when the step
+  read, plus BATCH_SHORTFALL_SLACK (``note_batch_shortfall``), or BATCH_ROOM_UP_FRONT where
+  that is more. That cannot grow without end: where the batch's reserve leaves a
   plan that moves more than two forwards of one conditioning each, the adapter plans for those,
   and keeps no room for a batch. On an H100 at 1 frame with 4 GiB free, where the floor left
   0.09 GiB above the batch's need, ours' 16-step prompts spread from 1.30 to 2.19 s, as if some
@@ -92,6 +97,8 @@ OOM_GROWTH = 1.25  # a shape's need after one of its forwards ran out of memory;
 COND_BATCH_FACTOR = 1.5
 # kept beside what a step was seen to read less than the plan left (core's rule is strict)
 BATCH_SHORTFALL_SLACK = 64 * 2**20
+# kept beside a batch's need from the first plan of a latent: see [Note: auto plans]
+BATCH_ROOM_UP_FRONT = 128 * 2**20
 
 
 @dataclass
@@ -538,7 +545,7 @@ def reserves(patcher: Any, noise_shape: Any, conds: dict, cutting: bool = True) 
     if not need.uncond:
         return [Reserve(single, 1, "measured")]
     shrinks_below = max(floor, one / COND_BATCH_FACTOR + extra)  # core's shrink rule
-    batched = max(shrinks_below, 2 * one + need.batch_shortfall)
+    batched = max(shrinks_below, 2 * one + max(need.batch_shortfall, BATCH_ROOM_UP_FRONT))
     return [
         Reserve(batched, 1, "measured; both conditionings in one batch", cond_batch=True),
         Reserve(single, 2, "measured; one conditioning per forward"),

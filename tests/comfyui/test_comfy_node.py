@@ -657,7 +657,11 @@ def test_weight_patches_on_scaled_fp8_weights_equal_core(comfy):
 
 
 def fake_free_vram(comfy, monkeypatch, start: int) -> dict:
-    """Core sees ``free["bytes"]`` of free VRAM, and no reserves of its own."""
+    """Core sees ``free["bytes"]`` of free VRAM, and no reserves of its own; auto keeps no
+    room up front beside a batch's need (its 128 MiB would dwarf a tiny model's needs)."""
+    from comfyui_wan_blockswap.callbacks import comfy_auto
+
+    monkeypatch.setattr(comfy_auto, "BATCH_ROOM_UP_FRONT", 0)
     mm = comfy.model_management
     free = {"bytes": start}
 
@@ -2202,6 +2206,16 @@ def test_auto_reserves_core_extra_for_one_conditioning_and_its_floor_for_a_batch
         assert (split.bytes, split.forwards_per_step) == (max(floor, one + extra), 2)
         # the larger need keeps the batch's need, the smaller core's floor
         assert (2 * one > floor) == (need == 8 * 2**20)
+        # room kept up front beside the batch's need, and nothing beside one conditioning's
+        with monkeypatch.context() as up_front:
+            up_front.setattr(comfy_auto, "BATCH_ROOM_UP_FRONT", 2**20)
+            room, alone = comfy_auto.reserves(swapped, shape, {})
+            assert room.bytes == max(floor, 2 * one + 2**20) and alone == split
+            # what a split step showed was taken, where that is more
+            comfy_auto.note_batch_shortfall(private, shape, 2**20)
+            shortfall = 2**20 + comfy_auto.BATCH_SHORTFALL_SLACK
+            room, _ = comfy_auto.reserves(swapped, shape, {})
+            assert room.bytes == max(floor, 2 * one + shortfall)
     # a large extra reserve (--reserve-vram): core's shrink rule asks more than the batch needs
     # (core's floor is its extra reserve plus a fixed amount, 0.8 GiB on a GPU)
     extra = 40 * 2**20
