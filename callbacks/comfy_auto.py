@@ -47,7 +47,8 @@ The reserve is then what the forward needs and core's rules need left free (:fun
 - for one batch of both conditionings, where a run of this shape had an unconditional pass
   (cfg > 1), the batch's need, or what core's shrink rule asks (one conditioning's figure plus the
   extra reserve, at least that least inference memory) where that is more. Beside the batch's
-  need the first plan keeps BATCH_ROOM_UP_FRONT: should less be free when a step runs,
+  need every plan keeps BATCH_ROOM_UP_FRONT (absorbed where core's floor is more), while
+  core is still told the need alone: should less than the need be free when a step runs,
   core's batching rule, which reads the free VRAM then, runs the conditionings as two forwards,
   each with the room of two, and each moving the streamed weights. On an H100 at 81 frames
   (40 Wan-14B blocks, 10-12 GiB free) plans that kept the batch's need alone found about 40, 70
@@ -57,8 +58,8 @@ The reserve is then what the forward needs and core's rules need left free (:fun
   The adapter logs a split once per plan, and where less than the batch's need was free then,
   later plans of the latent keep beside the need what was taken of the VRAM the plan had left
   (its reserve, what its whole units did not fill, a streamed plan's window) when the step
-  read, plus BATCH_SHORTFALL_SLACK (``note_batch_shortfall``), or BATCH_ROOM_UP_FRONT where
-  that is more. That cannot grow without end: where the batch's reserve leaves a
+  read, plus BATCH_SHORTFALL_SLACK (``note_batch_shortfall``; what was taken includes the
+  room, so it is counted once), or BATCH_ROOM_UP_FRONT where that is more. That cannot grow without end: where the batch's reserve leaves a
   plan that moves more than two forwards of one conditioning each, the adapter plans for those,
   and keeps no room for a batch. On an H100 at 1 frame with 4 GiB free, where the floor left
   0.09 GiB above the batch's need, ours' 16-step prompts spread from 1.30 to 2.19 s, as if some

@@ -2163,6 +2163,51 @@ def test_auto_keeps_what_was_taken_since_the_plan_beside_a_batch_core_ran_apart(
     comfy.model_management.unload_all_models()
 
 
+def test_auto_keeps_room_up_front_beside_a_batch_and_asks_core_for_the_need_alone(
+    comfy, pack, monkeypatch, caplog
+):
+    """BATCH_ROOM_UP_FRONT ([Note: auto plans]): the plan keeps it free beside the batch's
+    need, but core's batching rule is still told the need alone, so a step that finds part of
+    the room taken still runs both passes as one batch (run apart, the node names a cause
+    other than memory). Where more than the room was taken, later plans keep what was taken
+    and the slack, counted once: the room is part of what was taken."""
+    from comfyui_wan_blockswap.callbacks import comfy_auto
+    from comfyui_wan_blockswap.callbacks.comfy_adapter import _states
+    from comfyui_wan_blockswap.wan_blockswap.engine import BlockSwap
+
+    rig = _split_batch_rig(comfy, pack, monkeypatch, caplog)
+    private, shape, need, block = rig.private, rig.shape, rig.need, rig.block
+    up_front, slack = block // 16, comfy_auto.BATCH_SHORTFALL_SLACK
+    monkeypatch.setattr(comfy_auto, "BATCH_ROOM_UP_FRONT", up_front)
+    monkeypatch.setattr(BlockSwap, "ring_bytes_on_device", lambda swap: swap.plan.ring_bytes)
+    both = (2 * shape[0], *shape[1:])
+    split = "passes one at a time"
+
+    def plan():
+        assert "both conditionings in one batch" in rig.prepared()
+        state = _states[private]
+        assert state.cond_batch_room.reserve == need + up_front
+        # core is asked for the need alone (its batching factor times the answer)
+        assert comfy_auto.COND_BATCH_FACTOR * rig.swapped.model.memory_required(both) == need
+        return lambda taken: state.cond_batch_room.left - state.swap.plan.ring_bytes - taken
+
+    read_free = plan()
+    rig.free_at_step = read_free(up_front // 2)  # half the room taken: the need is still free
+    assert read_free(up_front // 2) > need
+    text = _logged(caplog, rig.step, (0,), (1,))
+    assert split in text and "could not join" in text
+    assert comfy_auto.measured(private, shape).batch_shortfall == 0
+    read_free = plan()
+    taken = read_free(0) - int(need) + 1  # more than the room: one byte short of the need
+    assert taken > up_front
+    rig.free_at_step = read_free(taken)
+    assert "later plans of this latent keep" in _logged(caplog, rig.step, (1,), (0,))
+    assert comfy_auto.measured(private, shape).batch_shortfall == taken + slack
+    assert comfy_auto.reserves(rig.swapped, shape, {})[0].bytes == need + taken + slack
+    rig.swapped.cleanup()
+    comfy.model_management.unload_all_models()
+
+
 def _logged(caplog, call, *args) -> str:
     caplog.clear()
     with caplog.at_level("INFO", logger="wan_blockswap"):
