@@ -7,8 +7,10 @@ FLOPs: the cross-attention's k and v see 512 text tokens, the rest every latent 
 attention itself a tenth of the block), each streamed layer copies at a fixed rate, and a copy
 waits for a free slot (one unit per slot, as compressed units travel). Its input is the
 planner's own plan for the real model's sizes (core's WanModel, 40 blocks, bf16, measured on
-the meta device). It reproduced the session-28 H100 rows within about 20 ms a step with 5.4
-ms a block (8 blocks that fit ran at 0.0436 s/it) and 80 GB/s.
+the meta device). With 5.4 ms a block (8 blocks that fit ran at 0.0436 s/it) and 80 GB/s it
+gives 363, 325 and 319 ms for the plans auto made in the session-28 H100 rows (4, 7 and 12 GiB
+free), which ran 388, 344 and 321 ms a step: 2-25 ms less, a step being more than its
+forward.
 
     python benchmarks/lookahead_model.py [--block-ms 5.4] [--gbps 80] [--budgets 2.23 5.04 10.05]
 """
