@@ -59,9 +59,9 @@ The reserve is then what the forward needs and core's rules need left free (:fun
   later plans of the latent keep beside the need what was taken of the VRAM the plan had left
   (its reserve, what its whole units did not fill, a streamed plan's window) when the step
   read, plus BATCH_SHORTFALL_SLACK (``note_batch_shortfall``; what was taken includes the
-  room, so it is counted once), or BATCH_ROOM_UP_FRONT where that is more. That cannot grow without end: where the batch's reserve leaves a
-  plan that moves more than two forwards of one conditioning each, the adapter plans for those,
-  and keeps no room for a batch. On an H100 at 1 frame with 4 GiB free, where the floor left
+  room, so it is counted once), or BATCH_ROOM_UP_FRONT where that is more. That cannot grow
+  without end: where the batch's reserve leaves a plan that moves more than two forwards of
+  one conditioning each, the adapter plans for those, and keeps no room for a batch. On an H100 at 1 frame with 4 GiB free, where the floor left
   0.09 GiB above the batch's need, ours' 16-step prompts spread from 1.30 to 2.19 s, as if some
   steps ran that way (comfyui_dynamic_h100.json, session 21). The margin's evidence is from
   single forwards (above); a batch above core's floor has not run on a GPU with this reserve. In
@@ -98,7 +98,7 @@ OOM_GROWTH = 1.25  # a shape's need after one of its forwards ran out of memory;
 COND_BATCH_FACTOR = 1.5
 # kept beside what a step was seen to read less than the plan left (core's rule is strict)
 BATCH_SHORTFALL_SLACK = 64 * 2**20
-# kept beside a batch's need from the first plan of a latent: see [Note: auto plans]
+# kept free beside a batch's need by every plan, not asked of core: see [Note: auto plans]
 BATCH_ROOM_UP_FRONT = 128 * 2**20
 
 
