@@ -61,9 +61,10 @@ The reserve is then what the forward needs and core's rules need left free (:fun
   read, plus BATCH_SHORTFALL_SLACK (``note_batch_shortfall``; what was taken includes the
   room, so it is counted once), or BATCH_ROOM_UP_FRONT where that is more. That cannot grow
   without end: where the batch's reserve leaves a plan that moves more than two forwards of
-  one conditioning each, the adapter plans for those, and keeps no room for a batch. On an H100 at 1 frame with 4 GiB free, where the floor left
-  0.09 GiB above the batch's need, ours' 16-step prompts spread from 1.30 to 2.19 s, as if some
-  steps ran that way (comfyui_dynamic_h100.json, session 21). The margin's evidence is from
+  one conditioning each, the adapter plans for those, and keeps no room for a batch. On an
+  H100 at 1 frame with 4 GiB free, where the floor left 0.09 GiB above the batch's need, ours'
+  16-step prompts spread from 1.30 to 2.19 s, as if some steps ran that way
+  (comfyui_dynamic_h100.json, session 21). The margin's evidence is from
   single forwards (above); a batch above core's floor has not run on a GPU with this reserve. In
   session 22's two runs of that plan no step ran apart, and ours ran at 0.78x and 0.83x core's
   time.
