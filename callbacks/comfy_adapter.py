@@ -1097,10 +1097,11 @@ def _auto_config(
 ) -> SwapConfig:
     """The config "auto" applies for a weight budget of ``budget`` bytes; ``compressing``:
     whether the swap's units still travel compressed (a new swap's, if its options say so)."""
-    if _plan_within(sizes, options, budget) is not None:
+    asked = _plan_within(sizes, options, budget)
+    if asked is not None:
         config = _budget_config(options, budget)
         # [Note: look-ahead of compressed layer plans] in compressed_lookahead
-        return compressed_lookahead.deepen(sizes, config, compressing)
+        return compressed_lookahead.deepen(sizes, config, compressing, asked)
     least = min_streamed_budget(sizes)
     if least is None:  # nothing to stream layer by layer: every block's layers in slots
         config = dataclasses.replace(

@@ -60,15 +60,18 @@ MORE_BYTES_ALLOWED = 0.02  # of the bytes the plan with the slots asked for move
 DEFAULT_PREFETCH_BLOCKS = SwapConfig().prefetch_blocks
 
 
-def deepen(sizes: ModelSizes, config: SwapConfig, compressing: bool) -> SwapConfig:
-    """``config``, with more fixed slots where its plan is fixed slots of compressed layer
-    units and ``compressing`` (the swap's units still travel compressed, or a new swap's
-    will) ([Note: look-ahead of compressed layer plans])."""
+def deepen(
+    sizes: ModelSizes, config: SwapConfig, compressing: bool, asked: SwapPlan | None = None
+) -> SwapConfig:
+    """``config``, with more fixed slots where its plan (``asked``, where the caller has it)
+    is fixed slots of compressed layer units and ``compressing`` (the swap's units still
+    travel compressed, or a new swap's will) ([Note: look-ahead of compressed layer
+    plans])."""
     if not DEEPEN_COMPRESSED_LOOKAHEAD or not compressing:
         return config
     if config.prefetch_blocks != DEFAULT_PREFETCH_BLOCKS:  # the user's own choice stays
         return config
-    asked = plan_swap(sizes, config)
+    asked = asked if asked is not None else plan_swap(sizes, config)
     if not _compressed_layer_slots(asked):
         return config
     chosen = config
