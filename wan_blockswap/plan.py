@@ -262,9 +262,9 @@ def _interleaved(sizes: ModelSizes, config: SwapConfig, budget: int) -> SwapPlan
     model of the two streams (compute as the FLOPs share of a block's 5.4 ms, copies at
     80 GB/s; ``benchmarks/lookahead_model.py``) puts them at 319 and 296 ms. Where
     PREFER_SPREAD_WITHIN is set, a compressed interleaved plan wins within that share more
-    bytes (experiment: not yet measured on a GPU; the
-    benchmark's ``ours_lookahead`` arm sets it, see [Note: look-ahead of compressed layer
-    plans] in ``callbacks/compressed_lookahead.py``).
+    bytes (experiment: not yet measured on a GPU; the benchmark's ``ours_lookahead`` arm sets
+    it, see [Note: look-ahead of compressed layer plans] in
+    ``callbacks/compressed_lookahead.py``).
     """
     every = set(range(len(sizes.with_role(MAIN_ROLE))))
     plan = _build(sizes, config, every, _swapped_others(config, every, sizes), "layer")
