@@ -30,7 +30,8 @@ Arms: ``core_dynamic`` (core's default), ``core_legacy`` (``--disable-dynamic-vr
 ``ours_default`` (our node, default widgets), ``ours_auto`` (preset auto), and others in
 ``ARMS``; the experiment arms (``ours_no_chunks``, ``ours_margin_1_3``, ``ours_unpacked``,
 ``ours_whole_hidden``, ``ours_lookahead``: the node on a copy of the pack with a constant or
-two changed) run only when ``--arms`` names them. Results are written after every row, so a run cut short keeps what it measured.
+two changed) run only when ``--arms`` names them. Results are written after every row, so a
+run cut short keeps what it measured.
 """
 
 from __future__ import annotations
