@@ -29,7 +29,7 @@ UNETLoader -> [WAN BlockSwap] -> KSampler -> SaveLatent, Wan-14B-shaped random b
 Arms: ``core_dynamic`` (core's default), ``core_legacy`` (``--disable-dynamic-vram``),
 ``ours_default`` (our node, default widgets), ``ours_auto`` (preset auto), and others in
 ``ARMS``; the experiment arms (``ours_no_chunks``, ``ours_margin_1_3``, ``ours_unpacked``,
-``ours_whole_hidden``, ``ours_lookahead``: the node on a copy of the pack with a constant or
+``ours_whole_hidden``, ``ours_no_lookahead``: the node on a copy of the pack with a constant or
 two changed) run only when ``--arms`` names them. Results are written after every row, so a
 run cut short keeps what it measured.
 """
@@ -102,19 +102,20 @@ ARMS: dict[str, dict[str, Any]] = {
             )
         },
     ),
-    # compressed layer plans look further ahead, and interleaved plans win within a few bytes
+    # compressed layer plans look ahead by two slots, and fewest bytes decides between whole
+    # blocks and the interleaved plan: the node before session 29 turned both on
     # ([Note: look-ahead of compressed layer plans] in callbacks/compressed_lookahead.py)
-    "ours_lookahead": dict(
+    "ours_no_lookahead": dict(
         args=(),
         node={},
         pack_patches={
             "callbacks/compressed_lookahead.py": (
-                "DEEPEN_COMPRESSED_LOOKAHEAD = False",
                 "DEEPEN_COMPRESSED_LOOKAHEAD = True",
+                "DEEPEN_COMPRESSED_LOOKAHEAD = False",
             ),
             "wan_blockswap/plan.py": (
-                "PREFER_SPREAD_WITHIN = 0.0\n",
                 "PREFER_SPREAD_WITHIN = 0.01\n",
+                "PREFER_SPREAD_WITHIN = 0.0\n",
             ),
         },
     ),

@@ -18,8 +18,10 @@ forward.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+from typing import Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _pack  # noqa: E402,F401  (this checkout as comfyui_wan_blockswap)
@@ -95,22 +97,17 @@ def step_ms(plan: SwapPlan, block_ms: float, gbps: float, steps: int = 4) -> flo
 
 
 def compare(budgets: list[float], block_ms: float, gbps: float) -> list[dict]:
-    """For each weight budget: auto's plan as it is and with the experiment on (both flags),
+    """For each weight budget: auto's plan without the deeper look-ahead (two slots, fewest
+    bytes deciding: the node before session 29) and with it (both flags, today's default),
     their bytes per forward and modelled milliseconds per forward."""
     sizes = wan14b_sizes()
     rows = []
     for budget in budgets:
         config = SwapConfig(vram_budget_gb=budget, swap_unit="auto", transfer_compression=True)
-        before = plan_swap(sizes, config)
-        saved = plan_module.PREFER_SPREAD_WITHIN, compressed_lookahead.DEEPEN_COMPRESSED_LOOKAHEAD
-        try:
-            plan_module.PREFER_SPREAD_WITHIN = 0.01
-            compressed_lookahead.DEEPEN_COMPRESSED_LOOKAHEAD = True
+        with _flags(spread=0.0, deepen=False):
+            before = plan_swap(sizes, config)
+        with _flags(spread=0.01, deepen=True):
             after = plan_swap(sizes, compressed_lookahead.deepen(sizes, config, True))
-        finally:
-            plan_module.PREFER_SPREAD_WITHIN, compressed_lookahead.DEEPEN_COMPRESSED_LOOKAHEAD = (
-                saved
-            )
         rows.append(
             {
                 "budget_gib": budget,
@@ -119,6 +116,20 @@ def compare(budgets: list[float], block_ms: float, gbps: float) -> list[dict]:
             }
         )
     return rows
+
+
+@contextlib.contextmanager
+def _flags(spread: float, deepen: bool) -> Iterator[None]:
+    """The two constants of [Note: look-ahead of compressed layer plans], set for a block."""
+    saved = plan_module.PREFER_SPREAD_WITHIN, compressed_lookahead.DEEPEN_COMPRESSED_LOOKAHEAD
+    plan_module.PREFER_SPREAD_WITHIN, compressed_lookahead.DEEPEN_COMPRESSED_LOOKAHEAD = (
+        spread,
+        deepen,
+    )
+    try:
+        yield
+    finally:
+        plan_module.PREFER_SPREAD_WITHIN, compressed_lookahead.DEEPEN_COMPRESSED_LOOKAHEAD = saved
 
 
 def _describe(plan: SwapPlan, block_ms: float, gbps: float) -> dict:

@@ -34,9 +34,15 @@ at most MORE_BYTES_ALLOWED more bytes per forward than the plan with the slots a
 already looks ahead. A user's ``prefetch_blocks`` other than the default stays as it is.
 Once auto drops compression the deeper plan stays until the budget moves enough to re-plan
 (its extra bytes then hide behind compute, which is why compression was dropped); a swap
-applied anew after a failed re-plan in place starts with the slots asked for. Not yet
-measured on a GPU: off unless DEEPEN_COMPRESSED_LOOKAHEAD is
-set (the benchmark's ``ours_lookahead`` arm sets it with ``PREFER_SPREAD_WITHIN``).
+applied anew after a failed re-plan in place starts with the slots asked for.
+
+Measured in session 29 (H100, ``benchmark_run19``), the two flags together against the
+node as it was, in one command each: at 1 frame with 12 GiB free 0.342 s/it against 0.366
+(core's two arms 0.380 and 0.364), auto's timed forwards 309-314 ms against 323-342; at 81
+frames with 12 GiB free, where auto drops compression and this rule no longer applies, the
+same prompt times (0.992-0.996x core's against 0.995x) and peak RSS. So both are on by
+default; the 4 and 7 GiB rows the model predicts gains for are not yet measured with them
+(the benchmark's ``ours_no_lookahead`` arm turns both off).
 """
 
 from __future__ import annotations
@@ -51,8 +57,8 @@ from ..wan_blockswap import (
     plan_swap,
 )
 
-# Experiment until a server run measures it (see the note)
-DEEPEN_COMPRESSED_LOOKAHEAD = False
+# On since session 29's server run (see the note)
+DEEPEN_COMPRESSED_LOOKAHEAD = True
 MAX_SLOTS = 4  # the model's gain stops at 3-4 slots
 MORE_BYTES_ALLOWED = 0.02  # of the bytes the plan with the slots asked for moves per forward
 # Only a look-ahead left at its default is deepened: a user's prefetch_blocks (0 to save VRAM,

@@ -53,7 +53,7 @@ def test_experiment_arms_run_an_edited_copy_of_the_pack_and_only_when_named(tmp_
         "ours_margin_1_3",
         "ours_unpacked",
         "ours_whole_hidden",
-        "ours_lookahead",
+        "ours_no_lookahead",
     ]
     for arm in experiments:
         assert bench._experiment(arm)

@@ -20,9 +20,10 @@ from .swap_plan import GIB, BlockSizes, ModelSizes, SwapPlan  # noqa: F401
 # The window of the least-VRAM streamed plan: smaller than any layer worth streaming, so
 # layers stream one at a time
 MIN_STREAM_WINDOW = 1024
-# Experiment (0: off): with compressed transfers the interleaved plan is taken where it moves
-# at most this share more bytes than the best plan of whole blocks; see :func:`_interleaved`
-PREFER_SPREAD_WITHIN = 0.0
+# With compressed transfers the interleaved plan is taken where it moves at most this share
+# more bytes than the best plan of whole blocks (0: fewest bytes decides); see
+# :func:`_interleaved`
+PREFER_SPREAD_WITHIN = 0.01
 
 
 def plan_swap(sizes: ModelSizes, config: SwapConfig) -> SwapPlan:
@@ -261,10 +262,9 @@ def _interleaved(sizes: ModelSizes, config: SwapConfig, budget: int) -> SwapPlan
     blocks for 16.88 GiB moved per forward against the interleaved plan's 16.90, and a
     model of the two streams (compute as the FLOPs share of a block's 5.4 ms, copies at
     80 GB/s; ``benchmarks/lookahead_model.py``) puts them at 319 and 296 ms. Where
-    PREFER_SPREAD_WITHIN is set, a compressed interleaved plan wins within that share more
-    bytes (experiment: not yet measured on a GPU; the benchmark's ``ours_lookahead`` arm sets
-    it, see [Note: look-ahead of compressed layer plans] in
-    ``callbacks/compressed_lookahead.py``).
+    PREFER_SPREAD_WITHIN is set (1% by default), a compressed interleaved plan wins within
+    that share more bytes; measured with ComfyUI auto's deeper look-ahead in a server (see
+    [Note: look-ahead of compressed layer plans] in ``callbacks/compressed_lookahead.py``).
     """
     every = set(range(len(sizes.with_role(MAIN_ROLE))))
     plan = _build(sizes, config, every, _swapped_others(config, every, sizes), "layer")
