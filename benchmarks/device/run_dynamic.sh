@@ -8,10 +8,12 @@
 # DEADLINE counts from the benchmark's start (writing the 40-block file takes about 67 s
 # on a fresh machine); keep it 100 s under the call's limit.
 set -u
+: "${TAG:?}" "${ARMS:?}" "${PAIRS:?}" "${OUT:?}"
 cd "$(dirname "$0")/../.."
 t0=$(date +%s)
 if [ ! -f /tmp/site/.done ]; then
-  python3 -m pip install -q --no-deps --target /tmp/site .whl/*.whl 2>&1 | grep -v -i warning | tail -3
+  python3 -m pip install -q --no-deps --target /tmp/site .whl/*.whl > /tmp/site_install.log 2>&1 \
+    || { tail -5 /tmp/site_install.log; exit 1; }
   touch /tmp/site/.done
 fi
 export PYTHONPATH=/tmp/site
@@ -39,7 +41,7 @@ python3 benchmarks/comfyui_dynamic_benchmark.py --comfyui .carry/comfyui/v0.33.0
   --prompts "${PROMPTS:-3}" --steps "${STEPS:-2}" --deadline "${DEADLINE:-480}" \
   --server-arg=--enable-triton-backend > "$OUT/${TAG}_stdout.log" 2>&1
 rc=$?
-python3 - "$OUT/$TAG.json" <<'PY'
+[ -f "$OUT/$TAG.json" ] && python3 - "$OUT/$TAG.json" <<'PY'
 import json, sys
 for row in json.load(open(sys.argv[1])).get("rows", []):
     print(row["arm"], row["frames"], row["free_gib"], row.get("s_per_it"),
@@ -47,3 +49,4 @@ for row in json.load(open(sys.argv[1])).get("rows", []):
 PY
 tail -n 400 /tmp/dyn40/server.log > "$OUT/${TAG}_server_tail.log" 2>/dev/null
 echo "rc=$rc total $(( $(date +%s) - t0 )) s"
+exit "$rc"
