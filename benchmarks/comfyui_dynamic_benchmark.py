@@ -102,9 +102,9 @@ ARMS: dict[str, dict[str, Any]] = {
             )
         },
     ),
-    # compressed layer plans look ahead by two slots, and fewest bytes decides between whole
-    # blocks and the interleaved plan: the node before session 29 turned both on
-    # ([Note: look-ahead of compressed layer plans] in callbacks/compressed_lookahead.py)
+    # the node before session 29: compressed layer plans in two slots (one layer ahead), and
+    # fewest bytes deciding between whole blocks and the interleaved plan; session 29 turned
+    # both on ([Note: look-ahead of compressed layer plans] in callbacks/compressed_lookahead.py)
     "ours_no_lookahead": dict(
         args=(),
         node={},

@@ -54,7 +54,9 @@ The reserve is then what the forward needs and core's rules need left free (:fun
   (40 Wan-14B blocks, 10-12 GiB free) plans that kept the batch's need alone found about 40, 70
   and 80 MiB less free at the step (sessions 24 and 28), and the split and the re-plan after it
   cost a prompt 20.5 s against 16.1; 128 MiB, at most a few ms of copies a step at 1 frame
-  and none that show at 81, would have kept all three batched (not yet measured on a GPU).
+  and none that show at 81, would have kept all three batched; in session 29 (H100, 81
+  frames, 12 GiB free) the second timed prompt no longer split (0.995x core's prompt time
+  against session 28's 1.26x).
   The adapter logs a split once per plan, and where less than the batch's need was free then,
   later plans of the latent keep beside the need what was taken of the VRAM the plan had left
   (its reserve, what its whole units did not fill, a streamed plan's window) when the step

@@ -40,9 +40,12 @@ Measured in session 29 (H100, ``benchmark_run19``), the two flags together again
 node as it was, in one command each: at 1 frame with 12 GiB free 0.342 s/it against 0.366
 (core's two arms 0.380 and 0.364), auto's timed forwards 309-314 ms against 323-342; at 81
 frames with 12 GiB free, where auto drops compression and this rule no longer applies, the
-same prompt times (0.992-0.996x core's against 0.995x) and peak RSS. So both are on by
-default; the 4 and 7 GiB rows the model predicts gains for are not yet measured with them
-(the benchmark's ``ours_no_lookahead`` arm turns both off).
+same prompt times (0.992-0.996x core's against 0.995x) and peak RSS. The gain is the deeper
+look-ahead's: at the budget that run planned (10.01 GiB) ``PREFER_SPREAD_WITHIN`` picks the
+same plan either way, so that one is modelled only (at 9.98 GiB with four slots it avoids
+13 whole blocks: 287 against 244 ms). Both are on by default; the 4 and 7 GiB rows the
+model predicts gains for are not yet measured with them (the benchmark's
+``ours_no_lookahead`` arm turns both off).
 """
 
 from __future__ import annotations

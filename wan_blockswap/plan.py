@@ -256,15 +256,19 @@ def _interleaved(sizes: ModelSizes, config: SwapConfig, budget: int) -> SwapPlan
     its own few copies. Keeping every large layer resident also shrinks the slots to the
     largest layer still streamed, which leaves room for more resident layers.
 
-    Fewest bytes decides between the two, so a plan of whole blocks that moves a few MiB less
-    wins, and its resident runs leave the copy engine idle all the same: with Wan 14B's sizes
+    With raw transfers fewest bytes decides between the two (raw layer units pack into the
+    slots and look ahead by their bytes). With compressed ones that let a plan of whole
+    blocks that moves a few MiB less win, and its resident runs left the copy engine idle
+    all the same: with Wan 14B's sizes
     at 1 frame (compressed transfers, two slots, 10.05 GiB for weights) auto kept 14 whole
     blocks for 16.88 GiB moved per forward against the interleaved plan's 16.90, and a
     model of the two streams (compute as the FLOPs share of a block's 5.4 ms, copies at
     80 GB/s; ``benchmarks/lookahead_model.py``) puts them at 319 and 296 ms. Where
-    PREFER_SPREAD_WITHIN is set (1% by default), a compressed interleaved plan wins within
-    that share more bytes; measured with ComfyUI auto's deeper look-ahead in a server (see
-    [Note: look-ahead of compressed layer plans] in ``callbacks/compressed_lookahead.py``).
+    So a compressed interleaved plan wins within PREFER_SPREAD_WITHIN (1%) more bytes. This
+    is modelled, not measured on its own: in the one server run with it (session 29, with
+    ComfyUI auto's deeper look-ahead) the budget gave the same plan either way; at 9.98 GiB
+    with four slots it avoids 13 whole blocks (modelled 287 against 244 ms). See [Note:
+    look-ahead of compressed layer plans] in ``callbacks/compressed_lookahead.py``.
     """
     every = set(range(len(sizes.with_role(MAIN_ROLE))))
     plan = _build(sizes, config, every, _swapped_others(config, every, sizes), "layer")

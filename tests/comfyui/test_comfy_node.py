@@ -1257,7 +1257,7 @@ def test_auto_runs_whole_where_the_whole_plans_copies_hide_behind_the_timed_comp
     assert_untouched(patcher)
 
 
-def test_auto_gives_compressed_layer_slots_a_deeper_look_ahead_when_switched_on(
+def test_auto_gives_compressed_layer_slots_a_deeper_look_ahead_with_the_flag_on(
     comfy, pack, monkeypatch
 ):
     """[Note: look-ahead of compressed layer plans]: with DEEPEN_COMPRESSED_LOOKAHEAD, auto's
