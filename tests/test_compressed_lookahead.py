@@ -14,7 +14,7 @@ from comfyui_wan_blockswap.wan_blockswap import (
     plan_swap,
 )
 from comfyui_wan_blockswap.wan_blockswap import plan as plan_module
-from lookahead_model import compare, wan14b_sizes
+from lookahead_model import compare, step_ms, wan14b_sizes
 
 GIB = 2**30
 
@@ -141,3 +141,25 @@ def test_the_stream_model_finds_the_deeper_interleaved_plan_faster_and_restores_
     assert rows[-1]["after"]["ms"] < 0.8 * rows[-1]["before"]["ms"]
     assert plan_module.PREFER_SPREAD_WITHIN == 0.01
     assert compressed_lookahead.DEEPEN_COMPRESSED_LOOKAHEAD
+
+
+def test_with_four_slots_the_spread_rule_still_keeps_whole_blocks_out_at_some_budgets(
+    deepening, monkeypatch
+):
+    """At 9.98 GiB the deeper plan keeps 13 whole blocks where fewest bytes decides, and none
+    with the 1% rule: the case the note gives for keeping that rule on (modelled 287 against
+    244 ms), though session 29's budget (10.01 GiB) planned alike either way."""
+    sizes, config = wan14b_sizes(), auto(9.98)
+    spread = plan_swap(sizes, compressed_lookahead.deepen(sizes, config, True))
+    monkeypatch.setattr(plan_module, "PREFER_SPREAD_WITHIN", 0.0)
+    whole = plan_swap(sizes, compressed_lookahead.deepen(sizes, config, True))
+    assert spread.num_slots == whole.num_slots == 4
+    assert len(whole.resident) == 13 and spread.resident == ()
+    assert step_ms(spread, 5.4, 80.0) < 0.9 * step_ms(whole, 5.4, 80.0)
+    for budget in (10.0, 10.01):
+        config = auto(budget)
+        deeper = compressed_lookahead.deepen(sizes, config, True)
+        monkeypatch.setattr(plan_module, "PREFER_SPREAD_WITHIN", 0.0)
+        fewest = plan_swap(sizes, deeper)
+        monkeypatch.setattr(plan_module, "PREFER_SPREAD_WITHIN", 0.01)
+        assert plan_swap(sizes, deeper) == fewest
