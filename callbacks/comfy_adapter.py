@@ -955,8 +955,10 @@ def _fit(
     compressing = (
         state is None
         or state.swap.layout != layout
-        or not state.swap.compression_dropped
-        and state.swap.config.transfer_compression is not False
+        or (
+            not state.swap.compression_dropped
+            and state.swap.config.transfer_compression is not False
+        )
     )
     config = _auto_config(sizes, options, budget, available, compressing)
     plan = plan_swap(sizes, config)

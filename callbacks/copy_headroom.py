@@ -24,9 +24,11 @@ the two conditionings apart; compute taken as linear in the batch). A forward th
 its copies reads about as long as they take, so the rule seldom holds where copies are
 exposed; a latent not timed yet, or a swap whose copies were never timed (transfer compression
 off), keeps the old rule. Once a latent ran whole and its cut units came back, they stay
-(``keeps_token_wise``: a latent near the share could otherwise repack the model twice). Not
-yet measured on a GPU: off unless RUN_WHOLE_WHERE_COPIES_HIDE is set (the benchmark's
-``ours_whole_hidden`` arm sets it).
+(``keeps_token_wise``: a latent near the share could otherwise repack the model twice).
+Measured on an H100 in session 28 (``benchmark_run18``): 0.986-0.987x core's prompt time once
+settled against the default's 0.993-0.995x, but its switch repacks the model (40-46 s for the
+first timed prompt), so it stays off unless RUN_WHOLE_WHERE_COPIES_HIDE is set (the
+benchmark's ``ours_whole_hidden`` arm sets it).
 """
 
 from __future__ import annotations
