@@ -39,7 +39,7 @@ from typing import Any, Protocol
 
 import torch
 
-# Experiment until a server run measures it (see the note)
+# Off: measured slightly faster once settled, but its repack costs more (see the note)
 RUN_WHOLE_WHERE_COPIES_HIDE = False
 # The share of a forward's time that a plan's copies may take and still count as hidden
 HIDDEN_SHARE = 0.5
