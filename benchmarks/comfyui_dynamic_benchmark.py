@@ -13,7 +13,8 @@ UNETLoader -> [WAN BlockSwap] -> KSampler -> SaveLatent, Wan-14B-shaped random b
 - Peak VRAM from NVML (dynamic VRAM's pages do not show in torch's statistics): the device's
   peak use minus the holder's and the idle baseline. Peak host RSS of the server process.
 - Steady-state s/it: ComfyUI's own progress-bar rate, over ``--prompts`` prompts with
-  different seeds (ComfyUI caches identical prompts), the first (which loads) left out; cfg 5.
+  different seeds (ComfyUI caches identical prompts), after a cfg-1 prompt and ``--warmups``
+  cfg-5 ones (which load and plan: their times are kept as ``warmup_s_each``); cfg 5.
   Its two decimals are 0.6% at 1.6 s/it, so the same prompts' execution times (the server's
   "Prompt executed in") are kept too, as ``prompt_s_each``.
 - Outputs: the first prompt of every row runs at cfg 1 with one seed, and its latent is
@@ -180,8 +181,10 @@ def run_config(
     shape: tuple[int, int],
     idle_used: int,
     model: str = "t2v",
+    warmups: int = 1,
 ) -> dict:
-    """``prompts`` prompts of one configuration; one row."""
+    """``prompts`` prompts of one configuration; one row. ``warmups``: cfg-5 prompts before
+    the timed ones where whole prompts are timed (a fast row's are fixed: see below)."""
     width, height = shape
     row: dict[str, Any] = dict(arm=arm, blocks=blocks, frames=frames, free_gib=free_gib)
     if model != "t2v":
@@ -206,16 +209,19 @@ def run_config(
         node = {**node, "blocks_to_swap": blocks}
     rates, peaks_vram, peaks_process, peaks_rss, latents = [], [], [], [], []
     prompt_times: list[float] = []
+    warmup_times: list[float] = []  # what the first prompts cost: loads, plans, re-plans
     rss_each: list[list[float]] = []  # per prompt: peak RSS (GiB), seconds into the prompt
     gpu_each: list[dict | None] = []  # per prompt: the GPU's clock and heat while computing
     status, error = "ok", ""
-    # prompt 0: cfg 1 (compared with core); prompt 1: cfg 5, a warm-up (a plan from a first
-    # measurement, core's cond batching); the rest timed. A fast row warms up twice: auto's
+    # prompt 0: cfg 1 (compared with core); prompt 1 (to ``warmups``): cfg 5, a warm-up (a
+    # plan from a first measurement, core's cond batching; with transfer_compression auto a
+    # 2-step 81-frame warm-up ends before auto decides, so its re-plan lands in the next
+    # prompt: session 29's first timed prompt took 1.42x core's); the rest timed. A fast row warms up twice: auto's
     # plan for the batched conditionings, measured in the first warm-up, loads in the next
     # prompt (session 17: 5.4 s for a 4-step prompt that otherwise takes 0.4), and its rate
     # is the difference of two short prompts' times, so it takes FAST_PAIRS pairs of them
     fast = frames <= FAST_FRAMES and prompts > 1
-    first_timed = 3 if fast else 2
+    first_timed = 3 if fast else 1 + warmups
     timed: dict[int, list[float]] = {}
     needs: list[float] = []
     kept: list[str] = []
@@ -264,7 +270,9 @@ def run_config(
         if fast and index >= first_timed and result.get("executed_s") is not None:
             timed.setdefault(prompt_steps, []).append(result["executed_s"])
         rate = cs.seconds_per_iteration(result.get("log", ""))
-        if rate is not None and index > 1 and not fast:
+        if 0 < index < first_timed and result.get("executed_s") is not None:
+            warmup_times.append(round(result["executed_s"], 3))
+        if rate is not None and index >= first_timed and not fast:
             rates.append(rate)
             # the prompt's whole time too: tqdm's rate has two decimals, 0.6% at 1.6 s/it
             if result.get("executed_s") is not None:
@@ -283,6 +291,7 @@ def run_config(
         s_per_it=round(sum(rates) / len(rates), 4) if rates else None,
         s_per_it_each=[round(r, 4) for r in rates],
         prompt_s_each=prompt_times,
+        warmup_s_each=warmup_times,
         peak_vram_gib=round(max(peaks_vram), 3) if peaks_vram else None,
         peak_vram_process_gib=round(max(peaks_process), 3) if peaks_process else None,
         peak_rss_gib=round(max(peaks_rss), 3) if peaks_rss else None,
@@ -372,6 +381,12 @@ def main() -> int:
         help="FRAMES:FREE_GIB rows to run, in this order (default: every --frames x --free)",
     )  # fmt: skip
     parser.add_argument("--prompts", type=int, default=3)
+    parser.add_argument(
+        "--warmups",
+        type=int,
+        default=1,
+        help="cfg-5 prompts before the timed ones in rows timed by whole prompts (81 frames)",
+    )
     parser.add_argument("--steps", type=int, default=4, help="steps per prompt")
     parser.add_argument("--floor-blocks", type=int, nargs="*", default=[])
     parser.add_argument("--floor-frames", type=int, default=81)
@@ -470,6 +485,7 @@ def main() -> int:
                         row = run_config(
                             server, hog, arm, blocks, frames, free_gib,
                             args.prompts, args.steps, shape, idle_used, args.model,
+                            args.warmups,
                         )  # fmt: skip
                     # core's own output moves with free VRAM (12 against 7 GiB differed by 0.014
                     # on the H100, session 16: comfyui_dynamic_h100.json), so each row is

@@ -57,6 +57,7 @@ from .comfy_private import (
     clone_onto,
     existing_private,
     file_page_dropper,
+    file_pages_dropped_as_modules_move,
     is_dynamic,
     origin_lookup,
     private_model,
@@ -403,9 +404,19 @@ def _load_as_planned(
     already budgeted that VRAM, and core's own budget (free VRAM minus its estimate for the
     latent, which on Wan is about twice what the forward uses) would leave resident blocks
     on the CPU for core to stream a second, slower way. Shrinking (negative) passes through."""
-    if extra_memory > 0 and _states.get(self.model.diffusion_model) is not None:
+    state = _states.get(self.model.diffusion_model)
+    if state is None:
+        return type(self).partially_load(self, device_to, extra_memory, force_patch_weights)
+    if extra_memory > 0:
         extra_memory = 1e32
-    return type(self).partially_load(self, device_to, extra_memory, force_patch_weights)
+    resident = [
+        module
+        for module in self.model.diffusion_model.modules()
+        if module not in state.swapped_modules and next(module.parameters(False), None) is not None
+    ]
+    # see [Note: file pages while core loads]
+    with file_pages_dropped_as_modules_move(self.model, resident):
+        return type(self).partially_load(self, device_to, extra_memory, force_patch_weights)
 
 
 class _WeaklyBound:

@@ -38,14 +38,14 @@ PY
 echo "setup $(( $(date +%s) - t0 )) s"
 python3 benchmarks/comfyui_dynamic_benchmark.py --comfyui .carry/comfyui/v0.33.0 \
   --output "$OUT/$TAG.json" --workdir /tmp/dyn40 --arms $ARMS --blocks 40 --pairs $PAIRS \
-  --prompts "${PROMPTS:-3}" --steps "${STEPS:-2}" --deadline "${DEADLINE:-480}" \
+  --prompts "${PROMPTS:-3}" --warmups "${WARMUPS:-1}" --steps "${STEPS:-2}" --deadline "${DEADLINE:-480}" \
   --server-arg=--enable-triton-backend > "$OUT/${TAG}_stdout.log" 2>&1
 rc=$?
 [ -f "$OUT/$TAG.json" ] && python3 - "$OUT/$TAG.json" <<'PY'
 import json, sys
 for row in json.load(open(sys.argv[1])).get("rows", []):
     print(row["arm"], row["frames"], row["free_gib"], row.get("s_per_it"),
-          row.get("prompt_s_each"), row.get("peak_rss_gib"), row["status"], row.get("equal_to_core"))
+          row.get("prompt_s_each"), row.get("warmup_s_each"), row.get("peak_rss_gib"), row["status"], row.get("equal_to_core"))
 PY
 tail -n 400 /tmp/dyn40/server.log > "$OUT/${TAG}_server_tail.log" 2>/dev/null
 echo "rc=$rc total $(( $(date +%s) - t0 )) s"

@@ -332,3 +332,55 @@ def test_dropping_compression_drops_the_mapped_file_pages_its_raw_copy_read(comf
     assert not swap.compressed
     assert Mapping.bounces - before >= len(swap.units) == 3
     assert torch.equal(run(comfy, swapped, inputs), plain)
+
+
+def test_pages_drop_as_modules_move_and_the_watch_ends_with_the_block(comfy, monkeypatch):
+    """[Note: file pages while core loads]: each DROP_PAGES_EVERY bytes of parameters that
+    change device drop the mapped file's pages; moves that change nothing count nothing, and
+    the modules are as they were after the block, an error inside it included."""
+    from comfyui_wan_blockswap.callbacks import comfy_private
+
+    drops = []
+    monkeypatch.setattr(comfy_private, "file_page_dropper", lambda private: lambda: drops.append(1))
+    monkeypatch.setattr(comfy_private, "DROP_PAGES_EVERY", 3 * 64 * 4)  # three 64-float layers
+    modules = [torch.nn.Linear(8, 8, bias=False) for _ in range(7)]
+    with comfy_private.file_pages_dropped_as_modules_move(object(), modules):
+        assert all("_apply" in vars(m) for m in modules)
+        for module in modules:
+            module.to("meta")
+        assert len(drops) == 2  # after the 3rd and the 6th
+        modules[0].to("meta")  # already there: nothing moved
+        assert len(drops) == 2
+    assert not any("_apply" in vars(m) for m in modules)
+    with pytest.raises(RuntimeError):
+        with comfy_private.file_pages_dropped_as_modules_move(object(), modules):
+            raise RuntimeError("core's load failed")
+    assert not any("_apply" in vars(m) for m in modules)
+    monkeypatch.setattr(comfy_private, "file_page_dropper", lambda private: None)
+    with comfy_private.file_pages_dropped_as_modules_move(object(), modules):
+        assert not any("_apply" in vars(m) for m in modules)  # nothing mapped: no watch
+
+
+def test_core_loads_the_swapped_model_with_its_resident_modules_watched(comfy, monkeypatch):
+    """Core's load of the private model runs with every resident module that has weights of
+    its own watched for moves, and no swapped one ([Note: file pages while core loads])."""
+    from comfyui_wan_blockswap.callbacks import comfy_private
+
+    monkeypatch.setattr(comfy_private, "file_page_dropper", lambda private: lambda: None)
+    patcher, _ = tiny_models.comfy_load_tiny("wan_t2v")
+    swapped = node(patcher, blocks_to_swap=3)
+    model = swapped.model.diffusion_model
+    watched = []
+    core_load = type(swapped).partially_load
+
+    def spy(self, *args, **kwargs):
+        watched.extend(m for m in model.modules() if "_apply" in vars(m))
+        return core_load(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(swapped), "partially_load", spy)
+    comfy.model_management.load_models_gpu([swapped])
+    swap = swap_of(swapped)
+    with_weights = {m for m in model.modules() if next(m.parameters(False), None) is not None}
+    assert watched and set(watched) == with_weights - swap.swapped_modules
+    assert swap.swapped_modules & with_weights  # some had weights of their own
+    assert not any("_apply" in vars(m) for m in model.modules())
