@@ -169,6 +169,14 @@ def model_file(blocks: int, model: str = "t2v") -> str:
     return f"wan14b_{kind}{blocks}blocks.safetensors"
 
 
+def _count(text: str) -> int:
+    """A whole number of at least 0 (argparse type)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return value
+
+
 def run_config(
     server: cs.Server,
     hog: cs.VramHog | None,
@@ -216,10 +224,11 @@ def run_config(
     # prompt 0: cfg 1 (compared with core); prompt 1 (to ``warmups``): cfg 5, a warm-up (a
     # plan from a first measurement, core's cond batching; with transfer_compression auto a
     # 2-step 81-frame warm-up ends before auto decides, so its re-plan lands in the next
-    # prompt: session 29's first timed prompt took 1.42x core's); the rest timed. A fast row warms up twice: auto's
-    # plan for the batched conditionings, measured in the first warm-up, loads in the next
-    # prompt (session 17: 5.4 s for a 4-step prompt that otherwise takes 0.4), and its rate
-    # is the difference of two short prompts' times, so it takes FAST_PAIRS pairs of them
+    # prompt: session 29's first timed prompt took 1.42x core's); the rest timed. A fast row
+    # warms up twice: auto's plan for the batched conditionings, measured in the first
+    # warm-up, loads in the next prompt (session 17: 5.4 s for a 4-step prompt that otherwise
+    # takes 0.4), and its rate is the difference of two short prompts' times, so it takes
+    # FAST_PAIRS pairs of them
     fast = frames <= FAST_FRAMES and prompts > 1
     first_timed = 3 if fast else 1 + warmups
     timed: dict[int, list[float]] = {}
@@ -383,7 +392,7 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=3)
     parser.add_argument(
         "--warmups",
-        type=int,
+        type=_count,
         default=1,
         help="cfg-5 prompts before the timed ones in rows timed by whole prompts (81 frames)",
     )

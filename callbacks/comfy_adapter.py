@@ -415,7 +415,7 @@ def _load_as_planned(
         if module not in state.swapped_modules and next(module.parameters(False), None) is not None
     ]
     # see [Note: file pages while core loads]
-    with file_pages_dropped_as_modules_move(self.model, resident):
+    with file_pages_dropped_as_modules_move(self.model, resident, self):
         return type(self).partially_load(self, device_to, extra_memory, force_patch_weights)
 
 

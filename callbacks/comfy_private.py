@@ -265,44 +265,57 @@ def file_page_dropper(private: Any) -> Any:
 
 # [Note: file pages while core loads]
 # Core's load moves a static model's resident modules to the GPU one by one (``load`` in
-# ``comfy/model_patcher.py``: ``module.to(device)`` per entry of its load list). Under dynamic
-# VRAM the private model's weights are a mapped file's pages, so each move reads that module's
+# ``comfy/model_patcher.py``: ``module.to(device)`` per entry of its load list, and before
+# that ``patch_weight_to_device`` for each weight with patches, a LoRA's). Under dynamic VRAM
+# the private model's weights are a mapped file's pages, so each move reads that module's
 # pages into RAM, and they stayed there until the load's end (the ON_LOAD callback dropped
 # them). RAM then held our pinned copies of the swapped units and the resident ones' pages
 # too: on an H100 at 81 frames (40 Wan-14B blocks, 12 GiB free) a re-planned prompt peaked at
 # 28.34 GiB against core's 28.30, steady prompts at 25.23 (session 29). Dropping the mapping's
-# pages after every DROP_PAGES_EVERY bytes moved bounds that to one batch of them.
+# pages after every DROP_PAGES_EVERY bytes read bounds that to one batch of them. The watch
+# is an instance ``_apply`` on each resident module and an instance ``patch_weight_to_device``
+# on the patcher, both removed when the load ends (only if still ours).
 DROP_PAGES_EVERY = 256 * 2**20
 
 
 @contextmanager
 def file_pages_dropped_as_modules_move(
-    private: Any, modules: Iterable[torch.nn.Module]
+    private: Any, modules: Iterable[torch.nn.Module], patcher: Any = None
 ) -> Iterator[None]:
-    """While inside, ``modules`` of the private model drop the mapped file's pages after each
-    DROP_PAGES_EVERY bytes of their own parameters that moved device: see [Note: file pages
-    while core loads]. Nothing where no weights are mapped."""
+    """While inside, ``modules`` of the private model (and ``patcher``'s patching of
+    weights) drop the mapped file's pages after each DROP_PAGES_EVERY bytes of weights that
+    moved device or were read to be patched: see [Note: file pages while core loads].
+    Nothing where no weights are mapped."""
     drop = file_page_dropper(private)
     if drop is None:
         yield
         return
-    meter = _MovedBytes(drop)
-    watched = [m for m in modules if "_apply" not in vars(m)]  # never stack on another's
+    watch = _Watch(drop)
     try:
-        for module in watched:
-            module._apply = _MovingApply(module, meter)
+        for module in modules:
+            if "_apply" not in vars(module):  # never stack on another's
+                watch.install(module, "_apply", _MovingApply(module, watch))
+        if patcher is not None and "patch_weight_to_device" not in vars(patcher):
+            watch.install(patcher, "patch_weight_to_device", _PatchingRead(patcher, watch))
         yield
     finally:
-        for module in watched:
-            vars(module).pop("_apply", None)
+        watch.remove_all()
 
 
-class _MovedBytes:
-    """Counts bytes moved; drops the file pages after every DROP_PAGES_EVERY of them."""
+def _weight_nbytes(tensor: torch.Tensor) -> int:
+    """Bytes ``tensor`` holds (a comfy-kitchen QuantizedTensor: its stored data's)."""
+    data = getattr(tensor, "_qdata", tensor)
+    return data.numel() * data.element_size()
+
+
+class _Watch:
+    """Bytes read so far, the page drop after every DROP_PAGES_EVERY of them, and the
+    instance attributes installed to count them."""
 
     def __init__(self, drop: Callable[[], None]) -> None:
         self.drop = drop
         self.pending = 0
+        self.installed: list[tuple[weakref.ref, str, Any]] = []
 
     def add(self, nbytes: int) -> None:
         self.pending += nbytes
@@ -310,29 +323,68 @@ class _MovedBytes:
             self.pending = 0
             self.drop()
 
+    def install(self, owner: Any, name: str, function: Any) -> None:
+        object.__setattr__(owner, name, function)  # the instance's, before its class's
+        self.installed.append((weakref.ref(owner), name, function))
+
+    def remove_all(self) -> None:
+        for ref, name, function in self.installed:
+            owner = ref()
+            if owner is not None and vars(owner).get(name) is function:
+                del vars(owner)[name]
+        self.installed.clear()
+
 
 class _MovingApply:
-    """A module's ``_apply`` that counts the bytes of its own parameters that changed device.
-    Installed on the instance (``nn.Module.to`` calls ``self._apply``) for one load only."""
+    """A module's ``_apply`` that counts the bytes of its own parameters that changed device."""
 
-    def __init__(self, module: torch.nn.Module, meter: _MovedBytes) -> None:
+    def __init__(self, module: torch.nn.Module, watch: _Watch) -> None:
         self.module = weakref.ref(module)
-        self.meter = meter
+        self.watch = watch
 
     def __call__(self, fn: Callable, recurse: bool = True) -> Any:
         module = self.module()
         assert module is not None, "called through a collected module"
-        own = list(module.parameters(recurse=False))
-        before = [p.device for p in own]
+        before = [p.device for p in module.parameters(recurse=False)]
         result = type(module)._apply(module, fn, recurse)
-        self.meter.add(
-            sum(
-                p.numel() * p.element_size()
-                for p, device in zip(module.parameters(recurse=False), before)
-                if p.device != device
-            )
-        )
+        after = module.parameters(recurse=False)
+        self.watch.add(sum(_weight_nbytes(p) for p, d in zip(after, before) if p.device != d))
         return result
+
+    def __deepcopy__(self, memo: dict) -> "_MovingApply":
+        # a module copied inside the watch gets its own (a weak reference would deep-copy as
+        # the original's), and the watch's end removes it with the others
+        module = self.module()
+        copy = memo.get(id(module), module)
+        watching = _MovingApply(copy, self.watch)
+        self.watch.installed.append((weakref.ref(copy), "_apply", watching))
+        return watching
+
+
+class _PatchingRead:
+    """A patcher's ``patch_weight_to_device`` that counts the bytes of a weight with patches
+    (core reads it to patch it, then the module's move finds it moved already)."""
+
+    def __init__(self, patcher: Any, watch: _Watch) -> None:
+        self.patcher = weakref.ref(patcher)
+        self.watch = watch
+
+    def __call__(self, key: str, *args: Any, **kwargs: Any) -> Any:
+        patcher = self.patcher()
+        assert patcher is not None, "called through a collected patcher"
+        result = type(patcher).patch_weight_to_device(patcher, key, *args, **kwargs)
+        if key in patcher.patches:
+            weight = comfy.model_patcher.get_key_weight(patcher.model, key)[0]
+            self.watch.add(_weight_nbytes(weight))
+        return result
+
+    def __deepcopy__(self, memo: dict) -> "_PatchingRead":
+        # as _MovingApply's: a copy made inside the watch is watched, and released, too
+        patcher = self.patcher()
+        copy = memo.get(id(patcher), patcher)
+        watching = _PatchingRead(copy, self.watch)
+        self.watch.installed.append((weakref.ref(copy), "patch_weight_to_device", watching))
+        return watching
 
 
 def release_file_pages(private: Any) -> None:

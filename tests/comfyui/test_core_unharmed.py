@@ -337,21 +337,28 @@ def test_dropping_compression_drops_the_mapped_file_pages_its_raw_copy_read(comf
 def test_pages_drop_as_modules_move_and_the_watch_ends_with_the_block(comfy, monkeypatch):
     """[Note: file pages while core loads]: each DROP_PAGES_EVERY bytes of parameters that
     change device drop the mapped file's pages; moves that change nothing count nothing, and
-    the modules are as they were after the block, an error inside it included."""
+    the modules are as they were after the block, an error inside it included, and a copy
+    made inside it too."""
+    import copy
+
     from comfyui_wan_blockswap.callbacks import comfy_private
 
     drops = []
     monkeypatch.setattr(comfy_private, "file_page_dropper", lambda private: lambda: drops.append(1))
     monkeypatch.setattr(comfy_private, "DROP_PAGES_EVERY", 3 * 64 * 4)  # three 64-float layers
     modules = [torch.nn.Linear(8, 8, bias=False) for _ in range(7)]
-    with comfy_private.file_pages_dropped_as_modules_move(object(), modules):
+    spare = torch.nn.Linear(8, 8)
+    with comfy_private.file_pages_dropped_as_modules_move(object(), [*modules, spare]):
         assert all("_apply" in vars(m) for m in modules)
         for module in modules:
             module.to("meta")
         assert len(drops) == 2  # after the 3rd and the 6th
         modules[0].to("meta")  # already there: nothing moved
         assert len(drops) == 2
-    assert not any("_apply" in vars(m) for m in modules)
+        copied = copy.deepcopy(spare)
+        copied.to("meta")  # the copy moves itself, not the original
+        assert copied.weight.is_meta and spare.weight.device.type == "cpu"
+    assert not any("_apply" in vars(m) for m in [*modules, spare, copied])
     with pytest.raises(RuntimeError):
         with comfy_private.file_pages_dropped_as_modules_move(object(), modules):
             raise RuntimeError("core's load failed")
@@ -361,26 +368,36 @@ def test_pages_drop_as_modules_move_and_the_watch_ends_with_the_block(comfy, mon
         assert not any("_apply" in vars(m) for m in modules)  # nothing mapped: no watch
 
 
-def test_core_loads_the_swapped_model_with_its_resident_modules_watched(comfy, monkeypatch):
-    """Core's load of the private model runs with every resident module that has weights of
-    its own watched for moves, and no swapped one ([Note: file pages while core loads])."""
+def test_core_loads_the_swapped_model_through_the_watch(comfy, monkeypatch):
+    """Core's load of the private model moves every resident module that has weights of its
+    own through the watch, and no swapped one, and counts the weights it patches (a LoRA's)
+    as read ([Note: file pages while core loads]); afterwards nothing of it is left."""
     from comfyui_wan_blockswap.callbacks import comfy_private
 
     monkeypatch.setattr(comfy_private, "file_page_dropper", lambda private: lambda: None)
+    moved, counted = [], []
+    apply, add = comfy_private._MovingApply.__call__, comfy_private._Watch.add
+
+    def spy_apply(self, *args, **kwargs):
+        moved.append(self.module())
+        return apply(self, *args, **kwargs)
+
+    def spy_add(self, nbytes):
+        counted.append(nbytes)
+        return add(self, nbytes)
+
+    monkeypatch.setattr(comfy_private._MovingApply, "__call__", spy_apply)
+    monkeypatch.setattr(comfy_private._Watch, "add", spy_add)
     patcher, _ = tiny_models.comfy_load_tiny("wan_t2v")
-    swapped = node(patcher, blocks_to_swap=3)
-    model = swapped.model.diffusion_model
-    watched = []
-    core_load = type(swapped).partially_load
-
-    def spy(self, *args, **kwargs):
-        watched.extend(m for m in model.modules() if "_apply" in vars(m))
-        return core_load(self, *args, **kwargs)
-
-    monkeypatch.setattr(type(swapped), "partially_load", spy)
+    swapped = node(lora_like(patcher, KEYS), blocks_to_swap=3)
     comfy.model_management.load_models_gpu([swapped])
     swap = swap_of(swapped)
+    model = swapped.model.diffusion_model
     with_weights = {m for m in model.modules() if next(m.parameters(False), None) is not None}
-    assert watched and set(watched) == with_weights - swap.swapped_modules
     assert swap.swapped_modules & with_weights  # some had weights of their own
+    assert set(moved) == with_weights - swap.swapped_modules
+    # the patched weights that stay resident: text_embedding.0 (blocks 1 and 3 are swapped)
+    resident_patched = swapped.model.diffusion_model.text_embedding[0].weight
+    assert resident_patched.numel() * resident_patched.element_size() in counted
     assert not any("_apply" in vars(m) for m in model.modules())
+    assert "patch_weight_to_device" not in vars(swapped)
