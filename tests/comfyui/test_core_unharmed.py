@@ -399,5 +399,8 @@ def test_core_loads_the_swapped_model_through_the_watch(comfy, monkeypatch):
     # the patched weights that stay resident: text_embedding.0 (blocks 1 and 3 are swapped)
     resident_patched = swapped.model.diffusion_model.text_embedding[0].weight
     assert resident_patched.numel() * resident_patched.element_size() in counted
+    if torch.cuda.is_available():  # every resident weight read once: moved, or patched
+        on_gpu = [p for m in set(moved) for p in m.parameters(recurse=False) if p.is_cuda]
+        assert sum(counted) == sum(p.numel() * p.element_size() for p in on_gpu) > 0
     assert not any("_apply" in vars(m) for m in model.modules())
     assert "patch_weight_to_device" not in vars(swapped)
