@@ -27,3 +27,22 @@ def test_warmups_are_timed_apart_and_the_rows_equal_core(comfy, tmp_path):
         # a cfg-1 prompt, two warm-ups, then --prompts minus one timed
         assert len(row["warmup_s_each"]) == 2 and len(row["prompt_s_each"]) == 2
         assert len(row["s_per_it_each"]) == 2 and len(row["peak_rss_each"]) == 5
+
+
+def test_ours_default_runs_the_widgets_of_ours_auto(comfy):
+    """A new node's widgets are preset auto with transfer compression auto, so the
+    benchmark's ``ours_default`` rows stand for ``ours_auto`` (comfyui_dynamic_h100.json,
+    ``arms``)."""
+    import sys
+
+    from smoke_runs import ROOT
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import comfy_server as cs
+    import comfyui_dynamic_benchmark as bench
+
+    defaults = cs.node_defaults()
+    assert {**defaults, **bench.ARMS["ours_auto"]["node"]} == {
+        **defaults,
+        **bench.ARMS["ours_default"]["node"],
+    }
