@@ -294,9 +294,9 @@ def file_pages_dropped_as_modules_move(
     try:
         for module in modules:
             if "_apply" not in vars(module):  # never stack on another's
-                watch.install(module, "_apply", _MovingApply(module, watch))
-        if patcher is not None and "patch_weight_to_device" not in vars(patcher):
-            watch.install(patcher, "patch_weight_to_device", _PatchingRead(patcher, watch))
+                watch.install(module, _MovingApply(module, watch))
+        if patcher is not None and _PatchingRead.NAME not in vars(patcher):
+            watch.install(patcher, _PatchingRead(patcher, watch))
         yield
     finally:
         watch.remove_all()
@@ -323,9 +323,9 @@ class _Watch:
             self.pending = 0
             self.drop()
 
-    def install(self, owner: Any, name: str, function: Any) -> None:
-        object.__setattr__(owner, name, function)  # the instance's, before its class's
-        self.installed.append((weakref.ref(owner), name, function))
+    def install(self, owner: Any, call: "_WatchedCall") -> None:
+        object.__setattr__(owner, call.NAME, call)  # the instance's, before its class's
+        self.installed.append((weakref.ref(owner), call.NAME, call))
 
     def remove_all(self) -> None:
         for ref, name, function in self.installed:
@@ -335,56 +335,57 @@ class _Watch:
         self.installed.clear()
 
 
-class _MovingApply:
-    """A module's ``_apply`` that counts the bytes of its own parameters that changed device."""
+class _WatchedCall:
+    """An instance attribute ``NAME`` of one owner (a module or a patcher) that counts what a
+    call reads into the watch. A weak reference would deep-copy as the original's, so a copy
+    of the owner made inside the watch gets a call of its own, removed with the others."""
 
-    def __init__(self, module: torch.nn.Module, watch: _Watch) -> None:
-        self.module = weakref.ref(module)
+    NAME = ""
+
+    def __init__(self, owner: Any, watch: _Watch) -> None:
+        self.owner = weakref.ref(owner)
         self.watch = watch
 
+    def _owner(self) -> Any:
+        owner = self.owner()
+        assert owner is not None, f"{self.NAME} called through a collected object"
+        return owner
+
+    def __deepcopy__(self, memo: dict) -> "_WatchedCall":
+        owner = self._owner()
+        copy = memo.get(id(owner), owner)
+        watching = type(self)(copy, self.watch)
+        self.watch.installed.append((weakref.ref(copy), self.NAME, watching))
+        return watching
+
+
+class _MovingApply(_WatchedCall):
+    """A module's ``_apply`` that counts the bytes of its own parameters that changed device."""
+
+    NAME = "_apply"
+
     def __call__(self, fn: Callable, recurse: bool = True) -> Any:
-        module = self.module()
-        assert module is not None, "called through a collected module"
+        module = self._owner()
         before = [p.device for p in module.parameters(recurse=False)]
         result = type(module)._apply(module, fn, recurse)
         after = module.parameters(recurse=False)
         self.watch.add(sum(_weight_nbytes(p) for p, d in zip(after, before) if p.device != d))
         return result
 
-    def __deepcopy__(self, memo: dict) -> "_MovingApply":
-        # a module copied inside the watch gets its own (a weak reference would deep-copy as
-        # the original's), and the watch's end removes it with the others
-        module = self.module()
-        copy = memo.get(id(module), module)
-        watching = _MovingApply(copy, self.watch)
-        self.watch.installed.append((weakref.ref(copy), "_apply", watching))
-        return watching
 
-
-class _PatchingRead:
+class _PatchingRead(_WatchedCall):
     """A patcher's ``patch_weight_to_device`` that counts the bytes of a weight with patches
     (core reads it to patch it, then the module's move finds it moved already)."""
 
-    def __init__(self, patcher: Any, watch: _Watch) -> None:
-        self.patcher = weakref.ref(patcher)
-        self.watch = watch
+    NAME = "patch_weight_to_device"
 
     def __call__(self, key: str, *args: Any, **kwargs: Any) -> Any:
-        patcher = self.patcher()
-        assert patcher is not None, "called through a collected patcher"
+        patcher = self._owner()
         result = type(patcher).patch_weight_to_device(patcher, key, *args, **kwargs)
         if key in patcher.patches:
             weight = comfy.model_patcher.get_key_weight(patcher.model, key)[0]
             self.watch.add(_weight_nbytes(weight))
         return result
-
-    def __deepcopy__(self, memo: dict) -> "_PatchingRead":
-        # as _MovingApply's: a copy made inside the watch is watched, and released, too
-        patcher = self.patcher()
-        copy = memo.get(id(patcher), patcher)
-        watching = _PatchingRead(copy, self.watch)
-        self.watch.installed.append((weakref.ref(copy), "patch_weight_to_device", watching))
-        return watching
 
 
 def release_file_pages(private: Any) -> None:

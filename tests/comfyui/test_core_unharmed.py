@@ -379,7 +379,7 @@ def test_core_loads_the_swapped_model_through_the_watch(comfy, monkeypatch):
     apply, add = comfy_private._MovingApply.__call__, comfy_private._Watch.add
 
     def spy_apply(self, *args, **kwargs):
-        moved.append(self.module())
+        moved.append(self.owner())
         return apply(self, *args, **kwargs)
 
     def spy_add(self, nbytes):
