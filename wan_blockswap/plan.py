@@ -263,7 +263,7 @@ def _interleaved(sizes: ModelSizes, config: SwapConfig, budget: int) -> SwapPlan
     at 1 frame (compressed transfers, two slots, 10.05 GiB for weights) auto kept 14 whole
     blocks for 16.88 GiB moved per forward against the interleaved plan's 16.90, and a
     model of the two streams (compute as the FLOPs share of a block's 5.4 ms, copies at
-    80 GB/s; ``benchmarks/lookahead_model.py``) puts them at 319 and 296 ms. Where
+    80 GB/s; ``benchmarks/lookahead_model.py``) puts them at 319 and 296 ms.
     So a compressed interleaved plan wins within PREFER_SPREAD_WITHIN (1%) more bytes. This
     is modelled, not measured on its own: in the one server run with it (session 29, with
     ComfyUI auto's deeper look-ahead) the budget gave the same plan either way; at 9.98 GiB
