@@ -302,9 +302,14 @@ def file_pages_dropped_as_modules_move(
         watch.remove_all()
 
 
+def _stored_data(tensor: torch.Tensor) -> torch.Tensor:
+    """What ``tensor`` stores: itself, or a comfy-kitchen QuantizedTensor's data."""
+    return getattr(tensor, "_qdata", tensor)
+
+
 def _weight_nbytes(tensor: torch.Tensor) -> int:
-    """Bytes ``tensor`` holds (a comfy-kitchen QuantizedTensor: its stored data's)."""
-    data = getattr(tensor, "_qdata", tensor)
+    """Bytes ``tensor`` holds (a QuantizedTensor: its stored data's)."""
+    data = _stored_data(tensor)
     return data.numel() * data.element_size()
 
 
@@ -403,9 +408,8 @@ def _origin_storages(private: Any) -> Iterator[Any]:
     QuantizedTensor's through its fp8 data)."""
     entry = _by_private.get(private)
     for tensor in entry.origins.values() if entry is not None else ():
-        inner = getattr(tensor, "_qdata", tensor)
         try:
-            yield inner.untyped_storage()
+            yield _stored_data(tensor).untyped_storage()
         except (RuntimeError, TypeError):  # a tensor without storage of its own
             continue
 
