@@ -409,12 +409,12 @@ def _load_as_planned(
         return type(self).partially_load(self, device_to, extra_memory, force_patch_weights)
     if extra_memory > 0:
         extra_memory = 1e32
-    resident = [
+    # walked only where weights are mapped: see [Note: file pages while core loads]
+    resident = (
         module
         for module in self.model.diffusion_model.modules()
         if module not in state.swapped_modules and next(module.parameters(False), None) is not None
-    ]
-    # see [Note: file pages while core loads]
+    )
     with file_pages_dropped_as_modules_move(self.model, resident, self):
         return type(self).partially_load(self, device_to, extra_memory, force_patch_weights)
 
