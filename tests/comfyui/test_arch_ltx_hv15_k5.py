@@ -149,7 +149,7 @@ def test_core_prefetch_queue_leaves_swapped_ltx2_blocks_alone(comfy, monkeypatch
     assert len(made) == 2
 
 
-LAZY = ["ltxv", "hunyuan_video15", "kandinsky5", "ltxav"]
+LAZY = ["ltxv", "hunyuan_video15", "kandinsky5", "kandinsky5_image", "ltxav", "ltxav23"]
 
 
 @pytest.mark.parametrize("arch", LAZY)

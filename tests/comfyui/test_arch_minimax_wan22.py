@@ -220,7 +220,9 @@ def test_core_prefetch_queue_leaves_swapped_minimax_blocks_alone(comfy, monkeypa
     assert len(made) == 2 and all(len(q) == 1 for q in made)  # popped through to the end
 
 
-@pytest.mark.parametrize("arch", ["minimax_h3", "wan22_s2v", "wan21_humo", "wan22_camera"])
+@pytest.mark.parametrize(
+    "arch", ["minimax_h3", "wan22_s2v", "wan22_animate", "wan21_humo", "wan22_camera"]
+)
 def test_lazy_loader_node_equals_core_loader(comfy, pack, tmp_path, arch):
     check_lazy_loader_equals_core(comfy, pack, tmp_path, tiny, arch)
 
