@@ -30,7 +30,7 @@ import logging
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import torch
 
@@ -63,6 +63,7 @@ from .comfy_private import (
     private_model,
     rebind_unloaded,
     release_file_pages,
+    resident_weights_unload_onto_origins,
     unload_everywhere,
 )
 from .comfy_weight_patches import (
@@ -395,6 +396,36 @@ def _install_overrides(patcher: Any) -> None:
     patcher.patch_hook_weight_to_device = _WeaklyBound(_hook_patch_skipping_swapped, patcher)
     patcher.patch_hooks = _WeaklyBound(_patch_hooks, patcher)
     patcher.partially_load = _WeaklyBound(_load_as_planned, patcher)
+    patcher.unpatch_model = _WeaklyBound(_unload_onto_shared_memory, patcher)
+
+
+def _resident_modules(
+    model: torch.nn.Module, state: "_State | None", buffers: bool = False
+) -> Iterator[tuple[str, torch.nn.Module]]:
+    """``model``'s modules that are not swapped and hold parameters of their own (or
+    buffers, where ``buffers``), by name."""
+    swapped = state.swapped_modules if state is not None else set()
+    for name, module in model.named_modules():
+        if module in swapped:
+            continue
+        tables = (module._parameters, module._buffers) if buffers else (module._parameters,)
+        if any(t is not None for table in tables for t in table.values()):
+            yield name, module
+
+
+def _unload_onto_shared_memory(
+    self: Any, device_to: Any = None, unpatch_weights: bool = True
+) -> Any:
+    """Core's unpatch, but a whole unload points the resident weights at the loader's memory
+    as they leave the GPU instead of copying them into RAM ([Note: unloading onto the shared
+    memory] in ``comfy_private``)."""
+    if not unpatch_weights or device_to is None:
+        return type(self).unpatch_model(self, device_to, unpatch_weights)
+    state = _states.get(self.model.diffusion_model)
+    skip = state.swap.swapped_tensor_ids() if state is not None else set()
+    resident = _resident_modules(self.model, state, buffers=True)
+    with resident_weights_unload_onto_origins(self.model, resident, device_to, skip):
+        return type(self).unpatch_model(self, device_to, unpatch_weights)
 
 
 def _load_as_planned(
@@ -410,11 +441,7 @@ def _load_as_planned(
     if extra_memory > 0:
         extra_memory = 1e32
     # walked only where weights are mapped: see [Note: file pages while core loads]
-    resident = (
-        module
-        for module in self.model.diffusion_model.modules()
-        if module not in state.swapped_modules and next(module.parameters(False), None) is not None
-    )
+    resident = (module for _, module in _resident_modules(self.model.diffusion_model, state))
     with file_pages_dropped_as_modules_move(self.model, resident, self):
         return type(self).partially_load(self, device_to, extra_memory, force_patch_weights)
 

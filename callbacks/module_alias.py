@@ -100,19 +100,37 @@ def rebind_to_origins(
             origin = origins.get(name)
             if origin is None or id(tensor) in skip or not _is_moved_copy(tensor, origin):
                 continue
-            freed += tensor.numel() * tensor.element_size()
-            with torch.inference_mode(origin.is_inference()):
-                tensor.data = torch.Tensor.detach(origin)
+            freed += point_at(tensor, origin)
     return freed
 
 
-def _is_moved_copy(tensor: torch.Tensor, origin: torch.Tensor) -> bool:
-    """Same device, dtype and shape as ``origin`` but other memory: a copy a host made."""
+def point_at(tensor: torch.Tensor, origin: torch.Tensor) -> int:
+    """Make ``tensor`` (the same object) hold ``origin``'s memory; the bytes it held."""
+    nbytes = tensor.numel() * tensor.element_size()
+    with torch.no_grad(), torch.inference_mode(origin.is_inference()):
+        tensor.data = torch.Tensor.detach(origin)
+    return nbytes
+
+
+def _same_kind(tensor: torch.Tensor, origin: torch.Tensor) -> bool:
+    """Of ``origin``'s type (or a parameter), dtype and shape: where it is, it holds a copy
+    of its origin's weights or the same memory."""
     if type(tensor) is not type(origin) and not isinstance(tensor, nn.Parameter):
         return False
-    if tensor.device != origin.device or tensor.dtype != origin.dtype:
+    return tensor.dtype == origin.dtype and tensor.size() == origin.size()
+
+
+def is_copy_elsewhere(tensor: torch.Tensor, origin: torch.Tensor) -> bool:
+    """Of ``origin``'s kind on another device: a copy a host moved there (core's load of a
+    static model moves resident weights to the GPU as copies)."""
+    return _same_kind(tensor, origin) and tensor.device != origin.device
+
+
+def _is_moved_copy(tensor: torch.Tensor, origin: torch.Tensor) -> bool:
+    """Of ``origin``'s kind on its device but in other memory: a copy a host made."""
+    if not _same_kind(tensor, origin) or tensor.device != origin.device:
         return False
-    if tensor.size() != origin.size() or tensor.device.type == "meta":
+    if tensor.device.type == "meta":
         return False
     try:
         return tensor.data_ptr() != origin.data_ptr()

@@ -146,6 +146,91 @@ def test_the_private_model_shares_the_loaders_memory(comfy):
     assert shared()
 
 
+def test_core_unloads_the_swapped_model_through_the_watch(comfy, monkeypatch):
+    """[Note: unloading onto the shared memory]: core's whole unload of the private model
+    moves every resident module that has weights of its own through the watch, and no
+    swapped one; afterwards nothing of it is left and the model computes as before. On a
+    GPU, where the load really moved them, the unload points them at the loader's memory
+    itself: ``_on_detach`` finds nothing left to point back."""
+    from comfyui_wan_blockswap.callbacks import comfy_adapter, comfy_private
+
+    watched = []
+    apply = comfy_private._ApplyOntoOrigins.__call__
+
+    def spy_apply(self, *args, **kwargs):
+        watched.append(self.owner())
+        return apply(self, *args, **kwargs)
+
+    monkeypatch.setattr(comfy_private._ApplyOntoOrigins, "__call__", spy_apply)
+    pointed_back = []
+    rebind = comfy_adapter.rebind_unloaded
+
+    def spy_rebind(*args):
+        pointed_back.append(rebind(*args))
+        return pointed_back[-1]
+
+    monkeypatch.setattr(comfy_adapter, "rebind_unloaded", spy_rebind)
+    patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v")
+    inputs = make_inputs(5)
+    plain = run(comfy, patcher, inputs)
+    comfy.model_management.unload_all_models()
+    swapped = node(patcher, blocks_to_swap=2)
+    state = comfy_adapter._states[swapped.model.diffusion_model]
+    resident = {m for _, m in comfy_adapter._resident_modules(swapped.model, state, True)}
+    assert resident and not resident & state.swapped_modules
+    theirs = dict(patcher.model.named_parameters())
+    ours = dict(swapped.model.named_parameters())
+    swapped_ids = swap_of(swapped).swapped_tensor_ids()
+    shared = [n for n, t in ours.items() if id(t) not in swapped_ids]
+    comfy.model_management.load_models_gpu([swapped])
+    on_gpu = [n for n in shared if ours[n].is_cuda]
+    assert bool(on_gpu) == torch.cuda.is_available()
+    watched.clear(), pointed_back.clear()
+    comfy.model_management.unload_all_models()
+    assert set(watched) == resident
+    assert pointed_back == [0]  # nothing arrived as a copy
+    assert all(ours[n].data_ptr() == theirs[n].data_ptr() for n in shared)
+    assert not any("_apply" in vars(m) for m in swapped.model.modules())
+    assert torch.equal(run(comfy, swapped, inputs), plain)
+
+
+def test_the_unload_watch_points_only_resident_copies_bound_for_their_origins(comfy, monkeypatch):
+    """Which tensors the watch points at their origins: those of the modules it was given,
+    on another device than their origin, when the unload goes to the origin's device; not
+    the swap's, nor another dtype's (a weight cast to the model dtype), nor any where the
+    unload goes elsewhere. Tensors on the meta device stand for core's GPU copies."""
+    from comfyui_wan_blockswap.callbacks import comfy_adapter, comfy_private
+
+    pointed = []
+    monkeypatch.setattr(comfy_private, "point_at", lambda t, origin: pointed.append(id(t)))
+    patcher, _ = tiny_models.comfy_load_tiny("wan_t2v")
+    swapped = node(patcher, blocks_to_swap=2)
+    private = swapped.model
+    state = comfy_adapter._states[private.diffusion_model]
+    skip = swap_of(swapped).swapped_tensor_ids()
+    named = list(comfy_adapter._resident_modules(private, state))
+    for _, module in named:
+        module.to("meta")
+    cast = private.diffusion_model.head.head  # as if cast to the model dtype, on the GPU
+    cast.weight = torch.nn.Parameter(cast.weight.to(torch.float16), requires_grad=False)
+    expected = {
+        id(t) for _, m in named for t in m.parameters(recurse=False) if t.dtype == torch.float32
+    }
+    keep = lambda t: t  # noqa: E731 - a move that leaves every tensor where it is
+    with comfy_private.resident_weights_unload_onto_origins(private, named, "cuda", skip):
+        for _, module in named:
+            module._apply(keep)
+    assert pointed == []  # the unload goes elsewhere
+    with comfy_private.resident_weights_unload_onto_origins(private, named, "cpu", skip):
+        for module in state.swapped_modules:  # not watched
+            module._apply(keep, recurse=False)
+        assert pointed == []
+        for _, module in named:
+            module._apply(keep)
+    assert set(pointed) == expected and not set(pointed) & skip
+    assert not any("_apply" in vars(m) for m in private.modules())
+
+
 def test_the_node_logs_which_patcher_it_was_given(comfy, caplog):
     import logging
 
