@@ -1,6 +1,9 @@
 """Lossless transfer compression: the codec bit for bit, a unit's pieces, and the engine with
 compression on (CPU here; ``test_cuda_engine.py`` runs it on the GPU's three streams)."""
 
+import threading
+import time
+
 import pytest
 import torch
 
@@ -214,6 +217,61 @@ def test_dropping_compression_mid_run_keeps_outputs_and_weights(small_chunks):
     swap.remove()
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_dropping_compression_copies_units_on_threads_a_batch_at_a_time(small_chunks, monkeypatch):
+    """The raw copies of a compression drop run on several threads, HOST_THREADS units at a
+    time; the callback after each batch (the mapped file's page drop) never runs while a
+    copy does. A unit whose copy fails stays compressed, the others of its batch go raw, and
+    the error surfaces as a warning with the later batches left compressed."""
+    from comfyui_wan_blockswap.wan_blockswap import stored_unit
+    from comfyui_wan_blockswap.wan_blockswap.errors import BlockSwapError
+
+    monkeypatch.setattr(stored_unit, "HOST_THREADS", 2)
+    lock, running, threads, events = threading.Lock(), [0], set(), []
+    drop = stored_unit.StoredUnit.drop_compression
+
+    def watched(self):
+        with lock:
+            running[0] += 1
+            threads.add(threading.current_thread().name)
+        time.sleep(0.02)  # long enough for the batch's other copy to start
+        try:
+            if getattr(self, "fail", False):
+                raise BlockSwapError("cudaHostRegister failed (a test)")
+            drop(self)
+        finally:
+            with lock:
+                running[0] -= 1
+                events.append("copy")
+
+    def after_batch():
+        assert running[0] == 0
+        events.append("drop pages")
+
+    monkeypatch.setattr(stored_unit.StoredUnit, "drop_compression", watched)
+    model = bf16_toy()
+    with torch.no_grad():
+        expected = model(**bf16_inputs(1))
+    swap = swap_toy(model, blocks_to_swap=5, transfer_compression=True)
+    swap._after_weights_read = after_batch
+    assert len(swap.units) == 5
+    swap.drop_compression()
+    assert events == ["copy", "copy", "drop pages"] * 2 + ["copy", "drop pages"]
+    assert not swap.compressed
+    # a batch of two on two threads of its own, the last unit on the caller's
+    assert threads == {"blockswap-raw_0", "blockswap-raw_1", threading.current_thread().name}
+    model2 = bf16_toy()
+    swap2 = swap_toy(model2, blocks_to_swap=5, transfer_compression=True)
+    swap2._after_weights_read = after_batch
+    swap2.units[1].fail = True
+    events.clear()
+    swap2.drop_compression()
+    assert events == ["copy", "copy", "drop pages"]  # the first batch only
+    assert [u.transfer is not None for u in swap2.units] == [False, True, True, True, True]
+    with torch.no_grad():
+        assert torch.equal(model(**bf16_inputs(1)), expected)
+        assert torch.equal(model2(**bf16_inputs(1)), expected)
 
 
 def test_auto_on_cpu_stays_compressed(small_chunks):
