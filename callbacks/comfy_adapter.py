@@ -397,6 +397,7 @@ def _install_overrides(patcher: Any) -> None:
     patcher.patch_hooks = _WeaklyBound(_patch_hooks, patcher)
     patcher.partially_load = _WeaklyBound(_load_as_planned, patcher)
     patcher.unpatch_model = _WeaklyBound(_unload_onto_shared_memory, patcher)
+    patcher.partially_unload = _WeaklyBound(_partially_unload_onto_shared_memory, patcher)
 
 
 def _resident_modules(
@@ -421,11 +422,31 @@ def _unload_onto_shared_memory(
     memory] in ``comfy_private``)."""
     if not unpatch_weights or device_to is None:
         return type(self).unpatch_model(self, device_to, unpatch_weights)
-    state = _states.get(self.model.diffusion_model)
-    skip = state.swap.swapped_tensor_ids() if state is not None else set()
-    resident = _resident_modules(self.model, state, buffers=True)
-    with resident_weights_unload_onto_origins(self.model, resident, device_to, skip):
+    with _moving_onto_shared_memory(self, device_to):
         return type(self).unpatch_model(self, device_to, unpatch_weights)
+
+
+def _partially_unload_onto_shared_memory(
+    self: Any, device_to: Any, *args: Any, **kwargs: Any
+) -> Any:
+    """Core's partial unload (room for another model), but resident weights it moves point
+    at the loader's memory instead of staying in RAM as copies until the next load ([Note:
+    unloading onto the shared memory] in ``comfy_private``)."""
+    if device_to is None:
+        return type(self).partially_unload(self, device_to, *args, **kwargs)
+    with _moving_onto_shared_memory(self, device_to):
+        return type(self).partially_unload(self, device_to, *args, **kwargs)
+
+
+def _moving_onto_shared_memory(patcher: Any, device_to: Any) -> Any:
+    """The watch under which core's unloads of ``patcher``'s (private) model move resident
+    weights onto the loader's memory; never while hook patches are in the weights."""
+    state = _states.get(patcher.model.diffusion_model)
+    skip = state.swap.swapped_tensor_ids() if state is not None else set()
+    resident = _resident_modules(patcher.model, state, buffers=True)
+    return resident_weights_unload_onto_origins(
+        patcher.model, resident, device_to, skip, lambda: not getattr(patcher, "hook_backup", None)
+    )
 
 
 def _load_as_planned(

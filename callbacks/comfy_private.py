@@ -87,6 +87,11 @@ class _Private:
     # core's clone(model_override=...) containers (the model itself is never held here: the
     # entry is a weak dictionary's value, which must not reach its key)
     override: tuple | None = None
+    # the private model's own modules and their names as made: an object patch (a sampling
+    # schedule's module, say) puts another module under a name while it is applied
+    module_names: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = field(
+        default_factory=weakref.WeakKeyDictionary
+    )
 
 
 # loader's BaseModel -> its private model (weakly on both sides: [Note: private model])
@@ -117,6 +122,7 @@ def private_model(patcher: Any) -> Any:
             private.current_patcher = None
         _match_model_dtypes(private)
         entry = _Private(weakref.ref(private), origins)
+        entry.module_names.update((module, name) for name, module in private.named_modules())
         _privates[base_model] = entry
         _by_private[private] = entry
         logger.info(
@@ -318,17 +324,22 @@ class _Installed:
     at its end, if still ours."""
 
     def __init__(self) -> None:
-        self.installed: list[tuple[weakref.ref, str, Any]] = []
+        # (owner, name, the call installed, the instance attribute it covers, if any)
+        self.installed: list[tuple[weakref.ref, str, Any, Any]] = []
 
     def install(self, owner: Any, call: "_WatchedCall") -> None:
+        call.covered = vars(owner).get(call.NAME)
         object.__setattr__(owner, call.NAME, call)  # the instance's, before its class's
-        self.installed.append((weakref.ref(owner), call.NAME, call))
+        self.installed.append((weakref.ref(owner), call.NAME, call, call.covered))
 
     def remove_all(self) -> None:
-        for ref, name, function in self.installed:
+        for ref, name, function, covered in reversed(self.installed):
             owner = ref()
             if owner is not None and vars(owner).get(name) is function:
-                del vars(owner)[name]
+                if covered is None:
+                    del vars(owner)[name]
+                else:
+                    object.__setattr__(owner, name, covered)
         self.installed.clear()
 
 
@@ -358,6 +369,7 @@ class _WatchedCall:
     def __init__(self, owner: Any, watch: _Installed) -> None:
         self.owner = weakref.ref(owner)
         self.watch = watch
+        self.covered: Any = None  # the instance attribute this one covers while installed
 
     def _owner(self) -> Any:
         owner = self.owner()
@@ -368,7 +380,7 @@ class _WatchedCall:
         owner = self._owner()
         copy = memo.get(id(owner), owner)
         watching = type(self)(copy, self.watch)
-        self.watch.installed.append((weakref.ref(copy), self.NAME, watching))
+        self.watch.installed.append((weakref.ref(copy), self.NAME, watching, None))
         return watching
 
 
@@ -413,8 +425,17 @@ class _PatchingRead(_WatchedCall):
 # their origins on another device at the origin, where that is the device the unload moves
 # to; the move then copies nothing. The values are the origin's by then, as
 # ``rebind_unloaded`` already relies on: core restored every patched weight before the move.
-# Only a whole unload does this: ``partially_unload`` may move a module whose hook patches
-# are still in its weights (it unpatches hooks only on reaching a module with a backup).
+# A partial unload (``partially_unload``: core makes room for another model, a VAE's decode
+# say) moves modules the same way, and the copies stayed in RAM until the next load; it does
+# this too, but never while hook patches are in the weights (``hook_backup`` not empty: it
+# unpatches hooks only on reaching a module with a backup). Afterwards such a module shares
+# the loader's memory, as before core first loaded it. Left alone: a module an object patch
+# put under a name (core puts object patches back only after the move; a shifted sampling
+# schedule's ``sigmas`` have the loader's dtype and shape but not its values), so only the
+# private model's own modules under their own names are watched; and wrapper subclasses
+# (comfy-kitchen's QuantizedTensor), whose ``.data`` would take the wrapper's device and
+# leave the quantized data on the GPU. A load that unloads first (new patches) runs this
+# watch over its page-drop watch, which then moves what is left.
 
 
 @contextmanager
@@ -423,11 +444,13 @@ def resident_weights_unload_onto_origins(
     modules: Iterable[tuple[str, torch.nn.Module]],
     device_to: Any,
     skip: set[int],
+    may_point: Callable[[], bool] = lambda: True,
 ) -> Iterator[None]:
     """While inside, ``modules`` of the private model, by qualified name, leave the GPU for
     ``device_to`` by pointing at the shared memory where it lies there, not as copies: see
-    [Note: unloading onto the shared memory]. ``skip``: ids of tensors the swap owns.
-    Nothing for a model that is not ours."""
+    [Note: unloading onto the shared memory]. ``skip``: ids of tensors the swap owns;
+    ``may_point()``: whether the weights hold their origins' values now (asked at each
+    move). Nothing for a model that is not ours."""
     entry = _by_private.get(private)
     if entry is None:
         yield
@@ -436,13 +459,18 @@ def resident_weights_unload_onto_origins(
     watch = _Installed()
     try:
         for prefix, module in modules:
+            if entry.module_names.get(module) != prefix:  # an object patch's: not ours
+                continue
             own = {}
             for name in (*module._parameters, *module._buffers):
                 origin = entry.origins.get(f"{prefix}.{name}" if prefix else name)
                 if origin is not None and origin.device == device_to:
                     own[name] = origin
-            if own and "_apply" not in vars(module):  # never stack on another's
-                watch.install(module, _ApplyOntoOrigins(module, watch, own, skip))
+            covered = vars(module).get("_apply")
+            if own and (covered is None or isinstance(covered, _MovingApply)):
+                # over the page-drop watch of a load that unloads first (new patches), never
+                # over another's
+                watch.install(module, _ApplyOntoOrigins(module, watch, own, skip, may_point))
         yield
     finally:
         watch.remove_all()
@@ -462,19 +490,22 @@ class _ApplyOntoOrigins(_WatchedCall):
         watch: _Installed,
         origins: dict[str, torch.Tensor] | None = None,
         skip: set[int] = frozenset(),
+        may_point: Callable[[], bool] = lambda: False,
     ) -> None:
         super().__init__(owner, watch)
-        self.origins, self.skip = origins or {}, skip
+        self.origins, self.skip, self.may_point = origins or {}, skip, may_point
 
     def __call__(self, fn: Callable, recurse: bool = True) -> Any:
         module = self._owner()
-        for table in (module._parameters, module._buffers):
+        for table in (module._parameters, module._buffers) if self.may_point() else ():
             for name, tensor in table.items():
                 origin = self.origins.get(name)
                 if tensor is None or origin is None or id(tensor) in self.skip:
                     continue
                 if is_copy_elsewhere(tensor, origin):
                     point_at(tensor, origin)
+        if self.covered is not None:  # the page-drop watch's, which then moves it
+            return self.covered(fn, recurse)
         return type(module)._apply(module, fn, recurse)
 
 

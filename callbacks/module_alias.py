@@ -14,6 +14,7 @@ from typing import Iterable
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 # Module attributes that are containers the original may keep mutating (hook tables, sets):
 # the alias gets its own shallow copy of each.
@@ -122,7 +123,11 @@ def _same_kind(tensor: torch.Tensor, origin: torch.Tensor) -> bool:
 
 def is_copy_elsewhere(tensor: torch.Tensor, origin: torch.Tensor) -> bool:
     """Of ``origin``'s kind on another device: a copy a host moved there (core's load of a
-    static model moves resident weights to the GPU as copies)."""
+    static model moves resident weights to the GPU as copies). Never a wrapper subclass (a
+    comfy-kitchen QuantizedTensor): ``.data`` would take only the wrapper's device, and the
+    quantized data would stay where it is."""
+    if is_traceable_wrapper_subclass(tensor):
+        return False
     return _same_kind(tensor, origin) and tensor.device != origin.device
 
 

@@ -4,7 +4,11 @@ swap can change without the original seeing it ([Note: private model])."""
 import torch
 from torch import nn
 
-from comfyui_wan_blockswap.callbacks.module_alias import alias_module, rebind_to_origins
+from comfyui_wan_blockswap.callbacks.module_alias import (
+    alias_module,
+    is_copy_elsewhere,
+    rebind_to_origins,
+)
 
 
 class SelfDetaching(torch.Tensor):
@@ -68,3 +72,20 @@ def test_rebinding_drops_a_hosts_copies():
     assert freed == 16 * 4
     assert alias[0].weight.data_ptr() == original[0].weight.data_ptr()
     assert alias[1].bias.numel() == 0
+
+
+def test_a_copy_elsewhere_is_of_its_origins_kind_on_another_device_and_never_a_wrapper():
+    """What an unload may point at its origin: a plain tensor (or parameter) of the origin's
+    dtype and shape on another device; a wrapper subclass never (``.data`` would move only
+    the wrapper: a quantized weight's data would stay on the GPU)."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    origin = torch.zeros(4, 4)
+    assert is_copy_elsewhere(torch.zeros(4, 4, device="meta"), origin)
+    assert is_copy_elsewhere(nn.Parameter(torch.zeros(4, 4, device="meta")), origin)
+    assert not is_copy_elsewhere(torch.zeros(4, 4), origin)  # same device
+    assert not is_copy_elsewhere(torch.zeros(4, 4, device="meta", dtype=torch.half), origin)
+    assert not is_copy_elsewhere(torch.zeros(2, 8, device="meta"), origin)
+    wrapped = TwoTensor(torch.zeros(4, 4), torch.zeros(4, 4))
+    elsewhere = TwoTensor(torch.zeros(4, 4, device="meta"), torch.zeros(4, 4, device="meta"))
+    assert not is_copy_elsewhere(elsewhere, wrapped)

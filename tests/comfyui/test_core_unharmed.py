@@ -229,6 +229,120 @@ def test_the_unload_watch_points_only_resident_copies_bound_for_their_origins(co
             module._apply(keep)
     assert set(pointed) == expected and not set(pointed) & skip
     assert not any("_apply" in vars(m) for m in private.modules())
+    pointed.clear()  # hook patches in the weights: nothing is pointed
+    with comfy_private.resident_weights_unload_onto_origins(
+        private, named, "cpu", skip, lambda: False
+    ):
+        for _, module in named:
+            module._apply(keep)
+    assert pointed == []
+
+
+def test_an_object_patchs_module_keeps_its_own_tensors_through_the_unload(comfy, monkeypatch):
+    """Core puts object patches back only after the unload's move: a module an object patch
+    put under a name of the private model (a shifted sampling schedule's, whose ``sigmas``
+    are of the loader's dtype and shape) is not the private model's own, so the watch leaves
+    it alone and it keeps its own values, on the GPU too."""
+    import copy
+
+    from comfyui_wan_blockswap.callbacks import comfy_private
+
+    watched = []
+    apply = comfy_private._ApplyOntoOrigins.__call__
+
+    def spy_apply(self, *args, **kwargs):
+        watched.append(self.owner())
+        return apply(self, *args, **kwargs)
+
+    monkeypatch.setattr(comfy_private._ApplyOntoOrigins, "__call__", spy_apply)
+    patcher, _ = tiny_models.comfy_load_tiny("wan_t2v")
+    swapped = node(patcher, blocks_to_swap=2)
+    shifted = copy.deepcopy(patcher.model.model_sampling)
+    shifted.set_parameters(shift=13.0)
+    expected = shifted.sigmas.clone()
+    assert not torch.equal(expected, patcher.model.model_sampling.sigmas)
+    swapped.add_object_patch("model_sampling", shifted)
+    comfy.model_management.load_models_gpu([swapped])
+    assert swapped.model.model_sampling is shifted
+    comfy.model_management.unload_all_models()
+    assert watched and shifted not in watched  # the private model's own modules were
+    assert swapped.model.model_sampling is not shifted  # core put the original back
+    assert torch.equal(shifted.sigmas.cpu(), expected)
+
+
+def test_a_load_that_unloads_first_moves_weights_onto_the_loaders_memory(comfy, monkeypatch):
+    """New patches make core's load unload the model first (``unpatch_model`` inside
+    ``partially_load``), under the load's page-drop watch: the unload's watch goes over it
+    and hands each move on to it, and both are gone afterwards."""
+    from comfyui_wan_blockswap.callbacks import comfy_private
+
+    monkeypatch.setattr(comfy_private, "file_page_dropper", lambda private: lambda: None)
+    covering = []
+    apply = comfy_private._ApplyOntoOrigins.__call__
+
+    def spy_apply(self, *args, **kwargs):
+        covering.append(type(self.covered))
+        return apply(self, *args, **kwargs)
+
+    monkeypatch.setattr(comfy_private._ApplyOntoOrigins, "__call__", spy_apply)
+    patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v")
+    inputs = make_inputs(5)
+    swapped = node(lora_like(patcher, KEYS[2:]), blocks_to_swap=2)
+    first = run(comfy, swapped, inputs)
+    covering.clear()
+    swapped.add_patches({KEYS[2]: ("diff", (torch.zeros(128, 128),))}, 1.0)  # new patches
+    assert torch.equal(run(comfy, swapped, inputs), first)  # a zero patch
+    # the load watches the diffusion model's modules with parameters; the unload those with
+    # buffers too, and the rest of the model
+    assert set(covering) == {comfy_private._MovingApply, type(None)}
+    assert not any("_apply" in vars(m) for m in swapped.model.modules())
+
+
+def test_a_partial_unload_moves_resident_weights_onto_the_loaders_memory(comfy, monkeypatch):
+    """Core's partial unload (room for another model) moves the private model's resident
+    modules through the watch, but not while hook patches are in the weights; on a GPU the
+    moved weights are the loader's memory again, and the next load computes as before."""
+    from comfyui_wan_blockswap.callbacks import comfy_adapter, comfy_private
+
+    watched, allowed = [], []
+    apply = comfy_private._ApplyOntoOrigins.__call__
+
+    def spy_apply(self, *args, **kwargs):
+        watched.append(self.owner())
+        allowed.append(self.may_point())
+        return apply(self, *args, **kwargs)
+
+    monkeypatch.setattr(comfy_private._ApplyOntoOrigins, "__call__", spy_apply)
+    patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v")
+    inputs = make_inputs(5)
+    plain = run(comfy, patcher, inputs)
+    comfy.model_management.unload_all_models()
+    swapped = node(patcher, blocks_to_swap=2)
+    state = comfy_adapter._states[swapped.model.diffusion_model]
+    resident = {m for _, m in comfy_adapter._resident_modules(swapped.model, state, True)}
+    theirs = dict(patcher.model.named_parameters())
+    ours = dict(swapped.model.named_parameters())
+    swapped_ids = swap_of(swapped).swapped_tensor_ids()
+    shared = [n for n, t in ours.items() if id(t) not in swapped_ids]
+    for hooked in (True, False):
+        comfy.model_management.load_models_gpu([swapped])
+        watched.clear(), allowed.clear()
+        if hooked:  # as core's hook patching leaves it
+            swapped.hook_backup["diffusion_model.head.head.weight"] = (None, None)
+        try:
+            swapped.partially_unload(swapped.offload_device, 1e32)
+        finally:
+            swapped.hook_backup.clear()
+        assert watched and set(watched) <= resident
+        assert set(allowed) == {not hooked}
+        assert not any("_apply" in vars(m) for m in swapped.model.modules())
+        if not hooked:
+            moved = {
+                n for n in shared if swapped.model.get_submodule(n.rsplit(".", 1)[0]) in watched
+            }
+            assert moved and all(ours[n].data_ptr() == theirs[n].data_ptr() for n in moved)
+        assert torch.equal(run(comfy, swapped, inputs), plain)
+        comfy.model_management.unload_all_models()
 
 
 def test_the_node_logs_which_patcher_it_was_given(comfy, caplog):
