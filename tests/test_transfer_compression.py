@@ -1,6 +1,7 @@
 """Lossless transfer compression: the codec bit for bit, a unit's pieces, and the engine with
 compression on (CPU here; ``test_cuda_engine.py`` runs it on the GPU's three streams)."""
 
+import logging
 import threading
 import time
 
@@ -219,15 +220,23 @@ def test_dropping_compression_mid_run_keeps_outputs_and_weights(small_chunks):
         assert torch.equal(value, before[key]), key
 
 
-def test_dropping_compression_copies_units_on_threads_a_batch_at_a_time(small_chunks, monkeypatch):
-    """The raw copies of a compression drop run on several threads, HOST_THREADS units at a
-    time; the callback after each batch (the mapped file's page drop) never runs while a
-    copy does. A unit whose copy fails stays compressed, the others of its batch go raw, and
-    the error surfaces as a warning with the later batches left compressed."""
+@pytest.mark.parametrize("limit", ["units", "bytes"])
+def test_dropping_compression_copies_units_on_threads_a_batch_at_a_time(
+    small_chunks, monkeypatch, caplog, limit
+):
+    """The raw copies of a compression drop run on several threads, a batch at a time (at
+    most HOST_THREADS units and HOST_BATCH_BYTES); the callback after each batch (the mapped
+    file's page drop) never runs while a copy does. A unit whose copy fails stays
+    compressed, the others of its batch go raw, and the error surfaces as a warning (the
+    copy's, not the page drop's) with the later batches left compressed."""
     from comfyui_wan_blockswap.wan_blockswap import stored_unit
     from comfyui_wan_blockswap.wan_blockswap.errors import BlockSwapError
 
-    monkeypatch.setattr(stored_unit, "HOST_THREADS", 2)
+    if limit == "units":
+        monkeypatch.setattr(stored_unit, "HOST_THREADS", 2)
+    else:  # two units' bytes, and one byte short of three
+        size = swap_toy(bf16_toy(), blocks_to_swap=1).units[0].layout.nbytes
+        monkeypatch.setattr(stored_unit, "HOST_BATCH_BYTES", 3 * size - 1)
     lock, running, threads, events = threading.Lock(), [0], set(), []
     drop = stored_unit.StoredUnit.drop_compression
 
@@ -261,13 +270,21 @@ def test_dropping_compression_copies_units_on_threads_a_batch_at_a_time(small_ch
     assert not swap.compressed
     # a batch of two on two threads of its own, the last unit on the caller's
     assert threads == {"blockswap-raw_0", "blockswap-raw_1", threading.current_thread().name}
+    assert {u.layout.nbytes for u in swap.units} == {swap.units[0].layout.nbytes}
     model2 = bf16_toy()
     swap2 = swap_toy(model2, blocks_to_swap=5, transfer_compression=True)
-    swap2._after_weights_read = after_batch
+
+    def failing_after_batch():
+        after_batch()
+        raise RuntimeError("the page drop failed too")
+
+    swap2._after_weights_read = failing_after_batch
     swap2.units[1].fail = True
     events.clear()
-    swap2.drop_compression()
+    with caplog.at_level(logging.WARNING, logger="wan_blockswap"):
+        swap2.drop_compression()
     assert events == ["copy", "copy", "drop pages"]  # the first batch only
+    assert "cudaHostRegister failed (a test)" in caplog.text
     assert [u.transfer is not None for u in swap2.units] == [False, True, True, True, True]
     with torch.no_grad():
         assert torch.equal(model(**bf16_inputs(1)), expected)

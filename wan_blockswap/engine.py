@@ -300,7 +300,7 @@ class BlockSwap(SwappedWeights):
             self.units.append(stored)  # before pack, so _undo restores a half-packed unit
             new.append(stored)
         if self.allocate_empty:
-            allocate_empty(new, pin)
+            allocate_empty(new, pin, self.device)
         for stored in new:
             if stored.is_empty and not self.allocate_empty:
                 stored.unbind()  # placeholders now; the loader allocates and fills it
@@ -434,7 +434,7 @@ class BlockSwap(SwappedWeights):
             # and a mapped file's pages stayed beside them (H100, 81 frames: 11.3 GiB RSS
             # against 7.4)
             compressed = [stored for stored in self.units if stored.transfer is not None]
-            drop_compression_of(compressed, self._after_weights_read)
+            drop_compression_of(compressed, self._after_weights_read, self.device)
         except BlockSwapError as error:  # pinning failed: the rest stay compressed (correct)
             logger.warning("transfer_compression: could not switch every unit to raw: %s", error)
         self._compression_dropped = True

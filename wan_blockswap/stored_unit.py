@@ -12,10 +12,11 @@ hook fails loudly on the empty weight instead of reading another block's memory.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -315,47 +316,83 @@ class StoredUnit:
 
 # Threads that fault in, pin and fill host buffers at once: one core does only a few GB/s.
 HOST_THREADS = 8
+# The most bytes of raw weights one batch of a compression drop reads before the mapped
+# file's pages are dropped: what RAM holds beside the pinned copies meanwhile.
+HOST_BATCH_BYTES = 2 * 2**30
 
 
-def _in_threads(calls: list[Callable[[], None]], name: str) -> None:
-    """Run ``calls`` on up to HOST_THREADS threads; raise the first one's error, once every
-    call has ended."""
+def _in_threads(
+    calls: list[Callable[[], None]], name: str, device: torch.device | None = None
+) -> None:
+    """Run ``calls`` on up to HOST_THREADS threads, each with ``device`` current where it is
+    a GPU (page-locking on a thread whose current device is another GPU would make a
+    context there); raise the first one's error, once every call has ended."""
     if len(calls) < 2:
         for call in calls:
             call()
         return
+    index = None
+    if device is not None and device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+
+    def on_device(call: Callable[[], None]) -> None:
+        if index is None:
+            return call()
+        with torch.cuda.device(index):
+            return call()
+
     workers = min(HOST_THREADS, os.cpu_count() or 1, len(calls))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name) as pool:
-        for future in [pool.submit(call) for call in calls]:
+        for future in [pool.submit(on_device, call) for call in calls]:
             future.result()
 
 
-def allocate_empty(units: list[StoredUnit], pin: bool) -> None:
+def allocate_empty(units: list[StoredUnit], pin: bool, device: torch.device | None = None) -> None:
     """Allocate the host buffers of units that have no data yet (a skeleton being loaded) on
     several threads: page-locking faults in and pins every page, which one core does at only
     a few GB/s, and the loader then fills the buffers in parallel too."""
     empty = [u for u in units if u.is_empty and u.host is None]
     if len(empty) >= 2:
-        _in_threads([lambda u=u: u.allocate(pin) for u in empty], "blockswap-alloc")
+        _in_threads([lambda u=u: u.allocate(pin) for u in empty], "blockswap-alloc", device)
 
 
 def drop_compression_of(
-    units: list[StoredUnit], after_each_batch: Callable[[], None] | None = None
+    units: list[StoredUnit],
+    after_each_batch: Callable[[], None] | None = None,
+    device: torch.device | None = None,
 ) -> None:
-    """:meth:`StoredUnit.drop_compression` of ``units``, HOST_THREADS at a time, each on a
-    thread of its own: each faults in, pins and fills a new buffer (H100, 81 frames of 40
-    Wan-14B blocks: done on one thread, the switch of 19.7 GiB made its step about 12 s
-    slower, session 32). ``after_each_batch`` runs
-    once a batch has ended, its error included (the mapped file's page drop: never while a
-    copy still reads the mapping). A unit that failed stays compressed, and the first error
-    is raised once its batch has ended."""
-    for start in range(0, len(units), HOST_THREADS):
-        batch = units[start : start + HOST_THREADS]
+    """:meth:`StoredUnit.drop_compression` of ``units``, in batches of at most HOST_THREADS
+    units and HOST_BATCH_BYTES (a bigger unit alone), each unit of a batch on a thread of
+    its own: each faults in, pins and fills a new buffer (H100, 81 frames of 40 Wan-14B
+    blocks: done on one thread, the switch of 19.7 GiB made its step about 12 s slower,
+    session 32). ``after_each_batch`` runs once a batch has ended (the mapped file's page
+    drop: never while a copy still reads the mapping). A unit that failed stays compressed,
+    and the first error is raised once its batch has ended, after the page drop."""
+    for batch in _batches(units):
         try:
-            _in_threads([u.drop_compression for u in batch], "blockswap-raw")
-        finally:
+            _in_threads([u.drop_compression for u in batch], "blockswap-raw", device)
+        except BaseException:
             if after_each_batch is not None:
-                after_each_batch()
+                with contextlib.suppress(Exception):  # the batch's error is the one to tell
+                    after_each_batch()
+            raise
+        if after_each_batch is not None:
+            after_each_batch()
+
+
+def _batches(units: list[StoredUnit]) -> Iterator[list[StoredUnit]]:
+    """``units`` in order, in batches of at most HOST_THREADS units and HOST_BATCH_BYTES."""
+    batch: list[StoredUnit] = []
+    nbytes = 0
+    for unit in units:
+        size = unit.layout.nbytes
+        if batch and (len(batch) == HOST_THREADS or nbytes + size > HOST_BATCH_BYTES):
+            yield batch
+            batch, nbytes = [], 0
+        batch.append(unit)
+        nbytes += size
+    if batch:
+        yield batch
 
 
 def _fits(
