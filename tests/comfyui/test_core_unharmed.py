@@ -67,6 +67,48 @@ class CoreAlone:
         assert self.checksums() == self.sums  # nothing wrote into the shared memory
 
 
+class SwappedTiny:
+    """A tiny Wan through core's loader, its output alone, and the node's swap of it (two
+    blocks): the private model's resident modules (buffers too), and the names of its
+    tensors that share the loader's memory."""
+
+    def __init__(self, comfy):
+        from comfyui_wan_blockswap.callbacks import comfy_adapter
+
+        self.patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v")
+        self.inputs = make_inputs(5)
+        self.plain = run(comfy, self.patcher, self.inputs)
+        comfy.model_management.unload_all_models()
+        self.swapped = node(self.patcher, blocks_to_swap=2)
+        model = self.swapped.model
+        self.state = comfy_adapter._states[model.diffusion_model]
+        self.resident = {m for _, m in comfy_adapter._resident_modules(model, self.state, True)}
+        self.theirs = dict(self.patcher.model.named_parameters())
+        self.ours = dict(model.named_parameters())
+        swapped_ids = swap_of(self.swapped).swapped_tensor_ids()
+        self.shared = [n for n, t in self.ours.items() if id(t) not in swapped_ids]
+
+    def shares(self, names):
+        """Whether the private model's tensors ``names`` are the loader's memory."""
+        return all(self.ours[n].data_ptr() == self.theirs[n].data_ptr() for n in names)
+
+
+def unload_watch_calls(monkeypatch):
+    """Every call of the unload watch's ``_apply`` from now on ([Note: unloading onto the
+    shared memory]): (its module, the type of the watch it covers, whether it may point)."""
+    from comfyui_wan_blockswap.callbacks import comfy_private
+
+    calls = []
+    apply = comfy_private._ApplyOntoOrigins.__call__
+
+    def spy(self, *args, **kwargs):
+        calls.append((self.owner(), type(self.covered), self.may_point()))
+        return apply(self, *args, **kwargs)
+
+    monkeypatch.setattr(comfy_private._ApplyOntoOrigins, "__call__", spy)
+    return calls
+
+
 @pytest.mark.parametrize("lora", [False, True], ids=["plain", "lora"])
 def test_a_prompt_without_the_node_after_one_with_it_is_core_alone(comfy, lora):
     patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v")
@@ -152,16 +194,9 @@ def test_core_unloads_the_swapped_model_through_the_watch(comfy, monkeypatch):
     swapped one; afterwards nothing of it is left and the model computes as before. On a
     GPU, where the load really moved them, the unload points them at the loader's memory
     itself: ``_on_detach`` finds nothing left to point back."""
-    from comfyui_wan_blockswap.callbacks import comfy_adapter, comfy_private
+    from comfyui_wan_blockswap.callbacks import comfy_adapter
 
-    watched = []
-    apply = comfy_private._ApplyOntoOrigins.__call__
-
-    def spy_apply(self, *args, **kwargs):
-        watched.append(self.owner())
-        return apply(self, *args, **kwargs)
-
-    monkeypatch.setattr(comfy_private._ApplyOntoOrigins, "__call__", spy_apply)
+    calls = unload_watch_calls(monkeypatch)
     pointed_back = []
     rebind = comfy_adapter.rebind_unloaded
 
@@ -170,28 +205,18 @@ def test_core_unloads_the_swapped_model_through_the_watch(comfy, monkeypatch):
         return pointed_back[-1]
 
     monkeypatch.setattr(comfy_adapter, "rebind_unloaded", spy_rebind)
-    patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v")
-    inputs = make_inputs(5)
-    plain = run(comfy, patcher, inputs)
-    comfy.model_management.unload_all_models()
-    swapped = node(patcher, blocks_to_swap=2)
-    state = comfy_adapter._states[swapped.model.diffusion_model]
-    resident = {m for _, m in comfy_adapter._resident_modules(swapped.model, state, True)}
-    assert resident and not resident & state.swapped_modules
-    theirs = dict(patcher.model.named_parameters())
-    ours = dict(swapped.model.named_parameters())
-    swapped_ids = swap_of(swapped).swapped_tensor_ids()
-    shared = [n for n, t in ours.items() if id(t) not in swapped_ids]
-    comfy.model_management.load_models_gpu([swapped])
-    on_gpu = [n for n in shared if ours[n].is_cuda]
+    tiny = SwappedTiny(comfy)
+    assert tiny.resident and not tiny.resident & tiny.state.swapped_modules
+    comfy.model_management.load_models_gpu([tiny.swapped])
+    on_gpu = [n for n in tiny.shared if tiny.ours[n].is_cuda]
     assert bool(on_gpu) == torch.cuda.is_available()
-    watched.clear(), pointed_back.clear()
+    calls.clear(), pointed_back.clear()
     comfy.model_management.unload_all_models()
-    assert set(watched) == resident
+    assert {module for module, _, _ in calls} == tiny.resident
     assert pointed_back == [0]  # nothing arrived as a copy
-    assert all(ours[n].data_ptr() == theirs[n].data_ptr() for n in shared)
-    assert not any("_apply" in vars(m) for m in swapped.model.modules())
-    assert torch.equal(run(comfy, swapped, inputs), plain)
+    assert tiny.shares(tiny.shared)
+    assert not any("_apply" in vars(m) for m in tiny.swapped.model.modules())
+    assert torch.equal(run(comfy, tiny.swapped, tiny.inputs), tiny.plain)
 
 
 def test_the_unload_watch_points_only_resident_copies_bound_for_their_origins(comfy, monkeypatch):
@@ -245,16 +270,7 @@ def test_an_object_patchs_module_keeps_its_own_tensors_through_the_unload(comfy,
     it alone and it keeps its own values, on the GPU too."""
     import copy
 
-    from comfyui_wan_blockswap.callbacks import comfy_private
-
-    watched = []
-    apply = comfy_private._ApplyOntoOrigins.__call__
-
-    def spy_apply(self, *args, **kwargs):
-        watched.append(self.owner())
-        return apply(self, *args, **kwargs)
-
-    monkeypatch.setattr(comfy_private._ApplyOntoOrigins, "__call__", spy_apply)
+    calls = unload_watch_calls(monkeypatch)
     patcher, _ = tiny_models.comfy_load_tiny("wan_t2v")
     swapped = node(patcher, blocks_to_swap=2)
     shifted = copy.deepcopy(patcher.model.model_sampling)
@@ -265,6 +281,7 @@ def test_an_object_patchs_module_keeps_its_own_tensors_through_the_unload(comfy,
     comfy.model_management.load_models_gpu([swapped])
     assert swapped.model.model_sampling is shifted
     comfy.model_management.unload_all_models()
+    watched = [module for module, _, _ in calls]
     assert watched and shifted not in watched  # the private model's own modules were
     assert swapped.model.model_sampling is not shifted  # core put the original back
     assert torch.equal(shifted.sigmas.cpu(), expected)
@@ -277,24 +294,17 @@ def test_a_load_that_unloads_first_moves_weights_onto_the_loaders_memory(comfy, 
     from comfyui_wan_blockswap.callbacks import comfy_private
 
     monkeypatch.setattr(comfy_private, "file_page_dropper", lambda private: lambda: None)
-    covering = []
-    apply = comfy_private._ApplyOntoOrigins.__call__
-
-    def spy_apply(self, *args, **kwargs):
-        covering.append(type(self.covered))
-        return apply(self, *args, **kwargs)
-
-    monkeypatch.setattr(comfy_private._ApplyOntoOrigins, "__call__", spy_apply)
+    calls = unload_watch_calls(monkeypatch)
     patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v")
     inputs = make_inputs(5)
     swapped = node(lora_like(patcher, KEYS[2:]), blocks_to_swap=2)
     first = run(comfy, swapped, inputs)
-    covering.clear()
+    calls.clear()
     swapped.add_patches({KEYS[2]: ("diff", (torch.zeros(128, 128),))}, 1.0)  # new patches
     assert torch.equal(run(comfy, swapped, inputs), first)  # a zero patch
     # the load watches the diffusion model's modules with parameters; the unload those with
     # buffers too, and the rest of the model
-    assert set(covering) == {comfy_private._MovingApply, type(None)}
+    assert {covered for _, covered, _ in calls} == {comfy_private._MovingApply, type(None)}
     assert not any("_apply" in vars(m) for m in swapped.model.modules())
 
 
@@ -302,46 +312,27 @@ def test_a_partial_unload_moves_resident_weights_onto_the_loaders_memory(comfy, 
     """Core's partial unload (room for another model) moves the private model's resident
     modules through the watch, but not while hook patches are in the weights; on a GPU the
     moved weights are the loader's memory again, and the next load computes as before."""
-    from comfyui_wan_blockswap.callbacks import comfy_adapter, comfy_private
-
-    watched, allowed = [], []
-    apply = comfy_private._ApplyOntoOrigins.__call__
-
-    def spy_apply(self, *args, **kwargs):
-        watched.append(self.owner())
-        allowed.append(self.may_point())
-        return apply(self, *args, **kwargs)
-
-    monkeypatch.setattr(comfy_private._ApplyOntoOrigins, "__call__", spy_apply)
-    patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v")
-    inputs = make_inputs(5)
-    plain = run(comfy, patcher, inputs)
-    comfy.model_management.unload_all_models()
-    swapped = node(patcher, blocks_to_swap=2)
-    state = comfy_adapter._states[swapped.model.diffusion_model]
-    resident = {m for _, m in comfy_adapter._resident_modules(swapped.model, state, True)}
-    theirs = dict(patcher.model.named_parameters())
-    ours = dict(swapped.model.named_parameters())
-    swapped_ids = swap_of(swapped).swapped_tensor_ids()
-    shared = [n for n, t in ours.items() if id(t) not in swapped_ids]
+    calls = unload_watch_calls(monkeypatch)
+    tiny = SwappedTiny(comfy)
+    swapped = tiny.swapped
     for hooked in (True, False):
         comfy.model_management.load_models_gpu([swapped])
-        watched.clear(), allowed.clear()
+        calls.clear()
         if hooked:  # as core's hook patching leaves it
             swapped.hook_backup["diffusion_model.head.head.weight"] = (None, None)
         try:
             swapped.partially_unload(swapped.offload_device, 1e32)
         finally:
             swapped.hook_backup.clear()
-        assert watched and set(watched) <= resident
-        assert set(allowed) == {not hooked}
+        watched = [module for module, _, _ in calls]
+        assert watched and set(watched) <= tiny.resident
+        assert {may_point for _, _, may_point in calls} == {not hooked}
         assert not any("_apply" in vars(m) for m in swapped.model.modules())
         if not hooked:
-            moved = {
-                n for n in shared if swapped.model.get_submodule(n.rsplit(".", 1)[0]) in watched
-            }
-            assert moved and all(ours[n].data_ptr() == theirs[n].data_ptr() for n in moved)
-        assert torch.equal(run(comfy, swapped, inputs), plain)
+            owner = swapped.model.get_submodule
+            moved = {n for n in tiny.shared if owner(n.rsplit(".", 1)[0]) in watched}
+            assert moved and tiny.shares(moved)
+        assert torch.equal(run(comfy, swapped, tiny.inputs), tiny.plain)
         comfy.model_management.unload_all_models()
 
 
