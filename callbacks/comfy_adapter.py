@@ -64,6 +64,7 @@ from .comfy_private import (
     rebind_unloaded,
     release_file_pages,
     resident_weights_unload_onto_origins,
+    shares_loader_memory,
     unload_everywhere,
 )
 from .comfy_weight_patches import (
@@ -398,6 +399,18 @@ def _install_overrides(patcher: Any) -> None:
     patcher.partially_load = _WeaklyBound(_load_as_planned, patcher)
     patcher.unpatch_model = _WeaklyBound(_unload_onto_shared_memory, patcher)
     patcher.partially_unload = _WeaklyBound(_partially_unload_onto_shared_memory, patcher)
+    if hasattr(type(patcher), "pin_weight_to_device"):
+        patcher.pin_weight_to_device = _WeaklyBound(_pin_unless_shared, patcher)
+
+
+def _pin_unless_shared(self: Any, key: str) -> Any:
+    """Core's page-locking of a weight moved off the GPU, unless it is the loader's memory
+    ([Note: unloading onto the shared memory] in ``comfy_private``): ours to lock only
+    where it is a copy of our own."""
+    weight = comfy.model_patcher.get_key_weight(self.model, key)[0]
+    if shares_loader_memory(self.model, key, weight):
+        return None
+    return type(self).pin_weight_to_device(self, key)
 
 
 def _resident_modules(
@@ -444,8 +457,15 @@ def _moving_onto_shared_memory(patcher: Any, device_to: Any) -> Any:
     state = _states.get(patcher.model.diffusion_model)
     skip = state.swap.swapped_tensor_ids() if state is not None else set()
     resident = _resident_modules(patcher.model, state, buffers=True)
+    # an object patch on a tensor of its own: core puts it back after the move
+    object_patched = set(getattr(patcher, "object_patches_backup", ()))
     return resident_weights_unload_onto_origins(
-        patcher.model, resident, device_to, skip, lambda: not getattr(patcher, "hook_backup", None)
+        patcher.model,
+        resident,
+        device_to,
+        skip,
+        lambda: not getattr(patcher, "hook_backup", None),
+        object_patched,
     )
 
 

@@ -429,13 +429,18 @@ class _PatchingRead(_WatchedCall):
 # say) moves modules the same way, and the copies stayed in RAM until the next load; it does
 # this too, but never while hook patches are in the weights (``hook_backup`` not empty: it
 # unpatches hooks only on reaching a module with a backup). Afterwards such a module shares
-# the loader's memory, as before core first loaded it. Left alone: a module an object patch
-# put under a name (core puts object patches back only after the move; a shifted sampling
-# schedule's ``sigmas`` have the loader's dtype and shape but not its values), so only the
-# private model's own modules under their own names are watched; and wrapper subclasses
-# (comfy-kitchen's QuantizedTensor), whose ``.data`` would take the wrapper's device and
-# leave the quantized data on the GPU. A load that unloads first (new patches) runs this
-# watch over its page-drop watch, which then moves what is left.
+# the loader's memory, as before core first loaded it, and core does not page-lock it
+# (v0.33's partial unload pins what it moved, for its own streaming): that would lock the
+# loader's memory (under dynamic VRAM a file's mapping) in our patcher's name.
+# Left alone:
+# - a module or tensor an object patch put under a name: core puts object patches back only
+#   after the move, and a shifted sampling schedule's ``sigmas`` have the loader's dtype and
+#   shape but not its values. Only the private model's own modules, under their own names,
+#   are watched;
+# - wrapper subclasses (comfy-kitchen's QuantizedTensor), whose ``.data`` would take the
+#   wrapper's device and leave the quantized data on the GPU.
+# A load that unloads first (new patches) runs this watch over its page-drop watch, which
+# then moves what is left.
 
 
 @contextmanager
@@ -445,17 +450,20 @@ def resident_weights_unload_onto_origins(
     device_to: Any,
     skip: set[int],
     may_point: Callable[[], bool] = lambda: True,
+    skip_names: Iterable[str] = (),
 ) -> Iterator[None]:
     """While inside, ``modules`` of the private model, by qualified name, leave the GPU for
     ``device_to`` by pointing at the shared memory where it lies there, not as copies: see
     [Note: unloading onto the shared memory]. ``skip``: ids of tensors the swap owns;
     ``may_point()``: whether the weights hold their origins' values now (asked at each
-    move). Nothing for a model that is not ours."""
+    move); ``skip_names``: qualified names of tensors to leave alone (an object patch's).
+    Nothing for a model that is not ours."""
     entry = _by_private.get(private)
     if entry is None:
         yield
         return
     device_to = torch.device(device_to)
+    skip_names = set(skip_names)
     watch = _Installed()
     try:
         for prefix, module in modules:
@@ -463,7 +471,10 @@ def resident_weights_unload_onto_origins(
                 continue
             own = {}
             for name in (*module._parameters, *module._buffers):
-                origin = entry.origins.get(f"{prefix}.{name}" if prefix else name)
+                qualified = f"{prefix}.{name}" if prefix else name
+                origin = entry.origins.get(qualified)
+                if qualified in skip_names:
+                    continue
                 if origin is not None and origin.device == device_to:
                     own[name] = origin
             covered = vars(module).get("_apply")
@@ -595,6 +606,18 @@ def origin_lookup(private: Any) -> Callable[[str], torch.Tensor | None] | None:
         return None
     origins = entry.origins
     return lambda name: origins.get(f"diffusion_model.{name}")
+
+
+def shares_loader_memory(private: Any, name: str, tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``, the private model's ``name``, is the loader's memory now."""
+    entry = _by_private.get(private)
+    origin = entry.origins.get(name) if entry is not None else None
+    if origin is None or origin.device != tensor.device:
+        return False
+    try:
+        return _stored_data(tensor).data_ptr() == _stored_data(origin).data_ptr()
+    except RuntimeError:  # a wrapper subclass without storage of its own
+        return False
 
 
 def _rebind_set_in_model_dtype(private: Any, origins: dict, skip: set[int]) -> int:

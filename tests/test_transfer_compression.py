@@ -291,6 +291,46 @@ def test_dropping_compression_copies_units_on_threads_a_batch_at_a_time(
         assert torch.equal(model2(**bf16_inputs(1)), expected)
 
 
+def test_host_threads_have_the_swaps_gpu_current_and_need_no_batches_without_page_drops(
+    small_chunks, monkeypatch
+):
+    """Every call ``_in_threads`` makes, one alone on the caller's thread too, runs with the
+    swap's GPU current (page-locking with another current would make a context there); a
+    compression drop with no page drop to make runs its units without batches."""
+    import contextlib
+
+    from comfyui_wan_blockswap.wan_blockswap import stored_unit
+
+    entered, ran = [], []
+
+    @contextlib.contextmanager
+    def device(index):
+        entered.append(index)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    gpu = torch.device("cuda", 1)
+    stored_unit._in_threads([lambda: ran.append(1)], "blockswap-test", gpu)
+    stored_unit._in_threads([lambda: ran.append(2), lambda: ran.append(3)], "blockswap-test", gpu)
+    assert sorted(ran) == [1, 2, 3] and entered == [1, 1, 1]
+    entered.clear()
+    stored_unit._in_threads([lambda: ran.append(4)], "blockswap-test", torch.device("cpu"))
+    assert entered == []
+
+    def no_batches(units):
+        raise AssertionError("batches without a page drop")
+
+    monkeypatch.setattr(stored_unit, "_batches", no_batches)
+    model = bf16_toy()
+    with torch.no_grad():
+        expected = model(**bf16_inputs(1))
+    swap = swap_toy(model, blocks_to_swap=5, transfer_compression=True)
+    swap.drop_compression()
+    assert not swap.compressed
+    with torch.no_grad():
+        assert torch.equal(model(**bf16_inputs(1)), expected)
+
+
 def test_auto_on_cpu_stays_compressed(small_chunks):
     """Auto times forwards on the GPU; on the CPU there is no link to save, and it behaves as
     on (the mechanism still runs for the suite)."""

@@ -12,8 +12,8 @@ hook fails loudly on the empty weight instead of reading another block's memory.
 
 from __future__ import annotations
 
-import contextlib
 import enum
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
@@ -25,6 +25,8 @@ from .storage import DeviceBuffer, HostBuffer, PackedLayout
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .units import SwapUnit, copy_with_strides, kept_strides, leaves, rebuild
+
+logger = logging.getLogger("wan_blockswap")
 
 
 class UnitState(enum.IntEnum):
@@ -327,10 +329,6 @@ def _in_threads(
     """Run ``calls`` on up to HOST_THREADS threads, each with ``device`` current where it is
     a GPU (page-locking on a thread whose current device is another GPU would make a
     context there); raise the first one's error, once every call has ended."""
-    if len(calls) < 2:
-        for call in calls:
-            call()
-        return
     index = None
     if device is not None and device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -341,6 +339,10 @@ def _in_threads(
         with torch.cuda.device(index):
             return call()
 
+    if len(calls) < 2:
+        for call in calls:
+            on_device(call)
+        return
     workers = min(HOST_THREADS, os.cpu_count() or 1, len(calls))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name) as pool:
         for future in [pool.submit(on_device, call) for call in calls]:
@@ -361,23 +363,26 @@ def drop_compression_of(
     after_each_batch: Callable[[], None] | None = None,
     device: torch.device | None = None,
 ) -> None:
-    """:meth:`StoredUnit.drop_compression` of ``units``, in batches of at most HOST_THREADS
-    units and HOST_BATCH_BYTES (a bigger unit alone), each unit of a batch on a thread of
-    its own: each faults in, pins and fills a new buffer (H100, 81 frames of 40 Wan-14B
-    blocks: done on one thread, the switch of 19.7 GiB made its step about 12 s slower,
-    session 32). ``after_each_batch`` runs once a batch has ended (the mapped file's page
-    drop: never while a copy still reads the mapping). A unit that failed stays compressed,
-    and the first error is raised once its batch has ended, after the page drop."""
+    """:meth:`StoredUnit.drop_compression` of ``units`` on up to HOST_THREADS threads: each
+    faults in, pins and fills a new buffer (H100, 81 frames of 40 Wan-14B blocks: done on
+    one thread, the switch of 19.7 GiB made its step about 12 s slower, session 32). With
+    ``after_each_batch`` (the mapped file's page drop: never while a copy still reads the
+    mapping), in batches of at most HOST_THREADS units and HOST_BATCH_BYTES (a bigger unit
+    alone), the call after each. A unit that failed stays compressed, and the first error is
+    raised once its batch has ended, after the page drop."""
+    if after_each_batch is None:  # nothing read stays in RAM: no batches
+        _in_threads([u.drop_compression for u in units], "blockswap-raw", device)
+        return
     for batch in _batches(units):
         try:
             _in_threads([u.drop_compression for u in batch], "blockswap-raw", device)
         except BaseException:
-            if after_each_batch is not None:
-                with contextlib.suppress(Exception):  # the batch's error is the one to tell
-                    after_each_batch()
+            try:
+                after_each_batch()
+            except Exception as error:  # the batch's error is the one raised
+                logger.warning("dropping the mapped file's pages failed too: %s", error)
             raise
-        if after_each_batch is not None:
-            after_each_batch()
+        after_each_batch()
 
 
 def _batches(units: list[StoredUnit]) -> Iterator[list[StoredUnit]]:

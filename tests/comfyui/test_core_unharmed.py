@@ -223,7 +223,8 @@ def test_the_unload_watch_points_only_resident_copies_bound_for_their_origins(co
     """Which tensors the watch points at their origins: those of the modules it was given,
     on another device than their origin, when the unload goes to the origin's device; not
     the swap's, nor another dtype's (a weight cast to the model dtype), nor any where the
-    unload goes elsewhere. Tensors on the meta device stand for core's GPU copies."""
+    unload goes elsewhere, nor an object patch's, nor any while hook patches are in the
+    weights (asked at each move). Tensors on the meta device stand for core's GPU copies."""
     from comfyui_wan_blockswap.callbacks import comfy_adapter, comfy_private
 
     pointed = []
@@ -254,13 +255,26 @@ def test_the_unload_watch_points_only_resident_copies_bound_for_their_origins(co
             module._apply(keep)
     assert set(pointed) == expected and not set(pointed) & skip
     assert not any("_apply" in vars(m) for m in private.modules())
-    pointed.clear()  # hook patches in the weights: nothing is pointed
-    with comfy_private.resident_weights_unload_onto_origins(
-        private, named, "cpu", skip, lambda: False
-    ):
+    pointed.clear()
+    asked = []
+
+    def may_point():  # hook patches in the weights until the first move is over
+        asked.append(1)
+        return len(asked) > 1
+
+    with comfy_private.resident_weights_unload_onto_origins(private, named, "cpu", skip, may_point):
         for _, module in named:
-            module._apply(keep)
-    assert pointed == []
+            module._apply(keep, recurse=False)
+    first = {id(t) for t in named[0][1].parameters(recurse=False)}
+    assert first and set(pointed) == expected - first
+    pointed.clear()  # an object patch's tensor is left alone
+    name, module = next((n, m) for n, m in named if m.weight.dtype == torch.float32)
+    with comfy_private.resident_weights_unload_onto_origins(
+        private, named, "cpu", skip, skip_names={f"{name}.weight"}
+    ):
+        for _, each in named:
+            each._apply(keep, recurse=False)
+    assert id(module.weight) not in pointed and set(pointed) == expected - {id(module.weight)}
 
 
 def test_an_object_patchs_module_keeps_its_own_tensors_through_the_unload(comfy, monkeypatch):
@@ -295,16 +309,28 @@ def test_a_load_that_unloads_first_moves_weights_onto_the_loaders_memory(comfy, 
 
     monkeypatch.setattr(comfy_private, "file_page_dropper", lambda private: lambda: None)
     calls = unload_watch_calls(monkeypatch)
+    loads = []
+    moving = comfy_private._MovingApply.__call__
+
+    def spy_moving(self, *args, **kwargs):
+        loads.append((self.owner(), len(calls)))  # the unload's moves so far
+        return moving(self, *args, **kwargs)
+
+    monkeypatch.setattr(comfy_private._MovingApply, "__call__", spy_moving)
     patcher, make_inputs = tiny_models.comfy_load_tiny("wan_t2v")
     inputs = make_inputs(5)
     swapped = node(lora_like(patcher, KEYS[2:]), blocks_to_swap=2)
     first = run(comfy, swapped, inputs)
-    calls.clear()
+    calls.clear(), loads.clear()
     swapped.add_patches({KEYS[2]: ("diff", (torch.zeros(128, 128),))}, 1.0)  # new patches
     assert torch.equal(run(comfy, swapped, inputs), first)  # a zero patch
     # the load watches the diffusion model's modules with parameters; the unload those with
     # buffers too, and the rest of the model
     assert {covered for _, covered, _ in calls} == {comfy_private._MovingApply, type(None)}
+    # once the unload is over, the load's own watch moves the modules again
+    after = {module for module, unloaded in loads if unloaded == len(calls)}
+    covered = {module for module, covered, _ in calls if covered is comfy_private._MovingApply}
+    assert covered and covered <= after
     assert not any("_apply" in vars(m) for m in swapped.model.modules())
 
 
@@ -313,6 +339,19 @@ def test_a_partial_unload_moves_resident_weights_onto_the_loaders_memory(comfy, 
     modules through the watch, but not while hook patches are in the weights; on a GPU the
     moved weights are the loader's memory again, and the next load computes as before."""
     calls = unload_watch_calls(monkeypatch)
+    from comfyui_wan_blockswap.callbacks import comfy_adapter
+
+    asked, pinned = [], []  # v0.33's partial unload page-locks what it moved
+    if hasattr(comfy.model_patcher.ModelPatcher, "pin_weight_to_device"):
+        monkeypatch.setattr(
+            comfy.model_patcher.ModelPatcher, "pin_weight_to_device", lambda p, k: pinned.append(k)
+        )
+        pin_unless_shared = comfy_adapter._pin_unless_shared
+        monkeypatch.setattr(
+            comfy_adapter,
+            "_pin_unless_shared",
+            lambda p, k: asked.append(k) or pin_unless_shared(p, k),
+        )
     tiny = SwappedTiny(comfy)
     swapped = tiny.swapped
     for hooked in (True, False):
@@ -332,6 +371,9 @@ def test_a_partial_unload_moves_resident_weights_onto_the_loaders_memory(comfy, 
             owner = swapped.model.get_submodule
             moved = {n for n in tiny.shared if owner(n.rsplit(".", 1)[0]) in watched}
             assert moved and tiny.shares(moved)
+            # never the loader's memory page-locked in our patcher's name
+            assert bool(moved & set(asked)) == hasattr(swapped, "pin_weight_to_device")
+            assert not moved & set(pinned)
         assert torch.equal(run(comfy, swapped, tiny.inputs), tiny.plain)
         comfy.model_management.unload_all_models()
 
