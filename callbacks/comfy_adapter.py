@@ -404,9 +404,9 @@ def _install_overrides(patcher: Any) -> None:
 
 
 def _pin_unless_shared(self: Any, key: str) -> Any:
-    """Core's page-locking of a weight moved off the GPU, unless it is the loader's memory
-    ([Note: unloading onto the shared memory] in ``comfy_private``): ours to lock only
-    where it is a copy of our own."""
+    """Core's page-locking of a weight it moved off the GPU or left on the CPU, unless it is
+    the loader's memory ([Note: unloading onto the shared memory] in ``comfy_private``):
+    ours to lock only where it is a copy of our own."""
     weight = comfy.model_patcher.get_key_weight(self.model, key)[0]
     if shares_loader_memory(self.model, key, weight):
         return None

@@ -430,8 +430,9 @@ class _PatchingRead(_WatchedCall):
 # this too, but never while hook patches are in the weights (``hook_backup`` not empty: it
 # unpatches hooks only on reaching a module with a backup). Afterwards such a module shares
 # the loader's memory, as before core first loaded it, and core does not page-lock it
-# (v0.33's partial unload pins what it moved, for its own streaming): that would lock the
-# loader's memory (under dynamic VRAM a file's mapping) in our patcher's name.
+# (v0.33 pins what a partial unload moved, and what a low-VRAM load leaves on the CPU, for
+# its own streaming): that would lock the loader's memory (under dynamic VRAM a file's
+# mapping) in our patcher's name. Such a weight streams from pageable memory instead.
 # Left alone:
 # - a module or tensor an object patch put under a name: core puts object patches back only
 #   after the move, and a shifted sampling schedule's ``sigmas`` have the loader's dtype and
